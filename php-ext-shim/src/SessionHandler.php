@@ -1,0 +1,770 @@
+<?php
+
+declare(strict_types=1);
+
+namespace PhpSess;
+
+/**
+ * PHP session save handler that keeps sessions in the local phpsess daemon.
+ *
+ * Register it with `session_set_save_handler($handler, true)` (prepend.php does
+ * this for you): the `true` makes PHP write the session before object
+ * destructors run. The wire protocol is protocol/PROTOCOL.md; sections are
+ * cited as §n.
+ *
+ * What a caller must know:
+ *
+ * - Address: `unix:///abs/path.sock` or `tcp://HOST:PORT`, optionally followed
+ *   by `?option=value&...`. Query options override the `$options` array.
+ *   Options: `timeout` (seconds, connect and I/O, default 5), `lock` (bool,
+ *   default true), `lock_wait` (seconds a locking read may wait for the lock,
+ *   default 30), `persistent` (bool, default false), `lease` (seconds the
+ *   daemon lets us hold a lock; default max_execution_time + 5 when
+ *   max_execution_time > 0, else the daemon's limit). Unknown options and
+ *   malformed addresses throw \InvalidArgumentException.
+ * - If `session.save_path` is a `unix://` or `tcp://` address when open() is
+ *   called and the `phpsess.address` php.ini setting is not set, the save path
+ *   is used instead of the constructor's address (so per-pool
+ *   `php_value[session.save_path]` and session_save_path() work).
+ * - Locking (the default): read() takes the session's lock and waits for it
+ *   up to `lock_wait`; write(), updateTimestamp() and destroy() release it;
+ *   close() releases whatever is left. A PHP process that dies releases its
+ *   locks at once because the daemon sees its connection close.
+ * - Round trips: a request for an existing session costs two (read; write or
+ *   touch), a new session two (create; write); open() and close() cost none.
+ *   The handshake is pipelined with the first request.
+ * - Failures never throw from the session methods: they raise one
+ *   E_USER_WARNING that names the daemon address and the cause, and return
+ *   false, which makes PHP fail session_start() or the write. create_sid()
+ *   must return a string, so on failure it warns and returns '' and the
+ *   following read('') fails: session_start() then returns false instead of
+ *   throwing. Session IDs never appear in messages.
+ * - With `persistent=1` one connection per address is kept per PHP process
+ *   and shared by every handler object for that address: use one handler per
+ *   address, because every handler starts its connection afresh (`HELLO`
+ *   releases the locks the connection holds, §3.2).
+ * - Not for concurrent use from several fibers.
+ */
+final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterface, \SessionUpdateTimestampHandlerInterface
+{
+    public const DEFAULT_ADDRESS = 'unix:///run/phpsess/phpsess.sock';
+
+    private const OPTION_DEFAULTS = [
+        'timeout' => 5.0,
+        'lock' => true,
+        'lock_wait' => 30.0,
+        'persistent' => false,
+        'lease' => null,
+    ];
+
+    private const ID_ALPHABET = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789,-';
+    private const MAX_ID_LENGTH = 256;          // §5
+    private const MAX_HEADER_BYTES = 1024;      // §2
+    private const MAX_TTL_S = 31536000;         // §4
+    private const MAX_WAIT_S = 3600.0;          // §3.2 wait_ms
+    private const MAX_LEASE_S = 86400.0;        // §3.2 lease_ms
+    private const FATAL_CODES = ['BAD_FRAME', 'HEADER_TOO_LONG', 'BUSY', 'SHUTTING_DOWN', 'INTERNAL']; // §9
+
+    private string $ctorAddress;
+    /** @var array<string, mixed> */
+    private array $ctorOptions;
+    private bool $followSavePath;
+
+    /** The address (with its query string) the fields below were derived from. */
+    private string $configuredFrom = '';
+    /** For stream_socket_client and for messages: the address without its query. */
+    private string $address = '';
+    private bool $tcp = false;
+    private float $timeout = 5.0;
+    private bool $locking = true;
+    private float $lockWait = 30.0;
+    private bool $persistent = false;
+    private ?float $lease = null;
+
+    /** @var resource|null */
+    private $sock = null;
+    /** A HELLO line to send in front of the next request (§3.2), or ''. */
+    private string $hello = '';
+    /** Replies to CLOSE requests sent without waiting (§4.6), read before the next reply. */
+    private int $pendingCloses = 0;
+    /** True between sending a request and consuming its whole reply. */
+    private bool $busy = false;
+    private float $sockTimeout = -1.0;
+    /** @var array<string, true> Session IDs whose lock this connection holds. */
+    private array $locks = [];
+    /** The ID create_sid() just made: locked by us and without data. */
+    private ?string $newId = null;
+    /** create_sid() failed and returned '': the read('') that follows fails quietly. */
+    private bool $createFailed = false;
+
+    /**
+     * @param array<string, mixed> $options see the class comment
+     *
+     * @throws \InvalidArgumentException for a malformed address or an unknown or invalid option
+     */
+    public function __construct(string $address = self::DEFAULT_ADDRESS, array $options = [])
+    {
+        $this->ctorAddress = $address;
+        $this->ctorOptions = $options;
+        $cfg = get_cfg_var('phpsess.address');
+        $this->followSavePath = !(\is_string($cfg) && $cfg !== '');
+        $this->configure($address);
+    }
+
+    /**
+     * Builds the handler from the configuration: the php.ini setting
+     * `phpsess.address` if set, else `session.save_path` if it is a unix:// or
+     * tcp:// address, else DEFAULT_ADDRESS.
+     *
+     * @throws \InvalidArgumentException when that address is malformed
+     */
+    public static function fromIni(): self
+    {
+        $cfg = get_cfg_var('phpsess.address');
+        if (\is_string($cfg) && $cfg !== '') {
+            return new self($cfg);
+        }
+        $path = (string) ini_get('session.save_path');
+
+        return new self(self::isAddress($path) ? $path : self::DEFAULT_ADDRESS);
+    }
+
+    /** The daemon address in use, without its query string. */
+    public function getAddress(): string
+    {
+        return $this->address;
+    }
+
+    public function open(string $path, string $name): bool
+    {
+        $want = $this->followSavePath && self::isAddress($path) ? $path : $this->ctorAddress;
+        if ($want !== $this->configuredFrom) {
+            try {
+                $this->configure($want);
+            } catch (\InvalidArgumentException $e) {
+                $this->warn($e->getMessage());
+
+                return false;
+            }
+        }
+        if ($this->sock !== null) {
+            // Reusing our own connection (open after close in this request). Unread
+            // bytes or EOF mean it is out of step or gone: start a new one.
+            if ($this->busy || ($this->pendingCloses === 0 && !self::isQuiet($this->sock))) {
+                $this->discard();
+            } else {
+                return true;
+            }
+        }
+
+        return $this->connect();
+    }
+
+    public function close(): bool
+    {
+        $this->newId = null;
+        $this->createFailed = false;
+        if ($this->locks === [] || $this->sock === null) {
+            return true;
+        }
+        $this->locks = [];
+        if (!$this->persistent || $this->busy) {
+            // Closing the connection releases its locks (§6.1) at no cost.
+            $this->discard();
+        } elseif (@fwrite($this->sock, "CLOSE\n") === 6) {
+            ++$this->pendingCloses;
+        } else {
+            $this->discard(); // releases the locks too
+        }
+
+        return true;
+    }
+
+    public function read(#[\SensitiveParameter] string $id): string|false
+    {
+        if (!self::isValidId($id)) {
+            if ($id === '' && $this->createFailed) {
+                $this->createFailed = false; // create_sid() has warned already
+
+                return false;
+            }
+            $this->warnBadId();
+
+            return false;
+        }
+        if ($id === $this->newId) {
+            return ''; // created and locked by CREATE: nothing to read (§4.8)
+        }
+        $line = $this->exchange('READ ' . $id . ($this->locking ? " LOCK\n" : " NOLOCK\n"), 'read', $this->locking);
+        if ($line === null) {
+            return false;
+        }
+        if (strncmp($line, 'DATA ', 5) === 0) {
+            $data = $this->payload($line, 'read');
+            if ($data === null) {
+                return false;
+            }
+        } elseif ($line === "MISS\n") {
+            $data = '';
+        } else {
+            $this->failed('read', $line);
+
+            return false;
+        }
+        if ($this->locking) {
+            $this->locks[$id] = true;
+        }
+
+        return $data;
+    }
+
+    public function write(#[\SensitiveParameter] string $id, string $data): bool
+    {
+        if (!self::isValidId($id)) {
+            $this->warnBadId();
+
+            return false;
+        }
+        $line = $this->exchange('WRITE ' . $id . ' ' . self::ttl() . ' ' . \strlen($data) . "\n" . $data, 'write');
+        if ($line === "OK\n") {
+            unset($this->locks[$id]); // §4.2: WRITE releases the lock
+            if ($id === $this->newId) {
+                $this->newId = null;
+            }
+
+            return true;
+        }
+
+        if ($line !== null) {
+            $this->failed('write', $line);
+        }
+
+        return false;
+    }
+
+    public function updateTimestamp(#[\SensitiveParameter] string $id, string $data): bool
+    {
+        if (!self::isValidId($id)) {
+            $this->warnBadId();
+
+            return false;
+        }
+        if ($id === $this->newId) {
+            return $this->write($id, $data); // it has no data yet: TOUCH would say MISS
+        }
+        $line = $this->exchange('TOUCH ' . $id . ' ' . self::ttl() . "\n", 'updateTimestamp');
+        if ($line === "OK\n") {
+            unset($this->locks[$id]);
+
+            return true;
+        }
+        if ($line === "MISS\n") {
+            return $this->write($id, $data); // §4.3: the lock is kept on MISS
+        }
+
+        if ($line !== null) {
+            $this->failed('updateTimestamp', $line);
+        }
+
+        return false;
+    }
+
+    public function validateId(#[\SensitiveParameter] string $id): bool
+    {
+        if (!self::isValidId($id) || $id === $this->newId) {
+            return false;
+        }
+        $line = $this->exchange('EXISTS ' . $id . "\n", 'validateId');
+        if ($line === "OK 1\n") {
+            return true;
+        }
+        if ($line !== null && $line !== "OK 0\n") {
+            $this->failed('validateId', $line);
+        }
+
+        return false;
+    }
+
+    public function destroy(#[\SensitiveParameter] string $id): bool
+    {
+        if (!self::isValidId($id)) {
+            $this->warnBadId();
+
+            return false;
+        }
+        $line = $this->exchange('DESTROY ' . $id . "\n", 'destroy');
+        if ($line === "OK\n") {
+            unset($this->locks[$id]);
+            if ($id === $this->newId) {
+                $this->newId = null;
+            }
+
+            return true;
+        }
+
+        if ($line !== null) {
+            $this->failed('destroy', $line);
+        }
+
+        return false;
+    }
+
+    public function gc(int $max_lifetime): int|false
+    {
+        $max = $max_lifetime < 1 ? 1 : min($max_lifetime, self::MAX_TTL_S);
+        $line = $this->exchange('GC ' . $max . "\n", 'gc');
+        if ($line === null) {
+            return false;
+        }
+        if (strncmp($line, 'OK ', 3) === 0 && self::isDigits($count = substr($line, 3, -1))) {
+            return (int) $count;
+        }
+
+        $this->failed('gc', $line);
+
+        return false;
+    }
+
+    public function create_sid(): string
+    {
+        // PHP 8.4 deprecates these two settings; reading them is harmless.
+        $length = (int) @ini_get('session.sid_length');
+        if ($length < 22 || $length > self::MAX_ID_LENGTH) {
+            $length = 32;
+        }
+        $bits = (int) @ini_get('session.sid_bits_per_character');
+        if ($bits < 4 || $bits > 6) {
+            $bits = 5;
+        }
+        $line = $this->exchange('CREATE ' . $length . ' ' . $bits . ($this->locking ? "\n" : " NOLOCK\n"), 'create_sid');
+        if ($line !== null) {
+            if (strncmp($line, 'OK ', 3) === 0 && self::isValidId($sid = substr($line, 3, -1))) {
+                $this->newId = $sid;
+                if ($this->locking) {
+                    $this->locks[$sid] = true;
+                }
+                $this->createFailed = false;
+
+                return $sid;
+            }
+            $this->failed('create_sid', $line);
+        }
+        // The interface allows only a string. Throwing makes session_start()
+        // throw an Error ("Session id must be a string"); '' makes PHP call
+        // read(''), which fails, so session_start() returns false like any
+        // other storage failure.
+        $this->createFailed = true;
+
+        return '';
+    }
+
+    /**
+     * Settles a persistent connection for the next web request in this process:
+     * reads the replies to CLOSE requests sent without waiting and releases
+     * locks left behind (a write() that threw means PHP never called close()).
+     * The connection itself stays open unless it is out of step.
+     */
+    public function __destruct()
+    {
+        if (!$this->persistent || $this->sock === null || session_status() === \PHP_SESSION_ACTIVE) {
+            return; // non-persistent connections end with the request; an active session is still ours to write
+        }
+        if ($this->busy) {
+            $this->discard();
+
+            return;
+        }
+        if ($this->locks !== []) {
+            $this->close();
+        }
+        if ($this->pendingCloses > 0 && $this->sock !== null) {
+            $this->setTimeout($this->timeout);
+            for (; $this->pendingCloses > 0; --$this->pendingCloses) {
+                if (@fgets($this->sock, self::MAX_HEADER_BYTES + 1) !== "OK\n") {
+                    $this->discard();
+
+                    return;
+                }
+            }
+        }
+    }
+
+    /**
+     * Sends one request, preceded by the queued HELLO, and returns the header
+     * line of its reply (with its LF). A DATA reply leaves the connection busy
+     * until payload() has read the data. Returns null after a warning when the
+     * connection failed; the connection is then discarded.
+     */
+    private function exchange(string $request, string $method, bool $mayWait = false): ?string
+    {
+        $sock = $this->sock;
+        if ($sock === null) {
+            $this->warn('phpsess: ' . $method . ' failed: not connected to ' . $this->address . ' (open() failed or the connection was lost earlier)');
+
+            return null;
+        }
+        if ($this->busy) {
+            // An earlier call stopped half-way (an exception from an error handler):
+            // the replies on this connection are out of step with our requests.
+            $this->discard();
+            $this->warn('phpsess: ' . $method . ' failed: the connection to ' . $this->address . ' was left in the middle of a request and has been dropped');
+
+            return null;
+        }
+        // A locking read may wait lock_wait for the lock: the socket must wait longer.
+        $timeout = $mayWait ? $this->timeout + $this->lockWait : $this->timeout;
+        if ($timeout !== $this->sockTimeout) {
+            $this->setTimeout($timeout);
+        }
+        $hello = $this->hello;
+        if ($hello !== '') {
+            $this->hello = '';
+            $request = $hello . $request;
+        }
+        $this->busy = true;
+        if (@fwrite($sock, $request) !== \strlen($request)) {
+            $this->lost($method, 'sending the request');
+
+            return null;
+        }
+        for (; $this->pendingCloses > 0; --$this->pendingCloses) {
+            $line = @fgets($sock, self::MAX_HEADER_BYTES + 1);
+            if ($line !== "OK\n") {
+                return $line === false ? $this->lost($method, 'reading the reply to an earlier CLOSE') : $this->outOfStep($method, 'CLOSE', $line);
+            }
+        }
+        if ($hello !== '') {
+            $line = @fgets($sock, self::MAX_HEADER_BYTES + 1);
+            if ($line !== "OK 1\n") {
+                if ($line === false) {
+                    $this->lost($method, 'reading the reply to HELLO');
+
+                    return null;
+                }
+                if (strncmp($line, 'ERR ', 4) === 0) {
+                    $this->discard();
+                    $this->warn('phpsess: ' . $method . ' failed: the daemon at ' . $this->address . ' refused the handshake: ' . self::clean(substr($line, 4)));
+
+                    return null;
+                }
+
+                $this->outOfStep($method, 'HELLO', $line);
+
+                return null;
+            }
+        }
+        $line = @fgets($sock, self::MAX_HEADER_BYTES + 1);
+        if ($line === false) {
+            $this->lost($method, 'waiting for the reply');
+
+            return null;
+        }
+        if ($line[-1] !== "\n") {
+            return \strlen($line) >= self::MAX_HEADER_BYTES
+                ? $this->outOfStep($method, $method, $line)
+                : $this->lost($method, 'reading the reply');
+        }
+        if ($line[0] !== 'D') {
+            $this->busy = false;
+        }
+
+        return $line;
+    }
+
+    /** Reads the payload announced by a `DATA <len> ...` header line (§2, §8). */
+    private function payload(string $line, string $method): ?string
+    {
+        $digits = strspn($line, '0123456789', 5);
+        $after = $line[5 + $digits] ?? '';
+        if ($digits === 0 || $digits > 10 || ($after !== "\n" && $after !== ' ') || ($digits > 1 && $line[5] === '0')) {
+            $this->outOfStep($method, $method, $line);
+
+            return null;
+        }
+        $length = (int) substr($line, 5, $digits);
+        $data = '';
+        while (($left = $length - \strlen($data)) > 0) {
+            $chunk = @fread($this->sock, $left);
+            if ($chunk === false || $chunk === '') {
+                $this->lost($method, 'reading the session data');
+
+                return null;
+            }
+            $data .= $chunk;
+        }
+        $this->busy = false;
+
+        return $data;
+    }
+
+    private function connect(): bool
+    {
+        $flags = \STREAM_CLIENT_CONNECT;
+        $context = null;
+        if ($this->persistent) {
+            // PHP keys persistent sockets by address, so each address has its own.
+            $flags |= \STREAM_CLIENT_PERSISTENT;
+        }
+        if ($this->tcp) {
+            // A CLOSE sent without waiting must not hold up the next request (Nagle).
+            $context = stream_context_create(['socket' => ['tcp_nodelay' => true]]);
+        }
+        $errno = 0;
+        $errstr = '';
+        $sock = @stream_socket_client($this->address, $errno, $errstr, $this->timeout, $flags, $context);
+        if ($sock !== false && $this->persistent && !self::isQuiet($sock)) {
+            // A pooled connection with unread bytes or EOF: the previous web request
+            // left it mid-conversation or the daemon closed it. fclose() ends it.
+            @fclose($sock);
+            $sock = @stream_socket_client($this->address, $errno, $errstr, $this->timeout, $flags, $context);
+        }
+        if ($sock === false) {
+            $why = $errstr !== '' ? $errstr : 'error ' . $errno;
+
+            $this->warn('phpsess: cannot connect to ' . $this->address . ': ' . $why . ' (is the phpsess daemon running?)');
+
+            return false;
+        }
+        $this->sock = $sock;
+        $this->sockTimeout = -1.0;
+        $this->busy = false;
+        $this->pendingCloses = 0;
+        $this->locks = [];
+        $this->newId = null;
+        $this->hello = $this->helloLine();
+
+        return true;
+    }
+
+    private function helloLine(): string
+    {
+        $line = 'HELLO 1 wait_ms=' . (int) round($this->lockWait * 1000);
+        if ($this->lease !== null) {
+            $leaseMs = (int) round($this->lease * 1000);
+        } else {
+            $maxExecution = (int) ini_get('max_execution_time');
+            $leaseMs = $maxExecution > 0 ? ($maxExecution + 5) * 1000 : 0;
+        }
+        if ($leaseMs > 0) {
+            $line .= ' lease_ms=' . min(max($leaseMs, 1), (int) (self::MAX_LEASE_S * 1000));
+        }
+
+        return $line . ' client=php:' . (int) getmypid() . "\n";
+    }
+
+    private function setTimeout(float $timeout): void
+    {
+        if ($this->sock !== null) {
+            $seconds = (int) $timeout;
+            stream_set_timeout($this->sock, $seconds, (int) (($timeout - $seconds) * 1e6));
+        }
+        $this->sockTimeout = $timeout;
+    }
+
+    /** Drops the connection; the daemon releases its locks (§6.1). */
+    private function discard(): void
+    {
+        if ($this->sock !== null) {
+            @fclose($this->sock); // also ends a persistent connection
+        }
+        $this->sock = null;
+        $this->hello = '';
+        $this->pendingCloses = 0;
+        $this->busy = false;
+        $this->sockTimeout = -1.0;
+        $this->locks = [];
+        $this->newId = null;
+    }
+
+    /** The connection broke or timed out: discard it and warn. */
+    private function lost(string $method, string $doing): void
+    {
+        $timedOut = $this->sock !== null && (stream_get_meta_data($this->sock)['timed_out'] ?? false);
+        $why = $timedOut
+            ? sprintf('no answer within %g s', $this->sockTimeout)
+            : 'the connection was closed';
+        $this->discard();
+        $this->warn('phpsess: ' . $method . ' failed: lost the connection to ' . $this->address . ' while ' . $doing . ' (' . $why . ')');
+    }
+
+    /** A reply we cannot have asked for: discard the connection and warn. */
+    private function outOfStep(string $method, string $verb, string $line): void
+    {
+        $this->discard();
+        $this->warn('phpsess: ' . $method . ' failed: unexpected reply to ' . strtoupper($verb) . ' from ' . $this->address . ': "' . self::clean(substr($line, 0, 120)) . '" (is it a phpsess daemon speaking protocol 1?)');
+    }
+
+    /** Warns about an ERR reply, or a reply that makes no sense here. */
+    private function failed(string $method, string $line): void
+    {
+        if (strncmp($line, 'ERR ', 4) !== 0) {
+            $this->outOfStep($method, $method, $line);
+
+            return;
+        }
+        $code = strtok(substr($line, 4), " \n");
+        if (\in_array($code, self::FATAL_CODES, true)) {
+            $this->discard(); // §9: the daemon closes the connection after these
+        }
+        $this->warn('phpsess: ' . $method . ' failed at ' . $this->address . ': ' . self::clean(substr($line, 4)));
+    }
+
+    private function warnBadId(): void
+    {
+        $this->warn('phpsess: Session ID is too long or contains illegal characters. Only the A-Z, a-z, 0-9, "-", and "," characters are allowed');
+    }
+
+    private function warn(string $message): void
+    {
+        trigger_error($message, \E_USER_WARNING);
+    }
+
+    /**
+     * Parses an address and merges its query options over the constructor's.
+     *
+     * @throws \InvalidArgumentException
+     */
+    private function configure(string $address): void
+    {
+        $options = $this->ctorOptions;
+        $base = $address;
+        $q = strpos($address, '?');
+        if ($q !== false) {
+            $base = substr($address, 0, $q);
+            foreach (explode('&', substr($address, $q + 1)) as $pair) {
+                if ($pair !== '') {
+                    $kv = explode('=', $pair, 2);
+                    $options[rawurldecode($kv[0])] = isset($kv[1]) ? rawurldecode($kv[1]) : '1';
+                }
+            }
+        }
+        if (str_starts_with($base, 'unix://')) {
+            $path = substr($base, 7);
+            if ($path === '' || $path[0] !== '/' || $path === '/' || str_contains($path, "\0")) {
+                throw self::badAddress($address);
+            }
+            $tcp = false;
+        } elseif (preg_match('/\Atcp:\/\/(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})\z/', $base, $m) === 1
+            && (int) $m[1] >= 1 && (int) $m[1] <= 65535) {
+            $tcp = true;
+        } else {
+            throw self::badAddress($address);
+        }
+
+        $unknown = array_diff(array_keys($options), array_keys(self::OPTION_DEFAULTS));
+        if ($unknown !== []) {
+            throw new \InvalidArgumentException(sprintf(
+                'phpsess: unknown option "%s" for %s; the options are %s',
+                (string) reset($unknown),
+                $base,
+                implode(', ', array_keys(self::OPTION_DEFAULTS)),
+            ));
+        }
+        $options += self::OPTION_DEFAULTS;
+        $timeout = self::number($options['timeout'], 'timeout', 0.001, self::MAX_WAIT_S);
+        $locking = self::flag($options['lock'], 'lock');
+        $lockWait = self::number($options['lock_wait'], 'lock_wait', 0.0, self::MAX_WAIT_S);
+        $persistent = self::flag($options['persistent'], 'persistent');
+        $lease = $options['lease'] === null || $options['lease'] === ''
+            ? null
+            : self::number($options['lease'], 'lease', 0.001, self::MAX_LEASE_S);
+
+        if ($this->sock !== null && ($base !== $this->address || $persistent !== $this->persistent)) {
+            $this->discard();
+        }
+        $this->configuredFrom = $address;
+        $this->address = $base;
+        $this->tcp = $tcp;
+        $this->timeout = $timeout;
+        $this->locking = $locking;
+        $this->lockWait = $lockWait;
+        $this->persistent = $persistent;
+        $this->lease = $lease;
+    }
+
+    private static function badAddress(string $address): \InvalidArgumentException
+    {
+        return new \InvalidArgumentException(sprintf(
+            'phpsess: cannot use "%s" as the daemon address; expected unix:///absolute/path.sock or tcp://HOST:PORT, optionally followed by ?option=value&...',
+            self::clean($address),
+        ));
+    }
+
+    private static function number(mixed $value, string $name, float $min, float $max): float
+    {
+        if ((\is_int($value) || \is_float($value) || (\is_string($value) && is_numeric($value)))
+            && is_finite((float) $value) && (float) $value >= $min && (float) $value <= $max) {
+            return (float) $value;
+        }
+        throw new \InvalidArgumentException(sprintf(
+            'phpsess: option "%s" must be a number of seconds from %g to %g, got %s',
+            $name,
+            $min,
+            $max,
+            self::clean(var_export($value, true)),
+        ));
+    }
+
+    private static function flag(mixed $value, string $name): bool
+    {
+        if (\is_bool($value)) {
+            return $value;
+        }
+        if (\is_int($value) || \is_string($value)) {
+            $v = strtolower((string) $value);
+            if (\in_array($v, ['1', 'true', 'on', 'yes'], true)) {
+                return true;
+            }
+            if (\in_array($v, ['0', 'false', 'off', 'no'], true)) {
+                return false;
+            }
+        }
+        throw new \InvalidArgumentException(sprintf(
+            'phpsess: option "%s" must be 1 or 0 (true/false, on/off, yes/no), got %s',
+            $name,
+            self::clean(var_export($value, true)),
+        ));
+    }
+
+    private static function isAddress(string $path): bool
+    {
+        return str_starts_with($path, 'unix://') || str_starts_with($path, 'tcp://');
+    }
+
+    /** §5: 1-256 characters from [A-Za-z0-9,-]. */
+    private static function isValidId(string $id): bool
+    {
+        $length = \strlen($id);
+
+        return $length !== 0 && $length <= self::MAX_ID_LENGTH && strspn($id, self::ID_ALPHABET) === $length;
+    }
+
+    /** True if nothing is waiting to be read: no leftover bytes, no EOF. */
+    private static function isQuiet(mixed $sock): bool
+    {
+        $read = [$sock];
+        $write = null;
+        $except = null;
+
+        return @stream_select($read, $write, $except, 0) === 0;
+    }
+
+    /** Decimal digits only (ctype is optional in PHP builds). */
+    private static function isDigits(string $s): bool
+    {
+        return $s !== '' && strspn($s, '0123456789') === \strlen($s);
+    }
+
+    private static function ttl(): int
+    {
+        $ttl = (int) ini_get('session.gc_maxlifetime');
+
+        return $ttl < 1 ? 1 : ($ttl > self::MAX_TTL_S ? self::MAX_TTL_S : $ttl);
+    }
+
+    /** Printable ASCII for messages: strips the LF, escapes the rest. */
+    private static function clean(string $text): string
+    {
+        return addcslashes(rtrim($text, "\n"), "\0..\37\177..\377\\\"");
+    }
+}

@@ -1,0 +1,159 @@
+"""The ``phpsess`` command.  ``main(argv) -> int`` so tests can call it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from phpsess import logs
+from phpsess.addresses import DEFAULT_LISTEN, AddressError, parse_address
+from phpsess.engine import VERSION, Limits
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # bad flags or configuration
+
+log = logging.getLogger("phpsess")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _mode(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0660") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a permission mode")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phpsess", description="Session storage for PHP web farms."
+    )
+    parser.add_argument("--version", action="version", version=f"phpsess {VERSION}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDRESS",
+        help=f"unix:/abs/path.sock or tcp:HOST:PORT; repeatable (default: {DEFAULT_LISTEN})",
+    )
+    serve.add_argument(
+        "--socket-mode", type=_mode, default=0o660, metavar="OCTAL",
+        help="permissions of unix sockets (default: 0660)",
+    )
+    serve.add_argument(
+        "--max-session-bytes", type=_positive_int, default=Limits().max_session_bytes,
+        metavar="N", help="largest session accepted (default: 16 MiB)",
+    )
+    serve.add_argument(
+        "--max-connections", type=_positive_int, default=4096, metavar="N",
+        help="connections beyond this are refused with BUSY (default: 4096)",
+    )
+    serve.add_argument(
+        "--idle-timeout-s", type=_seconds, default=300.0, metavar="S",
+        help="close a connection that holds no lock and is silent this long (default: 300)",
+    )
+    serve.add_argument(
+        "--lock-wait-s", type=_seconds, default=Limits().lock_wait_s, metavar="S",
+        help="default time a request waits for a session lock (default: 30)",
+    )
+    serve.add_argument(
+        "--lock-lease-s", type=_seconds, default=Limits().lock_lease_s, metavar="S",
+        help="a lock held longer than this is revoked (default: 300)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout-s", type=_seconds, default=10.0, metavar="S",
+        help="on SIGTERM, how long requests holding locks may take to finish (default: 10)",
+    )
+    serve.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default="info",
+    )
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import resource
+
+    import trio
+
+    from phpsess.server import Server, ServerConfig, StartupError, run_until_signal
+
+    logs.setup(args.log_level)
+    try:
+        listen = tuple(parse_address(a) for a in (args.listen or [DEFAULT_LISTEN]))
+        limits = Limits(
+            max_session_bytes=args.max_session_bytes,
+            lock_wait_s=args.lock_wait_s,
+            lock_lease_s=args.lock_lease_s,
+        )
+    except (AddressError, ValueError) as exc:
+        print(f"phpsess: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.lock_lease_s <= 0:
+        print("phpsess: --lock-lease-s must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    # Every PHP worker holds a connection: allow as many descriptors as we may.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    config = ServerConfig(
+        listen=listen,
+        limits=limits,
+        socket_mode=args.socket_mode,
+        max_connections=args.max_connections,
+        idle_timeout_s=args.idle_timeout_s,
+        shutdown_timeout_s=args.shutdown_timeout_s,
+    )
+
+    async def run() -> None:
+        await run_until_signal(Server(config))
+
+    try:
+        trio.run(run)
+    except StartupError as exc:
+        log.error("event=startup_failed detail=%s", exc)
+        print(f"phpsess: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    log.info("event=stopped")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    raise AssertionError(args.command)
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,387 @@
+"""The daemon's request logic, pure: requests and ``now`` in, replies out.
+
+Theory of operation: the I/O shell (``phpsess.server``) calls
+:meth:`Engine.handle` for every request of a connection, identified by an
+opaque ``owner``.  Most requests get their reply at once.  A locking READ or a
+CREATE that must wait for a lock gets :data:`WAIT`; its reply is produced
+later, when the lock is granted or the wait times out, and handed out as a
+:class:`Completion` in :attr:`Engine.completions`, which the shell drains after
+every call and delivers to the waiting connection.  :meth:`tick` runs the
+deadlines (session expiry, lock waits, leases) and :meth:`next_deadline` says
+when it must next be called.  Nothing here imports trio, socket, time or
+logging; randomness comes in as ``token_bytes``.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import json
+import math
+from collections.abc import Callable, Hashable
+from typing import Final
+
+import attrs
+
+from phpsess import protocol as p
+from phpsess.locks import Grant, LockTable, Revoked, Timeout
+from phpsess.store import SessionStore
+
+Owner = Hashable
+
+VERSION: Final = "0.1.0"
+
+_ALPHABETS: Final = {
+    4: "0123456789abcdef",
+    5: "0123456789abcdefghijklmnopqrstuv",
+    6: "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ,-",
+}
+
+
+@attrs.frozen
+class Limits:
+    """Settings of the request logic (PROTOCOL.md §10)."""
+
+    max_session_bytes: int = p.DEFAULT_MAX_SESSION_BYTES
+    lock_wait_s: float = 30.0
+    lock_lease_s: float = 300.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_session_bytes < 1:
+            raise ValueError("max_session_bytes must be at least 1")
+        if self.lock_wait_s < 0:
+            raise ValueError("lock_wait_s must not be negative")
+        if self.lock_lease_s <= 0:
+            raise ValueError("lock_lease_s must be positive")
+
+
+class _Wait(enum.Enum):
+    WAIT = "WAIT"
+
+
+WAIT: Final = _Wait.WAIT
+
+
+@attrs.frozen
+class Completion:
+    """The late reply to ``owner``'s request that returned :data:`WAIT`."""
+
+    owner: Owner
+    reply: p.Reply
+
+
+@attrs.frozen
+class Notice:
+    """Something the shell should log (never session data)."""
+
+    event: str
+    sid: str
+    owner: Owner
+
+
+@attrs.define(slots=True)
+class _Client:
+    hello: bool = False
+    wait_s: float = 30.0
+    lease_s: float = 300.0
+    label: str = ""
+    # The request waiting for a lock, if any: a READ or a CREATE.
+    pending: p.Read | p.Create | None = None
+    pending_sid: str = ""
+
+
+class Engine:
+    def __init__(self, limits: Limits, token_bytes: Callable[[int], bytes], now: float) -> None:
+        self.limits = limits
+        self.store = SessionStore()
+        self.locks = LockTable()
+        self.completions: list[Completion] = []
+        self.notices: list[Notice] = []
+        self.shutting_down = False
+        self._token_bytes = token_bytes
+        self._clients: dict[Owner, _Client] = {}
+        self._started = now
+        self.expired_total = 0
+        self._expired_at_last_gc = 0
+        self.requests_total = 0
+        self.errors_total = 0
+
+    # -- connections
+
+    def connect(self, owner: Owner) -> None:
+        self._clients[owner] = _Client(
+            wait_s=self.limits.lock_wait_s, lease_s=self.limits.lock_lease_s
+        )
+
+    def disconnect(self, owner: Owner, now: float) -> None:
+        """The connection is gone: its waits and locks go with it (§6.1)."""
+        self._clients.pop(owner, None)
+        self._grants(self.locks.forget(owner, now), now)
+
+    @property
+    def connections(self) -> int:
+        return len(self._clients)
+
+    def holds_locks(self, owner: Owner) -> bool:
+        return self.locks.holds_any(owner)
+
+    # -- time
+
+    def tick(self, now: float) -> None:
+        """Run every deadline that has passed: expiry, lock waits, leases."""
+        expired = self.store.expire(now)
+        self.expired_total += len(expired)
+        for event in self.locks.expire(now):
+            if isinstance(event, Grant):
+                self._grants([event], now)
+            elif isinstance(event, Timeout):
+                client = self._clients.get(event.owner)
+                if client is not None and client.pending is not None:
+                    client.pending = None
+                    wait = client.wait_s
+                    self.completions.append(
+                        Completion(
+                            event.owner,
+                            p.Error(
+                                p.Code.LOCK_TIMEOUT,
+                                f"session is locked by another request; gave up after "
+                                f"waiting {wait:g} s (wait_ms); the lock holder may be "
+                                "slow or stuck",
+                            ),
+                        )
+                    )
+                    self.errors_total += 1
+            else:
+                assert isinstance(event, Revoked)
+                self.notices.append(Notice("lock_revoked", event.sid, event.owner))
+
+    def next_deadline(self) -> float | None:
+        a = self.store.next_deadline()
+        b = self.locks.next_deadline()
+        if a is None:
+            return b
+        if b is None:
+            return a
+        return a if a < b else b
+
+    @property
+    def next_deadline_hint(self) -> float:
+        """:meth:`next_deadline` as a number (infinity when there is none)."""
+        deadline = self.next_deadline()
+        return math.inf if deadline is None else deadline
+
+    # -- requests
+
+    def handle(self, owner: Owner, request: p.Event, now: float) -> p.Reply | _Wait:
+        """The reply to one request of ``owner``, or WAIT (see module doc)."""
+        self.requests_total += 1
+        client = self._clients[owner]
+        kind = type(request)
+        if kind is p.Hello:
+            assert isinstance(request, p.Hello)
+            return self._hello(owner, client, request, now)
+        if not client.hello:
+            if isinstance(request, (p.RequestError, p.FatalError)):
+                return self._error(request.code, request.message)
+            return self._error(
+                p.Code.NEED_HELLO, "the first request on a connection must be HELLO 1"
+            )
+        handler = self._handlers.get(kind)
+        if handler is not None:
+            return handler(self, owner, client, request, now)
+        assert isinstance(request, (p.RequestError, p.FatalError))
+        return self._error(request.code, request.message)
+
+    def _error(self, code: p.Code, message: str) -> p.Error:
+        self.errors_total += 1
+        return p.Error(code, message)
+
+    def _hello(self, owner: Owner, client: _Client, request: p.Hello, now: float) -> p.Reply:
+        if self.shutting_down:
+            return self._error(
+                p.Code.SHUTTING_DOWN, "the daemon is stopping; connect again in a moment"
+            )
+        if request.version != p.PROTOCOL_VERSION:
+            return self._error(
+                p.Code.VERSION,
+                f"protocol version {request.version} is not spoken here; this daemon "
+                f"speaks {p.PROTOCOL_VERSION}",
+            )
+        # A HELLO starts the connection afresh (§3.2).
+        self._grants(self.locks.release_all(owner, now), now)
+        client.hello = True
+        client.wait_s = (
+            self.limits.lock_wait_s if request.wait_ms is None else request.wait_ms / 1000
+        )
+        lease = self.limits.lock_lease_s
+        if request.lease_ms is not None:
+            lease = min(lease, request.lease_ms / 1000)
+        client.lease_s = lease
+        client.label = request.client or ""
+        return _OK_1
+
+    def _read(self, owner: Owner, client: _Client, request: p.Read, now: float) -> p.Reply | _Wait:
+        sid = request.sid
+        if request.lock and not self.locks.acquire(sid, owner, now, client.lease_s, client.wait_s):
+            client.pending = request
+            client.pending_sid = sid
+            return WAIT
+        return self._read_reply(sid, now)
+
+    def _read_reply(self, sid: str, now: float) -> p.Reply:
+        entry = self.store.get(sid, now)
+        if entry is None:
+            return p.MISS
+        return p.Data(entry.data)
+
+    def _lock_error(self, owner: Owner, sid: str) -> p.Error | None:
+        if self.locks.take_revoked(owner, sid):
+            return self._error(
+                p.Code.LOCK_LOST,
+                "this request held the session lock longer than its lease and lost it; "
+                "nothing was changed",
+            )
+        holder = self.locks.holder(sid)
+        if holder is not None and holder != owner:
+            return self._error(
+                p.Code.LOCKED,
+                "another request holds the session lock; nothing was changed",
+            )
+        return None
+
+    def _write(self, owner: Owner, client: _Client, request: p.Write, now: float) -> p.Reply:
+        sid = request.sid
+        error = self._lock_error(owner, sid)
+        if error is not None:
+            return error
+        self.store.put(sid, request.data, request.ttl_s, now)
+        if not request.keep:
+            self._grants(self.locks.release(sid, owner, now), now)
+        return p.OK
+
+    def _touch(self, owner: Owner, client: _Client, request: p.Touch, now: float) -> p.Reply:
+        sid = request.sid
+        error = self._lock_error(owner, sid)
+        if error is not None:
+            return error
+        if not self.store.touch(sid, request.ttl_s, now):
+            return p.MISS  # the lock is kept for the WRITE that follows (§4.3)
+        if not request.keep:
+            self._grants(self.locks.release(sid, owner, now), now)
+        return p.OK
+
+    def _exists(self, owner: Owner, client: _Client, request: p.Exists, now: float) -> p.Reply:
+        return _OK_1 if self.store.get(request.sid, now) is not None else _OK_0
+
+    def _destroy(self, owner: Owner, client: _Client, request: p.Destroy, now: float) -> p.Reply:
+        sid = request.sid
+        error = self._lock_error(owner, sid)
+        if error is not None:
+            return error
+        self.store.delete(sid)
+        self._grants(self.locks.release(sid, owner, now), now)
+        return p.OK
+
+    def _close(self, owner: Owner, client: _Client, request: p.Close, now: float) -> p.Reply:
+        self._grants(self.locks.release_all(owner, now), now)
+        return p.OK
+
+    def _gc(self, owner: Owner, client: _Client, request: p.Gc, now: float) -> p.Reply:
+        self.tick(now)
+        count = self.expired_total - self._expired_at_last_gc
+        self._expired_at_last_gc = self.expired_total
+        return p.Ok((str(count),))
+
+    def _create(self, owner: Owner, client: _Client, request: p.Create, now: float) -> p.Reply:
+        alphabet = _ALPHABETS[request.bits]
+        mask = len(alphabet) - 1  # 16, 32 or 64 divide 256: every character is uniform
+        while True:
+            raw = self._token_bytes(request.length)
+            sid = "".join([alphabet[b & mask] for b in raw])
+            if sid not in self.store and self.locks.holder(sid) is None:
+                break
+        if request.lock:
+            self.locks.acquire(sid, owner, now, client.lease_s, client.wait_s)
+        return p.Ok((sid,))
+
+    def _ping(self, owner: Owner, client: _Client, request: p.Ping, now: float) -> p.Reply:
+        return p.OK
+
+    def _stats(self, owner: Owner, client: _Client, request: p.Stats, now: float) -> p.Reply:
+        return p.Data(json.dumps(self.statistics(now), sort_keys=True).encode())
+
+    def statistics(self, now: float) -> dict[str, object]:
+        return {
+            "version": VERSION,
+            "uptime_s": round(now - self._started, 3),
+            "sessions": len(self.store),
+            "bytes": self.store.total_bytes,
+            "connections": len(self._clients),
+            "locks_held": self.locks.held_count,
+            "locks_waiting": self.locks.waiting_count,
+            "lock_waits_total": self.locks.waits_total,
+            "lock_timeouts_total": self.locks.timeouts_total,
+            "lock_revoked_total": self.locks.revoked_total,
+            "expired_total": self.expired_total,
+            "requests_total": self.requests_total,
+            "errors_total": self.errors_total,
+        }
+
+    def _get(self, owner: Owner, client: _Client, request: p.Get, now: float) -> p.Reply:
+        entry = self.store.get(request.sid, now)
+        if entry is None:
+            return p.MISS
+        ttl_ms = max(0, int((entry.expires_at - now) * 1000))
+        locked = "1" if self.locks.holder(request.sid) is not None else "0"
+        return p.Data(entry.data, (str(ttl_ms), locked))
+
+    def _list(self, owner: Owner, client: _Client, request: p.List, now: float) -> p.Reply:
+        after = request.after
+        store = self.store
+        # Bytewise order equals str order for the ASCII alphabet of §5.
+        candidates = store if after is None else (s for s in store if s > after)
+        page = heapq.nsmallest(request.limit + 1, candidates)
+        more = len(page) > request.limit
+        page = page[: request.limit]
+        lines = []
+        for sid in page:
+            entry = store.get(sid, now)
+            if entry is None:
+                continue
+            ttl_ms = max(0, int((entry.expires_at - now) * 1000))
+            locked = 1 if self.locks.holder(sid) is not None else 0
+            lines.append(f"{sid} {len(entry.data)} {ttl_ms} {locked}\n")
+        next_token = page[-1] if more and page else "-"
+        return p.Data("".join(lines).encode("ascii"), (next_token,))
+
+    # -- lock hand-over
+
+    def _grants(self, grants: list[Grant], now: float) -> None:
+        for grant in grants:
+            client = self._clients.get(grant.owner)
+            pending = None if client is None else client.pending
+            if client is None or pending is None or client.pending_sid != grant.sid:
+                # Cannot happen: waiters leave the queue when they go away.
+                self._grants(self.locks.release(grant.sid, grant.owner, now), now)
+                continue
+            client.pending = None
+            self.completions.append(Completion(grant.owner, self._read_reply(grant.sid, now)))
+
+    _handlers: Final[dict[type, Callable[..., p.Reply | _Wait]]] = {
+        p.Read: _read,
+        p.Write: _write,
+        p.Touch: _touch,
+        p.Exists: _exists,
+        p.Destroy: _destroy,
+        p.Close: _close,
+        p.Gc: _gc,
+        p.Create: _create,
+        p.Ping: _ping,
+        p.Stats: _stats,
+        p.Get: _get,
+        p.List: _list,
+    }
+
+
+_OK_1: Final = p.Ok(("1",))
+_OK_0: Final = p.Ok(("0",))

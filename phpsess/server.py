@@ -1,0 +1,413 @@
+"""The daemon's I/O shell: listeners, connections, the deadline timer and
+graceful shutdown, around the pure :class:`phpsess.engine.Engine`.
+
+Each connection runs one task: receive bytes, feed the parser, hand every
+complete request to the engine, and send all replies of that batch with one
+``send_all`` (pipelined requests cost one write).  A request that must wait
+for a lock parks the task on an event until the engine completes it; meanwhile
+the task keeps watching the socket so that a client that goes away leaves the
+lock queue at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import os
+import secrets
+import socket as stdsocket
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import attrs
+import trio
+
+from phpsess import protocol as p
+from phpsess.addresses import Address, TcpAddress, UnixAddress
+from phpsess.engine import WAIT, Engine, Limits
+from phpsess.logs import sid_tag
+
+log = logging.getLogger("phpsess")
+
+RECEIVE_BYTES: Final = 256 * 1024
+# While a request waits for a lock, buffer at most this much of what follows.
+_MAX_BUFFER_WHILE_WAITING: Final = 64 * 1024
+
+
+@attrs.frozen
+class ServerConfig:
+    listen: tuple[Address, ...]
+    limits: Limits = attrs.field(factory=Limits)
+    socket_mode: int = 0o660
+    max_connections: int = 4096
+    idle_timeout_s: float = 300.0
+    shutdown_timeout_s: float = 10.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+class _Conn:
+    __slots__ = ("busy", "event", "owner", "peer", "reply", "scope", "stream")
+
+    def __init__(self, owner: int, stream: trio.abc.Stream, peer: str) -> None:
+        self.owner = owner
+        self.stream = stream
+        self.scope: trio.CancelScope | None = None
+        self.event: trio.Event | None = None
+        self.reply: p.Reply | None = None
+        self.busy = False  # a request is being processed or waited on
+        self.peer = peer
+
+
+class Server:
+    """``await nursery.start(server.serve)`` runs the daemon until cancelled
+    or until :meth:`shutdown` has let in-flight requests finish."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.engine = Engine(config.limits, secrets.token_bytes, trio.current_time())
+        self._conns: dict[int, _Conn] = {}
+        self._next_owner = 0
+        self._wake = trio.Event()
+        self._timer_at = math.inf
+        self._stopping = trio.Event()
+        self._no_conns = trio.Event()
+        self._unix_paths: list[str] = []
+        self.addresses: list[str] = []
+
+    # -- lifecycle
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await self._open_listeners()
+        try:
+            async with trio.open_nursery() as conn_nursery:
+                async with trio.open_nursery() as accept_nursery:
+                    conn_nursery.start_soon(self._timer)
+                    for listener in listeners:
+                        accept_nursery.start_soon(self._accept_loop, listener, conn_nursery)
+                    task_status.started()
+                    log.info("event=listening addresses=%s", ",".join(self.addresses))
+                    await self._stopping.wait()
+                    accept_nursery.cancel_scope.cancel()
+                await self._drain()
+                conn_nursery.cancel_scope.cancel()
+        finally:
+            for listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+            for path in self._unix_paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+    def shutdown(self) -> None:
+        """Stop accepting and finish in-flight work (PROTOCOL.md §10)."""
+        if self._stopping.is_set():
+            return
+        log.info(
+            "event=stopping connections=%d locks_held=%d",
+            len(self._conns),
+            self.engine.locks.held_count,
+        )
+        self.engine.shutting_down = True
+        self._stopping.set()
+
+    async def _drain(self) -> None:
+        with trio.move_on_after(self.config.shutdown_timeout_s) as scope:
+            while True:
+                for conn in list(self._conns.values()):
+                    idle = not conn.busy and not self.engine.holds_locks(conn.owner)
+                    if idle and conn.scope is not None:
+                        conn.scope.cancel()
+                if not self._conns:
+                    break
+                self._no_conns = trio.Event()
+                with trio.move_on_after(0.05):
+                    await self._no_conns.wait()
+        if scope.cancelled_caught:
+            log.warning(
+                "event=shutdown_timeout connections=%d detail=%s",
+                len(self._conns),
+                "connections still holding locks were closed",
+            )
+
+    # -- listeners
+
+    async def _open_listeners(self) -> list[trio.SocketListener]:
+        listeners: list[trio.SocketListener] = []
+        try:
+            for address in self.config.listen:
+                if isinstance(address, UnixAddress):
+                    listeners.append(await self._open_unix(address))
+                else:
+                    assert isinstance(address, TcpAddress)
+                    listeners.extend(await self._open_tcp(address))
+                self.addresses.append(str(address))
+        except BaseException:
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        return listeners
+
+    async def _open_tcp(self, address: TcpAddress) -> list[trio.SocketListener]:
+        try:
+            return await trio.open_tcp_listeners(address.port, host=address.host)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {address}: {exc.strerror}") from exc
+
+    async def _open_unix(self, address: UnixAddress) -> trio.SocketListener:
+        path = address.path
+        directory = os.path.dirname(path)
+        try:
+            os.makedirs(directory, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot create {directory} for {address}: {exc.strerror}; run as a user "
+                "that may, or choose another path with --listen unix:/path.sock"
+            ) from exc
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+            if _unix_socket_alive(path):
+                raise StartupError(
+                    f"another daemon is listening on {path}; stop it first or choose "
+                    "another --listen path"
+                )
+            os.unlink(path)  # a stale socket of a daemon that died
+        sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+        try:
+            await sock.bind(path)
+            os.chmod(path, self.config.socket_mode)
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot listen on {address}: {exc.strerror}") from exc
+        self._unix_paths.append(path)
+        return trio.SocketListener(sock)
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("event=accept_failed error=%s", exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            nursery.start_soon(self._connection, stream)
+
+    # -- connections
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        if len(self._conns) >= self.config.max_connections:
+            log.warning("event=connection_refused reason=max_connections")
+            with trio.move_on_after(1):
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(
+                        p.encode_reply(
+                            p.Error(
+                                p.Code.BUSY,
+                                f"the daemon is at max_connections={self.config.max_connections}",
+                            )
+                        )
+                    )
+            await trio.aclose_forcefully(stream)
+            return
+        self._next_owner += 1
+        owner = self._next_owner
+        conn = _Conn(owner, stream, _peer_name(stream))
+        self._conns[owner] = conn
+        self.engine.connect(owner)
+        try:
+            with trio.CancelScope() as conn.scope:
+                await self._serve_connection(conn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away; its locks go below
+        except Exception:
+            log.exception("event=connection_crashed owner=%d", owner)
+        finally:
+            del self._conns[owner]
+            self.engine.disconnect(owner, trio.current_time())
+            self._after_engine()
+            if not self._conns:
+                self._no_conns.set()
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_connection(self, conn: _Conn) -> None:
+        engine = self.engine
+        stream = conn.stream
+        parser = p.RequestParser(self.config.limits.max_session_bytes)
+        owner = conn.owner
+        idle_s = self.config.idle_timeout_s
+        while True:
+            out: list[bytes] = []
+            now = trio.current_time()
+            while True:
+                event = parser.next_event()
+                if event is p.NEED_DATA:
+                    break
+                conn.busy = True
+                reply = engine.handle(owner, event, now)
+                if reply is WAIT:
+                    if out:
+                        await stream.send_all(b"".join(out))
+                        out = []
+                    self._after_engine()
+                    waited = await self._wait_for_lock(conn, parser)
+                    if waited is None:
+                        return  # the client closed while waiting
+                    reply = waited
+                    now = trio.current_time()
+                out.append(p.encode_reply(reply))
+                if isinstance(reply, p.Error) and (reply.fatal or isinstance(event, p.FatalError)):
+                    log.info(
+                        "event=protocol_error owner=%d peer=%s code=%s",
+                        owner,
+                        conn.peer,
+                        reply.code.name,
+                    )
+                    await stream.send_all(b"".join(out))
+                    return
+            if engine.completions or engine.notices:
+                self._after_engine()
+            elif engine.next_deadline_hint < self._timer_at:
+                self._wake.set()
+            if out:
+                await stream.send_all(b"".join(out))
+            conn.busy = False
+            if self._stopping.is_set() and not engine.holds_locks(owner):
+                return
+            # A connection holding a lock may think for as long as its lease;
+            # an idle one, or one that stalls mid-request, is cut off.
+            if engine.holds_locks(owner) and not parser.mid_request:
+                data = await stream.receive_some(RECEIVE_BYTES)
+            else:
+                with trio.move_on_after(idle_s) as idle:
+                    data = await stream.receive_some(RECEIVE_BYTES)
+                if idle.cancelled_caught:
+                    log.info(
+                        "event=idle_timeout owner=%d peer=%s mid_request=%s",
+                        owner,
+                        conn.peer,
+                        parser.mid_request,
+                    )
+                    return
+            if not data:
+                return
+            parser.receive_data(data)
+
+    async def _wait_for_lock(self, conn: _Conn, parser: p.RequestParser) -> p.Reply | None:
+        conn.event = trio.Event()
+        conn.reply = None
+        gone = False
+
+        async def watch(cancel: trio.CancelScope) -> None:
+            nonlocal gone
+            # Keep reading so a vanished client is noticed; stop reading
+            # (back-pressure) once enough of its next requests are buffered.
+            while not parser.broken:
+                if parser.mid_request and _buffered(parser) > _MAX_BUFFER_WHILE_WAITING:
+                    await trio.sleep_forever()
+                data = await conn.stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    gone = True
+                    cancel.cancel()
+                    return
+                parser.receive_data(data)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, nursery.cancel_scope)
+            await conn.event.wait()
+            nursery.cancel_scope.cancel()
+        conn.event = None
+        if gone and conn.reply is None:
+            return None
+        return conn.reply
+
+    def _after_engine(self) -> None:
+        """Deliver late replies and log notices; wake the timer if needed."""
+        engine = self.engine
+        if engine.completions:
+            completions = engine.completions
+            engine.completions = []
+            for completion in completions:
+                conn = self._conns.get(completion.owner)  # type: ignore[call-overload]
+                if conn is not None and conn.event is not None:
+                    conn.reply = completion.reply
+                    conn.event.set()
+        if engine.notices:
+            for notice in engine.notices:
+                log.warning(
+                    "event=%s session=%s owner=%s", notice.event, sid_tag(notice.sid), notice.owner
+                )
+            engine.notices = []
+        if engine.next_deadline_hint < self._timer_at:
+            self._wake.set()
+
+    async def _timer(self) -> None:
+        engine = self.engine
+        while True:
+            deadline = engine.next_deadline()
+            self._timer_at = math.inf if deadline is None else deadline
+            with trio.move_on_at(self._timer_at):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            engine.tick(trio.current_time())
+            self._after_engine()
+
+
+def _buffered(parser: p.RequestParser) -> int:
+    return len(parser._buf)
+
+
+def _unix_socket_alive(path: str) -> bool:
+    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        probe.settimeout(1)
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return "unix"
+
+
+async def run_until_signal(
+    server: Server,
+    on_ready: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    import signal
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            if on_ready is not None:
+                await on_ready()
+
+            async def wait_signal() -> None:
+                async for signum in signals:
+                    log.info("event=signal signal=%s", signal.Signals(signum).name)
+                    server.shutdown()
+                    return
+
+            nursery.start_soon(wait_signal)

@@ -143,10 +143,14 @@ class Server:
             for address in self.config.listen:
                 if isinstance(address, UnixAddress):
                     listeners.append(await self._open_unix(address))
+                    self.addresses.append(str(address))
                 else:
                     assert isinstance(address, TcpAddress)
-                    listeners.extend(await self._open_tcp(address))
-                self.addresses.append(str(address))
+                    opened = await self._open_tcp(address)
+                    listeners.extend(opened)
+                    for listener in opened:
+                        host, port = listener.socket.getsockname()[:2]
+                        self.addresses.append(str(TcpAddress(host, port)))
         except BaseException:
             for listener in listeners:
                 await listener.aclose()

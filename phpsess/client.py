@@ -1,0 +1,81 @@
+"""A small blocking client of the phpsess protocol, for admin commands,
+scripts and tests.  One connection, one request at a time (or several with
+:meth:`Client.pipeline`)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from types import TracebackType
+
+from phpsess import protocol as p
+from phpsess.addresses import Address, TcpAddress, UnixAddress, parse_address
+
+
+class ClientError(Exception):
+    """The daemon could not be reached or sent something that is not a reply."""
+
+
+class Client:
+    def __init__(self, address: Address | str, *, timeout_s: float = 10.0, hello: bool = True,
+                 wait_ms: int | None = None, lease_ms: int | None = None) -> None:
+        self.address = parse_address(address) if isinstance(address, str) else address
+        self._parser = p.ReplyParser()
+        try:
+            if isinstance(self.address, UnixAddress):
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._sock.settimeout(timeout_s)
+                self._sock.connect(self.address.path)
+            else:
+                assert isinstance(self.address, TcpAddress)
+                self._sock = socket.create_connection(
+                    (self.address.host, self.address.port), timeout=timeout_s
+                )
+        except OSError as exc:
+            raise ClientError(f"cannot connect to {self.address}: {exc}") from exc
+        if hello:
+            reply = self.request(p.Hello(p.PROTOCOL_VERSION, wait_ms, lease_ms, "phpsess-cli"))
+            if not isinstance(reply, p.Ok):
+                self.close()
+                raise ClientError(f"{self.address} refused HELLO: {reply}")
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def send_raw(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise ClientError(f"cannot send to {self.address}: {exc}") from exc
+
+    def read_reply(self) -> p.Reply:
+        while True:
+            try:
+                reply = self._parser.next_reply()
+            except p.ReplyError as exc:
+                raise ClientError(f"{self.address}: {exc}") from exc
+            if reply is not p.NEED_DATA:
+                assert not isinstance(reply, p._NeedData)
+                return reply
+            try:
+                data = self._sock.recv(1 << 20)
+            except OSError as exc:
+                raise ClientError(f"cannot read from {self.address}: {exc}") from exc
+            if not data:
+                raise ClientError(f"{self.address} closed the connection")
+            self._parser.receive_data(data)
+
+    def request(self, request: p.Request) -> p.Reply:
+        self.send_raw(p.encode_request(request))
+        return self.read_reply()
+
+    def pipeline(self, requests: Sequence[p.Request]) -> list[p.Reply]:
+        self.send_raw(b"".join(p.encode_request(r) for r in requests))
+        return [self.read_reply() for _ in requests]

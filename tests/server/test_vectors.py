@@ -1,0 +1,21 @@
+"""Replay every protocol vector against a real daemon process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.vectors import daemon_args, load_vectors, replay
+
+VECTORS = load_vectors()
+
+
+def test_there_are_vectors() -> None:
+    assert len(VECTORS) >= 10
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=[v["name"] for v in VECTORS])
+def test_vector(vector: dict[str, Any], start_daemon: Any) -> None:
+    daemon = start_daemon(*daemon_args(vector))
+    replay(vector, daemon.sock_path)

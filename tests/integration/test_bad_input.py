@@ -1,0 +1,206 @@
+"""Bad input over real sockets against a real daemon process: each bad
+client gets its error or is cut off, nothing partial is stored, and a
+well-behaved client is served throughout (issue: bad input)."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import socket
+import time
+from typing import Any
+
+import pytest
+
+from phpsess import protocol as p
+from phpsess.client import Client, ClientError
+
+
+def _connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    return s
+
+
+def _recv_all(s: socket.socket, timeout: float = 5) -> bytes:
+    s.settimeout(timeout)
+    buf = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def _good_client_works(address: str, sid: str, value: bytes) -> None:
+    with Client(address) as c:
+        assert c.request(p.Write(sid, 60, value)) == p.OK
+        assert c.request(p.Read(sid, lock=False)) == p.Data(value)
+
+
+def test_100_mib_length_header_is_refused_and_nothing_stored(daemon: Any) -> None:
+    with Client(daemon.address) as c:
+        assert c.request(p.Write("victim", 60, b"original")) == p.OK
+        # Announce 100 MiB, send a little of it, then vanish.
+        c.send_raw(b"WRITE victim 60 104857600\n" + b"x" * 1000)
+        reply = c.read_reply()
+        assert isinstance(reply, p.Error) and reply.code is p.Code.TOO_LARGE
+        assert "max_session_bytes" in reply.message
+    _good_client_works(daemon.address, "other", b"fine")
+    with Client(daemon.address) as c:
+        assert c.request(p.Read("victim", lock=False)) == p.Data(b"original")
+
+
+def test_too_large_payload_is_discarded_and_connection_stays_usable(start_daemon: Any) -> None:
+    daemon = start_daemon("--max-session-bytes", "1024")
+    with Client(daemon.address) as c:
+        big = b"y" * 5000
+        c.send_raw(b"WRITE s 60 5000\n" + big + b"PING\n")
+        reply = c.read_reply()
+        assert isinstance(reply, p.Error) and reply.code is p.Code.TOO_LARGE
+        assert c.read_reply() == p.OK
+        assert c.request(p.Read("s", lock=False)) == p.MISS
+
+
+def test_half_a_payload_then_disconnect_stores_nothing(daemon: Any) -> None:
+    with Client(daemon.address) as c:
+        assert c.request(p.Write("half", 60, b"before")) == p.OK
+        assert c.request(p.Read("half")) == p.Data(b"before")  # take the lock
+        c.send_raw(b"WRITE half 60 100\n" + b"z" * 50)
+    # The writer is gone: its lock is free at once and the old data stands.
+    with Client(daemon.address, wait_ms=2000) as c:
+        assert c.request(p.Read("half")) == p.Data(b"before")
+        got = c.request(p.Get("half"))
+        assert isinstance(got, p.Data) and got.data == b"before"
+
+
+def test_malformed_frames_are_cut_off_others_served(daemon: Any) -> None:
+    bad_inputs = [
+        b"HELLO 1\nREAD  two-spaces\n",
+        b"HELLO 1\nWRITE s 60 notanumber\nxx",
+        b"\x00\x01\x02\xff\n",
+        b"HELLO 1\r\n",
+        b"A" * 5000,
+        bytes(range(256)) * 8,
+    ]
+    for raw in bad_inputs:
+        s = _connect(daemon.sock_path)
+        s.sendall(raw)
+        reply = _recv_all(s)
+        s.close()
+        assert b"ERR BAD_FRAME" in reply or b"ERR HEADER_TOO_LONG" in reply, raw[:20]
+        assert reply.endswith(b"\n")
+        _good_client_works(daemon.address, "good", raw[:10])
+    with Client(daemon.address) as c:
+        reply = c.request(p.Stats())
+        assert isinstance(reply, p.Data)
+        assert b'"sessions": 1' in reply.data
+
+
+def test_garbage_storm_while_a_good_client_works(daemon: Any) -> None:
+    import random
+
+    rng = random.Random(1234)
+    with Client(daemon.address) as good:
+        for i in range(200):
+            s = _connect(daemon.sock_path)
+            s.sendall(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 3000))))
+            s.close()
+            assert good.request(p.Write("steady", 60, str(i).encode(), keep=False)) == p.OK
+            assert good.request(p.Read("steady", lock=False)) == p.Data(str(i).encode())
+    assert daemon.proc.poll() is None
+
+
+def test_1000_idle_connections_are_cut_off_while_a_client_is_served(start_daemon: Any) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    daemon = start_daemon("--idle-timeout-s", "2", "--max-connections", "1100")
+    idle = []
+    try:
+        for i in range(1000):
+            s = _connect(daemon.sock_path)
+            if i % 2:
+                s.sendall(b"HELLO 1\n")  # half say hello, half say nothing
+            idle.append(s)
+        # Served while the idle crowd is connected.
+        _good_client_works(daemon.address, "busy-day", b"served")
+        with Client(daemon.address) as c:
+            stats = c.request(p.Stats())
+            assert isinstance(stats, p.Data) and b'"connections": 1001' in stats.data
+        # Each idle connection is closed by the daemon after the idle timeout.
+        deadline = time.monotonic() + 20
+        closed = 0
+        for s in idle:
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            assert data in (b"", b"OK 1\n")
+            closed += 1
+        assert closed == 1000
+        _good_client_works(daemon.address, "after", b"still served")
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_connections_over_the_limit_get_busy(start_daemon: Any) -> None:
+    daemon = start_daemon("--max-connections", "5")
+    held = [Client(daemon.address) for _ in range(5)]
+    try:
+        s = _connect(daemon.sock_path)
+        assert _recv_all(s).startswith(b"ERR BUSY ")
+        s.close()
+    finally:
+        for c in held:
+            c.close()
+    time.sleep(0.2)
+    _good_client_works(daemon.address, "room-again", b"yes")
+
+
+def test_sigterm_lets_a_lock_holder_finish_then_exits_0(daemon: Any) -> None:
+    holder = Client(daemon.address)
+    idle = Client(daemon.address)
+    assert holder.request(p.Read("cart")) == p.MISS  # holds the lock
+    daemon.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    # The idle connection is closed; the in-flight request may finish.
+    with pytest.raises(ClientError):
+        idle.request(p.Ping())
+    assert holder.request(p.Write("cart", 60, b"paid")) == p.OK
+    assert daemon.wait(10) == 0
+    holder.close()
+    idle.close()
+    assert "event=stopping" in daemon.log()
+
+
+def test_sigterm_deadline_cuts_a_stuck_holder(start_daemon: Any) -> None:
+    daemon = start_daemon("--shutdown-timeout-s", "0.5")
+    with Client(daemon.address) as holder:
+        assert holder.request(p.Read("stuck")) == p.MISS
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(10) == 0
+        assert time.monotonic() - started < 5
+    assert "event=shutdown_timeout" in daemon.log()
+
+
+def test_no_session_data_in_logs(daemon: Any) -> None:
+    secret = b"credit-card-4111111111111111"
+    with Client(daemon.address) as c:
+        c.request(p.Write("logsid123", 60, secret))
+        c.send_raw(b"WRITE logsid123 60 x\n")
+        c.read_reply()
+    daemon.stop()
+    log = daemon.log()
+    assert "credit-card" not in log
+    assert "logsid123" not in log

@@ -105,6 +105,7 @@ class Engine:
         self._expired_at_last_gc = 0
         self.requests_total = 0
         self.errors_total = 0
+        self._verb_counts: dict[type, int] = {}
 
     # -- connections
 
@@ -177,6 +178,8 @@ class Engine:
         self.requests_total += 1
         client = self._clients[owner]
         kind = type(request)
+        counts = self._verb_counts
+        counts[kind] = counts.get(kind, 0) + 1
         if kind is p.Hello:
             assert isinstance(request, p.Hello)
             return self._hello(owner, client, request, now)
@@ -325,6 +328,10 @@ class Engine:
             "expired_total": self.expired_total,
             "requests_total": self.requests_total,
             "errors_total": self.errors_total,
+            "verbs": {
+                _VERB_NAMES.get(kind, "INVALID"): count
+                for kind, count in sorted(self._verb_counts.items(), key=lambda kv: kv[0].__name__)
+            },
         }
 
     def _get(self, owner: Owner, client: _Client, request: p.Get, now: float) -> p.Reply:
@@ -383,5 +390,10 @@ class Engine:
     }
 
 
+_VERB_NAMES: Final[dict[type, str]] = {
+    p.Hello: "HELLO", p.Read: "READ", p.Write: "WRITE", p.Touch: "TOUCH",
+    p.Exists: "EXISTS", p.Destroy: "DESTROY", p.Close: "CLOSE", p.Gc: "GC",
+    p.Create: "CREATE", p.Ping: "PING", p.Stats: "STATS", p.Get: "GET", p.List: "LIST",
+}
 _OK_1: Final = p.Ok(("1",))
 _OK_0: Final = p.Ok(("0",))

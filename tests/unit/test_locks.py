@@ -1,0 +1,281 @@
+"""The lock table (PROTOCOL.md §6): FIFO waiters, re-entrancy, wait deadlines,
+leases, and owners that go away."""
+
+from __future__ import annotations
+
+from phpsess.locks import Grant, LockTable, Revoked, Timeout
+
+LEASE = 300.0
+WAIT = 30.0
+
+
+def test_acquire_free_lock() -> None:
+    locks = LockTable()
+    assert locks.acquire("s1", "a", now=0.0, lease_s=LEASE, wait_s=WAIT)
+    assert locks.holder("s1") == "a"
+    assert locks.holds("a", "s1")
+    assert not locks.holds("b", "s1")
+    assert locks.owned_by("a") == {"s1"}
+    assert locks.holds_any("a")
+    assert not locks.holds_any("b")
+    assert locks.held_count == 1
+    assert locks.waiting_count == 0
+    assert locks.holder("s2") is None
+
+
+def test_one_owner_may_hold_several_locks() -> None:
+    locks = LockTable()
+    assert locks.acquire("s1", "a", 0.0, LEASE, WAIT)
+    assert locks.acquire("s2", "a", 0.0, LEASE, WAIT)
+    assert locks.owned_by("a") == {"s1", "s2"}
+    assert locks.release_all("a", 1.0) == []
+    assert locks.owned_by("a") == frozenset()
+    assert locks.held_count == 0
+
+
+def test_reentrant() -> None:
+    locks = LockTable()
+    assert locks.acquire("s1", "a", 0.0, LEASE, WAIT)
+    assert locks.acquire("s1", "a", 1.0, LEASE, WAIT)
+    assert locks.waiting_count == 0
+    assert locks.waits_total == 0
+    # One release frees it: the lock is not counted.
+    assert locks.release("s1", "a", 2.0) == []
+    assert locks.holder("s1") is None
+
+
+def test_waiters_are_granted_in_fifo_order() -> None:
+    locks = LockTable()
+    assert locks.acquire("s1", "a", 0.0, LEASE, WAIT)
+    for i, owner in enumerate(["d", "b", "e", "c"]):
+        assert not locks.acquire("s1", owner, float(i), LEASE, WAIT)
+    assert locks.waiting_count == 4
+    assert locks.waits_total == 4
+    order = []
+    holder = "a"
+    for t in range(5, 9):
+        [grant] = locks.release("s1", holder, float(t))
+        order.append(grant.owner)
+        assert grant == Grant("s1", grant.owner)
+        holder = grant.owner
+        assert locks.holder("s1") == holder
+    assert order == ["d", "b", "e", "c"]
+    assert locks.release("s1", holder, 10.0) == []
+    assert locks.holder("s1") is None
+    assert locks.waiting_count == 0
+
+
+def test_release_by_non_holder_is_a_no_op() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 0.0, LEASE, WAIT)
+    locks.acquire("s1", "b", 0.0, LEASE, WAIT)
+    assert locks.release("s1", "b", 1.0) == []  # b is only waiting
+    assert locks.release("s1", "c", 1.0) == []
+    assert locks.release("s2", "a", 1.0) == []
+    assert locks.holder("s1") == "a"
+    assert locks.waiting_count == 1
+
+
+def test_queues_are_per_session() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 0.0, LEASE, WAIT)
+    locks.acquire("s2", "b", 0.0, LEASE, WAIT)
+    assert not locks.acquire("s1", "c", 0.0, LEASE, WAIT)
+    assert not locks.acquire("s2", "d", 0.0, LEASE, WAIT)
+    assert locks.release("s2", "b", 1.0) == [Grant("s2", "d")]
+    assert locks.release("s1", "a", 1.0) == [Grant("s1", "c")]
+
+
+def test_wait_timeout() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 0.0, LEASE, WAIT)
+    assert not locks.acquire("s1", "b", 1.0, LEASE, 2.0)
+    assert not locks.acquire("s1", "c", 1.5, LEASE, 10.0)
+    assert locks.expire(2.999) == []
+    assert locks.expire(3.0) == [Timeout("s1", "b")]
+    assert locks.timeouts_total == 1
+    assert locks.waiting_count == 1
+    # The timed-out waiter is no longer in line; c is next.
+    assert locks.release("s1", "a", 4.0) == [Grant("s1", "c")]
+    assert locks.expire(100.0) == []  # c's wait deadline is stale now
+
+
+def test_zero_wait_times_out_at_once() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 5.0, LEASE, WAIT)
+    assert not locks.acquire("s1", "b", 5.0, LEASE, 0.0)
+    assert locks.next_deadline() == 5.0
+    assert locks.expire(5.0) == [Timeout("s1", "b")]
+    assert locks.waiting_count == 0
+
+
+def test_timed_out_owner_may_wait_again() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 0.0, LEASE, WAIT)
+    locks.acquire("s1", "b", 0.0, LEASE, 1.0)
+    assert locks.expire(1.0) == [Timeout("s1", "b")]
+    assert not locks.acquire("s1", "b", 2.0, LEASE, 1.0)
+    assert locks.release("s1", "a", 2.5) == [Grant("s1", "b")]
+
+
+def test_lease_revocation_hands_lock_on() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 0.0, lease_s=10.0, wait_s=WAIT)
+    locks.acquire("s1", "b", 1.0, lease_s=5.0, wait_s=WAIT)
+    assert locks.expire(9.9) == []
+    events = locks.expire(10.0)
+    assert events == [Revoked("s1", "a"), Grant("s1", "b")]
+    assert locks.revoked_total == 1
+    assert locks.holder("s1") == "b"
+    assert not locks.holds_any("a")
+    # b's lease runs from the grant (10), with b's own lease_s.
+    assert locks.expire(14.9) == []
+    assert locks.expire(15.0) == [Revoked("s1", "b")]
+    assert locks.holder("s1") is None
+
+
+def test_revocation_is_remembered_once() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 0.0, lease_s=1.0, wait_s=WAIT)
+    locks.acquire("s2", "a", 0.0, lease_s=1.0, wait_s=WAIT)
+    assert set(locks.expire(1.0)) == {Revoked("s1", "a"), Revoked("s2", "a")}
+    assert not locks.take_revoked("b", "s1")
+    assert locks.take_revoked("a", "s1")
+    assert not locks.take_revoked("a", "s1")  # forgotten after the one error
+    assert locks.take_revoked("a", "s2")
+    assert not locks.take_revoked("a", "s2")
+
+
+def test_acquiring_again_forgets_revocation() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 0.0, lease_s=1.0, wait_s=WAIT)
+    locks.expire(1.0)
+    assert locks.acquire("s1", "a", 2.0, LEASE, WAIT)
+    assert not locks.take_revoked("a", "s1")
+
+
+def test_release_all_forgets_revocations() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 0.0, lease_s=1.0, wait_s=WAIT)
+    locks.expire(1.0)
+    locks.release_all("a", 2.0)
+    assert not locks.take_revoked("a", "s1")
+
+
+def test_release_before_lease_means_no_revocation() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 0.0, lease_s=10.0, wait_s=WAIT)
+    locks.release("s1", "a", 5.0)
+    locks.acquire("s1", "b", 6.0, lease_s=100.0, wait_s=WAIT)
+    # a's old lease deadline (10) must not revoke b's lock.
+    assert locks.expire(10.0) == []
+    assert locks.holder("s1") == "b"
+    assert not locks.take_revoked("a", "s1")
+    assert not locks.take_revoked("b", "s1")
+
+
+def test_reacquire_same_owner_after_release_gets_fresh_lease() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 0.0, lease_s=10.0, wait_s=WAIT)
+    locks.release("s1", "a", 5.0)
+    locks.acquire("s1", "a", 6.0, lease_s=10.0, wait_s=WAIT)
+    assert locks.expire(10.0) == []  # the first lease is over, not the second
+    assert locks.expire(16.0) == [Revoked("s1", "a")]
+
+
+def test_forget_hands_lock_on_and_drops_waits() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 0.0, LEASE, WAIT)
+    locks.acquire("s2", "a", 0.0, LEASE, WAIT)
+    locks.acquire("s1", "b", 0.0, LEASE, WAIT)
+    locks.acquire("s2", "c", 0.0, LEASE, WAIT)
+    locks.acquire("s3", "d", 0.0, LEASE, WAIT)
+    locks.acquire("s3", "a2", 0.0, LEASE, WAIT)
+    grants = locks.forget("a", 1.0)
+    assert sorted(grants, key=lambda g: g.sid) == [Grant("s1", "b"), Grant("s2", "c")]
+    assert locks.holder("s1") == "b"
+    assert locks.holder("s2") == "c"
+    assert not locks.holds_any("a")
+    # A waiter that goes away leaves the queue; nobody is granted on its behalf.
+    assert locks.forget("a2", 1.0) == []
+    assert locks.waiting_count == 0
+    assert locks.release("s3", "d", 2.0) == []
+    assert locks.holder("s3") is None
+    assert set(locks.expire(1000.0)) == {Revoked("s1", "b"), Revoked("s2", "c")}
+
+
+def test_forget_middle_waiter_keeps_fifo_order_of_the_rest() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 0.0, LEASE, WAIT)
+    for owner in ["b", "c", "d"]:
+        locks.acquire("s1", owner, 0.0, LEASE, WAIT)
+    assert locks.forget("c", 1.0) == []
+    assert locks.release("s1", "a", 2.0) == [Grant("s1", "b")]
+    assert locks.release("s1", "b", 3.0) == [Grant("s1", "d")]
+    assert locks.expire(WAIT + 10) == []  # c's wait deadline is stale
+
+
+def test_forget_forgets_revocations() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 0.0, lease_s=1.0, wait_s=WAIT)
+    locks.expire(1.0)
+    locks.forget("a", 2.0)
+    assert not locks.take_revoked("a", "s1")
+
+
+def test_forget_unknown_owner() -> None:
+    locks = LockTable()
+    assert locks.forget("nobody", 0.0) == []
+    locks.cancel_wait("nobody")
+
+
+def test_waiter_timeout_and_revocation_in_one_expire_call() -> None:
+    locks = LockTable()
+    locks.acquire("s1", "a", 0.0, lease_s=10.0, wait_s=WAIT)
+    locks.acquire("s1", "b", 0.0, LEASE, 5.0)  # gives up at 5
+    locks.acquire("s1", "c", 0.0, lease_s=3.0, wait_s=50.0)
+    # A late timer at 20: b's wait (5) ran out before a's lease (10).
+    assert locks.expire(20.0) == [Timeout("s1", "b"), Revoked("s1", "a"), Grant("s1", "c")]
+    assert locks.holder("s1") == "c"
+    assert locks.expire(22.9) == []
+    assert locks.expire(23.0) == [Revoked("s1", "c")]
+
+
+def test_next_deadline() -> None:
+    locks = LockTable()
+    assert locks.next_deadline() is None
+    locks.acquire("s1", "a", 0.0, lease_s=10.0, wait_s=WAIT)
+    assert locks.next_deadline() == 10.0
+    locks.acquire("s1", "b", 0.0, LEASE, wait_s=3.0)
+    assert locks.next_deadline() == 3.0
+
+
+def test_heap_stays_bounded_after_many_cycles() -> None:
+    locks = LockTable()
+    for i in range(20_000):
+        now = float(i)
+        assert locks.acquire("s1", "a", now, LEASE, WAIT)
+        assert not locks.acquire("s1", "b", now, LEASE, WAIT)
+        [grant] = locks.release("s1", "a", now)
+        assert grant == Grant("s1", "b")
+        assert locks.release("s1", "b", now) == []
+        # White box: at most 2 locks/waiters are live at once, so compaction
+        # keeps the heap at 2 * 2 + slack items, not one per cycle.
+        assert len(locks._heap) <= 2 * 2 + 1024 + 1
+    assert locks.held_count == 0
+    # Stale items are skipped: nothing is revoked or timed out.
+    assert locks.expire(1e9) == []
+    assert locks.next_deadline() is None
+
+
+def test_compaction_keeps_live_deadlines() -> None:
+    locks = LockTable()
+    locks.acquire("keep", "x", 0.0, lease_s=50_000.0, wait_s=WAIT)
+    locks.acquire("keep", "y", 0.0, LEASE, wait_s=40_000.0)
+    for i in range(5_000):
+        locks.acquire(f"t{i}", "z", float(i), LEASE, WAIT)
+        locks.release(f"t{i}", "z", float(i))
+    assert len(locks._heap) < 2000
+    assert locks.expire(39_999.0) == []
+    assert locks.expire(40_000.0) == [Timeout("keep", "y")]
+    assert locks.expire(50_000.0) == [Revoked("keep", "x")]

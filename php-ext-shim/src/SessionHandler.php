@@ -31,18 +31,24 @@ namespace PhpSess;
  *   close() releases whatever is left. A PHP process that dies releases its
  *   locks at once because the daemon sees its connection close.
  * - Round trips: a request for an existing session costs two (read; write or
- *   touch), a new session two (create; write); open() and close() cost none.
- *   The handshake is pipelined with the first request.
- * - Failures never throw from the session methods: they raise one
- *   E_USER_WARNING that names the daemon address and the cause, and return
- *   false, which makes PHP fail session_start() or the write. create_sid()
- *   must return a string, so on failure it warns and returns '' and the
- *   following read('') fails: session_start() then returns false instead of
- *   throwing. Session IDs never appear in messages.
- * - With `persistent=1` one connection per address is kept per PHP process
- *   and shared by every handler object for that address: use one handler per
- *   address, because every handler starts its connection afresh (`HELLO`
- *   releases the locks the connection holds, §3.2).
+ *   touch), a new session two (create; write), three with
+ *   session.use_strict_mode (exists; read; write); open() and close() cost
+ *   none. The handshake is pipelined with the first request.
+ * - Timeouts: `timeout` bounds the connect and each socket read or write; a
+ *   locking read may take `timeout + lock_wait`.
+ * - Failures never throw from the session methods (unless an error handler
+ *   turns warnings into exceptions): each raises one E_USER_WARNING naming
+ *   the daemon address and the cause, drops the connection if it broke, and
+ *   returns false, so session_start() or the write fails as with PHP's files
+ *   handler. create_sid() must return a string, so on failure it warns and
+ *   returns ''; the read('') PHP makes next fails quietly and session_start()
+ *   returns false instead of throwing. Session IDs never appear in messages.
+ * - With `persistent=1` PHP keeps one connection per address per process,
+ *   shared by every handler object for that address. Use one handler per
+ *   address: each handler starts the connection afresh with `HELLO`, which
+ *   releases the locks the connection holds (§3.2). The destructor collects
+ *   the replies to CLOSE requests sent without waiting, so the next web
+ *   request finds the connection clean.
  * - Not for concurrent use from several fibers.
  */
 final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterface, \SessionUpdateTimestampHandlerInterface
@@ -395,7 +401,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
      * until payload() has read the data. Returns null after a warning when the
      * connection failed; the connection is then discarded.
      */
-    private function exchange(string $request, string $method, bool $mayWait = false): ?string
+    private function exchange(#[\SensitiveParameter] string $request, string $method, bool $mayWait = false): ?string
     {
         $sock = $this->sock;
         if ($sock === null) {
@@ -430,7 +436,13 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         for (; $this->pendingCloses > 0; --$this->pendingCloses) {
             $line = @fgets($sock, self::MAX_HEADER_BYTES + 1);
             if ($line !== "OK\n") {
-                return $line === false ? $this->lost($method, 'reading the reply to an earlier CLOSE') : $this->outOfStep($method, 'CLOSE', $line);
+                if ($line === false) {
+                    $this->lost($method, 'reading the reply to an earlier CLOSE');
+                } else {
+                    $this->outOfStep($method, 'CLOSE', $line);
+                }
+
+                return null;
             }
         }
         if ($hello !== '') {
@@ -460,9 +472,13 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             return null;
         }
         if ($line[-1] !== "\n") {
-            return \strlen($line) >= self::MAX_HEADER_BYTES
-                ? $this->outOfStep($method, $method, $line)
-                : $this->lost($method, 'reading the reply');
+            if (\strlen($line) >= self::MAX_HEADER_BYTES) {
+                $this->outOfStep($method, $method, $line); // no LF within MAX_HEADER_BYTES
+            } else {
+                $this->lost($method, 'reading the reply');
+            }
+
+            return null;
         }
         if ($line[0] !== 'D') {
             $this->busy = false;

@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,7 +88,7 @@ def workdir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def start_daemon(workdir: Path) -> Iterator[object]:
+def start_daemon(workdir: Path) -> Iterator[Any]:
     daemons: list[Daemon] = []
     counter = iter(range(1000))
 
@@ -104,7 +105,7 @@ def start_daemon(workdir: Path) -> Iterator[object]:
 
 
 @pytest.fixture
-def daemon(start_daemon) -> Daemon:  # type: ignore[no-untyped-def]
+def daemon(start_daemon: Any) -> Daemon:
     d: Daemon = start_daemon()
     return d
 

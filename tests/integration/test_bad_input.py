@@ -97,9 +97,9 @@ def test_malformed_frames_are_cut_off_others_served(daemon: Any) -> None:
         assert reply.endswith(b"\n")
         _good_client_works(daemon.address, "good", raw[:10])
     with Client(daemon.address) as c:
-        reply = c.request(p.Stats())
-        assert isinstance(reply, p.Data)
-        assert b'"sessions": 1' in reply.data
+        stats = c.request(p.Stats())
+        assert isinstance(stats, p.Data)
+        assert b'"sessions": 1' in stats.data
 
 
 def test_garbage_storm_while_a_good_client_works(daemon: Any) -> None:

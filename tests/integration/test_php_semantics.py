@@ -46,7 +46,7 @@ def _run(handler: str, scenario: str, steps: Steps, *, address: str | None,
                 first = first or last
             if line.startswith("new-sid: "):
                 regenerated = line.split(": ", 1)[1]
-        transcript += [f"--- request {step}"] + lines
+        transcript += [f"--- request {step}", *lines]
     return _normalise(transcript)
 
 

@@ -102,18 +102,35 @@ def test_malformed_frames_are_cut_off_others_served(daemon: Any) -> None:
         assert b'"sessions": 1' in stats.data
 
 
-def test_garbage_storm_while_a_good_client_works(daemon: Any) -> None:
+def _rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_garbage_storm_while_a_good_client_works_and_memory_stays_flat(daemon: Any) -> None:
     import random
 
     rng = random.Random(1234)
+    rss = {}
     with Client(daemon.address) as good:
-        for i in range(200):
+        for i in range(1000):
             s = _connect(daemon.sock_path)
-            s.sendall(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 3000))))
+            garbage = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 3000)))
+            if i % 3 == 0:  # some start well and then go wrong mid-request
+                garbage = b"HELLO 1\nWRITE g 60 900\n" + garbage[:400]
+            s.sendall(garbage)
             s.close()
-            assert good.request(p.Write("steady", 60, str(i).encode(), keep=False)) == p.OK
+            assert good.request(p.Write("steady", 60, str(i).encode())) == p.OK
             assert good.request(p.Read("steady", lock=False)) == p.Data(str(i).encode())
+            if i in (199, 999):
+                rss[i] = _rss_kib(daemon.pid)
     assert daemon.proc.poll() is None
+    # 800 more bad clients after warm-up must not grow the daemon (no leak).
+    assert rss[999] - rss[199] < 8 * 1024, rss
+    with Client(daemon.address) as c:
+        assert c.request(p.Read("g", lock=False)) == p.MISS  # no partial write stored
 
 
 def test_1000_idle_connections_are_cut_off_while_a_client_is_served(start_daemon: Any) -> None:

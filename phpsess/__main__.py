@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from phpsess import logs
 from phpsess.addresses import DEFAULT_LISTEN, AddressError, parse_address
 from phpsess.engine import VERSION, Limits
+from phpsess.persist import DEFAULT_DATA_DIR, FSYNC_POLICIES, PersistConfig
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -91,8 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, how long requests holding locks may take to finish (default: 10)",
     )
     serve.add_argument(
+        "--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR",
+        help=f"where sessions are journaled and snapshotted (default: {DEFAULT_DATA_DIR})",
+    )
+    serve.add_argument(
+        "--fsync", choices=FSYNC_POLICIES, default="interval",
+        help="always: acknowledge after fsync; interval: after the kernel has it, fsync "
+        "every --fsync-interval-ms; never: do not wait (default: interval)",
+    )
+    serve.add_argument(
+        "--fsync-interval-ms", type=_positive_int, default=200, metavar="MS",
+        help="with --fsync interval, fsync at most this often (default: 200)",
+    )
+    serve.add_argument(
+        "--memory-only", action="store_true",
+        help="keep sessions in memory only: a restart loses them all",
+    )
+    serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default="info",
     )
+
+    repair = commands.add_parser(
+        "repair", help="rewrite a damaged data directory keeping every intact record"
+    )
+    repair.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR")
     return parser
 
 
@@ -122,6 +146,13 @@ def _serve(args: argparse.Namespace) -> int:
     want = hard if hard != resource.RLIM_INFINITY else 1 << 20
     if soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    persist = None
+    if not args.memory_only:
+        persist = PersistConfig(
+            data_dir=os.path.abspath(args.data_dir),
+            fsync=args.fsync,
+            fsync_interval_s=args.fsync_interval_ms / 1000,
+        )
     config = ServerConfig(
         listen=listen,
         limits=limits,
@@ -129,6 +160,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         idle_timeout_s=args.idle_timeout_s,
         shutdown_timeout_s=args.shutdown_timeout_s,
+        persist=persist,
     )
 
     async def run() -> None:
@@ -144,10 +176,32 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _repair(args: argparse.Namespace) -> int:
+    from phpsess.persist import DataDirError, DataDirLock, repair
+
+    lock = DataDirLock(args.data_dir)
+    try:
+        lock.acquire()
+    except (DataDirError, OSError) as exc:
+        print(f"phpsess: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        done = repair(args.data_dir)
+    finally:
+        lock.release()
+    for line in done:
+        print(line)
+    if not done:
+        print(f"{args.data_dir}: nothing damaged")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "repair":
+        return _repair(args)
     raise AssertionError(args.command)
 
 

@@ -24,6 +24,7 @@ from typing import Final
 import attrs
 
 from phpsess import protocol as p
+from phpsess.journal import Op
 from phpsess.locks import Grant, LockTable, Revoked, Timeout
 from phpsess.store import SessionStore
 
@@ -96,6 +97,9 @@ class Engine:
         self.store = SessionStore()
         self.locks = LockTable()
         self.completions: list[Completion] = []
+        # Changes to persist, when persistence is on (phpsess.persist): tuples
+        # (Op, sid, ttl_s, data).  None means "not persisting".
+        self.changes: list[tuple[Op, str, int, bytes]] | None = None
         self.notices: list[Notice] = []
         self.shutting_down = False
         self._token_bytes = token_bytes
@@ -132,6 +136,8 @@ class Engine:
         """Run every deadline that has passed: expiry, lock waits, leases."""
         expired = self.store.expire(now)
         self.expired_total += len(expired)
+        if expired and self.changes is not None:
+            self.changes.extend((Op.DELETE, sid, 0, b"") for sid in expired)
         for event in self.locks.expire(now):
             if isinstance(event, Grant):
                 self._grants([event], now)
@@ -258,6 +264,8 @@ class Engine:
         if error is not None:
             return error
         self.store.put(sid, request.data, request.ttl_s, now)
+        if self.changes is not None:
+            self.changes.append((Op.PUT, sid, request.ttl_s, request.data))
         if not request.keep:
             self._grants(self.locks.release(sid, owner, now), now)
         return p.OK
@@ -269,6 +277,8 @@ class Engine:
             return error
         if not self.store.touch(sid, request.ttl_s, now):
             return p.MISS  # the lock is kept for the WRITE that follows (§4.3)
+        if self.changes is not None:
+            self.changes.append((Op.TOUCH, sid, request.ttl_s, b""))
         if not request.keep:
             self._grants(self.locks.release(sid, owner, now), now)
         return p.OK
@@ -281,7 +291,8 @@ class Engine:
         error = self._lock_error(owner, sid)
         if error is not None:
             return error
-        self.store.delete(sid)
+        if self.store.delete(sid) and self.changes is not None:
+            self.changes.append((Op.DELETE, sid, 0, b""))
         self._grants(self.locks.release(sid, owner, now), now)
         return p.OK
 

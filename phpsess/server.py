@@ -19,6 +19,7 @@ import os
 import secrets
 import socket as stdsocket
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -29,6 +30,13 @@ from phpsess import protocol as p
 from phpsess.addresses import Address, TcpAddress, UnixAddress
 from phpsess.engine import WAIT, Engine, Limits
 from phpsess.logs import sid_tag
+from phpsess.persist import (
+    DataDirError,
+    PersistConfig,
+    Persister,
+    SnapshotSource,
+    store_snapshot_source,
+)
 
 log = logging.getLogger("phpsess")
 
@@ -45,6 +53,7 @@ class ServerConfig:
     max_connections: int = 4096
     idle_timeout_s: float = 300.0
     shutdown_timeout_s: float = 10.0
+    persist: PersistConfig | None = None
 
 
 class StartupError(Exception):
@@ -79,15 +88,70 @@ class Server:
         self._no_conns = trio.Event()
         self._unix_paths: list[str] = []
         self.addresses: list[str] = []
+        self.persister: Persister | None = None
+        if config.persist is not None:
+            self.persister = Persister(config.persist)
+            self.engine.changes = []
 
     # -- lifecycle
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self.persister is not None:
+            await self._restore(self.persister)
+        try:
+            await self._serve(task_status)
+        finally:
+            if self.persister is not None:
+                await self.persister.close()
+
+    async def _restore(self, persister: Persister) -> None:
+        try:
+            restored = await trio.to_thread.run_sync(persister.open, time.time())
+        except DataDirError as exc:
+            raise StartupError(str(exc)) from exc
+        for note in restored.torn:
+            log.warning("event=journal_torn_tail detail=%s", note)
+        # Remaining lifetimes carry over; the clocks differ, the durations don't.
+        mono_now = trio.current_time()
+        wall_now = time.time()
+        store = self.engine.store
+        for sid, (data, wall_expiry, ttl_s) in restored.sessions.items():
+            store.put_until(sid, data, mono_now + (wall_expiry - wall_now), ttl_s)
+        log.info(
+            "event=restored sessions=%d expired_while_down=%d files=%d seconds=%.3f "
+            "data_dir=%s generation=%d",
+            len(restored.sessions), restored.expired, restored.files, restored.seconds,
+            persister.dir, persister.gen,
+        )
+
+    def _snapshot_source(self) -> SnapshotSource:
+        return store_snapshot_source(
+            self.engine.store.snapshot(), trio.current_time(), time.time()
+        )
+
+    def _submit_changes(self) -> int:
+        """Hand the engine's changes to the journal; their sequence number."""
+        persister = self.persister
+        assert persister is not None
+        changes = self.engine.changes
+        if changes:
+            self.engine.changes = []
+            return persister.submit(changes, time.time())
+        return persister.submitted
+
+    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         listeners = await self._open_listeners()
         try:
             async with trio.open_nursery() as conn_nursery:
                 async with trio.open_nursery() as accept_nursery:
                     conn_nursery.start_soon(self._timer)
+                    if self.persister is not None:
+                        store = self.engine.store
+                        await conn_nursery.start(
+                            self.persister.run,
+                            self._snapshot_source,
+                            lambda: store.total_bytes + 64 * len(store),
+                        )
                     for listener in listeners:
                         accept_nursery.start_soon(self._accept_loop, listener, conn_nursery)
                     task_status.started()
@@ -254,6 +318,7 @@ class Server:
         idle_s = self.config.idle_timeout_s
         while True:
             out: list[bytes] = []
+            durable_seq = 0
             now = trio.current_time()
             while True:
                 event = parser.next_event()
@@ -261,8 +326,15 @@ class Server:
                     break
                 conn.busy = True
                 reply = engine.handle(owner, event, now)
+                if engine.changes:
+                    # This batch changed sessions: its acknowledgements wait
+                    # for the journal as the fsync policy says.
+                    durable_seq = self._submit_changes()
                 if reply is WAIT:
                     if out:
+                        if durable_seq:
+                            await self._durable(durable_seq)
+                            durable_seq = 0
                         await stream.send_all(b"".join(out))
                         out = []
                     self._after_engine()
@@ -279,8 +351,12 @@ class Server:
                         conn.peer,
                         reply.code.name,
                     )
+                    if durable_seq:
+                        await self._durable(durable_seq)
                     await stream.send_all(b"".join(out))
                     return
+            if durable_seq:
+                await self._durable(durable_seq)
             if engine.completions or engine.notices:
                 self._after_engine()
             elif engine.next_deadline_hint < self._timer_at:
@@ -337,6 +413,10 @@ class Server:
             return None
         return conn.reply
 
+    async def _durable(self, seq: int) -> None:
+        assert self.persister is not None
+        await self.persister.wait_durable(seq)
+
     def _after_engine(self) -> None:
         """Deliver late replies and log notices; wake the timer if needed."""
         engine = self.engine
@@ -366,6 +446,8 @@ class Server:
                 await self._wake.wait()
             self._wake = trio.Event()
             engine.tick(trio.current_time())
+            if engine.changes:
+                self._submit_changes()  # expiries: journaled, nobody waits
             self._after_engine()
 
 

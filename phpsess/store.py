@@ -21,8 +21,10 @@ import attrs
 _HEAP_SLACK: Final = 1024
 
 
-@attrs.define(slots=True)
+@attrs.frozen(slots=True)
 class Entry:
+    """Never changed once made, so a snapshot may share entries with the store."""
+
     data: bytes
     expires_at: float
     ttl_s: int
@@ -57,15 +59,14 @@ class SessionStore:
         return entry
 
     def put(self, sid: str, data: bytes, ttl_s: int, now: float) -> None:
-        expires_at = now + ttl_s
+        self.put_until(sid, data, now + ttl_s, ttl_s)
+
+    def put_until(self, sid: str, data: bytes, expires_at: float, ttl_s: int) -> None:
+        """Store with an absolute expiry (restoring from disk)."""
         old = self._sessions.get(sid)
         if old is not None:
             self._bytes -= len(old.data)
-            old.data = data
-            old.ttl_s = ttl_s
-            old.expires_at = expires_at
-        else:
-            self._sessions[sid] = Entry(data, expires_at, ttl_s)
+        self._sessions[sid] = Entry(data, expires_at, ttl_s)
         self._bytes += len(data)
         self._push(expires_at, sid)
 
@@ -74,9 +75,9 @@ class SessionStore:
         entry = self.get(sid, now)
         if entry is None:
             return False
-        entry.ttl_s = ttl_s
-        entry.expires_at = now + ttl_s
-        self._push(entry.expires_at, sid)
+        expires_at = now + ttl_s
+        self._sessions[sid] = Entry(entry.data, expires_at, ttl_s)
+        self._push(expires_at, sid)
         return True
 
     def delete(self, sid: str) -> bool:
@@ -99,6 +100,10 @@ class SessionStore:
                 self._bytes -= len(entry.data)
                 expired.append(sid)
         return expired
+
+    def snapshot(self) -> dict[str, Entry]:
+        """A consistent copy, cheap: entries are immutable and shared."""
+        return self._sessions.copy()
 
     def next_deadline(self) -> float | None:
         """When :meth:`expire` next has work, or None.  May be early, never late."""

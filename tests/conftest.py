@@ -28,8 +28,11 @@ class Daemon:
         self.sock_path = str(workdir / "phpsess.sock")
         self.address = f"unix:{self.sock_path}"
         self.php_address = f"unix://{self.sock_path}"
-        self.args = args
         self.stderr_path = workdir / "daemon.log"
+        self.data_dir = workdir / "data"
+        if "--memory-only" not in args and "--data-dir" not in args:
+            args = (*args, "--data-dir", str(self.data_dir))
+        self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -68,6 +71,11 @@ class Daemon:
     def wait(self, timeout: float = 15) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(15)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

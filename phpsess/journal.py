@@ -1,0 +1,199 @@
+"""On-disk record format of the journal and the snapshot.  Pure: bytes in,
+records out; the files are opened, written and fsynced by ``phpsess.persist``.
+
+Theory of operation.  Both file kinds are a header line followed by records:
+
+    file    = MAGIC-LINE record*
+    record  = body_len:u32le  crc32(body):u32le  body
+    body    = op:u8  sid_len:u16le  sid  [expires_at:f64le  ttl_s:u32le  [data]]
+
+``op`` is PUT (data and lifetime), TOUCH (lifetime only), DELETE (destroy or
+expiry) or END (snapshot trailer; its "sid" is the decimal record count).
+``expires_at`` is **wall-clock** Unix time: a restarted daemon compares it
+with the time it restarts at, so a session that expired while the daemon was
+down is not restored, and the others keep their remaining lifetime.
+
+Scanning (:func:`scan`) tells three situations apart:
+
+- a clean end;
+- a **torn tail**: the last record is incomplete or fails its checksum and
+  nothing but zero bytes follows it (a crash in the middle of an append, or a
+  file system that extended the file with zeros).  Safe to truncate there;
+- **corruption**: a record fails its checksum or is malformed and real data
+  follows it.  Never silently dropped: the caller stops and says where.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Final
+
+import attrs
+
+JOURNAL_MAGIC: Final = b"PHPSESS-JOURNAL 1\n"
+SNAPSHOT_MAGIC: Final = b"PHPSESS-SNAPSHOT 1\n"
+MAX_BODY_BYTES: Final = 1 << 30  # far above any session; a bigger length is damage
+
+_HEAD: Final = struct.Struct("<II")
+_OP_SID: Final = struct.Struct("<BH")
+_LIFE: Final = struct.Struct("<dI")
+
+
+class Op(enum.IntEnum):
+    PUT = 1
+    TOUCH = 2
+    DELETE = 3
+    END = 4
+
+
+@attrs.frozen
+class Record:
+    op: Op
+    sid: str
+    expires_at: float = 0.0
+    ttl_s: int = 0
+    data: bytes = b""
+
+
+def encode(op: Op, sid: str, expires_at: float = 0.0, ttl_s: int = 0, data: bytes = b"") -> bytes:
+    raw_sid = sid.encode("ascii")
+    body = _OP_SID.pack(op, len(raw_sid)) + raw_sid
+    if op is Op.PUT or op is Op.TOUCH:
+        body += _LIFE.pack(expires_at, ttl_s) + data
+    return _HEAD.pack(len(body), zlib.crc32(body)) + body
+
+
+def encode_put(sid: str, expires_at: float, ttl_s: int, data: bytes) -> bytes:
+    raw_sid = sid.encode("ascii")
+    body = b"".join(
+        (_OP_SID.pack(Op.PUT, len(raw_sid)), raw_sid, _LIFE.pack(expires_at, ttl_s), data)
+    )
+    return _HEAD.pack(len(body), zlib.crc32(body)) + body
+
+
+class Damage(enum.Enum):
+    NONE = "none"
+    TORN_TAIL = "torn tail"
+    CORRUPT = "corrupt"
+
+
+@attrs.frozen
+class ScanResult:
+    """Where scanning stopped and why.  ``good_end`` is the offset just past
+    the last good record; ``damage_at`` the offset of the bad one."""
+
+    damage: Damage
+    good_end: int
+    damage_at: int = -1
+    reason: str = ""
+
+
+class _Bad(Exception):
+    pass
+
+
+def _decode_body(body: bytes) -> Record:
+    if len(body) < _OP_SID.size:
+        raise _Bad("record too short")
+    op_value, sid_len = _OP_SID.unpack_from(body)
+    try:
+        op = Op(op_value)
+    except ValueError:
+        raise _Bad(f"unknown record type {op_value}") from None
+    pos = _OP_SID.size
+    sid_raw = body[pos : pos + sid_len]
+    if len(sid_raw) != sid_len:
+        raise _Bad("record too short for its session id")
+    sid = sid_raw.decode("ascii", "replace")
+    pos += sid_len
+    if op is Op.PUT or op is Op.TOUCH:
+        if len(body) < pos + _LIFE.size:
+            raise _Bad("record too short for its lifetime")
+        expires_at, ttl_s = _LIFE.unpack_from(body, pos)
+        data = body[pos + _LIFE.size :] if op is Op.PUT else b""
+        return Record(op, sid, expires_at, ttl_s, data)
+    if len(body) != pos:
+        raise _Bad("trailing bytes in record")
+    return Record(op, sid)
+
+
+def scan(buf: bytes | memoryview, start: int, emit: Callable[[Record], None]) -> ScanResult:
+    """Decode records from ``buf[start:]``, passing each to ``emit``, until the end or
+    the first bad record, and say which it was (see module doc)."""
+    view = memoryview(buf)
+    end = len(view)
+    pos = start
+    head = _HEAD.size
+    while pos < end:
+        if end - pos < head:
+            return _tail_or_corrupt(view, pos, end, "incomplete record header")
+        length, crc = _HEAD.unpack_from(view, pos)
+        if length > MAX_BODY_BYTES or length < _OP_SID.size:
+            return _tail_or_corrupt(view, pos, end, f"impossible record length {length}")
+        body_end = pos + head + length
+        if body_end > end:
+            return _tail_or_corrupt(view, pos, end, "record cut short")
+        body = bytes(view[pos + head : body_end])
+        if zlib.crc32(body) != crc:
+            return _tail_or_corrupt(view, pos, end, "checksum mismatch", body_end)
+        try:
+            record = _decode_body(body)
+        except _Bad as exc:
+            return ScanResult(Damage.CORRUPT, pos, pos, str(exc))
+        emit(record)
+        pos = body_end
+    return ScanResult(Damage.NONE, pos)
+
+
+def _tail_or_corrupt(
+    view: memoryview, pos: int, end: int, reason: str, record_end: int | None = None
+) -> ScanResult:
+    # A torn append leaves an incomplete or bad last record, perhaps followed
+    # by zeros; anything else after it means damage in the middle.
+    after = record_end if record_end is not None and record_end <= end else end
+    if not any(view[after:end]):
+        return ScanResult(Damage.TORN_TAIL, pos, pos, reason)
+    return ScanResult(Damage.CORRUPT, pos, pos, reason)
+
+
+def resync(
+    buf: bytes | memoryview, start: int, emit: Callable[[Record], None]
+) -> tuple[int, list[int]]:
+    """Recovery scan: keep every record whose checksum holds, stepping over bad
+    ones whose length field is intact.  Returns (end offset, bad offsets)."""
+    view = memoryview(buf)
+    end = len(view)
+    pos = start
+    bad: list[int] = []
+    while pos + _HEAD.size <= end:
+        length, crc = _HEAD.unpack_from(view, pos)
+        body_end = pos + _HEAD.size + length
+        if length > MAX_BODY_BYTES or body_end > end:
+            bad.append(pos)
+            break
+        body = bytes(view[pos + _HEAD.size : body_end])
+        if zlib.crc32(body) == crc:
+            try:
+                record = _decode_body(body)
+            except _Bad:
+                bad.append(pos)
+            else:
+                emit(record)
+        else:
+            bad.append(pos)
+        pos = body_end
+    return pos, bad
+
+
+def iter_snapshot_records(
+    entries: Iterator[tuple[str, float, int, bytes]],
+) -> Iterator[bytes]:
+    """The records of a snapshot of ``(sid, expires_at, ttl_s, data)``."""
+    count = 0
+    for sid, expires_at, ttl_s, data in entries:
+        count += 1
+        yield encode_put(sid, expires_at, ttl_s, data)
+    yield encode(Op.END, str(count))

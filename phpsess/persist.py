@@ -1,0 +1,597 @@
+"""Durability: the data directory, restore on start, the journal writer with
+its fsync policy, and background compaction into snapshots.
+
+Files in the data directory (``G`` is a generation number, six digits):
+
+- ``lock``: ``flock``ed by the daemon using the directory (holds its pid);
+- ``snapshot-G.psnap``: every live session at the moment generation G began;
+- ``journal-G.pjnl``: every change (write, touch, destroy, expiry) since then;
+- ``*.tmp``: a snapshot being written; ignored and removed on start.
+
+Restore = the newest snapshot S, then journals S, S+1, ... in order.
+Compaction starts journal G+1 and, at the same instant in the event loop,
+takes a copy of the store (cheap: entries are immutable and shared); the
+pending tail of journal G is written and fsynced; then a thread writes the
+copy as snapshot G+1 (tmp, fsync, rename, fsync directory) while requests go
+on being journaled into G+1; last, generation G's files are deleted.  A crash
+at any point leaves a directory that restores to the same sessions.
+
+Fsync policies (what an acknowledged write survives; README has the table):
+
+- ``always``: the reply is sent after the change is fsynced (group commit:
+  one fsync covers every change that arrived meanwhile);
+- ``interval``: the reply is sent after the change is written to the kernel
+  (it survives any crash of the daemon), and fsync runs at most every
+  ``fsync_interval_s`` (an OS crash or power loss loses at most that much);
+- ``never``: the reply is not delayed; changes reach the kernel within
+  milliseconds and the OS flushes when it likes.
+
+Disk I/O runs in worker threads; the event loop never waits on the disk
+except where the policy says a reply must.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Final
+
+import attrs
+import trio
+
+from phpsess import journal as j
+from phpsess.store import Entry
+
+log = logging.getLogger("phpsess")
+
+FSYNC_POLICIES: Final = ("always", "interval", "never")
+DEFAULT_DATA_DIR: Final = "/var/lib/phpsess"
+# Compact when the journal is larger than the live data, but not for less.
+MIN_COMPACT_BYTES: Final = 8 * 1024 * 1024
+_WRITE_CHUNK: Final = 1 << 20
+_NAME_RE: Final = re.compile(r"(snapshot|journal)-(\d{6,})\.(psnap|pjnl)\Z")
+
+
+@attrs.frozen
+class PersistConfig:
+    data_dir: str = DEFAULT_DATA_DIR
+    fsync: str = "interval"
+    fsync_interval_s: float = 0.2
+    min_compact_bytes: int = MIN_COMPACT_BYTES
+
+    def __attrs_post_init__(self) -> None:
+        if self.fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
+        if not self.fsync_interval_s > 0:
+            raise ValueError("fsync interval must be positive")
+
+
+class DataDirError(Exception):
+    """The data directory cannot be used; the message says why and what to do."""
+
+
+@attrs.define
+class Restored:
+    # sid -> (data, wall-clock expiry, ttl_s)
+    sessions: dict[str, tuple[bytes, float, int]]
+    expired: int = 0
+    files: int = 0
+    torn: list[str] = attrs.Factory(list)
+    seconds: float = 0.0
+
+
+def snapshot_name(gen: int) -> str:
+    return f"snapshot-{gen:06d}.psnap"
+
+
+def journal_name(gen: int) -> str:
+    return f"journal-{gen:06d}.pjnl"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _generations(path: str) -> tuple[list[int], list[int]]:
+    snapshots: list[int] = []
+    journals: list[int] = []
+    for name in os.listdir(path):
+        match = _NAME_RE.match(name)
+        if match is None:
+            continue
+        gen = int(match.group(2))
+        (snapshots if match.group(1) == "snapshot" else journals).append(gen)
+    return sorted(snapshots), sorted(journals)
+
+
+def _recovery_hint(path: str) -> str:
+    return (
+        f"phpsess will not drop sessions silently. Keep a copy of {path}, then either "
+        "restore the file from a backup, or run `phpsess repair --data-dir "
+        f"{path}` to keep every intact record (sessions in the damaged part are lost)"
+    )
+
+
+class _Apply:
+    """Replays records into a dict, dropping what has expired by ``wall_now``."""
+
+    def __init__(self, wall_now: float) -> None:
+        self.sessions: dict[str, tuple[bytes, float, int]] = {}
+        self.wall_now = wall_now
+        self.expired = 0
+        self.end_count: int | None = None
+        self.puts = 0
+
+    def __call__(self, record: j.Record) -> None:
+        op = record.op
+        if op is j.Op.PUT:
+            self.puts += 1
+            if record.expires_at > self.wall_now:
+                self.sessions[record.sid] = (record.data, record.expires_at, record.ttl_s)
+            else:
+                self.sessions.pop(record.sid, None)
+                self.expired += 1
+        elif op is j.Op.TOUCH:
+            old = self.sessions.get(record.sid)
+            if old is not None:
+                if record.expires_at > self.wall_now:
+                    self.sessions[record.sid] = (old[0], record.expires_at, record.ttl_s)
+                else:
+                    del self.sessions[record.sid]
+                    self.expired += 1
+        elif op is j.Op.DELETE:
+            self.sessions.pop(record.sid, None)
+        else:
+            self.end_count = int(record.sid) if record.sid.isdigit() else -1
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def restore(data_dir: str, wall_now: float) -> tuple[Restored, int]:
+    """Read the data directory; return the sessions alive at ``wall_now`` and
+    the generation to append to.  Truncates a torn journal tail (and says so
+    in ``Restored.torn``); raises :class:`DataDirError` on real damage."""
+    started = time.monotonic()
+    snapshots, journals = _generations(data_dir)
+    for name in os.listdir(data_dir):
+        if name.endswith(".tmp"):
+            os.unlink(os.path.join(data_dir, name))  # an unfinished snapshot
+    apply = _Apply(wall_now)
+    result = Restored({})
+    base = snapshots[-1] if snapshots else (journals[0] if journals else 1)
+    if snapshots:
+        path = os.path.join(data_dir, snapshot_name(base))
+        buf = _read_file(path)
+        if not buf.startswith(j.SNAPSHOT_MAGIC):
+            raise DataDirError(
+                f"{path} is not a phpsess snapshot (bad header at offset 0). "
+                + _recovery_hint(data_dir)
+            )
+        scanned = j.scan(buf, len(j.SNAPSHOT_MAGIC), apply)
+        if scanned.damage is not j.Damage.NONE:
+            raise DataDirError(
+                f"snapshot {path} is damaged at offset {scanned.damage_at} "
+                f"({scanned.reason}). " + _recovery_hint(data_dir)
+            )
+        if apply.end_count is None or apply.end_count != apply.puts:
+            raise DataDirError(
+                f"snapshot {path} is incomplete (no valid trailer at offset "
+                f"{scanned.good_end}). " + _recovery_hint(data_dir)
+            )
+        result.files += 1
+        del buf
+    for gen in journals:
+        if gen < base:
+            continue
+        path = os.path.join(data_dir, journal_name(gen))
+        buf = _read_file(path)
+        if len(buf) < len(j.JOURNAL_MAGIC) and j.JOURNAL_MAGIC.startswith(buf):
+            # Crashed while creating it: nothing was ever journaled there.
+            _truncate(path, 0)
+            result.torn.append(f"{path}: incomplete header, emptied")
+            continue
+        if not buf.startswith(j.JOURNAL_MAGIC):
+            raise DataDirError(
+                f"{path} is not a phpsess journal (bad header at offset 0). "
+                + _recovery_hint(data_dir)
+            )
+        scanned = j.scan(buf, len(j.JOURNAL_MAGIC), apply)
+        if scanned.damage is j.Damage.CORRUPT:
+            raise DataDirError(
+                f"journal {path} is damaged at offset {scanned.damage_at} "
+                f"({scanned.reason}) and data follows it. " + _recovery_hint(data_dir)
+            )
+        if scanned.damage is j.Damage.TORN_TAIL:
+            dropped = len(buf) - scanned.good_end
+            _truncate(path, scanned.good_end)
+            result.torn.append(
+                f"{path}: torn last record at offset {scanned.damage_at} "
+                f"({scanned.reason}); truncated {dropped} bytes"
+            )
+        result.files += 1
+    # Files of older generations are leftovers of an interrupted compaction.
+    for gen in snapshots:
+        if gen < base:
+            os.unlink(os.path.join(data_dir, snapshot_name(gen)))
+    for gen in journals:
+        if gen < base:
+            os.unlink(os.path.join(data_dir, journal_name(gen)))
+    current = max([base, *[g for g in journals if g >= base]])
+    result.sessions = apply.sessions
+    result.expired = apply.expired
+    result.seconds = time.monotonic() - started
+    return result, current
+
+
+def _truncate(path: str, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def repair(data_dir: str) -> list[str]:
+    """Rewrite damaged files keeping every intact record; the originals are
+    moved to ``damaged-<time>/``.  Returns what was done, for the operator."""
+    done: list[str] = []
+    snapshots, journals = _generations(data_dir)
+    keep = os.path.join(data_dir, f"damaged-{int(time.time())}")
+    for kind, gens in (("snapshot", snapshots), ("journal", journals)):
+        for gen in gens:
+            name = snapshot_name(gen) if kind == "snapshot" else journal_name(gen)
+            path = os.path.join(data_dir, name)
+            buf = _read_file(path)
+            magic = j.SNAPSHOT_MAGIC if kind == "snapshot" else j.JOURNAL_MAGIC
+            records: list[j.Record] = []
+            start = len(magic) if buf.startswith(magic) else 0
+            _, bad = j.resync(buf, start, records.append)
+            puts = [r for r in records if r.op is not j.Op.END]
+            ends = [r for r in records if r.op is j.Op.END]
+            complete = kind == "journal" or (len(ends) == 1 and int(ends[0].sid) == len(puts))
+            if not bad and start and complete:
+                continue
+            os.makedirs(keep, exist_ok=True)
+            os.replace(path, os.path.join(keep, name))
+            tmp = path + ".repair"
+            with open(tmp, "wb") as out:
+                out.write(magic)
+                for r in puts:
+                    out.write(j.encode(r.op, r.sid, r.expires_at, r.ttl_s, r.data))
+                if kind == "snapshot":
+                    out.write(j.encode(j.Op.END, str(len(puts))))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+            done.append(
+                f"{name}: kept {len(puts)} intact records, dropped damaged records at "
+                f"offsets {bad or ['(missing trailer)']}; original in {keep}"
+            )
+    if done:
+        _fsync_dir(data_dir)
+    return done
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``DIR/lock`` so two daemons never share a directory."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.path = os.path.join(data_dir, "lock")
+        self._fd = -1
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataDirError(
+                f"{os.path.dirname(self.path)} is in use by another phpsess daemon "
+                f"(pid {holder}); stop it, or give this one its own --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+SnapshotSource = Callable[[], Iterator[tuple[str, float, int, bytes]]]
+
+
+class Persister:
+    """The journal writer (see module doc).  Event-loop side: :meth:`submit`
+    and :meth:`wait_durable`; :meth:`run` is the writer task."""
+
+    def __init__(self, config: PersistConfig) -> None:
+        self.config = config
+        self.dir = config.data_dir
+        self._lock = DataDirLock(self.dir)
+        self._pending: list[bytes] = []
+        self.submitted = 0  # sequence number of the last submitted batch
+        self.written = 0  # ... handed to the kernel
+        self.synced = 0  # ... fsynced
+        self._work = trio.Event()
+        self._progress = trio.Event()
+        self._fd = -1
+        self.gen = 0
+        self.journal_bytes = 0
+        self._last_sync = 0.0
+        self._compacting = False
+        self._failed: BaseException | None = None
+        self.fsyncs_total = 0
+        self.fsync_seconds_total = 0.0
+        self.compactions_total = 0
+
+    # -- start
+
+    def open(self, wall_now: float) -> Restored:
+        """Lock the directory, restore, open the journal.  Blocking: run it
+        in a thread before serving."""
+        try:
+            os.makedirs(self.dir, mode=0o750, exist_ok=True)
+        except OSError as exc:
+            raise DataDirError(
+                f"cannot create data directory {self.dir}: {exc.strerror}; choose "
+                "another with --data-dir"
+            ) from exc
+        self._lock.acquire()
+        try:
+            restored, self.gen = restore(self.dir, wall_now)
+            self._open_journal(self.gen)
+        except BaseException:
+            self._lock.release()
+            raise
+        return restored
+
+    def _open_journal(self, gen: int) -> None:
+        path = os.path.join(self.dir, journal_name(gen))
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        size = os.fstat(fd).st_size
+        if size == 0:
+            _write_all(fd, j.JOURNAL_MAGIC)
+            os.fsync(fd)
+            _fsync_dir(self.dir)
+            size = len(j.JOURNAL_MAGIC)
+        self._fd = fd
+        self.journal_bytes = size
+
+    # -- event loop side
+
+    def submit(self, changes: list[tuple[j.Op, str, int, bytes]], wall_now: float) -> int:
+        """Queue changes for the journal; returns their sequence number."""
+        pending = self._pending
+        for op, sid, ttl_s, data in changes:
+            if op is j.Op.PUT:
+                pending.append(j.encode_put(sid, wall_now + ttl_s, ttl_s, data))
+            elif op is j.Op.TOUCH:
+                pending.append(j.encode(op, sid, wall_now + ttl_s, ttl_s))
+            else:
+                pending.append(j.encode(op, sid))
+        self.submitted += 1
+        self._work.set()
+        return self.submitted
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once change batch ``seq`` is as durable as the policy wants."""
+        policy = self.config.fsync
+        if policy == "never":
+            return
+        while (self.synced if policy == "always" else self.written) < seq:
+            if self._failed is not None:
+                raise self._failed
+            await self._progress.wait()
+
+    # -- writer task
+
+    async def run(
+        self,
+        snapshot_source: Callable[[], SnapshotSource],
+        live_bytes: Callable[[], int],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        policy = self.config.fsync
+        interval = self.config.fsync_interval_s
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                if not self._pending:
+                    deadline = math.inf
+                    if policy == "interval" and self.synced < self.written:
+                        deadline = self._last_sync + interval
+                    with trio.move_on_at(deadline):
+                        await self._work.wait()
+                    self._work = trio.Event()
+                try:
+                    await self._write_round(policy, interval)
+                except OSError as exc:
+                    # A disk that fails is not a reason to lie to PHP: waiters
+                    # get the error, and the daemon stops (systemd restarts it).
+                    log.critical("event=journal_write_failed error=%s", exc)
+                    self._failed = exc
+                    self._progress.set()
+                    raise
+                limit = max(self.config.min_compact_bytes, live_bytes())
+                if self.journal_bytes > limit and not self._compacting:
+                    self._compacting = True
+                    source = await self._switch_generation(snapshot_source)
+                    nursery.start_soon(self._write_snapshot, source, self.gen)
+
+    async def _write_round(self, policy: str, interval: float) -> None:
+        now = trio.current_time()
+        if self._pending:
+            buf = b"".join(self._pending)
+            self._pending = []
+            seq = self.submitted
+            due = now - self._last_sync >= interval
+            sync = policy == "always" or (policy == "interval" and due)
+            await trio.to_thread.run_sync(self._append, buf, sync, abandon_on_cancel=False)
+            self.journal_bytes += len(buf)
+            self.written = seq
+            if sync:
+                self.synced = seq
+                self._last_sync = now
+        elif policy == "interval" and self.synced < self.written:
+            seq = self.written
+            await trio.to_thread.run_sync(self._fsync, abandon_on_cancel=False)
+            self.synced = seq
+            self._last_sync = now
+        else:
+            return
+        self._progress.set()
+        self._progress = trio.Event()
+
+    def _append(self, buf: bytes, sync: bool) -> None:
+        _write_all(self._fd, buf)
+        if sync:
+            self._fsync()
+
+    def _fsync(self) -> None:
+        started = time.monotonic()
+        os.fdatasync(self._fd)
+        self.fsyncs_total += 1
+        self.fsync_seconds_total += time.monotonic() - started
+
+    async def _switch_generation(
+        self, snapshot_source: Callable[[], SnapshotSource]
+    ) -> SnapshotSource:
+        """Start journal G+1 at one instant of the event loop (module doc)."""
+        new_gen = self.gen + 1
+        new_path = os.path.join(self.dir, journal_name(new_gen))
+
+        def create() -> int:
+            fd = os.open(new_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
+            _write_all(fd, j.JOURNAL_MAGIC)
+            os.fsync(fd)
+            _fsync_dir(self.dir)
+            return fd
+
+        new_fd = await trio.to_thread.run_sync(create, abandon_on_cancel=False)
+        # -- one instant: everything before is in G (or its pending tail), after in G+1.
+        tail = b"".join(self._pending)
+        self._pending = []
+        seq = self.submitted
+        source = snapshot_source()
+        old_fd = self._fd
+        self._fd = new_fd
+        self.gen = new_gen
+        self.journal_bytes = len(j.JOURNAL_MAGIC)
+        # --
+
+        def finish_old() -> None:
+            _write_all(old_fd, tail)
+            os.fsync(old_fd)
+            os.close(old_fd)
+
+        await trio.to_thread.run_sync(finish_old, abandon_on_cancel=False)
+        self.written = max(self.written, seq)
+        self.synced = max(self.synced, seq)
+        self._progress.set()
+        self._progress = trio.Event()
+        return source
+
+    async def _write_snapshot(self, source: SnapshotSource, gen: int) -> None:
+        started = time.monotonic()
+        try:
+            count = await trio.to_thread.run_sync(
+                self._write_snapshot_sync, source, gen, abandon_on_cancel=False
+            )
+        except OSError as exc:
+            log.error("event=snapshot_failed generation=%d error=%s", gen, exc)
+            return
+        finally:
+            self._compacting = False
+        self.compactions_total += 1
+        log.info(
+            "event=compacted generation=%d sessions=%d seconds=%.3f",
+            gen,
+            count,
+            time.monotonic() - started,
+        )
+
+    def _write_snapshot_sync(self, source: SnapshotSource, gen: int) -> int:
+        path = os.path.join(self.dir, snapshot_name(gen))
+        tmp = path + ".tmp"
+        count = 0
+        with open(tmp, "wb") as out:
+            out.write(j.SNAPSHOT_MAGIC)
+            chunk: list[bytes] = []
+            size = 0
+            for record in j.iter_snapshot_records(source()):
+                chunk.append(record)
+                size += len(record)
+                count += 1
+                if size >= _WRITE_CHUNK:
+                    out.write(b"".join(chunk))
+                    chunk, size = [], 0
+            out.write(b"".join(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(self.dir)
+        snapshots, journals = _generations(self.dir)
+        for old in snapshots:
+            if old < gen:
+                os.unlink(os.path.join(self.dir, snapshot_name(old)))
+        for old in journals:
+            if old < gen:
+                os.unlink(os.path.join(self.dir, journal_name(old)))
+        return count - 1  # the END record
+
+    async def close(self) -> None:
+        """Write and fsync everything submitted; release the directory."""
+        if self._fd >= 0:
+            buf = b"".join(self._pending)
+            self._pending = []
+            seq = self.submitted
+
+            def final() -> None:
+                _write_all(self._fd, buf)
+                os.fsync(self._fd)
+                os.close(self._fd)
+
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(final)
+            self._fd = -1
+            self.written = self.synced = seq
+            self._progress.set()
+        self._lock.release()
+
+
+def store_snapshot_source(
+    entries: dict[str, Entry], mono_now: float, wall_now: float
+) -> SnapshotSource:
+    """Turn a copy of the store into the snapshot's wall-clock records."""
+    offset = wall_now - mono_now
+
+    def generate() -> Iterator[tuple[str, float, int, bytes]]:
+        for sid, entry in entries.items():
+            yield sid, entry.expires_at + offset, entry.ttl_s, entry.data
+
+    return generate
+

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from phpsess import logs
 from phpsess.addresses import DEFAULT_LISTEN, AddressError, parse_address
 from phpsess.engine import VERSION, Limits
-from phpsess.persist import DEFAULT_DATA_DIR, FSYNC_POLICIES, PersistConfig
+from phpsess.persist import DEFAULT_DATA_DIR, FSYNC_POLICIES, MIN_COMPACT_BYTES, PersistConfig
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --fsync interval, fsync at most this often (default: 200)",
     )
     serve.add_argument(
+        "--compact-min-bytes", type=_positive_int, default=MIN_COMPACT_BYTES, metavar="N",
+        help="compact the journal into a snapshot once it is larger than the live data "
+        "and than N bytes (default: 8 MiB)",
+    )
+    serve.add_argument(
         "--memory-only", action="store_true",
         help="keep sessions in memory only: a restart loses them all",
     )
@@ -152,6 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
             data_dir=os.path.abspath(args.data_dir),
             fsync=args.fsync,
             fsync_interval_s=args.fsync_interval_ms / 1000,
+            min_compact_bytes=args.compact_min_bytes,
         )
     config = ServerConfig(
         listen=listen,

@@ -1,0 +1,232 @@
+"""Durability with real processes: kill -9 under a PHP write load, SIGTERM,
+torn and corrupted files, expiry across restarts, the data-dir lock."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phpsess import protocol as p
+from phpsess.client import Client
+from tests.conftest import PREPEND, ROOT, Daemon, php_binary
+
+WRITER = Path(__file__).parent / "php" / "writer.php"
+
+
+def _writer(daemon: Daemon, sid: str, count: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [php_binary(), "-d", "display_errors=stderr", "-d", "session.use_cookies=0",
+         "-d", "session.cache_limiter=", "-d", f"auto_prepend_file={PREPEND}",
+         "-d", f"phpsess.address={daemon.php_address}", str(WRITER), sid, str(count)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _stored_counter(daemon: Daemon, sid: str) -> int:
+    with Client(daemon.address) as c:
+        reply = c.request(p.Read(sid, lock=False))
+    if reply == p.MISS:
+        return 0
+    assert isinstance(reply, p.Data), reply
+    match = re.fullmatch(rb"n\|i:(\d+);", reply.data)
+    assert match, reply.data
+    return int(match.group(1))
+
+
+@pytest.mark.parametrize("policy", ["always", "interval"])
+def test_kill_9_during_php_write_load_loses_no_acknowledged_write(
+    policy: str, start_daemon: Any
+) -> None:
+    daemon: Daemon = start_daemon("--fsync", policy)
+    rng = random.Random(policy)
+    sids = [f"durable{policy}{i}x0123456789" for i in range(4)]
+    acked = dict.fromkeys(sids, 0)
+    rounds = 20
+    for _ in range(rounds):
+        writers = {sid: _writer(daemon, sid, 100000) for sid in sids}
+        time.sleep(rng.uniform(0.05, 0.4))
+        daemon.kill9()
+        for sid, proc in writers.items():
+            out, _ = proc.communicate(timeout=30)
+            acks = [int(line.split()[1]) for line in out.splitlines() if line.startswith("ack ")]
+            if acks:
+                acked[sid] = acks[-1]
+        daemon.start()
+        for sid in sids:
+            stored = _stored_counter(daemon, sid)
+            # Every acknowledged write is there; at most the one write in
+            # flight at the kill may be there too, unacknowledged.
+            assert acked[sid] <= stored <= acked[sid] + 1, (sid, acked[sid], stored)
+            acked[sid] = stored  # the next round's writers carry on from it
+    print(f"acknowledged increments after {rounds} kill -9 rounds: {acked}")
+    assert sum(acked.values()) > rounds  # the load really wrote
+    assert daemon.log().count("event=restored") == rounds + 1
+
+
+def test_locks_held_at_the_crash_are_free_and_expired_sessions_stay_gone(daemon: Daemon) -> None:
+    with Client(daemon.address) as c:
+        assert c.request(p.Write("short", 1, b"bye")) == p.OK
+        assert c.request(p.Write("long", 3600, b"stays")) == p.OK
+        assert c.request(p.Read("long")) == p.Data(b"stays")  # held at the crash
+        daemon.kill9()
+    time.sleep(1.2)  # "short" expires while the daemon is down
+    daemon.start()
+    with Client(daemon.address, wait_ms=0) as c:
+        assert c.request(p.Read("long")) == p.Data(b"stays")  # not locked any more
+        assert c.request(p.Read("short", lock=False)) == p.MISS
+        got = c.request(p.Get("long"))
+        assert isinstance(got, p.Data)
+        assert 3_590_000 < int(got.tokens[0]) <= 3_600_000  # remaining lifetime kept
+    assert "expired_while_down=1" in daemon.log()
+
+
+@pytest.mark.parametrize("policy", ["always", "interval", "never"])
+def test_sigterm_then_restart_loses_nothing(policy: str, start_daemon: Any) -> None:
+    daemon: Daemon = start_daemon("--fsync", policy)
+    with Client(daemon.address) as c:
+        for i in range(300):
+            assert c.request(p.Write(f"s{i}", 600, os.urandom(i))) == p.OK
+        for i in range(0, 300, 3):
+            assert c.request(p.Destroy(f"s{i}")) == p.OK
+        assert c.request(p.Touch("s1", 60)) == p.OK
+    expected = {f"s{i}": None for i in range(300) if i % 3}
+    with Client(daemon.address) as c:
+        for sid in expected:
+            reply = c.request(p.Read(sid, lock=False))
+            assert isinstance(reply, p.Data)
+            expected[sid] = reply.data  # type: ignore[assignment]
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    daemon.start()
+    with Client(daemon.address) as c:
+        for i in range(300):
+            reply = c.request(p.Read(f"s{i}", lock=False))
+            if f"s{i}" in expected:
+                assert reply == p.Data(expected[f"s{i}"]), i  # type: ignore[arg-type]
+            else:
+                assert reply == p.MISS, i
+        got = c.request(p.Get("s1"))
+        assert isinstance(got, p.Data) and int(got.tokens[0]) <= 60_000
+
+
+def _journal(daemon: Daemon) -> Path:
+    journals = sorted(daemon.data_dir.glob("journal-*.pjnl"))
+    return journals[-1]
+
+
+@pytest.mark.parametrize("tail", [b"\x40\x00\x00\x00\x12\x34", b"\x00" * 100, b"half"])
+def test_torn_journal_tail_is_truncated_and_logged(tail: bytes, daemon: Daemon) -> None:
+    with Client(daemon.address) as c:
+        assert c.request(p.Write("kept", 600, b"intact")) == p.OK
+    daemon.stop()
+    journal = _journal(daemon)
+    size = journal.stat().st_size
+    with open(journal, "ab") as f:
+        f.write(tail)  # a crash in the middle of an append
+    daemon.start()
+    assert "event=journal_torn_tail" in daemon.log()
+    assert journal.stat().st_size == size
+    with Client(daemon.address) as c:
+        assert c.request(p.Read("kept", lock=False)) == p.Data(b"intact")
+        assert c.request(p.Write("after", 600, b"ok")) == p.OK
+    daemon.stop()
+    daemon.start()
+    with Client(daemon.address) as c:
+        assert c.request(p.Read("after", lock=False)) == p.Data(b"ok")
+
+
+def _start_fails(daemon: Daemon) -> str:
+    with pytest.raises(RuntimeError) as info:
+        daemon.start()
+    assert daemon.proc is not None and daemon.proc.returncode == 1
+    return str(info.value)
+
+
+def _repair(daemon: Daemon) -> str:
+    proc = subprocess.run(
+        [os.sys.executable, "-m", "phpsess", "repair", "--data-dir", str(daemon.data_dir)],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_corruption_inside_the_journal_stops_the_start_and_repair_keeps_the_rest(
+    daemon: Daemon,
+) -> None:
+    with Client(daemon.address) as c:
+        for i in range(10):
+            assert c.request(p.Write(f"j{i}", 600, b"value-%d" % i)) == p.OK
+    daemon.stop()
+    journal = _journal(daemon)
+    raw = bytearray(journal.read_bytes())
+    offset = raw.index(b"value-4")
+    raw[offset] ^= 0xFF
+    journal.write_bytes(bytes(raw))
+    message = _start_fails(daemon)
+    assert str(journal) in message and "damaged at offset" in message
+    assert "phpsess repair" in message
+    report = _repair(daemon)
+    assert "kept 9 intact records" in report
+    daemon.start()
+    with Client(daemon.address) as c:
+        for i in range(10):
+            reply = c.request(p.Read(f"j{i}", lock=False))
+            assert reply == (p.MISS if i == 4 else p.Data(b"value-%d" % i))
+
+
+def test_compaction_bounds_disk_and_a_corrupted_snapshot_byte_stops_the_start(
+    start_daemon: Any,
+) -> None:
+    daemon: Daemon = start_daemon("--compact-min-bytes", "200000")
+    value = os.urandom(1000)
+    with Client(daemon.address) as c:
+        for rnd in range(30):  # 30 x 100 sessions x 1 KB: 3 MB of journal
+            for i in range(100):
+                assert c.request(p.Write(f"c{i}", 600, value + bytes([rnd]))) == p.OK
+    deadline = time.monotonic() + 20
+    while "event=compacted" not in daemon.log():
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.05)
+    daemon.stop()
+    files = list(daemon.data_dir.glob("*.p*"))
+    disk = sum(f.stat().st_size for f in files)
+    live = 100 * 1001
+    assert disk < 2 * live + 200_000 + 50_000, (disk, [f.name for f in files])
+    daemon.start()
+    with Client(daemon.address) as c:
+        for i in range(100):
+            assert c.request(p.Read(f"c{i}", lock=False)) == p.Data(value + bytes([29]))
+    daemon.stop()
+    snapshot = sorted(daemon.data_dir.glob("snapshot-*.psnap"))[-1]
+    raw = bytearray(snapshot.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    snapshot.write_bytes(bytes(raw))
+    message = _start_fails(daemon)
+    assert str(snapshot) in message and "damaged at offset" in message
+    _repair(daemon)
+    daemon.start()
+    with Client(daemon.address) as c:
+        found = sum(
+            c.request(p.Read(f"c{i}", lock=False)) == p.Data(value + bytes([29]))
+            for i in range(100)
+        )
+    assert found >= 99  # only the session in the damaged record is lost
+
+
+def test_a_second_daemon_cannot_use_the_same_data_dir(daemon: Daemon, start_daemon: Any) -> None:
+    other: Daemon | None = None
+    with pytest.raises(RuntimeError) as info:
+        other = start_daemon("--data-dir", str(daemon.data_dir))
+    assert other is None
+    assert "in use by another phpsess daemon" in str(info.value)
+    with Client(daemon.address) as c:
+        assert c.request(p.Ping()) == p.OK

@@ -138,27 +138,26 @@ class _Apply:
         self.end_count: int | None = None
         self.puts = 0
 
-    def __call__(self, record: j.Record) -> None:
-        op = record.op
+    def __call__(self, op: j.Op, sid: str, expires_at: float, ttl_s: int, data: bytes) -> None:
         if op is j.Op.PUT:
             self.puts += 1
-            if record.expires_at > self.wall_now:
-                self.sessions[record.sid] = (record.data, record.expires_at, record.ttl_s)
+            if expires_at > self.wall_now:
+                self.sessions[sid] = (data, expires_at, ttl_s)
             else:
-                self.sessions.pop(record.sid, None)
+                self.sessions.pop(sid, None)
                 self.expired += 1
         elif op is j.Op.TOUCH:
-            old = self.sessions.get(record.sid)
+            old = self.sessions.get(sid)
             if old is not None:
-                if record.expires_at > self.wall_now:
-                    self.sessions[record.sid] = (old[0], record.expires_at, record.ttl_s)
+                if expires_at > self.wall_now:
+                    self.sessions[sid] = (old[0], expires_at, ttl_s)
                 else:
-                    del self.sessions[record.sid]
+                    del self.sessions[sid]
                     self.expired += 1
         elif op is j.Op.DELETE:
-            self.sessions.pop(record.sid, None)
+            self.sessions.pop(sid, None)
         else:
-            self.end_count = int(record.sid) if record.sid.isdigit() else -1
+            self.end_count = int(sid) if sid.isdigit() else -1
 
 
 def _read_file(path: str) -> bytes:

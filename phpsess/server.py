@@ -114,9 +114,12 @@ class Server:
         # Remaining lifetimes carry over; the clocks differ, the durations don't.
         mono_now = trio.current_time()
         wall_now = time.time()
-        store = self.engine.store
-        for sid, (data, wall_expiry, ttl_s) in restored.sessions.items():
-            store.put_until(sid, data, mono_now + (wall_expiry - wall_now), ttl_s)
+        offset = mono_now - wall_now
+        self.engine.store.load(
+            (sid, data, wall_expiry + offset, ttl_s)
+            for sid, (data, wall_expiry, ttl_s) in restored.sessions.items()
+        )
+        restored.sessions.clear()
         log.info(
             "event=restored sessions=%d expired_while_down=%d files=%d seconds=%.3f "
             "data_dir=%s generation=%d",

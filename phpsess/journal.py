@@ -156,7 +156,7 @@ def scan(buf: bytes | memoryview, start: int, emit: Emit) -> ScanResult:
             return _tail_or_corrupt(view, pos, end, "checksum mismatch", body_end)
         op_value, sid_len = unpack_op(view, body_start)
         sid_end = body_start + op_sid + sid_len
-        if op_value == put or op_value == touch:
+        if op_value in (put, touch):
             if sid_end + life > body_end:
                 return ScanResult(Damage.CORRUPT, pos, pos, "record too short for its lifetime")
             expires_at, ttl_s = unpack_life(view, sid_end)

@@ -32,9 +32,11 @@ except where the policy says a reply must.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import math
+import mmap
 import os
 import re
 import time
@@ -77,8 +79,8 @@ class DataDirError(Exception):
 
 @attrs.define
 class Restored:
-    # sid -> (data, wall-clock expiry, ttl_s)
-    sessions: dict[str, tuple[bytes, float, int]]
+    # sid -> entry, its expiry on the clock restore() was given
+    sessions: dict[str, Entry]
     expired: int = 0
     files: int = 0
     torn: list[str] = attrs.Factory(list)
@@ -129,11 +131,13 @@ def _recovery_hint(path: str) -> str:
 
 
 class _Apply:
-    """Replays records into a dict, dropping what has expired by ``wall_now``."""
+    """Replays records into store entries, dropping what has expired by
+    ``wall_now``; expiries are moved to the store's clock by ``offset``."""
 
-    def __init__(self, wall_now: float) -> None:
-        self.sessions: dict[str, tuple[bytes, float, int]] = {}
+    def __init__(self, wall_now: float, offset: float) -> None:
+        self.sessions: dict[str, Entry] = {}
         self.wall_now = wall_now
+        self.offset = offset
         self.expired = 0
         self.end_count: int | None = None
         self.puts = 0
@@ -142,7 +146,7 @@ class _Apply:
         if op is j.Op.PUT:
             self.puts += 1
             if expires_at > self.wall_now:
-                self.sessions[sid] = (data, expires_at, ttl_s)
+                self.sessions[sid] = Entry(data, expires_at + self.offset, ttl_s)
             else:
                 self.sessions.pop(sid, None)
                 self.expired += 1
@@ -150,7 +154,7 @@ class _Apply:
             old = self.sessions.get(sid)
             if old is not None:
                 if expires_at > self.wall_now:
-                    self.sessions[sid] = (old[0], expires_at, ttl_s)
+                    self.sessions[sid] = Entry(old[0], expires_at + self.offset, ttl_s)
                 else:
                     del self.sessions[sid]
                     self.expired += 1
@@ -165,27 +169,39 @@ def _read_file(path: str) -> bytes:
         return f.read()
 
 
-def restore(data_dir: str, wall_now: float) -> tuple[Restored, int]:
-    """Read the data directory; return the sessions alive at ``wall_now`` and
-    the generation to append to.  Truncates a torn journal tail (and says so
-    in ``Restored.torn``); raises :class:`DataDirError` on real damage."""
+@contextlib.contextmanager
+def _mapped(path: str) -> Iterator[bytes | mmap.mmap]:
+    """The file's bytes without reading it all into memory at once."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            yield mapped
+
+
+def restore(data_dir: str, wall_now: float, mono_now: float = 0.0) -> tuple[Restored, int]:
+    """Read the data directory; return the sessions alive at ``wall_now``
+    (their expiry moved to the clock that reads ``mono_now`` at that moment)
+    and the generation to append to.  Truncates a torn journal tail (and says
+    so in ``Restored.torn``); raises :class:`DataDirError` on real damage."""
     started = time.monotonic()
     snapshots, journals = _generations(data_dir)
     for name in os.listdir(data_dir):
         if name.endswith(".tmp"):
             os.unlink(os.path.join(data_dir, name))  # an unfinished snapshot
-    apply = _Apply(wall_now)
+    apply = _Apply(wall_now, mono_now - wall_now)
     result = Restored({})
     base = snapshots[-1] if snapshots else (journals[0] if journals else 1)
     if snapshots:
         path = os.path.join(data_dir, snapshot_name(base))
-        buf = _read_file(path)
-        if not buf.startswith(j.SNAPSHOT_MAGIC):
-            raise DataDirError(
-                f"{path} is not a phpsess snapshot (bad header at offset 0). "
-                + _recovery_hint(data_dir)
-            )
-        scanned = j.scan(buf, len(j.SNAPSHOT_MAGIC), apply)
+        with _mapped(path) as buf:
+            if buf[: len(j.SNAPSHOT_MAGIC)] != j.SNAPSHOT_MAGIC:
+                raise DataDirError(
+                    f"{path} is not a phpsess snapshot (bad header at offset 0). "
+                    + _recovery_hint(data_dir)
+                )
+            scanned = j.scan(memoryview(buf), len(j.SNAPSHOT_MAGIC), apply)
         if scanned.damage is not j.Damage.NONE:
             raise DataDirError(
                 f"snapshot {path} is damaged at offset {scanned.damage_at} "
@@ -197,30 +213,34 @@ def restore(data_dir: str, wall_now: float) -> tuple[Restored, int]:
                 f"{scanned.good_end}). " + _recovery_hint(data_dir)
             )
         result.files += 1
-        del buf
     for gen in journals:
         if gen < base:
             continue
         path = os.path.join(data_dir, journal_name(gen))
-        buf = _read_file(path)
-        if len(buf) < len(j.JOURNAL_MAGIC) and j.JOURNAL_MAGIC.startswith(buf):
-            # Crashed while creating it: nothing was ever journaled there.
+        with _mapped(path) as buf:
+            size = len(buf)
+            head = bytes(buf[: len(j.JOURNAL_MAGIC)])
+            if size < len(j.JOURNAL_MAGIC) and j.JOURNAL_MAGIC.startswith(head):
+                found = None  # crashed while creating it: nothing journaled
+            elif head != j.JOURNAL_MAGIC:
+                raise DataDirError(
+                    f"{path} is not a phpsess journal (bad header at offset 0). "
+                    + _recovery_hint(data_dir)
+                )
+            else:
+                found = j.scan(memoryview(buf), len(j.JOURNAL_MAGIC), apply)
+        if found is None:
             _truncate(path, 0)
             result.torn.append(f"{path}: incomplete header, emptied")
             continue
-        if not buf.startswith(j.JOURNAL_MAGIC):
-            raise DataDirError(
-                f"{path} is not a phpsess journal (bad header at offset 0). "
-                + _recovery_hint(data_dir)
-            )
-        scanned = j.scan(buf, len(j.JOURNAL_MAGIC), apply)
+        scanned = found
         if scanned.damage is j.Damage.CORRUPT:
             raise DataDirError(
                 f"journal {path} is damaged at offset {scanned.damage_at} "
                 f"({scanned.reason}) and data follows it. " + _recovery_hint(data_dir)
             )
         if scanned.damage is j.Damage.TORN_TAIL:
-            dropped = len(buf) - scanned.good_end
+            dropped = size - scanned.good_end
             _truncate(path, scanned.good_end)
             result.torn.append(
                 f"{path}: torn last record at offset {scanned.damage_at} "
@@ -348,7 +368,7 @@ class Persister:
 
     # -- start
 
-    def open(self, wall_now: float) -> Restored:
+    def open(self, wall_now: float, mono_now: float) -> Restored:
         """Lock the directory, restore, open the journal.  Blocking: run it
         in a thread before serving."""
         try:
@@ -360,7 +380,7 @@ class Persister:
             ) from exc
         self._lock.acquire()
         try:
-            restored, self.gen = restore(self.dir, wall_now)
+            restored, self.gen = restore(self.dir, wall_now, mono_now)
             self._open_journal(self.gen)
         except BaseException:
             self._lock.release()

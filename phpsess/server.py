@@ -105,25 +105,21 @@ class Server:
                 await self.persister.close()
 
     async def _restore(self, persister: Persister) -> None:
+        # Remaining lifetimes carry over: the clocks differ, the durations don't.
         try:
-            restored = await trio.to_thread.run_sync(persister.open, time.time())
+            restored = await trio.to_thread.run_sync(
+                persister.open, time.time(), trio.current_time()
+            )
         except DataDirError as exc:
             raise StartupError(str(exc)) from exc
         for note in restored.torn:
             log.warning("event=journal_torn_tail detail=%s", note)
-        # Remaining lifetimes carry over; the clocks differ, the durations don't.
-        mono_now = trio.current_time()
-        wall_now = time.time()
-        offset = mono_now - wall_now
-        self.engine.store.load(
-            (sid, data, wall_expiry + offset, ttl_s)
-            for sid, (data, wall_expiry, ttl_s) in restored.sessions.items()
-        )
-        restored.sessions.clear()
+        count = len(restored.sessions)
+        self.engine.store.load(restored.sessions)
         log.info(
             "event=restored sessions=%d expired_while_down=%d files=%d seconds=%.3f "
             "data_dir=%s generation=%d",
-            len(restored.sessions), restored.expired, restored.files, restored.seconds,
+            count, restored.expired, restored.files, restored.seconds,
             persister.dir, persister.gen,
         )
 

@@ -12,9 +12,8 @@ its size stays proportional to the number of sessions.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Final, NamedTuple
-
 
 # Rebuild the expiry heap when it holds this many more items than sessions.
 _HEAP_SLACK: Final = 1024
@@ -69,10 +68,9 @@ class SessionStore:
         self._bytes += len(data)
         self._push(expires_at, sid)
 
-    def load(self, items: Iterable[tuple[str, bytes, float, int]]) -> None:
-        """Bulk insert ``(sid, data, expires_at, ttl_s)`` into an empty store."""
+    def load(self, sessions: dict[str, Entry]) -> None:
+        """Take over ``sessions`` (restored from disk) as the store's content."""
         assert not self._sessions
-        sessions = {sid: Entry(data, exp, ttl) for sid, data, exp, ttl in items}
         self._sessions = sessions
         self._bytes = sum(len(e.data) for e in sessions.values())
         self._heap = [(e.expires_at, sid) for sid, e in sessions.items()]

@@ -369,7 +369,7 @@ class Engine:
             ttl_ms = max(0, int((entry.expires_at - now) * 1000))
             locked = 1 if self.locks.holder(sid) is not None else 0
             lines.append(f"{sid} {len(entry.data)} {ttl_ms} {locked}\n")
-        next_token = page[-1] if more and page else "-"
+        next_token = page[-1] if more and page else "*"
         return p.Data("".join(lines).encode("ascii"), (next_token,))
 
     # -- lock hand-over

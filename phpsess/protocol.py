@@ -423,8 +423,8 @@ def _parse_simple(verb: bytes, args: list[bytes]) -> Request:
         _arity(args, 1, 1, "GET <sid>")
         return Get(_sid_arg(args[0]))
     if verb == b"LIST":
-        _arity(args, 2, 2, "LIST <after|-> <limit>")
-        after = None if args[0] == b"-" else _sid_arg(args[0])
+        _arity(args, 2, 2, "LIST <after|*> <limit>")
+        after = None if args[0] == b"*" else _sid_arg(args[0])
         return List(after, _number(args[1], "limit", 1, MAX_LIST_LIMIT))
     raise _BadRequest(Code.UNKNOWN_VERB, f"unknown verb {_show(verb)}; see PROTOCOL.md section 4")
 
@@ -634,7 +634,7 @@ def encode_request(request: Request) -> bytes:
     if isinstance(request, Get):
         return f"GET {request.sid}\n".encode("ascii")
     assert isinstance(request, List)
-    return f"LIST {request.after or '-'} {request.limit}\n".encode("ascii")
+    return f"LIST {request.after or '*'} {request.limit}\n".encode("ascii")
 
 
 class ReplyError(Exception):

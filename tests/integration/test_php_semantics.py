@@ -146,7 +146,7 @@ def test_invalid_ids_fail_like_files_and_store_nothing(
     assert "warned: true" in got
     with Client(daemon.address) as c:
         listing = c.request(p.List(None, 10))
-        assert listing == p.Data(b"", ("-",))
+        assert listing == p.Data(b"", ("*",))
     assert list((tmp_path / "files").iterdir()) == []
 
 

@@ -31,9 +31,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from phpsess import journal as j  # noqa: E402
-from phpsess import protocol as p  # noqa: E402
-from phpsess.persist import snapshot_name  # noqa: E402
+from phpsess import journal as j
+from phpsess import protocol as p
+from phpsess.persist import snapshot_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,10 +41,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def start(workdir: Path, *args: str) -> tuple[subprocess.Popen[bytes], str, float]:
     sock = str(workdir / "s.sock")
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "phpsess", "serve", "--listen", f"unix:{sock}", *args],
-        cwd=ROOT, stderr=open(workdir / "daemon.log", "ab"),
-    )
+    with open(workdir / "daemon.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "phpsess", "serve", "--listen", f"unix:{sock}", *args],
+            cwd=ROOT, stderr=log,
+        )
     while True:
         if proc.poll() is not None:
             raise SystemExit((workdir / "daemon.log").read_text())
@@ -80,10 +81,11 @@ def bench_restore(workdir: Path, sessions: int) -> tuple[float, float, int]:
     made = time.monotonic() - t
     size = (data / snapshot_name(1)).stat().st_size
     proc, _, ready = start(workdir, "--data-dir", str(data))
-    rss = int(open(f"/proc/{proc.pid}/status").read().split("VmRSS:")[1].split()[0])
+    with open(f"/proc/{proc.pid}/status") as status:
+        rss = int(status.read().split("VmRSS:")[1].split()[0])
     stop(proc)
-    print(f"  made a {size / 2**20:.0f} MiB snapshot in {made:.1f} s; daemon RSS {rss / 1024:.0f} MiB",
-          file=sys.stderr)
+    print(f"  made a {size / 2**20:.0f} MiB snapshot in {made:.1f} s; "
+          f"daemon RSS {rss / 1024:.0f} MiB", file=sys.stderr)
     return ready, size / 2**20, rss
 
 
@@ -148,9 +150,10 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     base = rates["memory only"]
     print()
-    print(f"| restore | sessions | snapshot | time to serving | daemon RSS |")
-    print(f"|---|---:|---:|---:|---:|")
-    print(f"| 1 KiB sessions | {args.sessions:,} | {mib:,.0f} MiB | {ready:.2f} s | {rss / 1024:,.0f} MiB |")
+    print("| restore | sessions | snapshot | time to serving | daemon RSS |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| 1 KiB sessions | {args.sessions:,} | {mib:,.0f} MiB | {ready:.2f} s "
+          f"| {rss / 1024:,.0f} MiB |")
     print()
     print("| persistence | writes/s | ratio to memory only |")
     print("|---|---:|---:|")

@@ -8,6 +8,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,7 @@ def _start_fails(daemon: Daemon) -> str:
 
 def _repair(daemon: Daemon) -> str:
     proc = subprocess.run(
-        [os.sys.executable, "-m", "phpsess", "repair", "--data-dir", str(daemon.data_dir)],
+        [sys.executable, "-m", "phpsess", "repair", "--data-dir", str(daemon.data_dir)],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr

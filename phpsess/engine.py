@@ -217,7 +217,7 @@ class Engine:
                 f"speaks {p.PROTOCOL_VERSION}",
             )
         # A HELLO starts the connection afresh (§3.2).
-        self._grants(self.locks.release_all(owner, now), now)
+        self._grants(self.locks.reset(owner, now), now)
         client.hello = True
         client.wait_s = (
             self.limits.lock_wait_s if request.wait_ms is None else request.wait_ms / 1000

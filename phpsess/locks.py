@@ -155,6 +155,11 @@ class LockTable:
         grants: list[Grant] = []
         for sid in list(self._owned.get(owner, ())):
             grants.extend(self.release(sid, owner, now))
+        return grants
+
+    def reset(self, owner: Owner, now: float) -> list[Grant]:
+        """Release everything and forget revocations (a HELLO, §3.2)."""
+        grants = self.release_all(owner, now)
         self._revoked.pop(owner, None)
         return grants
 

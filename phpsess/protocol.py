@@ -43,6 +43,8 @@ MAX_SID_LENGTH: Final = 256  # §5
 
 _SID_RE: Final = re.compile(rb"[A-Za-z0-9,-]{1,256}\Z")
 _NUMBER_RE: Final = re.compile(rb"(0|[1-9][0-9]{0,17})\Z")
+# A payload length: any decimal (a huge one is TOO_LARGE, not a framing error).
+_LENGTH_RE: Final = re.compile(rb"(0|[1-9][0-9]{0,39})\Z")
 _TOKEN_RE: Final = re.compile(rb"[\x21-\x7e]+\Z")
 
 
@@ -550,7 +552,7 @@ class RequestParser:
 
     def _write_header(self, args: list[bytes]) -> Event | _NeedData:
         usage = "WRITE <sid> <ttl_s> <len> [KEEP]"
-        if not 3 <= len(args) <= 4 or _NUMBER_RE.match(args[2]) is None:
+        if not 3 <= len(args) <= 4 or _LENGTH_RE.match(args[2]) is None:
             # Without a length we cannot find the next request.
             return self._fatal(
                 Code.BAD_FRAME,

@@ -3,6 +3,8 @@ leases, and owners that go away."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 from phpsess.locks import Grant, LockTable, Revoked, Timeout
 
 LEASE = 300.0
@@ -51,8 +53,8 @@ def test_waiters_are_granted_in_fifo_order() -> None:
         assert not locks.acquire("s1", owner, float(i), LEASE, WAIT)
     assert locks.waiting_count == 4
     assert locks.waits_total == 4
-    order = []
-    holder = "a"
+    order: list[Hashable] = []
+    holder: Hashable = "a"
     for t in range(5, 9):
         [grant] = locks.release("s1", holder, float(t))
         order.append(grant.owner)
@@ -154,12 +156,18 @@ def test_acquiring_again_forgets_revocation() -> None:
     assert not locks.take_revoked("a", "s1")
 
 
-def test_release_all_forgets_revocations() -> None:
+def test_release_all_keeps_revocations_and_reset_forgets_them() -> None:
+    # CLOSE (release_all) must not hide a lost lease from the late WRITE;
+    # HELLO (reset) starts the connection afresh (PROTOCOL.md §6.3, §3.2).
     locks = LockTable()
     locks.acquire("s1", "a", 0.0, lease_s=1.0, wait_s=WAIT)
     locks.expire(1.0)
     locks.release_all("a", 2.0)
-    assert not locks.take_revoked("a", "s1")
+    assert locks.take_revoked("a", "s1")
+    locks.acquire("s2", "a", 3.0, lease_s=1.0, wait_s=WAIT)
+    locks.expire(4.0)
+    locks.reset("a", 5.0)
+    assert not locks.take_revoked("a", "s2")
 
 
 def test_release_before_lease_means_no_revocation() -> None:

@@ -85,7 +85,8 @@ REQUESTS: list[tuple[bytes, p.Request]] = [
     (b"PING\n", p.Ping()),
     (b"STATS\n", p.Stats()),
     (b"GET s1\n", p.Get("s1")),
-    (b"LIST - 100\n", p.List(None, 100)),
+    (b"LIST * 100\n", p.List(None, 100)),
+    (b"LIST - 5\n", p.List("-", 5)),  # "-" is a valid session id
     (b"LIST s1 10000\n", p.List("s1", 10_000)),
     (b"LIST abc 1\n", p.List("abc", 1)),
 ]
@@ -161,6 +162,8 @@ ERRORS: list[tuple[bytes, p.Code]] = [
     (b"TOUCH ../x 10\n", p.Code.BAD_ID),
     (b"GET ~\n", p.Code.BAD_ID),
     (b"LIST ../x 10\n", p.Code.BAD_ID),
+    (b"LIST ** 10\n", p.Code.BAD_ID),
+    (b"LIST a* 10\n", p.Code.BAD_ID),
     # BAD_REQUEST: numbers
     (b"TOUCH s1 0\n", p.Code.BAD_REQUEST),
     (b"TOUCH s1 31536001\n", p.Code.BAD_REQUEST),
@@ -179,8 +182,9 @@ ERRORS: list[tuple[bytes, p.Code]] = [
     (b"CREATE 32\n", p.Code.BAD_REQUEST),
     (b"CREATE 32 5 6\n", p.Code.BAD_REQUEST),
     (b"CREATE LOCK\n", p.Code.BAD_REQUEST),
-    (b"LIST - 0\n", p.Code.BAD_REQUEST),
-    (b"LIST - 10001\n", p.Code.BAD_REQUEST),
+    (b"LIST * 0\n", p.Code.BAD_REQUEST),
+    (b"LIST * 10001\n", p.Code.BAD_REQUEST),
+    (b"LIST * x\n", p.Code.BAD_REQUEST),
     (b"HELLO x\n", p.Code.BAD_REQUEST),
     (b"HELLO 01\n", p.Code.BAD_REQUEST),
     (b"HELLO 1 wait_ms=3600001\n", p.Code.BAD_REQUEST),
@@ -212,8 +216,8 @@ ERRORS: list[tuple[bytes, p.Code]] = [
     (b"PING x\n", p.Code.BAD_REQUEST),
     (b"STATS x\n", p.Code.BAD_REQUEST),
     (b"GET\n", p.Code.BAD_REQUEST),
-    (b"LIST -\n", p.Code.BAD_REQUEST),
-    (b"LIST - 1 2\n", p.Code.BAD_REQUEST),
+    (b"LIST *\n", p.Code.BAD_REQUEST),
+    (b"LIST * 1 2\n", p.Code.BAD_REQUEST),
     # UNKNOWN_VERB: verbs are upper case and exactly those of §4
     (b"BOGUS\n", p.Code.UNKNOWN_VERB),
     (b"read s1\n", p.Code.UNKNOWN_VERB),
@@ -456,10 +460,10 @@ REPLIES: list[tuple[p.Reply, bytes]] = [
     (p.Ok(("0",)), b"OK 0\n"),
     (p.Ok(("abcdefghijklmnopqrstuv0123456789",)), b"OK abcdefghijklmnopqrstuv0123456789\n"),
     (p.Data(b""), b"DATA 0\n"),
-    (p.Data(b"a|s:1:\"x\";"), b"DATA 10\na|s:1:\"x\";"),
+    (p.Data(b'a|s:1:"x";'), b'DATA 10\na|s:1:"x";'),
     (p.Data(b"\x00\n\xff\r\n"), b"DATA 5\n\x00\n\xff\r\n"),
     (p.Data(b"xy", ("1440000", "1")), b"DATA 2 1440000 1\nxy"),
-    (p.Data(b"s1 2 10 0\n", ("-",)), b"DATA 10 -\ns1 2 10 0\n"),
+    (p.Data(b"s1 2 10 0\n", ("*",)), b"DATA 10 *\ns1 2 10 0\n"),
     (p.MISS, b"MISS\n"),
     (p.Error(p.Code.LOCKED, "another request holds it"), b"ERR LOCKED another request holds it\n"),
     (p.Error(p.Code.BAD_FRAME, "closing"), b"ERR BAD_FRAME closing\n"),
@@ -545,3 +549,11 @@ def test_reply_parser_rejects_non_replies(wire: bytes) -> None:
     parser.receive_data(wire)
     with pytest.raises(p.ReplyError):
         parser.next_reply()
+
+
+def test_a_huge_numeric_write_length_is_too_large_not_a_framing_error() -> None:
+    parser = p.RequestParser(max_session_bytes=100)
+    parser.receive_data(b"WRITE s1 60 " + b"9" * 30 + b"\n")
+    event = parser.next_event()
+    assert isinstance(event, p.RequestError) and event.code is p.Code.TOO_LARGE
+    assert not parser.broken

@@ -137,9 +137,9 @@ class EngineMachine(RuleBasedStateMachine):
             self.hand_on(sid)
 
     def release_all(self, owner: Owner) -> None:
+        # CLOSE: a lost lease stays visible to the late write (PROTOCOL.md §6.3).
         for sid in sorted(s for s, h in self.held.items() if h.owner == owner):
             self.release(owner, sid)
-        self.revoked.pop(owner, None)
 
     def lock_error(self, owner: Owner, sid: str) -> p.Code | None:
         revoked = self.revoked.get(owner, set())
@@ -267,6 +267,7 @@ class EngineMachine(RuleBasedStateMachine):
         assert reply == p.Ok(("1",))
         client = self.clients[owner]
         self.release_all(owner)
+        self.revoked.pop(owner, None)  # HELLO starts afresh (§3.2)
         client.hello = True
         client.wait_s = LIMITS.lock_wait_s if wait_ms is None else wait_ms / 1000
         client.lease_s = LIMITS.lock_lease_s

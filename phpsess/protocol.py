@@ -14,8 +14,8 @@ The parser has three states, held in one table (:data:`_TRANSITIONS`):
 
 - ``HEADER``: looking for the LF that ends a header line;
 - ``PAYLOAD``: collecting the payload a WRITE announced;
-- ``DISCARD``: swallowing the payload of a WRITE that was over the size limit
-  (§4.2: the connection stays usable);
+- ``DISCARD``: swallowing the payload of a WRITE that was refused (over the
+  size limit, or a bad ID or TTL; §4.2: the connection stays usable);
 - ``BROKEN``: a fatal error was reported; nothing more is parsed.
 
 Replies are encoded by :func:`encode_reply`; the client side (used by the
@@ -284,7 +284,7 @@ class _State(enum.Enum):
 class _Input(enum.Enum):
     SIMPLE_REQUEST = "simple request"  # a header with no payload
     WRITE_HEADER = "write header"  # payload follows
-    OVERSIZED_WRITE = "oversized write"  # payload to swallow
+    DISCARDED_WRITE = "discarded write"  # a refused payload to swallow
     PAYLOAD_DONE = "payload done"
     FATAL = "fatal"
 
@@ -293,7 +293,7 @@ class _Input(enum.Enum):
 _TRANSITIONS: Final[dict[tuple[_State, _Input], _State]] = {
     (_State.HEADER, _Input.SIMPLE_REQUEST): _State.HEADER,
     (_State.HEADER, _Input.WRITE_HEADER): _State.PAYLOAD,
-    (_State.HEADER, _Input.OVERSIZED_WRITE): _State.DISCARD,
+    (_State.HEADER, _Input.DISCARDED_WRITE): _State.DISCARD,
     (_State.HEADER, _Input.FATAL): _State.BROKEN,
     (_State.PAYLOAD, _Input.PAYLOAD_DONE): _State.HEADER,
     (_State.DISCARD, _Input.PAYLOAD_DONE): _State.HEADER,
@@ -550,6 +550,18 @@ class RequestParser:
         self._go(_Input.SIMPLE_REQUEST)
         return request
 
+    def _discard(self, length: int, error: RequestError) -> RequestError:
+        """Swallow a WRITE payload we refuse, without buffering it (§4.2)."""
+        self._remaining = length
+        self._go(_Input.DISCARDED_WRITE)
+        # Bytes already buffered belong to the payload being discarded.
+        skipped = min(len(self._buf), length)
+        del self._buf[:skipped]
+        self._remaining -= skipped
+        if self._remaining == 0:
+            self._go(_Input.PAYLOAD_DONE)
+        return error
+
     def _write_header(self, args: list[bytes]) -> Event | _NeedData:
         usage = "WRITE <sid> <ttl_s> <len> [KEEP]"
         if not 3 <= len(args) <= 4 or _LENGTH_RE.match(args[2]) is None:
@@ -561,18 +573,13 @@ class RequestParser:
             )
         length = int(args[2])
         if length > self._max_session_bytes:
-            self._remaining = length
-            self._go(_Input.OVERSIZED_WRITE)
-            # Bytes already buffered belong to the payload being discarded.
-            skipped = min(len(self._buf), length)
-            del self._buf[:skipped]
-            self._remaining -= skipped
-            if self._remaining == 0:
-                self._go(_Input.PAYLOAD_DONE)
-            return RequestError(
-                Code.TOO_LARGE,
-                f"session data of {length} bytes is over max_session_bytes="
-                f"{self._max_session_bytes}; the stored session is unchanged",
+            return self._discard(
+                length,
+                RequestError(
+                    Code.TOO_LARGE,
+                    f"session data of {length} bytes is over max_session_bytes="
+                    f"{self._max_session_bytes}; the stored session is unchanged",
+                ),
             )
         try:
             sid = _sid_arg(args[0])
@@ -580,14 +587,7 @@ class RequestParser:
             keep = bool(_flag(args, 3, {b"KEEP": True}, usage))
         except _BadRequest as exc:
             # Well framed but wrong: swallow the payload, report, go on.
-            self._remaining = length
-            self._go(_Input.OVERSIZED_WRITE)
-            skipped = min(len(self._buf), length)
-            del self._buf[:skipped]
-            self._remaining -= skipped
-            if self._remaining == 0:
-                self._go(_Input.PAYLOAD_DONE)
-            return RequestError(exc.code, exc.message)
+            return self._discard(length, RequestError(exc.code, exc.message))
         self._pending_write = (sid, ttl_s, keep)
         self._remaining = length
         self._go(_Input.WRITE_HEADER)

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phpsess import protocol as p
+from tests.unit.test_protocol import drain
 
 SID_CHARS = string.ascii_letters + string.digits + ",-"
 TOKEN_CHARS = "".join(chr(c) for c in range(0x21, 0x7F))
@@ -55,16 +56,6 @@ requests: st.SearchStrategy[p.Request] = st.one_of(
 )
 
 MAX = 64  # max_session_bytes; payloads above may exceed it on purpose
-
-
-def drain(parser: p.RequestParser) -> list[p.Event]:
-    events: list[p.Event] = []
-    while True:
-        event = parser.next_event()
-        if event is p.NEED_DATA:
-            return events
-        assert not isinstance(event, p._NeedData)
-        events.append(event)
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:

@@ -23,10 +23,26 @@ if (!\defined('PHPSESS_PREPENDED') && \function_exists('session_set_save_handler
     // handler; changing it now would only raise a warning.
     if (\session_status() !== \PHP_SESSION_ACTIVE) {
         try {
-            \session_set_save_handler(\PhpSess\SessionHandler::fromIni(), true);
+            $handler = \PhpSess\SessionHandler::fromIni();
         } catch (\InvalidArgumentException $e) {
-            // A typo in php.ini must not take down every script on the server.
-            \trigger_error($e->getMessage() . ' (phpsess is not registered: sessions use session.save_handler)', \E_USER_WARNING);
+            // A typo in php.ini must not send sessions quietly to the local
+            // files handler: on a web farm that splits every user's session
+            // across servers.  Scripts that use no session are unaffected;
+            // session_start() fails, with this message, until it is fixed.
+            $handler = new class ($e->getMessage()) implements \SessionHandlerInterface {
+                public function __construct(private string $why) {}
+                public function open(string $path, string $name): bool
+                {
+                    \trigger_error($this->why . ' (fix phpsess.address or session.save_path)', \E_USER_WARNING);
+                    return false;
+                }
+                public function close(): bool { return true; }
+                public function read(string $id): string|false { return false; }
+                public function write(string $id, string $data): bool { return false; }
+                public function destroy(string $id): bool { return false; }
+                public function gc(int $max_lifetime): int|false { return false; }
+            };
         }
+        \session_set_save_handler($handler, true);
     }
 }

@@ -191,3 +191,16 @@ def _stats(c: Client) -> dict[str, Any]:
     assert isinstance(reply, p.Data)
     stats: dict[str, Any] = json.loads(reply.data)
     return stats
+
+
+def test_a_bad_address_fails_session_start_and_never_falls_back_to_files(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "start.php"
+    script.write_text('<?php var_dump(session_start()); var_dump(session_status());')
+    proc = run_php(script, handler="phpsess", address="http://not-an-address",
+                   save_path=str(tmp_path))
+    assert proc.returncode == 0
+    assert proc.stdout == "bool(false)\nint(1)\n"  # PHP_SESSION_NONE
+    assert 'cannot use "http://not-an-address"' in proc.stderr
+    assert list(tmp_path.glob("sess_*")) == []

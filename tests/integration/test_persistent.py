@@ -1,0 +1,92 @@
+"""Persistent connections from a long-lived PHP worker (PHP's built-in web
+server: one process, so every request reuses the same phpsess connection):
+a reused connection never carries a lock into the next request, whatever the
+previous request did (abort, read_and_close, a fatal error)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from phpsess import protocol as p
+from phpsess.client import Client
+from tests.conftest import PREPEND, php_binary
+
+ROUTER = Path(__file__).parent / "php" / "persistent.php"
+SID = "persistent0123456789abcdef"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _get(port: int, op: str) -> tuple[int, str]:
+    try:
+        url = f"http://127.0.0.1:{port}/{ROUTER.name}?op={op}&sid={SID}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _lock_is_free(daemon: Any) -> bool:
+    with Client(daemon.address, wait_ms=0) as c:
+        reply = c.request(p.Read(SID))
+        c.request(p.Close())
+    return not (isinstance(reply, p.Error) and reply.code is p.Code.LOCK_TIMEOUT)
+
+
+def _php_connections(daemon: Any) -> int:
+    with Client(daemon.address) as c:
+        reply = c.request(p.Stats())
+        assert isinstance(reply, p.Data)
+        connections: int = json.loads(reply.data)["connections"]
+    return connections - 1  # not counting this one
+
+
+def test_a_reused_connection_never_carries_a_lock(daemon: Any) -> None:
+    port = _free_port()
+    web = subprocess.Popen(
+        [php_binary(), "-S", f"127.0.0.1:{port}", "-d", "display_errors=0",
+         "-d", f"auto_prepend_file={PREPEND}",
+         # Quoted: an unquoted "=" in a -d value is an ini syntax error.
+         "-d", f'phpsess.address="{daemon.php_address}?persistent=1"',
+         # A document root, not a router script: PHP runs routers without
+         # auto_prepend_file.
+         "-t", str(ROUTER.parent)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "php -S did not start"
+                time.sleep(0.05)
+        assert [_get(port, "count") for _ in range(3)] == [(200, "1"), (200, "2"), (200, "3")]
+        assert _php_connections(daemon) == 1  # one connection, reused
+        assert _lock_is_free(daemon)
+
+        assert _get(port, "abort") == (200, "aborted")
+        assert _lock_is_free(daemon)  # released by close() without a round trip
+        assert _get(port, "read_and_close") == (200, "3")
+        assert _lock_is_free(daemon)
+
+        status, _ = _get(port, "fatal")
+        assert status == 500
+        assert _lock_is_free(daemon)
+        assert _get(port, "count") == (200, "4")  # abort's 1000 was never written
+        assert _php_connections(daemon) == 1
+    finally:
+        web.terminate()
+        web.wait(10)

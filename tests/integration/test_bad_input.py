@@ -222,3 +222,28 @@ def test_no_session_data_in_logs(daemon: Any) -> None:
     log = daemon.log()
     assert "credit-card" not in log
     assert "logsid123" not in log
+
+
+def test_unix_socket_mode_is_0660_by_default_and_configurable(start_daemon: Any) -> None:
+    import os
+    import stat
+
+    default = start_daemon()
+    assert stat.S_IMODE(os.stat(default.sock_path).st_mode) == 0o660
+    private = start_daemon("--socket-mode", "0600")
+    assert stat.S_IMODE(os.stat(private.sock_path).st_mode) == 0o600
+
+
+def test_a_second_daemon_on_a_live_socket_refuses_and_leaves_it_alone(
+    daemon: Any, start_daemon: Any
+) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "phpsess", "serve", "--memory-only", "--listen", daemon.address],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 1
+    assert "another daemon is listening" in proc.stderr
+    _good_client_works(daemon.address, "still-mine", b"yes")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -71,6 +72,9 @@ class Code(enum.Enum):
     BUSY = "BUSY"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     INTERNAL = "INTERNAL"
+    NOT_MASTER = "NOT_MASTER"  # CLUSTER.md §5: asked a node that is not the master
+    STALE = "STALE"  # CLUSTER.md §6: a replicated change from a former master
+    UNAVAILABLE = "UNAVAILABLE"  # the session's master cannot be reached now
 
 
 # Errors after which the daemon closes the connection (§9).
@@ -185,9 +189,47 @@ class List:
             raise ValueError(f"limit must be 1-{MAX_LIST_LIMIT}")
 
 
+# -- peer requests (CLUSTER.md §6-§8): accepted on authenticated peer
+# connections only; a client sending them gets UNKNOWN_VERB.
+
+
+@attrs.frozen
+class ReplPut:
+    sid: str = attrs.field(validator=_check_sid)
+    master: str
+    epoch: int
+    version: int
+    ttl_s: int = attrs.field(validator=_check_ttl)
+    data: bytes
+
+
+@attrs.frozen
+class ReplDelete:
+    sid: str = attrs.field(validator=_check_sid)
+    master: str
+    epoch: int
+    version: int
+
+
+@attrs.frozen
+class Where:
+    sid: str = attrs.field(validator=_check_sid)
+
+
+@attrs.frozen
+class Handoff:
+    sid: str = attrs.field(validator=_check_sid)
+    epoch: int
+    version: int
+    ttl_s: int = attrs.field(validator=_check_ttl)
+    data: bytes
+
+
+PeerRequest = ReplPut | ReplDelete | Where | Handoff
+
 Request = (
     Hello | Read | Write | Touch | Exists | Destroy | Close | Gc | Create
-    | Ping | Stats | Get | List
+    | Ping | Stats | Get | List | ReplPut | ReplDelete | Where | Handoff
 )
 
 
@@ -375,8 +417,32 @@ def _parse_hello(args: list[bytes]) -> Hello:
     )
 
 
-def _parse_simple(verb: bytes, args: list[bytes]) -> Request:
-    """Parse a request that has no payload (everything but WRITE)."""
+_MAX_COUNTER: Final = 2**63 - 1
+
+
+def _node(token: bytes) -> str:
+    if re.fullmatch(rb"[A-Za-z0-9]{1,16}", token) is None:
+        raise _BadRequest(Code.BAD_REQUEST, f"node name {_show(token)} is not valid")
+    return token.decode("ascii")
+
+
+def _parse_peer(verb: bytes, args: list[bytes]) -> Request:
+    if verb == b"WHERE":
+        _arity(args, 1, 1, "WHERE <sid>")
+        return Where(_sid_arg(args[0]))
+    if verb == b"REPLDEL":
+        _arity(args, 4, 4, "REPLDEL <sid> <master> <epoch> <version>")
+        return ReplDelete(
+            _sid_arg(args[0]),
+            _node(args[1]),
+            _number(args[2], "epoch", 0, _MAX_COUNTER),
+            _number(args[3], "version", 0, _MAX_COUNTER),
+        )
+    raise _BadRequest(Code.UNKNOWN_VERB, f"unknown verb {_show(verb)}; see PROTOCOL.md section 4")
+
+
+def _parse_simple(verb: bytes, args: list[bytes], peer: bool = False) -> Request:
+    """Parse a request that has no payload (everything but WRITE, REPL, HANDOFF)."""
     if verb == b"READ":
         usage = "READ <sid> [LOCK|NOLOCK]"
         _arity(args, 1, 2, usage)
@@ -428,7 +494,45 @@ def _parse_simple(verb: bytes, args: list[bytes]) -> Request:
         _arity(args, 2, 2, "LIST <after|*> <limit>")
         after = None if args[0] == b"*" else _sid_arg(args[0])
         return List(after, _number(args[1], "limit", 1, MAX_LIST_LIMIT))
+    if peer:
+        return _parse_peer(verb, args)
     raise _BadRequest(Code.UNKNOWN_VERB, f"unknown verb {_show(verb)}; see PROTOCOL.md section 4")
+
+
+_Builder = Callable[[bytes], Request]
+
+
+def _write_args(args: list[bytes]) -> _Builder:
+    sid = _sid_arg(args[0])
+    ttl_s = _number(args[1], "ttl_s", 1, MAX_TTL_S)
+    keep = bool(_flag(args, 3, {b"KEEP": True}, "WRITE <sid> <ttl_s> <len> [KEEP]"))
+    return lambda data: Write(sid, ttl_s, data, keep)
+
+
+def _repl_args(args: list[bytes]) -> _Builder:
+    sid = _sid_arg(args[0])
+    master = _node(args[1])
+    epoch = _number(args[2], "epoch", 0, _MAX_COUNTER)
+    version = _number(args[3], "version", 0, _MAX_COUNTER)
+    ttl_s = _number(args[4], "ttl_s", 1, MAX_TTL_S)
+    return lambda data: ReplPut(sid, master, epoch, version, ttl_s, data)
+
+
+def _handoff_args(args: list[bytes]) -> _Builder:
+    sid = _sid_arg(args[0])
+    epoch = _number(args[1], "epoch", 0, _MAX_COUNTER)
+    version = _number(args[2], "version", 0, _MAX_COUNTER)
+    ttl_s = _number(args[3], "ttl_s", 1, MAX_TTL_S)
+    return lambda data: Handoff(sid, epoch, version, ttl_s, data)
+
+
+# verb -> (usage, fewest args, most args, index of the length, argument parser, peer only)
+_PayloadVerb = tuple[str, int, int, int, Callable[[list[bytes]], _Builder], bool]
+_PAYLOAD_VERBS: Final[dict[bytes, _PayloadVerb]] = {
+    b"WRITE": ("WRITE <sid> <ttl_s> <len> [KEEP]", 3, 4, 2, _write_args, False),
+    b"REPL": ("REPL <sid> <master> <epoch> <version> <ttl_s> <len>", 6, 6, 5, _repl_args, True),
+    b"HANDOFF": ("HANDOFF <sid> <epoch> <version> <ttl_s> <len>", 5, 5, 4, _handoff_args, True),
+}
 
 
 class RequestParser:
@@ -442,16 +546,20 @@ class RequestParser:
     __slots__ = (
         "_buf",
         "_max_session_bytes",
+        "_peer",
         "_pending_write",
         "_remaining",
         "_state",
     )
 
-    def __init__(self, max_session_bytes: int = DEFAULT_MAX_SESSION_BYTES) -> None:
+    def __init__(
+        self, max_session_bytes: int = DEFAULT_MAX_SESSION_BYTES, *, peer: bool = False
+    ) -> None:
+        self._peer = peer  # an authenticated peer connection: peer verbs allowed
         self._buf = bytearray()
         self._state = _State.HEADER
-        # (sid, ttl_s, keep) of the WRITE whose payload is being collected.
-        self._pending_write: tuple[str, int, bool] | None = None
+        # Makes the request once the payload being collected is complete.
+        self._pending_write: _Builder | None = None
         self._remaining = 0  # payload bytes still expected (PAYLOAD, DISCARD)
         self._max_session_bytes = max_session_bytes
 
@@ -497,11 +605,11 @@ class RequestParser:
             n = self._remaining
             data = bytes(self._buf[:n])
             del self._buf[:n]
-            assert self._pending_write is not None
-            sid, ttl_s, keep = self._pending_write
+            build = self._pending_write
+            assert build is not None
             self._pending_write = None
             self._go(_Input.PAYLOAD_DONE)
-            return Write(sid, ttl_s, data, keep)
+            return build(data)
         if state is _State.DISCARD:
             skipped = min(len(self._buf), self._remaining)
             del self._buf[:skipped]
@@ -540,10 +648,11 @@ class RequestParser:
                 )
         verb = tokens[0]
         args = tokens[1:]
-        if verb == b"WRITE":
-            return self._write_header(args)
+        payload_verb = _PAYLOAD_VERBS.get(verb)
+        if payload_verb is not None and (self._peer or not payload_verb[5]):
+            return self._payload_header(payload_verb, args)
         try:
-            request = _parse_simple(verb, args)
+            request = _parse_simple(verb, args, self._peer)
         except _BadRequest as exc:
             self._go(_Input.SIMPLE_REQUEST)
             return RequestError(exc.code, exc.message)
@@ -562,16 +671,16 @@ class RequestParser:
             self._go(_Input.PAYLOAD_DONE)
         return error
 
-    def _write_header(self, args: list[bytes]) -> Event | _NeedData:
-        usage = "WRITE <sid> <ttl_s> <len> [KEEP]"
-        if not 3 <= len(args) <= 4 or _LENGTH_RE.match(args[2]) is None:
+    def _payload_header(self, spec: _PayloadVerb, args: list[bytes]) -> Event | _NeedData:
+        usage, fewest, most, length_at, parse_args, _ = spec
+        if not fewest <= len(args) <= most or _LENGTH_RE.match(args[length_at]) is None:
             # Without a length we cannot find the next request.
             return self._fatal(
                 Code.BAD_FRAME,
                 f"usage: {usage}; without a payload length the stream cannot be "
                 "parsed, closing the connection",
             )
-        length = int(args[2])
+        length = int(args[length_at])
         if length > self._max_session_bytes:
             return self._discard(
                 length,
@@ -582,13 +691,11 @@ class RequestParser:
                 ),
             )
         try:
-            sid = _sid_arg(args[0])
-            ttl_s = _number(args[1], "ttl_s", 1, MAX_TTL_S)
-            keep = bool(_flag(args, 3, {b"KEEP": True}, usage))
+            build = parse_args(args)
         except _BadRequest as exc:
             # Well framed but wrong: swallow the payload, report, go on.
             return self._discard(length, RequestError(exc.code, exc.message))
-        self._pending_write = (sid, ttl_s, keep)
+        self._pending_write = build
         self._remaining = length
         self._go(_Input.WRITE_HEADER)
         return self.next_event()
@@ -629,6 +736,24 @@ def encode_request(request: Request) -> bytes:
     if isinstance(request, Create):
         nolock = "" if request.lock else " NOLOCK"
         return f"CREATE {request.length} {request.bits}{nolock}\n".encode("ascii")
+    if isinstance(request, ReplPut):
+        head = (
+            f"REPL {request.sid} {request.master} {request.epoch} {request.version} "
+            f"{request.ttl_s} {len(request.data)}\n"
+        )
+        return head.encode("ascii") + request.data
+    if isinstance(request, ReplDelete):
+        return (
+            f"REPLDEL {request.sid} {request.master} {request.epoch} {request.version}\n"
+        ).encode("ascii")
+    if isinstance(request, Where):
+        return f"WHERE {request.sid}\n".encode("ascii")
+    if isinstance(request, Handoff):
+        head = (
+            f"HANDOFF {request.sid} {request.epoch} {request.version} {request.ttl_s} "
+            f"{len(request.data)}\n"
+        )
+        return head.encode("ascii") + request.data
     if isinstance(request, Ping):
         return b"PING\n"
     if isinstance(request, Stats):

@@ -1,0 +1,378 @@
+"""Cluster membership and failure detection (CLUSTER.md §3).  Pure: time is an
+argument, and sending, probing and logging are the shell's job.
+
+Theory of operation: every configured peer is in one of four states::
+
+    unknown --heartbeat--> alive --silent dead_after_s (tick)--> suspect
+                           alive <--heartbeat / probe answered-- suspect
+                                      suspect --probe failed--> dead
+    dead --heartbeat from a *new* incarnation--> alive (rejoined)
+
+A peer is *unknown* until its first heartbeat.  :meth:`Membership.tick` turns
+an alive peer that has been silent for ``dead_after_s`` into a *suspect* and
+returns :class:`Suspect` once for that episode; the shell then probes the peer
+over TCP and reports the outcome with :meth:`Membership.probe_result`.  A peer
+that answers is slow, not dead: it is alive again and its silence timer
+restarts.  One that does not is *dead*: :class:`Dead` is returned and its
+incarnation goes into our dead list, which every heartbeat we send carries
+(only the latest dead incarnation per node, so the list is bounded by the
+number of peers).  Heartbeats from an incarnation we recorded dead are
+ignored; one from any other incarnation of a dead peer is a rejoin.  A
+heartbeat from a new incarnation of a peer we still think alive means it
+restarted before we noticed: the old incarnation is declared dead and the new
+one alive, in that order.
+
+Our own stalls: ticks run at least every ``dead_after_s / 4`` (see
+:meth:`Membership.next_deadline`).  A tick that comes more than
+``dead_after_s / 2`` after the previous one means our own loop was paused
+(``SIGSTOP``, a VM pause), so the peers' silence was ours: every silence timer
+restarts at that tick, the tick reports nothing, and for the next
+``dead_after_s`` a failed probe does not declare anyone dead (the probe's
+timeout may have run out during the pause); the peer goes back to alive and
+is suspected again if it stays silent.  A failed probe reported more than
+``dead_after_s / 2`` after the last tick is handled the same way (the shell
+may run the probe's timeout before the tick that notices the stall).
+
+A heartbeat whose dead list holds our own current incarnation yields
+:class:`SelfDeclaredDead` (once per sender incarnation), even when we ignore
+everything else in it: after a partition heals, both sides may hold the other
+dead, and each must still learn that the others took over.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Collection, Iterable
+from typing import Final
+
+import attrs
+
+NODE_NAME_RE: Final = r"[A-Za-z0-9]{1,16}"
+MAX_INCARNATION: Final = 2**63 - 1
+MAX_COUNT: Final = 2**63 - 1  # sessions, sockets
+# Bounds the dead list, and so a heartbeat datagram (peerauth.MAX_DATAGRAM_BYTES).
+MAX_PEERS: Final = 28
+MAX_DEAD_ENTRIES: Final = MAX_PEERS
+# Dead incarnations remembered per peer (to ignore their late datagrams); only
+# the latest is reported.
+_DEAD_HISTORY: Final = 4
+
+_NAME: Final = re.compile(NODE_NAME_RE)
+
+UNKNOWN: Final = "unknown"
+ALIVE: Final = "alive"
+SUSPECT: Final = "suspect"
+DEAD: Final = "dead"
+
+
+def check_node_name(name: object) -> str:
+    """``name`` if it is a valid node name (CLUSTER.md §1), else ValueError."""
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+        raise ValueError(f"invalid node name {name!r}: must match {NODE_NAME_RE}")
+    return name
+
+
+def check_incarnation(incarnation: object) -> int:
+    if type(incarnation) is not int or not 1 <= incarnation <= MAX_INCARNATION:
+        raise ValueError(f"invalid incarnation {incarnation!r}: must be 1 .. 2**63-1")
+    return incarnation
+
+
+def _name_validator(instance: object, attribute: object, value: str) -> None:
+    check_node_name(value)
+
+
+def _incarnation_validator(instance: object, attribute: object, value: int) -> None:
+    check_incarnation(value)
+
+
+def _count_validator(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"invalid {attribute.name} {value!r}: must be 0 .. 2**63-1")
+
+
+def _bool_validator(instance: object, attribute: attrs.Attribute[bool], value: bool) -> None:
+    if type(value) is not bool:
+        raise ValueError(f"invalid {attribute.name} {value!r}: must be a bool")
+
+
+def _dead_validator(
+    instance: object, attribute: object, value: tuple[tuple[str, int], ...]
+) -> None:
+    if type(value) is not tuple:
+        raise ValueError(f"invalid dead list {value!r}: must be a tuple")
+    if len(value) > MAX_DEAD_ENTRIES:
+        raise ValueError(f"dead list has {len(value)} entries, at most {MAX_DEAD_ENTRIES}")
+    previous = ""
+    for entry in value:
+        if type(entry) is not tuple or len(entry) != 2:
+            raise ValueError(f"invalid dead list entry {entry!r}: must be (node, incarnation)")
+        name, incarnation = entry
+        check_node_name(name)
+        check_incarnation(incarnation)
+        if name <= previous:
+            raise ValueError("dead list must be sorted by node, one entry per node")
+        previous = name
+
+
+@attrs.frozen
+class Heartbeat:
+    """What a node tells every peer every ``heartbeat_s`` (CLUSTER.md §3)."""
+
+    name: str = attrs.field(validator=_name_validator)
+    incarnation: int = attrs.field(validator=_incarnation_validator)
+    sessions: int = attrs.field(validator=_count_validator)
+    sockets: int = attrs.field(validator=_count_validator)
+    draining: bool = attrs.field(validator=_bool_validator)
+    # (node, incarnation) this sender has declared dead, sorted by node
+    dead: tuple[tuple[str, int], ...] = attrs.field(validator=_dead_validator)
+
+
+@attrs.frozen
+class Alive:
+    """First heartbeat of a peer, or (``rejoined``) a new incarnation of one
+    that was dead or restarted."""
+
+    name: str
+    incarnation: int
+    rejoined: bool
+
+
+@attrs.frozen
+class Suspect:
+    """``name`` was silent for ``dead_after_s``: probe it, then call
+    :meth:`Membership.probe_result`."""
+
+    name: str
+
+
+@attrs.frozen
+class Dead:
+    """Incarnation ``incarnation`` of ``name`` is declared dead."""
+
+    name: str
+    incarnation: int
+
+
+@attrs.frozen
+class SelfDeclaredDead:
+    """Peer ``by`` has declared our current incarnation dead (CLUSTER.md §7)."""
+
+    by: str
+
+
+Event = Alive | Suspect | Dead | SelfDeclaredDead
+
+
+@attrs.define(slots=True)
+class _Peer:
+    state: str = UNKNOWN
+    incarnation: int = 0
+    last_heard: float = 0.0  # silence timer: last heartbeat, answered probe or stall
+    sessions: int = 0
+    sockets: int = 0
+    draining: bool = False
+    dead_incarnations: deque[int] = attrs.field(factory=lambda: deque(maxlen=_DEAD_HISTORY))
+    told_self_dead: int = 0  # the sender incarnation we reported SelfDeclaredDead for
+
+
+class Membership:
+    def __init__(
+        self,
+        me: str,
+        peers: Iterable[str],
+        incarnation: int,
+        now: float,
+        *,
+        heartbeat_s: float = 0.5,
+        dead_after_s: float = 3.0,
+    ) -> None:
+        self._me = check_node_name(me)
+        self._incarnation = check_incarnation(incarnation)
+        if not heartbeat_s > 0 or not dead_after_s > 0:
+            raise ValueError("heartbeat_s and dead_after_s must be positive")
+        # The configured list is the same on every node, so it may name us.
+        names = {check_node_name(name) for name in peers} - {me}
+        if len(names) > MAX_PEERS:
+            raise ValueError(f"{len(names)} peers configured, at most {MAX_PEERS}")
+        self._peers = {name: _Peer() for name in sorted(names)}
+        self.heartbeat_s = heartbeat_s
+        self.dead_after_s = dead_after_s
+        self._dead: dict[str, int] = {}  # the latest incarnation we declared dead, per node
+        self._last_tick = now
+        self._grace_until = now  # failed probes do not kill before this (after a stall)
+        self._next_heartbeat = now
+        self._sessions = 0
+        self._sockets = 0
+        self._draining = False
+        self.stalls_total = 0
+
+    # -- what we send
+
+    @property
+    def me(self) -> str:
+        return self._me
+
+    @property
+    def incarnation(self) -> int:
+        return self._incarnation
+
+    def set_load(self, sessions: int, sockets: int, draining: bool) -> None:
+        self._sessions = sessions
+        self._sockets = sockets
+        self._draining = draining
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            name=self._me,
+            incarnation=self._incarnation,
+            sessions=self._sessions,
+            sockets=self._sockets,
+            draining=self._draining,
+            dead=tuple(sorted(self._dead.items())),
+        )
+
+    def heartbeat_due(self, now: float) -> bool:
+        return now >= self._next_heartbeat
+
+    def sent_heartbeat(self, now: float) -> None:
+        self._next_heartbeat = now + self.heartbeat_s
+
+    # -- what we learn
+
+    def receive(self, hb: Heartbeat, now: float) -> list[Event]:
+        """Take in a (verified) heartbeat.  One from a name that is not a
+        configured peer (or is our own) is ignored: the shell logs it."""
+        peer = self._peers.get(hb.name)
+        if peer is None:
+            return []
+        events: list[Event] = []
+        if (self._me, self._incarnation) in hb.dead and peer.told_self_dead != hb.incarnation:
+            peer.told_self_dead = hb.incarnation
+            events.append(SelfDeclaredDead(by=hb.name))
+        if hb.incarnation in peer.dead_incarnations:
+            return events  # a dead incarnation (or its late datagrams)
+        if peer.state == UNKNOWN:
+            events.append(Alive(hb.name, hb.incarnation, rejoined=False))
+        elif peer.state == DEAD:
+            events.append(Alive(hb.name, hb.incarnation, rejoined=True))
+        elif hb.incarnation != peer.incarnation:
+            # It restarted before we noticed: the old incarnation is gone.
+            events.append(self._declare_dead(hb.name, peer))
+            events.append(Alive(hb.name, hb.incarnation, rejoined=True))
+        peer.state = ALIVE
+        peer.incarnation = hb.incarnation
+        peer.last_heard = now
+        peer.sessions = hb.sessions
+        peer.sockets = hb.sockets
+        peer.draining = hb.draining
+        return events
+
+    def tick(self, now: float) -> list[Event]:
+        """Run at :meth:`next_deadline` (or later): suspect silent peers."""
+        if self._stalled(now):
+            return []
+        self._last_tick = now
+        events: list[Event] = []
+        for name, peer in self._peers.items():
+            if peer.state == ALIVE and now - peer.last_heard >= self.dead_after_s:
+                peer.state = SUSPECT
+                events.append(Suspect(name))
+        return events
+
+    def probe_result(self, name: str, answered: bool, now: float) -> list[Event]:
+        """The outcome of probing a suspect.  Ignored unless ``name`` is still
+        suspect (a heartbeat may have come in meanwhile)."""
+        peer = self._peers.get(name)
+        if peer is None or peer.state != SUSPECT:
+            return []
+        if not answered and not self._stalled(now) and now >= self._grace_until:
+            return [self._declare_dead(name, peer)]
+        # Answered: slow, not dead.  Or failed while our own stall may be to blame.
+        peer.state = ALIVE
+        peer.last_heard = now
+        return []
+
+    def next_deadline(self) -> float:
+        """When :meth:`tick` must next run (and a heartbeat may be due)."""
+        deadline = min(self._next_heartbeat, self._last_tick + self.dead_after_s / 4)
+        for peer in self._peers.values():
+            if peer.state == ALIVE:
+                deadline = min(deadline, peer.last_heard + self.dead_after_s)
+        return deadline
+
+    # -- queries
+
+    def peers(self) -> list[str]:
+        """Every configured peer (not us), sorted."""
+        return list(self._peers)
+
+    def state(self, name: str) -> str:
+        """``unknown`` (never heard, or not a configured peer), ``alive``,
+        ``suspect`` or ``dead``.  We are always ``alive``."""
+        if name == self._me:
+            return ALIVE
+        peer = self._peers.get(name)
+        return UNKNOWN if peer is None else peer.state
+
+    def incarnation_of(self, name: str) -> int | None:
+        """The incarnation of ``name`` we last heard from, if any."""
+        if name == self._me:
+            return self._incarnation
+        peer = self._peers.get(name)
+        return None if peer is None or peer.state == UNKNOWN else peer.incarnation
+
+    def alive_peers(self) -> list[str]:
+        """Peers alive or suspect (a suspect is not dead yet), sorted."""
+        return [name for name, peer in self._peers.items() if peer.state in (ALIVE, SUSPECT)]
+
+    def is_alive(self, name: str) -> bool:
+        return self.state(name) in (ALIVE, SUSPECT)
+
+    def load(self, name: str) -> tuple[int, int, bool]:
+        """Last reported ``(sessions, sockets, draining)``; zeros if never heard."""
+        if name == self._me:
+            return (self._sessions, self._sockets, self._draining)
+        peer = self._peers.get(name)
+        if peer is None:
+            return (0, 0, False)
+        return (peer.sessions, peer.sockets, peer.draining)
+
+    def choose_backup(self, exclude: Collection[str] = ()) -> str | None:
+        """The alive (not suspect), non-draining peer with the fewest sessions
+        plus sockets, ties by name (CLUSTER.md §2); None if there is none."""
+        candidates = [
+            (peer.sessions + peer.sockets, name)
+            for name, peer in self._peers.items()
+            if peer.state == ALIVE and not peer.draining and name not in exclude
+        ]
+        return min(candidates)[1] if candidates else None
+
+    @property
+    def degraded(self) -> bool:
+        """No peer can take a copy (CLUSTER.md §6)."""
+        return self.choose_backup() is None
+
+    def dead_list(self) -> dict[str, int]:
+        """The latest incarnation we declared dead, per node."""
+        return dict(self._dead)
+
+    # -- internals
+
+    def _stalled(self, now: float) -> bool:
+        """Detect a pause of our own loop; if so restart every silence timer."""
+        if now - self._last_tick <= self.dead_after_s / 2:
+            return False
+        self.stalls_total += 1
+        self._last_tick = now
+        self._grace_until = now + self.dead_after_s
+        for peer in self._peers.values():
+            peer.last_heard = now
+        return True
+
+    def _declare_dead(self, name: str, peer: _Peer) -> Dead:
+        peer.state = DEAD
+        peer.dead_incarnations.append(peer.incarnation)
+        self._dead[name] = peer.incarnation
+        return Dead(name, peer.incarnation)

@@ -1,0 +1,236 @@
+"""Per-session replication state of one node, and the decisions of
+CLUSTER.md §5-§7 that depend only on it.  Pure: the shell (phpsess.cluster)
+does the talking and tells this module what happened.
+
+Theory of operation: ``meta[sid]`` says whether this node is the session's
+master or backup, who the other copy holder is, and the session's
+``(epoch, version)``.  A node that makes a change to a session it masters
+calls :meth:`Replicas.local_change` and sends the :class:`Repl` it returns to
+the backup; the backup calls :meth:`Replicas.apply` with it, which accepts
+only updates from the session's current master at the current or a newer
+epoch, newer than what it has (CLUSTER.md §6).  :meth:`node_dead` performs a
+takeover and lists the copies to send to new backups (§7).  Copies of
+uncertain freshness (restored from disk, or held across our own stall) are
+*unverified*: the shell checks them with their other holder first
+(:meth:`verify_decision`).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Final
+
+import attrs
+
+from phpsess.placement import named_nodes
+
+MASTER: Final = "master"
+BACKUP: Final = "backup"
+_HINTS_MAX: Final = 100_000
+
+
+@attrs.define(slots=True)
+class Meta:
+    role: str  # MASTER or BACKUP
+    master: str  # the master's name (ourselves when role is MASTER)
+    backup: str | None  # the backup's name; None when the master is alone (degraded)
+    epoch: int
+    version: int
+
+
+@attrs.frozen
+class Repl:
+    """A change (or a whole copy) for ``to``, the session's backup."""
+
+    to: str
+    sid: str
+    master: str
+    epoch: int
+    version: int
+    deleted: bool
+
+
+class Verdict(enum.Enum):
+    ACCEPT = "accept"  # applied: acknowledge
+    DUPLICATE = "duplicate"  # old or repeated update: acknowledge, change nothing
+    STALE = "stale"  # from a master that is no longer one: refuse
+
+
+@attrs.frozen
+class Applied:
+    verdict: Verdict
+    master: str = ""
+    epoch: int = 0
+
+
+class Replicas:
+    def __init__(self, me: str, nodes: Iterable[str]) -> None:
+        self.me = me
+        self.nodes = frozenset(nodes)
+        self.meta: dict[str, Meta] = {}
+        self.unverified: set[str] = set()
+        # Where other nodes told us a session's master is (NOT_MASTER, WHERE).
+        self._hints: OrderedDict[str, str] = OrderedDict()
+
+    # -- routing (CLUSTER.md §5)
+
+    def route(self, sid: str, alive: Callable[[str], bool]) -> str:
+        """The node that should serve ``sid`` now (``self.me``: serve here)."""
+        m = self.meta.get(sid)
+        if m is not None:
+            if m.role == MASTER:
+                return self.me
+            if alive(m.master):
+                return m.master
+        hint = self._hints.get(sid)
+        if hint is not None and alive(hint):
+            return hint
+        master, backup = named_nodes(sid, self.nodes)
+        if alive(master):
+            return master
+        if alive(backup):
+            return backup
+        return self.me
+
+    def hint(self, sid: str, node: str) -> None:
+        self._hints[sid] = node
+        self._hints.move_to_end(sid)
+        if len(self._hints) > _HINTS_MAX:
+            self._hints.popitem(last=False)
+
+    def forget_hint(self, sid: str) -> None:
+        self._hints.pop(sid, None)
+
+    # -- the master's side (CLUSTER.md §6)
+
+    def local_change(
+        self, sid: str, deleted: bool, choose_backup: Callable[[], str | None]
+    ) -> Repl | None:
+        """We changed a session we serve; what to send to its backup."""
+        m = self.meta.get(sid)
+        if m is None or m.role != MASTER:
+            # First change here: we are its master now.
+            _, named_backup = named_nodes(sid, self.nodes)
+            m = Meta(MASTER, self.me, None, 1 if m is None else m.epoch + 1, 0)
+            self.meta[sid] = m
+            m.backup = named_backup if named_backup != self.me else None
+            if m.backup is None:
+                m.backup = choose_backup()
+        self.unverified.discard(sid)
+        self._hints.pop(sid, None)
+        m.version += 1
+        backup = m.backup
+        if deleted:
+            del self.meta[sid]
+        if backup is None:
+            return None  # degraded: the only copy
+        return Repl(backup, sid, self.me, m.epoch, m.version, deleted)
+
+    def backup_failed(self, sid: str, choose_backup: Callable[[], str | None]) -> Repl | None:
+        """Our backup for ``sid`` is gone: a whole copy for a new one, if any."""
+        m = self.meta.get(sid)
+        if m is None or m.role != MASTER:
+            return None
+        m.backup = choose_backup()
+        if m.backup is None:
+            return None
+        return Repl(m.backup, sid, self.me, m.epoch, m.version, False)
+
+    def stale(self, sid: str, master: str) -> None:
+        """Our backup told us ``master`` is the session's master now: we are
+        not, and our copy is out of date."""
+        self.meta.pop(sid, None)
+        self.unverified.discard(sid)
+        if master and master != self.me:
+            self.hint(sid, master)
+
+    # -- the backup's side
+
+    def apply(self, sid: str, master: str, epoch: int, version: int, deleted: bool) -> Applied:
+        """Whether to apply a replicated change (CLUSTER.md §6)."""
+        m = self.meta.get(sid)
+        if m is not None and m.role == MASTER and master != self.me and epoch <= m.epoch:
+            return Applied(Verdict.STALE, self.me, m.epoch)
+        if m is not None and m.role == BACKUP:
+            if epoch < m.epoch:
+                return Applied(Verdict.STALE, m.master, m.epoch)
+            if epoch == m.epoch and version <= m.version:
+                return Applied(Verdict.DUPLICATE)
+        self.unverified.discard(sid)
+        self._hints.pop(sid, None)
+        if deleted:
+            self.meta.pop(sid, None)
+        else:
+            self.meta[sid] = Meta(BACKUP, master, self.me, epoch, version)
+        return Applied(Verdict.ACCEPT)
+
+    def handoff(self, sid: str, epoch: int, version: int) -> None:
+        """A draining master handed ``sid`` to us (CLUSTER.md §8)."""
+        self.meta[sid] = Meta(MASTER, self.me, None, epoch, version)
+        self.unverified.discard(sid)
+        self._hints.pop(sid, None)
+
+    # -- failures (CLUSTER.md §7)
+
+    def node_dead(self, dead: str, choose_backup: Callable[[], str | None]) -> list[Repl]:
+        """Take over from ``dead``; the whole copies to send to new backups."""
+        copies: list[Repl] = []
+        for sid, m in self.meta.items():
+            if m.role == BACKUP and m.master == dead:
+                m.role = MASTER
+                m.master = self.me
+                m.epoch += 1
+                m.backup = choose_backup()
+            elif m.role == MASTER and m.backup == dead:
+                m.backup = choose_backup()
+            else:
+                continue
+            if m.backup is not None:
+                copies.append(Repl(m.backup, sid, self.me, m.epoch, m.version, False))
+        for sid in [s for s, node in self._hints.items() if node == dead]:
+            del self._hints[sid]
+        return copies
+
+    def degraded_sessions(self) -> list[str]:
+        """Sessions we master with no backup: to re-copy when a peer appears."""
+        return [s for s, m in self.meta.items() if m.role == MASTER and m.backup is None]
+
+    def drop_all(self) -> list[str]:
+        """Peers declared us dead and took over: everything here is stale."""
+        dropped = list(self.meta)
+        self.meta.clear()
+        self.unverified.clear()
+        self._hints.clear()
+        return dropped
+
+    def mark_unverified(self, sids: Iterable[str]) -> None:
+        self.unverified.update(sids)
+
+    def where(self, sid: str) -> tuple[str, int, int] | None:
+        """What we hold of ``sid``: (role, epoch, version)."""
+        m = self.meta.get(sid)
+        if m is None:
+            return None
+        return m.role, m.epoch, m.version
+
+    def adopt_restored(self, sid: str) -> None:
+        """A copy restored from disk with no metadata: take the roles its ID
+        names; it stays unverified until checked (CLUSTER.md §7)."""
+        master, backup = named_nodes(sid, self.nodes)
+        if master == self.me:
+            self.meta[sid] = Meta(MASTER, self.me, backup if backup != self.me else None, 0, 0)
+        else:
+            self.meta[sid] = Meta(BACKUP, master, self.me, 0, 0)
+        self.unverified.add(sid)
+
+    def verified(self, sid: str, epoch: int, version: int) -> None:
+        m = self.meta.get(sid)
+        if m is not None:
+            m.epoch = max(m.epoch, epoch)
+            m.version = max(m.version, version)
+        self.unverified.discard(sid)
+
+    def master_count(self) -> int:
+        return sum(1 for m in self.meta.values() if m.role == MASTER)

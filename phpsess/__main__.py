@@ -7,10 +7,14 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from phpsess import logs
 from phpsess.addresses import DEFAULT_LISTEN, AddressError, parse_address
 from phpsess.engine import VERSION, Limits
+
+if TYPE_CHECKING:
+    from phpsess.cluster import ClusterConfig
 from phpsess.persist import DEFAULT_DATA_DIR, FSYNC_POLICIES, MIN_COMPACT_BYTES, PersistConfig
 
 EXIT_OK = 0
@@ -114,6 +118,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-only", action="store_true",
         help="keep sessions in memory only: a restart loses them all",
     )
+    cluster = serve.add_argument_group("cluster (CLUSTER.md)")
+    cluster.add_argument("--node", metavar="NAME", help="this daemon's name in the cluster")
+    cluster.add_argument(
+        "--cluster-listen", metavar="HOST:PORT",
+        help="TCP (session data) and UDP (heartbeats) address for peers",
+    )
+    cluster.add_argument(
+        "--peer", action="append", default=[], metavar="NAME=HOST:PORT",
+        help="another daemon of the cluster; repeatable",
+    )
+    cluster.add_argument(
+        "--cluster-secret-file", metavar="PATH",
+        help="file holding the shared secret (at least 16 bytes) that authenticates peers",
+    )
+    cluster.add_argument("--heartbeat-ms", type=_positive_int, default=500, metavar="MS")
+    cluster.add_argument(
+        "--dead-after-ms", type=_positive_int, default=3000, metavar="MS",
+        help="a peer silent this long is probed, then declared dead (default: 3000)",
+    )
+    cluster.add_argument(
+        "--drain-timeout-s", type=_seconds, default=30.0, metavar="S",
+        help="on SIGTERM, how long handing sessions to other daemons may take (default: 30)",
+    )
     serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default="info",
     )
@@ -123,6 +150,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     repair.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR")
     return parser
+
+
+def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
+    from phpsess.addresses import TcpAddress
+    from phpsess.cluster import ClusterConfig, parse_peer
+
+    missing = [
+        flag for flag, value in (
+            ("--node", args.node), ("--cluster-listen", args.cluster_listen),
+            ("--cluster-secret-file", args.cluster_secret_file),
+        ) if not value
+    ]
+    if missing:
+        raise ValueError(f"a cluster needs {', '.join(missing)} as well")
+    listen = parse_address(
+        args.cluster_listen if args.cluster_listen.startswith("tcp:")
+        else f"tcp:{args.cluster_listen}"
+    )
+    assert isinstance(listen, TcpAddress)
+    with open(args.cluster_secret_file, "rb") as f:
+        secret = f.read().strip()
+    return ClusterConfig(
+        node=args.node,
+        listen=listen,
+        peers=tuple(parse_peer(peer) for peer in args.peer),
+        secret=secret,
+        heartbeat_s=args.heartbeat_ms / 1000,
+        dead_after_s=args.dead_after_ms / 1000,
+        drain_timeout_s=args.drain_timeout_s,
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -159,6 +216,13 @@ def _serve(args: argparse.Namespace) -> int:
             fsync_interval_s=args.fsync_interval_ms / 1000,
             min_compact_bytes=args.compact_min_bytes,
         )
+    cluster = None
+    if args.node or args.peer or args.cluster_listen or args.cluster_secret_file:
+        try:
+            cluster = _cluster_config(args)
+        except (ValueError, OSError) as exc:
+            print(f"phpsess: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     config = ServerConfig(
         listen=listen,
         limits=limits,
@@ -167,6 +231,7 @@ def _serve(args: argparse.Namespace) -> int:
         idle_timeout_s=args.idle_timeout_s,
         shutdown_timeout_s=args.shutdown_timeout_s,
         persist=persist,
+        cluster=cluster,
     )
 
     async def run() -> None:

@@ -100,6 +100,9 @@ class Engine:
         # Changes to persist, when persistence is on (phpsess.persist): tuples
         # (Op, sid, ttl_s, data).  None means "not persisting".
         self.changes: list[tuple[Op, str, int, bytes]] | None = None
+        # In a cluster, what create_sid appends to name master and backup
+        # (CLUSTER.md §2); None on a single node.
+        self.sid_suffix: Callable[[], str] | None = None
         self.notices: list[Notice] = []
         self.shutting_down = False
         self._token_bytes = token_bytes
@@ -309,9 +312,10 @@ class Engine:
     def _create(self, owner: Owner, client: _Client, request: p.Create, now: float) -> p.Reply:
         alphabet = _ALPHABETS[request.bits]
         mask = len(alphabet) - 1  # 16, 32 or 64 divide 256: every character is uniform
+        suffix = "" if self.sid_suffix is None else self.sid_suffix()
         while True:
             raw = self._token_bytes(request.length)
-            sid = "".join([alphabet[b & mask] for b in raw])
+            sid = "".join([alphabet[b & mask] for b in raw]) + suffix
             if sid not in self.store and self.locks.holder(sid) is None:
                 break
         if request.lock:

@@ -219,6 +219,8 @@ class Membership:
         return self._incarnation
 
     def set_load(self, sessions: int, sockets: int, draining: bool) -> None:
+        # Validate now rather than in the next heartbeat().
+        Heartbeat(self._me, self._incarnation, sessions, sockets, draining, ())
         self._sessions = sessions
         self._sockets = sockets
         self._draining = draining
@@ -267,6 +269,14 @@ class Membership:
         peer.sessions = hb.sessions
         peer.sockets = hb.sockets
         peer.draining = hb.draining
+        # A peer declared a node dead that we still think alive: evidence, so
+        # suspect it now (our own probe decides).  The cluster converges on
+        # a death within one heartbeat instead of one detection time each.
+        for name, incarnation in hb.dead:
+            other = self._peers.get(name)
+            if other is not None and other.state == ALIVE and other.incarnation == incarnation:
+                other.state = SUSPECT
+                events.append(Suspect(name))
         return events
 
     def tick(self, now: float) -> list[Event]:
@@ -280,6 +290,16 @@ class Membership:
                 peer.state = SUSPECT
                 events.append(Suspect(name))
         return events
+
+    def suspect(self, name: str) -> list[Event]:
+        """Direct evidence that ``name`` may be gone (a refused connection, a
+        request that timed out): suspect it now rather than after
+        ``dead_after_s`` of silence.  The probe still decides."""
+        peer = self._peers.get(name)
+        if peer is None or peer.state != ALIVE:
+            return []
+        peer.state = SUSPECT
+        return [Suspect(name)]
 
     def probe_result(self, name: str, answered: bool, now: float) -> list[Event]:
         """The outcome of probing a suspect.  Ignored unless ``name`` is still

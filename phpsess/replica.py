@@ -156,7 +156,9 @@ class Replicas:
         if m is not None and m.role == BACKUP:
             if epoch < m.epoch:
                 return Applied(Verdict.STALE, m.master, m.epoch)
-            if epoch == m.epoch and version <= m.version:
+            # A delete at the version we hold is the master releasing our
+            # copy (it moved the backup elsewhere, CLUSTER.md §8).
+            if epoch == m.epoch and (version < m.version or (version == m.version and not deleted)):
                 return Applied(Verdict.DUPLICATE)
         self.unverified.discard(sid)
         self._hints.pop(sid, None)

@@ -28,7 +28,8 @@ import trio
 
 from phpsess import protocol as p
 from phpsess.addresses import Address, TcpAddress, UnixAddress
-from phpsess.engine import WAIT, Engine, Limits
+from phpsess.cluster import Cluster, ClusterConfig, Forwards
+from phpsess.engine import WAIT, Engine, Limits, _Wait
 from phpsess.logs import sid_tag
 from phpsess.persist import (
     DataDirError,
@@ -54,6 +55,7 @@ class ServerConfig:
     idle_timeout_s: float = 300.0
     shutdown_timeout_s: float = 10.0
     persist: PersistConfig | None = None
+    cluster: ClusterConfig | None = None
 
 
 class StartupError(Exception):
@@ -61,7 +63,9 @@ class StartupError(Exception):
 
 
 class _Conn:
-    __slots__ = ("busy", "event", "owner", "peer", "reply", "scope", "stream")
+    __slots__ = (
+        "busy", "event", "forwards", "hello", "node", "owner", "peer", "reply", "scope", "stream",
+    )
 
     def __init__(self, owner: int, stream: trio.abc.Stream, peer: str) -> None:
         self.owner = owner
@@ -71,6 +75,9 @@ class _Conn:
         self.reply: p.Reply | None = None
         self.busy = False  # a request is being processed or waited on
         self.peer = peer
+        self.node: str | None = None  # the peer node, on a cluster connection
+        self.forwards: Forwards | None = None  # links to masters (CLUSTER.md §5)
+        self.hello: p.Hello | None = None  # the client's accepted HELLO
 
 
 class Server:
@@ -92,6 +99,9 @@ class Server:
         if config.persist is not None:
             self.persister = Persister(config.persist)
             self.engine.changes = []
+        self.cluster: Cluster | None = None
+        if config.cluster is not None:
+            self.cluster = Cluster(config.cluster, self)
 
     # -- lifecycle
 
@@ -115,7 +125,10 @@ class Server:
         for note in restored.torn:
             log.warning("event=journal_torn_tail detail=%s", note)
         count = len(restored.sessions)
+        sids = list(restored.sessions) if self.cluster is not None else []
         self.engine.store.load(restored.sessions)
+        if self.cluster is not None:
+            self.cluster.adopt_restored(sids)
         log.info(
             "event=restored sessions=%d expired_while_down=%d files=%d seconds=%.3f "
             "data_dir=%s generation=%d",
@@ -139,18 +152,23 @@ class Server:
         return persister.submitted
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
-        listeners = await self._open_listeners()
+        listeners: list[trio.SocketListener] = []
         try:
             async with trio.open_nursery() as conn_nursery:
+                conn_nursery.start_soon(self._timer)
+                if self.persister is not None:
+                    store = self.engine.store
+                    await conn_nursery.start(
+                        self.persister.run,
+                        self._snapshot_source,
+                        lambda: store.total_bytes + 64 * len(store),
+                    )
+                if self.cluster is not None:
+                    await conn_nursery.start(self.cluster.run)
+                    # Serve PHP only once we know who is alive (CLUSTER.md §7).
+                    await self.cluster.ready.wait()
+                listeners = await self._open_listeners()
                 async with trio.open_nursery() as accept_nursery:
-                    conn_nursery.start_soon(self._timer)
-                    if self.persister is not None:
-                        store = self.engine.store
-                        await conn_nursery.start(
-                            self.persister.run,
-                            self._snapshot_source,
-                            lambda: store.total_bytes + 64 * len(store),
-                        )
                     for listener in listeners:
                         accept_nursery.start_soon(self._accept_loop, listener, conn_nursery)
                     task_status.started()
@@ -158,6 +176,8 @@ class Server:
                     await self._stopping.wait()
                     accept_nursery.cancel_scope.cancel()
                 await self._drain()
+                if self.cluster is not None:
+                    await self.cluster.drain()
                 conn_nursery.cancel_scope.cancel()
         finally:
             for listener in listeners:
@@ -302,6 +322,7 @@ class Server:
         except Exception:
             log.exception("event=connection_crashed owner=%d", owner)
         finally:
+            await self._close_forwards(conn)  # the masters release its locks
             del self._conns[owner]
             self.engine.disconnect(owner, trio.current_time())
             self._after_engine()
@@ -309,10 +330,63 @@ class Server:
                 self._no_conns.set()
             await trio.aclose_forcefully(stream)
 
-    async def _serve_connection(self, conn: _Conn) -> None:
+    async def serve_peer(self, stream: trio.SocketStream, node: str, leftover: bytes) -> None:
+        """An authenticated connection from peer ``node`` (CLUSTER.md §4)."""
+        self._next_owner += 1
+        owner = self._next_owner
+        conn = _Conn(owner, stream, f"peer:{node}")
+        conn.node = node
+        self._conns[owner] = conn
+        self.engine.connect(owner)
+        try:
+            with trio.CancelScope() as conn.scope:
+                await self._serve_connection(conn, leftover)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("event=connection_crashed owner=%d peer=%s", owner, node)
+        finally:
+            del self._conns[owner]
+            self.engine.disconnect(owner, trio.current_time())
+            self._after_engine()
+            if not self._conns:
+                self._no_conns.set()
+            await trio.aclose_forcefully(stream)
+
+    async def _cluster_request(self, conn: _Conn, event: p.Event, now: float) -> p.Reply | None:
+        """Requests the cluster answers instead of the local engine: peer
+        verbs, and requests for sessions another node masters."""
+        cluster = self.cluster
+        assert cluster is not None
+        if isinstance(event, (p.ReplPut, p.ReplDelete, p.Where, p.Handoff)):
+            assert conn.node is not None
+            reply = cluster.handle_peer(conn.node, event, now)
+            if isinstance(event, p.Handoff) and reply == p.OK:
+                await cluster.after_handoff(event.sid)
+            return reply
+        if conn.hello is None or not cluster.is_sid_request(event):
+            return None
+        sid: str = event.sid  # type: ignore[union-attr]
+        node = await cluster.resolve(sid)
+        if node == cluster.me:
+            return None
+        if conn.node is not None:
+            return p.Error(p.Code.NOT_MASTER, node)  # no second hop
+        if conn.forwards is None:
+            conn.forwards = Forwards(cluster)
+            conn.forwards.hello = conn.hello
+        wait_s = self.engine.limits.lock_wait_s
+        if conn.hello.wait_ms is not None:
+            wait_s = conn.hello.wait_ms / 1000
+        assert isinstance(event, p.Request)
+        return await cluster.forward(conn.forwards, node, event, wait_s)
+
+    async def _serve_connection(self, conn: _Conn, leftover: bytes = b"") -> None:
         engine = self.engine
         stream = conn.stream
-        parser = p.RequestParser(self.config.limits.max_session_bytes)
+        parser = p.RequestParser(self.config.limits.max_session_bytes, peer=conn.node is not None)
+        parser.receive_data(leftover)
+        cluster = self.cluster
         owner = conn.owner
         idle_s = self.config.idle_timeout_s
         while True:
@@ -324,7 +398,27 @@ class Server:
                 if event is p.NEED_DATA:
                     break
                 conn.busy = True
-                reply = engine.handle(owner, event, now)
+                reply_or_wait: p.Reply | _Wait | None = None
+                if cluster is not None:
+                    reply_or_wait = await self._cluster_request(conn, event, now)
+                    now = trio.current_time()
+                if reply_or_wait is None:
+                    reply_or_wait = engine.handle(owner, event, now)
+                    if isinstance(event, p.Hello) and reply_or_wait == _OK_1:
+                        conn.hello = event
+                    if cluster is not None and engine.changes:
+                        changes = list(engine.changes)
+                        if self.persister is not None:
+                            durable_seq = self._submit_changes()
+                        else:
+                            engine.changes = []
+                        # Acknowledged only once the backup has it (CLUSTER.md §6).
+                        refused = await cluster.replicate(changes)
+                        if refused is not None:
+                            reply_or_wait = refused
+                    if conn.forwards is not None and isinstance(event, (p.Hello, p.Close)):
+                        await conn.forwards.broadcast(event)
+                reply = reply_or_wait
                 if engine.changes:
                     # This batch changed sessions: its acknowledgements wait
                     # for the journal as the fsync policy says.
@@ -383,6 +477,11 @@ class Server:
             if not data:
                 return
             parser.receive_data(data)
+
+    async def _close_forwards(self, conn: _Conn) -> None:
+        if conn.forwards is not None:
+            with trio.CancelScope(shield=True):
+                await conn.forwards.aclose()
 
     async def _wait_for_lock(self, conn: _Conn, parser: p.RequestParser) -> p.Reply | None:
         conn.event = trio.Event()
@@ -446,8 +545,17 @@ class Server:
             self._wake = trio.Event()
             engine.tick(trio.current_time())
             if engine.changes:
-                self._submit_changes()  # expiries: journaled, nobody waits
+                if self.cluster is not None:
+                    # Expiries: each copy expires on its own TTL, nothing to send.
+                    self.cluster.expired([sid for _, sid, _, _ in engine.changes])
+                if self.persister is not None:
+                    self._submit_changes()  # expiries: journaled, nobody waits
+                else:
+                    engine.changes = []
             self._after_engine()
+
+
+_OK_1: Final = p.Ok(("1",))
 
 
 def _buffered(parser: p.RequestParser) -> int:

@@ -1,0 +1,786 @@
+"""The cluster's I/O shell (CLUSTER.md): heartbeats over UDP, authenticated
+TCP links to peers, forwarding of client requests to a session's master,
+replication to its backup before a write is acknowledged, takeover when a
+peer dies, verification of copies of uncertain freshness, and drain.
+
+The decisions live in pure modules: ``membership`` (who is alive),
+``replica`` (who masters what, which update to accept), ``placement`` (what
+an ID names), ``peerauth`` (who may talk to us).  This module only moves
+bytes and calls them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import secrets
+import socket as stdsocket
+import time
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import trio
+
+from phpsess import membership as mb
+from phpsess import peerauth
+from phpsess import protocol as p
+from phpsess.addresses import TcpAddress
+from phpsess.journal import Op
+from phpsess.logs import sid_tag
+from phpsess.placement import check_node_name, suffix
+from phpsess.replica import BACKUP, MASTER, Replicas, Verdict
+
+if TYPE_CHECKING:
+    from phpsess.server import Server
+
+log = logging.getLogger("phpsess")
+
+IO_TIMEOUT_S: Final = 5.0
+_LINK_POOL: Final = 16  # idle replication links kept per peer
+_MAX_LINE: Final = 512
+
+
+@attrs.frozen
+class ClusterConfig:
+    node: str
+    listen: TcpAddress
+    peers: tuple[tuple[str, TcpAddress], ...]
+    secret: bytes = attrs.field(repr=False)
+    heartbeat_s: float = 0.5
+    dead_after_s: float = 3.0
+    probe_s: float = 0.5
+    drain_timeout_s: float = 30.0
+
+    def __attrs_post_init__(self) -> None:
+        check_node_name(self.node)
+        names = [name for name, _ in self.peers]
+        for name in names:
+            check_node_name(name)
+        if self.node in names or len(set(names)) != len(names):
+            raise ValueError("peer names must be unique and differ from --node")
+        peerauth.check_secret(self.secret)
+
+
+class LinkError(Exception):
+    """A peer could not be reached or broke the conversation."""
+
+
+class _Lines:
+    """Reads handshake lines from a stream, keeping whatever follows."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buf[: end + 1])
+                del self.buf[: end + 1]
+                return line
+            if len(self.buf) > _MAX_LINE:
+                raise peerauth.AuthError("handshake line too long")
+            data = await self.stream.receive_some(4096)
+            if not data:
+                raise peerauth.AuthError("connection closed during the handshake")
+            self.buf += data
+
+
+class PeerLink:
+    """One authenticated TCP connection to a peer, used one request at a time."""
+
+    def __init__(self, cluster: Cluster, name: str) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.stream: trio.SocketStream | None = None
+        self.parser = p.ReplyParser()
+        self.lock = trio.Lock()
+
+    async def connect(self) -> None:
+        cluster = self.cluster
+        address = cluster.peer_address[self.name]
+        try:
+            with trio.fail_after(IO_TIMEOUT_S):
+                stream = await trio.open_tcp_stream(address.host, address.port)
+                lines = _Lines(stream)
+                their_challenge = peerauth.parse_challenge_line(await lines.line())
+                mine = peerauth.new_challenge()
+                await stream.send_all(
+                    peerauth.auth_line(
+                        cluster.me, cluster.membership.incarnation, their_challenge,
+                        cluster.config.secret, mine,
+                    )
+                )
+                name, tag = peerauth.parse_accept_line(await lines.line())
+                if name != self.name:
+                    raise peerauth.AuthError(f"expected {self.name}, {name} answered")
+                peerauth.verify_proof(cluster.config.secret, mine, name, tag)
+        except (OSError, trio.TooSlowError, peerauth.AuthError, trio.BrokenResourceError) as exc:
+            raise LinkError(f"cannot reach peer {self.name} at {address}: {exc}") from exc
+        self.stream = stream
+        self.parser = p.ReplyParser()
+        self.parser.receive_data(bytes(lines.buf))
+        cluster.links.setdefault(self.name, set()).add(self)
+
+    async def call(self, request: p.Request, timeout_s: float = IO_TIMEOUT_S) -> p.Reply:
+        async with self.lock:
+            if self.stream is None:
+                await self.connect()
+            assert self.stream is not None
+            try:
+                with trio.fail_after(timeout_s):
+                    await self.stream.send_all(p.encode_request(request))
+                    while True:
+                        reply = self.parser.next_reply()
+                        if not isinstance(reply, p._NeedData):
+                            break
+                        data = await self.stream.receive_some(1 << 20)
+                        if not data:
+                            raise LinkError(f"peer {self.name} closed the connection")
+                        self.parser.receive_data(data)
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError, p.ReplyError,
+                    trio.ClosedResourceError) as exc:
+                await self.aclose()
+                raise LinkError(f"peer {self.name}: {exc or type(exc).__name__}") from exc
+            except LinkError:
+                await self.aclose()
+                raise
+            return reply
+
+    async def aclose(self) -> None:
+        stream, self.stream = self.stream, None
+        self.cluster.links.get(self.name, set()).discard(self)
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+
+    def abort(self) -> None:
+        """Break the connection now (its peer was declared dead)."""
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.socket.close()
+
+
+class Forwards:
+    """The peer links of one client connection, one per master it talked to
+    (CLUSTER.md §5.3): the master sees each as that client, so locks hold."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.links: dict[str, PeerLink] = {}
+        self.hello: p.Hello | None = None
+
+    async def call(self, node: str, request: p.Request, wait_s: float) -> p.Reply:
+        link = self.links.get(node)
+        if link is None or link.stream is None:
+            link = PeerLink(self.cluster, node)
+            self.links[node] = link
+            hello = self.hello or p.Hello(p.PROTOCOL_VERSION)
+            reply = await link.call(hello)
+            if not isinstance(reply, p.Ok):
+                raise LinkError(f"peer {node} refused HELLO: {reply}")
+        return await link.call(request, timeout_s=wait_s + IO_TIMEOUT_S)
+
+    async def broadcast(self, request: p.Request) -> None:
+        """HELLO and CLOSE concern every master this client holds locks on."""
+        for node, link in list(self.links.items()):
+            if link.stream is None:
+                continue
+            try:
+                await link.call(request)
+            except LinkError:
+                self.links.pop(node, None)
+
+    async def aclose(self) -> None:
+        for link in self.links.values():
+            await link.aclose()
+        self.links.clear()
+
+
+_SID_REQUESTS: Final = (p.Read, p.Write, p.Touch, p.Exists, p.Destroy, p.Get)
+
+
+class Cluster:
+    def __init__(self, config: ClusterConfig, server: Server) -> None:
+        self.config = config
+        self.server = server
+        self.me = config.node
+        self.peer_address = dict(config.peers)
+        self.membership = mb.Membership(
+            config.node, self.peer_address, secrets.randbelow(2**63 - 2) + 1,
+            trio.current_time(), heartbeat_s=config.heartbeat_s, dead_after_s=config.dead_after_s,
+        )
+        self.replicas = Replicas(config.node, [config.node, *self.peer_address])
+        self.links: dict[str, set[PeerLink]] = {}
+        self._pool: dict[str, list[PeerLink]] = {}
+        self.ready = trio.Event()
+        self.draining = False
+        self._nursery: trio.Nursery | None = None
+        self._udp: trio.socket.SocketType | None = None
+        self._wake = trio.Event()
+        self._probing: set[str] = set()
+        self._rehomed: set[str] = set()
+        self.started = trio.current_time()
+        self._last_tick = trio.current_time()
+        # How long a request may wait for a failover to complete.
+        self.failover_s = config.dead_after_s + config.probe_s + 2 * config.heartbeat_s + 1
+        self.takeovers_total = 0
+        self.replication_failures_total = 0
+        server.engine.sid_suffix = self._sid_suffix
+        if server.engine.changes is None:
+            server.engine.changes = []
+
+    # -- lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from phpsess.server import StartupError
+
+        address = self.config.listen
+        udp = trio.socket.socket(stdsocket.AF_INET, stdsocket.SOCK_DGRAM)
+        try:
+            await udp.bind((address.host, address.port))
+            listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        except OSError as exc:
+            udp.close()
+            raise StartupError(
+                f"cannot listen for peers on {address}: {exc.strerror}"
+            ) from exc
+        self._udp = udp
+        log.info(
+            "event=cluster_listening node=%s address=%s peers=%s",
+            self.me, address, ",".join(self.peer_address),
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._receive_heartbeats)
+                nursery.start_soon(self._heartbeats)
+                for listener in listeners:
+                    nursery.start_soon(self._accept_peers, listener, nursery)
+                if not self.peer_address:
+                    self.ready.set()
+                task_status.started()
+        finally:
+            udp.close()
+            for listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+
+    def _sid_suffix(self) -> str:
+        master = self.me
+        if self.draining:
+            master = self.membership.choose_backup() or self.me
+        backup = self.membership.choose_backup(exclude={master})
+        return suffix(master, backup)
+
+    def adopt_restored(self, sids: list[str]) -> None:
+        """Copies restored from disk (CLUSTER.md §7): keep those we master,
+        unverified; backup copies are dropped (their masters re-copy)."""
+        store = self.server.engine.store
+        dropped = 0
+        for sid in sids:
+            self.replicas.adopt_restored(sid)
+            m = self.replicas.meta[sid]
+            if m.role == BACKUP:
+                del self.replicas.meta[sid]
+                self.replicas.unverified.discard(sid)
+                store.delete(sid)
+                dropped += 1
+        if sids:
+            log.info(
+                "event=cluster_restored unverified=%d dropped_backup_copies=%d",
+                len(sids) - dropped, dropped,
+            )
+
+    # -- heartbeats and membership (CLUSTER.md §3)
+
+    async def _heartbeats(self) -> None:
+        membership = self.membership
+        while True:
+            now = trio.current_time()
+            if now - self._last_tick > self.config.dead_after_s / 2:
+                # Our own loop stalled (SIGSTOP, VM pause): what we master may
+                # have moved meanwhile; check before serving it again.
+                stalled = [s for s, m in self.replicas.meta.items() if m.role == MASTER]
+                self.replicas.mark_unverified(stalled)
+                log.warning(
+                    "event=cluster_stall paused_s=%.1f unverified=%d",
+                    now - self._last_tick, len(stalled),
+                )
+            self._last_tick = now
+            self._rehome_from_drainers()
+            engine = self.server.engine
+            membership.set_load(len(engine.store), engine.connections, self.draining)
+            if membership.heartbeat_due(now):
+                await self._send_heartbeat()
+                membership.sent_heartbeat(now)
+            for event in membership.tick(now):
+                self._on_event(event)
+            if not self.ready.is_set() and (
+                all(membership.state(n) != mb.UNKNOWN for n in self.peer_address)
+                or now - self.started > self.config.dead_after_s
+            ):
+                self.ready.set()
+            with trio.move_on_at(min(membership.next_deadline(), now + self.config.heartbeat_s)):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    def _rehome_from_drainers(self) -> None:
+        """A peer announced it is draining: give our sessions it backs up a
+        new backup now, before it leaves (CLUSTER.md §8)."""
+        assert self._nursery is not None
+        for peer in self.peer_address:
+            if not self.membership.load(peer)[2] or peer in self._rehomed:
+                continue
+            self._rehomed.add(peer)
+            moved = [s for s, m in self.replicas.meta.items()
+                     if m.role == MASTER and m.backup == peer]
+            for sid in moved:
+                self.replicas.meta[sid].backup = self.membership.choose_backup(exclude={peer})
+                self._nursery.start_soon(self._rehome, sid, peer)
+            # Our backup copies of its sessions go when it hands them over.
+            log.info("event=peer_draining peer=%s rehomed=%d", peer, len(moved))
+        for peer in list(self._rehomed):
+            if not self.membership.load(peer)[2]:
+                self._rehomed.discard(peer)
+
+    async def _send_heartbeat(self) -> None:
+        assert self._udp is not None
+        datagram = peerauth.encode_heartbeat(
+            self.membership.heartbeat(), self.config.secret, time.time()
+        )
+        for address in self.peer_address.values():
+            with contextlib.suppress(OSError):
+                await self._udp.sendto(datagram, (address.host, address.port))
+
+    async def _receive_heartbeats(self) -> None:
+        assert self._udp is not None
+        rejected = 0
+        while True:
+            datagram, source = await self._udp.recvfrom(2048)
+            try:
+                heartbeat = peerauth.decode_heartbeat(datagram, self.config.secret, time.time())
+            except (peerauth.AuthError, ValueError) as exc:
+                rejected += 1
+                if rejected in (1, 10, 100) or rejected % 1000 == 0:
+                    log.warning(
+                        "event=heartbeat_rejected source=%s count=%d detail=%s",
+                        source[0], rejected, exc,
+                    )
+                continue
+            for event in self.membership.receive(heartbeat, trio.current_time()):
+                self._on_event(event)
+
+    def _on_event(self, event: object) -> None:
+        assert self._nursery is not None
+        if isinstance(event, mb.Alive):
+            log.info(
+                "event=peer_alive peer=%s rejoined=%s", event.name, event.rejoined
+            )
+            self._nursery.start_soon(self._recopy_degraded)
+        elif isinstance(event, mb.Suspect):
+            if event.name not in self._probing:
+                self._probing.add(event.name)
+                self._nursery.start_soon(self._probe, event.name)
+        elif isinstance(event, mb.Dead):
+            self._nursery.start_soon(self._peer_dead, event.name)
+        elif isinstance(event, mb.SelfDeclaredDead):
+            self._declared_dead(event.by)
+
+    async def _probe(self, name: str) -> None:
+        """A direct TCP probe before declaring a silent peer dead (§3)."""
+        link = PeerLink(self, name)
+        answered = False
+        try:
+            with trio.move_on_after(self.config.probe_s + 0.5):
+                answered = await link.call(p.Ping(), timeout_s=self.config.probe_s) == p.OK
+        except LinkError:
+            answered = False
+        finally:
+            await link.aclose()
+            self._probing.discard(name)
+        log.info("event=peer_probe peer=%s answered=%s", name, answered)
+        for event in self.membership.probe_result(name, answered, trio.current_time()):
+            self._on_event(event)
+
+    async def _peer_dead(self, name: str) -> None:
+        log.warning("event=peer_dead peer=%s", name)
+        for link in list(self.links.get(name, ())):
+            link.abort()
+        self._pool.pop(name, None)
+        copies = self.replicas.node_dead(name, self._choose_backup)
+        self.takeovers_total += 1
+        log.info("event=takeover peer=%s copies=%d", name, len(copies))
+        for repl in copies:
+            await self._send_copy(repl.sid)
+
+    def _declared_dead(self, by: str) -> None:
+        """Peers took over everything we held (CLUSTER.md §3, §7)."""
+        dropped = self.replicas.drop_all()
+        engine = self.server.engine
+        for sid in dropped:
+            if engine.store.delete(sid) and engine.changes is not None:
+                engine.changes.append((Op.DELETE, sid, 0, b""))
+        log.warning(
+            "event=declared_dead_by_peers by=%s dropped_copies=%d", by, len(dropped)
+        )
+
+    def _choose_backup(self) -> str | None:
+        return self.membership.choose_backup()
+
+    async def _recopy_degraded(self) -> None:
+        for sid in self.replicas.degraded_sessions():
+            repl = self.replicas.backup_failed(sid, self._choose_backup)
+            if repl is not None:
+                await self._send_copy(sid)
+
+    # -- peer connections (CLUSTER.md §4)
+
+    async def _accept_peers(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            stream = await listener.accept()
+            nursery.start_soon(self._peer_connection, stream)
+
+    async def _peer_connection(self, stream: trio.SocketStream) -> None:
+        lines = _Lines(stream)
+        try:
+            with trio.fail_after(IO_TIMEOUT_S):
+                mine = peerauth.new_challenge()
+                await stream.send_all(peerauth.challenge_line(mine))
+                name, _, tag, theirs = peerauth.parse_auth_line(await lines.line())
+                if name not in self.peer_address:  # also refuses our own name
+                    raise peerauth.AuthError(f"unknown node {name!r}")
+                if theirs == mine:
+                    raise peerauth.AuthError("a reflected challenge")
+                peerauth.verify_proof(self.config.secret, mine, name, tag)
+                await stream.send_all(peerauth.accept_line(self.me, theirs, self.config.secret))
+        except (peerauth.AuthError, trio.TooSlowError, OSError, trio.BrokenResourceError) as exc:
+            log.warning("event=peer_auth_failed peer=%s detail=%s", _peer(stream), exc)
+            await trio.aclose_forcefully(stream)
+            return
+        await self.server.serve_peer(stream, name, bytes(lines.buf))
+
+    # -- serving a session (CLUSTER.md §5)
+
+    def is_sid_request(self, request: object) -> bool:
+        return isinstance(request, _SID_REQUESTS)
+
+    async def resolve(self, sid: str) -> str:
+        """The node that serves ``sid`` now, after checking an unverified copy."""
+        alive = self.membership.is_alive
+        node = self.replicas.route(sid, alive)
+        if node == self.me and sid in self.replicas.unverified:
+            await self._verify(sid)
+            node = self.replicas.route(sid, alive)
+        return node
+
+    async def _verify(self, sid: str) -> None:
+        m = self.replicas.meta.get(sid)
+        if m is None:
+            self.replicas.unverified.discard(sid)
+            return
+        other = m.backup if m.role == MASTER else m.master
+        reply: p.Reply | None = None
+        if other is not None and other != self.me and self.membership.is_alive(other):
+            try:
+                reply = await self.call(other, p.Where(sid))
+            except LinkError:
+                reply = None
+        store = self.server.engine.store
+        if isinstance(reply, p.Data) and len(reply.tokens) == 4:
+            role, epoch, version, ttl_ms = reply.tokens
+            if role == MASTER and int(epoch) >= m.epoch:
+                # It moved while we were away: ours is stale.
+                self.replicas.stale(sid, other or "")
+                self._drop_local(sid)
+                log.info("event=stale_copy_dropped session=%s master=%s", sid_tag(sid), other)
+                return
+            if int(version) >= m.version and int(ttl_ms) > 0:
+                ttl_s = max(1, math.ceil(int(ttl_ms) / 1000))
+                store.put(sid, reply.data, ttl_s, trio.current_time())
+                self._journal(Op.PUT, sid, ttl_s, reply.data)
+            self.replicas.verified(sid, int(epoch), int(version))
+        else:
+            self.replicas.verified(sid, m.epoch, m.version)
+            if m.role == MASTER and m.backup is not None and reply == p.MISS:
+                await self._send_copy(sid)
+
+    def _drop_local(self, sid: str) -> None:
+        if self.server.engine.store.delete(sid):
+            self._journal(Op.DELETE, sid, 0, b"")
+
+    def _journal(self, op: Op, sid: str, ttl_s: int, data: bytes) -> None:
+        changes = self.server.engine.changes
+        if changes is not None and self.server.persister is not None:
+            self.server.persister.submit([(op, sid, ttl_s, data)], time.time())
+
+    async def forward(self, forwards: Forwards, node: str, request: p.Request,
+                      wait_s: float) -> p.Reply | None:
+        """Serve ``request`` on ``node`` (CLUSTER.md §5).  After a NOT_MASTER
+        answer, or a master that went away, find the master again and retry
+        until the cluster has had time to fail over; None means this node is
+        the master now: serve it here."""
+        sid: str = getattr(request, "sid", "")
+        deadline = trio.current_time() + self.failover_s
+        pause = 0.02
+        while True:
+            try:
+                reply = await forwards.call(node, request, wait_s)
+            except LinkError as exc:
+                log.info("event=forward_failed peer=%s detail=%s", node, exc)
+                forwards.links.pop(node, None)
+                self.replicas.forget_hint(sid)
+                await self._wait_for_verdict(node)
+            else:
+                if not (isinstance(reply, p.Error) and reply.code is p.Code.NOT_MASTER):
+                    return reply
+                found = await self._locate(sid)
+                if found is not None and found != node:
+                    if found == self.me:
+                        return None
+                    node = found
+                    continue
+            if trio.current_time() > deadline:
+                return p.Error(
+                    p.Code.UNAVAILABLE, "the session's master could not be reached; retry"
+                )
+            await trio.sleep(pause)
+            pause = min(pause * 2, 0.25)
+            node = await self.resolve(sid)
+            if node == self.me:
+                return None
+
+    async def _wait_for_verdict(self, node: str) -> None:
+        """A peer failed a request: suspect it now (the probe decides) and wait
+        until membership says dead or alive."""
+        for event in self.membership.suspect(node):
+            self._on_event(event)
+        deadline = trio.current_time() + self.config.dead_after_s + self.config.probe_s + 1
+        while trio.current_time() < deadline:
+            if self.membership.state(node) in (mb.DEAD, mb.ALIVE) and not self._suspected(node):
+                return
+            await trio.sleep(0.05)
+
+    def _suspected(self, node: str) -> bool:
+        return self.membership.state(node) == mb.SUSPECT or node in self._probing
+
+    async def _locate(self, sid: str) -> str | None:
+        """Ask every live peer who masters ``sid`` (CLUSTER.md §5.4)."""
+        best: tuple[int, int, str] | None = None
+
+        async def ask(node: str) -> None:
+            nonlocal best
+            try:
+                reply = await self.call(node, p.Where(sid))
+            except LinkError:
+                return
+            if isinstance(reply, p.Data) and reply.tokens and reply.tokens[0] == MASTER:
+                key = (int(reply.tokens[1]), int(reply.tokens[2]), node)
+                if best is None or key > best:
+                    best = key
+
+        async with trio.open_nursery() as nursery:
+            for node in self.membership.alive_peers():
+                nursery.start_soon(ask, node)
+        mine = self.replicas.where(sid)
+        if mine is not None and mine[0] == MASTER and (best is None or mine[1:] > best[:2]):
+            return self.me
+        if best is None:
+            return None
+        self.replicas.hint(sid, best[2])
+        return best[2]
+
+    # -- replication (CLUSTER.md §6)
+
+    async def replicate(self, changes: list[tuple[Op, str, int, bytes]]) -> p.Error | None:
+        """Copy our changes to each session's backup; None once all have them."""
+        for op, sid, _, _ in changes:
+            repl = self.replicas.local_change(sid, op is Op.DELETE, self._choose_backup)
+            if repl is None:
+                continue
+            error = await self._send_until_acknowledged(
+                sid, deleted=op is Op.DELETE, version=repl.version, epoch=repl.epoch, to=repl.to
+            )
+            if error is not None:
+                return error
+        return None
+
+    async def _send_until_acknowledged(self, sid: str, *, deleted: bool, version: int,
+                                       epoch: int, to: str | None = None) -> p.Error | None:
+        backup_of_deleted = to
+        deadline = trio.current_time() + 2 * (self.config.dead_after_s + self.config.probe_s) + 2
+        while True:
+            m = self.replicas.meta.get(sid)
+            if m is None and not deleted:
+                return p.Error(p.Code.UNAVAILABLE, "the session moved to another node")
+            backup = m.backup if m is not None else backup_of_deleted
+            if backup is None:
+                return None  # degraded: ours is the only copy (CLUSTER.md §6)
+            request: p.Request
+            if deleted:
+                request = p.ReplDelete(sid, self.me, epoch, version)
+            else:
+                entry = self.server.engine.store.get(sid, trio.current_time())
+                if entry is None:
+                    return None
+                ttl_s = max(1, math.ceil(entry.expires_at - trio.current_time()))
+                assert m is not None
+                request = p.ReplPut(sid, self.me, m.epoch, m.version, ttl_s, entry.data)
+            try:
+                reply = await self.call(backup, request)
+            except LinkError as exc:
+                self.replication_failures_total += 1
+                log.info("event=replication_failed peer=%s detail=%s", backup, exc)
+                if trio.current_time() > deadline:
+                    return p.Error(p.Code.UNAVAILABLE, f"backup {backup} does not answer")
+                await self._wait_for_verdict(backup)
+                if self.membership.state(backup) == mb.DEAD:
+                    if m is None:
+                        return None  # a delete: the dead backup's copy is gone anyway
+                    if m.backup == backup:
+                        self.replicas.backup_failed(sid, self._choose_backup)
+                continue
+            if reply == p.OK:
+                return None
+            if isinstance(reply, p.Error) and reply.code is p.Code.STALE:
+                master = reply.message.split(" ", 1)[0] if reply.message else ""
+                log.warning(
+                    "event=write_refused_stale session=%s new_master=%s", sid_tag(sid), master
+                )
+                self.replicas.stale(sid, master)
+                self._drop_local(sid)
+                return p.Error(
+                    p.Code.UNAVAILABLE,
+                    f"this node is no longer the session's master ({master} is); retry",
+                )
+            return p.Error(p.Code.UNAVAILABLE, f"backup {backup} refused the copy: {reply}")
+
+    async def _rehome(self, sid: str, old_backup: str) -> None:
+        """Copy to the new backup, then release the draining one's copy."""
+        await self._send_copy(sid)
+        m = self.replicas.meta.get(sid)
+        if m is not None:
+            with contextlib.suppress(LinkError):
+                await self.call(old_backup, p.ReplDelete(sid, self.me, m.epoch, m.version))
+
+    async def _send_copy(self, sid: str) -> None:
+        m = self.replicas.meta.get(sid)
+        if m is None:
+            return
+        error = await self._send_until_acknowledged(sid, deleted=False, version=m.version,
+                                                    epoch=m.epoch)
+        if error is not None:
+            log.warning("event=copy_failed session=%s detail=%s", sid_tag(sid), error.message)
+
+    async def call(self, node: str, request: p.Request) -> p.Reply:
+        """A request to a peer over a pooled link."""
+        pool = self._pool.setdefault(node, [])
+        link = pool.pop() if pool else PeerLink(self, node)
+        reply = await link.call(request)
+        if len(pool) < _LINK_POOL and link.stream is not None:
+            pool.append(link)
+        else:
+            await link.aclose()
+        return reply
+
+    # -- the peer's side of replication
+
+    def handle_peer(self, peer: str, request: p.Request, now: float) -> p.Reply:
+        engine = self.server.engine
+        store = engine.store
+        if isinstance(request, p.Where):
+            held = self.replicas.where(request.sid)
+            entry = store.get(request.sid, now)
+            if held is None or entry is None:
+                return p.MISS
+            role, epoch, version = held
+            ttl_ms = max(0, int((entry.expires_at - now) * 1000))
+            return p.Data(entry.data, (role, str(epoch), str(version), str(ttl_ms)))
+        if isinstance(request, (p.ReplPut, p.ReplDelete)):
+            deleted = isinstance(request, p.ReplDelete)
+            applied = self.replicas.apply(
+                request.sid, request.master, request.epoch, request.version, deleted
+            )
+            if applied.verdict is Verdict.STALE:
+                return p.Error(p.Code.STALE, f"{applied.master} {applied.epoch}")
+            if applied.verdict is Verdict.ACCEPT:
+                if isinstance(request, p.ReplPut):
+                    store.put(request.sid, request.data, request.ttl_s, now)
+                    self._journal(Op.PUT, request.sid, request.ttl_s, request.data)
+                else:
+                    self._drop_local(request.sid)
+            return p.OK
+        if isinstance(request, p.Handoff):
+            store.put(request.sid, request.data, request.ttl_s, now)
+            self._journal(Op.PUT, request.sid, request.ttl_s, request.data)
+            self.replicas.handoff(request.sid, request.epoch, request.version)
+            m = self.replicas.meta[request.sid]
+            m.backup = self.membership.choose_backup(exclude={peer})
+            return p.OK
+        raise AssertionError(request)
+
+    def expired(self, sids: list[str]) -> None:
+        for sid in sids:
+            self.replicas.meta.pop(sid, None)
+            self.replicas.unverified.discard(sid)
+
+    async def after_handoff(self, sid: str) -> None:
+        await self._send_copy(sid)
+
+    # -- drain (CLUSTER.md §8)
+
+    async def drain(self) -> None:
+        self.draining = True
+        self.membership.set_load(len(self.server.engine.store), 0, True)
+        await self._send_heartbeat()
+        with trio.move_on_after(self.config.drain_timeout_s) as scope:
+            # Let peers see that we are draining before we hand sessions over.
+            await trio.sleep(self.config.heartbeat_s)
+            handed = 0
+            for sid, m in list(self.replicas.meta.items()):
+                if m.role != MASTER:
+                    continue
+                target = m.backup or self.membership.choose_backup()
+                entry = self.server.engine.store.get(sid, trio.current_time())
+                if target is None or entry is None:
+                    continue
+                ttl_s = max(1, math.ceil(entry.expires_at - trio.current_time()))
+                try:
+                    reply = await self.call(
+                        target, p.Handoff(sid, m.epoch + 1, m.version, ttl_s, entry.data)
+                    )
+                except LinkError as exc:
+                    log.warning("event=handoff_failed peer=%s detail=%s", target, exc)
+                    continue
+                if reply == p.OK:
+                    self.replicas.stale(sid, target)
+                    handed += 1
+            # Masters of the copies we back up re-home them once they see us
+            # draining (_rehome_from_drainers); wait until none is left here.
+            while any(m.role == BACKUP for m in self.replicas.meta.values()):
+                await trio.sleep(0.05)
+            log.info("event=drained handed_over=%d", handed)
+        if scope.cancelled_caught:
+            log.warning("event=drain_timeout")
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host: str = stream.socket.getpeername()[0]
+    except OSError:
+        return "?"
+    return host
+
+
+def parse_peer(text: str) -> tuple[str, TcpAddress]:
+    from phpsess.addresses import parse_address
+
+    name, sep, address = text.partition("=")
+    if not sep:
+        raise ValueError(f"--peer {text!r}: expected NAME=HOST:PORT")
+    parsed = parse_address(address if address.startswith("tcp:") else f"tcp:{address}")
+    assert isinstance(parsed, TcpAddress)
+    return check_node_name(name), parsed
+

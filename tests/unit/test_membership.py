@@ -1,0 +1,518 @@
+"""Membership and failure detection (CLUSTER.md §3): states, probes, stalls,
+incarnations, backup choice."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import phpsess
+from phpsess.membership import (
+    MAX_PEERS,
+    Alive,
+    Dead,
+    Event,
+    Heartbeat,
+    Membership,
+    SelfDeclaredDead,
+    Suspect,
+)
+
+HB = 0.5
+DEAD_AFTER = 3.0
+INC = {"a": 11, "b": 22, "c": 33, "d": 44}
+
+
+def hb(
+    name: str,
+    incarnation: int | None = None,
+    sessions: int = 0,
+    sockets: int = 0,
+    draining: bool = False,
+    dead: tuple[tuple[str, int], ...] = (),
+) -> Heartbeat:
+    inc = INC[name] if incarnation is None else incarnation
+    return Heartbeat(name, inc, sessions, sockets, draining, dead)
+
+
+def cluster(now: float = 0.0) -> Membership:
+    """We are ``a``; ``b``, ``c``, ``d`` are peers."""
+    return Membership(
+        "a", ["a", "b", "c", "d"], INC["a"], now, heartbeat_s=HB, dead_after_s=DEAD_AFTER
+    )
+
+
+def run(
+    m: Membership, until: float, step: float = 0.25, heard: tuple[str, ...] = ()
+) -> list[Event]:
+    """Tick from the last time up to ``until``, the peers in ``heard`` sending
+    a heartbeat every step.  Returns every event."""
+    events: list[Event] = []
+    t = m._last_tick
+    while t < until:
+        t = min(t + step, until)
+        for name in heard:
+            events += m.receive(hb(name), t)
+        events += m.tick(t)
+    return events
+
+
+def kill(m: Membership, name: str, t: float) -> list[Event]:
+    """Silence ``name`` (the others keep talking) until it is suspect, then fail its probe."""
+    others = tuple(p for p in m.alive_peers() if p != name)
+    events = run(m, t, heard=others)
+    assert Suspect(name) in events
+    return events + m.probe_result(name, answered=False, now=t)
+
+
+# -- lifecycle
+
+
+def test_unknown_until_first_heartbeat() -> None:
+    m = cluster()
+    assert m.peers() == ["b", "c", "d"]  # ourselves dropped from the configured list
+    assert m.state("b") == "unknown"
+    assert not m.is_alive("b")
+    assert m.alive_peers() == []
+    assert m.is_alive("a") and m.state("a") == "alive"
+    assert m.receive(hb("b"), 0.1) == [Alive("b", 22, rejoined=False)]
+    assert m.state("b") == "alive"
+    assert m.incarnation_of("b") == 22
+    assert m.receive(hb("b"), 0.2) == []  # only the first one is news
+    assert m.alive_peers() == ["b"]
+    # An unknown peer never becomes suspect.
+    assert run(m, 20.0, heard=("b",)) == []
+    assert m.state("c") == "unknown"
+
+
+def test_unconfigured_sender_and_self_are_ignored() -> None:
+    m = cluster()
+    assert m.receive(Heartbeat("zed", 5, 0, 0, False, ()), 0.1) == []
+    assert m.receive(Heartbeat("a", 99, 0, 0, False, ()), 0.1) == []
+    assert m.state("zed") == "unknown"
+    assert not m.is_alive("zed")
+    assert m.load("zed") == (0, 0, False)
+    assert m.incarnation_of("zed") is None
+
+
+def test_silence_suspect_probe_fails_dead_then_rejoin() -> None:
+    m = cluster()
+    m.receive(hb("b"), 0.0)
+    m.receive(hb("c"), 0.0)
+    events = run(m, 2.75, heard=("c",))
+    assert events == []
+    assert m.state("b") == "alive"
+    events = run(m, 3.0, heard=("c",))
+    assert events == [Suspect("b")]
+    assert m.state("b") == "suspect"
+    assert m.is_alive("b") and m.alive_peers() == ["b", "c"]  # not dead yet
+    assert run(m, 10.0, heard=("c",)) == []  # Suspect once per episode
+    assert m.probe_result("b", answered=False, now=10.0) == [Dead("b", 22)]
+    assert m.state("b") == "dead"
+    assert not m.is_alive("b")
+    assert m.alive_peers() == ["c"]
+    assert m.heartbeat().dead == (("b", 22),)
+    # Its old incarnation is ignored, even its load.
+    assert m.receive(hb("b", sessions=7), 10.1) == []
+    assert m.state("b") == "dead"
+    assert m.load("b") == (0, 0, False)
+    # A restart: new incarnation.
+    assert m.receive(hb("b", incarnation=23, sessions=1), 10.2) == [Alive("b", 23, True)]
+    assert m.state("b") == "alive"
+    assert m.load("b") == (1, 0, False)
+    assert m.heartbeat().dead == (("b", 22),)  # still reported
+    # The old incarnation's late datagrams are still ignored.
+    assert m.receive(hb("b", incarnation=22), 10.3) == []
+    assert m.incarnation_of("b") == 23
+
+
+def test_dead_list_keeps_latest_incarnation_per_node() -> None:
+    m = cluster()
+    t = 0.0
+    for inc in (100, 200, 300):
+        m.receive(hb("b", incarnation=inc), t)
+        m.receive(hb("c"), t)
+        t += DEAD_AFTER
+        events = kill(m, "b", t)
+        assert Dead("b", inc) in events
+        assert m.heartbeat().dead == (("b", inc),)
+    assert m.dead_list() == {"b": 300}
+
+
+def test_slow_peer_whose_probe_answers_stays_alive() -> None:
+    m = cluster()
+    m.receive(hb("b"), 0.0)
+    assert run(m, 3.0) == [Suspect("b")]
+    assert m.probe_result("b", answered=True, now=3.2) == []
+    assert m.state("b") == "alive"
+    assert m.heartbeat().dead == ()
+    # Its silence timer restarted at the probe answer.
+    assert run(m, 6.0) == []
+    assert run(m, 6.25) == [Suspect("b")]  # 3.2 + 3.0 = 6.2
+
+
+def test_heartbeat_while_suspect_makes_it_alive_and_late_probe_failure_is_ignored() -> None:
+    m = cluster()
+    m.receive(hb("b"), 0.0)
+    assert run(m, 3.0) == [Suspect("b")]
+    assert m.receive(hb("b"), 3.1) == []
+    assert m.state("b") == "alive"
+    assert m.probe_result("b", answered=False, now=3.5) == []
+    assert m.state("b") == "alive"
+
+
+def test_probe_result_for_non_suspect_is_ignored() -> None:
+    m = cluster()
+    assert m.probe_result("b", answered=False, now=0.1) == []  # unknown
+    assert m.probe_result("zed", answered=False, now=0.1) == []
+    m.receive(hb("b"), 0.1)
+    assert m.probe_result("b", answered=False, now=0.2) == []  # alive
+    assert m.state("b") == "alive"
+
+
+def test_restart_before_detection_declares_old_incarnation_dead() -> None:
+    m = cluster()
+    m.receive(hb("b"), 0.0)
+    assert m.receive(hb("b", incarnation=999), 1.0) == [Dead("b", 22), Alive("b", 999, True)]
+    assert m.state("b") == "alive"
+    assert m.heartbeat().dead == (("b", 22),)
+    assert m.receive(hb("b"), 1.1) == []
+
+
+# -- stalls
+
+
+def test_stall_prevents_false_deaths() -> None:
+    m = cluster()
+    for name in "bcd":
+        m.receive(hb(name), 0.0)
+    assert run(m, 1.0, heard=tuple("bcd")) == []
+    # SIGSTOP for 10 s: nobody was heard, but the silence was ours.
+    assert m.tick(11.0) == []
+    assert m.stalls_total == 1
+    assert [m.state(n) for n in "bcd"] == ["alive"] * 3
+    # They talk again after the resume: nothing happens.
+    assert run(m, 20.0, heard=tuple("bcd")) == []
+    assert m.stalls_total == 1
+
+
+def test_after_a_stall_a_really_dead_peer_is_still_detected() -> None:
+    m = cluster()
+    for name in "bc":
+        m.receive(hb(name), 0.0)
+    assert m.tick(11.0) == []  # stall
+    events = run(m, 14.0, heard=("c",))
+    assert events == [Suspect("b")]  # dead_after_s after the resume
+    assert m.probe_result("b", answered=False, now=14.5) == [Dead("b", 22)]
+
+
+def test_probe_failing_because_of_our_own_stall_does_not_kill() -> None:
+    m = cluster()
+    m.receive(hb("b"), 0.0)
+    assert run(m, 3.0) == [Suspect("b")]
+    # We are stopped while the probe is out; its timeout fires on resume,
+    # before the tick that would notice the stall.
+    assert m.probe_result("b", answered=False, now=20.0) == []
+    assert m.state("b") == "alive"
+    assert m.stalls_total == 1
+    assert m.tick(20.1) == []
+
+
+def test_no_deaths_within_grace_after_a_stall() -> None:
+    m = cluster()
+    m.receive(hb("b"), 0.0)
+    assert run(m, 3.0) == [Suspect("b")]
+    assert m.tick(20.0) == []  # the stall is noticed first
+    assert m.state("b") == "suspect"
+    assert m.probe_result("b", answered=False, now=20.3) == []  # within dead_after_s
+    assert m.state("b") == "alive"
+    assert run(m, 23.3) == [Suspect("b")]
+    assert m.probe_result("b", answered=False, now=23.5) == [Dead("b", 22)]
+
+
+def test_ticks_on_schedule_never_look_like_stalls() -> None:
+    m = Membership("a", ["b"], 1, 0.0, heartbeat_s=5.0, dead_after_s=3.0)
+    m.receive(hb("b"), 0.0)
+    t = 0.0
+    for _ in range(100):
+        if m.heartbeat_due(t):
+            m.sent_heartbeat(t)
+        t = m.next_deadline()
+        m.receive(hb("b"), t)
+        assert m.tick(t) == []
+    assert m.stalls_total == 0
+
+
+# -- self declared dead
+
+
+def test_self_declared_dead() -> None:
+    m = cluster()
+    m.receive(hb("b"), 0.0)
+    assert m.receive(hb("b", dead=(("a", 12),)), 0.1) == []  # another incarnation of us
+    assert m.receive(hb("b", dead=(("a", 11),)), 0.2) == [SelfDeclaredDead(by="b")]
+    assert m.receive(hb("b", dead=(("a", 11),)), 0.3) == []  # once per sender incarnation
+    assert m.receive(hb("c", dead=(("a", 11), ("b", 22))), 0.3) == [
+        SelfDeclaredDead(by="c"),
+        Alive("c", 33, False),
+    ]
+    # A restarted b says it again.
+    assert m.receive(hb("b", incarnation=5, dead=(("a", 11),)), 0.4) == [
+        SelfDeclaredDead(by="b"),
+        Dead("b", 22),
+        Alive("b", 5, True),
+    ]
+
+
+def test_self_declared_dead_even_from_a_peer_we_hold_dead() -> None:
+    """After a partition heals both sides may hold the other dead."""
+    m = cluster()
+    m.receive(hb("b"), 0.0)
+    kill(m, "b", 3.0)
+    assert m.receive(hb("b", dead=(("a", 11),)), 3.5) == [SelfDeclaredDead(by="b")]
+    assert m.state("b") == "dead"
+
+
+# -- load and backup choice
+
+
+def test_load_and_set_load() -> None:
+    m = cluster()
+    m.set_load(5, 2, False)
+    assert m.load("a") == (5, 2, False)
+    assert m.heartbeat() == Heartbeat("a", 11, 5, 2, False, ())
+    m.receive(hb("b", sessions=3, sockets=4, draining=True), 0.0)
+    assert m.load("b") == (3, 4, True)
+    assert m.load("c") == (0, 0, False)
+    with pytest.raises(ValueError):
+        m.set_load(-1, 0, False)
+
+
+@pytest.mark.parametrize(
+    ("loads", "exclude", "expected"),
+    [
+        ({}, (), None),
+        ({"b": (5, 0, False), "c": (1, 1, False), "d": (9, 9, False)}, (), "c"),
+        ({"b": (1, 1, False), "c": (2, 0, False), "d": (0, 2, False)}, (), "b"),  # ties by name
+        ({"b": (1, 1, False), "c": (2, 0, False)}, ("b",), "c"),
+        ({"b": (0, 0, True), "c": (9, 0, False)}, (), "c"),  # draining is never chosen
+        ({"b": (0, 0, True)}, (), None),
+        ({"b": (0, 0, False)}, ("b",), None),
+        ({"b": (0, 0, False)}, ("a",), "b"),
+    ],
+)
+def test_choose_backup(
+    loads: dict[str, tuple[int, int, bool]], exclude: tuple[str, ...], expected: str | None
+) -> None:
+    m = cluster()
+    m.set_load(0, 0, False)  # we are the least loaded, and never chosen
+    for name, (sessions, sockets, draining) in loads.items():
+        m.receive(hb(name, sessions=sessions, sockets=sockets, draining=draining), 0.0)
+    assert m.choose_backup(exclude) == expected
+    assert m.degraded == (m.choose_backup() is None)
+
+
+def test_choose_backup_skips_suspect_and_dead() -> None:
+    m = cluster()
+    m.receive(hb("b"), 0.0)
+    m.receive(hb("c", sessions=5), 0.0)
+    m.receive(hb("d", sessions=9), 0.0)
+    assert m.choose_backup() == "b"
+    run(m, 3.0, heard=("c", "d"))
+    assert m.state("b") == "suspect"
+    assert m.choose_backup() == "c"
+    run(m, 6.0, heard=("d",))
+    m.probe_result("c", answered=False, now=6.0)
+    assert m.state("c") == "dead"
+    assert m.choose_backup() == "d"
+    assert not m.degraded
+
+
+def test_degraded() -> None:
+    m = cluster()
+    assert m.degraded  # nobody heard from yet
+    m.receive(hb("b", draining=True), 0.0)
+    assert m.degraded
+    m.receive(hb("c"), 0.0)
+    assert not m.degraded
+    m.receive(hb("c", draining=True), 0.1)
+    assert m.degraded
+    m.receive(hb("c", draining=False), 0.2)
+    assert not m.degraded
+    assert run(m, 3.2) == [Suspect("b"), Suspect("c")]
+    assert m.degraded  # a suspect is not chosen as a backup
+    assert m.probe_result("c", answered=False, now=3.3) == [Dead("c", 33)]
+    assert m.probe_result("b", answered=True, now=3.3) == []
+    assert m.degraded  # b is alive but draining
+
+
+# -- pacing and deadlines
+
+
+def test_heartbeat_pacing() -> None:
+    m = cluster(now=100.0)
+    assert m.heartbeat_due(100.0)
+    m.sent_heartbeat(100.0)
+    assert not m.heartbeat_due(100.4)
+    assert m.heartbeat_due(100.5)
+    assert m.next_deadline() == 100.5
+
+
+def test_next_deadline() -> None:
+    m = cluster()
+    assert m.next_deadline() == 0.0  # the first heartbeat is due at once
+    m.sent_heartbeat(0.0)
+    assert m.next_deadline() == 0.5
+    m = Membership("a", ["b", "c"], 1, 0.0, heartbeat_s=10.0, dead_after_s=DEAD_AFTER)
+    m.sent_heartbeat(0.0)
+    assert m.next_deadline() == DEAD_AFTER / 4  # ticks often enough to see stalls
+    m.receive(hb("b"), 0.1)
+    m.receive(hb("c"), 0.0)
+    m.tick(0.5)
+    assert m.next_deadline() == 0.5 + DEAD_AFTER / 4
+    m.tick(0.6)
+    m.tick(1.35)
+    m.tick(2.1)
+    m.tick(2.85)
+    assert m.next_deadline() == 3.0  # c's suspicion time
+    assert m.tick(3.0) == [Suspect("c")]
+    assert m.next_deadline() == 3.1  # b's; suspects wait for the probe
+    assert m.tick(3.1) == [Suspect("b")]
+    assert m.next_deadline() == 3.1 + DEAD_AFTER / 4
+
+
+# -- validation
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"name": "a-b"},
+        {"name": ""},
+        {"name": "x" * 17},
+        {"name": "é"},
+        {"incarnation": 0},
+        {"incarnation": 2**63},
+        {"incarnation": True},
+        {"sessions": -1},
+        {"sockets": 2**63},
+        {"sessions": 1.0},
+        {"draining": 1},
+        {"dead": (("b", 1), ("a", 1))},  # unsorted
+        {"dead": (("b", 1), ("b", 2))},  # one per node
+        {"dead": (("b", 0),)},
+        {"dead": (("b-", 1),)},
+        {"dead": (("b", 1, 2),)},
+        {"dead": [("b", 1)]},
+        {"dead": tuple((f"n{i}", 1) for i in range(MAX_PEERS + 1))},
+    ],
+)
+def test_heartbeat_validation(kwargs: dict[str, object]) -> None:
+    fields: dict[str, object] = {
+        "name": "a",
+        "incarnation": 1,
+        "sessions": 0,
+        "sockets": 0,
+        "draining": False,
+        "dead": (),
+    }
+    fields.update(kwargs)
+    with pytest.raises(ValueError):
+        Heartbeat(**fields)  # type: ignore[arg-type]
+
+
+def test_membership_validation() -> None:
+    with pytest.raises(ValueError):
+        Membership("a-1", [], 1, 0.0)
+    with pytest.raises(ValueError):
+        Membership("a", ["b c"], 1, 0.0)
+    with pytest.raises(ValueError):
+        Membership("a", ["b"], 0, 0.0)
+    with pytest.raises(ValueError):
+        Membership("a", ["b"], 1, 0.0, dead_after_s=0.0)
+    with pytest.raises(ValueError):
+        Membership("a", [f"n{i}" for i in range(MAX_PEERS + 1)], 1, 0.0)
+    Membership("a", [f"n{i}" for i in range(MAX_PEERS)], 1, 0.0)
+
+
+# -- properties
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["tick", "hb", "hb_new", "probe_ok", "probe_fail"]),
+            st.sampled_from(["b", "c"]),
+            st.floats(min_value=0.0, max_value=2.0),
+        ),
+        max_size=60,
+    )
+)
+def test_invariants_under_arbitrary_schedules(ops: list[tuple[str, str, float]]) -> None:
+    m = Membership("a", ["b", "c"], 1, 0.0, heartbeat_s=HB, dead_after_s=DEAD_AFTER)
+    t = 0.0
+    incarnations = {"b": 1, "c": 1}
+    for op, name, dt in ops:
+        t += dt
+        before = m.state(name)
+        if op == "tick":
+            events = m.tick(t)
+            assert all(isinstance(e, Suspect) for e in events)
+        elif op in ("hb", "hb_new"):
+            if op == "hb_new":
+                incarnations[name] += 1
+            events = m.receive(hb(name, incarnation=incarnations[name]), t)
+            if events and isinstance(events[-1], Alive):
+                assert m.state(name) == "alive"
+        else:
+            events = m.probe_result(name, op == "probe_ok", t)
+            if before != "suspect":
+                assert events == []
+            if events:
+                inc = m.incarnation_of(name)
+                assert inc is not None
+                assert events == [Dead(name, inc)]
+        heartbeat = m.heartbeat()  # always valid
+        assert len(heartbeat.dead) <= 2
+        assert m.degraded == (m.choose_backup() is None)
+        assert set(m.alive_peers()) == {n for n in "bc" if m.state(n) in ("alive", "suspect")}
+        assert m.next_deadline() <= t + max(DEAD_AFTER, HB)
+
+
+# -- purity (STYLE.md §1)
+
+FORBIDDEN = {"trio", "socket", "time", "logging", "os", "asyncio", "selectors", "threading"}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__":
+            names.add("__import__")
+    return names
+
+
+@pytest.mark.parametrize("module", ["membership", "peerauth"])
+def test_module_is_pure(module: str) -> None:
+    path = Path(phpsess.__file__).parent / f"{module}.py"
+    imports = _imports(path)
+    assert "attrs" in imports or "hmac" in imports, imports  # the scan works
+    bad = imports & (FORBIDDEN | {"__import__", "importlib", "subprocess"})
+    assert not bad, f"phpsess.{module} imports {sorted(bad)}"
+
+
+def test_direct_evidence_suspects_a_peer_at_once() -> None:
+    m = Membership("a", ["b"], 1, 0.0, dead_after_s=3.0)
+    m.receive(Heartbeat("b", 7, 0, 0, False, ()), 0.0)
+    assert m.suspect("b") == [Suspect("b")]
+    assert m.suspect("b") == []  # once
+    assert [type(e) for e in m.probe_result("b", False, 0.5)] == [Dead]
+    assert m.suspect("b") == []  # dead stays dead

@@ -256,9 +256,11 @@ def test_self_declared_dead() -> None:
     assert m.receive(hb("b", dead=(("a", 12),)), 0.1) == []  # another incarnation of us
     assert m.receive(hb("b", dead=(("a", 11),)), 0.2) == [SelfDeclaredDead(by="b")]
     assert m.receive(hb("b", dead=(("a", 11),)), 0.3) == []  # once per sender incarnation
+    # c also declared b dead: evidence, so we suspect b (our probe decides).
     assert m.receive(hb("c", dead=(("a", 11), ("b", 22))), 0.3) == [
         SelfDeclaredDead(by="c"),
         Alive("c", 33, False),
+        Suspect("b"),
     ]
     # A restarted b says it again.
     assert m.receive(hb("b", incarnation=5, dead=(("a", 11),)), 0.4) == [

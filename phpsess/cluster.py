@@ -28,7 +28,7 @@ from phpsess import protocol as p
 from phpsess.addresses import TcpAddress
 from phpsess.journal import Op
 from phpsess.logs import sid_tag
-from phpsess.placement import check_node_name, suffix
+from phpsess.placement import check_node_name, named_nodes, suffix
 from phpsess.replica import BACKUP, MASTER, Replicas, Verdict
 
 if TYPE_CHECKING:
@@ -222,6 +222,7 @@ class Cluster:
         self._wake = trio.Event()
         self._probing: set[str] = set()
         self._rehomed: set[str] = set()
+        self._missing_logged: set[str] = set()
         self.started = trio.current_time()
         self._last_tick = trio.current_time()
         # How long a request may wait for a failover to complete.
@@ -474,6 +475,21 @@ class Cluster:
         if node == self.me and sid in self.replicas.unverified:
             await self._verify(sid)
             node = self.replicas.route(sid, alive)
+        if node == self.me and sid not in self.replicas.meta:
+            master, backup = named_nodes(sid, self.replicas.nodes)
+            dead = self.membership.state(master) == mb.DEAD and (
+                backup == master or self.membership.state(backup) == mb.DEAD
+            )
+            if dead and sid not in self._missing_logged:
+                # Both copies died at once (CLUSTER.md §9): never serve stale.
+                if len(self._missing_logged) > 10_000:
+                    self._missing_logged.clear()
+                self._missing_logged.add(sid)
+                log.warning(
+                    "event=session_missing session=%s master=%s backup=%s "
+                    "detail=master and backup both died; the session starts empty",
+                    sid_tag(sid), master, backup,
+                )
         return node
 
     async def _verify(self, sid: str) -> None:

@@ -1,0 +1,298 @@
+"""Session clustering with 3 real daemon processes on loopback and real php
+clients spread round-robin over them (no stickiness): CLUSTER.md §9."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phpsess import protocol as p
+from phpsess.client import Client
+from tests.conftest import Daemon, php_binary
+
+ROUNDROBIN = Path(__file__).parent / "php" / "roundrobin.php"
+NAMES = ("a", "b", "c")
+DEAD_AFTER_MS = 1500
+
+
+def _free_port() -> int:
+    while True:
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port: int = tcp.getsockname()[1]
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+class Cluster:
+    def __init__(self, workdir: Path, names: tuple[str, ...] = NAMES) -> None:
+        self.workdir = workdir
+        self.secret = workdir / "secret"
+        self.secret.write_bytes(os.urandom(32).hex().encode())
+        self.ports = {name: _free_port() for name in names}
+        self.nodes: dict[str, Daemon] = {}
+        for name in names:
+            self.nodes[name] = self._daemon(name, self.secret)
+        self.wait_formed()
+
+    def args(self, name: str, secret: Path) -> list[str]:
+        args = [
+            "--node", name, "--cluster-listen", f"127.0.0.1:{self.ports[name]}",
+            "--cluster-secret-file", str(secret), "--dead-after-ms", str(DEAD_AFTER_MS),
+            "--heartbeat-ms", "250", "--drain-timeout-s", "20",
+        ]
+        for other, port in self.ports.items():
+            if other != name:
+                args += ["--peer", f"{other}=127.0.0.1:{port}"]
+        return args
+
+    def _daemon(self, name: str, secret: Path) -> Daemon:
+        d = self.workdir / name
+        d.mkdir(exist_ok=True)
+        return Daemon(d, *self.args(name, secret))
+
+    def wait_formed(self, names: tuple[str, ...] | None = None) -> None:
+        """Every named node sees every other as alive (from the logs)."""
+        names = names or tuple(self.nodes)
+        deadline = time.monotonic() + 15
+        for name in names:
+            others = [n for n in names if n != name]
+            while not all(f"event=peer_alive peer={o}" in self.nodes[name].log() for o in others):
+                assert time.monotonic() < deadline, self.nodes[name].log()
+                time.sleep(0.05)
+
+    def address(self, name: str) -> str:
+        return self.nodes[name].php_address
+
+    def stats(self, name: str) -> dict[str, Any]:
+        with Client(self.nodes[name].address) as c:
+            reply = c.request(p.Stats())
+            assert isinstance(reply, p.Data)
+            stats: dict[str, Any] = json.loads(reply.data)
+            return stats
+
+    def stop(self) -> None:
+        for daemon in self.nodes.values():
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.proc.kill()
+                daemon.proc.wait()
+
+
+@pytest.fixture
+def cluster(workdir: Path) -> Iterator[Cluster]:
+    c = Cluster(workdir)
+    yield c
+    c.stop()
+
+
+def _create(cluster: Cluster, on: str, value: bytes) -> str:
+    with Client(cluster.nodes[on].address) as c:
+        created = c.request(p.Create(26, 5))
+        assert isinstance(created, p.Ok), created
+        sid = created.tokens[0]
+        assert c.request(p.Write(sid, 1440, value)) == p.OK
+    return sid
+
+
+def _php(sid: str, count: int, addresses: list[str], hold_ms: int = 0,
+         retry: bool = False, offset: int = 0) -> subprocess.Popen[str]:
+    env = {**os.environ, "PHPSESS_OFFSET": str(offset), "PHPSESS_RETRY": "1" if retry else "0"}
+    return subprocess.Popen(
+        [php_binary(), "-d", "display_errors=stderr", "-d", "session.use_cookies=0",
+         "-d", "session.cache_limiter=", str(ROUNDROBIN), sid, str(count),
+         ",".join(addresses), str(hold_ms)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def _acks(out: str) -> list[int]:
+    return [int(line.split()[1]) for line in out.splitlines() if line.startswith("ack ")]
+
+
+def _counter(cluster: Cluster, via: str, sid: str) -> int:
+    with Client(cluster.nodes[via].address) as c:
+        reply = c.request(p.Read(sid, lock=False))
+    if reply == p.MISS:
+        return 0
+    assert isinstance(reply, p.Data), reply
+    match = re.fullmatch(rb"n\|i:(\d+);", reply.data)
+    assert match, reply.data
+    return int(match.group(1))
+
+
+def _local_sessions(cluster: Cluster, name: str) -> int:
+    sessions: int = cluster.stats(name)["sessions"]
+    return sessions
+
+
+def test_50_concurrent_increments_across_daemons(cluster: Cluster) -> None:
+    sid = _create(cluster, "a", b"n|i:0;")
+    addresses = [cluster.address(n) for n in NAMES]
+    procs = [_php(sid, 1, addresses, hold_ms=20, offset=i) for i in range(50)]
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert [err for _, err in results if err] == []
+    assert sorted(a for out, _ in results for a in _acks(out)) == list(range(1, 51))
+    for name in NAMES:
+        assert _counter(cluster, name, sid) == 50
+    # Master and backup hold it; the third node only forwarded.
+    assert sorted(_local_sessions(cluster, n) for n in NAMES) == [0, 1, 1]
+
+
+def test_kill_9_of_a_master_loses_no_acknowledged_write(cluster: Cluster) -> None:
+    sids = [_create(cluster, "a", b"n|i:0;") for _ in range(4)]
+    addresses = [cluster.address(n) for n in NAMES]
+    writers = [_php(sid, 100000, addresses, retry=True, offset=i) for i, sid in enumerate(sids)]
+    time.sleep(1.5)
+    killed_at = time.monotonic()
+    cluster.nodes["a"].kill9()
+    time.sleep(2.5)
+    for w in writers:
+        w.terminate()
+    outs = [w.communicate(timeout=30)[0] for w in writers]
+    for sid, out in zip(sids, outs, strict=True):
+        acks = _acks(out)
+        assert acks, "the writer never got a write through"
+        stored = _counter(cluster, "b", sid)
+        # Nothing acknowledged is lost; at most the write in flight when the
+        # writer was stopped is there unacknowledged.
+        assert acks[-1] <= stored <= acks[-1] + 1, (sid, acks[-1], stored)
+        assert _counter(cluster, "c", sid) == stored
+        # The counter carried on across the failover.
+        assert acks == list(range(1, len(acks) + 1))
+    # Two copies again: on the new master b and the new backup c.
+    assert _local_sessions(cluster, "b") == 4
+    assert _local_sessions(cluster, "c") == 4
+    log = cluster.nodes["b"].log()
+    assert "event=peer_dead peer=a" in log and "event=takeover peer=a" in log
+    print(f"failover test: b declared a dead; test ran {time.monotonic() - killed_at:.1f} s")
+
+
+def test_sigstop_no_two_masters_and_no_acknowledged_write_lost(cluster: Cluster) -> None:
+    sid = _create(cluster, "a", b"n|i:0;")
+    a = cluster.nodes["a"]
+    # A request on a takes the lock and is still thinking when a hangs.
+    slow = _php(sid, 1, [cluster.address("a")], hold_ms=DEAD_AFTER_MS * 3)
+    time.sleep(0.5)
+    a.signal(signal.SIGSTOP)
+    try:
+        time.sleep(DEAD_AFTER_MS / 1000 + 1.5)  # well past detection
+        writer = _php(sid, 20, [cluster.address("b"), cluster.address("c")])
+        out, err = writer.communicate(timeout=60)
+        assert err == "", err
+        acks = _acks(out)
+        assert acks and acks[-1] == len(acks)  # b took over: every write went through
+    finally:
+        a.signal(signal.SIGCONT)
+    slow_out, _ = slow.communicate(timeout=60)
+    # The old master's late write was refused: it is no master any more.
+    assert _acks(slow_out) == []
+    time.sleep(1)
+    for name in NAMES:
+        assert _counter(cluster, name, sid) == acks[-1]
+    assert "event=write_refused_stale" in a.log() or "event=declared_dead_by_peers" in a.log()
+
+
+def test_restarted_daemon_rejoins_and_serves_correct_data(cluster: Cluster) -> None:
+    sid = _create(cluster, "a", b"n|i:0;")
+    addresses = [cluster.address(n) for n in NAMES]
+    first = _php(sid, 5, addresses)
+    assert _acks(first.communicate(timeout=60)[0]) == [1, 2, 3, 4, 5]
+    cluster.nodes["a"].kill9()
+    later = _php(sid, 5, [cluster.address("b"), cluster.address("c")])
+    assert _acks(later.communicate(timeout=60)[0]) == [6, 7, 8, 9, 10]
+    cluster.nodes["a"].start()  # with its data directory: a stale copy at 5
+    cluster.wait_formed()
+    assert _counter(cluster, "a", sid) == 10  # never the stale 5
+    after = _php(sid, 6, addresses)
+    assert _acks(after.communicate(timeout=60)[0]) == [11, 12, 13, 14, 15, 16]
+    # New sessions are placed on the rejoined daemon too.
+    fresh = _create(cluster, "a", b"n|i:0;")
+    assert fresh.endswith(("-a-b", "-a-c"))
+    assert _counter(cluster, "b", fresh) == 0
+
+
+def test_drain_under_load_loses_nothing(cluster: Cluster) -> None:
+    sids = [_create(cluster, "a", b"n|i:0;") for _ in range(3)]
+    sids += [_create(cluster, "b", b"n|i:0;") for _ in range(3)]  # a backs some up
+    others = [cluster.address("b"), cluster.address("c")]
+    writers = [_php(sid, 100000, others, retry=True, offset=i) for i, sid in enumerate(sids)]
+    time.sleep(1)
+    a = cluster.nodes["a"]
+    a.signal(signal.SIGTERM)
+    assert a.wait(30) == 0
+    time.sleep(1)
+    for w in writers:
+        w.terminate()
+    outs = [w.communicate(timeout=30)[0] for w in writers]
+    for sid, out in zip(sids, outs, strict=True):
+        acks = _acks(out)
+        assert acks
+        stored = _counter(cluster, "b", sid)
+        assert acks[-1] <= stored <= acks[-1] + 1, (sid, acks[-1], stored)
+    # Every session has its two copies on the daemons that remain.
+    assert _local_sessions(cluster, "b") == 6 and _local_sessions(cluster, "c") == 6
+    assert "event=drained" in a.log()
+
+
+def test_double_failure_is_reported_missing(cluster: Cluster) -> None:
+    sid = _create(cluster, "a", b"n|i:7;")
+    assert sid.endswith("-a-b") or sid.endswith("-a-c")
+    backup = sid.rsplit("-", 1)[1]
+    survivor = next(n for n in NAMES if n not in ("a", backup))
+    cluster.nodes["a"].kill9()
+    cluster.nodes[backup].kill9()
+    deadline = time.monotonic() + 15
+    while True:
+        with Client(cluster.nodes[survivor].address) as c:
+            reply = c.request(p.Read(sid, lock=False))
+        if reply == p.MISS:
+            break
+        assert isinstance(reply, p.Error), reply  # never the stale data
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert "event=session_missing" in cluster.nodes[survivor].log()
+
+
+def test_wrong_secret_cannot_read_or_write(cluster: Cluster, workdir: Path) -> None:
+    sid = _create(cluster, "a", b"secret-data")
+    wrong = workdir / "wrong-secret"
+    wrong.write_bytes(os.urandom(32).hex().encode())
+    # An intruder that knows the addresses and pretends to be node c.
+    intruder_dir = workdir / "intruder"
+    intruder_dir.mkdir()
+    args = cluster.args("c", wrong)
+    port = _free_port()
+    args[args.index("--cluster-listen") + 1] = f"127.0.0.1:{port}"
+    intruder = Daemon(intruder_dir, *args)
+    try:
+        time.sleep(1)
+        with Client(intruder.address) as c:
+            reply = c.request(p.Read(sid, lock=False))
+            assert reply != p.Data(b"secret-data")
+            c.request(p.Write(sid, 60, b"forged"))
+        assert _counter_raw(cluster, "b", sid) == b"secret-data"
+        logs = cluster.nodes["a"].log() + cluster.nodes["b"].log()
+        assert "event=heartbeat_rejected" in logs
+        assert "event=peer_auth_failed" in logs
+    finally:
+        intruder.stop()
+
+
+def _counter_raw(cluster: Cluster, via: str, sid: str) -> bytes:
+    with Client(cluster.nodes[via].address) as c:
+        reply = c.request(p.Read(sid, lock=False))
+    assert isinstance(reply, p.Data), reply
+    return reply.data

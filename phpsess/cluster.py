@@ -420,12 +420,14 @@ class Cluster:
     def _declared_dead(self, by: str) -> None:
         """Peers took over everything we held (CLUSTER.md §3, §7)."""
         dropped = self.replicas.drop_all()
+        self.membership.reincarnate(secrets.randbelow(2**63 - 2) + 1)
         engine = self.server.engine
         for sid in dropped:
             if engine.store.delete(sid) and engine.changes is not None:
                 engine.changes.append((Op.DELETE, sid, 0, b""))
         log.warning(
-            "event=declared_dead_by_peers by=%s dropped_copies=%d", by, len(dropped)
+            "event=declared_dead_by_peers by=%s dropped_copies=%d detail=rejoining as a "
+            "new incarnation", by, len(dropped),
         )
 
     def _choose_backup(self) -> str | None:

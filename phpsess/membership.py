@@ -291,6 +291,11 @@ class Membership:
                 events.append(Suspect(name))
         return events
 
+    def reincarnate(self, incarnation: int) -> None:
+        """Peers declared this incarnation dead and took over what we held:
+        go on as a new one, so that they take us back (a rejoin)."""
+        self._incarnation = check_incarnation(incarnation)
+
     def suspect(self, name: str) -> list[Event]:
         """Direct evidence that ``name`` may be gone (a refused connection, a
         request that timed out): suspect it now rather than after

@@ -518,3 +518,17 @@ def test_direct_evidence_suspects_a_peer_at_once() -> None:
     assert m.suspect("b") == []  # once
     assert [type(e) for e in m.probe_result("b", False, 0.5)] == [Dead]
     assert m.suspect("b") == []  # dead stays dead
+
+
+def test_reincarnate_after_being_declared_dead_makes_peers_take_us_back() -> None:
+    a = Membership("a", ["b"], 11, 0.0, dead_after_s=3.0)
+    b = Membership("b", ["a"], 22, 0.0, dead_after_s=3.0)
+    b.receive(a.heartbeat(), 0.0)
+    for now in (1.0, 2.0, 3.0):
+        b.tick(now)
+    assert [type(e) for e in b.probe_result("a", False, 3.1)] == [Dead]
+    assert b.receive(a.heartbeat(), 3.2) == []  # the dead incarnation is ignored
+    assert a.receive(b.heartbeat(), 3.2) == [SelfDeclaredDead(by="b"), Alive("b", 22, False)]
+    a.reincarnate(12)
+    assert b.receive(a.heartbeat(), 3.3) == [Alive("a", 12, True)]
+    assert b.state("a") == "alive"

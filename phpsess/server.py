@@ -361,6 +361,9 @@ class Server:
         if isinstance(event, (p.ReplPut, p.ReplDelete, p.Where, p.Handoff)):
             assert conn.node is not None
             reply = cluster.handle_peer(conn.node, event, now)
+            if self.persister is not None and not isinstance(event, p.Where):
+                # The backup acknowledges under its own fsync policy too.
+                await self.persister.wait_durable(self.persister.submitted)
             if isinstance(event, p.Handoff) and reply == p.OK:
                 await cluster.after_handoff(event.sid)
             return reply

@@ -1,0 +1,225 @@
+"""Cluster benchmark: failover time and the cost of replication.
+
+    .venv/bin/python bench/cluster.py [--rounds 5] [--seconds 5]
+
+1. Failover: 3 daemons; a client on node b reads-with-lock and writes a
+   session mastered by node a in a tight loop; a is killed (``kill -9``) or
+   hung (``SIGSTOP``); the time from the fault to the next successful request
+   for that session is the failover time.  Goal: under 3 s.
+2. Replication: 32 connections doing read-with-lock + write of a 1 KiB session
+   on one daemon alone, then on a 2-daemon cluster where every write is also
+   acknowledged by the backup.  Goal: replication costs at most 10 %.
+
+Prints Markdown tables.  Everything listens on loopback and unix sockets in a
+temporary directory and is stopped when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from phpsess import protocol as p  # noqa: E402
+from phpsess.client import Client, ClientError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Node:
+    def __init__(self, workdir: Path, name: str, ports: dict[str, int], secret: Path) -> None:
+        self.name = name
+        self.dir = workdir / name
+        self.dir.mkdir(exist_ok=True)
+        self.sock = str(self.dir / "s.sock")
+        args = ["--node", name, "--cluster-listen", f"127.0.0.1:{ports[name]}",
+                "--cluster-secret-file", str(secret)]
+        for other, port in ports.items():
+            if other != name:
+                args += ["--peer", f"{other}=127.0.0.1:{port}"]
+        self.args = args if len(ports) > 1 else []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.dir / "daemon.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "phpsess", "serve", "--listen", f"unix:{self.sock}",
+                 "--data-dir", str(self.dir / "data"), *self.args],
+                cwd=ROOT, stderr=log,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.connect(self.sock)
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise SystemExit(f"{self.name} did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def cluster(workdir: Path, names: list[str]) -> list[Node]:
+    secret = workdir / "secret"
+    secret.write_bytes(os.urandom(32).hex().encode())
+    ports = {n: free_port() for n in names}
+    nodes = [Node(workdir, n, ports, secret) for n in names]
+    for node in nodes:
+        node.start()
+    time.sleep(1.5)  # let heartbeats form the cluster
+    return nodes
+
+
+def failover_round(workdir: Path, fault: str) -> float:
+    nodes = cluster(workdir, ["a", "b", "c"])
+    try:
+        with Client(f"unix:{nodes[0].sock}") as c:
+            created = c.request(p.Create(26, 5))
+            assert isinstance(created, p.Ok)
+            sid = created.tokens[0]
+            assert c.request(p.Write(sid, 1440, b"n|i:0;")) == p.OK
+        client = Client(f"unix:{nodes[1].sock}", timeout_s=30)
+        for _ in range(20):
+            client.request(p.Read(sid))
+            client.request(p.Write(sid, 1440, b"n|i:1;"))
+        assert nodes[0].proc is not None
+        faulted = time.monotonic()
+        if fault == "kill -9":
+            nodes[0].proc.kill()
+        else:
+            nodes[0].proc.send_signal(signal.SIGSTOP)
+        while True:
+            try:
+                read = client.request(p.Read(sid))
+                if isinstance(read, p.Data) and client.request(
+                    p.Write(sid, 1440, b"n|i:2;")
+                ) == p.OK:
+                    break
+            except ClientError:
+                client = Client(f"unix:{nodes[1].sock}", timeout_s=30)
+            if time.monotonic() - faulted > 30:
+                raise SystemExit("no failover within 30 s")
+        elapsed = time.monotonic() - faulted
+        client.close()
+        if fault != "kill -9":
+            nodes[0].proc.send_signal(signal.SIGCONT)
+        return elapsed
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+async def _load(sock: str, seconds: float, conns: int, sids: list[str]) -> int:
+    value = os.urandom(1024)
+    done = 0
+    stop_at = trio.current_time() + seconds
+
+    async def one(n: int) -> None:
+        nonlocal done
+        stream = await trio.open_unix_socket(sock)
+        parser = p.ReplyParser()
+
+        async def request(req: p.Request) -> p.Reply:
+            await stream.send_all(p.encode_request(req))
+            while True:
+                reply = parser.next_reply()
+                if not isinstance(reply, p._NeedData):
+                    return reply
+                parser.receive_data(await stream.receive_some(1 << 16))
+
+        await request(p.Hello(1))
+        sid = sids[n]
+        while trio.current_time() < stop_at:
+            await request(p.Read(sid))
+            reply = await request(p.Write(sid, 1440, value))
+            assert reply == p.OK, reply
+            done += 1
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for n in range(conns):
+            nursery.start_soon(one, n)
+    return done
+
+
+def replication_rate(workdir: Path, names: list[str], seconds: float) -> float:
+    nodes = cluster(workdir, names)
+    try:
+        sids = []
+        with Client(f"unix:{nodes[0].sock}") as c:
+            for _ in range(32):
+                created = c.request(p.Create(26, 5))
+                assert isinstance(created, p.Ok)
+                sids.append(created.tokens[0])
+                assert c.request(p.Write(created.tokens[0], 1440, b"")) == p.OK
+        return trio.run(_load, nodes[0].sock, seconds, 32, sids) / seconds
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    results: dict[str, list[float]] = {"kill -9": [], "SIGSTOP": []}
+    rates: dict[str, list[float]] = {"1 daemon": [], "2 daemons, with backups": []}
+    for i in range(args.rounds):
+        for fault in results:
+            d = Path(tempfile.mkdtemp(prefix="phpsess-bench-", dir="/tmp"))
+            try:
+                seconds = failover_round(d, fault)
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
+            results[fault].append(seconds)
+            print(f"  round {i + 1}: failover after {fault}: {seconds:.2f} s", file=sys.stderr)
+    for i in range(min(args.rounds, 3)):
+        for label, names in (("1 daemon", ["a"]), ("2 daemons, with backups", ["a", "b"])):
+            d = Path(tempfile.mkdtemp(prefix="phpsess-bench-", dir="/tmp"))
+            try:
+                rate = replication_rate(d, names, args.seconds)
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
+            rates[label].append(rate)
+            print(f"  round {i + 1}: {label}: {rate:,.0f} read+write/s", file=sys.stderr)
+    print()
+    print("| fault on the master | failover, median | worst | rounds |")
+    print("|---|---:|---:|---:|")
+    for fault, times in results.items():
+        print(f"| {fault} | {statistics.median(times):.2f} s | {max(times):.2f} s "
+              f"| {len(times)} |")
+    print()
+    base = statistics.median(rates["1 daemon"])
+    print("| setup | read+write cycles/s (median) | ratio |")
+    print("|---|---:|---:|")
+    for label, values in rates.items():
+        rate = statistics.median(values)
+        print(f"| {label} | {rate:,.0f} | {rate / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,8 +32,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from phpsess import protocol as p  # noqa: E402
-from phpsess.client import Client, ClientError  # noqa: E402
+from phpsess import protocol as p
+from phpsess.client import Client, ClientError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,6 +17,7 @@ import math
 import secrets
 import socket as stdsocket
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -100,7 +101,9 @@ class PeerLink:
 
     async def connect(self) -> None:
         cluster = self.cluster
-        address = cluster.peer_address[self.name]
+        address = cluster.peer_address.get(self.name)
+        if address is None:
+            raise LinkError(f"{self.name!r} is not a configured peer")
         try:
             with trio.fail_after(IO_TIMEOUT_S):
                 stream = await trio.open_tcp_stream(address.host, address.port)
@@ -128,15 +131,17 @@ class PeerLink:
         async with self.lock:
             if self.stream is None:
                 await self.connect()
-            assert self.stream is not None
+            stream = self.stream
+            assert stream is not None
+            done = False
             try:
                 with trio.fail_after(timeout_s):
-                    await self.stream.send_all(p.encode_request(request))
+                    await stream.send_all(p.encode_request(request))
                     while True:
                         reply = self.parser.next_reply()
                         if not isinstance(reply, p._NeedData):
                             break
-                        data = await self.stream.receive_some(1 << 20)
+                        data = await stream.receive_some(1 << 20)
                         if not data:
                             raise LinkError(f"peer {self.name} closed the connection")
                         self.parser.receive_data(data)
@@ -147,6 +152,13 @@ class PeerLink:
             except LinkError:
                 await self.aclose()
                 raise
+            else:
+                done = True
+            finally:
+                if not done and self.stream is not None:
+                    # Cancelled mid-request: the conversation is out of step.
+                    with trio.CancelScope(shield=True):
+                        await self.aclose()
             return reply
 
     async def aclose(self) -> None:
@@ -156,11 +168,11 @@ class PeerLink:
             await trio.aclose_forcefully(stream)
 
     def abort(self) -> None:
-        """Break the connection now (its peer was declared dead)."""
-        stream, self.stream = self.stream, None
-        if stream is not None:
+        """Break the connection now (its peer was declared dead): a call in
+        progress fails with LinkError and closes the link itself."""
+        if self.stream is not None:
             with contextlib.suppress(OSError):
-                stream.socket.close()
+                self.stream.socket.shutdown(stdsocket.SHUT_RDWR)
 
 
 class Forwards:
@@ -180,6 +192,8 @@ class Forwards:
             hello = self.hello or p.Hello(p.PROTOCOL_VERSION)
             reply = await link.call(hello)
             if not isinstance(reply, p.Ok):
+                await link.aclose()
+                del self.links[node]
                 raise LinkError(f"peer {node} refused HELLO: {reply}")
         return await link.call(request, timeout_s=wait_s + IO_TIMEOUT_S)
 
@@ -223,6 +237,8 @@ class Cluster:
         self._probing: set[str] = set()
         self._rehomed: set[str] = set()
         self._missing_logged: set[str] = set()
+        self._handshakes = trio.CapacityLimiter(64)  # unauthenticated at once
+        self._per_peer: dict[str, trio.CapacityLimiter] = {}
         self.started = trio.current_time()
         self._last_tick = trio.current_time()
         # How long a request may wait for a failover to complete.
@@ -268,6 +284,19 @@ class Cluster:
             for listener in listeners:
                 with trio.CancelScope(shield=True):
                     await listener.aclose()
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run a background task whose failure is logged, never fatal: an
+        exception escaping into the cluster's nursery would stop the daemon."""
+        assert self._nursery is not None
+
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception:
+                log.exception("event=cluster_task_failed task=%s", fn.__name__)
+
+        self._nursery.start_soon(guarded)
 
     def _sid_suffix(self) -> str:
         master = self.me
@@ -340,7 +369,7 @@ class Cluster:
                      if m.role == MASTER and m.backup == peer]
             for sid in moved:
                 self.replicas.meta[sid].backup = self.membership.choose_backup(exclude={peer})
-                self._nursery.start_soon(self._rehome, sid, peer)
+                self._spawn(self._rehome, sid, peer)
             # Our backup copies of its sessions go when it hands them over.
             log.info("event=peer_draining peer=%s rehomed=%d", peer, len(moved))
         for peer in list(self._rehomed):
@@ -380,13 +409,13 @@ class Cluster:
             log.info(
                 "event=peer_alive peer=%s rejoined=%s", event.name, event.rejoined
             )
-            self._nursery.start_soon(self._recopy_degraded)
+            self._spawn(self._recopy_degraded)
         elif isinstance(event, mb.Suspect):
             if event.name not in self._probing:
                 self._probing.add(event.name)
-                self._nursery.start_soon(self._probe, event.name)
+                self._spawn(self._probe, event.name)
         elif isinstance(event, mb.Dead):
-            self._nursery.start_soon(self._peer_dead, event.name)
+            self._spawn(self._peer_dead, event.name)
         elif isinstance(event, mb.SelfDeclaredDead):
             self._declared_dead(event.by)
 
@@ -421,10 +450,8 @@ class Cluster:
         """Peers took over everything we held (CLUSTER.md §3, §7)."""
         dropped = self.replicas.drop_all()
         self.membership.reincarnate(secrets.randbelow(2**63 - 2) + 1)
-        engine = self.server.engine
         for sid in dropped:
-            if engine.store.delete(sid) and engine.changes is not None:
-                engine.changes.append((Op.DELETE, sid, 0, b""))
+            self._drop_local(sid)
         log.warning(
             "event=declared_dead_by_peers by=%s dropped_copies=%d detail=rejoining as a "
             "new incarnation", by, len(dropped),
@@ -443,22 +470,34 @@ class Cluster:
 
     async def _accept_peers(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
-            stream = await listener.accept()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                log.error("event=peer_accept_failed error=%s", exc.strerror)
+                await trio.sleep(0.1)
+                continue
             nursery.start_soon(self._peer_connection, stream)
 
     async def _peer_connection(self, stream: trio.SocketStream) -> None:
         lines = _Lines(stream)
+        if self._handshakes.borrowed_tokens >= self._handshakes.total_tokens:
+            log.warning("event=peer_refused reason=too_many_handshakes peer=%s", _peer(stream))
+            await trio.aclose_forcefully(stream)
+            return
         try:
-            with trio.fail_after(IO_TIMEOUT_S):
-                mine = peerauth.new_challenge()
-                await stream.send_all(peerauth.challenge_line(mine))
-                name, _, tag, theirs = peerauth.parse_auth_line(await lines.line())
-                if name not in self.peer_address:  # also refuses our own name
-                    raise peerauth.AuthError(f"unknown node {name!r}")
-                if theirs == mine:
-                    raise peerauth.AuthError("a reflected challenge")
-                peerauth.verify_proof(self.config.secret, mine, name, tag)
-                await stream.send_all(peerauth.accept_line(self.me, theirs, self.config.secret))
+            async with self._handshakes:
+                with trio.fail_after(IO_TIMEOUT_S):
+                    mine = peerauth.new_challenge()
+                    await stream.send_all(peerauth.challenge_line(mine))
+                    name, _, tag, theirs = peerauth.parse_auth_line(await lines.line())
+                    if name not in self.peer_address:  # also refuses our own name
+                        raise peerauth.AuthError(f"unknown node {name!r}")
+                    if theirs == mine:
+                        raise peerauth.AuthError("a reflected challenge")
+                    peerauth.verify_proof(self.config.secret, mine, name, tag)
+                    await stream.send_all(
+                        peerauth.accept_line(self.me, theirs, self.config.secret)
+                    )
         except (peerauth.AuthError, trio.TooSlowError, OSError, trio.BrokenResourceError) as exc:
             log.warning("event=peer_auth_failed peer=%s detail=%s", _peer(stream), exc)
             await trio.aclose_forcefully(stream)
@@ -479,6 +518,12 @@ class Cluster:
             node = self.replicas.route(sid, alive)
         if node == self.me and sid not in self.replicas.meta:
             master, backup = named_nodes(sid, self.replicas.nodes)
+            if self.me not in (master, backup):
+                # Both named holders are dead, but the session may have moved
+                # here or elsewhere since (takeover, re-homing): ask first.
+                found = await self._locate(sid)
+                if found is not None and found != self.me:
+                    return found
             dead = self.membership.state(master) == mb.DEAD and (
                 backup == master or self.membership.state(backup) == mb.DEAD
             )
@@ -507,19 +552,19 @@ class Cluster:
             except LinkError:
                 reply = None
         store = self.server.engine.store
-        if isinstance(reply, p.Data) and len(reply.tokens) == 4:
-            role, epoch, version, ttl_ms = reply.tokens
-            if role == MASTER and int(epoch) >= m.epoch:
+        if isinstance(reply, p.Data) and (parsed := _where_tokens(reply.tokens)) is not None:
+            role, epoch, version, ttl_ms = parsed
+            if role == MASTER and epoch >= m.epoch:
                 # It moved while we were away: ours is stale.
                 self.replicas.stale(sid, other or "")
                 self._drop_local(sid)
                 log.info("event=stale_copy_dropped session=%s master=%s", sid_tag(sid), other)
                 return
-            if int(version) >= m.version and int(ttl_ms) > 0:
-                ttl_s = max(1, math.ceil(int(ttl_ms) / 1000))
+            if version >= m.version and ttl_ms > 0:
+                ttl_s = max(1, math.ceil(ttl_ms / 1000))
                 store.put(sid, reply.data, ttl_s, trio.current_time())
                 self._journal(Op.PUT, sid, ttl_s, reply.data)
-            self.replicas.verified(sid, int(epoch), int(version))
+            self.replicas.verified(sid, epoch, version)
         else:
             self.replicas.verified(sid, m.epoch, m.version)
             if m.role == MASTER and m.backup is not None and reply == p.MISS:
@@ -594,8 +639,9 @@ class Cluster:
                 reply = await self.call(node, p.Where(sid))
             except LinkError:
                 return
-            if isinstance(reply, p.Data) and reply.tokens and reply.tokens[0] == MASTER:
-                key = (int(reply.tokens[1]), int(reply.tokens[2]), node)
+            parsed = _where_tokens(reply.tokens) if isinstance(reply, p.Data) else None
+            if parsed is not None and parsed[0] == MASTER:
+                key = (parsed[1], parsed[2], node)
                 if best is None or key > best:
                     best = key
 
@@ -631,8 +677,8 @@ class Cluster:
         deadline = trio.current_time() + 2 * (self.config.dead_after_s + self.config.probe_s) + 2
         while True:
             m = self.replicas.meta.get(sid)
-            if m is None and not deleted:
-                return p.Error(p.Code.UNAVAILABLE, "the session moved to another node")
+            if (m is None and not deleted) or (m is not None and m.role != MASTER):
+                return p.Error(p.Code.UNAVAILABLE, "the session moved to another node; retry")
             backup = m.backup if m is not None else backup_of_deleted
             if backup is None:
                 return None  # degraded: ours is the only copy (CLUSTER.md §6)
@@ -693,15 +739,22 @@ class Cluster:
             log.warning("event=copy_failed session=%s detail=%s", sid_tag(sid), error.message)
 
     async def call(self, node: str, request: p.Request) -> p.Reply:
-        """A request to a peer over a pooled link."""
-        pool = self._pool.setdefault(node, [])
-        link = pool.pop() if pool else PeerLink(self, node)
-        reply = await link.call(request)
-        if len(pool) < _LINK_POOL and link.stream is not None:
-            pool.append(link)
-        else:
-            await link.aclose()
-        return reply
+        """A request to a peer over a pooled link (at most _LINK_POOL at once)."""
+        limiter = self._per_peer.setdefault(node, trio.CapacityLimiter(_LINK_POOL))
+        async with limiter:
+            pool = self._pool.setdefault(node, [])
+            link = pool.pop() if pool else PeerLink(self, node)
+            try:
+                reply = await link.call(request)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await link.aclose()
+                raise
+            if len(pool) < _LINK_POOL and link.stream is not None:
+                pool.append(link)
+            else:
+                await link.aclose()
+            return reply
 
     # -- the peer's side of replication
 
@@ -731,6 +784,14 @@ class Cluster:
                     self._drop_local(request.sid)
             return p.OK
         if isinstance(request, p.Handoff):
+            # Only from the session's master, to its backup, moving on by one
+            # epoch, with nothing newer here (CLUSTER.md §8).
+            copy = self.replicas.meta.get(request.sid)
+            if copy is not None and not (
+                copy.role == BACKUP and copy.master == peer
+                and copy.epoch == request.epoch - 1 and copy.version <= request.version
+            ):
+                return p.Error(p.Code.STALE, f"{copy.master} {copy.epoch}")
             store.put(request.sid, request.data, request.ttl_s, now)
             self._journal(Op.PUT, request.sid, request.ttl_s, request.data)
             self.replicas.handoff(request.sid, request.epoch, request.version)
@@ -774,6 +835,7 @@ class Cluster:
                     continue
                 if reply == p.OK:
                     self.replicas.stale(sid, target)
+                    self._drop_local(sid)  # a restart must not take it back
                     handed += 1
             # Masters of the copies we back up re-home them once they see us
             # draining (_rehome_from_drainers); wait until none is left here.
@@ -782,6 +844,16 @@ class Cluster:
             log.info("event=drained handed_over=%d", handed)
         if scope.cancelled_caught:
             log.warning("event=drain_timeout")
+
+
+def _where_tokens(tokens: tuple[str, ...]) -> tuple[str, int, int, int] | None:
+    """``<role> <epoch> <version> <ttl_ms>`` of a WHERE reply, or None if a
+    peer sent something else."""
+    if len(tokens) != 4 or tokens[0] not in (MASTER, BACKUP):
+        return None
+    if not all(t.isdigit() and len(t) < 20 for t in tokens[1:]):
+        return None
+    return tokens[0], int(tokens[1]), int(tokens[2]), int(tokens[3])
 
 
 def _peer(stream: trio.SocketStream) -> str:

@@ -12,7 +12,7 @@ epoch, newer than what it has (CLUSTER.md §6).  :meth:`node_dead` performs a
 takeover and lists the copies to send to new backups (§7).  Copies of
 uncertain freshness (restored from disk, or held across our own stall) are
 *unverified*: the shell checks them with their other holder first
-(:meth:`verify_decision`).
+(``phpsess.cluster`` asks the other holder).
 """
 
 from __future__ import annotations
@@ -70,6 +70,10 @@ class Replicas:
         self.me = me
         self.nodes = frozenset(nodes)
         self.meta: dict[str, Meta] = {}
+        # (epoch, version) of recently deleted sessions: a late update must not
+        # bring a destroyed session back, and a session made again carries on
+        # from there, so its new versions are newer than the delete.
+        self._tombstones: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self.unverified: set[str] = set()
         # Where other nodes told us a session's master is (NOT_MASTER, WHERE).
         self._hints: OrderedDict[str, str] = OrderedDict()
@@ -113,7 +117,10 @@ class Replicas:
         if m is None or m.role != MASTER:
             # First change here: we are its master now.
             _, named_backup = named_nodes(sid, self.nodes)
-            m = Meta(MASTER, self.me, None, 1 if m is None else m.epoch + 1, 0)
+            epoch, version = self._tombstones.pop(sid, (0, 0))
+            if m is not None:
+                epoch, version = max((epoch, version), (m.epoch, m.version))
+            m = Meta(MASTER, self.me, None, max(1, epoch + (m is not None)), version)
             self.meta[sid] = m
             m.backup = named_backup if named_backup != self.me else None
             if m.backup is None:
@@ -124,6 +131,7 @@ class Replicas:
         backup = m.backup
         if deleted:
             del self.meta[sid]
+            self._bury(sid, m.epoch, m.version)
         if backup is None:
             return None  # degraded: the only copy
         return Repl(backup, sid, self.me, m.epoch, m.version, deleted)
@@ -151,6 +159,10 @@ class Replicas:
     def apply(self, sid: str, master: str, epoch: int, version: int, deleted: bool) -> Applied:
         """Whether to apply a replicated change (CLUSTER.md §6)."""
         m = self.meta.get(sid)
+        if m is None:
+            buried = self._tombstones.get(sid)
+            if buried is not None and (epoch, version) <= buried:
+                return Applied(Verdict.DUPLICATE)  # older than its deletion
         if m is not None and m.role == MASTER and master != self.me and epoch <= m.epoch:
             return Applied(Verdict.STALE, self.me, m.epoch)
         if m is not None and m.role == BACKUP:
@@ -164,9 +176,17 @@ class Replicas:
         self._hints.pop(sid, None)
         if deleted:
             self.meta.pop(sid, None)
+            self._bury(sid, epoch, version)
         else:
+            self._tombstones.pop(sid, None)
             self.meta[sid] = Meta(BACKUP, master, self.me, epoch, version)
         return Applied(Verdict.ACCEPT)
+
+    def _bury(self, sid: str, epoch: int, version: int) -> None:
+        self._tombstones[sid] = (epoch, version)
+        self._tombstones.move_to_end(sid)
+        if len(self._tombstones) > _HINTS_MAX:
+            self._tombstones.popitem(last=False)
 
     def handoff(self, sid: str, epoch: int, version: int) -> None:
         """A draining master handed ``sid`` to us (CLUSTER.md §8)."""

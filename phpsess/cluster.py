@@ -17,6 +17,7 @@ import math
 import secrets
 import socket as stdsocket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("phpsess")
 
 IO_TIMEOUT_S: Final = 5.0
-_LINK_POOL: Final = 16  # idle replication links kept per peer
+_PIPE_IDLE_S: Final = 60.0
 _MAX_LINE: Final = 512
 
 
@@ -175,6 +176,111 @@ class PeerLink:
                 self.stream.socket.shutdown(stdsocket.SHUT_RDWR)
 
 
+class _Slot:
+    __slots__ = ("done", "error", "reply")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.reply: p.Reply | None = None
+        self.error: str | None = None
+
+
+class Pipe:
+    """The ordered, pipelined replication connection to one peer (CLUSTER.md
+    §6): every request waiting to go out leaves in one ``send_all`` and the
+    replies are matched in order, so concurrent writes share system calls and
+    a peer sees one session's updates in the order they were made."""
+
+    def __init__(self, cluster: Cluster, name: str) -> None:
+        self.cluster = cluster
+        self.name = name
+        self._outbox: list[bytes] = []
+        self._waiting: deque[_Slot] = deque()
+        self._kick = trio.Event()
+        self._running = False
+
+    async def call(self, request: p.Request, timeout_s: float = IO_TIMEOUT_S) -> p.Reply:
+        if not self._running:
+            self._running = True
+            self.cluster._spawn(self._run)
+        slot = _Slot()
+        self._outbox.append(p.encode_request(request))
+        self._waiting.append(slot)
+        self._kick.set()
+        with trio.move_on_after(timeout_s):
+            await slot.done.wait()
+        if not slot.done.is_set():
+            slot.error = "timed out"
+            self.abort()
+        if slot.error is not None or slot.reply is None:
+            raise LinkError(f"peer {self.name}: {slot.error or 'no reply'}")
+        return slot.reply
+
+    def abort(self) -> None:
+        link = getattr(self, "_link", None)
+        if link is not None:
+            link.abort()
+
+    async def _run(self) -> None:
+        try:
+            while self._waiting:
+                self._link = PeerLink(self.cluster, self.name)
+                try:
+                    await self._link.connect()
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._read)
+                        await self._write(nursery.cancel_scope)
+                except (LinkError, OSError, trio.BrokenResourceError,
+                        trio.ClosedResourceError, p.ReplyError) as exc:
+                    self._fail_all(str(exc) or type(exc).__name__)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._link.aclose()
+        finally:
+            self._running = False
+
+    async def _write(self, idle: trio.CancelScope) -> None:
+        link = self._link
+        while True:
+            if self._outbox:
+                batch = b"".join(self._outbox)
+                self._outbox.clear()
+                assert link.stream is not None
+                await link.stream.send_all(batch)
+                continue
+            self._kick = trio.Event()
+            with trio.move_on_after(_PIPE_IDLE_S):
+                await self._kick.wait()
+            if not self._outbox and not self._waiting:
+                idle.cancel()  # unused for a while: close; reopened on demand
+                return
+
+    async def _read(self) -> None:
+        link = self._link
+        while True:
+            while True:
+                reply = link.parser.next_reply()
+                if isinstance(reply, p._NeedData):
+                    break
+                if not self._waiting:
+                    raise LinkError("a reply nobody asked for")
+                slot = self._waiting.popleft()
+                slot.reply = reply
+                slot.done.set()
+            assert link.stream is not None
+            data = await link.stream.receive_some(1 << 20)
+            if not data:
+                raise LinkError("connection closed")
+            link.parser.receive_data(data)
+
+    def _fail_all(self, why: str) -> None:
+        self._outbox.clear()
+        while self._waiting:
+            slot = self._waiting.popleft()
+            slot.error = why
+            slot.done.set()
+
+
 class Forwards:
     """The peer links of one client connection, one per master it talked to
     (CLUSTER.md §5.3): the master sees each as that client, so locks hold."""
@@ -228,7 +334,6 @@ class Cluster:
         )
         self.replicas = Replicas(config.node, [config.node, *self.peer_address])
         self.links: dict[str, set[PeerLink]] = {}
-        self._pool: dict[str, list[PeerLink]] = {}
         self.ready = trio.Event()
         self.draining = False
         self._nursery: trio.Nursery | None = None
@@ -238,7 +343,7 @@ class Cluster:
         self._rehomed: set[str] = set()
         self._missing_logged: set[str] = set()
         self._handshakes = trio.CapacityLimiter(64)  # unauthenticated at once
-        self._per_peer: dict[str, trio.CapacityLimiter] = {}
+        self._pipes: dict[str, Pipe] = {}
         self.started = trio.current_time()
         self._last_tick = trio.current_time()
         # How long a request may wait for a failover to complete.
@@ -439,7 +544,6 @@ class Cluster:
         log.warning("event=peer_dead peer=%s", name)
         for link in list(self.links.get(name, ())):
             link.abort()
-        self._pool.pop(name, None)
         copies = self.replicas.node_dead(name, self._choose_backup)
         self.takeovers_total += 1
         log.info("event=takeover peer=%s copies=%d", name, len(copies))
@@ -739,22 +843,13 @@ class Cluster:
             log.warning("event=copy_failed session=%s detail=%s", sid_tag(sid), error.message)
 
     async def call(self, node: str, request: p.Request) -> p.Reply:
-        """A request to a peer over a pooled link (at most _LINK_POOL at once)."""
-        limiter = self._per_peer.setdefault(node, trio.CapacityLimiter(_LINK_POOL))
-        async with limiter:
-            pool = self._pool.setdefault(node, [])
-            link = pool.pop() if pool else PeerLink(self, node)
-            try:
-                reply = await link.call(request)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await link.aclose()
-                raise
-            if len(pool) < _LINK_POOL and link.stream is not None:
-                pool.append(link)
-            else:
-                await link.aclose()
-            return reply
+        """A request to a peer over its ordered, pipelined connection."""
+        if node not in self.peer_address:
+            raise LinkError(f"{node!r} is not a configured peer")
+        pipe = self._pipes.get(node)
+        if pipe is None:
+            pipe = self._pipes[node] = Pipe(self, node)
+        return await pipe.call(request)
 
     # -- the peer's side of replication
 

@@ -361,9 +361,6 @@ class Server:
         if isinstance(event, (p.ReplPut, p.ReplDelete, p.Where, p.Handoff)):
             assert conn.node is not None
             reply = cluster.handle_peer(conn.node, event, now)
-            if self.persister is not None and not isinstance(event, p.Where):
-                # The backup acknowledges under its own fsync policy too.
-                await self.persister.wait_durable(self.persister.submitted)
             if isinstance(event, p.Handoff) and reply == p.OK:
                 await cluster.after_handoff(event.sid)
             return reply
@@ -405,6 +402,12 @@ class Server:
                 if cluster is not None:
                     reply_or_wait = await self._cluster_request(conn, event, now)
                     now = trio.current_time()
+                    if self.persister is not None and isinstance(
+                        event, (p.ReplPut, p.ReplDelete, p.Handoff)
+                    ):
+                        # The backup acknowledges under its own fsync policy,
+                        # once for a whole pipelined batch (group commit).
+                        durable_seq = self.persister.submitted
                 if reply_or_wait is None:
                     reply_or_wait = engine.handle(owner, event, now)
                     if isinstance(event, p.Hello) and reply_or_wait == _OK_1:

@@ -31,7 +31,7 @@ from phpsess.addresses import TcpAddress
 from phpsess.journal import Op
 from phpsess.logs import sid_tag
 from phpsess.placement import check_node_name, named_nodes, suffix
-from phpsess.replica import BACKUP, MASTER, Replicas, Verdict
+from phpsess.replica import BACKUP, MASTER, Replicas, Verdict, decode_meta, encode_meta
 
 if TYPE_CHECKING:
     from phpsess.server import Server
@@ -351,6 +351,8 @@ class Cluster:
         self.takeovers_total = 0
         self.replication_failures_total = 0
         server.engine.sid_suffix = self._sid_suffix
+        if server.persister is not None:
+            server.persister.meta_source = self.meta_snapshot
         if server.engine.changes is None:
             server.engine.changes = []
 
@@ -410,13 +412,15 @@ class Cluster:
         backup = self.membership.choose_backup(exclude={master})
         return suffix(master, backup)
 
-    def adopt_restored(self, sids: list[str]) -> None:
-        """Copies restored from disk (CLUSTER.md §7): keep those we master,
-        unverified; backup copies are dropped (their masters re-copy)."""
+    def adopt_restored(self, sids: list[str], journaled: dict[str, bytes]) -> None:
+        """Copies restored from disk (CLUSTER.md §7): those we master stay,
+        unverified until checked; backup copies are dropped (their masters
+        re-copy).  Roles come from the journal, else from the session ID."""
         store = self.server.engine.store
         dropped = 0
         for sid in sids:
-            self.replicas.adopt_restored(sid)
+            raw = journaled.get(sid)
+            self.replicas.adopt_restored(sid, None if raw is None else decode_meta(raw))
             m = self.replicas.meta[sid]
             if m.role == BACKUP:
                 del self.replicas.meta[sid]
@@ -428,6 +432,21 @@ class Cluster:
                 "event=cluster_restored unverified=%d dropped_backup_copies=%d",
                 len(sids) - dropped, dropped,
             )
+
+    def _signature(self, sid: str) -> tuple[str, int, str, str | None] | None:
+        m = self.replicas.meta.get(sid)
+        return None if m is None else (m.role, m.epoch, m.master, m.backup)
+
+    def _journal_meta(self, sid: str, before: object = ()) -> None:
+        """Journal a session's role and epoch when they change (not on every
+        write: versions are settled with the backup after a restart)."""
+        m = self.replicas.meta.get(sid)
+        if m is None or self.server.persister is None or self._signature(sid) == before:
+            return
+        self.server.persister.submit([(Op.META, sid, 0, encode_meta(m))], time.time())
+
+    def meta_snapshot(self) -> dict[str, bytes]:
+        return {sid: encode_meta(m) for sid, m in self.replicas.meta.items()}
 
     # -- heartbeats and membership (CLUSTER.md §3)
 
@@ -474,6 +493,7 @@ class Cluster:
                      if m.role == MASTER and m.backup == peer]
             for sid in moved:
                 self.replicas.meta[sid].backup = self.membership.choose_backup(exclude={peer})
+                self._journal_meta(sid)
                 self._spawn(self._rehome, sid, peer)
             # Our backup copies of its sessions go when it hands them over.
             log.info("event=peer_draining peer=%s rehomed=%d", peer, len(moved))
@@ -545,6 +565,8 @@ class Cluster:
         for link in list(self.links.get(name, ())):
             link.abort()
         copies = self.replicas.node_dead(name, self._choose_backup)
+        for repl in copies:
+            self._journal_meta(repl.sid)
         self.takeovers_total += 1
         log.info("event=takeover peer=%s copies=%d", name, len(copies))
         for repl in copies:
@@ -568,6 +590,7 @@ class Cluster:
         for sid in self.replicas.degraded_sessions():
             repl = self.replicas.backup_failed(sid, self._choose_backup)
             if repl is not None:
+                self._journal_meta(sid)
                 await self._send_copy(sid)
 
     # -- peer connections (CLUSTER.md §4)
@@ -644,35 +667,56 @@ class Cluster:
         return node
 
     async def _verify(self, sid: str) -> None:
+        """Check a copy of uncertain freshness against every live peer before
+        serving it (CLUSTER.md §7): drop it if the session moved, take the
+        backup's data if it is newer, else keep it (and re-copy it)."""
         m = self.replicas.meta.get(sid)
         if m is None:
             self.replicas.unverified.discard(sid)
             return
-        other = m.backup if m.role == MASTER else m.master
-        reply: p.Reply | None = None
-        if other is not None and other != self.me and self.membership.is_alive(other):
+        answers = await self._where_all(sid)
+        masters = [(e, v, node) for node, (role, e, v, _, _) in answers.items() if role == MASTER]
+        if masters and max(masters)[:2] >= (m.epoch, m.version):
+            node = max(masters)[2]
+            self.replicas.stale(sid, node)
+            self._drop_local(sid)
+            log.info("event=stale_copy_dropped session=%s master=%s", sid_tag(sid), node)
+            return
+        newest = max(
+            ((e, v, ttl_ms, data) for role, e, v, ttl_ms, data in answers.values()
+             if role == BACKUP and e >= m.epoch),
+            default=None,
+        )
+        if newest is not None and newest[1] > m.version and newest[2] > 0:
+            ttl_s = max(1, math.ceil(newest[2] / 1000))
+            self.server.engine.store.put(sid, newest[3], ttl_s, trio.current_time())
+            self._journal(Op.PUT, sid, ttl_s, newest[3])
+            self.replicas.verified(sid, newest[0], newest[1])
+            return
+        self.replicas.verified(sid, m.epoch, m.version)
+        backup = m.backup
+        if m.role == MASTER and backup is not None and backup not in answers:
+            await self._send_copy(sid)  # the backup lost its copy: restore it
+
+    async def _where_all(self, sid: str) -> dict[str, tuple[str, int, int, int, bytes]]:
+        """``WHERE sid`` of every live peer: node -> (role, epoch, version,
+        ttl_ms, data) for those that hold a copy."""
+        answers: dict[str, tuple[str, int, int, int, bytes]] = {}
+
+        async def ask(node: str) -> None:
             try:
-                reply = await self.call(other, p.Where(sid))
+                reply = await self.call(node, p.Where(sid))
             except LinkError:
-                reply = None
-        store = self.server.engine.store
-        if isinstance(reply, p.Data) and (parsed := _where_tokens(reply.tokens)) is not None:
-            role, epoch, version, ttl_ms = parsed
-            if role == MASTER and epoch >= m.epoch:
-                # It moved while we were away: ours is stale.
-                self.replicas.stale(sid, other or "")
-                self._drop_local(sid)
-                log.info("event=stale_copy_dropped session=%s master=%s", sid_tag(sid), other)
                 return
-            if version >= m.version and ttl_ms > 0:
-                ttl_s = max(1, math.ceil(ttl_ms / 1000))
-                store.put(sid, reply.data, ttl_s, trio.current_time())
-                self._journal(Op.PUT, sid, ttl_s, reply.data)
-            self.replicas.verified(sid, epoch, version)
-        else:
-            self.replicas.verified(sid, m.epoch, m.version)
-            if m.role == MASTER and m.backup is not None and reply == p.MISS:
-                await self._send_copy(sid)
+            if isinstance(reply, p.Data):
+                parsed = _where_tokens(reply.tokens)
+                if parsed is not None:
+                    answers[node] = (*parsed, reply.data)
+
+        async with trio.open_nursery() as nursery:
+            for node in self.membership.alive_peers():
+                nursery.start_soon(ask, node)
+        return answers
 
     def _drop_local(self, sid: str) -> None:
         if self.server.engine.store.delete(sid):
@@ -735,24 +779,10 @@ class Cluster:
 
     async def _locate(self, sid: str) -> str | None:
         """Ask every live peer who masters ``sid`` (CLUSTER.md §5.4)."""
-        best: tuple[int, int, str] | None = None
-
-        async def ask(node: str) -> None:
-            nonlocal best
-            try:
-                reply = await self.call(node, p.Where(sid))
-            except LinkError:
-                return
-            parsed = _where_tokens(reply.tokens) if isinstance(reply, p.Data) else None
-            if parsed is not None and parsed[0] == MASTER:
-                key = (parsed[1], parsed[2], node)
-                if best is None or key > best:
-                    best = key
-
-        async with trio.open_nursery() as nursery:
-            for node in self.membership.alive_peers():
-                nursery.start_soon(ask, node)
+        answers = await self._where_all(sid)
+        masters = [(e, v, node) for node, (role, e, v, _, _) in answers.items() if role == MASTER]
         mine = self.replicas.where(sid)
+        best = max(masters) if masters else None
         if mine is not None and mine[0] == MASTER and (best is None or mine[1:] > best[:2]):
             return self.me
         if best is None:
@@ -765,7 +795,9 @@ class Cluster:
     async def replicate(self, changes: list[tuple[Op, str, int, bytes]]) -> p.Error | None:
         """Copy our changes to each session's backup; None once all have them."""
         for op, sid, _, _ in changes:
+            before = self._signature(sid)
             repl = self.replicas.local_change(sid, op is Op.DELETE, self._choose_backup)
+            self._journal_meta(sid, before)
             if repl is None:
                 continue
             error = await self._send_until_acknowledged(
@@ -809,6 +841,7 @@ class Cluster:
                         return None  # a delete: the dead backup's copy is gone anyway
                     if m.backup == backup:
                         self.replicas.backup_failed(sid, self._choose_backup)
+                        self._journal_meta(sid)
                 continue
             if reply == p.OK:
                 return None
@@ -866,6 +899,7 @@ class Cluster:
             return p.Data(entry.data, (role, str(epoch), str(version), str(ttl_ms)))
         if isinstance(request, (p.ReplPut, p.ReplDelete)):
             deleted = isinstance(request, p.ReplDelete)
+            before = self._signature(request.sid)
             applied = self.replicas.apply(
                 request.sid, request.master, request.epoch, request.version, deleted
             )
@@ -875,6 +909,7 @@ class Cluster:
                 if isinstance(request, p.ReplPut):
                     store.put(request.sid, request.data, request.ttl_s, now)
                     self._journal(Op.PUT, request.sid, request.ttl_s, request.data)
+                    self._journal_meta(request.sid, before)
                 else:
                     self._drop_local(request.sid)
             return p.OK
@@ -892,6 +927,7 @@ class Cluster:
             self.replicas.handoff(request.sid, request.epoch, request.version)
             m = self.replicas.meta[request.sid]
             m.backup = self.membership.choose_backup(exclude={peer})
+            self._journal_meta(request.sid)
             return p.OK
         raise AssertionError(request)
 

@@ -8,7 +8,9 @@ Theory of operation.  Both file kinds are a header line followed by records:
     body    = op:u8  sid_len:u16le  sid  [expires_at:f64le  ttl_s:u32le  [data]]
 
 ``op`` is PUT (data and lifetime), TOUCH (lifetime only), DELETE (destroy or
-expiry) or END (snapshot trailer; its "sid" is the decimal record count).
+expiry), END (snapshot trailer; its "sid" is the decimal record count) or
+META (a session's cluster role and epoch, laid out as a PUT with no
+lifetime; written only when they change).
 ``expires_at`` is **wall-clock** Unix time: a restarted daemon compares it
 with the time it restarts at, so a session that expired while the daemon was
 down is not restored, and the others keep their remaining lifetime.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import enum
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 import attrs
@@ -47,6 +49,7 @@ class Op(enum.IntEnum):
     TOUCH = 2
     DELETE = 3
     END = 4
+    META = 5  # a session's cluster metadata (CLUSTER.md §7); data = its encoding
 
 
 _OPS: Final = {op.value: op for op in Op}
@@ -64,7 +67,7 @@ class Record:
 def encode(op: Op, sid: str, expires_at: float = 0.0, ttl_s: int = 0, data: bytes = b"") -> bytes:
     raw_sid = sid.encode("ascii")
     body = _OP_SID.pack(op, len(raw_sid)) + raw_sid
-    if op is Op.PUT or op is Op.TOUCH:
+    if op is Op.PUT or op is Op.TOUCH or op is Op.META:
         body += _LIFE.pack(expires_at, ttl_s) + data
     return _HEAD.pack(len(body), zlib.crc32(body)) + body
 
@@ -112,11 +115,11 @@ def _decode_body(body: bytes) -> Record:
         raise _Bad("record too short for its session id")
     sid = sid_raw.decode("ascii", "replace")
     pos += sid_len
-    if op is Op.PUT or op is Op.TOUCH:
+    if op is Op.PUT or op is Op.TOUCH or op is Op.META:
         if len(body) < pos + _LIFE.size:
             raise _Bad("record too short for its lifetime")
         expires_at, ttl_s = _LIFE.unpack_from(body, pos)
-        data = body[pos + _LIFE.size :] if op is Op.PUT else b""
+        data = body[pos + _LIFE.size :] if op is not Op.TOUCH else b""
         return Record(op, sid, expires_at, ttl_s, data)
     if len(body) != pos:
         raise _Bad("trailing bytes in record")
@@ -141,7 +144,7 @@ def scan(buf: bytes | memoryview, start: int, emit: Emit) -> ScanResult:
     crc32 = zlib.crc32
     op_sid = _OP_SID.size
     life = _LIFE.size
-    put, touch, end_op = Op.PUT, Op.TOUCH, Op.END
+    put, touch, end_op, meta = Op.PUT, Op.TOUCH, Op.END, Op.META
     while pos < end:
         if end - pos < head:
             return _tail_or_corrupt(view, pos, end, "incomplete record header")
@@ -156,11 +159,11 @@ def scan(buf: bytes | memoryview, start: int, emit: Emit) -> ScanResult:
             return _tail_or_corrupt(view, pos, end, "checksum mismatch", body_end)
         op_value, sid_len = unpack_op(view, body_start)
         sid_end = body_start + op_sid + sid_len
-        if op_value in (put, touch):
+        if op_value in (put, touch, meta):
             if sid_end + life > body_end:
                 return ScanResult(Damage.CORRUPT, pos, pos, "record too short for its lifetime")
             expires_at, ttl_s = unpack_life(view, sid_end)
-            data = bytes(view[sid_end + life : body_end]) if op_value == put else b""
+            data = bytes(view[sid_end + life : body_end]) if op_value != touch else b""
         elif op_value == Op.DELETE or op_value == end_op:
             if sid_end != body_end:
                 return ScanResult(Damage.CORRUPT, pos, pos, "malformed record")
@@ -215,10 +218,14 @@ def resync(
 
 def iter_snapshot_records(
     entries: Iterator[tuple[str, float, int, bytes]],
+    metas: Iterable[tuple[str, bytes]] = (),
 ) -> Iterator[bytes]:
-    """The records of a snapshot of ``(sid, expires_at, ttl_s, data)``."""
+    """The records of a snapshot of ``(sid, expires_at, ttl_s, data)`` and of
+    the cluster metadata ``(sid, encoded)`` of those sessions."""
     count = 0
     for sid, expires_at, ttl_s, data in entries:
         count += 1
         yield encode_put(sid, expires_at, ttl_s, data)
+    for sid, encoded in metas:
+        yield encode(Op.META, sid, data=encoded)
     yield encode(Op.END, str(count))

@@ -81,6 +81,8 @@ class DataDirError(Exception):
 class Restored:
     # sid -> entry, its expiry on the clock restore() was given
     sessions: dict[str, Entry]
+    # sid -> the cluster metadata last journaled for it (phpsess.replica)
+    meta: dict[str, bytes] = attrs.Factory(dict)
     expired: int = 0
     files: int = 0
     torn: list[str] = attrs.Factory(list)
@@ -136,6 +138,7 @@ class _Apply:
 
     def __init__(self, wall_now: float, offset: float) -> None:
         self.sessions: dict[str, Entry] = {}
+        self.meta: dict[str, bytes] = {}
         self.wall_now = wall_now
         self.offset = offset
         self.expired = 0
@@ -160,6 +163,9 @@ class _Apply:
                     self.expired += 1
         elif op is j.Op.DELETE:
             self.sessions.pop(sid, None)
+            self.meta.pop(sid, None)
+        elif op is j.Op.META:
+            self.meta[sid] = data
         else:
             self.end_count = int(sid) if sid.isdigit() else -1
 
@@ -256,6 +262,7 @@ def restore(data_dir: str, wall_now: float, mono_now: float = 0.0) -> tuple[Rest
             os.unlink(os.path.join(data_dir, journal_name(gen)))
     current = max([base, *[g for g in journals if g >= base]])
     result.sessions = apply.sessions
+    result.meta = {sid: m for sid, m in apply.meta.items() if sid in apply.sessions}
     result.expired = apply.expired
     result.seconds = time.monotonic() - started
     return result, current
@@ -365,6 +372,9 @@ class Persister:
         self.fsyncs_total = 0
         self.fsync_seconds_total = 0.0
         self.compactions_total = 0
+        # The cluster's metadata of every session, for snapshots (or None).
+        self.meta_source: Callable[[], dict[str, bytes]] | None = None
+        self._snapshot_metas: dict[str, bytes] = {}
 
     # -- start
 
@@ -407,6 +417,8 @@ class Persister:
         for op, sid, ttl_s, data in changes:
             if op is j.Op.PUT:
                 pending.append(j.encode_put(sid, wall_now + ttl_s, ttl_s, data))
+            elif op is j.Op.META:
+                pending.append(j.encode(op, sid, data=data))
             elif op is j.Op.TOUCH:
                 pending.append(j.encode(op, sid, wall_now + ttl_s, ttl_s))
             else:
@@ -516,6 +528,7 @@ class Persister:
         self._pending = []
         seq = self.submitted
         source = snapshot_source()
+        metas = self.meta_source() if self.meta_source is not None else {}
         old_fd = self._fd
         self._fd = new_fd
         self.gen = new_gen
@@ -532,6 +545,7 @@ class Persister:
         self.synced = max(self.synced, seq)
         self._progress.set()
         self._progress = trio.Event()
+        self._snapshot_metas = metas
         return source
 
     async def _write_snapshot(self, source: SnapshotSource, gen: int) -> None:
@@ -561,7 +575,8 @@ class Persister:
             out.write(j.SNAPSHOT_MAGIC)
             chunk: list[bytes] = []
             size = 0
-            for record in j.iter_snapshot_records(source()):
+            metas = self._snapshot_metas
+            for record in j.iter_snapshot_records(source(), metas.items()):
                 chunk.append(record)
                 size += len(record)
                 count += 1

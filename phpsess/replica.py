@@ -40,6 +40,23 @@ class Meta:
     version: int
 
 
+def encode_meta(m: Meta) -> bytes:
+    """For the journal (CLUSTER.md §7): ``role epoch version master backup``."""
+    return f"{m.role} {m.epoch} {m.version} {m.master} {m.backup or '-'}".encode("ascii")
+
+
+def decode_meta(raw: bytes) -> Meta | None:
+    """The inverse of :func:`encode_meta`; None for anything malformed."""
+    try:
+        role, epoch, version, master, backup = raw.decode("ascii").split(" ")
+        meta = Meta(role, master, None if backup == "-" else backup, int(epoch), int(version))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if role not in (MASTER, BACKUP) or meta.epoch < 0 or meta.version < 0:
+        return None
+    return meta
+
+
 @attrs.frozen
 class Repl:
     """A change (or a whole copy) for ``to``, the session's backup."""
@@ -237,9 +254,15 @@ class Replicas:
             return None
         return m.role, m.epoch, m.version
 
-    def adopt_restored(self, sid: str) -> None:
-        """A copy restored from disk with no metadata: take the roles its ID
-        names; it stays unverified until checked (CLUSTER.md §7)."""
+    def adopt_restored(self, sid: str, journaled: Meta | None = None) -> None:
+        """A copy restored from disk: its journaled metadata, or else the
+        roles its ID names; it stays unverified until checked (CLUSTER.md §7)."""
+        self.unverified.add(sid)
+        if journaled is not None:
+            if journaled.role == MASTER:
+                journaled.master = self.me
+            self.meta[sid] = journaled
+            return
         master, backup = named_nodes(sid, self.nodes)
         if master == self.me:
             self.meta[sid] = Meta(MASTER, self.me, backup if backup != self.me else None, 0, 0)

@@ -128,7 +128,7 @@ class Server:
         sids = list(restored.sessions) if self.cluster is not None else []
         self.engine.store.load(restored.sessions)
         if self.cluster is not None:
-            self.cluster.adopt_restored(sids)
+            self.cluster.adopt_restored(sids, restored.meta)
         log.info(
             "event=restored sessions=%d expired_while_down=%d files=%d seconds=%.3f "
             "data_dir=%s generation=%d",

@@ -296,3 +296,24 @@ def _counter_raw(cluster: Cluster, via: str, sid: str) -> bytes:
         reply = c.request(p.Read(sid, lock=False))
     assert isinstance(reply, p.Data), reply
     return reply.data
+
+
+def test_whole_cluster_power_loss_after_a_takeover_keeps_every_session(
+    cluster: Cluster,
+) -> None:
+    sid = _create(cluster, "a", b"n|i:0;")
+    addresses = [cluster.address(n) for n in NAMES]
+    assert _acks(_php(sid, 5, addresses).communicate(timeout=60)[0]) == [1, 2, 3, 4, 5]
+    cluster.nodes["a"].kill9()  # the named master dies; its backup takes over
+    survivors = [cluster.address("b"), cluster.address("c")]
+    assert _acks(_php(sid, 5, survivors).communicate(timeout=60)[0]) == [6, 7, 8, 9, 10]
+    for name in ("b", "c"):  # then the power goes out everywhere
+        cluster.nodes[name].kill9()
+    for daemon in cluster.nodes.values():
+        daemon.start()
+    cluster.wait_formed()
+    for name in NAMES:
+        assert _counter(cluster, name, sid) == 10  # neither lost nor stale
+    assert _acks(_php(sid, 3, addresses).communicate(timeout=60)[0]) == [11, 12, 13]
+    # And it has two copies again.
+    assert sorted(_local_sessions(cluster, n) for n in NAMES) == [0, 1, 1]

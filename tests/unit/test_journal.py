@@ -1,0 +1,104 @@
+"""The journal and snapshot record format (phpsess.journal), and the cluster
+metadata encoding it carries (phpsess.replica.encode_meta)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from phpsess import journal as j
+from phpsess.replica import BACKUP, MASTER, Meta, decode_meta, encode_meta
+
+Rec = tuple[j.Op, str, float, int, bytes]
+
+
+def scan_all(buf: bytes, start: int = 0) -> tuple[list[Rec], j.ScanResult]:
+    out: list[Rec] = []
+    result = j.scan(buf, start, lambda *r: out.append(r))
+    return out, result
+
+
+RECORDS: list[Rec] = [
+    (j.Op.PUT, "s1", 1700000000.5, 1440, b"a|i:1;\x00\xff\n"),
+    (j.Op.TOUCH, "s1", 1700000100.0, 1440, b""),
+    (j.Op.DELETE, "s1", 0.0, 0, b""),
+    (j.Op.META, "s2", 0.0, 0, b"master 3 7 a b"),
+    (j.Op.PUT, "s" * 256, 1.0, 1, b""),
+]
+
+
+def encoded(records: list[Rec]) -> bytes:
+    return b"".join(j.encode(op, sid, exp, ttl, data) for op, sid, exp, ttl, data in records)
+
+
+def test_every_record_type_round_trips() -> None:
+    got, result = scan_all(encoded(RECORDS))
+    assert result.damage is j.Damage.NONE
+    assert got == RECORDS
+
+
+def test_encode_put_equals_encode() -> None:
+    assert j.encode_put("s", 2.0, 3, b"x") == j.encode(j.Op.PUT, "s", 2.0, 3, b"x")
+
+
+@pytest.mark.parametrize("cut", [1, 3, 8, 9, 12])
+def test_a_cut_last_record_is_a_torn_tail(cut: int) -> None:
+    buf = encoded(RECORDS)
+    last = j.encode(*RECORDS[0])
+    got, result = scan_all(buf + last[:cut])
+    assert got == RECORDS
+    assert result.damage is j.Damage.TORN_TAIL and result.good_end == len(buf)
+
+
+def test_zeros_after_the_last_record_are_a_torn_tail() -> None:
+    buf = encoded(RECORDS)
+    _, result = scan_all(buf + bytes(100))
+    assert result.damage is j.Damage.TORN_TAIL and result.good_end == len(buf)
+
+
+def test_a_bad_record_followed_by_data_is_corruption() -> None:
+    first = j.encode(*RECORDS[0])
+    damaged = bytearray(first)
+    damaged[-1] ^= 0xFF
+    rest = encoded(RECORDS[1:])
+    got, result = scan_all(bytes(damaged) + rest)
+    assert got == []
+    assert result.damage is j.Damage.CORRUPT and result.damage_at == 0
+    # Recovery keeps every intact record after it.
+    kept: list[j.Record] = []
+    _, bad = j.resync(bytes(damaged) + rest, 0, kept.append)
+    assert bad == [0] and [r.sid for r in kept] == [r[1] for r in RECORDS[1:]]
+
+
+def test_snapshot_records_end_with_a_count_and_carry_metadata() -> None:
+    entries = iter([("s1", 5.0, 60, b"x"), ("s2", 6.0, 60, b"y")])
+    buf = b"".join(j.iter_snapshot_records(entries, [("s1", b"master 1 1 a b")]))
+    got, result = scan_all(buf)
+    assert result.damage is j.Damage.NONE
+    assert [(op, sid) for op, sid, *_ in got] == [
+        (j.Op.PUT, "s1"), (j.Op.PUT, "s2"), (j.Op.META, "s1"), (j.Op.END, "2"),
+    ]
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_only_ever_scan_to_a_result(data: bytes) -> None:
+    _, result = scan_all(data)
+    assert result.damage in (j.Damage.NONE, j.Damage.TORN_TAIL, j.Damage.CORRUPT)
+    assert 0 <= result.good_end <= len(data)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [Meta(MASTER, "a", "b", 3, 7), Meta(BACKUP, "b", "a", 1, 0), Meta(MASTER, "a", None, 9, 2)],
+)
+def test_meta_round_trips(meta: Meta) -> None:
+    assert decode_meta(encode_meta(meta)) == meta
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"boss 1 1 a b", b"master x 1 a b", b"master 1 1 a", b"\xff\xfe", b"master -1 1 a b"],
+)
+def test_malformed_meta_is_refused(raw: bytes) -> None:
+    assert decode_meta(raw) is None

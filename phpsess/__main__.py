@@ -234,6 +234,11 @@ def _serve(args: argparse.Namespace) -> int:
         cluster=cluster,
     )
 
+    # The journal thread must get the GIL promptly: every acknowledged write
+    # waits for it, and CPython's default 5 ms switch interval would let a
+    # busy event loop hold it back that long.
+    sys.setswitchinterval(0.0005)
+
     async def run() -> None:
         await run_until_signal(Server(config))
 

@@ -309,32 +309,18 @@ class Server:
                     )
             await trio.aclose_forcefully(stream)
             return
-        self._next_owner += 1
-        owner = self._next_owner
-        conn = _Conn(owner, stream, _peer_name(stream))
-        self._conns[owner] = conn
-        self.engine.connect(owner)
-        try:
-            with trio.CancelScope() as conn.scope:
-                await self._serve_connection(conn)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away; its locks go below
-        except Exception:
-            log.exception("event=connection_crashed owner=%d", owner)
-        finally:
-            await self._close_forwards(conn)  # the masters release its locks
-            del self._conns[owner]
-            self.engine.disconnect(owner, trio.current_time())
-            self._after_engine()
-            if not self._conns:
-                self._no_conns.set()
-            await trio.aclose_forcefully(stream)
+        await self._run_connection(stream, _peer_name(stream))
 
     async def serve_peer(self, stream: trio.SocketStream, node: str, leftover: bytes) -> None:
         """An authenticated connection from peer ``node`` (CLUSTER.md §4)."""
+        await self._run_connection(stream, f"peer:{node}", node, leftover)
+
+    async def _run_connection(
+        self, stream: trio.SocketStream, peer: str, node: str | None = None, leftover: bytes = b""
+    ) -> None:
         self._next_owner += 1
         owner = self._next_owner
-        conn = _Conn(owner, stream, f"peer:{node}")
+        conn = _Conn(owner, stream, peer)
         conn.node = node
         self._conns[owner] = conn
         self.engine.connect(owner)
@@ -342,10 +328,11 @@ class Server:
             with trio.CancelScope() as conn.scope:
                 await self._serve_connection(conn, leftover)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            pass  # the client went away; its locks go below
         except Exception:
-            log.exception("event=connection_crashed owner=%d peer=%s", owner, node)
+            log.exception("event=connection_crashed owner=%d peer=%s", owner, peer)
         finally:
+            await self._close_forwards(conn)  # the masters release its locks
             del self._conns[owner]
             self.engine.disconnect(owner, trio.current_time())
             self._after_engine()

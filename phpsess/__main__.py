@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from phpsess import logs
-from phpsess.addresses import DEFAULT_LISTEN, AddressError, parse_address
+from phpsess import admin, logs
+from phpsess.addresses import DEFAULT_LISTEN, AddressError, TcpAddress, parse_address
 from phpsess.engine import VERSION, Limits
 
 if TYPE_CHECKING:
@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, how long handing sessions to other daemons may take (default: 30)",
     )
     serve.add_argument(
+        "--metrics-listen", metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default; "
+        "keep it on loopback)",
+    )
+    serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], default="info",
     )
 
@@ -149,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "repair", help="rewrite a damaged data directory keeping every intact record"
     )
     repair.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR")
+    admin.add_commands(commands)
     return parser
 
 
@@ -223,6 +229,18 @@ def _serve(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as exc:
             print(f"phpsess: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    metrics_listen = None
+    if args.metrics_listen:
+        try:
+            parsed = parse_address(
+                args.metrics_listen if args.metrics_listen.startswith("tcp:")
+                else f"tcp:{args.metrics_listen}"
+            )
+        except AddressError as exc:
+            print(f"phpsess: --metrics-listen: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        assert isinstance(parsed, TcpAddress)
+        metrics_listen = parsed
     config = ServerConfig(
         listen=listen,
         limits=limits,
@@ -232,6 +250,7 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_timeout_s=args.shutdown_timeout_s,
         persist=persist,
         cluster=cluster,
+        metrics_listen=metrics_listen,
     )
 
     # The journal thread must get the GIL promptly: every acknowledged write
@@ -278,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "repair":
         return _repair(args)
+    if args.command in admin.COMMANDS:
+        return admin.run(args)
     raise AssertionError(args.command)
 
 

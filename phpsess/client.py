@@ -4,6 +4,7 @@ scripts and tests.  One connection, one request at a time (or several with
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Sequence
 from types import TracebackType
@@ -32,6 +33,8 @@ class Client:
                     (self.address.host, self.address.port), timeout=timeout_s
                 )
         except OSError as exc:
+            with contextlib.suppress(AttributeError):
+                self._sock.close()
             raise ClientError(f"cannot connect to {self.address}: {exc}") from exc
         if hello:
             reply = self.request(p.Hello(p.PROTOCOL_VERSION, wait_ms, lease_ms, "phpsess-cli"))

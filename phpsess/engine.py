@@ -344,7 +344,7 @@ class Engine:
             "requests_total": self.requests_total,
             "errors_total": self.errors_total,
             "verbs": {
-                _VERB_NAMES.get(kind, "INVALID"): count
+                VERB_NAMES.get(kind, "INVALID"): count
                 for kind, count in sorted(self._verb_counts.items(), key=lambda kv: kv[0].__name__)
             },
         }
@@ -405,7 +405,7 @@ class Engine:
     }
 
 
-_VERB_NAMES: Final[dict[type, str]] = {
+VERB_NAMES: Final[dict[type, str]] = {
     p.Hello: "HELLO", p.Read: "READ", p.Write: "WRITE", p.Touch: "TOUCH",
     p.Exists: "EXISTS", p.Destroy: "DESTROY", p.Close: "CLOSE", p.Gc: "GC",
     p.Create: "CREATE", p.Ping: "PING", p.Stats: "STATS", p.Get: "GET", p.List: "LIST",

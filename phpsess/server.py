@@ -29,8 +29,9 @@ import trio
 from phpsess import protocol as p
 from phpsess.addresses import Address, TcpAddress, UnixAddress
 from phpsess.cluster import Cluster, ClusterConfig, Forwards
-from phpsess.engine import WAIT, Engine, Limits, _Wait
+from phpsess.engine import VERB_NAMES, WAIT, Engine, Limits, _Wait
 from phpsess.logs import sid_tag
+from phpsess.metrics import Metrics
 from phpsess.persist import (
     DataDirError,
     PersistConfig,
@@ -56,6 +57,7 @@ class ServerConfig:
     shutdown_timeout_s: float = 10.0
     persist: PersistConfig | None = None
     cluster: ClusterConfig | None = None
+    metrics_listen: TcpAddress | None = None
 
 
 class StartupError(Exception):
@@ -102,6 +104,9 @@ class Server:
         self.cluster: Cluster | None = None
         if config.cluster is not None:
             self.cluster = Cluster(config.cluster, self)
+        self.metrics: Metrics | None = None
+        if config.metrics_listen is not None:
+            self.metrics = Metrics(self)
 
     # -- lifecycle
 
@@ -163,6 +168,9 @@ class Server:
                         self._snapshot_source,
                         lambda: store.total_bytes + 64 * len(store),
                     )
+                if self.metrics is not None:
+                    assert self.config.metrics_listen is not None
+                    await conn_nursery.start(self.metrics.serve, self.config.metrics_listen)
                 if self.cluster is not None:
                     await conn_nursery.start(self.cluster.run)
                     # Serve PHP only once we know who is alive (CLUSTER.md §7).
@@ -385,6 +393,7 @@ class Server:
                 if event is p.NEED_DATA:
                     break
                 conn.busy = True
+                started = trio.current_time()
                 reply_or_wait: p.Reply | _Wait | None = None
                 if cluster is not None:
                     reply_or_wait = await self._cluster_request(conn, event, now)
@@ -430,6 +439,10 @@ class Server:
                     reply = waited
                     now = trio.current_time()
                 out.append(p.encode_reply(reply))
+                if self.metrics is not None:
+                    self.metrics.observe(
+                        VERB_NAMES.get(type(event), "INVALID"), trio.current_time() - started
+                    )
                 if isinstance(reply, p.Error) and (reply.fatal or isinstance(event, p.FatalError)):
                     log.info(
                         "event=protocol_error owner=%d peer=%s code=%s",

@@ -1,0 +1,562 @@
+"""Admin commands talking to a running daemon (PROTOCOL.md §4.9 admin verbs,
+§4.5 DESTROY, §4.2 WRITE): ``status``, ``ls``, ``show``, ``export``,
+``import``, ``kick``.
+
+Everything streams: ``ls`` and ``export`` walk the daemon's sessions with
+``LIST`` one page at a time, and ``export``/``import`` pipeline their GETs
+and WRITEs in batches bounded by bytes, so a million sessions never sit in
+memory at once."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator
+from typing import IO, Any, Final
+
+import attrs
+
+from phpsess import protocol as p
+from phpsess.addresses import DEFAULT_LISTEN, AddressError, parse_address
+from phpsess.client import Client, ClientError
+from phpsess.decode import FORMATS, DecodeError, decode_session
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1  # daemon unreachable, or it refused a request
+EXIT_USAGE: Final = 2
+EXIT_NOT_FOUND: Final = 3
+
+EPILOG: Final = (
+    "exit status: 0 ok; 1 daemon unreachable or a request refused "
+    "(e.g. the session is locked); 2 bad usage; 3 session not found (show)"
+)
+DEFAULT_PAGE_SIZE: Final = 1000
+# How many session bytes export/import keep in flight in one pipelined batch.
+BATCH_BYTES: Final = 8 << 20
+BATCH_REQUESTS: Final = 1000
+
+COMMANDS: Final = frozenset({"status", "ls", "show", "export", "import", "kick"})
+
+
+class AdminError(Exception):
+    """A failure to report to the user, with the exit status it deserves."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _page_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= p.MAX_LIST_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1-{p.MAX_LIST_LIMIT}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _sid(text: str) -> str:
+    if not p.is_valid_sid(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a session ID (1-256 characters of A-Z a-z 0-9 , -)"
+        )
+    return text
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the admin subcommands to the ``phpsess`` parser."""
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
+        sub.add_argument(
+            "--connect", default=DEFAULT_LISTEN, metavar="ADDRESS",
+            help=f"the daemon: unix:/abs/path.sock or tcp:HOST:PORT (default: {DEFAULT_LISTEN})",
+        )
+        sub.add_argument(
+            "--timeout-s", type=float, default=10.0, metavar="S",
+            help="seconds for connecting and for each reply (default: 10)",
+        )
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+        return sub
+
+    command("status", "the daemon's version, uptime, sessions, connections, locks, requests")
+
+    ls = command("ls", "list sessions: ID, size, remaining lifetime, locked")
+    ls.add_argument("--prefix", default="", metavar="STR", help="only IDs starting with STR")
+    ls.add_argument("--min-bytes", type=_count, default=0, metavar="N",
+                    help="only sessions of at least N bytes")
+    ls.add_argument("--locked", action="store_true", help="only sessions locked now")
+    ls.add_argument("--limit", type=_count, default=None, metavar="N",
+                    help="list at most N sessions")
+    ls.add_argument("--page-size", type=_page_size, default=DEFAULT_PAGE_SIZE, metavar="N",
+                    help=f"sessions per LIST request (default: {DEFAULT_PAGE_SIZE})")
+
+    show = command("show", "one session's data, decoded from PHP's serialize format")
+    show.add_argument("sid", type=_sid, metavar="ID")
+    show.add_argument("--format", choices=("auto", *FORMATS), default="auto",
+                      help="session.serialize_handler that wrote it (default: auto, which "
+                      "tries php_serialize, php, php_binary)")
+    show.add_argument("--raw", action="store_true",
+                      help="write the stored bytes, undecoded, to stdout")
+
+    export = command("export", "write every session as JSON Lines: "
+                     '{"id", "ttl_ms", "data_b64"}')
+    export.add_argument("--output", "-o", default="-", metavar="FILE",
+                        help="write here instead of stdout")
+    export.add_argument("--page-size", type=_page_size, default=DEFAULT_PAGE_SIZE, metavar="N")
+
+    imp = command("import", "write the sessions of an export into the daemon "
+                  "(expired ones are skipped, existing IDs overwritten)")
+    imp.add_argument("file", metavar="FILE", help="an export file, or - for stdin")
+    imp.add_argument("--strict", action="store_true",
+                     help="stop at the first invalid line or refused write "
+                     "(default: report it and go on)")
+
+    kick = command("kick", "destroy a session (refused while a request holds its lock)")
+    kick.add_argument("sid", type=_sid, metavar="ID")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the admin command ``args.command``; return the exit status."""
+    handler = _HANDLERS[args.command]
+    try:
+        address = parse_address(args.connect)
+    except AddressError as exc:
+        print(f"phpsess: --connect: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.timeout_s > 0:
+        print("phpsess: --timeout-s must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with Client(address, timeout_s=args.timeout_s) as client:
+            return handler(client, args)
+    except ClientError as exc:
+        hint = "" if args.connect != DEFAULT_LISTEN else " (is the daemon running? see --connect)"
+        print(f"phpsess: {exc}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
+    except AdminError as exc:
+        print(f"phpsess: {exc}", file=sys.stderr)
+        return exc.status
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _refused(what: str, reply: p.Reply) -> AdminError:
+    if isinstance(reply, p.Error):
+        return AdminError(f"{what}: the daemon refused: {reply.code.value} {reply.message}")
+    return AdminError(f"{what}: unexpected reply {reply!r}")
+
+
+def _duration(ms: int) -> str:
+    seconds = ms // 1000
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d"] if days else []
+    if days or hours:
+        parts.append(f"{hours}h")
+    if days or hours or minutes:
+        parts.append(f"{minutes}m")
+    parts.append(f"{secs}s" if seconds else f"{ms / 1000:.3g}s")
+    return " ".join(parts)
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _emit(obj: object) -> None:
+    print(json.dumps(obj, sort_keys=True))
+
+
+@attrs.frozen
+class Entry:
+    """One line of a LIST page (§4.9)."""
+
+    sid: str
+    bytes: int
+    ttl_ms: int
+    locked: bool
+
+
+def _parse_list(payload: bytes) -> Iterator[Entry]:
+    for line in payload.decode("ascii").splitlines():
+        sid, size, ttl_ms, locked = line.split(" ")
+        yield Entry(sid, int(size), int(ttl_ms), locked == "1")
+
+
+def _seek_before(prefix: str) -> str | None:
+    """The largest possible ID below every ID starting with ``prefix``: LIST
+    returns IDs *greater than* ``after``, so this starts the walk right at
+    the prefix instead of scanning from the first session."""
+    if not prefix:
+        return None
+    alphabet = ",-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    head, last = prefix[:-1], prefix[-1]
+    index = alphabet.index(last)
+    if index == 0:
+        return head or None  # nothing sorts between head and head + ","
+    # head + (the character before last) + "z" * as many as an ID may hold.
+    seek = head + alphabet[index - 1]
+    return seek + "z" * (p.MAX_SID_LENGTH - len(seek))
+
+
+def iter_sessions(client: Client, *, page_size: int = DEFAULT_PAGE_SIZE,
+                  prefix: str = "") -> Iterator[Entry]:
+    """Every session (with IDs starting with ``prefix``), in ID order, one
+    LIST page at a time."""
+    after = _seek_before(prefix)
+    while True:
+        reply = client.request(p.List(after, page_size))
+        if not isinstance(reply, p.Data) or len(reply.tokens) != 1:
+            raise _refused("LIST", reply)
+        for entry in _parse_list(reply.data):
+            if not entry.sid.startswith(prefix):
+                if entry.sid > prefix:
+                    return  # past every ID with the prefix
+                continue
+            yield entry
+        after = None if reply.tokens[0] == "*" else reply.tokens[0]
+        if after is None:
+            return
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _stats(client: Client) -> dict[str, Any]:
+    reply = client.request(p.Stats())
+    if not isinstance(reply, p.Data):
+        raise _refused("STATS", reply)
+    stats: dict[str, Any] = json.loads(reply.data)
+    return stats
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    stats = _stats(client)
+    if args.json:
+        _emit({"address": str(client.address), **stats})
+        return EXIT_OK
+    verbs = stats.get("verbs") or {}
+    busiest = sorted(verbs.items(), key=lambda kv: (-kv[1], kv[0]))
+    rows = [
+        ("daemon", f"{client.address}, phpsess {stats.get('version', '?')}"),
+        ("uptime", _duration(int(float(stats.get("uptime_s", 0)) * 1000))),
+        ("sessions", f"{stats.get('sessions', '?')} ({_size(int(stats.get('bytes', 0)))})"),
+        ("connections", str(stats.get("connections", "?"))),
+        ("locks", f"{stats.get('locks_held', '?')} held, "
+                  f"{stats.get('locks_waiting', '?')} waiting"),
+        ("requests", f"{stats.get('requests_total', '?')}"
+                     + (" (" + ", ".join(f"{v} {n}" for v, n in busiest) + ")"
+                        if busiest else "")),
+        ("expired", str(stats.get("expired_total", "?"))),
+    ]
+    for key in ("lock_timeouts_total", "lock_revoked_total", "errors_total"):
+        if key in stats:
+            rows.append((key.removesuffix("_total").replace("_", " "), str(stats[key])))
+    cluster = stats.get("cluster")
+    if isinstance(cluster, dict):
+        for key, value in cluster.items():
+            shown = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            rows.append((f"cluster {key}", shown))
+    elif cluster is not None:
+        rows.append(("cluster", json.dumps(cluster, sort_keys=True)))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name.ljust(width)}  {value}")
+    return EXIT_OK
+
+
+def cmd_ls(client: Client, args: argparse.Namespace) -> int:
+    shown = 0
+    if not args.json:
+        print(f"{'ID':<32}  {'BYTES':>10}  {'TTL':>12}  LOCKED")
+    if args.limit != 0:
+        for entry in iter_sessions(client, page_size=args.page_size, prefix=args.prefix):
+            if entry.bytes < args.min_bytes or (args.locked and not entry.locked):
+                continue
+            if args.json:
+                _emit({"id": entry.sid, "bytes": entry.bytes, "ttl_ms": entry.ttl_ms,
+                       "locked": entry.locked})
+            else:
+                print(f"{entry.sid:<32}  {entry.bytes:>10}  {_duration(entry.ttl_ms):>12}  "
+                      f"{'yes' if entry.locked else 'no'}")
+            shown += 1
+            if shown == args.limit:
+                break
+    if not args.json:
+        print(f"{shown} session{'' if shown == 1 else 's'}")
+    return EXIT_OK
+
+
+def _get(client: Client, sid: str) -> tuple[bytes, int, bool] | None:
+    reply = client.request(p.Get(sid))
+    return _get_reply(sid, reply)
+
+
+def _get_reply(sid: str, reply: p.Reply) -> tuple[bytes, int, bool] | None:
+    if isinstance(reply, p.Miss):
+        return None
+    if not isinstance(reply, p.Data) or len(reply.tokens) != 2:
+        raise _refused(f"GET {sid}", reply)
+    return reply.data, int(reply.tokens[0]), reply.tokens[1] == "1"
+
+
+def cmd_show(client: Client, args: argparse.Namespace) -> int:
+    got = _get(client, args.sid)
+    if got is None:
+        raise AdminError(f"no session {args.sid} (expired, destroyed or never written)",
+                         EXIT_NOT_FOUND)
+    data, ttl_ms, locked = got
+    if args.raw:
+        out = sys.stdout.buffer
+        out.write(data)
+        out.flush()
+        return EXIT_OK
+    meta = {"id": args.sid, "bytes": len(data), "ttl_ms": ttl_ms, "locked": locked}
+    try:
+        fmt, decoded = decode_session(data, args.format)
+    except DecodeError as exc:
+        if args.json:
+            _emit({**meta, "error": str(exc)})
+        raise AdminError(f"{args.sid}: cannot decode: {exc}; --raw shows the bytes") from None
+    if args.json:
+        _emit({**meta, "format": fmt, "data": decoded})
+        return EXIT_OK
+    print(f"id: {args.sid}")
+    print(f"bytes: {len(data)}")
+    print(f"ttl: {_duration(ttl_ms)}")
+    print(f"locked: {'yes' if locked else 'no'}")
+    print(f"format: {fmt}")
+    print(json.dumps(decoded, indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+def _batches(entries: Iterator[Entry]) -> Iterator[list[Entry]]:
+    batch: list[Entry] = []
+    size = 0
+    for entry in entries:
+        batch.append(entry)
+        size += entry.bytes
+        if size >= BATCH_BYTES or len(batch) >= BATCH_REQUESTS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def cmd_export(client: Client, args: argparse.Namespace) -> int:
+    to_stdout = args.output == "-"
+    with contextlib.ExitStack() as stack:
+        try:
+            out: IO[str] = (sys.stdout if to_stdout
+                            else stack.enter_context(open(args.output, "w", encoding="ascii")))
+        except OSError as exc:
+            raise AdminError(f"--output: {exc}", EXIT_USAGE) from None
+        _export_to(client, args, out)
+    return EXIT_OK
+
+
+def _export_to(client: Client, args: argparse.Namespace, out: IO[str]) -> None:
+    exported = vanished = 0
+    to_stdout = args.output == "-"
+    try:
+        # LIST and the pipelined GETs share the one connection; that is safe
+        # because every LIST reply is read before a batch's GETs are sent.
+        for batch in _batches(iter_sessions(client, page_size=args.page_size)):
+            replies = client.pipeline([p.Get(e.sid) for e in batch])
+            for entry, reply in zip(batch, replies, strict=True):
+                got = _get_reply(entry.sid, reply)
+                if got is None:
+                    vanished += 1  # expired or destroyed since LIST
+                    continue
+                data, ttl_ms, _ = got
+                out.write(json.dumps({
+                    "id": entry.sid, "ttl_ms": ttl_ms,
+                    "data_b64": base64.b64encode(data).decode("ascii"),
+                }) + "\n")
+                exported += 1
+        out.flush()
+    except OSError as exc:
+        raise AdminError(f"writing {args.output}: {exc}") from None
+    summary = {"exported": exported, "vanished": vanished}
+    report = sys.stderr if to_stdout else sys.stdout
+    if args.json:
+        print(json.dumps(summary, sort_keys=True), file=report)
+    else:
+        print(f"exported {exported} sessions"
+              + (f" ({vanished} expired or destroyed while exporting)" if vanished else "")
+              + ("" if to_stdout else f" to {args.output}"), file=report)
+
+
+class BadLine(ValueError):
+    pass
+
+
+def parse_export_line(line: str) -> tuple[str, int, bytes]:
+    """``(sid, ttl_ms, data)`` of one export line, or :class:`BadLine`."""
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise BadLine(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadLine("not a JSON object")
+    missing = [k for k in ("id", "ttl_ms", "data_b64") if k not in obj]
+    if missing:
+        raise BadLine(f"missing {', '.join(missing)}")
+    sid, ttl_ms, data_b64 = obj["id"], obj["ttl_ms"], obj["data_b64"]
+    if not isinstance(sid, str) or not p.is_valid_sid(sid):
+        raise BadLine(f"id {sid!r} is not a session ID")
+    if not isinstance(ttl_ms, int) or isinstance(ttl_ms, bool):
+        raise BadLine(f"ttl_ms {ttl_ms!r} is not a whole number")
+    if ttl_ms > p.MAX_TTL_S * 1000:
+        raise BadLine(f"ttl_ms {ttl_ms} is over the maximum lifetime {p.MAX_TTL_S} s")
+    if not isinstance(data_b64, str):
+        raise BadLine("data_b64 is not a string")
+    try:
+        data = base64.b64decode(data_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadLine(f"data_b64 is not base64: {exc}") from None
+    return sid, ttl_ms, data
+
+
+class _Importer:
+    """Writes export lines to the daemon, pipelining WRITEs in batches."""
+
+    def __init__(self, client: Client, name: str, strict: bool) -> None:
+        self.client = client
+        self.name = name
+        self.strict = strict
+        self.counts = {"imported": 0, "expired": 0, "invalid": 0, "refused": 0}
+        self.stopped = False
+        self._pending: list[tuple[int, p.Write]] = []
+        self._pending_bytes = 0
+
+    def complain(self, lineno: int, why: str) -> None:
+        print(f"phpsess: {self.name}:{lineno}: {why}", file=sys.stderr)
+
+    def feed(self, source: IO[str]) -> None:
+        for lineno, line in enumerate(source, 1):
+            if not line.strip():
+                continue
+            try:
+                sid, ttl_ms, data = parse_export_line(line)
+            except BadLine as exc:
+                self.counts["invalid"] += 1
+                self.complain(lineno, f"{exc}; line {'refused' if self.strict else 'skipped'}")
+                if self.strict:
+                    self.stopped = True
+                    break
+                continue
+            if ttl_ms <= 0:
+                self.counts["expired"] += 1
+                continue
+            self._pending.append((lineno, p.Write(sid, math.ceil(ttl_ms / 1000), data)))
+            self._pending_bytes += len(data)
+            if self._pending_bytes >= BATCH_BYTES or len(self._pending) >= BATCH_REQUESTS:
+                self.flush()
+                if self.stopped:
+                    return
+        # Lines read before an invalid one are still written under --strict:
+        # they were valid, and the report says where it stopped.
+        self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        replies = self.client.pipeline([w for _, w in self._pending])
+        for (lineno, write), reply in zip(self._pending, replies, strict=True):
+            if isinstance(reply, p.Ok):
+                self.counts["imported"] += 1
+                continue
+            self.counts["refused"] += 1
+            shown = (f"{reply.code.value} {reply.message}" if isinstance(reply, p.Error)
+                     else repr(reply))
+            self.complain(lineno, f"WRITE {write.sid} refused: {shown}")
+            self.stopped = self.stopped or self.strict
+        self._pending.clear()
+        self._pending_bytes = 0
+
+
+def cmd_import(client: Client, args: argparse.Namespace) -> int:
+    name = "stdin" if args.file == "-" else args.file
+    importer = _Importer(client, name, args.strict)
+    with contextlib.ExitStack() as stack:
+        try:
+            source: IO[str] = (
+                sys.stdin if args.file == "-"
+                else stack.enter_context(open(args.file, encoding="utf-8", errors="replace"))
+            )
+        except OSError as exc:
+            raise AdminError(f"{exc}", EXIT_USAGE) from None
+        try:
+            importer.feed(source)
+        except OSError as exc:
+            raise AdminError(f"reading {name}: {exc}") from None
+    counts = importer.counts
+    if args.json:
+        _emit({**counts, "stopped": importer.stopped})
+    else:
+        print(f"imported {counts['imported']}, skipped {counts['expired']} expired, "
+              f"{counts['invalid']} invalid lines, {counts['refused']} refused"
+              + (" (stopped: --strict)" if importer.stopped else ""))
+    return EXIT_FAILURE if counts["invalid"] or counts["refused"] else EXIT_OK
+
+
+def cmd_kick(client: Client, args: argparse.Namespace) -> int:
+    # GET first only to tell the user whether there was anything to destroy.
+    get_reply, reply = client.pipeline([p.Get(args.sid), p.Destroy(args.sid)])
+    existed = _get_reply(args.sid, get_reply) is not None
+    if isinstance(reply, p.Error) and reply.code is p.Code.LOCKED:
+        if args.json:
+            _emit({"id": args.sid, "destroyed": False, "error": "LOCKED",
+                   "message": reply.message})
+        raise AdminError(
+            f"{args.sid} is locked by a request in progress and was not destroyed; "
+            "try again once that request ends (or its lock lease runs out)"
+        )
+    if not isinstance(reply, p.Ok):
+        raise _refused(f"DESTROY {args.sid}", reply)
+    if args.json:
+        _emit({"id": args.sid, "destroyed": True, "existed": existed})
+    else:
+        print(f"destroyed {args.sid}" if existed
+              else f"{args.sid}: no such session (nothing to do)")
+    return EXIT_OK
+
+
+_HANDLERS: Final[dict[str, Callable[[Client, argparse.Namespace], int]]] = {
+    "status": cmd_status,
+    "ls": cmd_ls,
+    "show": cmd_show,
+    "export": cmd_export,
+    "import": cmd_import,
+    "kick": cmd_kick,
+}

@@ -1,0 +1,141 @@
+"""Prometheus metrics (optional, ``--metrics-listen``): what an operator
+watches (requests, latency, locks, sessions, expiry, journal, replication,
+peers).  Counters are read from the daemon at scrape time, inside the event
+loop, so nothing here races with request handling; the exposition format is
+``prometheus_client``'s."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Final
+
+import trio
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from phpsess.addresses import TcpAddress
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from phpsess.server import Server
+
+log = logging.getLogger("phpsess")
+
+_MAX_REQUEST_BYTES: Final = 8192
+_LATENCY_BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5, 10.0, 30.0,
+)
+
+
+class _DaemonCollector(Collector):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        engine = server.engine
+        stats = engine.statistics(trio.current_time())
+        requests = CounterMetricFamily(
+            "phpsess_requests", "Requests handled, by verb.", labels=["verb"]
+        )
+        for verb, count in dict(stats["verbs"]).items():  # type: ignore[call-overload]
+            requests.add_metric([verb], count)
+        yield requests
+        yield CounterMetricFamily(
+            "phpsess_request_errors", "Requests answered with an error.",
+            value=engine.errors_total,
+        )
+        for name, doc, value in (
+            ("phpsess_sessions", "Sessions held (as master or backup).", len(engine.store)),
+            ("phpsess_session_bytes", "Bytes of session data held.", engine.store.total_bytes),
+            ("phpsess_connections", "Open client and peer connections.", engine.connections),
+            ("phpsess_locks_held", "Session locks held now.", engine.locks.held_count),
+            ("phpsess_locks_waiting", "Requests waiting for a lock now.",
+             engine.locks.waiting_count),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+        for name, doc, value in (
+            ("phpsess_lock_waits", "Requests that had to wait for a lock.",
+             engine.locks.waits_total),
+            ("phpsess_lock_timeouts", "Lock waits that gave up.", engine.locks.timeouts_total),
+            ("phpsess_lock_revocations", "Locks revoked at the end of their lease.",
+             engine.locks.revoked_total),
+            ("phpsess_expired_sessions", "Sessions expired on their TTL.", engine.expired_total),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        persister = server.persister
+        if persister is not None:
+            yield CounterMetricFamily("phpsess_fsyncs", "Journal fsyncs.",
+                                      value=persister.fsyncs_total)
+            yield CounterMetricFamily("phpsess_fsync_seconds", "Time spent in journal fsyncs.",
+                                      value=persister.fsync_seconds_total)
+            yield CounterMetricFamily("phpsess_compactions", "Journal compactions.",
+                                      value=persister.compactions_total)
+            yield GaugeMetricFamily("phpsess_journal_bytes", "Size of the current journal.",
+                                    value=persister.journal_bytes)
+        cluster = server.cluster
+        if cluster is not None:
+            up = GaugeMetricFamily("phpsess_peer_up", "1 if the peer is alive.", labels=["peer"])
+            for peer in cluster.peer_address:
+                up.add_metric([peer], 1.0 if cluster.membership.is_alive(peer) else 0.0)
+            yield up
+            yield GaugeMetricFamily(
+                "phpsess_cluster_degraded", "1 if no peer can hold backups.",
+                value=1.0 if cluster.membership.degraded else 0.0,
+            )
+            yield CounterMetricFamily(
+                "phpsess_replication_failures", "Replications that failed and were retried.",
+                value=cluster.replication_failures_total,
+            )
+            yield CounterMetricFamily(
+                "phpsess_takeovers", "Takeovers after a peer died.",
+                value=cluster.takeovers_total,
+            )
+
+
+class Metrics:
+    def __init__(self, server: Server) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_DaemonCollector(server))
+        self.latency = Histogram(
+            "phpsess_request_seconds", "Time from a request's arrival to its reply, by verb.",
+            ["verb"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+
+    def observe(self, verb: str, seconds: float) -> None:
+        self.latency.labels(verb).observe(seconds)
+
+    async def serve(self, address: TcpAddress, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """A minimal HTTP endpoint: ``GET /metrics``."""
+        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        log.info("event=metrics_listening address=%s", address)
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(5):
+                request = b""
+                while b"\r\n\r\n" not in request and len(request) < _MAX_REQUEST_BYTES:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return
+                    request += chunk
+                line = request.split(b"\r\n", 1)[0].split(b" ")
+                if len(line) == 3 and line[0] == b"GET" and line[1] in (b"/metrics", b"/"):
+                    body = generate_latest(self.registry)
+                    head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                else:
+                    body = b"not found: try GET /metrics\n"
+                    head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
+                await stream.send_all(
+                    head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+                )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)

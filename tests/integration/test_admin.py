@@ -1,0 +1,343 @@
+"""The admin commands (phpsess/admin.py) against real daemons, with sessions
+written by real php in all three serialize formats."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phpsess import protocol as p
+from phpsess.__main__ import main
+from phpsess.client import Client
+from tests.conftest import run_php
+
+RICH_PHP = r"""<?php
+class Cart {
+    private $items = [];
+    protected $owner = 'ann';
+    public $self;
+    function add($x) { $this->items[] = $x; }
+}
+session_start();
+$cart = new Cart();
+$cart->add('book');
+$cart->self = $cart;
+$_SESSION['cart'] = $cart;
+$shared = ['x' => 1];
+$_SESSION['a'] = &$shared;
+$_SESSION['b'] = &$shared;
+$_SESSION['again'] = $cart;
+$_SESSION['bin'] = "\0\x01\xff|;";
+$_SESSION['nul'] = "a\0b";
+$_SESSION['nested'] = [1, [2, [3]], 'k' => null, 'f' => 0.5, 't' => true];
+echo session_id();
+"""
+
+RICH_JSON = {
+    "cart": {
+        "__class__": "Cart",
+        "items [private Cart]": ["book"],
+        "owner [protected]": "ann",
+        "self": {"__ref__": '$["cart"]'},
+    },
+    "a": {"x": 1},
+    "b": {"__ref__": '$["a"]'},
+    "again": {"__ref__": '$["cart"]'},
+    "bin": {"__bytes_hex__": "0001ff7c3b"},
+    "nul": "a\0b",
+    "nested": {"0": 1, "1": [2, [3]], "k": None, "f": 0.5, "t": True},
+}
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def put(address: str, sessions: dict[str, tuple[bytes, int]]) -> None:
+    with Client(address) as client:
+        replies = client.pipeline(
+            [p.Write(sid, ttl, data) for sid, (data, ttl) in sessions.items()]
+        )
+    assert all(isinstance(r, p.Ok) for r in replies), replies
+
+
+def get(address: str, sid: str) -> tuple[bytes, int] | None:
+    with Client(address) as client:
+        reply = client.request(p.Get(sid))
+    if isinstance(reply, p.Miss):
+        return None
+    assert isinstance(reply, p.Data)
+    return reply.data, int(reply.tokens[0])
+
+
+# ---------------------------------------------------------------- status
+
+
+def test_status(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    put(daemon.address, {"s1": (b"x" * 10, 60), "s2": (b"y" * 20, 60)})
+    status, out, err = cli(capsys, "status", "--connect", daemon.address)
+    assert status == 0, err
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    assert "sessions 2 (30 B)" in lines
+    assert "locks 0 held, 0 waiting" in lines
+    assert "phpsess 0.1.0" in out
+
+    status, out, _ = cli(capsys, "status", "--connect", daemon.address, "--json")
+    stats = json.loads(out)
+    assert status == 0
+    assert stats["sessions"] == 2 and stats["bytes"] == 30
+    assert stats["address"] == daemon.address
+
+
+def test_unreachable_and_bad_address(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = cli(capsys, "status", "--connect", f"unix:{tmp_path}/none.sock")
+    assert status == 1
+    assert "cannot connect" in err
+    status, _, err = cli(capsys, "ls", "--connect", "relative.sock")
+    assert status == 2
+    assert "--connect" in err
+    with pytest.raises(SystemExit) as info:
+        main(["show", "../etc/passwd"])
+    assert info.value.code == 2
+
+
+def test_help_documents_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["kick", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 ok; 1 daemon unreachable" in out
+    assert "3 session not found" in out
+
+
+# ---------------------------------------------------------------- ls
+
+
+def test_ls_pages_through_2500_sessions(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    sessions = {f"s{i:05d}": (b"d" * (i % 50), 600) for i in range(2500)}
+    put(daemon.address, sessions)
+    status, out, _ = cli(capsys, "ls", "--connect", daemon.address, "--page-size", "97",
+                         "--json")
+    assert status == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["id"] for r in rows] == sorted(sessions)
+    assert all(r["bytes"] == len(sessions[r["id"]][0]) for r in rows)
+    assert all(590_000 < r["ttl_ms"] <= 600_000 and r["locked"] is False for r in rows)
+
+    # Human output: a header, one row each, a count.
+    status, out, _ = cli(capsys, "ls", "--connect", daemon.address, "--page-size", "1000")
+    lines = out.splitlines()
+    assert lines[0].split() == ["ID", "BYTES", "TTL", "LOCKED"]
+    assert lines[1].split()[:2] == ["s00000", "0"] and lines[1].split()[-1] == "no"
+    assert lines[-1] == "2500 sessions"
+
+    # Filters and --limit.
+    status, out, _ = cli(capsys, "ls", "--connect", daemon.address, "--page-size", "10",
+                         "--prefix", "s012", "--min-bytes", "45", "--json")
+    ids = [json.loads(line)["id"] for line in out.splitlines()]
+    assert ids == [s for s in sorted(sessions) if s.startswith("s012") and int(s[1:]) % 50 >= 45]
+    status, out, _ = cli(capsys, "ls", "--connect", daemon.address, "--page-size", "3",
+                         "--limit", "7", "--json")
+    assert len(out.splitlines()) == 7
+
+
+def test_ls_prefix_seek_is_exact(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    # IDs around the prefix boundary, including the prefix itself and IDs
+    # using ',' and '-' (the lowest characters of the alphabet).
+    ids = ["ab", "ab,", "ab-", "ab0", "abz", "aa", "aaz", "ac", "a", "b", ",", ",,", "-"]
+    put(daemon.address, {sid: (b"x", 60) for sid in ids})
+    for prefix in ["ab", "a", ",", "-", "ab,", "zz", "aaz"]:
+        status, out, _ = cli(capsys, "ls", "--connect", daemon.address, "--prefix", prefix,
+                             "--page-size", "1", "--json")
+        assert status == 0
+        got = [json.loads(line)["id"] for line in out.splitlines()]
+        assert got == sorted(s for s in ids if s.startswith(prefix)), prefix
+
+
+def test_ls_locked(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    put(daemon.address, {"free": (b"1", 60), "held": (b"2", 60)})
+    with Client(daemon.address) as holder:
+        assert isinstance(holder.request(p.Read("held")), p.Data)
+        status, out, _ = cli(capsys, "ls", "--connect", daemon.address, "--locked", "--json")
+        assert status == 0
+        assert [json.loads(line) for line in out.splitlines()] == [
+            {"id": "held", "bytes": 1, "ttl_ms": pytest.approx(60_000, abs=2_000),
+             "locked": True}
+        ]
+
+
+# ---------------------------------------------------------------- show
+
+
+@pytest.mark.php
+@pytest.mark.parametrize("serializer", ["php", "php_binary", "php_serialize"])
+def test_show_decodes_what_php_wrote(
+    serializer: str, daemon: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "rich.php"
+    script.write_text(RICH_PHP)
+    proc = run_php(script, handler="phpsess", address=daemon.php_address,
+                   ini={"session.serialize_handler": serializer})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    sid = proc.stdout.strip()
+
+    status, out, err = cli(capsys, "show", sid, "--connect", daemon.address, "--json")
+    assert status == 0, err
+    shown = json.loads(out)
+    assert shown["format"] == serializer
+    assert shown["data"] == RICH_JSON
+    assert shown["locked"] is False and shown["id"] == sid
+
+    status, out, _ = cli(capsys, "show", sid, "--connect", daemon.address,
+                         "--format", serializer)
+    assert status == 0
+    assert f"format: {serializer}" in out
+    assert '"items [private Cart]": [' in out
+
+
+def test_show_raw_is_binary_safe(daemon: Any, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    blob = bytes(range(256)) * 3
+    put(daemon.address, {"raw1": (blob, 60)})
+    assert main(["show", "raw1", "--raw", "--connect", daemon.address]) == 0
+    assert capsysbinary.readouterr().out == blob
+
+
+def test_show_missing_and_undecodable(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = cli(capsys, "show", "nosuch", "--connect", daemon.address)
+    assert status == 3 and out == ""
+    assert "no session nosuch" in err
+
+    put(daemon.address, {"junk": (b"\xff\xfe not php", 60), "php1": (b"a|i:1;", 60)})
+    status, out, err = cli(capsys, "show", "junk", "--connect", daemon.address)
+    assert status == 1
+    assert "cannot decode" in err and "--raw" in err
+    # A wrong --format is a decoding error naming that format.
+    status, _, err = cli(capsys, "show", "php1", "--format", "php_serialize",
+                         "--connect", daemon.address)
+    assert status == 1
+    assert "php_serialize: at byte 0" in err
+
+
+# ---------------------------------------------------------------- kick
+
+
+def test_kick(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    put(daemon.address, {"k1": (b"a|i:1;", 60), "k2": (b"a|i:2;", 60)})
+    status, out, _ = cli(capsys, "kick", "k1", "--connect", daemon.address)
+    assert status == 0 and out == "destroyed k1\n"
+    assert get(daemon.address, "k1") is None
+    # Kicking a missing session is not an error (DESTROY, PROTOCOL.md §4.5).
+    status, out, _ = cli(capsys, "kick", "k1", "--connect", daemon.address, "--json")
+    assert status == 0
+    assert json.loads(out) == {"id": "k1", "destroyed": True, "existed": False}
+
+    with Client(daemon.address) as holder:
+        assert isinstance(holder.request(p.Read("k2")), p.Data)
+        status, out, err = cli(capsys, "kick", "k2", "--connect", daemon.address)
+        assert status == 1
+        assert "k2 is locked by a request in progress and was not destroyed" in err
+        status, out, err = cli(capsys, "kick", "k2", "--connect", daemon.address, "--json")
+        assert status == 1 and json.loads(out)["error"] == "LOCKED"
+    assert get(daemon.address, "k2") is not None
+
+
+# ---------------------------------------------------------------- export/import
+
+
+def test_export_import_round_trip(start_daemon: Any, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    source, target = start_daemon("--memory-only"), start_daemon("--memory-only")
+    sessions = {
+        f"e{i:04d}": (bytes([i % 256]) * (i % 300) + b"\0\n\xff", 60 + i * 7)
+        for i in range(1200)
+    }
+    sessions["big"] = (b"\x00\xff" * 600_000, 3600)
+    put(source.address, sessions)
+    dump = tmp_path / "dump.jsonl"
+    status, out, err = cli(capsys, "export", "--connect", source.address, "--output", str(dump),
+                           "--page-size", "50")
+    assert status == 0, err
+    assert out == f"exported {len(sessions)} sessions to {dump}\n"
+    lines = dump.read_text().splitlines()
+    assert len(lines) == len(sessions)
+    assert set(json.loads(lines[0])) == {"id", "ttl_ms", "data_b64"}
+
+    status, out, err = cli(capsys, "import", str(dump), "--connect", target.address, "--json")
+    assert status == 0, err
+    assert json.loads(out) == {"imported": len(sessions), "expired": 0, "invalid": 0,
+                               "refused": 0, "stopped": False}
+    for sid, (data, ttl_s) in sessions.items():
+        got = get(target.address, sid)
+        assert got is not None, sid
+        assert got[0] == data
+        assert abs(got[1] / 1000 - ttl_s) <= 2, sid
+
+    # Exporting the copy to stdout gives the same sessions (the summary goes
+    # to stderr).
+    status, out, err = cli(capsys, "export", "--connect", target.address)
+    assert status == 0
+
+    def same(text: str) -> list[tuple[str, str]]:
+        return [(e["id"], e["data_b64"]) for e in map(json.loads, text.splitlines())]
+
+    assert same(out) == same(dump.read_text())
+    assert [json.loads(x)["id"] for x in out.splitlines()] == sorted(sessions)
+    assert err == f"exported {len(sessions)} sessions\n"
+
+
+def test_import_bad_lines_and_expired(daemon: Any, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    good = '{"id": "%s", "ttl_ms": 1500, "data_b64": "YXxpOjE7"}'
+    text = "\n".join([
+        good % "i1",
+        "not json",
+        '{"id": "../x", "ttl_ms": 1000, "data_b64": ""}',
+        '{"id": "i2", "ttl_ms": 0, "data_b64": ""}',  # expired: skipped
+        '{"id": "i3", "ttl_ms": 1000}',
+        '{"id": "i4", "ttl_ms": 1000, "data_b64": "***"}',
+        "",
+        good % "i5",
+    ]) + "\n"
+    dump = tmp_path / "in.jsonl"
+    dump.write_text(text)
+
+    status, out, err = cli(capsys, "import", str(dump), "--connect", daemon.address)
+    assert status == 1
+    assert out == "imported 2, skipped 1 expired, 4 invalid lines, 0 refused\n"
+    assert f"{dump}:2: not JSON" in err
+    assert f"{dump}:3: id '../x' is not a session ID" in err
+    assert f"{dump}:5: missing data_b64" in err
+    assert f"{dump}:6: data_b64 is not base64" in err
+    got = get(daemon.address, "i1")
+    assert got is not None and got[0] == b"a|i:1;" and 1000 < got[1] <= 2000  # ceil(1.5 s)
+    assert get(daemon.address, "i2") is None
+
+    # --strict stops at line 2 (line 1 before it is still written); stdin.
+    monkeypatch.setattr("sys.stdin", io.StringIO(text.replace('"i1"', '"j1"')))
+    status, out, err = cli(capsys, "import", "-", "--strict", "--connect", daemon.address)
+    assert status == 1
+    assert out == "imported 1, skipped 0 expired, 1 invalid lines, 0 refused (stopped: --strict)\n"
+    assert "stdin:2: not JSON: " in err and "line refused" in err
+    assert get(daemon.address, "j1") is not None
+
+
+def test_import_refused_write(daemon: Any, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    put(daemon.address, {"w1": (b"old", 60)})
+    dump = tmp_path / "in.jsonl"
+    dump.write_text('{"id": "w1", "ttl_ms": 5000, "data_b64": "bmV3"}\n'
+                    '{"id": "w2", "ttl_ms": 5000, "data_b64": "bmV3"}\n')
+    with Client(daemon.address) as holder:
+        assert isinstance(holder.request(p.Read("w1")), p.Data)
+        status, out, err = cli(capsys, "import", str(dump), "--connect", daemon.address)
+    assert status == 1
+    assert "in.jsonl:1: WRITE w1 refused: LOCKED" in err
+    assert out == "imported 1, skipped 0 expired, 0 invalid lines, 1 refused\n"
+    got = get(daemon.address, "w1")
+    assert got is not None and got[0] == b"old"

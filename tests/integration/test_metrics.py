@@ -1,0 +1,55 @@
+"""The Prometheus endpoint of a real daemon, scraped and parsed."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from phpsess import protocol as p
+from phpsess.client import Client
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        text = r.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_metrics_endpoint_is_scraped_and_parsed(start_daemon: Any) -> None:
+    port = _free_port()
+    daemon = start_daemon("--metrics-listen", f"127.0.0.1:{port}")
+    with Client(daemon.address, wait_ms=0) as c, Client(daemon.address, wait_ms=0) as other:
+        assert c.request(p.Write("m1", 60, b"x" * 100)) == p.OK
+        assert c.request(p.Read("m1")) == p.Data(b"x" * 100)
+        reply = other.request(p.Read("m1"))  # locked: times out at once
+        assert isinstance(reply, p.Error)
+        samples = _scrape(port)
+    assert samples[("phpsess_requests_total", (("verb", "WRITE"),))] == 1
+    assert samples[("phpsess_requests_total", (("verb", "READ"),))] == 2
+    assert samples[("phpsess_sessions", ())] == 1
+    assert samples[("phpsess_session_bytes", ())] == 100
+    assert samples[("phpsess_lock_timeouts_total", ())] == 1
+    assert samples[("phpsess_request_errors_total", ())] >= 1
+    assert samples[("phpsess_request_seconds_count", (("verb", "WRITE"),))] == 1
+    assert ("phpsess_fsyncs_total", ()) in samples  # persistence is on
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=10)
+    assert info.value.code == 404
+    info.value.close()

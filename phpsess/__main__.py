@@ -261,14 +261,28 @@ def _serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         await run_until_signal(Server(config))
 
+    failed: list[StartupError] = []
     try:
         trio.run(run)
-    except StartupError as exc:
-        log.error("event=startup_failed detail=%s", exc)
-        print(f"phpsess: {exc}", file=sys.stderr)
+    except* StartupError as group:
+        # Trio's nurseries wrap it in exception groups: report it plainly.
+        failed.extend(e for e in _leaves(group) if isinstance(e, StartupError))
+    if failed:
+        log.error("event=startup_failed detail=%s", failed[0])
+        print(f"phpsess: {failed[0]}", file=sys.stderr)
         return EXIT_FAILURE
     log.info("event=stopped")
     return EXIT_OK
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves.extend(_leaves(exc))
+        else:
+            leaves.append(exc)
+    return leaves
 
 
 def _repair(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ import attrs
 import trio
 
 from phpsess import protocol as p
+from phpsess import systemd
 from phpsess.addresses import Address, TcpAddress, UnixAddress
 from phpsess.cluster import Cluster, ClusterConfig, Forwards
 from phpsess.engine import VERB_NAMES, WAIT, Engine, Limits, _Wait
@@ -121,6 +122,7 @@ class Server:
 
     async def _restore(self, persister: Persister) -> None:
         # Remaining lifetimes carry over: the clocks differ, the durations don't.
+        systemd.notify(f"STATUS=restoring sessions from {persister.dir}")
         try:
             restored = await trio.to_thread.run_sync(
                 persister.open, time.time(), trio.current_time()
@@ -161,6 +163,8 @@ class Server:
         try:
             async with trio.open_nursery() as conn_nursery:
                 conn_nursery.start_soon(self._timer)
+                # Pings only while this event loop runs; ends with the nursery.
+                conn_nursery.start_soon(systemd.run_watchdog)
                 if self.persister is not None:
                     store = self.engine.store
                     await conn_nursery.start(
@@ -181,6 +185,7 @@ class Server:
                         accept_nursery.start_soon(self._accept_loop, listener, conn_nursery)
                     task_status.started()
                     log.info("event=listening addresses=%s", ",".join(self.addresses))
+                    systemd.notify(f"READY=1\nSTATUS=serving on {', '.join(self.addresses)}")
                     await self._stopping.wait()
                     accept_nursery.cancel_scope.cancel()
                 await self._drain()
@@ -206,6 +211,9 @@ class Server:
         )
         self.engine.shutting_down = True
         self._stopping.set()
+        systemd.notify(
+            f"STOPPING=1\nSTATUS=stopping: finishing {len(self._conns)} connections"
+        )
 
     async def _drain(self) -> None:
         with trio.move_on_after(self.config.shutdown_timeout_s) as scope:
@@ -229,6 +237,15 @@ class Server:
     # -- listeners
 
     async def _open_listeners(self) -> list[trio.SocketListener]:
+        try:
+            inherited = systemd.inherited_listeners()
+        except systemd.SystemdError as exc:
+            raise StartupError(f"socket activation: {exc}") from exc
+        if inherited:
+            # The socket unit's ListenStream= lines replace --listen; those
+            # socket files are systemd's, so they are never unlinked here.
+            self.addresses.extend(address for address, _ in inherited)
+            return [listener for _, listener in inherited]
         listeners: list[trio.SocketListener] = []
         try:
             for address in self.config.listen:

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any, Final
 
@@ -40,7 +41,7 @@ DEFAULT_PAGE_SIZE: Final = 1000
 BATCH_BYTES: Final = 8 << 20
 BATCH_REQUESTS: Final = 1000
 
-COMMANDS: Final = frozenset({"status", "ls", "show", "export", "import", "kick"})
+COMMANDS: Final = frozenset({"status", "ls", "show", "export", "import", "kick", "drain"})
 
 
 class AdminError(Exception):
@@ -133,6 +134,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     kick = command("kick", "destroy a session (refused while a request holds its lock)")
     kick.add_argument("sid", type=_sid, metavar="ID")
+
+    drain = command(
+        "drain", "stop the daemon gracefully, as SIGTERM does: finish requests holding "
+        "locks and, in a cluster, hand every session to other daemons before it exits",
+    )
+    drain.add_argument("--wait", action="store_true",
+                       help="return only once the daemon has exited (up to --timeout-s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -552,6 +560,30 @@ def cmd_kick(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_drain(client: Client, args: argparse.Namespace) -> int:
+    reply = client.request(p.Drain())
+    if not isinstance(reply, p.Ok):
+        raise _refused("DRAIN", reply)
+    gone = False
+    if args.wait:
+        deadline = time.monotonic() + args.timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with Client(client.address, timeout_s=1):
+                    pass
+            except ClientError:
+                gone = True
+                break
+            time.sleep(0.1)
+        if not gone:
+            raise AdminError(f"{client.address} is still running after {args.timeout_s:g} s")
+    if args.json:
+        _emit({"address": str(client.address), "draining": True, "exited": gone})
+    else:
+        print(f"{client.address}: " + ("drained and exited" if gone else "draining"))
+    return EXIT_OK
+
+
 _HANDLERS: Final[dict[str, Callable[[Client, argparse.Namespace], int]]] = {
     "status": cmd_status,
     "ls": cmd_ls,
@@ -559,4 +591,5 @@ _HANDLERS: Final[dict[str, Callable[[Client, argparse.Namespace], int]]] = {
     "export": cmd_export,
     "import": cmd_import,
     "kick": cmd_kick,
+    "drain": cmd_drain,
 }

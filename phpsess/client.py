@@ -37,7 +37,11 @@ class Client:
                 self._sock.close()
             raise ClientError(f"cannot connect to {self.address}: {exc}") from exc
         if hello:
-            reply = self.request(p.Hello(p.PROTOCOL_VERSION, wait_ms, lease_ms, "phpsess-cli"))
+            try:
+                reply = self.request(p.Hello(p.PROTOCOL_VERSION, wait_ms, lease_ms, "phpsess-cli"))
+            except ClientError:
+                self.close()
+                raise
             if not isinstance(reply, p.Ok):
                 self.close()
                 raise ClientError(f"{self.address} refused HELLO: {reply}")

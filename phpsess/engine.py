@@ -105,6 +105,7 @@ class Engine:
         self.sid_suffix: Callable[[], str] | None = None
         self.notices: list[Notice] = []
         self.shutting_down = False
+        self.drain_requested = False  # a DRAIN request: the shell shuts down
         self._token_bytes = token_bytes
         self._clients: dict[Owner, _Client] = {}
         self._started = now
@@ -325,6 +326,10 @@ class Engine:
     def _ping(self, owner: Owner, client: _Client, request: p.Ping, now: float) -> p.Reply:
         return p.OK
 
+    def _drain(self, owner: Owner, client: _Client, request: p.Drain, now: float) -> p.Reply:
+        self.drain_requested = True
+        return p.OK
+
     def _stats(self, owner: Owner, client: _Client, request: p.Stats, now: float) -> p.Reply:
         return p.Data(json.dumps(self.statistics(now), sort_keys=True).encode())
 
@@ -399,6 +404,7 @@ class Engine:
         p.Gc: _gc,
         p.Create: _create,
         p.Ping: _ping,
+        p.Drain: _drain,
         p.Stats: _stats,
         p.Get: _get,
         p.List: _list,
@@ -409,6 +415,7 @@ VERB_NAMES: Final[dict[type, str]] = {
     p.Hello: "HELLO", p.Read: "READ", p.Write: "WRITE", p.Touch: "TOUCH",
     p.Exists: "EXISTS", p.Destroy: "DESTROY", p.Close: "CLOSE", p.Gc: "GC",
     p.Create: "CREATE", p.Ping: "PING", p.Stats: "STATS", p.Get: "GET", p.List: "LIST",
+    p.Drain: "DRAIN",
 }
 _OK_1: Final = p.Ok(("1",))
 _OK_0: Final = p.Ok(("0",))

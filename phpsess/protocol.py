@@ -173,6 +173,11 @@ class Stats:
 
 
 @attrs.frozen
+class Drain:
+    pass
+
+
+@attrs.frozen
 class Get:
     sid: str = attrs.field(validator=_check_sid)
 
@@ -229,7 +234,7 @@ PeerRequest = ReplPut | ReplDelete | Where | Handoff
 
 Request = (
     Hello | Read | Write | Touch | Exists | Destroy | Close | Gc | Create
-    | Ping | Stats | Get | List | ReplPut | ReplDelete | Where | Handoff
+    | Ping | Stats | Get | List | Drain | ReplPut | ReplDelete | Where | Handoff
 )
 
 
@@ -487,6 +492,9 @@ def _parse_simple(verb: bytes, args: list[bytes], peer: bool = False) -> Request
     if verb == b"STATS":
         _arity(args, 0, 0, "STATS")
         return Stats()
+    if verb == b"DRAIN":
+        _arity(args, 0, 0, "DRAIN")
+        return Drain()
     if verb == b"GET":
         _arity(args, 1, 1, "GET <sid>")
         return Get(_sid_arg(args[0]))
@@ -758,6 +766,8 @@ def encode_request(request: Request) -> bytes:
         return b"PING\n"
     if isinstance(request, Stats):
         return b"STATS\n"
+    if isinstance(request, Drain):
+        return b"DRAIN\n"
     if isinstance(request, Get):
         return f"GET {request.sid}\n".encode("ascii")
     assert isinstance(request, List)

@@ -20,7 +20,6 @@ import secrets
 import socket as stdsocket
 import stat
 import time
-from collections.abc import Awaitable, Callable
 from typing import Final
 
 import attrs
@@ -473,6 +472,9 @@ class Server:
                     return
             if durable_seq:
                 await self._durable(durable_seq)
+            if engine.drain_requested and not self._stopping.is_set():
+                log.info("event=drain_requested owner=%d", owner)
+                self.shutdown()
             if engine.completions or engine.notices:
                 self._after_engine()
             elif engine.next_deadline_hint < self._timer_at:
@@ -607,18 +609,13 @@ def _peer_name(stream: trio.SocketStream) -> str:
     return "unix"
 
 
-async def run_until_signal(
-    server: Server,
-    on_ready: Callable[[], Awaitable[None]] | None = None,
-) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+async def run_until_signal(server: Server) -> None:
+    """Serve until SIGTERM, SIGINT or a DRAIN request, then shut down
+    gracefully (PROTOCOL.md §10)."""
     import signal
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve)
-            if on_ready is not None:
-                await on_ready()
 
             async def wait_signal() -> None:
                 async for signum in signals:
@@ -627,3 +624,5 @@ async def run_until_signal(
                     return
 
             nursery.start_soon(wait_signal)
+            await server.serve()
+            nursery.cancel_scope.cancel()  # served out: stop waiting for signals

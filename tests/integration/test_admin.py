@@ -341,3 +341,12 @@ def test_import_refused_write(daemon: Any, tmp_path: Path,
     assert out == "imported 1, skipped 0 expired, 0 invalid lines, 1 refused\n"
     got = get(daemon.address, "w1")
     assert got is not None and got[0] == b"old"
+
+
+def test_drain_stops_the_daemon_gracefully(start_daemon: Any,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    daemon = start_daemon()
+    status, out, _ = cli(capsys, "drain", "--connect", daemon.address, "--wait")
+    assert status == 0 and "drained and exited" in out
+    assert daemon.wait(10) == 0
+    assert "event=drain_requested" in daemon.log()

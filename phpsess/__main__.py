@@ -7,19 +7,22 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from phpsess import admin, logs
+from phpsess import config as config_file
 from phpsess.addresses import DEFAULT_LISTEN, AddressError, TcpAddress, parse_address
 from phpsess.engine import VERSION, Limits
 
 if TYPE_CHECKING:
     from phpsess.cluster import ClusterConfig
+    from phpsess.server import ServerConfig
 from phpsess.persist import DEFAULT_DATA_DIR, FSYNC_POLICIES, MIN_COMPACT_BYTES, PersistConfig
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2  # bad flags or configuration
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 log = logging.getLogger("phpsess")
 
@@ -62,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument(
+        "--config", metavar="PATH",
+        help=f"read settings from this TOML file (e.g. {config_file.DEFAULT_CONFIG}); "
+        "flags given on the command line win",
+    )
     serve.add_argument(
         "--listen",
         action="append",
@@ -147,8 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
         "keep it on loopback)",
     )
     serve.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], default="info",
+        "--log-level", choices=LOG_LEVELS, default="info",
     )
+
+    check = commands.add_parser(
+        "check-config", help="validate a configuration file without starting the daemon"
+    )
+    check.add_argument("config", metavar="PATH")
+    for action in serve._actions:
+        if action.dest not in ("help", "config"):
+            check._add_action(action)
 
     repair = commands.add_parser(
         "repair", help="rewrite a damaged data directory keeping every intact record"
@@ -188,14 +204,39 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
     )
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import resource
+class UsageError(Exception):
+    """Bad flags or configuration: exit status 2."""
 
-    import trio
 
-    from phpsess.server import Server, ServerConfig, StartupError, run_until_signal
+def _tcp(text: str, what: str) -> TcpAddress:
+    try:
+        parsed = parse_address(text if text.startswith("tcp:") else f"tcp:{text}")
+    except AddressError as exc:
+        raise UsageError(f"{what}: {exc}") from exc
+    assert isinstance(parsed, TcpAddress)
+    return parsed
 
-    logs.setup(args.log_level)
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The daemon's configuration from flags (already merged with the file);
+    UsageError says what is wrong."""
+    from phpsess.server import ServerConfig
+
+    if args.log_level not in LOG_LEVELS:
+        raise UsageError(f"log level must be one of {', '.join(LOG_LEVELS)}")
+    if args.fsync not in FSYNC_POLICIES:
+        raise UsageError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
+    for name in ("max_session_bytes", "max_connections", "fsync_interval_ms",
+                 "compact_min_bytes", "heartbeat_ms", "dead_after_ms"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"{name} must be at least 1")
+    for name in ("idle_timeout_s", "lock_wait_s", "shutdown_timeout_s", "drain_timeout_s"):
+        if not getattr(args, name) >= 0:
+            raise UsageError(f"{name} must not be negative")
+    if not args.lock_lease_s > 0:
+        raise UsageError("lock_lease_s (--lock-lease-s) must be positive")
+    if not 0 <= args.socket_mode <= 0o777:
+        raise UsageError("socket_mode must be a permission mode like 0660")
     try:
         listen = tuple(parse_address(a) for a in (args.listen or [DEFAULT_LISTEN]))
         limits = Limits(
@@ -203,45 +244,23 @@ def _serve(args: argparse.Namespace) -> int:
             lock_wait_s=args.lock_wait_s,
             lock_lease_s=args.lock_lease_s,
         )
-    except (AddressError, ValueError) as exc:
-        print(f"phpsess: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.lock_lease_s <= 0:
-        print("phpsess: --lock-lease-s must be positive", file=sys.stderr)
-        return EXIT_USAGE
-    # Every PHP worker holds a connection: allow as many descriptors as we may.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    persist = None
-    if not args.memory_only:
-        persist = PersistConfig(
-            data_dir=os.path.abspath(args.data_dir),
-            fsync=args.fsync,
-            fsync_interval_s=args.fsync_interval_ms / 1000,
-            min_compact_bytes=args.compact_min_bytes,
-        )
-    cluster = None
-    if args.node or args.peer or args.cluster_listen or args.cluster_secret_file:
-        try:
+        persist = None
+        if not args.memory_only:
+            persist = PersistConfig(
+                data_dir=os.path.abspath(args.data_dir),
+                fsync=args.fsync,
+                fsync_interval_s=args.fsync_interval_ms / 1000,
+                min_compact_bytes=args.compact_min_bytes,
+            )
+        cluster = None
+        if args.node or args.peer or args.cluster_listen or args.cluster_secret_file:
             cluster = _cluster_config(args)
-        except (ValueError, OSError) as exc:
-            print(f"phpsess: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+    except (AddressError, ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from exc
     metrics_listen = None
     if args.metrics_listen:
-        try:
-            parsed = parse_address(
-                args.metrics_listen if args.metrics_listen.startswith("tcp:")
-                else f"tcp:{args.metrics_listen}"
-            )
-        except AddressError as exc:
-            print(f"phpsess: --metrics-listen: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        assert isinstance(parsed, TcpAddress)
-        metrics_listen = parsed
-    config = ServerConfig(
+        metrics_listen = _tcp(args.metrics_listen, "metrics listen address")
+    return ServerConfig(
         listen=listen,
         limits=limits,
         socket_mode=args.socket_mode,
@@ -253,13 +272,87 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_listen=metrics_listen,
     )
 
+
+def _merged(args: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:
+    """Defaults < the --config file < flags given on the command line."""
+    if not getattr(args, "config", None):
+        return args
+    settings = config_file.load(args.config)
+    given = _given_dests(argv, args.command)
+    merged = argparse.Namespace(**vars(args))
+    for dest, value in settings.items():
+        if dest not in given:
+            setattr(merged, dest, value)
+    return merged
+
+
+_UNSET: Final = object()
+
+
+def _given_dests(argv: Sequence[str], command: str) -> set[str]:
+    """Which settings the command line itself gave (not defaults)."""
+    parser = build_parser()
+    sub = _subcommands(parser)[command]
+    for action in sub._actions:
+        if action.dest not in ("help", "command"):
+            # Repeatable flags append to their default: give them None.
+            action.default = None if isinstance(action, argparse._AppendAction) else _UNSET
+    parsed = parser.parse_args(argv)
+    return {
+        dest for dest, value in vars(parsed).items() if value is not _UNSET and value is not None
+    }
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("no subcommands")
+
+
+def _check_config(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    try:
+        merged = _merged(args, argv)
+        server_config(merged)
+    except (config_file.ConfigError, UsageError) as exc:
+        print(f"phpsess: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.config}: ok")
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import resource
+
+    import trio
+
+    from phpsess.server import Server, StartupError, run_until_signal
+
+    try:
+        args = _merged(args, argv)
+        config = server_config(args)
+    except (config_file.ConfigError, UsageError) as exc:
+        print(f"phpsess: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.setup(args.log_level)
+    # Every PHP worker holds a connection: allow as many descriptors as we may.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+    def reload() -> tuple[ServerConfig, str]:
+        """SIGHUP: the configuration as the file says now."""
+        fresh = _merged(build_parser().parse_args(argv), argv)
+        return server_config(fresh), fresh.log_level
+
     # The journal thread must get the GIL promptly: every acknowledged write
     # waits for it, and CPython's default 5 ms switch interval would let a
     # busy event loop hold it back that long.
     sys.setswitchinterval(0.0005)
 
     async def run() -> None:
-        await run_until_signal(Server(config))
+        await run_until_signal(Server(config), reload if args.config else None)
 
     failed: list[StartupError] = []
     try:
@@ -307,8 +400,11 @@ def _repair(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     if args.command == "serve":
-        return _serve(args)
+        return _serve(args, argv)
+    if args.command == "check-config":
+        return _check_config(args, argv)
     if args.command == "repair":
         return _repair(args)
     if args.command in admin.COMMANDS:

@@ -93,6 +93,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
             help=f"the daemon: unix:/abs/path.sock or tcp:HOST:PORT (default: {DEFAULT_LISTEN})",
         )
         sub.add_argument(
+            "--config", metavar="PATH",
+            help="find the daemon through the first listen address of this TOML file "
+            "(when --connect is not given)",
+        )
+        sub.add_argument(
             "--timeout-s", type=float, default=10.0, metavar="S",
             help="seconds for connecting and for each reply (default: 10)",
         )
@@ -146,6 +151,15 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def run(args: argparse.Namespace) -> int:
     """Run the admin command ``args.command``; return the exit status."""
     handler = _HANDLERS[args.command]
+    if args.config and args.connect == DEFAULT_LISTEN:
+        from phpsess.config import ConfigError, load
+
+        try:
+            listen = load(args.config).get("listen") or [DEFAULT_LISTEN]
+        except ConfigError as exc:
+            print(f"phpsess: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        args.connect = listen[0]
     try:
         address = parse_address(args.connect)
     except AddressError as exc:

@@ -20,6 +20,7 @@ import secrets
 import socket as stdsocket
 import stat
 import time
+from collections.abc import Callable
 from typing import Final
 
 import attrs
@@ -198,6 +199,33 @@ class Server:
             for path in self._unix_paths:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+
+    # Settings a SIGHUP may change while serving; everything else needs a restart.
+    _RELOADABLE: Final = ("limits", "max_connections", "idle_timeout_s", "shutdown_timeout_s")
+
+    def reload(self, fresh: ServerConfig, log_level: str) -> None:
+        """Apply a re-read configuration: log level, limits, lock defaults,
+        connection limits; say what else changed and needs a restart."""
+        logging.getLogger("phpsess").setLevel(log_level.upper())
+        old = self.config
+        self.config = attrs.evolve(
+            old, **{name: getattr(fresh, name) for name in self._RELOADABLE}
+        )
+        self.engine.limits = fresh.limits
+        applied = [n for n in self._RELOADABLE if getattr(old, n) != getattr(fresh, n)]
+        ignored = [
+            field.name for field in attrs.fields(ServerConfig)
+            if field.name not in self._RELOADABLE
+            and getattr(old, field.name) != getattr(fresh, field.name)
+        ]
+        log.info(
+            "event=reloaded log_level=%s applied=%s", log_level, ",".join(applied) or "-"
+        )
+        if ignored:
+            log.warning(
+                "event=reload_needs_restart changed=%s detail=these settings apply only "
+                "after a restart (drain first in a cluster)", ",".join(ignored),
+            )
 
     def shutdown(self) -> None:
         """Stop accepting and finish in-flight work (PROTOCOL.md §10)."""
@@ -609,19 +637,32 @@ def _peer_name(stream: trio.SocketStream) -> str:
     return "unix"
 
 
-async def run_until_signal(server: Server) -> None:
+async def run_until_signal(
+    server: Server, reload: Callable[[], tuple[ServerConfig, str]] | None = None
+) -> None:
     """Serve until SIGTERM, SIGINT or a DRAIN request, then shut down
-    gracefully (PROTOCOL.md §10)."""
+    gracefully (PROTOCOL.md §10).  SIGHUP calls ``reload`` (when there is a
+    configuration file) and applies what can change while running."""
     import signal
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
             async def wait_signal() -> None:
                 async for signum in signals:
                     log.info("event=signal signal=%s", signal.Signals(signum).name)
-                    server.shutdown()
-                    return
+                    if signum != signal.SIGHUP:
+                        server.shutdown()
+                        return
+                    if reload is None:
+                        log.warning("event=reload_skipped detail=no --config file to reload")
+                        continue
+                    try:
+                        fresh, log_level = reload()
+                    except Exception as exc:
+                        log.error("event=reload_failed detail=%s; the old settings stay", exc)
+                        continue
+                    server.reload(fresh, log_level)
 
             nursery.start_soon(wait_signal)
             await server.serve()

@@ -1,0 +1,144 @@
+"""The configuration file, ``/etc/phpsess/phpsess.toml`` (``--config``).
+
+Every setting of ``phpsess serve`` has a key here, named like its flag, in
+one of four tables.  Precedence: built-in defaults < this file < flags.
+Unknown keys and wrong types are rejected by name, with the file and line,
+so a typo never silently falls back to a default.  Parsing is the standard
+library's ``tomllib``.  Pure apart from reading the file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable
+from typing import Any, Final
+
+DEFAULT_CONFIG: Final = "/etc/phpsess/phpsess.toml"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names file, line, key."""
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: object) -> bool:
+    return _int(value) or isinstance(value, float)
+
+
+def _str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _bool(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+def _str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# table -> key -> (argparse dest, check, what the value must be)
+SCHEMA: Final[dict[str, dict[str, tuple[str, Callable[[object], bool], str]]]] = {
+    "daemon": {
+        "listen": ("listen", _str_list, "a list of addresses"),
+        "socket_mode": ("socket_mode", _str, 'an octal string like "0660"'),
+        "log_level": ("log_level", _str, "debug, info, warning or error"),
+        "metrics_listen": ("metrics_listen", _str, '"HOST:PORT"'),
+    },
+    "limits": {
+        "max_session_bytes": ("max_session_bytes", _int, "a whole number"),
+        "max_connections": ("max_connections", _int, "a whole number"),
+        "idle_timeout_s": ("idle_timeout_s", _number, "a number of seconds"),
+        "lock_wait_s": ("lock_wait_s", _number, "a number of seconds"),
+        "lock_lease_s": ("lock_lease_s", _number, "a number of seconds"),
+        "shutdown_timeout_s": ("shutdown_timeout_s", _number, "a number of seconds"),
+    },
+    "storage": {
+        "data_dir": ("data_dir", _str, "a directory"),
+        "fsync": ("fsync", _str, "always, interval or never"),
+        "fsync_interval_ms": ("fsync_interval_ms", _int, "a whole number of milliseconds"),
+        "compact_min_bytes": ("compact_min_bytes", _int, "a whole number"),
+        "memory_only": ("memory_only", _bool, "true or false"),
+    },
+    "cluster": {
+        "node": ("node", _str, "a node name"),
+        "listen": ("cluster_listen", _str, '"HOST:PORT"'),
+        "secret_file": ("cluster_secret_file", _str, "a file path"),
+        "heartbeat_ms": ("heartbeat_ms", _int, "a whole number of milliseconds"),
+        "dead_after_ms": ("dead_after_ms", _int, "a whole number of milliseconds"),
+        "drain_timeout_s": ("drain_timeout_s", _number, "a number of seconds"),
+        "peers": ("peer", lambda v: isinstance(v, dict), "a table NAME = \"HOST:PORT\""),
+    },
+}
+
+
+def _line_of(text: str, table: str | None, key: str) -> int:
+    """The line a key stands on (tomllib reports no positions)."""
+    current: str | None = None
+    pattern = re.compile(rf"\s*(\"{re.escape(key)}\"|{re.escape(key)})\s*=")
+    for number, line in enumerate(text.splitlines(), 1):
+        header = re.match(r"\s*\[\s*([^\]]+?)\s*\]", line)
+        if header:
+            current = header.group(1)
+            if table is None and current == key:
+                return number
+            continue
+        if current == table and pattern.match(line):
+            return number
+    return 0
+
+
+def load(path: str) -> dict[str, Any]:
+    """The settings in ``path`` as argparse destinations (``peer`` as a list
+    of ``NAME=HOST:PORT``); ConfigError for anything wrong."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc.strerror}") from exc
+    text = raw.decode("utf-8", "replace")
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    settings: dict[str, Any] = {}
+    for table, values in document.items():
+        where = f"{path}:{_line_of(text, None, table)}"
+        if table not in SCHEMA:
+            raise ConfigError(
+                f"{where}: unknown table [{table}]; known: "
+                + ", ".join(f"[{t}]" for t in SCHEMA)
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: {table} must be a table [{table}]")
+        for key, value in values.items():
+            where = f"{path}:{_line_of(text, table, key)}"
+            spec = SCHEMA[table].get(key)
+            if spec is None:
+                raise ConfigError(
+                    f"{where}: unknown key {key!r} in [{table}]; known: "
+                    + ", ".join(SCHEMA[table])
+                )
+            dest, check, expected = spec
+            if not check(value):
+                raise ConfigError(f"{where}: [{table}] {key} must be {expected}")
+            if dest == "peer":
+                peers = []
+                for name, address in value.items():
+                    if not isinstance(address, str):
+                        line = _line_of(text, "cluster.peers", name)
+                        raise ConfigError(f"{path}:{line}: peer {name} must be \"HOST:PORT\"")
+                    peers.append(f"{name}={address}")
+                settings["peer"] = peers
+            elif dest == "socket_mode":
+                try:
+                    settings[dest] = int(value, 8)
+                except ValueError:
+                    raise ConfigError(f"{where}: [{table}] {key} must be {expected}") from None
+            else:
+                settings[dest] = value
+    return settings

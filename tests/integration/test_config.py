@@ -1,0 +1,91 @@
+"""--config with a real daemon: precedence, check-config, SIGHUP reload."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phpsess import protocol as p
+from phpsess.__main__ import main
+from phpsess.client import Client
+from tests.conftest import ROOT
+
+
+def _config(path: Path, max_session_bytes: int, extra: str = "") -> None:
+    path.write_text(
+        f"[limits]\nmax_session_bytes = {max_session_bytes}\nlock_wait_s = 7\n"
+        f"[storage]\nmemory_only = true\n{extra}"
+    )
+
+
+def _wait_for(daemon: Any, text: str) -> None:
+    deadline = time.monotonic() + 10
+    while text not in daemon.log():
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.05)
+
+
+def test_file_settings_apply_and_flags_win(start_daemon: Any, workdir: Path) -> None:
+    conf = workdir / "phpsess.toml"
+    _config(conf, 100)
+    daemon = start_daemon("--config", str(conf), "--lock-wait-s", "0")
+    with Client(daemon.address) as a, Client(daemon.address) as b:
+        reply = a.request(p.Write("s", 60, b"x" * 101))  # the file's limit
+        assert isinstance(reply, p.Error) and reply.code is p.Code.TOO_LARGE
+        assert a.request(p.Read("s")) == p.MISS
+        started = time.monotonic()
+        reply = b.request(p.Read("s"))  # the flag's 0 s wait, not the file's 7 s
+        assert isinstance(reply, p.Error) and reply.code is p.Code.LOCK_TIMEOUT
+        assert time.monotonic() - started < 5
+
+
+def test_sighup_reloads_limits_and_names_what_needs_a_restart(
+    start_daemon: Any, workdir: Path
+) -> None:
+    conf = workdir / "phpsess.toml"
+    _config(conf, 100)
+    daemon = start_daemon("--config", str(conf))
+    with Client(daemon.address) as c:
+        reply = c.request(p.Write("s", 60, b"x" * 200))
+        assert isinstance(reply, p.Error) and reply.code is p.Code.TOO_LARGE
+    # (--listen on the command line wins over the file, so it is not "changed".)
+    _config(conf, 1000, '[daemon]\nlog_level = "debug"\nmetrics_listen = "127.0.0.1:1"\n')
+    daemon.signal(signal.SIGHUP)
+    _wait_for(daemon, "event=reload_needs_restart changed=metrics_listen")
+    assert "event=reloaded log_level=debug applied=limits" in daemon.log()
+    with Client(daemon.address) as c:  # a new connection sees the new limit
+        assert c.request(p.Write("s", 60, b"x" * 200)) == p.OK
+    conf.write_text("[limits]\nmax_sesion_bytes = 5\n")  # a typo keeps the old settings
+    daemon.signal(signal.SIGHUP)
+    _wait_for(daemon, "event=reload_failed")
+    assert "max_sesion_bytes" in daemon.log()
+    with Client(daemon.address) as c:
+        assert c.request(p.Write("s", 60, b"x" * 200)) == p.OK
+
+
+def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = workdir / "good.toml"
+    _config(good, 1000)
+    assert main(["check-config", str(good)]) == 0
+    assert capsys.readouterr().out == f"{good}: ok\n"
+    bad = workdir / "bad.toml"
+    bad.write_text('[storage]\nfsync = "sometimes"\n')
+    assert main(["check-config", str(bad)]) == 2
+    assert "fsync must be one of always, interval, never" in capsys.readouterr().err
+
+
+def test_serve_with_a_bad_file_exits_2_naming_the_line(workdir: Path) -> None:
+    bad = workdir / "bad.toml"
+    bad.write_text("[daemon]\nlisten = []\n[limits]\nmax_conections = 5\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "phpsess", "serve", "--config", str(bad)],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+    )
+    assert proc.returncode == 2
+    assert f"{bad}:4: unknown key 'max_conections' in [limits]" in proc.stderr

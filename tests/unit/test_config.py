@@ -1,0 +1,106 @@
+"""The configuration file: every setting, rejection by name with file and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from phpsess.config import ConfigError, load
+
+FULL = """\
+# phpsess
+[daemon]
+listen = ["unix:/run/phpsess/phpsess.sock", "tcp:127.0.0.1:7700"]
+socket_mode = "0660"
+log_level = "warning"
+metrics_listen = "127.0.0.1:9464"
+
+[limits]
+max_session_bytes = 1048576
+max_connections = 100
+idle_timeout_s = 60
+lock_wait_s = 5.5
+lock_lease_s = 120
+shutdown_timeout_s = 3
+
+[storage]
+data_dir = "/var/lib/phpsess"
+fsync = "always"
+fsync_interval_ms = 100
+compact_min_bytes = 1000000
+memory_only = false
+
+[cluster]
+node = "web1"
+listen = "10.0.0.1:7701"
+secret_file = "/etc/phpsess/cluster.secret"
+heartbeat_ms = 250
+dead_after_ms = 2000
+drain_timeout_s = 20
+
+[cluster.peers]
+web2 = "10.0.0.2:7701"
+web3 = "10.0.0.3:7701"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "phpsess.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_setting_is_read_under_its_flag_name(tmp_path: Path) -> None:
+    settings = load(_write(tmp_path, FULL))
+    assert settings == {
+        "listen": ["unix:/run/phpsess/phpsess.sock", "tcp:127.0.0.1:7700"],
+        "socket_mode": 0o660, "log_level": "warning", "metrics_listen": "127.0.0.1:9464",
+        "max_session_bytes": 1048576, "max_connections": 100, "idle_timeout_s": 60,
+        "lock_wait_s": 5.5, "lock_lease_s": 120, "shutdown_timeout_s": 3,
+        "data_dir": "/var/lib/phpsess", "fsync": "always", "fsync_interval_ms": 100,
+        "compact_min_bytes": 1000000, "memory_only": False,
+        "node": "web1", "cluster_listen": "10.0.0.1:7701",
+        "cluster_secret_file": "/etc/phpsess/cluster.secret", "heartbeat_ms": 250,
+        "dead_after_ms": 2000, "drain_timeout_s": 20,
+        "peer": ["web2=10.0.0.2:7701", "web3=10.0.0.3:7701"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[limits]\nmax_conections = 5\n", ":2: unknown key 'max_conections' in [limits]"),
+        ("[daemon]\n\n[limitz]\nx = 1\n", ":3: unknown table [limitz]"),
+        ("[limits]\nlock_wait_s = \"soon\"\n", ":2: [limits] lock_wait_s must be a number"),
+        ("[storage]\nmemory_only = 1\n", ":2: [storage] memory_only must be true or false"),
+        ("[daemon]\nlisten = \"unix:/x.sock\"\n", ":2: [daemon] listen must be a list"),
+        ("[daemon]\nsocket_mode = \"rw\"\n", ":2: [daemon] socket_mode must be an octal"),
+        ("[cluster.peers]\nweb2 = 7\n", ":2: peer web2 must be"),
+        ("[limits\n", "not valid TOML"),
+    ],
+)
+def test_mistakes_are_named_with_file_and_line(tmp_path: Path, text: str, message: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value).startswith(path)
+    assert message in str(info.value)
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load(str(tmp_path / "nope.toml"))
+
+
+def test_the_shipped_example_is_valid_and_complete() -> None:
+    from phpsess.config import SCHEMA
+    from tests.conftest import ROOT
+
+    example = ROOT / "deploy" / "phpsess.toml"
+    settings = load(str(example))
+    text = example.read_text()
+    for keys in SCHEMA.values():
+        for key in keys:  # every key is documented, set or commented out
+            assert f"{key} =" in text or (key == "peers" and "[cluster.peers]" in text), key
+    assert settings["data_dir"] == "/var/lib/phpsess"

@@ -306,6 +306,15 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     cluster = stats.get("cluster")
     if isinstance(cluster, dict):
         for key, value in cluster.items():
+            if key == "peers" and isinstance(value, dict):
+                for peer, info in sorted(value.items()):
+                    if isinstance(info, dict):
+                        draining = ", draining" if info.get("draining") else ""
+                        shown = f"{info.get('state')}, {info.get('sessions')} sessions{draining}"
+                    else:
+                        shown = json.dumps(info)
+                    rows.append((f"peer {peer}", shown))
+                continue
             shown = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
             rows.append((f"cluster {key}", shown))
     elif cluster is not None:

@@ -351,6 +351,7 @@ class Cluster:
         self.takeovers_total = 0
         self.replication_failures_total = 0
         server.engine.sid_suffix = self._sid_suffix
+        server.engine.extra_stats = self.statistics
         if server.persister is not None:
             server.persister.meta_source = self.meta_snapshot
         if server.engine.changes is None:
@@ -404,6 +405,27 @@ class Cluster:
                 log.exception("event=cluster_task_failed task=%s", fn.__name__)
 
         self._nursery.start_soon(guarded)
+
+    def statistics(self) -> dict[str, object]:
+        membership = self.membership
+        members = {
+            name: {
+                "state": membership.state(name),
+                "sessions": membership.load(name)[0],
+                "draining": membership.load(name)[2],
+            }
+            for name in self.peer_address
+        }
+        return {"cluster": {
+            "node": self.me,
+            "draining": self.draining,
+            "degraded": membership.degraded,
+            "masters": self.replicas.master_count(),
+            "copies": len(self.replicas.meta),
+            "takeovers_total": self.takeovers_total,
+            "replication_failures_total": self.replication_failures_total,
+            "peers": members,
+        }}
 
     def _sid_suffix(self) -> str:
         master = self.me

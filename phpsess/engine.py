@@ -103,6 +103,8 @@ class Engine:
         # In a cluster, what create_sid appends to name master and backup
         # (CLUSTER.md §2); None on a single node.
         self.sid_suffix: Callable[[], str] | None = None
+        # More for STATS from the shell (the cluster's members), or None.
+        self.extra_stats: Callable[[], dict[str, object]] | None = None
         self.notices: list[Notice] = []
         self.shutting_down = False
         self.drain_requested = False  # a DRAIN request: the shell shuts down
@@ -352,7 +354,7 @@ class Engine:
                 VERB_NAMES.get(kind, "INVALID"): count
                 for kind, count in sorted(self._verb_counts.items(), key=lambda kv: kv[0].__name__)
             },
-        }
+        } | (self.extra_stats() if self.extra_stats is not None else {})
 
     def _get(self, owner: Owner, client: _Client, request: p.Get, now: float) -> p.Reply:
         entry = self.store.get(request.sid, now)

@@ -317,3 +317,22 @@ def test_whole_cluster_power_loss_after_a_takeover_keeps_every_session(
     assert _acks(_php(sid, 3, addresses).communicate(timeout=60)[0]) == [11, 12, 13]
     # And it has two copies again.
     assert sorted(_local_sessions(cluster, n) for n in NAMES) == [0, 1, 1]
+
+
+def test_status_shows_the_cluster_members(cluster: Cluster,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from phpsess.__main__ import main
+
+    assert main(["status", "--connect", cluster.nodes["a"].address]) == 0
+    out = capsys.readouterr().out
+    assert "cluster node" in out and "peer b" in out and "peer c" in out
+    assert out.count("alive") == 2
+    cluster.nodes["c"].kill9()
+    deadline = time.monotonic() + 15
+    while cluster.stats("a")["cluster"]["peers"]["c"]["state"] != "dead":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert main(["status", "--json", "--connect", cluster.nodes["a"].address]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["cluster"]["peers"]["c"]["state"] == "dead"
+    assert stats["cluster"]["peers"]["b"]["state"] == "alive"

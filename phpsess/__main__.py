@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Final
 from phpsess import admin, logs
 from phpsess import config as config_file
 from phpsess.addresses import DEFAULT_LISTEN, AddressError, TcpAddress, parse_address
+from phpsess.argtypes import whole_number
 from phpsess.engine import VERSION, Limits
 
 if TYPE_CHECKING:
@@ -27,14 +28,7 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 log = logging.getLogger("phpsess")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+_positive_int = whole_number(1)
 
 
 def _seconds(text: str) -> float:

@@ -24,6 +24,7 @@ import attrs
 
 from phpsess import protocol as p
 from phpsess.addresses import DEFAULT_LISTEN, AddressError, parse_address
+from phpsess.argtypes import whole_number
 from phpsess.client import Client, ClientError
 from phpsess.decode import FORMATS, DecodeError, decode_session
 
@@ -55,24 +56,8 @@ class AdminError(Exception):
 # ---------------------------------------------------------------- parser
 
 
-def _page_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= p.MAX_LIST_LIMIT:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1-{p.MAX_LIST_LIMIT}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
-    return value
+_page_size = whole_number(1, p.MAX_LIST_LIMIT)
+_count = whole_number(0)
 
 
 def _sid(text: str) -> str:

@@ -406,6 +406,31 @@ class Cluster:
 
         self._nursery.start_soon(guarded)
 
+    def reload_peers(
+        self, peers: tuple[tuple[str, TcpAddress], ...]
+    ) -> tuple[list[str], list[str]]:
+        """A reloaded peer list (SIGHUP): new peers are watched and join once
+        they speak; removed ones are treated as dead (their sessions taken
+        over, our backups re-homed).  Returns (added, removed)."""
+        wanted = dict(peers)
+        moved = [
+            n for n, a in wanted.items() if n in self.peer_address and self.peer_address[n] != a
+        ]
+        added, removed = self.membership.set_peers(wanted)
+        for name in (*removed, *moved):
+            for link in list(self.links.get(name, ())):
+                link.abort()
+            self._pipes.pop(name, None)
+        self.peer_address = wanted
+        self.replicas.nodes = frozenset([self.me, *wanted])
+        for name in removed:
+            self._spawn(self._peer_dead, name)
+        log.info(
+            "event=peers_reloaded added=%s removed=%s moved=%s",
+            ",".join(added) or "-", ",".join(removed) or "-", ",".join(moved) or "-",
+        )
+        return added, removed
+
     def statistics(self) -> dict[str, object]:
         membership = self.membership
         members = {

@@ -291,6 +291,22 @@ class Membership:
                 events.append(Suspect(name))
         return events
 
+    def set_peers(self, peers: Iterable[str]) -> tuple[list[str], list[str]]:
+        """A reloaded configuration (SIGHUP): start watching new peers
+        (unknown until they speak) and stop watching removed ones.  Returns
+        (added, removed)."""
+        names = {check_node_name(name) for name in peers} - {self._me}
+        if len(names) > MAX_PEERS:
+            raise ValueError(f"{len(names)} peers configured, at most {MAX_PEERS}")
+        added = sorted(names - set(self._peers))
+        removed = sorted(set(self._peers) - names)
+        for name in removed:
+            del self._peers[name]
+            self._dead.pop(name, None)
+        for name in added:
+            self._peers[name] = _Peer()
+        return added, removed
+
     def reincarnate(self, incarnation: int) -> None:
         """Peers declared this incarnation dead and took over what we held:
         go on as a new one, so that they take us back (a rejoin)."""

@@ -213,10 +213,19 @@ class Server:
         )
         self.engine.limits = fresh.limits
         applied = [n for n in self._RELOADABLE if getattr(old, n) != getattr(fresh, n)]
+        # The peer list may change while running; the node itself may not.
+        if (
+            self.cluster is not None and old.cluster is not None and fresh.cluster is not None
+            and old.cluster != fresh.cluster
+            and attrs.evolve(old.cluster, peers=fresh.cluster.peers) == fresh.cluster
+        ):
+            self.cluster.reload_peers(fresh.cluster.peers)
+            self.config = attrs.evolve(self.config, cluster=fresh.cluster)
+            applied.append("cluster peers")
         ignored = [
             field.name for field in attrs.fields(ServerConfig)
             if field.name not in self._RELOADABLE
-            and getattr(old, field.name) != getattr(fresh, field.name)
+            and getattr(self.config, field.name) != getattr(fresh, field.name)
         ]
         log.info(
             "event=reloaded log_level=%s applied=%s", log_level, ",".join(applied) or "-"

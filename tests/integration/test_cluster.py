@@ -336,3 +336,50 @@ def test_status_shows_the_cluster_members(cluster: Cluster,
     stats = json.loads(capsys.readouterr().out)
     assert stats["cluster"]["peers"]["c"]["state"] == "dead"
     assert stats["cluster"]["peers"]["b"]["state"] == "alive"
+
+
+def test_sighup_adds_a_peer_to_a_running_cluster(workdir: Path) -> None:
+    secret = workdir / "secret"
+    secret.write_bytes(os.urandom(32).hex().encode())
+    ports = {name: _free_port() for name in NAMES}
+
+    def write_config(name: str, peers: tuple[str, ...]) -> Path:
+        path = workdir / f"{name}.toml"
+        lines = [
+            "[cluster]", f'node = "{name}"', f'listen = "127.0.0.1:{ports[name]}"',
+            f'secret_file = "{secret}"', "heartbeat_ms = 250", f"dead_after_ms = {DEAD_AFTER_MS}",
+            "[cluster.peers]",
+        ]
+        lines += [f'{peer} = "127.0.0.1:{ports[peer]}"' for peer in peers]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    daemons: dict[str, Daemon] = {}
+    try:
+        for name, peers in (("a", ("b",)), ("b", ("a",)), ("c", ("a", "b"))):
+            (workdir / name).mkdir()
+            daemons[name] = Daemon(workdir / name, "--config", str(write_config(name, peers)))
+        sid = _create_on(daemons["a"], b"n|i:1;")
+        for name, peers in (("a", ("b", "c")), ("b", ("a", "c"))):
+            write_config(name, peers)
+            daemons[name].signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        for name in ("a", "b"):
+            while "event=peer_alive peer=c" not in daemons[name].log():
+                assert time.monotonic() < deadline, daemons[name].log()
+                time.sleep(0.05)
+            assert "event=peers_reloaded added=c" in daemons[name].log()
+        with Client(daemons["c"].address) as c:  # c now serves a's sessions
+            assert c.request(p.Read(sid, lock=False)) == p.Data(b"n|i:1;")
+    finally:
+        for daemon in daemons.values():
+            daemon.stop()
+
+
+def _create_on(daemon: Daemon, value: bytes) -> str:
+    with Client(daemon.address) as c:
+        created = c.request(p.Create(26, 5))
+        assert isinstance(created, p.Ok), created
+        sid = created.tokens[0]
+        assert c.request(p.Write(sid, 1440, value)) == p.OK
+    return sid

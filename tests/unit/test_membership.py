@@ -532,3 +532,14 @@ def test_reincarnate_after_being_declared_dead_makes_peers_take_us_back() -> Non
     a.reincarnate(12)
     assert b.receive(a.heartbeat(), 3.3) == [Alive("a", 12, True)]
     assert b.state("a") == "alive"
+
+
+def test_set_peers_adds_and_removes() -> None:
+    m = Membership("a", ["b", "c"], 1, 0.0)
+    m.receive(Heartbeat("b", 2, 0, 0, False, ()), 0.0)
+    assert m.set_peers(["a", "b", "d"]) == (["d"], ["c"])
+    assert m.state("b") == "alive"  # kept as it was
+    assert m.state("d") == "unknown"
+    assert m.state("c") == "unknown" and "c" not in m.alive_peers()
+    assert m.receive(Heartbeat("c", 3, 0, 0, False, ()), 0.1) == []  # no longer a peer
+    assert m.receive(Heartbeat("d", 4, 0, 0, False, ()), 0.1) == [Alive("d", 4, False)]

@@ -446,7 +446,7 @@ class Server:
                 if event is p.NEED_DATA:
                     break
                 conn.busy = True
-                started = trio.current_time()
+                started = now if self.metrics is None else trio.current_time()
                 reply_or_wait: p.Reply | _Wait | None = None
                 if cluster is not None:
                     reply_or_wait = await self._cluster_request(conn, event, now)

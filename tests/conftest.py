@@ -118,6 +118,23 @@ def daemon(start_daemon: Any) -> Daemon:
     return d
 
 
+def read_counter(address: str, sid: str) -> int:
+    """The ``n`` a PHP counter page stored in session ``sid`` (0 if none)."""
+    import re
+
+    from phpsess import protocol as p
+    from phpsess.client import Client
+
+    with Client(address) as c:
+        reply = c.request(p.Read(sid, lock=False))
+    if reply == p.MISS:
+        return 0
+    assert isinstance(reply, p.Data), reply
+    match = re.fullmatch(rb"n\|i:(\d+);", reply.data)
+    assert match, reply.data
+    return int(match.group(1))
+
+
 def php_binary() -> str:
     php = shutil.which("php")
     if php is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 
 from phpsess import protocol as p
 from phpsess.client import Client
-from tests.conftest import Daemon, php_binary
+from tests.conftest import Daemon, php_binary, read_counter
 
 ROUNDROBIN = Path(__file__).parent / "php" / "roundrobin.php"
 NAMES = ("a", "b", "c")
@@ -123,14 +122,7 @@ def _acks(out: str) -> list[int]:
 
 
 def _counter(cluster: Cluster, via: str, sid: str) -> int:
-    with Client(cluster.nodes[via].address) as c:
-        reply = c.request(p.Read(sid, lock=False))
-    if reply == p.MISS:
-        return 0
-    assert isinstance(reply, p.Data), reply
-    match = re.fullmatch(rb"n\|i:(\d+);", reply.data)
-    assert match, reply.data
-    return int(match.group(1))
+    return read_counter(cluster.nodes[via].address, sid)
 
 
 def _local_sessions(cluster: Cluster, name: str) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 
 from phpsess import protocol as p
 from phpsess.client import Client
-from tests.conftest import PREPEND, ROOT, Daemon, php_binary
+from tests.conftest import PREPEND, ROOT, Daemon, php_binary, read_counter
 
 WRITER = Path(__file__).parent / "php" / "writer.php"
 
@@ -32,14 +31,7 @@ def _writer(daemon: Daemon, sid: str, count: int) -> subprocess.Popen[str]:
 
 
 def _stored_counter(daemon: Daemon, sid: str) -> int:
-    with Client(daemon.address) as c:
-        reply = c.request(p.Read(sid, lock=False))
-    if reply == p.MISS:
-        return 0
-    assert isinstance(reply, p.Data), reply
-    match = re.fullmatch(rb"n\|i:(\d+);", reply.data)
-    assert match, reply.data
-    return int(match.group(1))
+    return read_counter(daemon.address, sid)
 
 
 @pytest.mark.parametrize("policy", ["always", "interval"])

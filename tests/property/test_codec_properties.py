@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phpsess import protocol as p
-from tests.unit.test_protocol import drain
+from tests.unit.test_protocol import drain, replies_from
 
 SID_CHARS = string.ascii_letters + string.digits + ",-"
 TOKEN_CHARS = "".join(chr(c) for c in range(0x21, 0x7F))
@@ -277,17 +277,7 @@ replies: st.SearchStrategy[p.Reply] = st.one_of(
 @given(st.lists(replies, max_size=8), st.lists(st.integers(0, 10_000), max_size=20))
 def test_reply_parser_round_trips(reply_list: list[p.Reply], cuts: list[int]) -> None:
     wire = b"".join(p.encode_reply(r) for r in reply_list)
-    parser = p.ReplyParser()
-    out: list[p.Reply] = []
-    for chunk in split(wire, cuts):
-        parser.receive_data(chunk)
-        while True:
-            reply = parser.next_reply()
-            if reply is p.NEED_DATA:
-                break
-            assert not isinstance(reply, p._NeedData)
-            out.append(reply)
-    assert out == reply_list
+    assert replies_from(split(wire, cuts)) == reply_list
 
 
 @given(st.builds(p.Error, code=st.sampled_from(list(p.Code)), message=st.text(max_size=100)))

@@ -502,9 +502,14 @@ def test_fatal_codes_are_those_of_section_9() -> None:
 
 
 def parse_replies(wire: bytes, bytewise: bool) -> list[p.Reply]:
+    chunks = [wire[i : i + 1] for i in range(len(wire))] if bytewise else [wire]
+    return replies_from(chunks)
+
+
+def replies_from(chunks: list[bytes]) -> list[p.Reply]:
+    """Every reply in a stream fed to one ReplyParser chunk by chunk."""
     parser = p.ReplyParser()
     replies: list[p.Reply] = []
-    chunks = [wire[i : i + 1] for i in range(len(wire))] if bytewise else [wire]
     for chunk in chunks:
         parser.receive_data(chunk)
         while True:

@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--fsync", choices=FSYNC_POLICIES, default="interval",
-        help="always: acknowledge after fsync; interval: after the kernel has it, fsync "
-        "every --fsync-interval-ms; never: do not wait (default: interval)",
+        help="always: acknowledge after fsync; interval: at once, write every 10 ms and "
+        "fsync every --fsync-interval-ms (a crash loses at most that much); never: "
+        "at once, no fsync (default: interval)",
     )
     serve.add_argument(
         "--fsync-interval-ms", type=_positive_int, default=200, metavar="MS",

@@ -1,7 +1,8 @@
 <?php
 // A stream of web requests on one session: php writer.php <sid> <count>
 // Each request increments $_SESSION['n']; after a write PHP reports as
-// successful (no warning), prints "ack <n>".  Stops at the first failure.
+// successful (no warning), prints "ack <n> <unix time>".  Stops at the first
+// failure.
 declare(strict_types=1);
 
 $warnings = [];
@@ -20,6 +21,6 @@ for ($i = 0; $i < (int) $argv[2]; $i++) {
     if ($warnings !== []) {
         exit(0);  // session_write_close() is true even when the write failed
     }
-    echo "ack ", $_SESSION['n'], "\n";
+    echo "ack ", $_SESSION['n'], " ", sprintf('%.6f', microtime(true)), "\n";
     flush();
 }

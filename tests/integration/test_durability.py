@@ -82,7 +82,11 @@ def test_kill_9_during_php_write_load_loses_no_acknowledged_write(
     assert daemon.log().count("event=restored") == rounds + 1
 
 
-def test_locks_held_at_the_crash_are_free_and_expired_sessions_stay_gone(daemon: Daemon) -> None:
+def test_locks_held_at_the_crash_are_free_and_expired_sessions_stay_gone(
+    start_daemon: Any,
+) -> None:
+    # always: the kill comes right after the writes, inside interval's window.
+    daemon: Daemon = start_daemon("--fsync", "always")
     with Client(daemon.address) as c:
         assert c.request(p.Write("short", 1, b"bye")) == p.OK
         assert c.request(p.Write("long", 3600, b"stays")) == p.OK

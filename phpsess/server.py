@@ -23,7 +23,7 @@ import socket as stdsocket
 import stat
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
@@ -42,6 +42,10 @@ from phpsess.persist import (
     SnapshotSource,
     store_snapshot_source,
 )
+from phpsess.sqlstore import SqlConfig
+
+if TYPE_CHECKING:
+    from phpsess.sqlserver import SqlBackend
 
 log = logging.getLogger("phpsess")
 
@@ -61,6 +65,7 @@ class ServerConfig:
     persist: PersistConfig | None = None
     cluster: ClusterConfig | None = None
     metrics_listen: TcpAddress | None = None
+    storage: SqlConfig | None = None  # --storage mysql://...: the SQL backend
 
 
 class StartupError(Exception):
@@ -110,6 +115,12 @@ class Server:
         self.metrics: Metrics | None = None
         if config.metrics_listen is not None:
             self.metrics = Metrics(self)
+        # --storage: the SQL backend serves client connections (phpsess.sqlserver).
+        self.sql: SqlBackend | None = None
+        if config.storage is not None:
+            from phpsess.sqlserver import SqlBackend
+
+            self.sql = SqlBackend(config.storage, self)
 
     # -- lifecycle
 
@@ -177,6 +188,8 @@ class Server:
                 if self.metrics is not None:
                     assert self.config.metrics_listen is not None
                     await conn_nursery.start(self.metrics.serve, self.config.metrics_listen)
+                if self.sql is not None:
+                    await conn_nursery.start(self.sql.serve)
                 if self.cluster is not None:
                     await conn_nursery.start(self.cluster.run)
                     # Serve PHP only once we know who is alive (CLUSTER.md §7).
@@ -389,7 +402,10 @@ class Server:
         self.engine.connect(owner)
         try:
             with trio.CancelScope() as conn.scope:
-                await self._serve_connection(conn, leftover)
+                if self.sql is not None:  # --storage: the SQL backend serves it
+                    await self.sql.serve_connection(conn, leftover)
+                else:
+                    await self._serve_connection(conn, leftover)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; its locks go below
         except Exception:

@@ -1,0 +1,251 @@
+"""The SQL storage backend's pure half: the ``--storage`` URL, the schema,
+every statement's text, lock names, and the mapping of rows to protocol
+replies.  No driver, no trio, no I/O (STYLE.md §1); the Trio/PyMySQL shell
+is :mod:`phpsess.sqlserver`.
+
+Theory of operation (README "SQL storage"): one table shared by every
+daemon holds each session's bytes and its expiry (UTC, by the database's
+clock, so web servers' clocks never matter).  Session locks are the
+database server's named locks (``GET_LOCK``), held on a database
+connection pinned to the PHP connection that holds them: they die with
+that database session when the daemon or its connection dies, the daemon
+releases them when PHP disconnects, and its lease timer releases them
+(and ``wait_timeout`` on the pinned connection bounds them even if the
+daemon hangs).  Every value travels as a statement parameter; the only
+text put into statements is the table name and engine, validated here as
+plain identifiers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import urllib.parse
+from typing import Final
+
+import attrs
+
+from phpsess import protocol as p
+
+DEFAULT_TABLE: Final = "phpsess_sessions"
+DEFAULT_ENGINE: Final = "InnoDB"
+DEFAULT_PORT: Final = 3306
+DEFAULT_POOL_SIZE: Final = 64
+# How often each daemon deletes expired rows, and how many per statement.
+PURGE_INTERVAL_S: Final = 10.0
+PURGE_BATCH: Final = 1000
+# A lock wait is one GET_LOCK per slice of at most this long: a database
+# that hangs is noticed within the driver's read timeout, and a waiter whose
+# PHP client vanished stops within one slice even if KILL cannot reach it.
+LOCK_SLICE_S: Final = 5.0
+# Named locks are limited to 64 characters: "phpsess:" + 40 hex digits.
+_LOCK_PREFIX: Final = "phpsess:"
+
+_IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+_USER: Final = re.compile(r"[A-Za-z0-9_.\-]{1,80}")
+
+
+class StorageError(ValueError):
+    """A ``--storage`` setting that cannot be used; the message says why."""
+
+
+@attrs.frozen
+class SqlConfig:
+    """Where and how the SQL backend stores sessions (``--storage``)."""
+
+    user: str
+    database: str
+    host: str = "localhost"
+    port: int = DEFAULT_PORT
+    unix_socket: str | None = None
+    password: str = attrs.field(default="", repr=False)
+    table: str = DEFAULT_TABLE
+    engine: str = DEFAULT_ENGINE
+    pool_size: int = DEFAULT_POOL_SIZE
+    connect_timeout_s: float = 3.0
+    # Longest wait for one reply (a lock wait is sliced to stay below it).
+    read_timeout_s: float = 10.0
+    purge_interval_s: float = PURGE_INTERVAL_S
+
+    def __attrs_post_init__(self) -> None:
+        check_identifier(self.table, "table name")
+        check_identifier(self.engine, "storage engine")
+        if self.pool_size < 2:
+            raise StorageError("the storage pool needs at least 2 connections")
+
+    @property
+    def url(self) -> str:
+        """The URL without the password, for logs and STATS."""
+        where = f"{self.host}:{self.port}"
+        query = f"?socket={self.unix_socket}" if self.unix_socket else ""
+        return f"mysql://{self.user}@{where}/{self.database}{query}"
+
+    @property
+    def lock_scope(self) -> str:
+        """What lock names are hashed with: named locks are global to the
+        database server, so two tables never share a lock."""
+        return f"{self.database}.{self.table}:"
+
+
+def check_identifier(name: str, what: str) -> str:
+    if not _IDENTIFIER.fullmatch(name):
+        raise StorageError(
+            f"{what} {name!r} must be 1-64 characters of A-Z a-z 0-9 _ not starting "
+            "with a digit"
+        )
+    return name
+
+
+def parse_storage_url(url: str) -> SqlConfig:
+    """``mysql://USER@HOST[:PORT]/DB[?socket=/path.sock]`` as a config
+    (password, table and engine come from elsewhere)."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("mysql", "mariadb"):
+        raise StorageError(
+            f"storage {url!r} is not mysql://USER@HOST:PORT/DB (the only SQL storage "
+            "spoken: MySQL, MariaDB, MySQL Cluster)"
+        )
+    if parsed.password is not None:
+        raise StorageError(
+            "put no password in the storage URL (it would show in ps and logs): use "
+            "--storage-password-file or [storage] password_file"
+        )
+    user = parsed.username or ""
+    if not _USER.fullmatch(user):
+        raise StorageError(f"storage URL {url!r} needs a user: mysql://USER@HOST:PORT/DB")
+    database = parsed.path.lstrip("/")
+    check_identifier(database, "database name")
+    try:
+        port = parsed.port or DEFAULT_PORT
+    except ValueError:
+        raise StorageError(f"storage URL {url!r} has a bad port") from None
+    query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
+    unknown = sorted(set(query) - {"socket"})
+    if unknown:
+        raise StorageError(f"storage URL option {unknown[0]!r} is unknown; known: socket")
+    unix_socket = query.get("socket", [None])[-1]
+    if unix_socket is not None and not unix_socket.startswith("/"):
+        raise StorageError(f"storage URL socket {unix_socket!r} must be an absolute path")
+    return SqlConfig(
+        user=user, database=database, host=parsed.hostname or "localhost", port=port,
+        unix_socket=unix_socket,
+    )
+
+
+def lock_name(scope: str, sid: str) -> str:
+    """The named lock of session ``sid``; :data:`SQL_LOCK_NAME` computes the
+    same in SQL (for LIST's ``locked`` column)."""
+    return _LOCK_PREFIX + hashlib.sha1((scope + sid).encode("ascii")).hexdigest()
+
+
+SQL_LOCK_NAME: Final = f"CONCAT('{_LOCK_PREFIX}', SHA1(CONCAT(%s, id)))"
+
+
+class Statements:
+    """Every statement of one table.  ``%s`` placeholders are filled by the
+    driver with escaped parameters; only the validated table name and engine
+    are part of the text."""
+
+    def __init__(self, table: str, engine: str) -> None:
+        t = f"`{check_identifier(table, 'table name')}`"
+        check_identifier(engine, "storage engine")
+        self.create = (
+            f"CREATE TABLE IF NOT EXISTS {t} (\n"
+            "  id VARBINARY(256) NOT NULL,\n"
+            "  data LONGBLOB NOT NULL,\n"
+            "  expires DATETIME(6) NOT NULL,\n"
+            "  PRIMARY KEY (id),\n"
+            "  KEY expires (expires)\n"
+            f") ENGINE={engine}"
+        )
+        live = "expires > UTC_TIMESTAMP(6)"
+        self.read = f"SELECT data FROM {t} WHERE id = %s AND {live}"
+        self.upsert = (
+            f"INSERT INTO {t} (id, data, expires) "
+            "VALUES (%s, %s, UTC_TIMESTAMP(6) + INTERVAL %s SECOND) "
+            "ON DUPLICATE KEY UPDATE data = VALUES(data), expires = VALUES(expires)"
+        )
+        self.touch = (
+            f"UPDATE {t} SET expires = UTC_TIMESTAMP(6) + INTERVAL %s SECOND "
+            f"WHERE id = %s AND {live}"
+        )
+        self.exists = f"SELECT 1 FROM {t} WHERE id = %s AND {live}"
+        self.delete = f"DELETE FROM {t} WHERE id = %s"
+        self.purge = f"DELETE FROM {t} WHERE expires <= UTC_TIMESTAMP(6) LIMIT {PURGE_BATCH}"
+        self.get = (
+            "SELECT data, TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires) DIV 1000, "
+            f"IS_USED_LOCK(%s) IS NOT NULL FROM {t} WHERE id = %s AND {live}"
+        )
+        self.list_first = (
+            f"SELECT id, LENGTH(data), TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires) "
+            f"DIV 1000, IS_USED_LOCK({SQL_LOCK_NAME}) IS NOT NULL FROM {t} "
+            f"WHERE {live} ORDER BY id LIMIT %s"
+        )
+        self.list_after = (
+            f"SELECT id, LENGTH(data), TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires) "
+            f"DIV 1000, IS_USED_LOCK({SQL_LOCK_NAME}) IS NOT NULL FROM {t} "
+            f"WHERE id > %s AND {live} ORDER BY id LIMIT %s"
+        )
+        self.count = f"SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM {t} WHERE {live}"
+
+
+# Named locks (MariaDB and MySQL): 1 granted, 0 timed out, NULL error.
+GET_LOCK: Final = "SELECT GET_LOCK(%s, %s)"
+RELEASE_LOCK: Final = "DO RELEASE_LOCK(%s)"
+IS_USED_LOCK: Final = "SELECT IS_USED_LOCK(%s)"
+
+
+def sid_bytes(sid: str) -> bytes:
+    return sid.encode("ascii")
+
+
+def get_reply(row: tuple[object, ...] | None) -> p.Reply:
+    """``GET``'s reply from :attr:`Statements.get`'s row."""
+    if row is None:
+        return p.MISS
+    data, ttl_ms, locked = row
+    assert isinstance(data, bytes)
+    return p.Data(data, (str(max(0, int(str(ttl_ms)))), "1" if locked else "0"))
+
+
+def list_reply(rows: list[tuple[object, ...]], limit: int) -> p.Reply:
+    """``LIST``'s reply from up to ``limit + 1`` rows of :attr:`Statements.list_*`."""
+    page = rows[:limit]
+    lines = []
+    for sid, size, ttl_ms, locked in page:
+        assert isinstance(sid, bytes)
+        lines.append(
+            f"{sid.decode('ascii')} {int(str(size))} {max(0, int(str(ttl_ms)))} "
+            f"{1 if locked else 0}\n"
+        )
+    more = len(rows) > limit and page
+    next_token = page[-1][0].decode("ascii") if more else "*"  # type: ignore[union-attr]
+    return p.Data("".join(lines).encode("ascii"), (next_token,))
+
+
+# The classic PHP session table (phpsess import --from-sql / export --to-sql):
+# id, data, and usetime, the last write; a session lives gc_maxlifetime after it.
+CLASSIC_COLUMNS: Final = ("id", "data", "usetime")
+
+
+class ClassicStatements:
+    def __init__(self, table: str) -> None:
+        t = f"`{check_identifier(table, 'table name')}`"
+        self.create = (
+            f"CREATE TABLE IF NOT EXISTS {t} (\n"
+            "  id VARBINARY(256) NOT NULL PRIMARY KEY,\n"
+            "  data LONGBLOB NOT NULL,\n"
+            "  usetime TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,\n"
+            "  KEY usetime (usetime)\n"
+            ") ENGINE=InnoDB"
+        )
+        # Remaining lifetime in ms by the database's clock: usetime + max - now.
+        self.select = (
+            "SELECT id, data, TIMESTAMPDIFF(MICROSECOND, NOW(6), usetime) DIV 1000 + %s "
+            f"FROM {t} WHERE id > %s ORDER BY id LIMIT %s"
+        )
+        self.upsert = (
+            f"INSERT INTO {t} (id, data, usetime) "
+            "VALUES (%s, %s, NOW() - INTERVAL %s SECOND) "
+            "ON DUPLICATE KEY UPDATE data = VALUES(data), usetime = VALUES(usetime)"
+        )

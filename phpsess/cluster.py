@@ -25,7 +25,7 @@ import attrs
 import trio
 
 from phpsess import membership as mb
-from phpsess import peerauth
+from phpsess import netio, peerauth
 from phpsess import protocol as p
 from phpsess.addresses import TcpAddress
 from phpsess.journal import Op
@@ -132,17 +132,17 @@ class PeerLink:
         async with self.lock:
             if self.stream is None:
                 await self.connect()
-            stream = self.stream
-            assert stream is not None
+            assert self.stream is not None
+            fd = netio.fileno(self.stream)
             done = False
             try:
                 with trio.fail_after(timeout_s):
-                    await stream.send_all(p.encode_request(request))
+                    await netio.send(fd, p.encode_request(request))
                     while True:
                         reply = self.parser.next_reply()
                         if not isinstance(reply, p._NeedData):
                             break
-                        data = await stream.receive_some(1 << 20)
+                        data = await netio.receive(fd)
                         if not data:
                             raise LinkError(f"peer {self.name} closed the connection")
                         self.parser.receive_data(data)
@@ -187,7 +187,7 @@ class _Slot:
 
 class Pipe:
     """The ordered, pipelined replication connection to one peer (CLUSTER.md
-    §6): every request waiting to go out leaves in one ``send_all`` and the
+    §6): every request waiting to go out leaves in one write and the
     replies are matched in order, so concurrent writes share system calls and
     a peer sees one session's updates in the order they were made."""
 
@@ -241,12 +241,13 @@ class Pipe:
 
     async def _write(self, idle: trio.CancelScope) -> None:
         link = self._link
+        assert link.stream is not None
+        fd = netio.fileno(link.stream)
         while True:
             if self._outbox:
                 batch = b"".join(self._outbox)
                 self._outbox.clear()
-                assert link.stream is not None
-                await link.stream.send_all(batch)
+                await netio.send(fd, batch)
                 continue
             self._kick = trio.Event()
             with trio.move_on_after(_PIPE_IDLE_S):
@@ -257,6 +258,8 @@ class Pipe:
 
     async def _read(self) -> None:
         link = self._link
+        assert link.stream is not None
+        fd = netio.fileno(link.stream)
         while True:
             while True:
                 reply = link.parser.next_reply()
@@ -267,8 +270,7 @@ class Pipe:
                 slot = self._waiting.popleft()
                 slot.reply = reply
                 slot.done.set()
-            assert link.stream is not None
-            data = await link.stream.receive_some(1 << 20)
+            data = await netio.receive(fd)
             if not data:
                 raise LinkError("connection closed")
             link.parser.receive_data(data)

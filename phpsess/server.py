@@ -4,8 +4,7 @@ graceful shutdown, around the pure :class:`phpsess.engine.Engine`.
 Each connection runs one task: receive bytes, feed the parser, hand every
 complete request to the engine, and send all replies of that batch with one
 write (pipelined requests cost one write).  Connections use the cheapest
-Trio I/O path (``_receive``/``_send``): wait for readability, one ``read``,
-one ``write``; one scheduler pass per request instead of three.  A request that must wait
+Trio I/O path (:mod:`phpsess.netio`): one scheduler pass per request.  A request that must wait
 for a lock parks the task on an event until the engine completes it; meanwhile
 the task keeps watching the socket so that a client that goes away leaves the
 lock queue at once.
@@ -28,8 +27,8 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
+from phpsess import netio, systemd
 from phpsess import protocol as p
-from phpsess import systemd
 from phpsess.addresses import Address, TcpAddress, UnixAddress
 from phpsess.cluster import Cluster, ClusterConfig, Forwards
 from phpsess.engine import VERB_NAMES, WAIT, Engine, Limits, _Wait
@@ -49,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("phpsess")
 
-RECEIVE_BYTES: Final = 256 * 1024
 # While a request waits for a lock, buffer at most this much of what follows.
 _MAX_BUFFER_WHILE_WAITING: Final = 64 * 1024
 
@@ -449,7 +447,7 @@ class Server:
 
     async def _serve_connection(self, conn: _Conn, leftover: bytes = b"") -> None:
         engine = self.engine
-        fd = _fileno(conn.stream)
+        fd = netio.fileno(conn.stream)
         parser = p.RequestParser(self.config.limits.max_session_bytes, peer=conn.node is not None)
         parser.receive_data(leftover)
         cluster = self.cluster
@@ -501,7 +499,7 @@ class Server:
                         if durable_seq:
                             await self._durable(durable_seq)
                             durable_seq = 0
-                        await _send(fd, b"".join(out))
+                        await netio.send(fd, b"".join(out))
                         out = []
                     self._after_engine()
                     waited = await self._wait_for_lock(conn, parser)
@@ -523,7 +521,7 @@ class Server:
                     )
                     if durable_seq:
                         await self._durable(durable_seq)
-                    await _send(fd, b"".join(out))
+                    await netio.send(fd, b"".join(out))
                     return
             if durable_seq:
                 await self._durable(durable_seq)
@@ -535,17 +533,17 @@ class Server:
             elif engine.next_deadline_hint < self._timer_at:
                 self._wake.set()
             if out:
-                await _send(fd, b"".join(out))
+                await netio.send(fd, b"".join(out))
             conn.busy = False
             if self._stopping.is_set() and not engine.holds_locks(owner):
                 return
             # A connection holding a lock may think for as long as its lease;
             # an idle one, or one that stalls mid-request, is cut off.
             if engine.holds_locks(owner) and not parser.mid_request:
-                data = await _receive(fd)
+                data = await netio.receive(fd)
             else:
                 with trio.move_on_after(idle_s) as idle:
-                    data = await _receive(fd)
+                    data = await netio.receive(fd)
                 if idle.cancelled_caught:
                     log.info(
                         "event=idle_timeout owner=%d peer=%s mid_request=%s",
@@ -575,7 +573,7 @@ class Server:
             while not parser.broken:
                 if parser.mid_request and _buffered(parser) > _MAX_BUFFER_WHILE_WAITING:
                     await trio.sleep_forever()
-                data = await _receive(_fileno(conn.stream))
+                data = await netio.receive(netio.fileno(conn.stream))
                 if not data:
                     gone = True
                     cancel.cancel()
@@ -652,49 +650,6 @@ def _unix_socket_alive(path: str) -> bool:
     finally:
         probe.close()
     return True
-
-
-def _fileno(stream: trio.abc.Stream) -> int:
-    assert isinstance(stream, trio.SocketStream)
-    return stream.socket.fileno()
-
-
-async def _receive(fd: int) -> bytes:
-    """Bytes from a connection (b"" when it closed): wait until readable
-    (the checkpoint), then one ``read``.  Trio's ``receive_some`` tries the
-    read first and checkpoints again after it: three scheduler passes where
-    one will do, on a path every request takes."""
-    while True:
-        await trio.lowlevel.wait_readable(fd)
-        try:
-            return os.read(fd, RECEIVE_BYTES)
-        except BlockingIOError:
-            continue
-        except OSError as exc:  # reset by the peer
-            raise trio.BrokenResourceError(str(exc)) from exc
-
-
-async def _send(fd: int, data: bytes) -> None:
-    """Write all of ``data``, waiting for room only when the socket buffer is
-    full.  Not a checkpoint when the write completes at once: every caller
-    goes on to ``_receive`` or returns."""
-    try:
-        sent = os.write(fd, data)
-    except BlockingIOError:
-        sent = 0
-    except OSError as exc:  # the peer went away
-        raise trio.BrokenResourceError(str(exc)) from exc
-    if sent == len(data):
-        return
-    view = memoryview(data)
-    while sent < len(view):
-        await trio.lowlevel.wait_writable(fd)
-        try:
-            sent += os.write(fd, view[sent:])
-        except BlockingIOError:
-            continue
-        except OSError as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

@@ -1,0 +1,57 @@
+"""The cheapest Trio I/O path for stream sockets, used on every request.
+
+Trio's ``SocketStream.receive_some`` tries ``recv`` first, waits if it would
+block, then checkpoints again after it; ``send_all`` checkpoints too: three
+scheduler passes per request/reply.  Here a receive is one wait (the
+checkpoint) and one ``read``; a send is one ``write`` that waits only when
+the socket buffer is full.  Errors of a vanished peer become
+``trio.BrokenResourceError`` as with streams.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+import trio
+
+RECEIVE_BYTES: Final = 256 * 1024
+
+
+def fileno(stream: trio.abc.Stream) -> int:
+    assert isinstance(stream, trio.SocketStream)
+    return stream.socket.fileno()
+
+
+async def receive(fd: int, size: int = RECEIVE_BYTES) -> bytes:
+    """Bytes from the socket, b"" once the peer closed it."""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, size)
+        except BlockingIOError:
+            continue
+        except OSError as exc:  # reset by the peer
+            raise trio.BrokenResourceError(str(exc)) from exc
+
+
+async def send(fd: int, data: bytes) -> None:
+    """Write all of ``data``.  Not a checkpoint when the write completes at
+    once: callers go on to :func:`receive` (or another checkpoint)."""
+    try:
+        sent = os.write(fd, data)
+    except BlockingIOError:
+        sent = 0
+    except OSError as exc:  # the peer went away
+        raise trio.BrokenResourceError(str(exc)) from exc
+    if sent == len(data):
+        return
+    view = memoryview(data)
+    while sent < len(view):
+        await trio.lowlevel.wait_writable(fd)
+        try:
+            sent += os.write(fd, view[sent:])
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc

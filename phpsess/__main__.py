@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from phpsess.cluster import ClusterConfig
     from phpsess.server import ServerConfig
 from phpsess.persist import DEFAULT_DATA_DIR, FSYNC_POLICIES, MIN_COMPACT_BYTES, PersistConfig
+from phpsess.sqlstore import DEFAULT_ENGINE, DEFAULT_POOL_SIZE, DEFAULT_TABLE, SqlConfig
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -120,6 +121,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--memory-only", action="store_true",
         help="keep sessions in memory only: a restart loses them all",
+    )
+    sql = serve.add_argument_group("SQL storage (README: SQL storage)")
+    sql.add_argument(
+        "--storage", metavar="URL",
+        help="keep sessions in a MySQL / MariaDB / MySQL Cluster table shared by every "
+        "daemon: mysql://USER@HOST:PORT/DB[?socket=/path.sock] (default: memory + journal)",
+    )
+    sql.add_argument(
+        "--storage-password-file", metavar="PATH",
+        help="file holding the database password (never put it on the command line)",
+    )
+    sql.add_argument(
+        "--storage-table", default=DEFAULT_TABLE, metavar="NAME",
+        help=f"session table, created if missing (default: {DEFAULT_TABLE})",
+    )
+    sql.add_argument(
+        "--storage-engine", default=DEFAULT_ENGINE, metavar="ENGINE",
+        help=f"engine of a table created here: InnoDB, or ndbcluster for MySQL Cluster "
+        f"(default: {DEFAULT_ENGINE})",
+    )
+    sql.add_argument(
+        "--storage-pool-size", type=_positive_int, default=DEFAULT_POOL_SIZE, metavar="N",
+        help=f"database connections per daemon, lock waiters included "
+        f"(default: {DEFAULT_POOL_SIZE})",
     )
     cluster = serve.add_argument_group("cluster (CLUSTER.md)")
     cluster.add_argument("--node", metavar="NAME", help="this daemon's name in the cluster")
@@ -250,8 +275,19 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         cluster = None
         if args.node or args.peer or args.cluster_listen or args.cluster_secret_file:
             cluster = _cluster_config(args)
+        storage = _storage_config(args)
     except (AddressError, ValueError, OSError) as exc:
         raise UsageError(str(exc)) from exc
+    if storage is not None:
+        if cluster is not None:
+            raise UsageError(
+                "--storage and the cluster flags (--node, --peer, --cluster-listen, "
+                "--cluster-secret-file) are alternatives: a shared SQL table needs no peer "
+                "cluster; choose one (README: choosing a storage)"
+            )
+        if args.memory_only:
+            raise UsageError("--storage and --memory-only are alternatives; choose one")
+        persist = None  # the database keeps the sessions
     metrics_listen = None
     if args.metrics_listen:
         metrics_listen = _tcp(args.metrics_listen, "metrics listen address")
@@ -265,7 +301,40 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         persist=persist,
         cluster=cluster,
         metrics_listen=metrics_listen,
+        storage=storage,
     )
+
+
+def _storage_config(args: argparse.Namespace) -> SqlConfig | None:
+    """The SQL backend's settings, or None (memory + journal)."""
+    import attrs
+
+    from phpsess.sqlstore import StorageError, parse_storage_url
+
+    if not args.storage:
+        return None
+    password_file = args.storage_password_file
+    password = getattr(args, "storage_password", None)
+    if password_file and password is not None:
+        raise StorageError(
+            "give the database password once: [storage] password or password_file"
+        )
+    if password_file:
+        try:
+            with open(password_file, encoding="utf-8") as f:
+                password = f.read().rstrip("\r\n")
+        except OSError as exc:
+            raise StorageError(
+                f"cannot read the storage password file {password_file}: {exc.strerror}"
+            ) from exc
+    try:
+        return attrs.evolve(
+            parse_storage_url(args.storage), password=password or "",
+            table=args.storage_table, engine=args.storage_engine,
+            pool_size=args.storage_pool_size,
+        )
+    except StorageError as exc:
+        raise StorageError(f"--storage: {exc}") from exc
 
 
 def _merged(args: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:

@@ -63,6 +63,13 @@ SCHEMA: Final[dict[str, dict[str, tuple[str, Callable[[object], bool], str]]]] =
         "fsync_interval_ms": ("fsync_interval_ms", _int, "a whole number of milliseconds"),
         "compact_min_bytes": ("compact_min_bytes", _int, "a whole number"),
         "memory_only": ("memory_only", _bool, "true or false"),
+        # The SQL backend (--storage ...): README "SQL storage".
+        "url": ("storage", _str, '"mysql://USER@HOST:PORT/DB"'),
+        "password": ("storage_password", _str, "a string"),
+        "password_file": ("storage_password_file", _str, "a file path"),
+        "table": ("storage_table", _str, "a table name"),
+        "engine": ("storage_engine", _str, "InnoDB or ndbcluster"),
+        "pool_size": ("storage_pool_size", _int, "a whole number"),
     },
     "cluster": {
         "node": ("node", _str, "a node name"),

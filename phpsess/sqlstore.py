@@ -218,8 +218,9 @@ def list_reply(rows: list[tuple[object, ...]], limit: int) -> p.Reply:
             f"{sid.decode('ascii')} {int(str(size))} {max(0, int(str(ttl_ms)))} "
             f"{1 if locked else 0}\n"
         )
-    more = len(rows) > limit and page
-    next_token = page[-1][0].decode("ascii") if more else "*"  # type: ignore[union-attr]
+    last = page[-1][0] if page else None
+    more = len(rows) > limit and isinstance(last, bytes)
+    next_token = last.decode("ascii") if more and isinstance(last, bytes) else "*"
     return p.Data("".join(lines).encode("ascii"), (next_token,))
 
 

@@ -1,0 +1,772 @@
+"""The SQL storage backend's Trio shell (``--storage mysql://...``): client
+connections served from a table in MySQL / MariaDB / MySQL Cluster instead of
+the in-memory engine.  The statements, schema and lock names are in the pure
+:mod:`phpsess.sqlstore`; its module doc is the theory of operation.
+
+Driver: PyMySQL, blocking, called from worker threads
+(``trio.to_thread.run_sync``) through a bounded pool of connections.  It is
+pure Python (no compiler, no libmysqlclient), maintained, speaks both MySQL
+and MariaDB, and a blocking call in a thread is the one model where a lock
+wait (``GET_LOCK`` blocks server-side) costs nothing but a parked thread.
+The threads are limited to the pool's size, so the database sees at most
+``pool_size`` connections from each daemon.
+
+Failures: any driver error discards that connection and becomes
+``ERR UNAVAILABLE`` for the request (PHP's session_start() or write then fails
+cleanly; the daemon keeps serving).  A write is acknowledged only after the
+database committed it (autocommit).  Pooled connections are re-made on
+demand, so service resumes by itself once the database is back.  Locks held
+on a pinned connection that broke are gone (the database released them with
+the session): their holders' later writes get ``ERR LOCK_LOST``, never a
+silent overwrite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
+
+import attrs
+import pymysql
+import pymysql.connections
+import trio
+from pymysql.constants import CLIENT
+
+from phpsess import protocol as p
+from phpsess import sqlstore as sq
+from phpsess.engine import _ALPHABETS, VERB_NAMES, VERSION
+from phpsess.logs import sid_tag
+
+if TYPE_CHECKING:
+    from phpsess.server import Server, _Conn
+
+log = logging.getLogger("phpsess")
+
+T = TypeVar("T")
+if TYPE_CHECKING:  # generic only in the type stubs
+    Connection: TypeAlias = pymysql.connections.Connection[Any]
+else:
+    Connection = pymysql.connections.Connection
+
+RECEIVE_BYTES: Final = 256 * 1024
+_MAX_BUFFER_WHILE_WAITING: Final = 64 * 1024
+# Pooled connections idle longer than this are re-made rather than trusted.
+_POOL_IDLE_MAX_S: Final = 60.0
+# Extra threads beyond the pool: KILLs and closes while every slot is busy.
+_SPARE_THREADS: Final = 4
+# Errors that mean the database refuses us for good (not "down for now").
+# Access denied (database, user), unknown database, command denied, unknown
+# storage engine, unix-socket authentication refused.
+_FATAL_AT_START: Final = frozenset({1044, 1045, 1049, 1142, 1286, 1698})
+
+
+class Unavailable(Exception):
+    """The database cannot serve this request now; the message says why."""
+
+
+class _Gone(Exception):
+    """The PHP client disconnected while its request waited for a lock."""
+
+
+@attrs.define(slots=True, eq=False)
+class _Client:
+    wait_s: float
+    lease_s: float
+    hello: bool = False
+    pinned: Connection | None = None  # holds this client's named locks
+    held: dict[str, float] = attrs.field(factory=dict)  # sid -> lease deadline
+    revoked: set[str] = attrs.field(factory=set)
+
+
+class Pool:
+    """At most ``size`` connections, idle ones kept for reuse."""
+
+    def __init__(self, connect: Callable[[], Connection], size: int,
+                 limiter: trio.CapacityLimiter) -> None:
+        self._connect = connect
+        self._slots = trio.Semaphore(size)
+        self._idle: list[tuple[Connection, float]] = []
+        self._limiter = limiter
+        self.size = size
+
+    async def acquire(self, timeout_s: float) -> tuple[Connection, bool]:
+        """A connection and whether it is fresh (not reused)."""
+        with trio.move_on_after(timeout_s) as waited:
+            await self._slots.acquire()
+        if waited.cancelled_caught:
+            raise Unavailable(
+                f"all {self.size} database connections stayed busy for {timeout_s:g} s; "
+                "raise [storage] pool_size or the database's max_connections"
+            )
+        try:
+            now = trio.current_time()
+            while self._idle:
+                conn, used = self._idle.pop()
+                if now - used < _POOL_IDLE_MAX_S and conn.open:
+                    return conn, False
+                _close_quietly(conn)
+            try:
+                return await trio.to_thread.run_sync(self._connect, limiter=self._limiter), True
+            except (pymysql.err.Error, OSError) as exc:
+                raise Unavailable(describe(exc)) from exc
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, conn: Connection, *, broken: bool = False) -> None:
+        if broken or not conn.open:
+            _close_quietly(conn)
+        else:
+            self._idle.append((conn, trio.current_time()))
+        self._slots.release()
+
+    def forget(self, conn: Connection) -> None:
+        """Give up the slot of a connection a thread may still be using."""
+        self._slots.release()
+
+    def discard_idle(self) -> None:
+        """After an error, trust no idle connection (the database restarted)."""
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            _close_quietly(conn)
+
+    def close(self) -> None:
+        self.discard_idle()
+
+
+def _close_quietly(conn: Connection) -> None:
+    with contextlib.suppress(Exception):  # already closed or broken
+        conn.close()
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line, printable description of a driver error."""
+    args: tuple[object, ...] = tuple(getattr(exc, "args", ()))
+    if len(args) >= 2 and isinstance(args[0], int):
+        text = f"{args[0]}: {args[1]}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join("".join(c if " " <= c <= "~" else "?" for c in text).split())[:300]
+
+
+# -- statements run in worker threads
+
+
+def _scalar(sql: str, args: tuple[object, ...]) -> Callable[[Connection], object]:
+    def run(conn: Connection) -> object:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            row = cur.fetchone()
+            return None if row is None else row[0]
+    return run
+
+
+def _row(sql: str, args: tuple[object, ...]) -> Callable[[Connection], tuple[object, ...] | None]:
+    def run(conn: Connection) -> tuple[object, ...] | None:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            row = cur.fetchone()
+            return None if row is None else tuple(row)
+    return run
+
+
+def _rows(sql: str, args: tuple[object, ...]) -> Callable[[Connection], list[tuple[object, ...]]]:
+    def run(conn: Connection) -> list[tuple[object, ...]]:
+        with conn.cursor() as cur:
+            cur.execute(sql, args)
+            return [tuple(row) for row in cur.fetchall()]
+    return run
+
+
+def _count(sql: str, args: tuple[object, ...]) -> Callable[[Connection], int]:
+    """Rows matched (the connection has CLIENT.FOUND_ROWS)."""
+    def run(conn: Connection) -> int:
+        with conn.cursor() as cur:
+            return int(cur.execute(sql, args))
+    return run
+
+
+def connect_function(config: sq.SqlConfig, wait_timeout_s: int) -> Callable[[], Connection]:
+    """A function making one connection as the backend needs it."""
+
+    def connect() -> Connection:
+        return pymysql.connect(
+            host=config.host, port=config.port, unix_socket=config.unix_socket,
+            user=config.user, password=config.password, database=config.database,
+            autocommit=True, charset="utf8mb4", binary_prefix=True,
+            client_flag=CLIENT.FOUND_ROWS,
+            connect_timeout=config.connect_timeout_s,
+            read_timeout=config.read_timeout_s, write_timeout=config.read_timeout_s,
+            # A daemon that hangs holding locks: the database ends the idle
+            # pinned session after the lease (and releases its locks).
+            init_command=f"SET SESSION wait_timeout = {int(wait_timeout_s)}",
+        )
+
+    return connect
+
+
+class SqlBackend:
+    """Serves client connections from the SQL table (PROTOCOL.md semantics)."""
+
+    def __init__(self, config: sq.SqlConfig, server: Server) -> None:
+        self.config = config
+        self.server = server
+        self.sql = sq.Statements(config.table, config.engine)
+        self._limiter = trio.CapacityLimiter(config.pool_size + _SPARE_THREADS)
+        lease_s = server.config.limits.lock_lease_s
+        self.pool = Pool(
+            connect_function(config, math.ceil(lease_s) + 60), config.pool_size, self._limiter
+        )
+        self._clients: dict[int, _Client] = {}
+        self._down: str | None = None  # why the database is failing, while it is
+        self._started = trio.current_time()
+        self.locks_waiting = 0
+        self.lock_waits_total = 0
+        self.lock_timeouts_total = 0
+        self.lock_revoked_total = 0
+        self.expired_total = 0
+        self._expired_at_last_gc = 0
+        self.requests_total = 0
+        self.errors_total = 0
+        self._verb_counts: dict[type, int] = {}
+
+    # -- lifecycle
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Create the table, then purge expired rows every purge interval."""
+        from phpsess.server import StartupError
+
+        schema_ok = False
+        try:
+            await self._pooled(_count(self.sql.create, ()))
+            schema_ok = True
+            log.info("event=storage_ready storage=%s table=%s engine=%s",
+                     self.config.url, self.config.table, self.config.engine)
+        except Unavailable as exc:
+            cause = exc.__cause__
+            code = cause.args[0] if cause is not None and cause.args else None
+            if code in _FATAL_AT_START:
+                raise StartupError(
+                    f"storage {self.config.url}: {exc} (check the user, its password, the "
+                    "database and its grants: the user needs CREATE, SELECT, INSERT, UPDATE, "
+                    "DELETE on the database)"
+                ) from exc
+            log.warning("event=storage_unreachable storage=%s detail=%s; serving "
+                        "ERR UNAVAILABLE until it is back", self.config.url, exc)
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(self.config.purge_interval_s)
+                try:
+                    if not schema_ok:
+                        await self._pooled(_count(self.sql.create, ()))
+                        schema_ok = True
+                    await self.purge()
+                except Unavailable:
+                    pass  # logged once by _call; retried next interval
+        finally:
+            self.pool.close()
+
+    async def purge(self) -> int:
+        """Delete expired rows (reads already ignore them), in batches."""
+        total = 0
+        while True:
+            n = await self._pooled(_count(self.sql.purge, ()))
+            total += n
+            if n < sq.PURGE_BATCH:
+                break
+        self.expired_total += total
+        if total:
+            log.debug("event=purged rows=%d", total)
+        return total
+
+    # -- database calls
+
+    async def _call(self, conn: Connection, fn: Callable[[Connection], T], *,
+                    abandon: bool = False) -> T:
+        try:
+            result = await trio.to_thread.run_sync(
+                fn, conn, limiter=self._limiter, abandon_on_cancel=abandon
+            )
+        except (pymysql.err.Error, OSError) as exc:
+            why = describe(exc)
+            if self._down is None:
+                log.warning("event=storage_failing storage=%s detail=%s",
+                            self.config.url, why)
+            self._down = why
+            raise Unavailable(
+                f"the session database {self.config.url} failed ({why}); "
+                "sessions are unavailable until it is back"
+            ) from exc
+        if self._down is not None:
+            log.info("event=storage_recovered storage=%s", self.config.url)
+            self._down = None
+        return result
+
+    async def _pooled(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` on a pooled connection; a reused one that turns out
+        dead (the database restarted) is replaced once (every statement
+        run this way is idempotent)."""
+        for attempt in (1, 2):
+            try:
+                conn, fresh = await self.pool.acquire(self.config.read_timeout_s)
+            except Unavailable as exc:
+                self._note_unreachable(exc)
+                raise
+            try:
+                result = await self._call(conn, fn)
+            except Unavailable:
+                self.pool.release(conn, broken=True)
+                self.pool.discard_idle()
+                if fresh or attempt == 2:
+                    raise
+                continue
+            self.pool.release(conn)
+            return result
+        raise AssertionError("unreachable")
+
+    def _note_unreachable(self, exc: Unavailable) -> None:
+        why = str(exc)
+        if self._down is None:
+            log.warning("event=storage_failing storage=%s detail=%s", self.config.url, why)
+        self._down = why
+
+    async def _pinned(self, client: _Client, fn: Callable[[Connection], T], *,
+                      abandon: bool = False) -> T:
+        conn = client.pinned
+        assert conn is not None
+        try:
+            return await self._call(conn, fn, abandon=abandon)
+        except Unavailable:
+            self._lose_pinned(client)
+            raise
+
+    async def _pin(self, client: _Client) -> Connection:
+        if client.pinned is None:
+            conn, _ = await self.pool.acquire(self.config.read_timeout_s)
+            client.pinned = conn
+        return client.pinned
+
+    def _lose_pinned(self, client: _Client, *, in_use: bool = False) -> None:
+        """The pinned connection broke: the database released its locks."""
+        conn = client.pinned
+        client.pinned = None
+        if client.held:
+            self.lock_revoked_total += len(client.held)
+            client.revoked.update(client.held)
+            client.held.clear()
+        if conn is not None:
+            if in_use:
+                self.pool.forget(conn)
+            else:
+                self.pool.release(conn, broken=True)
+
+    def _unpin_if_idle(self, client: _Client) -> None:
+        if client.pinned is not None and not client.held:
+            self.pool.release(client.pinned)
+            client.pinned = None
+
+    # -- locks
+
+    def _name(self, sid: str) -> str:
+        return sq.lock_name(self.config.lock_scope, sid)
+
+    async def _release(self, client: _Client, sid: str) -> None:
+        if client.held.pop(sid, None) is None:
+            return
+        with contextlib.suppress(Unavailable):  # a broken connection took the lock
+            await self._pinned(client, _count(sq.RELEASE_LOCK, (self._name(sid),)))
+        self._unpin_if_idle(client)
+
+    async def _release_all(self, client: _Client) -> None:
+        for sid in list(client.held):
+            await self._release(client, sid)
+        self._unpin_if_idle(client)
+
+    async def _lock(self, conn: _Conn, client: _Client, parser: p.RequestParser,
+                    sid: str) -> p.Error | None:
+        """Take the lock on ``sid`` for ``client`` (re-entrant); an error
+        reply, or None once held.  Raises _Gone if the client vanished."""
+        if sid in client.held:
+            return None
+        client.revoked.discard(sid)  # PROTOCOL.md §6.3: a new locking READ
+        name = self._name(sid)
+        pinned = await self._pin(client)
+        got = await self._pinned(client, _scalar(sq.GET_LOCK, (name, 0)))
+        if got != 1 and client.wait_s > 0:
+            self.lock_waits_total += 1
+            self.locks_waiting += 1
+            try:
+                got = await self._wait_lock(conn, client, parser, pinned, name)
+            finally:
+                self.locks_waiting -= 1
+        if got != 1:
+            self.lock_timeouts_total += 1
+            self._unpin_if_idle(client)
+            return self._error(
+                p.Code.LOCK_TIMEOUT,
+                f"session is locked by another request; gave up after waiting "
+                f"{client.wait_s:g} s (wait_ms); the lock holder may be slow or stuck",
+            )
+        client.held[sid] = trio.current_time() + client.lease_s
+        return None
+
+    async def _wait_lock(self, conn: _Conn, client: _Client, parser: p.RequestParser,
+                         pinned: Connection, name: str) -> object:
+        """GET_LOCK in slices until granted or ``wait_s``, while watching
+        the client: if it goes away, its waiting database session is killed."""
+        deadline = trio.current_time() + client.wait_s
+        thread_id: int = pinned.thread_id()  # type: ignore[no-untyped-call]
+        result: object = 0
+        failure: Unavailable | None = None
+        gone = False
+
+        async def wait(cancel: trio.CancelScope) -> None:
+            nonlocal result, failure
+            try:
+                while True:
+                    remaining = deadline - trio.current_time()
+                    if remaining <= 0:
+                        result = 0
+                        break
+                    slice_s = round(min(remaining, sq.LOCK_SLICE_S), 3)
+                    result = await self._call(
+                        pinned, _scalar(sq.GET_LOCK, (name, slice_s)), abandon=True
+                    )
+                    if result != 0:
+                        break
+            except Unavailable as exc:
+                failure = exc
+            cancel.cancel()
+
+        async def watch(cancel: trio.CancelScope) -> None:
+            nonlocal gone
+            try:
+                while not parser.broken:
+                    if parser.mid_request and len(parser._buf) > _MAX_BUFFER_WHILE_WAITING:
+                        await trio.sleep_forever()
+                    data = await conn.stream.receive_some(RECEIVE_BYTES)
+                    if not data:
+                        break
+                    parser.receive_data(data)
+                else:
+                    return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            gone = True
+            cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait, nursery.cancel_scope)
+            nursery.start_soon(watch, nursery.cancel_scope)
+        if gone and failure is None and result != 1:
+            # Its GET_LOCK may still be running in an abandoned thread: kill
+            # that database session, which also frees any lock it got.
+            self._lose_pinned(client, in_use=True)
+            # (If the database is down, the session died with it.)
+            with trio.CancelScope(shield=True), contextlib.suppress(Unavailable):
+                    await self._pooled(_count("KILL CONNECTION %s", (thread_id,)))
+            raise _Gone
+        if failure is not None:
+            self._lose_pinned(client)
+            raise failure
+        return result
+
+    def _lock_error(self, client: _Client, sid: str) -> p.Error | None:
+        if sid in client.revoked:
+            client.revoked.discard(sid)
+            return self._error(
+                p.Code.LOCK_LOST,
+                "this request held the session lock longer than its lease (or the session "
+                "database lost it) and lost it; nothing was changed",
+            )
+        return None
+
+    async def _locked_by_other(self, client: _Client, sid: str) -> p.Error | None:
+        if sid in client.held:
+            return None
+        holder = await self._pooled(_scalar(sq.IS_USED_LOCK, (self._name(sid),)))
+        if holder is not None:
+            return self._error(
+                p.Code.LOCKED, "another request holds the session lock; nothing was changed"
+            )
+        return None
+
+    async def _on_holder(self, client: _Client, sid: str, fn: Callable[[Connection], T]) -> T:
+        """Run on the connection holding the lock on ``sid``, else pooled."""
+        if sid in client.held:
+            return await self._pinned(client, fn)
+        return await self._pooled(fn)
+
+    async def _expire_leases(self, client: _Client) -> None:
+        now = trio.current_time()
+        for sid, until in list(client.held.items()):
+            if until <= now:
+                await self._release(client, sid)
+                client.revoked.add(sid)
+                self.lock_revoked_total += 1
+                log.warning("event=lock_revoked session=%s", sid_tag(sid))
+
+    # -- connections
+
+    async def serve_connection(self, conn: _Conn, leftover: bytes = b"") -> None:
+        limits = self.server.config.limits
+        client = _Client(wait_s=limits.lock_wait_s, lease_s=limits.lock_lease_s)
+        self._clients[conn.owner] = client
+        try:
+            await self._serve(conn, client, leftover)
+        finally:
+            del self._clients[conn.owner]
+            with trio.CancelScope(shield=True):
+                if client.pinned is not None:
+                    await self._release_all(client)
+
+    async def _serve(self, conn: _Conn, client: _Client, leftover: bytes) -> None:
+        parser = p.RequestParser(self.server.config.limits.max_session_bytes)
+        parser.receive_data(leftover)
+        stream = conn.stream
+        while True:
+            out: list[bytes] = []
+            if client.held:
+                await self._expire_leases(client)
+            while True:
+                event = parser.next_event()
+                if event is p.NEED_DATA:
+                    break
+                conn.busy = True
+                try:
+                    reply = await self._handle(conn, client, parser, event)
+                except _Gone:
+                    return
+                out.append(p.encode_reply(reply))
+                if isinstance(reply, p.Error) and (reply.fatal or isinstance(event, p.FatalError)):
+                    log.info("event=protocol_error owner=%d peer=%s code=%s",
+                             conn.owner, conn.peer, reply.code.name)
+                    await stream.send_all(b"".join(out))
+                    return
+            if out:
+                await stream.send_all(b"".join(out))
+            # Busy while holding a lock: a graceful shutdown lets it finish.
+            conn.busy = bool(client.held)
+            if self.server.engine.shutting_down and not client.held:
+                return
+            if client.held and not parser.mid_request:
+                # It may think as long as its lease; then the lock is revoked.
+                with trio.move_on_at(min(client.held.values())):
+                    data = await stream.receive_some(RECEIVE_BYTES)
+                    if not data:
+                        return
+                    parser.receive_data(data)
+                continue
+            with trio.move_on_after(self.server.config.idle_timeout_s) as idle:
+                data = await stream.receive_some(RECEIVE_BYTES)
+            if idle.cancelled_caught:
+                log.info("event=idle_timeout owner=%d peer=%s mid_request=%s",
+                         conn.owner, conn.peer, parser.mid_request)
+                return
+            if not data:
+                return
+            parser.receive_data(data)
+
+    def _error(self, code: p.Code, message: str) -> p.Error:
+        self.errors_total += 1
+        return p.Error(code, message)
+
+    async def _handle(self, conn: _Conn, client: _Client, parser: p.RequestParser,
+                      event: p.Event) -> p.Reply:
+        self.requests_total += 1
+        kind = type(event)
+        self._verb_counts[kind] = self._verb_counts.get(kind, 0) + 1
+        if isinstance(event, (p.RequestError, p.FatalError)):
+            return self._error(event.code, event.message)
+        if isinstance(event, p.Hello):
+            return await self._hello(client, event)
+        if not client.hello:
+            return self._error(
+                p.Code.NEED_HELLO, "the first request on a connection must be HELLO 1"
+            )
+        try:
+            if isinstance(event, p.Read):
+                return await self._read(conn, client, parser, event)
+            if isinstance(event, p.Write):
+                return await self._write(client, event)
+            if isinstance(event, p.Touch):
+                return await self._touch(client, event)
+            if isinstance(event, p.Exists):
+                found = await self._pooled(_scalar(self.sql.exists, (sq.sid_bytes(event.sid),)))
+                return _OK_1 if found is not None else _OK_0
+            if isinstance(event, p.Destroy):
+                return await self._destroy(client, event)
+            if isinstance(event, p.Close):
+                await self._release_all(client)
+                return p.OK
+            if isinstance(event, p.Gc):
+                count = self.expired_total - self._expired_at_last_gc
+                self._expired_at_last_gc = self.expired_total
+                return p.Ok((str(count),))
+            if isinstance(event, p.Create):
+                return await self._create(client, event)
+            if isinstance(event, p.Ping):
+                return p.OK
+            if isinstance(event, p.Drain):
+                log.info("event=drain_requested owner=%d", conn.owner)
+                self.server.shutdown()
+                return p.OK
+            if isinstance(event, p.Stats):
+                return p.Data(json.dumps(await self.statistics(), sort_keys=True).encode())
+            if isinstance(event, p.Get):
+                row = await self._pooled(_row(
+                    self.sql.get, (self._name(event.sid), sq.sid_bytes(event.sid))
+                ))
+                return sq.get_reply(row)
+            if isinstance(event, p.List):
+                return await self._list(event)
+        except Unavailable as exc:
+            return self._error(p.Code.UNAVAILABLE, str(exc))
+        return self._error(p.Code.UNKNOWN_VERB, f"{VERB_NAMES.get(kind, kind.__name__)} "
+                           "is not served with SQL storage")
+
+    async def _hello(self, client: _Client, event: p.Hello) -> p.Reply:
+        if self.server.engine.shutting_down:
+            return self._error(
+                p.Code.SHUTTING_DOWN, "the daemon is stopping; connect again in a moment"
+            )
+        if event.version != p.PROTOCOL_VERSION:
+            return self._error(
+                p.Code.VERSION,
+                f"protocol version {event.version} is not spoken here; this daemon "
+                f"speaks {p.PROTOCOL_VERSION}",
+            )
+        # A HELLO starts the connection afresh (§3.2).
+        await self._release_all(client)
+        client.revoked.clear()
+        limits = self.server.config.limits
+        client.hello = True
+        client.wait_s = limits.lock_wait_s if event.wait_ms is None else event.wait_ms / 1000
+        lease = limits.lock_lease_s
+        if event.lease_ms is not None:
+            lease = min(lease, event.lease_ms / 1000)
+        client.lease_s = lease
+        return _OK_1
+
+    async def _read(self, conn: _Conn, client: _Client, parser: p.RequestParser,
+                    event: p.Read) -> p.Reply:
+        sid = event.sid
+        if event.lock:
+            error = await self._lock(conn, client, parser, sid)
+            if error is not None:
+                return error
+        data = await self._on_holder(client, sid, _scalar(self.sql.read, (sq.sid_bytes(sid),)))
+        if data is None:
+            return p.MISS
+        assert isinstance(data, bytes)
+        return p.Data(data)
+
+    async def _write(self, client: _Client, event: p.Write) -> p.Reply:
+        sid = event.sid
+        error = self._lock_error(client, sid) or await self._locked_by_other(client, sid)
+        if error is not None:
+            return error
+        await self._on_holder(client, sid, _count(
+            self.sql.upsert, (sq.sid_bytes(sid), event.data, event.ttl_s)
+        ))
+        if not event.keep:
+            await self._release(client, sid)
+        return p.OK
+
+    async def _touch(self, client: _Client, event: p.Touch) -> p.Reply:
+        sid = event.sid
+        error = self._lock_error(client, sid) or await self._locked_by_other(client, sid)
+        if error is not None:
+            return error
+        found = await self._on_holder(client, sid, _count(
+            self.sql.touch, (event.ttl_s, sq.sid_bytes(sid))
+        ))
+        if not found:
+            return p.MISS  # the lock is kept for the WRITE that follows (§4.3)
+        if not event.keep:
+            await self._release(client, sid)
+        return p.OK
+
+    async def _destroy(self, client: _Client, event: p.Destroy) -> p.Reply:
+        sid = event.sid
+        error = self._lock_error(client, sid) or await self._locked_by_other(client, sid)
+        if error is not None:
+            return error
+        await self._on_holder(client, sid, _count(self.sql.delete, (sq.sid_bytes(sid),)))
+        await self._release(client, sid)
+        return p.OK
+
+    async def _create(self, client: _Client, event: p.Create) -> p.Reply:
+        import secrets
+
+        alphabet = _ALPHABETS[event.bits]
+        mask = len(alphabet) - 1
+        while True:
+            raw = secrets.token_bytes(event.length)
+            sid = "".join([alphabet[b & mask] for b in raw])
+            name = self._name(sid)
+            if event.lock:
+                await self._pin(client)
+                got = await self._pinned(client, _scalar(sq.GET_LOCK, (name, 0)))
+                if got != 1:
+                    continue  # someone holds this very ID: draw again
+                client.held[sid] = trio.current_time() + client.lease_s
+            elif await self._pooled(_scalar(sq.IS_USED_LOCK, (name,))) is not None:
+                continue
+            exists = await self._on_holder(client, sid, _scalar(
+                self.sql.exists, (sq.sid_bytes(sid),)
+            ))
+            if exists is None:
+                return p.Ok((sid,))
+            await self._release(client, sid)  # collision with a stored session
+
+    async def _list(self, event: p.List) -> p.Reply:
+        scope = self.config.lock_scope
+        if event.after is None:
+            rows = await self._pooled(_rows(self.sql.list_first, (scope, event.limit + 1)))
+        else:
+            rows = await self._pooled(_rows(
+                self.sql.list_after, (scope, sq.sid_bytes(event.after), event.limit + 1)
+            ))
+        return sq.list_reply(rows, event.limit)
+
+    async def statistics(self) -> dict[str, object]:
+        sessions: int | None = None
+        size: int | None = None
+        stats: dict[str, object] = {}
+        try:
+            row = await self._pooled(_row(self.sql.count, ()))
+            assert row is not None
+            sessions, size = int(str(row[0])), int(str(row[1]))
+        except Unavailable as exc:
+            stats["storage_error"] = str(exc)
+        return stats | {
+            "version": VERSION,
+            "uptime_s": round(trio.current_time() - self._started, 3),
+            "storage": self.config.url,
+            "storage_table": self.config.table,
+            "sessions": sessions,
+            "bytes": size,
+            "connections": len(self._clients),
+            "locks_held": sum(len(c.held) for c in self._clients.values()),
+            "locks_waiting": self.locks_waiting,
+            "lock_waits_total": self.lock_waits_total,
+            "lock_timeouts_total": self.lock_timeouts_total,
+            "lock_revoked_total": self.lock_revoked_total,
+            "expired_total": self.expired_total,
+            "requests_total": self.requests_total,
+            "errors_total": self.errors_total,
+            "verbs": {
+                VERB_NAMES.get(kind, "INVALID"): count
+                for kind, count in sorted(self._verb_counts.items(), key=lambda kv: kv[0].__name__)
+            },
+        }
+
+
+_OK_1: Final = p.Ok(("1",))
+_OK_0: Final = p.Ok(("0",))

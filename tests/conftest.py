@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -182,3 +183,134 @@ def run_php(
         cmd, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+# -- MariaDB for the SQL storage backend (phpsess.sqlserver)
+
+
+class MariaDB:
+    """A private ``mariadbd`` on a unix socket (no TCP), data in ``base``,
+    with a database ``phpsess`` and a user ``phpsess`` allowed to use it."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.datadir = base / "data"
+        self.sock_path = str(base / "mariadb.sock")
+        self.pid_file = base / "mariadb.pid"
+        self.log_path = base / "mariadb.log"
+        self.password_file = base / "password"
+        self.proc: subprocess.Popen[bytes] | None = None
+        for tool in ("mariadbd", "mariadb-install-db", "mariadb"):
+            if shutil.which(tool) is None:
+                # Never skip: scripts/bootstrap installs mariadb-server.
+                pytest.fail(f"{tool} is not installed; run scripts/test (it installs "
+                            "mariadb-server)")
+        subprocess.run(
+            ["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}",
+             "--user=root", "--auth-root-authentication-method=socket", "--skip-test-db"],
+            check=True, capture_output=True, timeout=120,
+        )
+        self.start()
+        password = os.urandom(12).hex()
+        self.password_file.write_text(password + "\n")
+        self.sql(
+            "CREATE DATABASE phpsess; "
+            f"CREATE USER 'phpsess'@'localhost' IDENTIFIED BY '{password}'; "
+            "GRANT ALL ON phpsess.* TO 'phpsess'@'localhost'; "
+            # KILL of its own sessions needs no privilege; nothing else is needed.
+        )
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            # Bounded in time even if the test run dies without stopping it.
+            self.proc = subprocess.Popen(
+                ["timeout", "-s", "KILL", "1800", "mariadbd", "--no-defaults",
+                 f"--datadir={self.datadir}", f"--socket={self.sock_path}",
+                 "--skip-networking", "--user=root", f"--pid-file={self.pid_file}",
+                 "--innodb-buffer-pool-size=64M", "--innodb-log-file-size=32M",
+                 "--skip-log-bin", "--max-connections=400"],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mariadbd exited: {self.log_path.read_text()[-2000:]}")
+            ping = subprocess.run(
+                ["mariadb", "--no-defaults", "-S", self.sock_path, "-uroot", "-e", "SELECT 1"],
+                capture_output=True, timeout=10,
+            )
+            if ping.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("mariadbd did not start")
+
+    @property
+    def server_pid(self) -> int:
+        return int(self.pid_file.read_text().strip())
+
+    def sql(self, statements: str, database: str = "") -> str:
+        done = subprocess.run(
+            ["mariadb", "--no-defaults", "-S", self.sock_path, "-uroot", "-N", "-B",
+             *([database] if database else []), "-e", statements],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def kill9(self) -> None:
+        """kill -9 of the database server (a crash)."""
+        assert self.proc is not None
+        os.kill(self.server_pid, signal.SIGKILL)
+        self.proc.wait(30)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock_path)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(self.server_pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def url(self, database: str = "phpsess") -> str:
+        return f"mysql://phpsess@localhost/{database}?socket={self.sock_path}"
+
+    def daemon_args(self, table: str) -> tuple[str, ...]:
+        return ("--storage", self.url(), "--storage-password-file", str(self.password_file),
+                "--storage-table", table)
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[MariaDB]:
+    base = Path(tempfile.mkdtemp(prefix="phpsess-mdb-", dir="/tmp"))
+    server = MariaDB(base)
+    yield server
+    server.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def fresh_table() -> str:
+    """A table of its own for each test (named locks are scoped by table too)."""
+    return f"t_{os.urandom(6).hex()}"
+
+
+@pytest.fixture(params=["journal", "mariadb"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The storage a parametrized test runs against."""
+    param: str = request.param
+    return param
+
+
+@pytest.fixture
+def any_daemon(request: pytest.FixtureRequest, backend: str, start_daemon: Any) -> Daemon:
+    """A daemon with the default memory + journal storage, or the SQL backend
+    on the test run's private MariaDB (the same tests run against both)."""
+    if backend == "journal":
+        d: Daemon = start_daemon()
+        return d
+    db: MariaDB = request.getfixturevalue("mariadb")
+    d = start_daemon(*db.daemon_args(fresh_table()))
+    return d

@@ -9,12 +9,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from phpsess import protocol as p
 from phpsess.client import Client
 from tests.conftest import PREPEND, php_binary
 
 HOLD = Path(__file__).parent / "php" / "hold.php"
 SID = "concurrent0123456789abcdef"
+
+
+@pytest.fixture
+def daemon(any_daemon: Any) -> Any:
+    """Every test here runs against memory + journal and against SQL storage."""
+    return any_daemon
 
 
 def _php(handler_ini: list[str], *args: str) -> subprocess.Popen[str]:

@@ -19,6 +19,12 @@ from tests.conftest import run_php
 
 SCENARIO = Path(__file__).parent / "php" / "scenario.php"
 
+
+@pytest.fixture
+def daemon(any_daemon: Any) -> Any:
+    """Every test here runs against memory + journal and against SQL storage."""
+    return any_daemon
+
 # (scenario, [(step, sid-source, extra args)]) — sid-source "first" reuses the
 # ID printed by step 0, "new" passes none, "last" reuses the latest sid,
 # "regenerated" the ID session_regenerate_id() made, or a literal ID.

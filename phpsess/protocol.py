@@ -46,7 +46,8 @@ _SID_RE: Final = re.compile(rb"[A-Za-z0-9,-]{1,256}\Z")
 _NUMBER_RE: Final = re.compile(rb"(0|[1-9][0-9]{0,17})\Z")
 # A payload length: any decimal (a huge one is TOO_LARGE, not a framing error).
 _LENGTH_RE: Final = re.compile(rb"(0|[1-9][0-9]{0,39})\Z")
-_TOKEN_RE: Final = re.compile(rb"[\x21-\x7e]+\Z")
+# A whole header line: printable ASCII tokens separated by single spaces.
+_LINE_RE: Final = re.compile(rb"[\x21-\x7e]+(?: [\x21-\x7e]+)*\Z")
 
 
 def is_valid_sid(sid: str | bytes) -> bool:
@@ -646,14 +647,13 @@ class RequestParser:
             return NEED_DATA
         line = bytes(buf[:end])
         del buf[: end + 1]
+        if _LINE_RE.match(line) is None:
+            return self._fatal(
+                Code.BAD_FRAME,
+                "a header line must be printable ASCII tokens separated by single "
+                "spaces; closing the connection",
+            )
         tokens = line.split(b" ")
-        for token in tokens:
-            if _TOKEN_RE.match(token) is None:
-                return self._fatal(
-                    Code.BAD_FRAME,
-                    "a header line must be printable ASCII tokens separated by single "
-                    "spaces; closing the connection",
-                )
         verb = tokens[0]
         args = tokens[1:]
         payload_verb = _PAYLOAD_VERBS.get(verb)

@@ -272,19 +272,20 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
                 fsync_interval_s=args.fsync_interval_ms / 1000,
                 min_compact_bytes=args.compact_min_bytes,
             )
+        clustered = bool(args.node or args.peer or args.cluster_listen or args.cluster_secret_file)
+        if clustered and getattr(args, "storage", None):
+            raise UsageError(
+                "--storage and the cluster flags (--node, --peer, --cluster-listen, "
+                "--cluster-secret-file) are alternatives: a shared SQL table needs no peer "
+                "cluster; choose one (README: Choosing a storage)"
+            )
         cluster = None
-        if args.node or args.peer or args.cluster_listen or args.cluster_secret_file:
+        if clustered:
             cluster = _cluster_config(args)
         storage = _storage_config(args)
     except (AddressError, ValueError, OSError) as exc:
         raise UsageError(str(exc)) from exc
     if storage is not None:
-        if cluster is not None:
-            raise UsageError(
-                "--storage and the cluster flags (--node, --peer, --cluster-listen, "
-                "--cluster-secret-file) are alternatives: a shared SQL table needs no peer "
-                "cluster; choose one (README: choosing a storage)"
-            )
         if args.memory_only:
             raise UsageError("--storage and --memory-only are alternatives; choose one")
         persist = None  # the database keeps the sessions

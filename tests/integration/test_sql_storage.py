@@ -1,0 +1,222 @@
+"""The SQL storage backend (``--storage mysql://...``) against a real MariaDB
+that the test run starts itself (issue 7).  The PHP-semantics transcripts
+and the locking tests run against it too (``any_daemon``)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phpsess import protocol as p
+from phpsess.client import Client
+from tests.conftest import PREPEND, MariaDB, fresh_table, php_binary, read_counter
+
+HOLD = Path(__file__).parent / "php" / "hold.php"
+
+
+def _php_hold(daemon: Any, sid: str, hold_ms: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [php_binary(), "-d", "display_errors=stderr", "-d", "session.use_cookies=0",
+         "-d", "session.cache_limiter=", "-d", f"auto_prepend_file={PREPEND}",
+         "-d", f"phpsess.address={daemon.php_address}", str(HOLD), sid, str(hold_ms)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_two_daemons_sharing_one_table_50_concurrent_increments_end_at_plus_50(
+    mariadb: MariaDB, start_daemon: Any
+) -> None:
+    table = fresh_table()
+    daemons = [start_daemon(*mariadb.daemon_args(table)) for _ in range(2)]
+    sid = "shared0123456789abcdefghij"
+    with Client(daemons[0].address) as c:
+        assert c.request(p.Write(sid, 1440, b"n|i:7;")) == p.OK
+    # Alternate: every other request goes through the other daemon.
+    procs = [_php_hold(daemons[i % 2], sid, 20) for i in range(50)]
+    results = [(proc.wait(120), *proc.communicate()) for proc in procs]
+    assert [r for r in results if r[0] != 0 or r[2]] == []
+    seen = sorted(int(out.split("n=")[1]) for _, out, _ in results)
+    assert seen == list(range(8, 58))  # each request saw its predecessor's write
+    for d in daemons:  # both daemons see the one shared table
+        assert read_counter(d.address, sid) == 57
+    waits = 0
+    for d in daemons:
+        with Client(d.address) as c:
+            stats = c.request(p.Stats())
+            assert isinstance(stats, p.Data)
+            waits += int(stats.data.split(b'"lock_waits_total": ')[1].split(b",")[0])
+    assert waits > 0  # they really contended, across daemons
+
+
+def test_a_lock_holds_across_daemons_and_goes_with_the_holders_connection(
+    mariadb: MariaDB, start_daemon: Any
+) -> None:
+    table = fresh_table()
+    one, two = (start_daemon(*mariadb.daemon_args(table)) for _ in range(2))
+    sid = "crossdaemon0123456789abcdef"
+    holder = Client(one.address)
+    assert holder.request(p.Read(sid)) == p.MISS  # locked, on daemon one
+    with Client(two.address) as other:
+        assert other.request(p.Write(sid, 60, b"x")).code == p.Code.LOCKED  # type: ignore[union-attr]
+        assert other.request(p.Destroy(sid)).code == p.Code.LOCKED  # type: ignore[union-attr]
+        other.send_raw(p.encode_request(p.Read(sid)))  # queues on daemon two
+        time.sleep(0.3)
+        assert holder.request(p.Write(sid, 60, b"v|i:1;", keep=True)) == p.OK
+        started = time.monotonic()
+        holder.close()  # the PHP worker dies: its lock goes at once
+        assert other.read_reply() == p.Data(b"v|i:1;")
+        assert time.monotonic() - started < 2
+        assert other.request(p.Write(sid, 60, b"v|i:2;")) == p.OK
+
+
+def test_the_lease_revokes_a_lock_and_the_late_write_is_refused(
+    mariadb: MariaDB, start_daemon: Any
+) -> None:
+    d = start_daemon(*mariadb.daemon_args(fresh_table()))
+    sid = "lease0123456789abcdefghijk"
+    slow = Client(d.address, hello=False)
+    assert slow.request(p.Hello(1, lease_ms=300)) == p.Ok(("1",))
+    assert slow.request(p.Read(sid)) == p.MISS
+    with Client(d.address) as other:
+        started = time.monotonic()
+        assert other.request(p.Read(sid)) == p.MISS  # granted once the lease ran out
+        assert 0.2 < time.monotonic() - started < 3
+        assert other.request(p.Write(sid, 60, b"winner")) == p.OK
+    late = slow.request(p.Write(sid, 60, b"late"))
+    assert isinstance(late, p.Error) and late.code == p.Code.LOCK_LOST
+    slow.close()
+    with Client(d.address) as c:
+        assert c.request(p.Read(sid, lock=False)) == p.Data(b"winner")
+
+
+def test_expiry_by_the_expiry_column_and_binary_data(
+    mariadb: MariaDB, start_daemon: Any
+) -> None:
+    table = fresh_table()
+    d = start_daemon(*mariadb.daemon_args(table))
+    blob = bytes(range(256)) * 8 + b"\x00'\"\\"
+    with Client(d.address) as c:
+        assert c.request(p.Write("short", 1, blob)) == p.OK
+        assert c.request(p.Write("long", 100, blob)) == p.OK
+        assert c.request(p.Read("short", lock=False)) == p.Data(blob)
+        assert c.request(p.Touch("gone", 100)) == p.MISS
+        time.sleep(1.2)
+        assert c.request(p.Read("short", lock=False)) == p.MISS
+        assert c.request(p.Exists("short")) == p.Ok(("0",))
+        assert c.request(p.Touch("short", 100)) == p.MISS
+        assert c.request(p.Read("long", lock=False)) == p.Data(blob)
+    columns = mariadb.sql(f"SHOW CREATE TABLE {table}", "phpsess")
+    assert "`data` longblob NOT NULL" in columns and "KEY `expires`" in columns
+    assert "ENGINE=InnoDB" in columns
+
+
+@pytest.fixture
+def own_mariadb() -> Iterator[MariaDB]:
+    """A MariaDB of its own, for a test that kills it."""
+    base = Path(tempfile.mkdtemp(prefix="phpsess-mdb-", dir="/tmp"))
+    server = MariaDB(base)
+    yield server
+    server.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_database_killed_and_restarted_under_load_loses_no_acknowledged_write(
+    own_mariadb: MariaDB, start_daemon: Any
+) -> None:
+    d = start_daemon(*own_mariadb.daemon_args(fresh_table()))
+    stop = threading.Event()
+    acked: dict[str, int] = {}
+    attempted: dict[str, int] = {}
+    failures: dict[str, list[str]] = {}
+
+    def writer(sid: str) -> None:
+        n = 0
+        failures[sid] = []
+        with Client(d.address) as c:
+            while not stop.is_set():
+                read = c.request(p.Read(sid))
+                if not isinstance(read, (p.Data, p.Miss)):
+                    failures[sid].append(str(read))
+                    time.sleep(0.01)
+                    continue
+                attempted[sid] = n + 1
+                reply = c.request(p.Write(sid, 600, str(n + 1).encode()))
+                if reply == p.OK:
+                    n += 1
+                    acked[sid] = n
+                else:
+                    failures[sid].append(str(reply))
+                    time.sleep(0.01)
+
+    sids = [f"load{i}abcdefghijklmnopqrstuvw" for i in range(4)]
+    threads = [threading.Thread(target=writer, args=(sid,)) for sid in sids]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        assert all(acked.get(sid, 0) > 0 for sid in sids), acked
+        own_mariadb.kill9()
+        time.sleep(0.3)
+        # While it is down PHP gets a clean failure: session_start() false
+        # with a warning naming the cause, no hang, no files fallback.
+        proc = _php_hold(d, "phpdown0123456789abcdefgh", 0)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 3, (out, err)
+        assert "UNAVAILABLE" in err and "session_start failed" in err, err
+        with Client(d.address) as c:  # the daemon itself keeps serving
+            assert c.request(p.Ping()) == p.OK
+        down_acked = dict(acked)
+        own_mariadb.start()
+        restarted = time.monotonic()
+        # Service resumes by itself: every writer gets acknowledged writes again.
+        while not all(acked.get(sid, 0) > down_acked.get(sid, 0) for sid in sids):
+            assert time.monotonic() - restarted < 20, (acked, down_acked)
+            time.sleep(0.05)
+        print(f"resumed {time.monotonic() - restarted:.2f} s after the restart")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert all("UNAVAILABLE" in " ".join(failures[sid]) for sid in sids), failures
+    with Client(d.address) as c:
+        for sid in sids:
+            reply = c.request(p.Read(sid, lock=False))
+            assert isinstance(reply, p.Data)
+            stored = int(reply.data)
+            # Every acknowledged write is there; at most the one in flight
+            # when it failed may have been committed too.
+            assert acked[sid] <= stored <= attempted[sid], (sid, acked, stored)
+    proc = _php_hold(d, "phpback0123456789abcdefgh", 0)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err == "" and "n=1" in out, err
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "phpsess", "serve", "--listen", "unix:/tmp/never.sock", *args],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_bad_storage_settings_are_refused_clearly(mariadb: MariaDB, tmp_path: Path) -> None:
+    url = mariadb.url()
+    done = _serve("--storage", url, "--node", "web1")
+    assert done.returncode == 2 and "alternatives" in done.stderr, done.stderr
+    done = _serve("--storage", url.replace("phpsess@", "phpsess:secret@"))
+    assert done.returncode == 2 and "no password in the storage URL" in done.stderr
+    done = _serve("--storage", url, "--storage-table", "bad-name;drop")
+    assert done.returncode == 2 and "table name" in done.stderr
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password\n")
+    done = _serve("--storage", url, "--storage-password-file", str(wrong))
+    assert done.returncode == 1, done.stderr
+    assert "Access denied" in done.stderr and "password" in done.stderr

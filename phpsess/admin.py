@@ -114,10 +114,28 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     export.add_argument("--output", "-o", default="-", metavar="FILE",
                         help="write here instead of stdout")
     export.add_argument("--page-size", type=_page_size, default=DEFAULT_PAGE_SIZE, metavar="N")
+    export.add_argument("--to-sql", metavar="URL",
+                        help="instead, upsert every session into the classic PHP session table "
+                        "(id, data, usetime) at mysql://USER@HOST:PORT/DB (sqlmigrate.py)")
+    export.add_argument("--to-table", default="session", metavar="NAME",
+                        help="with --to-sql: the table, created if missing (default: session)")
 
     imp = command("import", "write the sessions of an export into the daemon "
                   "(expired ones are skipped, existing IDs overwritten)")
-    imp.add_argument("file", metavar="FILE", help="an export file, or - for stdin")
+    imp.add_argument("file", metavar="FILE", nargs="?",
+                     help="an export file, or - for stdin (or --from-sql)")
+    imp.add_argument("--from-sql", metavar="URL",
+                     help="instead, read the classic PHP session table (id, data, usetime) "
+                     "at mysql://USER@HOST:PORT/DB (sqlmigrate.py)")
+    imp.add_argument("--from-table", default="session", metavar="NAME",
+                     help="with --from-sql: the table (default: session)")
+    for sub in (export, imp):
+        sub.add_argument("--password-file", metavar="PATH",
+                         help="with --to-sql / --from-sql: file holding the database password")
+        sub.add_argument("--max-lifetime", type=_count, default=1440, metavar="S",
+                         help="with --to-sql / --from-sql: session.gc_maxlifetime of the "
+                         "classic table: a session lives this long after usetime "
+                         "(default: 1440)")
     imp.add_argument("--strict", action="store_true",
                      help="stop at the first invalid line or refused write "
                      "(default: report it and go on)")
@@ -388,7 +406,27 @@ def _batches(entries: Iterator[Entry]) -> Iterator[list[Entry]]:
         yield batch
 
 
+def _classic(client: Client, args: argparse.Namespace, what: str) -> int:
+    from phpsess import sqlmigrate
+    from phpsess.sqlstore import StorageError
+
+    try:
+        if what == "import":
+            counts = sqlmigrate.import_classic(client, args)
+        else:
+            counts = sqlmigrate.export_classic(client, args)
+    except StorageError as exc:
+        raise AdminError(str(exc)) from None
+    if args.json:
+        _emit(counts)
+    else:
+        print(", ".join(f"{name} {count}" for name, count in counts.items()))
+    return EXIT_FAILURE if counts.get("invalid") or counts.get("refused") else EXIT_OK
+
+
 def cmd_export(client: Client, args: argparse.Namespace) -> int:
+    if args.to_sql:
+        return _classic(client, args, "export")
     to_stdout = args.output == "-"
     with contextlib.ExitStack() as stack:
         try:
@@ -522,6 +560,10 @@ class _Importer:
 
 
 def cmd_import(client: Client, args: argparse.Namespace) -> int:
+    if args.from_sql:
+        return _classic(client, args, "import")
+    if args.file is None:
+        raise AdminError("import needs a FILE (or - for stdin), or --from-sql URL", EXIT_USAGE)
     name = "stdin" if args.file == "-" else args.file
     importer = _Importer(client, name, args.strict)
     with contextlib.ExitStack() as stack:

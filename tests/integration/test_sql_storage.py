@@ -220,3 +220,44 @@ def test_bad_storage_settings_are_refused_clearly(mariadb: MariaDB, tmp_path: Pa
     done = _serve("--storage", url, "--storage-password-file", str(wrong))
     assert done.returncode == 1, done.stderr
     assert "Access denied" in done.stderr and "password" in done.stderr
+
+
+def _admin(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "phpsess", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_import_from_and_export_to_the_classic_session_table(
+    mariadb: MariaDB, start_daemon: Any
+) -> None:
+    # The classic recipe's table: TEXT data, TIMESTAMP usetime, a CHAR id.
+    classic, back = fresh_table(), fresh_table()
+    mariadb.sql(
+        f"CREATE TABLE {classic} (id CHAR(32) PRIMARY KEY, data TEXT, "
+        "usetime TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP); "
+        f"INSERT INTO {classic} VALUES ('fresh0123456789abcdefghijk', 'n|i:5;', NOW()), "
+        f"('old0123456789abcdefghijklm', 'n|i:1;', NOW() - INTERVAL 2 HOUR), "
+        f"('../../etc/passwd', 'x', NOW())", "phpsess")
+    d = start_daemon(*mariadb.daemon_args(fresh_table()))
+    common = ["--connect", d.address, "--password-file", str(mariadb.password_file),
+              "--max-lifetime", "1440", "--json"]
+    done = _admin("import", "--from-sql", mariadb.url(), "--from-table", classic, *common)
+    assert done.returncode == 1, done.stderr  # one row's id is not a session ID
+    assert '"imported": 1' in done.stdout and '"expired": 1' in done.stdout
+    assert '"invalid": 1' in done.stdout and "not a session ID" in done.stderr
+    assert read_counter(d.address, "fresh0123456789abcdefghijk") == 5
+    with Client(d.address) as c:
+        got = c.request(p.Get("fresh0123456789abcdefghijk"))
+        assert isinstance(got, p.Data)
+        assert 1_400_000 < int(got.tokens[0]) <= 1_440_000  # usetime + max - now
+        assert c.request(p.Write("binary0123456789abcdefghij", 600, b"\x00\xff\n")) == p.OK
+
+    done = _admin("export", "--to-sql", mariadb.url(), "--to-table", back, *common)
+    assert done.returncode == 0 and '"exported": 2' in done.stdout, done.stderr
+    rows = mariadb.sql(
+        f"SELECT id, HEX(data), TIMESTAMPDIFF(SECOND, usetime, NOW()) FROM {back} ORDER BY id",
+        "phpsess").splitlines()
+    assert [r.split("\t")[:2] for r in rows] == [
+        ["binary0123456789abcdefghij", "00FF0A"], ["fresh0123456789abcdefghijk", "6E7C693A353B"]]
+    age_binary = int(rows[0].split("\t")[2])
+    assert 1440 - 600 - 5 <= age_binary <= 1440 - 600 + 5  # expires when it would have

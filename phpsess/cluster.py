@@ -12,6 +12,7 @@ bytes and calls them.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import math
 import secrets
@@ -107,7 +108,9 @@ class PeerLink:
             raise LinkError(f"{self.name!r} is not a configured peer")
         try:
             with trio.fail_after(IO_TIMEOUT_S):
-                stream = await trio.open_tcp_stream(address.host, address.port)
+                stream = await trio.open_tcp_stream(
+                    address.host, address.port, local_address=cluster.source_host
+                )
                 lines = _Lines(stream)
                 their_challenge = peerauth.parse_challenge_line(await lines.line())
                 mine = peerauth.new_challenge()
@@ -321,6 +324,33 @@ class Forwards:
         self.links.clear()
 
 
+def _source_host(listen_host: str) -> str | None:
+    """The address to connect to peers from: the cluster address if it is a
+    specific IP (not a wildcard or a name)."""
+    try:
+        ip = ipaddress.ip_address(listen_host)
+    except ValueError:
+        return None
+    return None if ip.is_unspecified else listen_host
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connection refusal (nothing listening) is behind ``exc``."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return False
+
+
 _SID_REQUESTS: Final = (p.Read, p.Write, p.Touch, p.Exists, p.Destroy, p.Get)
 
 
@@ -349,6 +379,9 @@ class Cluster:
         self.started = trio.current_time()
         self._last_tick = trio.current_time()
         # How long a request may wait for a failover to complete.
+        # Connections to peers come from the cluster address when it is a
+        # specific one (peers and firewalls see the address they configured).
+        self.source_host = _source_host(config.listen.host)
         self.failover_s = config.dead_after_s + config.probe_s + 2 * config.heartbeat_s + 1
         self.takeovers_total = 0
         self.replication_failures_total = 0
@@ -553,7 +586,7 @@ class Cluster:
     async def _send_heartbeat(self) -> None:
         assert self._udp is not None
         datagram = peerauth.encode_heartbeat(
-            self.membership.heartbeat(), self.config.secret, time.time()
+            self.membership.heartbeat(trio.current_time()), self.config.secret, time.time()
         )
         for address in self.peer_address.values():
             with contextlib.suppress(OSError):
@@ -590,23 +623,30 @@ class Cluster:
                 self._spawn(self._probe, event.name)
         elif isinstance(event, mb.Dead):
             self._spawn(self._peer_dead, event.name)
+        elif isinstance(event, mb.Unreachable):
+            log.warning(
+                "event=peer_unreachable peer=%s witness=%s detail=no answer from it, but "
+                "%s still hears it: not declared dead (a broken link, CLUSTER.md §3)",
+                event.name, event.witness, event.witness,
+            )
         elif isinstance(event, mb.SelfDeclaredDead):
             self._declared_dead(event.by)
 
     async def _probe(self, name: str) -> None:
         """A direct TCP probe before declaring a silent peer dead (§3)."""
         link = PeerLink(self, name)
-        answered = False
+        answered = refused = False
         try:
             with trio.move_on_after(self.config.probe_s + 0.5):
                 answered = await link.call(p.Ping(), timeout_s=self.config.probe_s) == p.OK
-        except LinkError:
-            answered = False
+        except LinkError as exc:
+            refused = _refused(exc)
         finally:
             await link.aclose()
             self._probing.discard(name)
-        log.info("event=peer_probe peer=%s answered=%s", name, answered)
-        for event in self.membership.probe_result(name, answered, trio.current_time()):
+        log.info("event=peer_probe peer=%s answered=%s refused=%s", name, answered, refused)
+        now = trio.current_time()
+        for event in self.membership.probe_result(name, answered, now, refused=refused):
             self._on_event(event)
 
     async def _peer_dead(self, name: str) -> None:

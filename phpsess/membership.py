@@ -33,6 +33,18 @@ is suspected again if it stays silent.  A failed probe reported more than
 ``dead_after_s / 2`` after the last tick is handled the same way (the shell
 may run the probe's timeout before the tick that notices the stall).
 
+Witnesses (asymmetric partitions): every heartbeat also lists the peers its
+sender heard a heartbeat from within ``witness_s``.  A probe that gets no
+answer (it timed out) does not declare a peer dead while another alive peer,
+in a heartbeat of its own from within ``witness_s``, says it still hears it:
+the link between the two of us is broken, not the peer.  The peer goes back to
+alive (:class:`Unreachable` is returned once per episode, for the log) and is
+suspected and probed again at the next tick, until the witnesses stop hearing
+it too.  Without this, a master cut off from its backup alone would be taken
+over by the backup while it goes on serving: two masters.  A *refused*
+probe (nothing listens on the peer's port: the daemon is gone) needs no
+witness.
+
 A heartbeat whose dead list holds our own current incarnation yields
 :class:`SelfDeclaredDead` (once per sender incarnation), even when we ignore
 everything else in it: after a partition heals, both sides may hold the other
@@ -41,6 +53,7 @@ dead, and each must still learn that the others took over.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import deque
 from collections.abc import Collection, Iterable
@@ -97,6 +110,17 @@ def _bool_validator(instance: object, attribute: attrs.Attribute[bool], value: b
         raise ValueError(f"invalid {attribute.name} {value!r}: must be a bool")
 
 
+def _hears_validator(
+    instance: object, attribute: object, value: tuple[str, ...]
+) -> None:
+    if type(value) is not tuple or len(value) > MAX_PEERS:
+        raise ValueError(f"invalid hears list {value!r}: a tuple of at most {MAX_PEERS} names")
+    for name in value:
+        check_node_name(name)
+    if list(value) != sorted(set(value)):
+        raise ValueError("hears list must be sorted, each name once")
+
+
 def _dead_validator(
     instance: object, attribute: object, value: tuple[tuple[str, int], ...]
 ) -> None:
@@ -127,6 +151,8 @@ class Heartbeat:
     draining: bool = attrs.field(validator=_bool_validator)
     # (node, incarnation) this sender has declared dead, sorted by node
     dead: tuple[tuple[str, int], ...] = attrs.field(validator=_dead_validator)
+    # the peers this sender heard within its witness time, sorted
+    hears: tuple[str, ...] = attrs.field(default=(), validator=_hears_validator)
 
 
 @attrs.frozen
@@ -156,13 +182,22 @@ class Dead:
 
 
 @attrs.frozen
+class Unreachable:
+    """``name`` did not answer our probe, but ``witness`` still hears it: not
+    declared dead (see the module doc)."""
+
+    name: str
+    witness: str
+
+
+@attrs.frozen
 class SelfDeclaredDead:
     """Peer ``by`` has declared our current incarnation dead (CLUSTER.md §7)."""
 
     by: str
 
 
-Event = Alive | Suspect | Dead | SelfDeclaredDead
+Event = Alive | Suspect | Dead | Unreachable | SelfDeclaredDead
 
 
 @attrs.define(slots=True)
@@ -175,6 +210,9 @@ class _Peer:
     draining: bool = False
     dead_incarnations: deque[int] = attrs.field(factory=lambda: deque(maxlen=_DEAD_HISTORY))
     told_self_dead: int = 0  # the sender incarnation we reported SelfDeclaredDead for
+    heard_at: float = -math.inf  # its last heartbeat (not probes or stalls)
+    hears: tuple[str, ...] = ()  # whom it heard, per that heartbeat
+    witnessed: bool = False  # Unreachable reported for this episode
 
 
 class Membership:
@@ -199,6 +237,9 @@ class Membership:
         self._peers = {name: _Peer() for name in sorted(names)}
         self.heartbeat_s = heartbeat_s
         self.dead_after_s = dead_after_s
+        # A witness must have heard the peer, and we the witness, this recently:
+        # two heartbeats and a half (one lost datagram is no evidence).
+        self.witness_s = min(dead_after_s, 2.5 * heartbeat_s)
         self._dead: dict[str, int] = {}  # the latest incarnation we declared dead, per node
         self._last_tick = now
         self._grace_until = now  # failed probes do not kill before this (after a stall)
@@ -225,7 +266,8 @@ class Membership:
         self._sockets = sockets
         self._draining = draining
 
-    def heartbeat(self) -> Heartbeat:
+    def heartbeat(self, now: float | None = None) -> Heartbeat:
+        """Our heartbeat; ``now`` says whom we still hear (none without it)."""
         return Heartbeat(
             name=self._me,
             incarnation=self._incarnation,
@@ -233,6 +275,13 @@ class Membership:
             sockets=self._sockets,
             draining=self._draining,
             dead=tuple(sorted(self._dead.items())),
+            hears=tuple(
+                name
+                for name, peer in self._peers.items()
+                if now is not None
+                and peer.state in (ALIVE, SUSPECT)
+                and now - peer.heard_at <= self.witness_s
+            ),
         )
 
     def heartbeat_due(self, now: float) -> bool:
@@ -265,7 +314,9 @@ class Membership:
             events.append(Alive(hb.name, hb.incarnation, rejoined=True))
         peer.state = ALIVE
         peer.incarnation = hb.incarnation
-        peer.last_heard = now
+        peer.last_heard = peer.heard_at = now
+        peer.hears = hb.hears
+        peer.witnessed = False
         peer.sessions = hb.sessions
         peer.sockets = hb.sockets
         peer.draining = hb.draining
@@ -322,14 +373,26 @@ class Membership:
         peer.state = SUSPECT
         return [Suspect(name)]
 
-    def probe_result(self, name: str, answered: bool, now: float) -> list[Event]:
-        """The outcome of probing a suspect.  Ignored unless ``name`` is still
+    def probe_result(
+        self, name: str, answered: bool, now: float, *, refused: bool = False
+    ) -> list[Event]:
+        """The outcome of probing a suspect (``refused``: the connection was
+        refused, nothing listens there).  Ignored unless ``name`` is still
         suspect (a heartbeat may have come in meanwhile)."""
         peer = self._peers.get(name)
         if peer is None or peer.state != SUSPECT:
             return []
         if not answered and not self._stalled(now) and now >= self._grace_until:
-            return [self._declare_dead(name, peer)]
+            witness = None if refused else self._witness(name, now)
+            if witness is None:
+                return [self._declare_dead(name, peer)]
+            # Cut off from us only: alive, and suspected again in witness_s.
+            peer.state = ALIVE
+            peer.last_heard = max(peer.last_heard, now - self.dead_after_s + self.witness_s)
+            if peer.witnessed:
+                return []
+            peer.witnessed = True
+            return [Unreachable(name, witness)]
         # Answered: slow, not dead.  Or failed while our own stall may be to blame.
         peer.state = ALIVE
         peer.last_heard = now
@@ -411,6 +474,18 @@ class Membership:
         for peer in self._peers.values():
             peer.last_heard = now
         return True
+
+    def _witness(self, name: str, now: float) -> str | None:
+        """An alive peer that recently told us it hears ``name``, if any."""
+        for other, peer in self._peers.items():
+            if (
+                other != name
+                and peer.state == ALIVE
+                and now - peer.heard_at <= self.witness_s
+                and name in peer.hears
+            ):
+                return other
+        return None
 
     def _declare_dead(self, name: str, peer: _Peer) -> Dead:
         peer.state = DEAD

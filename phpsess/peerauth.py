@@ -58,7 +58,7 @@ MAX_DATAGRAM_BYTES: Final = 1400  # fits an Ethernet MTU; Heartbeat bounds its d
 HEARTBEAT_MAGIC: Final = b"PHPSESS-HB1 "
 _MAX_TIMESTAMP_MS: Final = 2**53
 
-_HB_KEYS: Final = frozenset({"n", "i", "s", "k", "d", "x", "t"})
+_HB_KEYS: Final = frozenset({"n", "i", "s", "k", "d", "x", "h", "t"})
 _HEX64: Final = "[0-9a-f]{64}"
 _INC: Final = "[1-9][0-9]{0,18}"
 _CHALLENGE_LINE: Final = re.compile(f"CHALLENGE ({_HEX64})".encode())
@@ -106,9 +106,15 @@ def encode_heartbeat(hb: Heartbeat, secret: bytes, wall_now: float) -> bytes:
         "k": hb.sockets,
         "d": hb.draining,
         "x": [list(entry) for entry in hb.dead],
+        "h": list(hb.hears),
         "t": round(wall_now * 1000),
     }
     payload = HEARTBEAT_MAGIC + json.dumps(body, separators=(",", ":")).encode("ascii")
+    if len(payload) + TAG_BYTES > MAX_DATAGRAM_BYTES:
+        # Only with dozens of long node names and a full dead list: leave
+        # out whom we hear (peers then declare deaths without our witness).
+        body["h"] = []
+        payload = HEARTBEAT_MAGIC + json.dumps(body, separators=(",", ":")).encode("ascii")
     return payload + _mac(secret, payload)
 
 
@@ -182,6 +188,9 @@ def decode_heartbeat(
         if type(entry) is not list or len(entry) != 2:
             _bad("x entries must be [node, incarnation]")
         entries.append((entry[0], _int(entry[1], "dead incarnation", 1, MAX_INCARNATION)))
+    hears = body["h"]
+    if type(hears) is not list:
+        _bad("h must be a list")
     try:
         return Heartbeat(
             name=body["n"],
@@ -190,6 +199,7 @@ def decode_heartbeat(
             sockets=_int(body["k"], "k", 0, MAX_COUNT),
             draining=body["d"],
             dead=tuple(entries),
+            hears=tuple(hears),
         )
     except ValueError as exc:
         raise AuthError(f"malformed heartbeat: {exc}") from None

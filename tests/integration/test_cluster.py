@@ -24,24 +24,29 @@ NAMES = ("a", "b", "c")
 DEAD_AFTER_MS = 1500
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     while True:
         with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
+            tcp.bind((host, 0))
             port: int = tcp.getsockname()[1]
             try:
-                udp.bind(("127.0.0.1", port))
+                udp.bind((host, port))
             except OSError:
                 continue
             return port
 
 
 class Cluster:
-    def __init__(self, workdir: Path, names: tuple[str, ...] = NAMES) -> None:
+    def __init__(
+        self, workdir: Path, names: tuple[str, ...] = NAMES, hosts: dict[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.secret = workdir / "secret"
         self.secret.write_bytes(os.urandom(32).hex().encode())
-        self.ports = {name: _free_port() for name in names}
+        # Each node's cluster address (distinct loopback addresses let a test
+        # cut the link between two nodes alone).
+        self.hosts = hosts or dict.fromkeys(names, "127.0.0.1")
+        self.ports = {name: _free_port(self.hosts[name]) for name in names}
         self.nodes: dict[str, Daemon] = {}
         for name in names:
             self.nodes[name] = self._daemon(name, self.secret)
@@ -49,13 +54,13 @@ class Cluster:
 
     def args(self, name: str, secret: Path) -> list[str]:
         args = [
-            "--node", name, "--cluster-listen", f"127.0.0.1:{self.ports[name]}",
+            "--node", name, "--cluster-listen", f"{self.hosts[name]}:{self.ports[name]}",
             "--cluster-secret-file", str(secret), "--dead-after-ms", str(DEAD_AFTER_MS),
             "--heartbeat-ms", "250", "--drain-timeout-s", "20",
         ]
         for other, port in self.ports.items():
             if other != name:
-                args += ["--peer", f"{other}=127.0.0.1:{port}"]
+                args += ["--peer", f"{other}={self.hosts[other]}:{port}"]
         return args
 
     def _daemon(self, name: str, secret: Path) -> Daemon:
@@ -378,3 +383,73 @@ def _create_on(daemon: Daemon, value: bytes) -> str:
         sid = created.tokens[0]
         assert c.request(p.Write(sid, 1440, value)) == p.OK
     return sid
+
+
+class _Nft:
+    """A private nftables table that drops packets between pairs of
+    addresses: a real network partition on loopback (needs root and nft,
+    which scripts/bootstrap installs)."""
+
+    def __init__(self) -> None:
+        self.table = f"phpsess_test_{os.getpid()}"
+        self._nft(f"add table inet {self.table}")
+        self._nft(
+            f"add chain inet {self.table} out "
+            "{ type filter hook output priority 0 ; policy accept ; }"
+        )
+
+    def _nft(self, command: str) -> None:
+        done = subprocess.run(["nft", command], capture_output=True, text=True)
+        assert done.returncode == 0, f"nft {command}: {done.stderr} (root and nftables needed)"
+
+    def cut(self, one: str, other: str) -> None:
+        for src, dst in ((one, other), (other, one)):
+            self._nft(f"add rule inet {self.table} out ip saddr {src} ip daddr {dst} drop")
+
+    def close(self) -> None:
+        subprocess.run(["nft", f"delete table inet {self.table}"], capture_output=True)
+
+
+def test_a_link_cut_between_master_and_backup_alone_makes_no_second_master(
+    workdir: Path,
+) -> None:
+    # CLUSTER.md §3 (witnesses), §10: a and its backup lose each other, the
+    # third node still hears both.  Neither may declare the other dead.
+    hosts = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4"}
+    cluster = Cluster(workdir, hosts=hosts)
+    nft = _Nft()
+    try:
+        sid = _create(cluster, "a", b"n|i:0;")
+        addresses = [cluster.address(n) for n in NAMES]
+        assert _acks(_php(sid, 3, addresses).communicate(timeout=60)[0]) == [1, 2, 3]
+        backup = next(n for n in ("b", "c") if _local_sessions(cluster, n) == 1)
+        nft.cut(hosts["a"], hosts[backup])
+        # Longer than detection and probe, several times over.
+        deadline = time.monotonic() + 4 * DEAD_AFTER_MS / 1000
+        while "event=peer_unreachable peer=a" not in cluster.nodes[backup].log():
+            assert time.monotonic() < deadline, cluster.nodes[backup].log()
+            time.sleep(0.1)
+        time.sleep(2 * DEAD_AFTER_MS / 1000)
+        for name in NAMES:
+            log = cluster.nodes[name].log()
+            assert "event=peer_dead" not in log, (name, log)
+            assert "event=takeover" not in log, (name, log)
+        assert f"event=peer_unreachable peer={backup}" in cluster.nodes["a"].log()
+        # A write that needs the cut link fails cleanly; nothing else serves it.
+        # (Like any failed write its outcome is unknown to the writer: the
+        # master may keep it, unacknowledged, as its newest version.)
+        with Client(cluster.nodes["a"].address, timeout_s=30) as c:
+            assert c.request(p.Read(sid)) == p.Data(b"n|i:3;")
+            refused = c.request(p.Write(sid, 1440, b"n|i:99;"))
+            assert isinstance(refused, p.Error) and refused.code is p.Code.UNAVAILABLE, refused
+        nft.close()
+        # Healed: one master, the count carries on, from every node.
+        now = _counter(cluster, "a", sid)
+        assert now in (3, 99)
+        acks = _acks(_php(sid, 3, addresses, retry=True).communicate(timeout=60)[0])
+        assert acks == [now + 1, now + 2, now + 3]
+        for name in NAMES:
+            assert _counter(cluster, name, sid) == now + 3
+    finally:
+        nft.close()
+        cluster.stop()

@@ -20,6 +20,7 @@ from phpsess.membership import (
     Membership,
     SelfDeclaredDead,
     Suspect,
+    Unreachable,
 )
 
 HB = 0.5
@@ -34,9 +35,10 @@ def hb(
     sockets: int = 0,
     draining: bool = False,
     dead: tuple[tuple[str, int], ...] = (),
+    hears: tuple[str, ...] = (),
 ) -> Heartbeat:
     inc = INC[name] if incarnation is None else incarnation
-    return Heartbeat(name, inc, sessions, sockets, draining, dead)
+    return Heartbeat(name, inc, sessions, sockets, draining, dead, hears)
 
 
 def cluster(now: float = 0.0) -> Membership:
@@ -441,6 +443,69 @@ def test_membership_validation() -> None:
     Membership("a", [f"n{i}" for i in range(MAX_PEERS)], 1, 0.0)
 
 
+# -- witnesses (asymmetric partitions)
+
+
+def test_heartbeat_lists_the_peers_heard_within_the_witness_time() -> None:
+    m = cluster()
+    assert m.witness_s == 2.5 * HB
+    m.receive(hb("b"), 0.0)
+    m.receive(hb("c"), 1.0)
+    assert m.heartbeat(1.0).hears == ("b", "c")
+    assert m.heartbeat(1.0 + m.witness_s).hears == ("c",)  # b silent for too long
+    assert m.heartbeat().hears == ()  # no time, no claims
+
+
+def test_a_peer_another_still_hears_is_not_declared_dead_on_a_timed_out_probe() -> None:
+    m = cluster()
+    m.receive(hb("b"), 0.0)
+    # b went silent for us only: c keeps hearing it and says so.
+    events = []
+    t = 0.0
+    while Suspect("b") not in events:
+        t += 0.25
+        events = m.receive(hb("c", hears=("a", "b")), t) + m.tick(t)
+    assert m.probe_result("b", answered=False, now=t) == [Unreachable("b", "c")]
+    assert m.state("b") == "alive" and m.dead_list() == {}
+    # Suspected and probed again soon; reported unreachable only once.
+    events = []
+    while Suspect("b") not in events:
+        t += 0.25
+        events = m.receive(hb("c", hears=("a", "b")), t) + m.tick(t)
+    assert t <= 3.0 + 2 * m.witness_s
+    assert m.probe_result("b", answered=False, now=t) == []
+    assert m.state("b") == "alive"
+    # Once c stops hearing b too, the next failed probe declares it dead.
+    while Suspect("b") not in events:
+        t += 0.25
+        events = m.receive(hb("c", hears=("a",)), t) + m.tick(t)
+    events = []
+    while Suspect("b") not in events:
+        t += 0.25
+        events = m.receive(hb("c", hears=("a",)), t) + m.tick(t)
+    assert m.probe_result("b", answered=False, now=t) == [Dead("b", 22)]
+
+
+def test_a_refused_probe_needs_no_witness() -> None:
+    m = cluster()
+    m.receive(hb("b"), 0.0)
+    m.receive(hb("c", hears=("a", "b")), 0.0)
+    assert m.suspect("b") == [Suspect("b")]
+    assert m.probe_result("b", answered=False, now=0.1, refused=True) == [Dead("b", 22)]
+
+
+def test_a_stale_witness_does_not_count() -> None:
+    m = cluster()
+    m.receive(hb("b"), 0.0)
+    m.receive(hb("c", hears=("a", "b")), 0.0)
+    t = 0.0
+    events: list[Event] = []
+    while Suspect("b") not in events:
+        t += 0.25
+        events = m.tick(t)  # c's heartbeat saying it hears b is now old
+    assert m.probe_result("b", answered=False, now=t) == [Dead("b", 22)]
+
+
 # -- properties
 
 
@@ -478,7 +543,7 @@ def test_invariants_under_arbitrary_schedules(ops: list[tuple[str, str, float]])
                 inc = m.incarnation_of(name)
                 assert inc is not None
                 assert events == [Dead(name, inc)]
-        heartbeat = m.heartbeat()  # always valid
+        heartbeat = m.heartbeat(t)  # always valid
         assert len(heartbeat.dead) <= 2
         assert m.degraded == (m.choose_backup() is None)
         assert set(m.alive_peers()) == {n for n in "bc" if m.state(n) in ("alive", "suspect")}

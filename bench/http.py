@@ -524,6 +524,9 @@ def handlers(dirs: dict[str, Path], disk_fs: str) -> list[Handler]:
         Handler("phpsess-cluster", "phpsess, persistent=1, 2-daemon cluster with backups",
                 phpsess("phpsess-a.sock", "persistent=1"), "phpsess-cluster",
                 expect_save_handler="user"),
+        Handler("phpsess-mariadb", "phpsess + MariaDB, persistent=1, --storage mysql:// (InnoDB)",
+                phpsess("phpsess-mariadb.sock", "persistent=1"), "phpsess-mariadb",
+                expect_save_handler="user"),
     ]
 
 
@@ -719,6 +722,40 @@ class Bench:
                 run / "phpsess-memory.sock", [memory.pid])
         if "phpsess-cluster" in wanted:
             self.start_cluster(serve)
+        if "phpsess-mariadb" in wanted:
+            self.start_mariadb(serve)
+
+    def start_mariadb(self, serve: list[str]) -> None:
+        """A private mariadbd on a unix socket, and a daemon storing in it."""
+        run = self.run_dir
+        if shutil.which("mariadbd") is None:
+            raise BenchError("phpsess-mariadb needs mariadbd: apt-get install mariadb-server")
+        datadir, sock = run / "mariadb", run / "mariadb.sock"
+        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={datadir}",
+                        "--user=root", "--auth-root-authentication-method=socket",
+                        "--skip-test-db"], check=True, capture_output=True, timeout=120)
+        db = Proc("mariadbd", ["mariadbd", "--no-defaults", f"--datadir={datadir}",
+                               f"--socket={sock}", "--skip-networking", "--user=root",
+                               "--skip-log-bin"], run / "mariadb.log")
+        self.servers.append(db)
+        wait_unix_socket(sock, db)
+        password = secrets.token_hex(16)
+        (run / "mariadb.password").write_text(password + "\n")
+        subprocess.run(["mariadb", "--no-defaults", "-S", str(sock), "-uroot", "-e",
+                        "CREATE DATABASE phpsess; CREATE USER 'phpsess'@'localhost' "
+                        f"IDENTIFIED BY '{password}'; "
+                        "GRANT ALL ON phpsess.* TO 'phpsess'@'localhost'"],
+                       check=True, capture_output=True, timeout=60)
+        daemon = Proc("phpsess --storage mysql://", [
+            *serve, "--listen", f"unix:{run / 'phpsess-mariadb.sock'}",
+            "--storage", f"mysql://phpsess@localhost/phpsess?socket={sock}",
+            "--storage-password-file", str(run / "mariadb.password")],
+            run / "phpsess-mariadb.log")
+        self.servers.append(daemon)
+        wait_unix_socket(run / "phpsess-mariadb.sock", daemon)
+        # The database's CPU is part of what this storage costs.
+        self.counters["phpsess-mariadb"] = lambda: phpsess_counters(
+            run / "phpsess-mariadb.sock", [daemon.pid, db.pid])
 
     def start_cluster(self, serve: list[str]) -> None:
         run = self.run_dir
@@ -1324,7 +1361,7 @@ def main() -> int:
                         help="comma-separated subset (files-tmpfs is always included): none, "
                              "files-tmpfs, files-disk, redis, redis-lock, memcached, "
                              "memcached-lock, phpsess, phpsess-persistent, phpsess-memory, "
-                             "phpsess-cluster")
+                             "phpsess-cluster, phpsess-mariadb")
     parser.add_argument("--skip-contention", action="store_true",
                         help="skip the lost-update and contention checks")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import phpsess
 
-PURE_MODULES = ["protocol", "store", "locks", "engine"]
+PURE_MODULES = ["protocol", "store", "locks", "engine", "sqlstore"]
 FORBIDDEN = {"trio", "socket", "time", "logging", "os", "asyncio", "selectors", "threading"}
 PACKAGE_DIR = Path(phpsess.__file__).parent
 

@@ -23,8 +23,10 @@ Installs what it needs with apt when missing (as root, services not started),
 runs every server as a child process on loopback and unix sockets in
 temporary directories, stops each by its PID when done (also on Ctrl-C), and
 writes ``http.md``, ``http.json`` and ``http.png`` to ``--out``.  Progress goes
-to stderr.  Past ``--budget-s`` the remaining runs are skipped and the
-results so far are written.
+to stderr.  The machine may be shared: before each run it waits (briefly)
+while other processes use the CPUs, and it reports how much they used during
+each run.  Past ``--budget-s`` the remaining runs are skipped and the results
+so far are written.
 """
 
 # This file is bench/http.py: running it puts bench/ first on sys.path, where
@@ -70,7 +72,7 @@ PHPSESS = ROOT / ".venv" / "bin" / "phpsess"
 PREPEND = ROOT / "php-ext-shim" / "prepend.php"
 
 APT_PACKAGES = ["nginx", "php-fpm", "wrk", "redis-server", "php-redis", "memcached",
-                "php-memcached"]
+                "php-memcached", "mariadb-server"]
 
 CONTENTION_REQUESTS = 50
 CONTENTION_HOLDS_MS = (0, 20)
@@ -79,6 +81,9 @@ WARMUP_S = 1.0
 # stop, the warm-up), and what the final phase (sums and contention) needs per
 # handler: used to stop in time.
 RUN_OVERHEAD_S = 3.0
+# Before each measured run, wait while other processes use more than this share
+# of all cores (the machine is shared), for at most --quiet-wait-s.
+QUIET_SHARE = 0.10
 FINAL_PHASE_S_PER_HANDLER = 8.0
 
 STARTED = time.monotonic()
@@ -276,7 +281,8 @@ def php_fpm_binary() -> str | None:
 def missing_packages() -> list[str]:
     missing: list[str] = []
     for binary, package in (("nginx", "nginx"), ("wrk", "wrk"),
-                            ("redis-server", "redis-server"), ("memcached", "memcached")):
+                            ("redis-server", "redis-server"), ("memcached", "memcached"),
+                            ("mariadbd", "mariadb-server")):
         if shutil.which(binary) is None and not Path("/usr/sbin", binary).exists():
             missing.append(package)
     fpm = php_fpm_binary()
@@ -927,13 +933,15 @@ class Bench:
     def counters_now(self, h: Handler) -> Counters | None:
         return self.counters[h.server]() if h.server else None
 
-    def measure(self, h: Handler, result: HandlerResult, round_no: int) -> None:
+    def measure(self, h: Handler, result: HandlerResult, round_no: int,
+                quiet_wait_s: float) -> None:
         with self.php_fpm(h) as fpm:
             if h.key not in self.ids:
                 self.prepare(h, result)
             warm = self.wrk(h, WARMUP_S)
             result.expected_count += (warm["requests"] - warm["errors"]["status"]
                                       if h.sessions else 0)
+            self.wait_quiet(quiet_wait_s)
             log_before = len(self.php_log_lines(h))
             before = self.counters_now(h)
             php_before = group_cpu_seconds(fpm.pid)
@@ -974,6 +982,29 @@ class Bench:
             + (f", {run.php_warnings} PHP warnings" if run.php_warnings else "")
             + (f"; other processes used {run.other_cpu_pct:.0f} % of the CPUs"
                if run.other_cpu_pct >= 5 else ""))
+
+    def others_cpu_share(self, window_s: float) -> float:
+        """The share of all cores used by processes that are not ours, over window_s."""
+        ours, busy, started = self.our_cpu_seconds(), machine_busy_seconds(), time.monotonic()
+        time.sleep(window_s)
+        used = (machine_busy_seconds() - busy) - (self.our_cpu_seconds() - ours)
+        return max(0.0, used) / ((time.monotonic() - started) * (os.cpu_count() or 1))
+
+    def wait_quiet(self, max_wait_s: float) -> None:
+        """Before a measured run: while other processes use more than QUIET_SHARE of
+        the CPUs, wait (at most max_wait_s)."""
+        if max_wait_s <= 0:
+            return
+        deadline = time.monotonic() + max_wait_s
+        share = self.others_cpu_share(0.5)
+        if share <= QUIET_SHARE:
+            return
+        log(f"waiting for a quieter machine: other processes use {share:.0%} of the CPUs")
+        while time.monotonic() < deadline:
+            share = self.others_cpu_share(1.0)
+            if share <= QUIET_SHARE:
+                return
+        log(f"still {share:.0%} used by others after {max_wait_s:.0f} s: measuring anyway")
 
     def our_cpu_seconds(self) -> float:
         """CPU time of everything this benchmark runs: servers, nginx, php-fpm, wrk
@@ -1106,18 +1137,24 @@ class Bench:
         self.results = {h.key: HandlerResult(h) for h in chosen}
         final_reserve = FINAL_PHASE_S_PER_HANDLER * len(chosen)
         per_run = self.args.seconds + WARMUP_S + RUN_OVERHEAD_S
+        runs_left = self.args.rounds * len(chosen)
         for round_no in range(1, self.args.rounds + 1):
+            skipped: list[str] = []
             for h in chosen:
                 result = self.results[h.key]
                 first_time = h.key not in self.ids
                 need = per_run + (self.args.sessions / 500 if first_time else 0)
-                if self.time_left() - final_reserve < need:
+                runs_left -= 1
+                spare = self.time_left() - final_reserve - need
+                if spare < 0:
                     result.skipped_runs += 1
+                    skipped.append(h.key)
                     continue
-                self.measure(h, result, round_no)
-            skipped = [h.key for h in chosen if self.results[h.key].skipped_runs]
-            if skipped and round_no <= self.args.rounds:
-                log(f"budget: skipped round {round_no} for {', '.join(skipped)}")
+                # wait for a quieter machine only as long as every later run still fits
+                quiet_wait = min(self.args.quiet_wait_s, spare - runs_left * per_run)
+                self.measure(h, result, round_no, quiet_wait)
+            if skipped:
+                log(f"budget: skipped round {round_no} of {', '.join(skipped)}")
         if not self.args.skip_contention:
             for h in chosen:
                 if not h.sessions:
@@ -1194,7 +1231,8 @@ def markdown(facts: dict[str, str], results: list[HandlerResult], args: argparse
     w = out.append
     w("# HTTP benchmark: nginx -> php-fpm -> session handler\n")
     settings = " ".join(f"--{k.replace('_', '-')} {getattr(args, k):g}" for k in (
-        "rounds", "seconds", "threads", "connections", "sessions", "children", "budget_s"))
+        "rounds", "seconds", "threads", "connections", "sessions", "children", "budget_s",
+        "quiet_wait_s"))
     w(f"`bench/http.py {settings}`, {elapsed_s / 60:.1f} min.\n")
     w("| machine | |\n|---|---|")
     for k, v in facts.items():
@@ -1349,7 +1387,8 @@ def to_json(facts: dict[str, str], results: list[HandlerResult],
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="every handler once per round, rounds interleaved (default: 3)")
     parser.add_argument("--seconds", type=float, default=10.0, help="wrk duration per run")
     parser.add_argument("--budget-s", type=float, default=900.0,
                         help="overall time budget; later runs are skipped (default: 900)")
@@ -1362,9 +1401,14 @@ def main() -> int:
                              "files-tmpfs, files-disk, redis, redis-lock, memcached, "
                              "memcached-lock, phpsess, phpsess-persistent, phpsess-memory, "
                              "phpsess-cluster, phpsess-mariadb")
+    parser.add_argument("--quiet-wait-s", type=float, default=20.0,
+                        help="before each run, wait up to this long while other processes "
+                             f"use more than {QUIET_SHARE * 100:.0f} %% of the CPUs (default: 20; "
+                             "never beyond what the budget leaves)")
     parser.add_argument("--skip-contention", action="store_true",
                         help="skip the lost-update and contention checks")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
+                        help="where http.md, http.json and http.png go (default: bench/results)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
     args = parser.parse_args()
     if args.sessions < args.connections * 2:

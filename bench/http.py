@@ -1351,10 +1351,11 @@ def chart(results: list[HandlerResult], facts: dict[str, str], path: Path) -> bo
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 2.2),
                                    gridspec_kw={"width_ratios": [3, 1.3]}, sharey=True)
     ax1.barh(labels, rps, xerr=[lo, hi], color=colors, capsize=3)
-    for y, (value, r) in enumerate(zip(rps, rows[::-1], strict=True)):
-        ax1.text(value * 1.01 + max(rps) * 0.01, y, f"{value:,.0f}  ({r['ratio']:.2f})",
+    top = max(v + h for v, h in zip(rps, hi, strict=True))
+    for y, (value, above, r) in enumerate(zip(rps, hi, rows[::-1], strict=True)):
+        ax1.text(value + above + top * 0.015, y, f"{value:,.0f}  ({r['ratio']:.2f})",
                  va="center", fontsize=8)
-    ax1.set_xlim(0, max(rps) * 1.3)
+    ax1.set_xlim(0, top * 1.25)
     ax1.set_xlabel("requests/s (median, whiskers: min-max of rounds); ratio to files, tmpfs")
     ax2.barh(labels, p99, color=colors)
     ax2.set_xlabel("p99 latency, ms (median of rounds)")

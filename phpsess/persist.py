@@ -51,7 +51,7 @@ import attrs
 import trio
 
 from phpsess import journal as j
-from phpsess.store import Entry
+from phpsess.store import Raw
 
 log = logging.getLogger("phpsess")
 
@@ -86,7 +86,7 @@ class DataDirError(Exception):
 @attrs.define
 class Restored:
     # sid -> entry, its expiry on the clock restore() was given
-    sessions: dict[str, Entry]
+    sessions: dict[str, Raw]
     # sid -> the cluster metadata last journaled for it (phpsess.replica)
     meta: dict[str, bytes] = attrs.Factory(dict)
     expired: int = 0
@@ -143,7 +143,7 @@ class _Apply:
     ``wall_now``; expiries are moved to the store's clock by ``offset``."""
 
     def __init__(self, wall_now: float, offset: float) -> None:
-        self.sessions: dict[str, Entry] = {}
+        self.sessions: dict[str, Raw] = {}
         self.meta: dict[str, bytes] = {}
         self.wall_now = wall_now
         self.offset = offset
@@ -155,7 +155,7 @@ class _Apply:
         if op is j.Op.PUT:
             self.puts += 1
             if expires_at > self.wall_now:
-                self.sessions[sid] = Entry(data, expires_at + self.offset, ttl_s)
+                self.sessions[sid] = (data, expires_at + self.offset, ttl_s)
             else:
                 self.sessions.pop(sid, None)
                 self.expired += 1
@@ -163,7 +163,7 @@ class _Apply:
             old = self.sessions.get(sid)
             if old is not None:
                 if expires_at > self.wall_now:
-                    self.sessions[sid] = Entry(old[0], expires_at + self.offset, ttl_s)
+                    self.sessions[sid] = (old[0], expires_at + self.offset, ttl_s)
                 else:
                     del self.sessions[sid]
                     self.expired += 1
@@ -707,14 +707,14 @@ class Persister:
 
 
 def store_snapshot_source(
-    entries: dict[str, Entry], mono_now: float, wall_now: float
+    entries: dict[str, Raw], mono_now: float, wall_now: float
 ) -> SnapshotSource:
     """Turn a copy of the store into the snapshot's wall-clock records."""
     offset = wall_now - mono_now
 
     def generate() -> Iterator[tuple[str, float, int, bytes]]:
-        for sid, entry in entries.items():
-            yield sid, entry.expires_at + offset, entry.ttl_s, entry.data
+        for sid, (data, expires_at, ttl_s) in entries.items():
+            yield sid, expires_at + offset, ttl_s, data
 
     return generate
 

@@ -7,6 +7,12 @@ from the heap when a session is touched again or deleted, so :meth:`expire`
 skips heap items whose session no longer expires at that moment (lazy
 deletion).  The heap is rebuilt when stale items outnumber live sessions, so
 its size stays proportional to the number of sessions.
+
+Sessions are held as plain tuples (:data:`Raw`), which CPython's cyclic
+garbage collector stops tracking after its first pass over them; a
+``NamedTuple`` stays tracked, and a million of them made every full
+collection stop the daemon for 300 ms.  :meth:`SessionStore.get` hands out an
+:class:`Entry` view.
 """
 
 from __future__ import annotations
@@ -20,19 +26,24 @@ _HEAP_SLACK: Final = 1024
 
 
 class Entry(NamedTuple):
-    """Never changed once made, so a snapshot may share entries with the store.
-    (A tuple: the cheapest immutable record to make a million of.)"""
+    """A session as :meth:`SessionStore.get` returns it."""
 
     data: bytes
     expires_at: float
     ttl_s: int
 
 
+# What the store holds: (data, expires_at, ttl_s).  Never changed once made,
+# so a snapshot may share them with the store.
+Raw = tuple[bytes, float, int]
+_make_entry = Entry._make
+
+
 class SessionStore:
     """Session data by ID; ``now`` is any monotonic clock, in seconds."""
 
     def __init__(self) -> None:
-        self._sessions: dict[str, Entry] = {}
+        self._sessions: dict[str, Raw] = {}
         self._heap: list[tuple[float, str]] = []
         self._bytes = 0
 
@@ -50,11 +61,11 @@ class SessionStore:
         return self._bytes
 
     def get(self, sid: str, now: float) -> Entry | None:
-        entry = self._sessions.get(sid)
-        if entry is None or entry.expires_at <= now:
+        raw = self._sessions.get(sid)
+        if raw is None or raw[1] <= now:
             # An expired entry the timer has not removed yet reads as missing.
             return None
-        return entry
+        return _make_entry(raw)
 
     def put(self, sid: str, data: bytes, ttl_s: int, now: float) -> None:
         self.put_until(sid, data, now + ttl_s, ttl_s)
@@ -63,17 +74,17 @@ class SessionStore:
         """Store with an absolute expiry (restoring from disk)."""
         old = self._sessions.get(sid)
         if old is not None:
-            self._bytes -= len(old.data)
-        self._sessions[sid] = Entry(data, expires_at, ttl_s)
+            self._bytes -= len(old[0])
+        self._sessions[sid] = (data, expires_at, ttl_s)
         self._bytes += len(data)
         self._push(expires_at, sid)
 
-    def load(self, sessions: dict[str, Entry]) -> None:
+    def load(self, sessions: dict[str, Raw]) -> None:
         """Take over ``sessions`` (restored from disk) as the store's content."""
         assert not self._sessions
         self._sessions = sessions
-        self._bytes = sum(len(e.data) for e in sessions.values())
-        self._heap = [(e.expires_at, sid) for sid, e in sessions.items()]
+        self._bytes = sum(len(e[0]) for e in sessions.values())
+        self._heap = [(e[1], sid) for sid, e in sessions.items()]
         heapq.heapify(self._heap)
 
     def touch(self, sid: str, ttl_s: int, now: float) -> bool:
@@ -82,7 +93,7 @@ class SessionStore:
         if entry is None:
             return False
         expires_at = now + ttl_s
-        self._sessions[sid] = Entry(entry.data, expires_at, ttl_s)
+        self._sessions[sid] = (entry.data, expires_at, ttl_s)
         self._push(expires_at, sid)
         return True
 
@@ -90,7 +101,7 @@ class SessionStore:
         entry = self._sessions.pop(sid, None)
         if entry is None:
             return False
-        self._bytes -= len(entry.data)
+        self._bytes -= len(entry[0])
         return True
 
     def expire(self, now: float) -> list[str]:
@@ -101,13 +112,13 @@ class SessionStore:
         while heap and heap[0][0] <= now:
             expires_at, sid = heapq.heappop(heap)
             entry = sessions.get(sid)
-            if entry is not None and entry.expires_at == expires_at:
+            if entry is not None and entry[1] == expires_at:
                 del sessions[sid]
-                self._bytes -= len(entry.data)
+                self._bytes -= len(entry[0])
                 expired.append(sid)
         return expired
 
-    def snapshot(self) -> dict[str, Entry]:
+    def snapshot(self) -> dict[str, Raw]:
         """A consistent copy, cheap: entries are immutable and shared."""
         return self._sessions.copy()
 
@@ -118,5 +129,5 @@ class SessionStore:
     def _push(self, expires_at: float, sid: str) -> None:
         heapq.heappush(self._heap, (expires_at, sid))
         if len(self._heap) > 2 * len(self._sessions) + _HEAP_SLACK:
-            self._heap = [(e.expires_at, s) for s, e in self._sessions.items()]
+            self._heap = [(e[1], s) for s, e in self._sessions.items()]
             heapq.heapify(self._heap)

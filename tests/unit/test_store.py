@@ -161,6 +161,19 @@ def test_heap_stays_bounded_with_write_delete_churn() -> None:
     live = {sid: store.get(sid, now=0.0) for sid in store}
     assert store.total_bytes == sum(len(e.data) for e in live.values() if e is not None)
     # Every live session still expires exactly at its deadline after compaction.
-    expected = sorted(store, key=lambda s: store._sessions[s].expires_at)
+    expected = sorted(store, key=lambda s: store._sessions[s][1])
     assert store.expire(1e9) == expected
     assert store.total_bytes == 0
+
+
+def test_sessions_are_held_in_tuples_the_garbage_collector_stops_tracking() -> None:
+    # A million tracked objects made every full collection pause the daemon.
+    import gc
+
+    store = SessionStore()
+    for i in range(1000):
+        store.put(f"s{i}", b"data", 100, now=0.0)
+    gc.collect()
+    assert not any(gc.is_tracked(raw) for raw in store.snapshot().values())
+    entry = store.get("s1", now=0.0)
+    assert entry is not None and entry.data == b"data" and entry.ttl_s == 100

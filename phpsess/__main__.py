@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--fsync", choices=FSYNC_POLICIES, default="interval",
         help="always: acknowledge after fsync; interval: at once, write every 10 ms and "
-        "fsync every --fsync-interval-ms (a crash loses at most that much); never: "
+        "fsync every --fsync-interval-ms (a crash loses at most two intervals); never: "
         "at once, no fsync (default: interval)",
     )
     serve.add_argument(

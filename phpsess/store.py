@@ -1,12 +1,16 @@
 """The session store: session data with per-session TTLs.  Pure: time is an
 argument, nothing here does I/O.
 
-Theory of operation: ``_sessions`` maps an ID to its :class:`Entry`.  Every
-write or touch pushes ``(expires_at, sid)`` on a heap; entries are not removed
-from the heap when a session is touched again or deleted, so :meth:`expire`
-skips heap items whose session no longer expires at that moment (lazy
-deletion).  The heap is rebuilt when stale items outnumber live sessions, so
-its size stays proportional to the number of sessions.
+Theory of operation: ``_sessions`` maps an ID to its entry.  The expiry heap
+holds ``(t, sid)`` items under one invariant: every live session has an item
+with ``t`` at or before its expiry.  So a write or touch that moves a
+session's expiry later (nearly all of them) pushes nothing; only a new
+session, or an expiry moved earlier, pushes.  :meth:`expire` pops due items:
+a session that expires by then goes; one whose expiry moved later is pushed
+again at its real expiry; items of deleted sessions are dropped (lazy
+deletion).  The heap stays about as large as the number of sessions, and it
+is rebuilt (which takes half a second at a million sessions) only when
+destroyed sessions' items outnumber the live ones.
 
 Sessions are held as plain tuples (:data:`Raw`), which CPython's cyclic
 garbage collector stops tracking after its first pass over them; a
@@ -73,11 +77,14 @@ class SessionStore:
     def put_until(self, sid: str, data: bytes, expires_at: float, ttl_s: int) -> None:
         """Store with an absolute expiry (restoring from disk)."""
         old = self._sessions.get(sid)
-        if old is not None:
-            self._bytes -= len(old[0])
         self._sessions[sid] = (data, expires_at, ttl_s)
         self._bytes += len(data)
-        self._push(expires_at, sid)
+        if old is None:
+            self._push(expires_at, sid)
+        else:
+            self._bytes -= len(old[0])
+            if expires_at < old[1]:
+                self._push(expires_at, sid)
 
     def load(self, sessions: dict[str, Raw]) -> None:
         """Take over ``sessions`` (restored from disk) as the store's content."""
@@ -94,7 +101,8 @@ class SessionStore:
             return False
         expires_at = now + ttl_s
         self._sessions[sid] = (entry.data, expires_at, ttl_s)
-        self._push(expires_at, sid)
+        if expires_at < entry.expires_at:
+            self._push(expires_at, sid)
         return True
 
     def delete(self, sid: str) -> bool:
@@ -102,6 +110,7 @@ class SessionStore:
         if entry is None:
             return False
         self._bytes -= len(entry[0])
+        self._bound_heap()
         return True
 
     def expire(self, now: float) -> list[str]:
@@ -110,12 +119,19 @@ class SessionStore:
         heap = self._heap
         sessions = self._sessions
         while heap and heap[0][0] <= now:
-            expires_at, sid = heapq.heappop(heap)
+            at, sid = heap[0]
             entry = sessions.get(sid)
-            if entry is not None and entry[1] == expires_at:
+            if entry is not None and entry[1] > at:
+                # Kept alive meanwhile: queue it at its real expiry (which
+                # keeps expiries in order, and may still be <= now).
+                heapq.heapreplace(heap, (entry[1], sid))
+                continue
+            heapq.heappop(heap)
+            if entry is not None and entry[1] == at:
                 del sessions[sid]
                 self._bytes -= len(entry[0])
                 expired.append(sid)
+            # else destroyed meanwhile, or a stale item: dropped
         return expired
 
     def snapshot(self) -> dict[str, Raw]:
@@ -128,6 +144,9 @@ class SessionStore:
 
     def _push(self, expires_at: float, sid: str) -> None:
         heapq.heappush(self._heap, (expires_at, sid))
+        self._bound_heap()
+
+    def _bound_heap(self) -> None:
         if len(self._heap) > 2 * len(self._sessions) + _HEAP_SLACK:
             self._heap = [(e[1], s) for s, e in self._sessions.items()]
             heapq.heapify(self._heap)

@@ -177,3 +177,31 @@ def test_sessions_are_held_in_tuples_the_garbage_collector_stops_tracking() -> N
     assert not any(gc.is_tracked(raw) for raw in store.snapshot().values())
     entry = store.get("s1", now=0.0)
     assert entry is not None and entry.data == b"data" and entry.ttl_s == 100
+
+
+def test_rewrites_that_extend_a_session_do_not_grow_the_heap() -> None:
+    store = SessionStore()
+    for i in range(100):
+        store.put(f"s{i}", b"x", 100, now=0.0)
+    for t in range(1, 1000):
+        store.put(f"s{t % 100}", b"y", 100, now=float(t))  # later every time
+        store.touch(f"s{(t + 1) % 100}", 100, now=float(t))
+    assert len(store._heap) == 100  # one item per session, no rebuilds needed
+    # Each is still expired exactly at its own deadline.
+    deadlines = {sid: e.expires_at for sid in store if (e := store.get(sid, 0.0)) is not None}
+    last = max(deadlines.values())
+    assert store.expire(last - 0.5) == sorted(
+        (s for s, d in deadlines.items() if d <= last - 0.5), key=lambda s: deadlines[s]
+    )
+    assert store.expire(last) == [s for s, d in deadlines.items() if d == last]
+    assert len(store) == 0
+
+
+def test_an_expiry_moved_earlier_is_honoured() -> None:
+    store = SessionStore()
+    store.put("s", b"x", 100, now=0.0)
+    store.touch("s", 10, now=1.0)  # now expires at 11
+    assert store.next_deadline() == 11.0
+    assert store.expire(10.9) == []
+    assert store.expire(11.0) == ["s"]
+    assert store.expire(200.0) == []  # its old item is dropped quietly

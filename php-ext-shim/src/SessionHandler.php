@@ -18,7 +18,7 @@ namespace PhpSess;
  *   by `?option=value&...`. Query options override the `$options` array.
  *   Options: `timeout` (seconds, connect and I/O, default 5), `lock` (bool,
  *   default true), `lock_wait` (seconds a locking read may wait for the lock,
- *   default 30), `persistent` (bool, default false), `lease` (seconds the
+ *   default 30), `persistent` (bool, default true), `lease` (seconds the
  *   daemon lets us hold a lock; default max_execution_time + 5 when
  *   max_execution_time > 0, else the daemon's limit). Unknown options and
  *   malformed addresses throw \InvalidArgumentException.
@@ -43,7 +43,9 @@ namespace PhpSess;
  *   handler. create_sid() must return a string, so on failure it warns and
  *   returns ''; the read('') PHP makes next fails quietly and session_start()
  *   returns false instead of throwing. Session IDs never appear in messages.
- * - With `persistent=1` PHP keeps one connection per address per process,
+ * - With `persistent=1` (the default) PHP keeps one connection per address
+ *   per process (a php-fpm worker reuses it for every web request; a new
+ *   connection per request costs the daemon twice the CPU),
  *   shared by every handler object for that address. Use one handler per
  *   address: each handler starts the connection afresh with `HELLO`, which
  *   releases the locks the connection holds (§3.2). The destructor collects
@@ -59,7 +61,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         'timeout' => 5.0,
         'lock' => true,
         'lock_wait' => 30.0,
-        'persistent' => false,
+        'persistent' => true,
         'lease' => null,
     ];
 

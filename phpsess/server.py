@@ -495,6 +495,10 @@ class Server:
                     # for the journal as the fsync policy says.
                     durable_seq = self._submit_changes()
                 if reply is WAIT:
+                    # From now on a completion for this connection is kept,
+                    # even if it comes while the replies before it go out.
+                    conn.event = trio.Event()
+                    conn.reply = None
                     if out:
                         if durable_seq:
                             await self._durable(durable_seq)
@@ -562,8 +566,9 @@ class Server:
                 await conn.forwards.aclose()
 
     async def _wait_for_lock(self, conn: _Conn, parser: p.RequestParser) -> p.Reply | None:
-        conn.event = trio.Event()
-        conn.reply = None
+        """Wait for the completion of the request the engine said WAIT to
+        (``conn.event`` was made then, so an early completion is not lost)."""
+        assert conn.event is not None
         gone = False
 
         async def watch(cancel: trio.CancelScope) -> None:

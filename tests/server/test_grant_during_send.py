@@ -1,0 +1,68 @@
+"""A lock granted while the connection that waits for it is still sending
+the replies before its locking READ (here: waiting for an fsync) is
+delivered, not lost.  It used to be dropped, and the waiter sat there until
+its lock wait ran out while everyone behind it queued (bench/http.py saw it
+as a stall of 30 s)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from phpsess import protocol as p
+from phpsess.addresses import UnixAddress
+from phpsess.engine import Limits
+from phpsess.persist import PersistConfig
+from phpsess.server import Server, ServerConfig
+from tests.server.test_server_time import _Conn
+
+
+async def test_grant_while_the_waiter_waits_for_the_disk_is_delivered(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    syncing = threading.Event()
+    release = threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        syncing.set()
+        release.wait(10)
+        real_fdatasync(fd)
+
+    with tempfile.TemporaryDirectory(prefix="ps-", dir="/tmp") as tmp:
+        path = str(Path(tmp) / "s.sock")
+        server = Server(ServerConfig(
+            listen=(UnixAddress(path),),
+            limits=Limits(lock_wait_s=30, lock_lease_s=300),
+            persist=PersistConfig(str(Path(tmp) / "data"), "always"),
+        ))
+        await nursery.start(server.serve)
+        a = _Conn(await trio.open_unix_socket(path))
+        b = _Conn(await trio.open_unix_socket(path))
+        for c in (a, b):
+            assert await c.request(p.Hello(1)) == p.Ok(("1",))
+        assert await a.request(p.Read("s")) == p.MISS  # a holds s
+        monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+        # b: a write (its reply waits for the fsync) and, pipelined, a
+        # locking read of s, which waits for a.
+        await b.stream.send_all(
+            p.encode_request(p.Write("other", 60, b"x")) + p.encode_request(p.Read("s"))
+        )
+        await trio.to_thread.run_sync(syncing.wait, 10)
+        # While b's connection waits for the disk, a writes s: the lock goes to b.
+        await a.stream.send_all(p.encode_request(p.Write("s", 60, b"from a")))
+        await trio.sleep(0.2)
+        release.set()
+        assert await a.reply() == p.OK
+        with trio.fail_after(10):  # not the 30 s lock wait
+            assert await b.reply() == p.OK
+            assert await b.reply() == p.Data(b"from a")
+        monkeypatch.setattr(os, "fdatasync", real_fdatasync)
+        for c in (a, b):
+            await c.stream.aclose()
+        server.shutdown()

@@ -520,9 +520,9 @@ def handlers(dirs: dict[str, Path], disk_fs: str) -> list[Handler]:
         Handler("memcached-lock", "php-memcached, unix socket, locking", {
             "session.save_handler": "memcached", "session.save_path": f'"{memcached}"',
             "memcached.sess_locking": "1"}, "memcached", expect_save_handler="memcached"),
-        Handler("phpsess", "phpsess (handler defaults: a connection per request)",
-                phpsess("phpsess.sock", ""), "phpsess", expect_save_handler="user"),
-        Handler("phpsess-persistent", "phpsess, persistent=1",
+        Handler("phpsess", "phpsess, persistent=0 (a connection per request)",
+                phpsess("phpsess.sock", "persistent=0"), "phpsess", expect_save_handler="user"),
+        Handler("phpsess-persistent", "phpsess, persistent=1 (the handler's default)",
                 phpsess("phpsess.sock", "persistent=1"), "phpsess", expect_save_handler="user"),
         Handler("phpsess-memory", "phpsess, persistent=1, daemon --memory-only",
                 phpsess("phpsess-memory.sock", "persistent=1"), "phpsess-memory",

@@ -539,7 +539,10 @@ class Server:
             if out:
                 await netio.send(fd, b"".join(out))
             conn.busy = False
-            if self._stopping.is_set() and not engine.holds_locks(owner):
+            # Stopping: client connections end once they hold no lock.  Peer
+            # connections stay: the drain needs them (probes, HANDOFF, the
+            # masters releasing the copies we back up: CLUSTER.md §8).
+            if self._stopping.is_set() and conn.node is None and not engine.holds_locks(owner):
                 return
             # A connection holding a lock may think for as long as its lease;
             # an idle one, or one that stalls mid-request, is cut off.

@@ -39,8 +39,8 @@ answer (it timed out) does not declare a peer dead while another alive peer,
 in a heartbeat of its own from within ``witness_s``, says it still hears it:
 the link between the two of us is broken, not the peer.  The peer goes back to
 alive (:class:`Unreachable` is returned once per episode, for the log) and is
-suspected and probed again at the next tick, until the witnesses stop hearing
-it too.  Without this, a master cut off from its backup alone would be taken
+suspected and probed again ``witness_s`` later, until the witnesses stop
+hearing it too.  Without this, a master cut off from its backup alone would be taken
 over by the backup while it goes on serving: two masters.  A *refused*
 probe (nothing listens on the peer's port: the daemon is gone) needs no
 witness.

@@ -56,6 +56,37 @@ class Limits:
             raise ValueError("lock_lease_s must be positive")
 
 
+def verb_breakdown(counts: dict[type, int]) -> dict[str, int]:
+    """STATS' ``verbs``: requests per verb name, in a stable order."""
+    return {
+        VERB_NAMES.get(kind, "INVALID"): count
+        for kind, count in sorted(counts.items(), key=lambda kv: kv[0].__name__)
+    }
+
+
+def hello_refusal(request: p.Hello, shutting_down: bool) -> tuple[p.Code, str] | None:
+    """Why a HELLO is refused (§3.2), or None; shared by every storage."""
+    if shutting_down:
+        return p.Code.SHUTTING_DOWN, "the daemon is stopping; connect again in a moment"
+    if request.version != p.PROTOCOL_VERSION:
+        return (
+            p.Code.VERSION,
+            f"protocol version {request.version} is not spoken here; this daemon "
+            f"speaks {p.PROTOCOL_VERSION}",
+        )
+    return None
+
+
+def hello_wait_and_lease(request: p.Hello, limits: Limits) -> tuple[float, float]:
+    """The connection's lock wait and lease in seconds after ``request``
+    (the client may shorten the lease, never lengthen it)."""
+    wait_s = limits.lock_wait_s if request.wait_ms is None else request.wait_ms / 1000
+    lease_s = limits.lock_lease_s
+    if request.lease_ms is not None:
+        lease_s = min(lease_s, request.lease_ms / 1000)
+    return wait_s, lease_s
+
+
 class _Wait(enum.Enum):
     WAIT = "WAIT"
 
@@ -212,26 +243,13 @@ class Engine:
         return p.Error(code, message)
 
     def _hello(self, owner: Owner, client: _Client, request: p.Hello, now: float) -> p.Reply:
-        if self.shutting_down:
-            return self._error(
-                p.Code.SHUTTING_DOWN, "the daemon is stopping; connect again in a moment"
-            )
-        if request.version != p.PROTOCOL_VERSION:
-            return self._error(
-                p.Code.VERSION,
-                f"protocol version {request.version} is not spoken here; this daemon "
-                f"speaks {p.PROTOCOL_VERSION}",
-            )
+        refused = hello_refusal(request, self.shutting_down)
+        if refused is not None:
+            return self._error(*refused)
         # A HELLO starts the connection afresh (§3.2).
         self._grants(self.locks.reset(owner, now), now)
         client.hello = True
-        client.wait_s = (
-            self.limits.lock_wait_s if request.wait_ms is None else request.wait_ms / 1000
-        )
-        lease = self.limits.lock_lease_s
-        if request.lease_ms is not None:
-            lease = min(lease, request.lease_ms / 1000)
-        client.lease_s = lease
+        client.wait_s, client.lease_s = hello_wait_and_lease(request, self.limits)
         client.label = request.client or ""
         return _OK_1
 
@@ -350,10 +368,7 @@ class Engine:
             "expired_total": self.expired_total,
             "requests_total": self.requests_total,
             "errors_total": self.errors_total,
-            "verbs": {
-                VERB_NAMES.get(kind, "INVALID"): count
-                for kind, count in sorted(self._verb_counts.items(), key=lambda kv: kv[0].__name__)
-            },
+            "verbs": verb_breakdown(self._verb_counts),
         } | (self.extra_stats() if self.extra_stats is not None else {})
 
     def _get(self, owner: Owner, client: _Client, request: p.Get, now: float) -> p.Reply:

@@ -38,7 +38,14 @@ from pymysql.constants import CLIENT
 
 from phpsess import protocol as p
 from phpsess import sqlstore as sq
-from phpsess.engine import _ALPHABETS, VERB_NAMES, VERSION
+from phpsess.engine import (
+    _ALPHABETS,
+    VERB_NAMES,
+    VERSION,
+    hello_refusal,
+    hello_wait_and_lease,
+    verb_breakdown,
+)
 from phpsess.logs import sid_tag
 
 if TYPE_CHECKING:
@@ -631,26 +638,14 @@ class SqlBackend:
                            "is not served with SQL storage")
 
     async def _hello(self, client: _Client, event: p.Hello) -> p.Reply:
-        if self.server.engine.shutting_down:
-            return self._error(
-                p.Code.SHUTTING_DOWN, "the daemon is stopping; connect again in a moment"
-            )
-        if event.version != p.PROTOCOL_VERSION:
-            return self._error(
-                p.Code.VERSION,
-                f"protocol version {event.version} is not spoken here; this daemon "
-                f"speaks {p.PROTOCOL_VERSION}",
-            )
+        refused = hello_refusal(event, self.server.engine.shutting_down)
+        if refused is not None:
+            return self._error(*refused)
         # A HELLO starts the connection afresh (§3.2).
         await self._release_all(client)
         client.revoked.clear()
-        limits = self.server.config.limits
         client.hello = True
-        client.wait_s = limits.lock_wait_s if event.wait_ms is None else event.wait_ms / 1000
-        lease = limits.lock_lease_s
-        if event.lease_ms is not None:
-            lease = min(lease, event.lease_ms / 1000)
-        client.lease_s = lease
+        client.wait_s, client.lease_s = hello_wait_and_lease(event, self.server.config.limits)
         return _OK_1
 
     async def _read(self, conn: _Conn, client: _Client, parser: p.RequestParser,
@@ -761,10 +756,7 @@ class SqlBackend:
             "expired_total": self.expired_total,
             "requests_total": self.requests_total,
             "errors_total": self.errors_total,
-            "verbs": {
-                VERB_NAMES.get(kind, "INVALID"): count
-                for kind, count in sorted(self._verb_counts.items(), key=lambda kv: kv[0].__name__)
-            },
+            "verbs": verb_breakdown(self._verb_counts),
         }
 
 

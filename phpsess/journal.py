@@ -190,30 +190,45 @@ def _tail_or_corrupt(
 def resync(
     buf: bytes | memoryview, start: int, emit: Callable[[Record], None]
 ) -> tuple[int, list[int]]:
-    """Recovery scan: keep every record whose checksum holds, stepping over bad
-    ones whose length field is intact.  Returns (end offset, bad offsets)."""
+    """Recovery scan: keep every record whose checksum holds.  After a bad one
+    (a wrong checksum, or a length field that is itself damaged) it looks for
+    the next intact record byte by byte, so damage costs only the records it
+    touches.  Returns (end offset, offsets where damage starts)."""
     view = memoryview(buf)
     end = len(view)
     pos = start
     bad: list[int] = []
     while pos + _HEAD.size <= end:
-        length, crc = _HEAD.unpack_from(view, pos)
-        body_end = pos + _HEAD.size + length
-        if length > MAX_BODY_BYTES or body_end > end:
-            bad.append(pos)
-            break
-        body = bytes(view[pos + _HEAD.size : body_end])
-        if zlib.crc32(body) == crc:
-            try:
-                record = _decode_body(body)
-            except _Bad:
-                bad.append(pos)
-            else:
-                emit(record)
-        else:
-            bad.append(pos)
-        pos = body_end
-    return pos, bad
+        found = _intact_at(view, pos, end)
+        if found is not None:
+            record, pos = found
+            emit(record)
+            continue
+        bad.append(pos)
+        pos += 1
+        while pos + _HEAD.size <= end and _intact_at(view, pos, end) is None:
+            pos += 1
+    return min(pos, end), bad
+
+
+def _intact_at(view: memoryview, pos: int, end: int) -> tuple[Record, int] | None:
+    """The intact record at ``pos`` and the offset after it, or None."""
+    length, crc = _HEAD.unpack_from(view, pos)
+    body_start = pos + _HEAD.size
+    body_end = body_start + length
+    if length < _OP_SID.size or length > MAX_BODY_BYTES or body_end > end:
+        return None
+    # Cheap checks before the checksum: a known type and a session id that fits.
+    op_value, sid_len = _OP_SID.unpack_from(view, body_start)
+    if op_value not in _OPS or _OP_SID.size + sid_len > length:
+        return None
+    body = bytes(view[body_start:body_end])
+    if zlib.crc32(body) != crc:
+        return None
+    try:
+        return _decode_body(body), body_end
+    except _Bad:
+        return None
 
 
 def iter_snapshot_records(

@@ -71,6 +71,19 @@ def test_a_bad_record_followed_by_data_is_corruption() -> None:
     assert bad == [0] and [r.sid for r in kept] == [r[1] for r in RECORDS[1:]]
 
 
+@pytest.mark.parametrize("flip", [0, 1, 3, 4, 9])  # length field, checksum, type, id
+def test_recovery_keeps_the_records_after_a_damaged_header(flip: int) -> None:
+    records = [(j.Op.PUT, f"s{i}", 5.0, 60, bytes([i]) * 100) for i in range(20)]
+    parts = [j.encode(*r) for r in records]
+    damaged = bytearray(parts[7])
+    damaged[flip] ^= 0x40  # a length of 16 MiB and more, or a wrong checksum
+    buf = b"".join(parts[:7]) + bytes(damaged) + b"".join(parts[8:])
+    kept: list[j.Record] = []
+    _, bad = j.resync(buf, 0, kept.append)
+    assert bad == [len(b"".join(parts[:7]))]
+    assert [r.sid for r in kept] == [f"s{i}" for i in range(20) if i != 7]
+
+
 def test_snapshot_records_end_with_a_count_and_carry_metadata() -> None:
     entries = iter([("s1", 5.0, 60, b"x"), ("s2", 6.0, 60, b"y")])
     buf = b"".join(j.iter_snapshot_records(entries, [("s1", b"master 1 1 a b")]))

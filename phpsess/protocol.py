@@ -48,6 +48,16 @@ _NUMBER_RE: Final = re.compile(rb"(0|[1-9][0-9]{0,17})\Z")
 _LENGTH_RE: Final = re.compile(rb"(0|[1-9][0-9]{0,39})\Z")
 # A whole header line: printable ASCII tokens separated by single spaces.
 _LINE_RE: Final = re.compile(rb"[\x21-\x7e]+(?: [\x21-\x7e]+)*\Z")
+# Fast paths for the requests of every web request, in the form PHP's handler
+# sends them (§4).  A line they do not match takes the general path, which
+# accepts the same lines and explains what is wrong with the others.
+_FAST_READ: Final = re.compile(rb"READ ([A-Za-z0-9,-]{1,256})(?: (LOCK|NOLOCK))?\Z")
+_FAST_WRITE: Final = re.compile(
+    rb"WRITE ([A-Za-z0-9,-]{1,256}) ([1-9][0-9]{0,7}) (0|[1-9][0-9]{0,8})( KEEP)?\Z"
+)
+_FAST_HELLO: Final = re.compile(
+    rb"HELLO 1 wait_ms=(0|[1-9][0-9]{0,6})(?: lease_ms=([1-9][0-9]{0,7}))? client=([\x21-\x7e]+)\Z"
+)
 
 
 def is_valid_sid(sid: str | bytes) -> bool:
@@ -647,6 +657,34 @@ class RequestParser:
             return NEED_DATA
         line = bytes(buf[:end])
         del buf[: end + 1]
+        first = line[:1]
+        if first == b"R":
+            m = _FAST_READ.match(line)
+            if m is not None:  # stays in HEADER
+                return Read(m[1].decode("ascii"), m[2] != b"NOLOCK")
+        elif first == b"W":
+            m = _FAST_WRITE.match(line)
+            if m is not None:
+                ttl_s = int(m[2])
+                length = int(m[3])
+                if ttl_s <= MAX_TTL_S and length <= self._max_session_bytes:
+                    sid = m[1].decode("ascii")
+                    keep = m[4] is not None
+                    if len(buf) >= length:  # the payload is here: stays in HEADER
+                        data = bytes(buf[:length])
+                        del buf[:length]
+                        return Write(sid, ttl_s, data, keep)
+                    self._pending_write = lambda data: Write(sid, ttl_s, data, keep)
+                    self._remaining = length
+                    self._go(_Input.WRITE_HEADER)
+                    return NEED_DATA
+        elif first == b"H":
+            m = _FAST_HELLO.match(line)
+            if m is not None:
+                wait_ms = int(m[1])
+                lease_ms = None if m[2] is None else int(m[2])
+                if wait_ms <= MAX_WAIT_MS and (lease_ms is None or lease_ms <= MAX_LEASE_MS):
+                    return Hello(1, wait_ms, lease_ms, m[3].decode("ascii"))
         if _LINE_RE.match(line) is None:
             return self._fatal(
                 Code.BAD_FRAME,

@@ -123,7 +123,9 @@ def _php(sid: str, count: int, addresses: list[str], hold_ms: int = 0,
 
 
 def _acks(out: str) -> list[int]:
-    return [int(line.split()[1]) for line in out.splitlines() if line.startswith("ack ")]
+    # Only whole lines: a writer stopped with SIGTERM may be cut off mid-line.
+    lines = out.split("\n")[:-1]
+    return [int(line.split()[1]) for line in lines if line.startswith("ack ")]
 
 
 def _counter(cluster: Cluster, via: str, sid: str) -> int:

@@ -289,3 +289,62 @@ def test_error_replies_are_one_printable_line(reply: p.Error) -> None:
     parser.receive_data(wire)
     parsed = parser.next_reply()
     assert isinstance(parsed, p.Error) and parsed.code is reply.code
+
+
+# Header lines near the fast paths' forms (READ, WRITE, HELLO as PHP sends
+# them), valid or not, to compare the fast paths with the general parser.
+_near_fast_lines = st.one_of(
+    st.builds(
+        lambda sid, flag: b"READ " + sid + flag,
+        st.one_of(sids.map(str.encode), st.binary(min_size=0, max_size=8)),
+        st.sampled_from([b"", b" LOCK", b" NOLOCK", b" lock", b"  LOCK", b" LOCK "]),
+    ),
+    st.builds(
+        lambda sid, ttl, length, keep: b"WRITE %s %s %s%s" % (sid, ttl, length, keep),
+        st.one_of(sids.map(str.encode), st.just(b"bad!id"), st.just(b"s1")),
+        st.one_of(
+            st.sampled_from([0, 1, p.MAX_TTL_S, p.MAX_TTL_S + 1, "01", "x"]),
+            st.integers(0, p.MAX_TTL_S + 2),
+        ).map(
+            lambda v: str(v).encode()
+        ),
+        st.sampled_from([b"0", b"3", b"64", b"65", b"999999999", b"1000000000", b"03"]),
+        st.sampled_from([b"", b" KEEP", b" keep", b" KEEP KEEP"]),
+    ),
+    st.builds(
+        lambda version, wait, lease, client: b"HELLO " + version + wait + lease + client,
+        st.sampled_from([b"1", b"2", b"01"]),
+        st.one_of(
+            st.one_of(
+                st.sampled_from([0, p.MAX_WAIT_MS, p.MAX_WAIT_MS + 1]),
+                st.integers(0, p.MAX_WAIT_MS + 1),
+            ).map(lambda v: b" wait_ms=%d" % v),
+            st.sampled_from([b"", b" wait_ms=", b" wait_ms=01"]),
+        ),
+        st.one_of(
+            st.one_of(
+                st.sampled_from([0, 1, p.MAX_LEASE_MS, p.MAX_LEASE_MS + 1]),
+                st.integers(0, p.MAX_LEASE_MS + 1),
+            ).map(lambda v: b" lease_ms=%d" % v),
+            st.just(b""),
+        ),
+        st.one_of(tokens.map(lambda t: b" client=" + t.encode()), st.just(b"")),
+    ),
+)
+
+
+@settings(max_examples=1500)
+@given(_near_fast_lines, st.binary(max_size=80), st.lists(st.integers(0, 200), max_size=3))
+def test_the_fast_paths_parse_exactly_like_the_general_parser(
+    line: bytes, tail: bytes, cuts: list[int]
+) -> None:
+    data = line + b"\n" + tail
+    fast = decode(data, cuts)
+    saved = p._FAST_READ, p._FAST_WRITE, p._FAST_HELLO
+    never = __import__("re").compile(rb"(?!)")
+    p._FAST_READ = p._FAST_WRITE = p._FAST_HELLO = never  # type: ignore[misc]
+    try:
+        general = decode(data, cuts)
+    finally:
+        p._FAST_READ, p._FAST_WRITE, p._FAST_HELLO = saved  # type: ignore[misc]
+    assert fast == general

@@ -36,6 +36,6 @@ for ($i = 0; $i < (int) $argv[2]; $i++) {
         fwrite(STDERR, "write failed at $address: " . implode(' | ', $warnings) . "\n");
         exit(0);
     }
-    echo "ack ", $_SESSION['n'], "\n";
+    echo "ack {$_SESSION['n']}\n"; // one write: a line is printed whole or not at all
     flush();
 }

@@ -71,14 +71,9 @@ def bench_restore(workdir: Path, sessions: int) -> tuple[float, float, int]:
     t = time.monotonic()
     with open(data / snapshot_name(1), "wb") as f:
         f.write(j.SNAPSHOT_MAGIC)
-        entries = ((f"{i:026d}", expires, 86400, value) for i in range(sessions))
-        chunk = []
-        for record in j.iter_snapshot_records(entries):
-            chunk.append(record)
-            if len(chunk) >= 4096:
-                f.write(b"".join(chunk))
-                chunk.clear()
-        f.write(b"".join(chunk))
+        entries = ((f"{i:026d}", (value, expires, 86400)) for i in range(sessions))
+        for chunk in j.snapshot_chunks(entries):
+            f.write(chunk)
     made = time.monotonic() - t
     size = (data / snapshot_name(1)).stat().st_size
     proc, _, ready = start(workdir, "--data-dir", str(data))

@@ -354,7 +354,13 @@ class DataDirLock:
             self._fd = -1
 
 
-SnapshotSource = Callable[[], Iterator[tuple[str, float, int, bytes]]]
+@attrs.frozen
+class SnapshotSource:
+    """A copy of the store's entries (their expiries on the monotonic clock)
+    and what to add to those expiries to make them wall-clock times."""
+
+    entries: dict[str, Raw]
+    offset: float
 
 
 class _DiskThread:
@@ -662,20 +668,14 @@ class Persister:
     def _write_snapshot_sync(self, source: SnapshotSource, gen: int) -> int:
         path = os.path.join(self.dir, snapshot_name(gen))
         tmp = path + ".tmp"
-        count = 0
         with open(tmp, "wb") as out:
             out.write(j.SNAPSHOT_MAGIC)
-            chunk: list[bytes] = []
-            size = 0
-            metas = self._snapshot_metas
-            for record in j.iter_snapshot_records(source(), metas.items()):
-                chunk.append(record)
-                size += len(record)
-                count += 1
-                if size >= _WRITE_CHUNK:
-                    out.write(b"".join(chunk))
-                    chunk, size = [], 0
-            out.write(b"".join(chunk))
+            chunks = j.snapshot_chunks(
+                source.entries.items(), source.offset, self._snapshot_metas.items(), _WRITE_CHUNK
+            )
+            for chunk in chunks:
+                out.write(chunk)
+            count = len(source.entries)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -687,7 +687,7 @@ class Persister:
         for old in journals:
             if old < gen:
                 os.unlink(os.path.join(self.dir, journal_name(old)))
-        return count - 1  # the END record
+        return count
 
     async def close(self) -> None:
         """Write and fsync everything submitted; release the directory."""
@@ -713,12 +713,5 @@ class Persister:
 def store_snapshot_source(
     entries: dict[str, Raw], mono_now: float, wall_now: float
 ) -> SnapshotSource:
-    """Turn a copy of the store into the snapshot's wall-clock records."""
-    offset = wall_now - mono_now
-
-    def generate() -> Iterator[tuple[str, float, int, bytes]]:
-        for sid, (data, expires_at, ttl_s) in entries.items():
-            yield sid, expires_at + offset, ttl_s, data
-
-    return generate
-
+    """A copy of the store, for a snapshot written with wall-clock expiries."""
+    return SnapshotSource(entries, wall_now - mono_now)

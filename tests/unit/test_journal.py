@@ -85,13 +85,20 @@ def test_recovery_keeps_the_records_after_a_damaged_header(flip: int) -> None:
 
 
 def test_snapshot_records_end_with_a_count_and_carry_metadata() -> None:
-    entries = iter([("s1", 5.0, 60, b"x"), ("s2", 6.0, 60, b"y")])
-    buf = b"".join(j.iter_snapshot_records(entries, [("s1", b"master 1 1 a b")]))
+    entries = {"s1": (b"x", 5.0, 60), "s2": (b"y" * 3000, 6.0, 70)}
+    chunks = list(
+        j.snapshot_chunks(entries.items(), 100.0, [("s1", b"master 1 1 a b")], chunk_bytes=1000)
+    )
+    assert len(chunks) == 2  # s2 filled the first chunk
+    buf = b"".join(chunks)
     got, result = scan_all(buf)
     assert result.damage is j.Damage.NONE
     assert [(op, sid) for op, sid, *_ in got] == [
         (j.Op.PUT, "s1"), (j.Op.PUT, "s2"), (j.Op.META, "s1"), (j.Op.END, "2"),
     ]
+    # The PUT records are byte for byte what the journal writes.
+    puts = j.encode_put("s1", 105.0, 60, b"x") + j.encode_put("s2", 106.0, 70, b"y" * 3000)
+    assert buf.startswith(puts)
 
 
 @given(st.binary(max_size=300))

@@ -201,6 +201,7 @@ static struct {
     int prefill_depth;
     long ttl;
     bool verbose;
+    const char *sid_suffix; /* appended to every session ID (e.g. "-a-b") */
 } opt = {
     .conns = 1,
     .seconds = 10,
@@ -230,6 +231,8 @@ static void usage(FILE *f)
         "  -m MIX             rw | rwc | read | write (default rw)\n"
         "  -k KEYS            distinct session IDs, split evenly over connections (default 10000)\n"
         "  -s BYTES           value size (default 1024)\n"
+        "  --sid-suffix STR   append STR to every session ID, e.g. -a-b: in a cluster,\n"
+        "                     sessions mastered by node a with their backup on b\n"
         "  -H 0|1             rw: HELLO in front of every READ (default 1 if DEPTH is 1)\n"
         "  -t TTL             WRITE lifetime in seconds (default 1440)\n"
         "  --prefill          write every session once before the run\n"
@@ -266,6 +269,7 @@ static void parse_options(int argc, char **argv)
         {"prefill", no_argument, NULL, 'F'},
         {"exist", no_argument, NULL, 'E'},
         {"prefill-depth", required_argument, NULL, 'D'},
+        {"sid-suffix", required_argument, NULL, 'S'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -295,6 +299,11 @@ static void parse_options(int argc, char **argv)
         case 'F': opt.prefill = true; break;
         case 'E': opt.exist = true; break;
         case 'D': opt.prefill_depth = (int)parse_long(optarg, "--prefill-depth", 1, 4096); break;
+        case 'S':
+            if (strlen(optarg) > 34 || strspn(optarg, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,-") != strlen(optarg))
+                die("--sid-suffix must be at most 34 characters from A-Z a-z 0-9 , -");
+            opt.sid_suffix = optarg;
+            break;
         case 'v': opt.verbose = true; break;
         case 'h': usage(stdout); exit(0);
         default: usage(stderr); exit(2);
@@ -460,7 +469,9 @@ static int g_live_conns;
 static uint32_t *g_freeq;
 static uint32_t g_fq_head, g_fq_tail, g_fq_mask;
 
-static void sid_of(long gkey, char out[33])
+#define SID_MAX 67 /* 32 characters, a suffix of up to 34, NUL */
+
+static void sid_of(long gkey, char out[SID_MAX])
 {
     /* 32 characters from 0-9a-v like PHP's defaults (sid_length 32, 5 bits):
        the first 13 encode a bijection of the index (unique), the rest filler. */
@@ -478,6 +489,8 @@ static void sid_of(long gkey, char out[33])
         b >>= 5;
     }
     out[32] = '\0';
+    if (opt.sid_suffix != NULL)
+        strcat(out, opt.sid_suffix);
 }
 
 static void error_report(conn_t *c, const char *what, const char *detail, size_t dlen)
@@ -563,7 +576,7 @@ static void send_hello(conn_t *c, uint16_t slot, int64_t t_ref, bool php_like)
 
 static void send_read(conn_t *c, uint16_t slot, uint32_t key, bool lock, int64_t t_ref)
 {
-    char line[64], sid[33];
+    char line[96], sid[SID_MAX];
     sid_of(c->key_base + key, sid);
     int n = snprintf(line, sizeof line, "READ %s %s\n", sid, lock ? "LOCK" : "NOLOCK");
     wput(c, line, (size_t)n);
@@ -572,7 +585,7 @@ static void send_read(conn_t *c, uint16_t slot, uint32_t key, bool lock, int64_t
 
 static void send_write(conn_t *c, uint16_t slot, uint32_t key, int64_t t_ref)
 {
-    char line[96], sid[33];
+    char line[128], sid[SID_MAX];
     sid_of(c->key_base + key, sid);
     int n = snprintf(line, sizeof line, "WRITE %s %ld %ld\n", sid, opt.ttl, opt.vsize);
     wreserve(c, (size_t)n + (size_t)opt.vsize);

@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import math
+import os
 import secrets
 import socket as stdsocket
 import time
@@ -180,12 +181,21 @@ class PeerLink:
 
 
 class _Slot:
-    __slots__ = ("done", "error", "reply")
+    __slots__ = ("deadline", "done", "error", "reply")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
         self.done = trio.Event()
         self.reply: p.Reply | None = None
         self.error: str | None = None
+
+
+# How often a pipe's watchdog looks for a reply that is overdue.
+_WATCHDOG_S: Final = 0.25
+# How a peer link fails (each ends the link; the requests on it fail).
+_LINK_ERRORS: Final = (
+    LinkError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, p.ReplyError,
+)
 
 
 class Pipe:
@@ -201,20 +211,41 @@ class Pipe:
         self._waiting: deque[_Slot] = deque()
         self._kick = trio.Event()
         self._running = False
+        self._overdue = False  # the watchdog broke the link
+        # The link's socket while the writer task idles (nothing queued):
+        # a request then goes out at once from the caller, without waking
+        # the writer (a scheduler pass per write); -1 otherwise.
+        self._direct_fd = -1
+        self._used = False  # a request went out since the writer last looked
 
     async def call(self, request: p.Request, timeout_s: float = IO_TIMEOUT_S) -> p.Reply:
+        """The peer's reply; LinkError if the link fails or no reply comes
+        within ``timeout_s`` (give or take the watchdog's period).  Replies
+        come in order, so one watchdog per pipe looking at the oldest
+        request replaces a cancel scope (a deadline registration) per call."""
         if not self._running:
             self._running = True
             self.cluster._spawn(self._run)
-        slot = _Slot()
-        self._outbox.append(p.encode_request(request))
+        slot = _Slot(trio.current_time() + timeout_s)
+        data = p.encode_request(request)
         self._waiting.append(slot)
-        self._kick.set()
-        with trio.move_on_after(timeout_s):
-            await slot.done.wait()
-        if not slot.done.is_set():
-            slot.error = "timed out"
-            self.abort()
+        self._used = True
+        fd = self._direct_fd
+        sent = 0
+        if fd >= 0:
+            try:
+                sent = os.write(fd, data)
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.abort()  # the reader fails the link and every request on it
+                sent = len(data)
+        if sent < len(data):
+            # In order behind what is queued; the writer sends it.
+            self._direct_fd = -1
+            self._outbox.append(data[sent:] if sent else data)
+            self._kick.set()
+        await slot.done.wait()
         if slot.error is not None or slot.reply is None:
             raise LinkError(f"peer {self.name}: {slot.error or 'no reply'}")
         return slot.reply
@@ -228,19 +259,26 @@ class Pipe:
         try:
             while self._waiting:
                 self._link = PeerLink(self.cluster, self.name)
+                why: str | None = None
                 try:
-                    await self._link.connect()
                     async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._watchdog)
+                        await self._link.connect()
                         nursery.start_soon(self._read)
                         await self._write(nursery.cancel_scope)
-                except (LinkError, OSError, trio.BrokenResourceError,
-                        trio.ClosedResourceError, p.ReplyError) as exc:
-                    self._fail_all(str(exc) or type(exc).__name__)
+                except* _LINK_ERRORS as group:
+                    first = group.exceptions[0]
+                    why = str(first) or type(first).__name__
                 finally:
                     with trio.CancelScope(shield=True):
                         await self._link.aclose()
+                if why is not None:
+                    self._fail_all("timed out" if self._overdue else why)
+                    self._overdue = False
         finally:
             self._running = False
+            # Cancelled, or a bug: nobody may wait for a reply that cannot come.
+            self._fail_all("the replication link stopped")
 
     async def _write(self, idle: trio.CancelScope) -> None:
         link = self._link
@@ -253,10 +291,27 @@ class Pipe:
                 await netio.send(fd, batch)
                 continue
             self._kick = trio.Event()
-            with trio.move_on_after(_PIPE_IDLE_S):
-                await self._kick.wait()
-            if not self._outbox and not self._waiting:
-                idle.cancel()  # unused for a while: close; reopened on demand
+            self._used = False
+            self._direct_fd = fd
+            try:
+                while True:
+                    with trio.move_on_after(_PIPE_IDLE_S):
+                        await self._kick.wait()
+                    if self._kick.is_set() or self._used or self._waiting:
+                        break
+                    idle.cancel()  # unused for a while: close; reopened on demand
+                    return
+            finally:
+                self._direct_fd = -1
+
+    async def _watchdog(self) -> None:
+        """Break the link when the oldest request waits past its deadline
+        (replies come in order: every later request waits behind it)."""
+        while True:
+            await trio.sleep(_WATCHDOG_S)
+            if self._waiting and self._waiting[0].deadline <= trio.current_time():
+                self._overdue = True
+                self.abort()
                 return
 
     async def _read(self) -> None:

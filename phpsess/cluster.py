@@ -309,10 +309,11 @@ class Pipe:
         (replies come in order: every later request waits behind it)."""
         while True:
             await trio.sleep(_WATCHDOG_S)
-            if self._waiting and self._waiting[0].deadline <= trio.current_time():
+            overdue = self._waiting and self._waiting[0].deadline <= trio.current_time()
+            # While connecting (no stream yet), connect() has its own timeout.
+            if overdue and self._link.stream is not None:
                 self._overdue = True
-                self.abort()
-                return
+                self._link.abort()  # the reader fails; this nursery ends
 
     async def _read(self) -> None:
         link = self._link

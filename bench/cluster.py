@@ -6,12 +6,13 @@
    session mastered by node a in a tight loop; a is killed (``kill -9``) or
    hung (``SIGSTOP``); the time from the fault to the next successful request
    for that session is the failover time.  Goal: under 3 s.
-2. Replication: 32 connections doing read-with-lock + write of a 1 KiB session
-   on one daemon alone, then on a 2-daemon cluster where every write is also
-   acknowledged by the backup.  Goal: replication costs at most 10 %.  On one
-   machine the backup daemon competes with the master for the same cores, so
-   the master's own CPU time per request is reported too: that is what
-   replication costs each web server when the backup runs on another one.
+2. Replication: ``bench/loadgen.c`` (built with gcc), 32 connections of
+   PHP's request pattern (HELLO + READ LOCK, then WRITE of 1 KiB) on one
+   daemon alone, then on a 2-daemon cluster where every write is also
+   acknowledged by the backup.  The master (or lone daemon) is pinned to
+   CPU 0; the load generator and the backup share CPU 1, as if the backup
+   ran on another server.  Goal: replication costs at most 10 %.  The
+   master's own CPU time per cycle is reported too.
 
 Prints Markdown tables.  Everything listens on loopback and unix sockets in a
 temporary directory and is stopped when done.
@@ -20,6 +21,7 @@ temporary directory and is stopped when done.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -30,8 +32,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -135,37 +135,13 @@ def failover_round(workdir: Path, fault: str) -> float:
             node.stop()
 
 
-async def _load(sock: str, seconds: float, conns: int, sids: list[str]) -> int:
-    value = os.urandom(1024)
-    done = 0
-    stop_at = trio.current_time() + seconds
-
-    async def one(n: int) -> None:
-        nonlocal done
-        stream = await trio.open_unix_socket(sock)
-        parser = p.ReplyParser()
-
-        async def request(req: p.Request) -> p.Reply:
-            await stream.send_all(p.encode_request(req))
-            while True:
-                reply = parser.next_reply()
-                if not isinstance(reply, p._NeedData):
-                    return reply
-                parser.receive_data(await stream.receive_some(1 << 16))
-
-        await request(p.Hello(1))
-        sid = sids[n]
-        while trio.current_time() < stop_at:
-            await request(p.Read(sid))
-            reply = await request(p.Write(sid, 1440, value))
-            assert reply == p.OK, reply
-            done += 1
-        await stream.aclose()
-
-    async with trio.open_nursery() as nursery:
-        for n in range(conns):
-            nursery.start_soon(one, n)
-    return done
+def build_loadgen(workdir: Path) -> Path:
+    exe = workdir / "loadgen"
+    subprocess.run(
+        ["gcc", "-std=c11", "-O2", "-o", str(exe), str(ROOT / "bench" / "loadgen.c"), "-lm"],
+        check=True, timeout=120,
+    )
+    return exe
 
 
 def _cpu_s(pid: int) -> float:
@@ -174,22 +150,37 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def replication_rate(workdir: Path, names: list[str], seconds: float) -> tuple[float, float]:
-    """(cycles per second, the master daemon's CPU microseconds per cycle)."""
+def replication_rate(workdir: Path, names: list[str], seconds: float,
+                     loadgen: Path) -> tuple[float, float]:
+    """(cycles per second, the master daemon's CPU microseconds per cycle).
+
+    The master (node a, or the lone daemon) is pinned to CPU 0; the load
+    generator and the backup share CPU 1, as if the backup ran on another
+    server.  32 connections of PHP's request pattern (HELLO + READ LOCK,
+    then WRITE of 1 KiB) on 32,000 sessions whose IDs name a as master and
+    b as backup."""
     nodes = cluster(workdir, names)
     try:
-        sids = []
-        with Client(f"unix:{nodes[0].sock}") as c:
-            for _ in range(32):
-                created = c.request(p.Create(26, 5))
-                assert isinstance(created, p.Ok)
-                sids.append(created.tokens[0])
-                assert c.request(p.Write(created.tokens[0], 1440, b"")) == p.OK
+        for node, cpu in zip(nodes, ("0", "1"), strict=False):
+            assert node.proc is not None
+            subprocess.run(["taskset", "-a", "-p", "-c", cpu, str(node.proc.pid)],
+                           check=True, capture_output=True)
+        base = [str(loadgen), "-c", "32", "-k", "32000", "--sid-suffix", "-a-b", "-m", "rw"]
+        address = f"unix:{nodes[0].sock}"
+        subprocess.run([*base, "-d", "0", "--prefill", address], check=True,
+                       capture_output=True, timeout=120)
         assert nodes[0].proc is not None
         cpu_before = _cpu_s(nodes[0].proc.pid)
-        cycles = trio.run(_load, nodes[0].sock, seconds, 32, sids)
+        out = subprocess.run(
+            ["taskset", "-c", "1", *base, "-H", "1", "--exist", "-d", str(seconds), address],
+            check=True, capture_output=True, text=True, timeout=seconds + 120,
+        ).stdout
+        result = json.loads(out)
+        if result["errors"]:
+            raise SystemExit(f"loadgen saw {result['errors']} errors")
+        cycles = result["cycles"]
         cpu_us = (_cpu_s(nodes[0].proc.pid) - cpu_before) * 1e6 / cycles
-        return cycles / seconds, cpu_us
+        return result["cps"], cpu_us
     finally:
         for node in nodes:
             node.stop()
@@ -212,17 +203,20 @@ def main() -> None:
                 shutil.rmtree(d, ignore_errors=True)
             results[fault].append(seconds)
             print(f"  round {i + 1}: failover after {fault}: {seconds:.2f} s", file=sys.stderr)
+    build = Path(tempfile.mkdtemp(prefix="phpsess-bench-", dir="/tmp"))
+    loadgen = build_loadgen(build)
     for i in range(min(args.rounds, 3)):
         for label, names in (("1 daemon", ["a"]), ("2 daemons, with backups", ["a", "b"])):
             d = Path(tempfile.mkdtemp(prefix="phpsess-bench-", dir="/tmp"))
             try:
-                rate, cpu_us = replication_rate(d, names, args.seconds)
+                rate, cpu_us = replication_rate(d, names, args.seconds, loadgen)
             finally:
                 shutil.rmtree(d, ignore_errors=True)
             rates[label].append(rate)
             cpu[label].append(cpu_us)
             print(f"  round {i + 1}: {label}: {rate:,.0f} read+write/s, master CPU "
                   f"{cpu_us:.0f} us per cycle", file=sys.stderr)
+    shutil.rmtree(build, ignore_errors=True)
     print()
     print("| fault on the master | failover, median | worst | rounds |")
     print("|---|---:|---:|---:|")

@@ -35,6 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from daemon import build_loadgen  # bench/daemon.py: one way to build it
+
 from phpsess import protocol as p
 from phpsess.client import Client, ClientError
 
@@ -133,15 +135,6 @@ def failover_round(workdir: Path, fault: str) -> float:
     finally:
         for node in nodes:
             node.stop()
-
-
-def build_loadgen(workdir: Path) -> Path:
-    exe = workdir / "loadgen"
-    subprocess.run(
-        ["gcc", "-std=c11", "-O2", "-o", str(exe), str(ROOT / "bench" / "loadgen.c"), "-lm"],
-        check=True, timeout=120,
-    )
-    return exe
 
 
 def _cpu_s(pid: int) -> float:

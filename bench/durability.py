@@ -33,6 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from daemon import build_loadgen  # bench/daemon.py: one way to build it
+
 from phpsess import journal as j
 from phpsess.persist import snapshot_name
 
@@ -85,15 +87,6 @@ def bench_restore(workdir: Path, sessions: int) -> tuple[float, float, int]:
     return ready, size / 2**20, rss
 
 
-def _loadgen(workdir: Path) -> Path:
-    exe = workdir / "loadgen"
-    subprocess.run(
-        ["gcc", "-std=c11", "-O2", "-o", str(exe), str(ROOT / "bench" / "loadgen.c"), "-lm"],
-        check=True, timeout=120,
-    )
-    return exe
-
-
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -102,7 +95,7 @@ def _cpu_s(pid: int) -> float:
 def bench_throughput(workdir: Path, seconds: float) -> dict[str, dict[str, float]]:
     """Per policy and mix: requests/s and the daemon's CPU microseconds per
     request, the daemon pinned to CPU 0 and bench/loadgen.c to CPU 1."""
-    exe = _loadgen(workdir)
+    exe = build_loadgen(workdir)
     results: dict[str, dict[str, float]] = {}
     for name, args in [
         ("memory only", ["--memory-only"]),

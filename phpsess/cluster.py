@@ -267,7 +267,9 @@ class Pipe:
                         nursery.start_soon(self._read)
                         await self._write(nursery.cancel_scope)
                 except* _LINK_ERRORS as group:
-                    first = group.exceptions[0]
+                    first: BaseException = group
+                    while isinstance(first, BaseExceptionGroup):
+                        first = first.exceptions[0]
                     why = str(first) or type(first).__name__
                 finally:
                     with trio.CancelScope(shield=True):

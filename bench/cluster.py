@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon import build_loadgen  # bench/daemon.py: one way to build it
+from daemon import build_loadgen, process_cpu_seconds  # bench/daemon.py
 
 from phpsess import protocol as p
 from phpsess.client import Client, ClientError
@@ -137,12 +137,6 @@ def failover_round(workdir: Path, fault: str) -> float:
             node.stop()
 
 
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def replication_rate(workdir: Path, names: list[str], seconds: float,
                      loadgen: Path) -> tuple[float, float]:
     """(cycles per second, the master daemon's CPU microseconds per cycle).
@@ -163,7 +157,7 @@ def replication_rate(workdir: Path, names: list[str], seconds: float,
         subprocess.run([*base, "-d", "0", "--prefill", address], check=True,
                        capture_output=True, timeout=120)
         assert nodes[0].proc is not None
-        cpu_before = _cpu_s(nodes[0].proc.pid)
+        cpu_before = process_cpu_seconds(nodes[0].proc.pid)
         out = subprocess.run(
             ["taskset", "-c", "1", *base, "-H", "1", "--exist", "-d", str(seconds), address],
             check=True, capture_output=True, text=True, timeout=seconds + 120,
@@ -172,7 +166,7 @@ def replication_rate(workdir: Path, names: list[str], seconds: float,
         if result["errors"]:
             raise SystemExit(f"loadgen saw {result['errors']} errors")
         cycles = result["cycles"]
-        cpu_us = (_cpu_s(nodes[0].proc.pid) - cpu_before) * 1e6 / cycles
+        cpu_us = (process_cpu_seconds(nodes[0].proc.pid) - cpu_before) * 1e6 / cycles
         return result["cps"], cpu_us
     finally:
         for node in nodes:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon import build_loadgen  # bench/daemon.py: one way to build it
+from daemon import build_loadgen, process_cpu_seconds  # bench/daemon.py
 
 from phpsess import journal as j
 from phpsess.persist import snapshot_name
@@ -87,11 +87,6 @@ def bench_restore(workdir: Path, sessions: int) -> tuple[float, float, int]:
     return ready, size / 2**20, rss
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def bench_throughput(workdir: Path, seconds: float) -> dict[str, dict[str, float]]:
     """Per policy and mix: requests/s and the daemon's CPU microseconds per
     request, the daemon pinned to CPU 0 and bench/loadgen.c to CPU 1."""
@@ -122,10 +117,10 @@ def bench_throughput(workdir: Path, seconds: float) -> dict[str, dict[str, float
                 cmd = ["taskset", "-c", "1", str(exe), "-m", mix, "-c", "32", "-k", "32000",
                        "-d", str(seconds), "-w", "1", f"unix:{sock}"]
                 cmd[-1:-1] = ["--prefill"] if mix == "write" else ["--exist"]
-                before = _cpu_s(proc.pid)
+                before = process_cpu_seconds(proc.pid)
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                                      timeout=seconds + 120).stdout
-                cpu = _cpu_s(proc.pid) - before
+                cpu = process_cpu_seconds(proc.pid) - before
                 r = json.loads(out.strip().splitlines()[-1])
                 if r["errors"]:
                     raise SystemExit(f"{name} {mix}: {r['errors']} errors")

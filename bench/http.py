@@ -177,38 +177,41 @@ def stop_all(procs: Sequence[Proc], timeout_s: float = 12.0) -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def wait_unix_socket(path: Path, proc: Proc, timeout_s: float = 20.0) -> None:
+def _wait_listening(proc: Proc, where: str, connect: Callable[[], socket.socket],
+                    timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         if not proc.alive():
             raise BenchError(f"{proc.name} exited ({proc.popen.returncode}) before listening "
-                             f"on {path}:\n{proc.log_tail()}")
+                             f"on {where}:\n{proc.log_tail()}")
         try:
-            with socket.socket(socket.AF_UNIX) as probe:
-                probe.settimeout(1.0)
-                probe.connect(str(path))
+            connect().close()
             return
         except OSError:
             if time.monotonic() > deadline:
-                raise BenchError(f"{proc.name} is not listening on {path} after "
+                raise BenchError(f"{proc.name} is not listening on {where} after "
                                  f"{timeout_s:.0f} s:\n{proc.log_tail()}") from None
             time.sleep(0.02)
 
 
-def wait_tcp(port: int, proc: Proc, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if not proc.alive():
-            raise BenchError(f"{proc.name} exited before listening on 127.0.0.1:{port}:\n"
-                             f"{proc.log_tail()}")
+def wait_unix_socket(path: Path, proc: Proc, timeout_s: float = 20.0) -> None:
+    def connect() -> socket.socket:
+        probe = socket.socket(socket.AF_UNIX)
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                return
+            probe.settimeout(1.0)
+            probe.connect(str(path))
         except OSError:
-            if time.monotonic() > deadline:
-                raise BenchError(f"{proc.name} is not listening on 127.0.0.1:{port}:\n"
-                                 f"{proc.log_tail()}") from None
-            time.sleep(0.02)
+            probe.close()
+            raise
+        return probe
+
+    _wait_listening(proc, str(path), connect, timeout_s)
+
+
+def wait_tcp(port: int, proc: Proc, timeout_s: float = 10.0) -> None:
+    _wait_listening(proc, f"127.0.0.1:{port}",
+                    lambda: socket.create_connection(("127.0.0.1", port), timeout=1.0),
+                    timeout_s)
 
 
 def free_port() -> int:

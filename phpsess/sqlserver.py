@@ -569,12 +569,9 @@ class SqlBackend:
                         return
                     parser.receive_data(data)
                 continue
-            with trio.move_on_after(self.server.config.idle_timeout_s) as idle:
-                data = await stream.receive_some(RECEIVE_BYTES)
-            if idle.cancelled_caught:
-                log.info("event=idle_timeout owner=%d peer=%s mid_request=%s",
-                         conn.owner, conn.peer, parser.mid_request)
-                return
+            conn.idle_since = trio.current_time()  # Server._idle_sweeper cuts it off
+            data = await stream.receive_some(RECEIVE_BYTES)
+            conn.idle_since = None
             if not data:
                 return
             parser.receive_data(data)

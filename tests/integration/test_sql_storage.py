@@ -5,6 +5,7 @@ and the locking tests run against it too (``any_daemon``)."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,25 @@ def test_expiry_by_the_expiry_column_and_binary_data(
     columns = mariadb.sql(f"SHOW CREATE TABLE {table}", "phpsess")
     assert "`data` longblob NOT NULL" in columns and "KEY `expires`" in columns
     assert "ENGINE=InnoDB" in columns
+
+
+def test_an_idle_connection_is_cut_off_and_a_lock_holder_is_not(
+    mariadb: MariaDB, start_daemon: Any
+) -> None:
+    d = start_daemon(*mariadb.daemon_args(fresh_table()), "--idle-timeout-s", "1")
+    idle = socket.socket(socket.AF_UNIX)
+    idle.connect(d.sock_path)
+    idle.settimeout(10)
+    with Client(d.address) as holder:
+        assert holder.request(p.Read("held")) == p.MISS  # holds the lock
+        idle.sendall(b"HELLO 1\n")
+        assert idle.recv(100) == b"OK 1\n"
+        started = time.monotonic()
+        assert idle.recv(100) == b""  # closed by the daemon
+        assert time.monotonic() - started < 5
+        time.sleep(1.5)  # past the idle timeout: the holder may think
+        assert holder.request(p.Write("held", 60, b"kept")) == p.OK
+    idle.close()
 
 
 @pytest.fixture

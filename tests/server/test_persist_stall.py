@@ -13,7 +13,15 @@ import pytest
 import trio
 
 from phpsess import journal as j
-from phpsess.persist import PersistConfig, Persister
+from phpsess.persist import (
+    PersistConfig,
+    Persister,
+    SnapshotSource,
+    journal_name,
+    restore,
+    snapshot_name,
+    store_snapshot_source,
+)
 
 
 async def test_interval_waits_for_a_stalled_disk_only_beyond_the_window(
@@ -97,3 +105,39 @@ async def test_interval_replies_never_wait_for_a_disk_that_keeps_up(
     assert persister.fsyncs_total >= 3
     # A disk slower than the interval is allowed to make replies wait.
     assert waited == 0 or slowest > interval, (waited, slowest)
+
+
+async def test_a_compaction_cut_short_leaves_no_trace_and_loses_nothing(tmp_path: Path) -> None:
+    # Compaction encodes in the event loop between requests; a daemon that
+    # stops half way through one removes the partial snapshot, and the
+    # journals still restore every session.
+    persister = Persister(PersistConfig(str(tmp_path), "never", min_compact_bytes=1))
+    await trio.to_thread.run_sync(persister.open, time.time(), trio.current_time())
+    now = trio.current_time()
+    sessions = {f"s{i}": (b"%04d" % i + b"x" * 1000, now + 600, 600) for i in range(5000)}
+    taken: list[SnapshotSource] = []
+
+    def source() -> SnapshotSource:
+        taken.append(store_snapshot_source(dict(sessions), trio.current_time(), time.time()))
+        return taken[-1]
+
+    tmp = tmp_path / f"{snapshot_name(2)}.tmp"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(persister.run, source, lambda: 0)
+        changes = [(j.Op.PUT, sid, 600, raw[0]) for sid, raw in sessions.items()]
+        persister.submit(changes, time.time())
+        # 5 MB to encode, written 1 MiB at a time: stop after the first MiB.
+        with trio.fail_after(30):
+            while not (tmp.exists() and tmp.stat().st_size > 0):
+                await trio.sleep(0)
+        assert taken and 0 < len(taken[0].entries) < len(sessions)  # emptied as written
+        nursery.cancel_scope.cancel()
+    await persister.close()
+    # Generation 2's snapshot was never finished: both journals remain.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        journal_name(1), journal_name(2), "lock"
+    ]
+    restored, _ = restore(str(tmp_path), time.time())
+    assert {sid: raw[0] for sid, raw in restored.sessions.items()} == {
+        sid: raw[0] for sid, raw in sessions.items()
+    }

@@ -428,6 +428,8 @@ class Cluster:
         self.draining = False
         self._nursery: trio.Nursery | None = None
         self._udp: trio.socket.SocketType | None = None
+        self._heartbeat_ms = 0  # the timestamp of our last heartbeat
+        self._replay_guard = peerauth.ReplayGuard()
         self._wake = trio.Event()
         self._probing: set[str] = set()
         self._rehomed: set[str] = set()
@@ -643,8 +645,11 @@ class Cluster:
 
     async def _send_heartbeat(self) -> None:
         assert self._udp is not None
+        self._heartbeat_ms = peerauth.next_heartbeat_ms(time.time(), self._heartbeat_ms)
         datagram = peerauth.encode_heartbeat(
-            self.membership.heartbeat(trio.current_time()), self.config.secret, time.time()
+            self.membership.heartbeat(trio.current_time()),
+            self.config.secret,
+            self._heartbeat_ms / 1000,
         )
         for address in self.peer_address.values():
             with contextlib.suppress(OSError):
@@ -656,7 +661,16 @@ class Cluster:
         while True:
             datagram, source = await self._udp.recvfrom(2048)
             try:
-                heartbeat = peerauth.decode_heartbeat(datagram, self.config.secret, time.time())
+                heartbeat, sent_ms = peerauth.decode_heartbeat_sent(
+                    datagram, self.config.secret, time.time()
+                )
+                if heartbeat.name in self.peer_address and not self._replay_guard.fresh(
+                    heartbeat.name, sent_ms
+                ):
+                    raise peerauth.AuthError(
+                        f"heartbeat from {heartbeat.name} is not newer than the last one"
+                        " heard: replayed, or delivered late"
+                    )
             except (peerauth.AuthError, ValueError) as exc:
                 rejected += 1
                 if rejected in (1, 10, 100) or rejected % 1000 == 0:

@@ -8,8 +8,11 @@ plus ``t``, the sender's wall clock in integer milliseconds), ``tag`` is the
 32-byte ``HMAC-SHA256(secret, payload)``.  :func:`decode_heartbeat` checks
 the size, then the tag (in constant time), then the timestamp (at most
 ``max_skew_s`` off our wall clock, either way), then every field; anything
-wrong is :class:`AuthError`.  A datagram captured on the wire can be replayed
-within ``max_skew_s``: that can only repeat what its sender said then.
+wrong is :class:`AuthError`.  A sender's timestamps only ever increase
+(:func:`next_heartbeat_ms`), and :class:`ReplayGuard` accepts each sender's
+heartbeats only in increasing timestamp order, so a datagram captured on the
+wire and sent again is dropped (as is one UDP delivered late, harmlessly: a
+newer one has been heard).
 
 TCP handshake, before any other traffic on a peer connection, as header lines
 of the line protocol (PROTOCOL.md §2)::
@@ -143,11 +146,44 @@ def _int(value: object, what: str, low: int, high: int) -> int:
     return value
 
 
+def next_heartbeat_ms(wall_now: float, last_ms: int) -> int:
+    """The timestamp of a sender's next heartbeat: its wall clock in
+    milliseconds, but always after the last one, even if the clock stepped
+    back (receivers accept only increasing timestamps)."""
+    return max(round(wall_now * 1000), last_ms + 1)
+
+
+class ReplayGuard:
+    """Accepts a sender's heartbeats only in increasing timestamp order: a
+    replayed datagram could otherwise keep a dead peer looking alive for the
+    whole ``max_skew_s``, or bring back a previous incarnation of it.  Per
+    name, not per incarnation: a restarted daemon's clock is past the last
+    heartbeat of the one before (a clock stepped back across a restart delays
+    its rejoin by the step; more than ``max_skew_s`` is refused anyway)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+
+    def fresh(self, name: str, sent_ms: int) -> bool:
+        if sent_ms <= self._last.get(name, -1):
+            return False
+        self._last[name] = sent_ms
+        return True
+
+
 def decode_heartbeat(
     datagram: bytes, secret: bytes, wall_now: float, max_skew_s: float = 30.0
 ) -> Heartbeat:
     """The heartbeat in ``datagram``, or :class:`AuthError` saying why not
     (ValueError only for a bad ``secret`` argument)."""
+    return decode_heartbeat_sent(datagram, secret, wall_now, max_skew_s)[0]
+
+
+def decode_heartbeat_sent(
+    datagram: bytes, secret: bytes, wall_now: float, max_skew_s: float = 30.0
+) -> tuple[Heartbeat, int]:
+    """As :func:`decode_heartbeat`, with the sender's timestamp (ms) for
+    :class:`ReplayGuard`."""
     key = _key(secret)
     if len(datagram) > MAX_DATAGRAM_BYTES:
         raise AuthError(f"heartbeat datagram of {len(datagram)} bytes is too large")
@@ -169,7 +205,8 @@ def decode_heartbeat(
         raise AuthError(f"malformed heartbeat: not ASCII JSON ({exc.__class__.__name__})") from None
     if type(body) is not dict or body.keys() != _HB_KEYS:
         _bad(f"expected an object with keys {sorted(_HB_KEYS)}")
-    sent_s = _int(body["t"], "t", 0, _MAX_TIMESTAMP_MS) / 1000
+    sent_ms = _int(body["t"], "t", 0, _MAX_TIMESTAMP_MS)
+    sent_s = sent_ms / 1000
     if sent_s < wall_now - max_skew_s:
         raise AuthError(
             f"heartbeat timestamp is {wall_now - sent_s:.1f} s old (more than {max_skew_s} s):"
@@ -192,7 +229,7 @@ def decode_heartbeat(
     if type(hears) is not list:
         _bad("h must be a list")
     try:
-        return Heartbeat(
+        heartbeat = Heartbeat(
             name=body["n"],
             incarnation=_int(body["i"], "i", 1, MAX_INCARNATION),
             sessions=_int(body["s"], "s", 0, MAX_COUNT),
@@ -203,6 +240,7 @@ def decode_heartbeat(
         )
     except ValueError as exc:
         raise AuthError(f"malformed heartbeat: {exc}") from None
+    return heartbeat, sent_ms
 
 
 # -- TCP handshake

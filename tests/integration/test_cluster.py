@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,8 @@ import pytest
 
 from phpsess import protocol as p
 from phpsess.client import Client
+from phpsess.membership import Heartbeat
+from phpsess.peerauth import encode_heartbeat
 from tests.conftest import Daemon, php_binary, read_counter
 
 ROUNDROBIN = Path(__file__).parent / "php" / "roundrobin.php"
@@ -288,6 +291,53 @@ def test_wrong_secret_cannot_read_or_write(cluster: Cluster, workdir: Path) -> N
         assert "event=peer_auth_failed" in logs
     finally:
         intruder.stop()
+
+
+def test_a_replayed_heartbeat_does_not_hide_a_death(workdir: Path) -> None:
+    # Peer d is this test: it signs d's heartbeats with the secret, as d's
+    # daemon would, then "dies" and an attacker on the wire replays d's last
+    # heartbeat over and over.  Without the replay guard every copy passed
+    # (its timestamp stays within the 30 s window) and kept d alive.
+    secret = workdir / "secret"
+    secret.write_bytes(os.urandom(32).hex().encode())
+    a_port, d_port = _free_port(), _free_port()
+    d_alive = threading.Event()
+    d_alive.set()
+    last: list[bytes] = []
+    stop = threading.Event()
+
+    def peer_d() -> None:
+        hb = Heartbeat("d", 7, 0, 0, False, ())
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            while not stop.wait(0.1):
+                if d_alive.is_set():
+                    last[:] = [encode_heartbeat(hb, secret.read_bytes().strip(), time.time())]
+                if last:
+                    udp.sendto(last[0], ("127.0.0.1", a_port))
+
+    sender = threading.Thread(target=peer_d, daemon=True)
+    sender.start()
+    (workdir / "a").mkdir()
+    a = Daemon(
+        workdir / "a", "--node", "a", "--cluster-listen", f"127.0.0.1:{a_port}",
+        "--peer", f"d=127.0.0.1:{d_port}", "--cluster-secret-file", str(secret),
+        "--dead-after-ms", str(DEAD_AFTER_MS), "--heartbeat-ms", "250",
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while "event=peer_alive peer=d" not in a.log():
+            assert time.monotonic() < deadline, a.log()
+            time.sleep(0.05)
+        d_alive.clear()  # d dies; its last heartbeat goes on arriving
+        deadline = time.monotonic() + 4 * DEAD_AFTER_MS / 1000
+        while "event=peer_dead peer=d" not in a.log():
+            assert time.monotonic() < deadline, a.log()
+            time.sleep(0.05)
+        assert "not newer than the last one heard: replayed" in a.log()
+    finally:
+        stop.set()
+        sender.join(5)
+        a.stop()
 
 
 def _counter_raw(cluster: Cluster, via: str, sid: str) -> bytes:

@@ -19,13 +19,16 @@ from phpsess.peerauth import (
     MAX_DATAGRAM_BYTES,
     MIN_SECRET_BYTES,
     AuthError,
+    ReplayGuard,
     accept_line,
     auth_line,
     challenge_line,
     check_secret,
     decode_heartbeat,
+    decode_heartbeat_sent,
     encode_heartbeat,
     new_challenge,
+    next_heartbeat_ms,
     parse_accept_line,
     parse_auth_line,
     parse_challenge_line,
@@ -140,6 +143,32 @@ def test_timestamp_window(sent: float, received: float, ok: bool) -> None:
     else:
         with pytest.raises(AuthError, match="timestamp"):
             decode_heartbeat(datagram, SECRET, received)
+
+
+def test_a_replayed_or_late_heartbeat_is_refused_and_a_restart_is_not() -> None:
+    guard = ReplayGuard()
+    first = encode_heartbeat(HB, SECRET, NOW)
+    hb, sent_ms = decode_heartbeat_sent(first, SECRET, NOW)
+    assert (hb, sent_ms) == (HB, NOW * 1000)
+    assert guard.fresh(hb.name, sent_ms)
+    assert not guard.fresh(hb.name, sent_ms)  # the same datagram again
+    assert guard.fresh("web2", sent_ms)  # senders are tracked apart
+    later = decode_heartbeat_sent(encode_heartbeat(HB, SECRET, NOW + 0.5), SECRET, NOW + 1)
+    assert guard.fresh(HB.name, later[1])
+    assert not guard.fresh(HB.name, sent_ms)  # an older one, replayed or late
+    # A restart is a new incarnation whose clock has moved on.
+    restarted = attrs.evolve(HB, incarnation=HB.incarnation + 1)
+    again = decode_heartbeat_sent(encode_heartbeat(restarted, SECRET, NOW + 9), SECRET, NOW + 9)
+    assert guard.fresh(again[0].name, again[1])
+
+
+def test_a_senders_timestamps_increase_even_if_its_clock_steps_back() -> None:
+    first = next_heartbeat_ms(NOW, 0)
+    assert first == NOW * 1000
+    assert next_heartbeat_ms(NOW - 5, first) == first + 1
+    assert next_heartbeat_ms(NOW + 0.5, first + 1) == first + 500
+    decoded = decode_heartbeat_sent(encode_heartbeat(HB, SECRET, (first + 1) / 1000), SECRET, NOW)
+    assert decoded[1] == first + 1  # survives the float round trip
 
 
 def test_max_skew_is_a_parameter() -> None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("phpsess")
 
 _MAX_REQUEST_BYTES: Final = 8192
+_SQL_STATS_S: Final = 2.0
 _LATENCY_BUCKETS: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5, 10.0, 30.0,
 )
@@ -33,11 +34,20 @@ _LATENCY_BUCKETS: Final = (
 class _DaemonCollector(Collector):
     def __init__(self, server: Server) -> None:
         self.server = server
+        # With --storage: what the scrape handler fetched just before.
+        self.sql_stats: dict[str, object] = {}
 
     def collect(self) -> Iterator[Metric]:
         server = self.server
-        engine = server.engine
-        stats = engine.statistics(trio.current_time())
+        if server.sql is not None:
+            stats = self.sql_stats
+            yield GaugeMetricFamily(
+                "phpsess_storage_up",
+                "1 if the database answered the count of sessions for this scrape.",
+                value=0.0 if "storage_error" in stats else 1.0,
+            )
+        else:
+            stats = server.engine.statistics(trio.current_time())
         requests = CounterMetricFamily(
             "phpsess_requests", "Requests handled, by verb.", labels=["verb"]
         )
@@ -46,26 +56,26 @@ class _DaemonCollector(Collector):
         yield requests
         yield CounterMetricFamily(
             "phpsess_request_errors", "Requests answered with an error.",
-            value=engine.errors_total,
+            value=_number(stats["errors_total"]),
         )
-        for name, doc, value in (
-            ("phpsess_sessions", "Sessions held (as master or backup).", len(engine.store)),
-            ("phpsess_session_bytes", "Bytes of session data held.", engine.store.total_bytes),
-            ("phpsess_connections", "Open client and peer connections.", engine.connections),
-            ("phpsess_locks_held", "Session locks held now.", engine.locks.held_count),
-            ("phpsess_locks_waiting", "Requests waiting for a lock now.",
-             engine.locks.waiting_count),
+        for name, doc, key in (
+            ("phpsess_sessions", "Sessions held (as master or backup, or in the database).",
+             "sessions"),
+            ("phpsess_session_bytes", "Bytes of session data held.", "bytes"),
+            ("phpsess_connections", "Open client and peer connections.", "connections"),
+            ("phpsess_locks_held", "Session locks held now.", "locks_held"),
+            ("phpsess_locks_waiting", "Requests waiting for a lock now.", "locks_waiting"),
         ):
-            yield GaugeMetricFamily(name, doc, value=value)
-        for name, doc, value in (
-            ("phpsess_lock_waits", "Requests that had to wait for a lock.",
-             engine.locks.waits_total),
-            ("phpsess_lock_timeouts", "Lock waits that gave up.", engine.locks.timeouts_total),
+            if stats.get(key) is not None:  # the database's, when it did not answer
+                yield GaugeMetricFamily(name, doc, value=_number(stats[key]))
+        for name, doc, key in (
+            ("phpsess_lock_waits", "Requests that had to wait for a lock.", "lock_waits_total"),
+            ("phpsess_lock_timeouts", "Lock waits that gave up.", "lock_timeouts_total"),
             ("phpsess_lock_revocations", "Locks revoked at the end of their lease.",
-             engine.locks.revoked_total),
-            ("phpsess_expired_sessions", "Sessions expired on their TTL.", engine.expired_total),
+             "lock_revoked_total"),
+            ("phpsess_expired_sessions", "Sessions expired on their TTL.", "expired_total"),
         ):
-            yield CounterMetricFamily(name, doc, value=value)
+            yield CounterMetricFamily(name, doc, value=_number(stats[key]))
         persister = server.persister
         if persister is not None:
             yield CounterMetricFamily("phpsess_fsyncs", "Journal fsyncs.",
@@ -96,10 +106,17 @@ class _DaemonCollector(Collector):
             )
 
 
+def _number(value: object) -> float:
+    assert isinstance(value, (int, float))
+    return float(value)
+
+
 class Metrics:
     def __init__(self, server: Server) -> None:
+        self.server = server
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_DaemonCollector(server))
+        self._collector = _DaemonCollector(server)
+        self.registry.register(self._collector)
         self.latency = Histogram(
             "phpsess_request_seconds", "Time from a request's arrival to its reply, by verb.",
             ["verb"], buckets=_LATENCY_BUCKETS, registry=self.registry,
@@ -127,6 +144,14 @@ class Metrics:
                     request += chunk
                 line = request.split(b"\r\n", 1)[0].split(b" ")
                 if len(line) == 3 and line[0] == b"GET" and line[1] in (b"/metrics", b"/"):
+                    sql = self.server.sql
+                    if sql is not None:
+                        # The session count is a query: not inside collect().
+                        self._collector.sql_stats = sql.counters() | {
+                            "storage_error": "no answer within 2 s"
+                        }
+                        with trio.move_on_after(_SQL_STATS_S):
+                            self._collector.sql_stats = await sql.statistics()
                     body = generate_latest(self.registry)
                     head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
                 else:

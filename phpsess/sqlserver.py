@@ -536,6 +536,7 @@ class SqlBackend:
         parser = p.RequestParser(self.server.config.limits.max_session_bytes)
         parser.receive_data(leftover)
         stream = conn.stream
+        metrics = self.server.metrics
         while True:
             out: list[bytes] = []
             if client.held:
@@ -545,10 +546,15 @@ class SqlBackend:
                 if event is p.NEED_DATA:
                     break
                 conn.busy = True
+                started = trio.current_time()
                 try:
                     reply = await self._handle(conn, client, parser, event)
                 except _Gone:
                     return
+                if metrics is not None:
+                    metrics.observe(
+                        VERB_NAMES.get(type(event), "INVALID"), trio.current_time() - started
+                    )
                 out.append(p.encode_reply(reply))
                 if isinstance(reply, p.Error) and (reply.fatal or isinstance(event, p.FatalError)):
                     log.info("event=protocol_error owner=%d peer=%s code=%s",
@@ -728,16 +734,18 @@ class SqlBackend:
         return sq.list_reply(rows, event.limit)
 
     async def statistics(self) -> dict[str, object]:
-        sessions: int | None = None
-        size: int | None = None
-        stats: dict[str, object] = {}
+        """STATS: the counters, and the sessions counted in the database."""
         try:
             row = await self._pooled(_row(self.sql.count, ()))
             assert row is not None
-            sessions, size = int(str(row[0])), int(str(row[1]))
         except Unavailable as exc:
-            stats["storage_error"] = str(exc)
-        return stats | {
+            return {"storage_error": str(exc)} | self.counters()
+        return self.counters(int(str(row[0])), int(str(row[1])))
+
+    def counters(self, sessions: int | None = None, size: int | None = None) -> dict[str, object]:
+        """What this daemon counts itself (sessions and bytes are the
+        database's: None unless counted there)."""
+        return {
             "version": VERSION,
             "uptime_s": round(trio.current_time() - self._started, 3),
             "storage": self.config.url,

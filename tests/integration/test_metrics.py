@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from phpsess import protocol as p
 from phpsess.client import Client
+from tests.conftest import MariaDB, fresh_table
 
 
 def _free_port() -> int:
@@ -32,9 +33,16 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return samples
 
 
-def test_metrics_endpoint_is_scraped_and_parsed(start_daemon: Any) -> None:
+def test_metrics_endpoint_is_scraped_and_parsed(
+    backend: str, request: pytest.FixtureRequest, start_daemon: Any
+) -> None:
+    # The same metrics from the memory + journal storage and the SQL one.
     port = _free_port()
-    daemon = start_daemon("--metrics-listen", f"127.0.0.1:{port}")
+    storage: tuple[str, ...] = ()
+    if backend == "mariadb":
+        db: MariaDB = request.getfixturevalue("mariadb")
+        storage = db.daemon_args(fresh_table())
+    daemon = start_daemon("--metrics-listen", f"127.0.0.1:{port}", *storage)
     with Client(daemon.address, wait_ms=0) as c, Client(daemon.address, wait_ms=0) as other:
         assert c.request(p.Write("m1", 60, b"x" * 100)) == p.OK
         assert c.request(p.Read("m1")) == p.Data(b"x" * 100)
@@ -48,7 +56,11 @@ def test_metrics_endpoint_is_scraped_and_parsed(start_daemon: Any) -> None:
     assert samples[("phpsess_lock_timeouts_total", ())] == 1
     assert samples[("phpsess_request_errors_total", ())] >= 1
     assert samples[("phpsess_request_seconds_count", (("verb", "WRITE"),))] == 1
-    assert ("phpsess_fsyncs_total", ()) in samples  # persistence is on
+    assert samples[("phpsess_locks_held", ())] == 1
+    if backend == "journal":
+        assert ("phpsess_fsyncs_total", ()) in samples  # persistence is on
+    else:
+        assert samples[("phpsess_storage_up", ())] == 1
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=10)
     assert info.value.code == 404

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -281,3 +282,32 @@ def test_import_from_and_export_to_the_classic_session_table(
         ["binary0123456789abcdefghij", "00FF0A"], ["fresh0123456789abcdefghijk", "6E7C693A353B"]]
     age_binary = int(rows[0].split("\t")[2])
     assert 1440 - 600 - 5 <= age_binary <= 1440 - 600 + 5  # expires when it would have
+
+
+def test_metrics_say_when_the_database_does_not_answer(
+    own_mariadb: MariaDB, start_daemon: Any
+) -> None:
+    port = _free_tcp_port()
+    d = start_daemon("--metrics-listen", f"127.0.0.1:{port}",
+                     *own_mariadb.daemon_args(fresh_table()))
+    with Client(d.address) as c:
+        assert c.request(p.Write("m1", 60, b"x" * 10)) == p.OK
+    up = _scrape_lines(port)
+    assert "phpsess_storage_up 1.0" in up and "phpsess_sessions 1.0" in up
+    own_mariadb.kill9()
+    down = _scrape_lines(port)
+    assert "phpsess_storage_up 0.0" in down
+    assert not any(line.startswith("phpsess_sessions ") for line in down)
+    assert 'phpsess_requests_total{verb="WRITE"} 1.0' in down  # counted here, still there
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _scrape_lines(port: int) -> list[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode().splitlines()

@@ -310,4 +310,5 @@ def _free_tcp_port() -> int:
 
 def _scrape_lines(port: int) -> list[str]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        return r.read().decode().splitlines()
+        text: str = r.read().decode()
+    return text.splitlines()

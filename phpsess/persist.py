@@ -416,8 +416,11 @@ class _DiskThread:
         if self._nice:
             # Linux: nice is per thread.  The kernel then runs this thread's
             # system calls when the event loop does not need the core.
+            # Relative to the daemon's own (a unit's Nice= still applies).
             with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
+                tid = threading.get_native_id()
+                base = os.getpriority(os.PRIO_PROCESS, tid)
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, base + self._nice))
         while True:
             item = self._jobs.get()
             if item is None:

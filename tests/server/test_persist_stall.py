@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -140,4 +141,27 @@ async def test_a_compaction_cut_short_leaves_no_trace_and_loses_nothing(tmp_path
     restored, _ = restore(str(tmp_path), time.time())
     assert {sid: raw[0] for sid, raw in restored.sessions.items()} == {
         sid: raw[0] for sid, raw in sessions.items()
+    }
+
+
+@pytest.mark.parametrize(("policy", "journal_nice"), [("interval", 10), ("always", 0)])
+async def test_disk_threads_run_below_the_event_loop_unless_replies_wait_for_them(
+    tmp_path: Path, policy: str, journal_nice: int
+) -> None:
+    persister = Persister(PersistConfig(str(tmp_path), policy))
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: dict[str, int] = {}
+
+    def niceness(name: str) -> Callable[[], None]:
+        def job() -> None:
+            seen[name] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        return job
+
+    await persister._disk.run(niceness("journal"))
+    await persister._snapshot_disk.run(niceness("snapshot"))
+    persister._disk.stop()
+    persister._snapshot_disk.stop()
+    assert seen == {
+        "journal": min(19, base + journal_nice), "snapshot": min(19, base + 10)
     }

@@ -546,7 +546,7 @@ class SqlBackend:
                 if event is p.NEED_DATA:
                     break
                 conn.busy = True
-                started = trio.current_time()
+                started = 0.0 if metrics is None else trio.current_time()
                 try:
                     reply = await self._handle(conn, client, parser, event)
                 except _Gone:

@@ -11,11 +11,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 PREPEND = ROOT / "php-ext-shim" / "prepend.php"
@@ -283,13 +285,45 @@ class MariaDB:
                 "--storage-table", table)
 
 
-@pytest.fixture(scope="session")
-def mariadb() -> Iterator[MariaDB]:
+@contextlib.contextmanager
+def private_mariadb() -> Iterator[MariaDB]:
+    """A MariaDB server in a temporary directory, stopped and removed after."""
     base = Path(tempfile.mkdtemp(prefix="phpsess-mdb-", dir="/tmp"))
     server = MariaDB(base)
-    yield server
-    server.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[MariaDB]:
+    with private_mariadb() as server:
+        yield server
+
+
+def free_tcp_port() -> int:
+    """A loopback TCP port free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape_metrics(port: int) -> Samples:
+    """A daemon's /metrics, parsed: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        text = r.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
 
 
 def fresh_table() -> str:

@@ -2,42 +2,22 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.error
 import urllib.request
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from phpsess import protocol as p
 from phpsess.client import Client
-from tests.conftest import MariaDB, fresh_table
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        assert r.status == 200
-        text = r.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
+from tests.conftest import MariaDB, free_tcp_port, fresh_table, scrape_metrics
 
 
 def test_metrics_endpoint_is_scraped_and_parsed(
     backend: str, request: pytest.FixtureRequest, start_daemon: Any
 ) -> None:
     # The same metrics from the memory + journal storage and the SQL one.
-    port = _free_port()
+    port = free_tcp_port()
     storage: tuple[str, ...] = ()
     if backend == "mariadb":
         db: MariaDB = request.getfixturevalue("mariadb")
@@ -48,7 +28,7 @@ def test_metrics_endpoint_is_scraped_and_parsed(
         assert c.request(p.Read("m1")) == p.Data(b"x" * 100)
         reply = other.request(p.Read("m1"))  # locked: times out at once
         assert isinstance(reply, p.Error)
-        samples = _scrape(port)
+        samples = scrape_metrics(port)
     assert samples[("phpsess_requests_total", (("verb", "WRITE"),))] == 1
     assert samples[("phpsess_requests_total", (("verb", "READ"),))] == 2
     assert samples[("phpsess_sessions", ())] == 1

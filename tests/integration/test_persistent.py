@@ -17,17 +17,10 @@ import pytest
 
 from phpsess import protocol as p
 from phpsess.client import Client
-from tests.conftest import PREPEND, php_binary
+from tests.conftest import PREPEND, free_tcp_port, php_binary
 
 ROUTER = Path(__file__).parent / "php" / "persistent.php"
 SID = "persistent0123456789abcdef"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _get(port: int, op: str) -> tuple[int, str]:
@@ -68,7 +61,7 @@ def _connections_settle_at(daemon: Any, expected: int) -> bool:
 def test_a_reused_connection_never_carries_a_lock(query: str, daemon: Any) -> None:
     # persistent=1 is the default; with persistent=0 each request has its own.
     kept = 0 if query == "?persistent=0" else 1
-    port = _free_port()
+    port = free_tcp_port()
     web = subprocess.Popen(
         [php_binary(), "-S", f"127.0.0.1:{port}", "-d", "display_errors=0",
          "-d", f"auto_prepend_file={PREPEND}",

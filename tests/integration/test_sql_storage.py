@@ -4,14 +4,11 @@ and the locking tests run against it too (``any_daemon``)."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,16 @@ import pytest
 
 from phpsess import protocol as p
 from phpsess.client import Client
-from tests.conftest import PREPEND, MariaDB, fresh_table, php_binary, read_counter
+from tests.conftest import (
+    PREPEND,
+    MariaDB,
+    free_tcp_port,
+    fresh_table,
+    php_binary,
+    private_mariadb,
+    read_counter,
+    scrape_metrics,
+)
 
 HOLD = Path(__file__).parent / "php" / "hold.php"
 
@@ -143,11 +149,8 @@ def test_an_idle_connection_is_cut_off_and_a_lock_holder_is_not(
 @pytest.fixture
 def own_mariadb() -> Iterator[MariaDB]:
     """A MariaDB of its own, for a test that kills it."""
-    base = Path(tempfile.mkdtemp(prefix="phpsess-mdb-", dir="/tmp"))
-    server = MariaDB(base)
-    yield server
-    server.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    with private_mariadb() as server:
+        yield server
 
 
 def test_database_killed_and_restarted_under_load_loses_no_acknowledged_write(
@@ -287,28 +290,15 @@ def test_import_from_and_export_to_the_classic_session_table(
 def test_metrics_say_when_the_database_does_not_answer(
     own_mariadb: MariaDB, start_daemon: Any
 ) -> None:
-    port = _free_tcp_port()
+    port = free_tcp_port()
     d = start_daemon("--metrics-listen", f"127.0.0.1:{port}",
                      *own_mariadb.daemon_args(fresh_table()))
     with Client(d.address) as c:
         assert c.request(p.Write("m1", 60, b"x" * 10)) == p.OK
-    up = _scrape_lines(port)
-    assert "phpsess_storage_up 1.0" in up and "phpsess_sessions 1.0" in up
+    up = scrape_metrics(port)
+    assert up[("phpsess_storage_up", ())] == 1 and up[("phpsess_sessions", ())] == 1
     own_mariadb.kill9()
-    down = _scrape_lines(port)
-    assert "phpsess_storage_up 0.0" in down
-    assert not any(line.startswith("phpsess_sessions ") for line in down)
-    assert 'phpsess_requests_total{verb="WRITE"} 1.0' in down  # counted here, still there
-
-
-def _free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _scrape_lines(port: int) -> list[str]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text: str = r.read().decode()
-    return text.splitlines()
+    down = scrape_metrics(port)
+    assert down[("phpsess_storage_up", ())] == 0
+    assert ("phpsess_sessions", ()) not in down
+    assert down[("phpsess_requests_total", (("verb", "WRITE"),))] == 1  # counted here, still there

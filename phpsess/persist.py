@@ -456,7 +456,7 @@ class Persister:
         self.config = config
         self.dir = config.data_dir
         self._lock = DataDirLock(self.dir)
-        self._pending: list[bytes] = []
+        self._pending: list[tuple[float, list[j.Change]]] = []
         self.submitted = 0  # sequence number of the last submitted batch
         self.written = 0  # ... handed to the kernel
         self.synced = 0  # ... fsynced
@@ -518,17 +518,10 @@ class Persister:
     # -- event loop side
 
     def submit(self, changes: list[tuple[j.Op, str, int, bytes]], wall_now: float) -> int:
-        """Queue changes for the journal; returns their sequence number."""
-        pending = self._pending
-        for op, sid, ttl_s, data in changes:
-            if op is j.Op.PUT:
-                pending.append(j.encode_put(sid, wall_now + ttl_s, ttl_s, data))
-            elif op is j.Op.META:
-                pending.append(j.encode(op, sid, data=data))
-            elif op is j.Op.TOUCH:
-                pending.append(j.encode(op, sid, wall_now + ttl_s, ttl_s))
-            else:
-                pending.append(j.encode(op, sid))
+        """Queue changes for the journal (encoded by the writer, a batch per
+        flush); returns their sequence number.  ``changes`` is kept: the
+        caller hands it over."""
+        self._pending.append((wall_now, changes))
         self.submitted += 1
         if self._unsynced_since is None:
             self._unsynced_since = trio.current_time()
@@ -606,7 +599,7 @@ class Persister:
     async def _write_round(self, policy: str, interval: float) -> None:
         now = self._last_flush = trio.current_time()
         if self._pending:
-            buf = b"".join(self._pending)
+            buf = j.encode_changes(self._pending)
             self._pending = []
             seq = self.submitted
             due = now - self._last_sync >= interval
@@ -658,7 +651,7 @@ class Persister:
 
         new_fd = await trio.to_thread.run_sync(create, abandon_on_cancel=False)
         # -- one instant: everything before is in G (or its pending tail), after in G+1.
-        tail = b"".join(self._pending)
+        tail = j.encode_changes(self._pending)
         self._pending = []
         seq = self.submitted
         switched_at = trio.current_time()
@@ -759,7 +752,7 @@ class Persister:
     async def close(self) -> None:
         """Write and fsync everything submitted; release the directory."""
         if self._fd >= 0:
-            buf = b"".join(self._pending)
+            buf = j.encode_changes(self._pending)
             self._pending = []
             seq = self.submitted
 

@@ -38,8 +38,24 @@ def test_every_record_type_round_trips() -> None:
     assert got == RECORDS
 
 
-def test_encode_put_equals_encode() -> None:
-    assert j.encode_put("s", 2.0, 3, b"x") == j.encode(j.Op.PUT, "s", 2.0, 3, b"x")
+def test_the_journal_batch_encoder_writes_what_encode_writes() -> None:
+    # Two batches made at different wall-clock times: PUT and TOUCH expire
+    # ttl_s after their batch's time; every record type, byte for byte.
+    batches: list[tuple[float, list[j.Change]]] = [
+        (1000.0, [(j.Op.PUT, "s1", 60, b"a|i:1;\x00\xff\n"),
+                  (j.Op.META, "s1", 0, b"master 3 7 a b")]),
+        (1001.5, [(j.Op.TOUCH, "s1", 90, b""), (j.Op.DELETE, "s2", 0, b""),
+                  (j.Op.PUT, "s" * 256, 1, b"")]),
+        (1002.0, []),
+    ]
+    assert j.encode_changes(batches) == encoded([
+        (j.Op.PUT, "s1", 1060.0, 60, b"a|i:1;\x00\xff\n"),
+        (j.Op.META, "s1", 0.0, 0, b"master 3 7 a b"),
+        (j.Op.TOUCH, "s1", 1091.5, 90, b""),
+        (j.Op.DELETE, "s2", 0.0, 0, b""),
+        (j.Op.PUT, "s" * 256, 1002.5, 1, b""),
+    ])
+    assert j.encode_changes([]) == b""
 
 
 @pytest.mark.parametrize("cut", [1, 3, 8, 9, 12])
@@ -97,7 +113,9 @@ def test_snapshot_records_end_with_a_count_and_carry_metadata() -> None:
         (j.Op.PUT, "s1"), (j.Op.PUT, "s2"), (j.Op.META, "s1"), (j.Op.END, "2"),
     ]
     # The PUT records are byte for byte what the journal writes.
-    puts = j.encode_put("s1", 105.0, 60, b"x") + j.encode_put("s2", 106.0, 70, b"y" * 3000)
+    puts = j.encode(j.Op.PUT, "s1", 105.0, 60, b"x") + j.encode(
+        j.Op.PUT, "s2", 106.0, 70, b"y" * 3000
+    )
     assert buf.startswith(puts)
 
 

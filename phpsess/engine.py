@@ -15,7 +15,6 @@ logging; randomness comes in as ``token_bytes``.
 from __future__ import annotations
 
 import enum
-import heapq
 import json
 import math
 from collections.abc import Callable, Hashable
@@ -380,11 +379,8 @@ class Engine:
         return p.Data(entry.data, (str(ttl_ms), locked))
 
     def _list(self, owner: Owner, client: _Client, request: p.List, now: float) -> p.Reply:
-        after = request.after
         store = self.store
-        # Bytewise order equals str order for the ASCII alphabet of §5.
-        candidates = store if after is None else (s for s in store if s > after)
-        page = heapq.nsmallest(request.limit + 1, candidates)
+        page = store.page(request.after, request.limit + 1)
         more = len(page) > request.limit
         page = page[: request.limit]
         lines = []

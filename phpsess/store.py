@@ -12,6 +12,11 @@ deletion).  The heap stays about as large as the number of sessions, and it
 is rebuilt (which takes half a second at a million sessions) only when
 destroyed sessions' items outnumber the live ones.
 
+IDs are also kept in bytewise order (``_order``, a ``SortedList``) so that
+``LIST`` pages through a million sessions at O(log n) a page instead of a
+scan of every ID per page; it changes only when a session is created or
+removed, never on a write to an existing one.
+
 Sessions are held as plain tuples (:data:`Raw`), which CPython's cyclic
 garbage collector stops tracking after its first pass over them; a
 ``NamedTuple`` stays tracked, and a million of them made every full
@@ -24,6 +29,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 from typing import Final, NamedTuple
+
+from sortedcontainers import SortedList
 
 # Rebuild the expiry heap when it holds this many more items than sessions.
 _HEAP_SLACK: Final = 1024
@@ -48,6 +55,7 @@ class SessionStore:
 
     def __init__(self) -> None:
         self._sessions: dict[str, Raw] = {}
+        self._order: SortedList[str] = SortedList()
         self._heap: list[tuple[float, str]] = []
         self._bytes = 0
 
@@ -80,6 +88,7 @@ class SessionStore:
         self._sessions[sid] = (data, expires_at, ttl_s)
         self._bytes += len(data)
         if old is None:
+            self._order.add(sid)
             self._push(expires_at, sid)
         else:
             self._bytes -= len(old[0])
@@ -90,6 +99,7 @@ class SessionStore:
         """Take over ``sessions`` (restored from disk) as the store's content."""
         assert not self._sessions
         self._sessions = sessions
+        self._order = SortedList(sessions)
         self._bytes = sum(len(e[0]) for e in sessions.values())
         self._heap = [(e[1], sid) for sid, e in sessions.items()]
         heapq.heapify(self._heap)
@@ -109,6 +119,7 @@ class SessionStore:
         entry = self._sessions.pop(sid, None)
         if entry is None:
             return False
+        self._order.remove(sid)
         self._bytes -= len(entry[0])
         self._bound_heap()
         return True
@@ -129,10 +140,18 @@ class SessionStore:
             heapq.heappop(heap)
             if entry is not None and entry[1] == at:
                 del sessions[sid]
+                self._order.remove(sid)
                 self._bytes -= len(entry[0])
                 expired.append(sid)
             # else destroyed meanwhile, or a stale item: dropped
         return expired
+
+    def page(self, after: str | None, limit: int) -> list[str]:
+        """Up to ``limit`` IDs greater than ``after`` (all, for None), in
+        bytewise order (str order is bytewise for ASCII IDs)."""
+        order = self._order
+        start = 0 if after is None else order.bisect_right(after)
+        return list(order.islice(start, start + limit))
 
     def snapshot(self) -> dict[str, Raw]:
         """A consistent copy, cheap: entries are immutable and shared."""

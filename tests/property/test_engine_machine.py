@@ -386,6 +386,27 @@ class EngineMachine(RuleBasedStateMachine):
         self.check_completions()
 
     @precondition(lambda self: self.idle_owners())
+    @rule(data=st.data(), limit=st.integers(1, 4))
+    def list_pages(self, data: st.DataObject, limit: int) -> None:
+        """LIST, page after page, names exactly the live sessions in order."""
+        owner = data.draw(st.sampled_from(sorted(self.idle_owners())))
+        after = "*"
+        names: list[str] = []
+        while True:
+            reply = self.call(owner, p.List(None if after == "*" else after, limit))
+            if reply is None:
+                return  # no HELLO: checked by call()
+            assert isinstance(reply, p.Data)
+            lines = reply.data.decode("ascii").splitlines()
+            assert len(lines) <= limit
+            names += [line.split(" ")[0] for line in lines]
+            after = reply.tokens[0]
+            if after == "*":
+                break
+        assert names == sorted(s for s in self.data if self.live(s) is not None)
+        self.check_completions()
+
+    @precondition(lambda self: self.idle_owners())
     @rule(data=st.data())
     def gc(self, data: st.DataObject) -> None:
         owner = data.draw(st.sampled_from(sorted(self.idle_owners())))
@@ -429,6 +450,10 @@ class EngineMachine(RuleBasedStateMachine):
             entry = self.engine.store.get(sid, self.now)
             value = self.live(sid)
             assert (None if entry is None else entry.data) == value, sid
+        # The store's ID order holds exactly its IDs (created and removed
+        # with the sessions: writes, destroys, expiries, regenerations).
+        store = self.engine.store
+        assert store.page(None, len(store) + 1) == sorted(store)
         stats = self.engine.statistics(self.now)
         assert stats["sessions"] == len(self.data)
         assert stats["bytes"] == sum(len(v) for v, _ in self.data.values())

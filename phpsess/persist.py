@@ -14,7 +14,11 @@ takes a copy of the store (cheap: entries are immutable and shared); the
 pending tail of journal G is written and fsynced; then the copy is encoded
 as snapshot G+1, a slice at a time between requests, and written by worker
 threads (tmp, fsync, rename, fsync directory) while requests go on being
-journaled into G+1; last, generation G's files are deleted.  A crash
+journaled into G+1; last, generation G's files are deleted.  A session
+written or destroyed while the copy is being encoded is taken out of the
+copy: its record in G+1 supersedes it, and the snapshot is renamed into
+place only once G+1 is fsynced that far (under heavy rewriting half of
+the snapshot's encoding is saved).  A crash
 at any point leaves a directory that restores to the same sessions.
 
 Fsync policies (what an acknowledged write survives; README has the table):
@@ -470,6 +474,9 @@ class Persister:
         # When the oldest change not yet fsynced was submitted (or None).
         self._unsynced_since: float | None = None
         self._compacting = False
+        # The copy of the store that compaction is encoding (or None).
+        self._superseded_from: dict[str, Raw] | None = None
+        self._superseded = 0
         self._failed: BaseException | None = None
         self.fsyncs_total = 0
         self.fsync_seconds_total = 0.0
@@ -522,6 +529,16 @@ class Persister:
         flush); returns their sequence number.  ``changes`` is kept: the
         caller hands it over."""
         self._pending.append((wall_now, changes))
+        copy = self._superseded_from
+        if copy is not None:
+            # A compaction is encoding the store as it was at its switch:
+            # a session written or removed since is superseded by its record
+            # in the new journal, so the snapshot leaves it out (that
+            # record is made durable before the snapshot counts: see
+            # _write_snapshot).  A TOUCH changes no data: kept.
+            for op, sid, _, _ in changes:
+                if (op is j.Op.PUT or op is j.Op.DELETE) and copy.pop(sid, None) is not None:
+                    self._superseded += 1
         self.submitted += 1
         if self._unsynced_since is None:
             self._unsynced_since = trio.current_time()
@@ -656,6 +673,8 @@ class Persister:
         seq = self.submitted
         switched_at = trio.current_time()
         source = snapshot_source()
+        self._superseded_from = source.entries
+        self._superseded = 0
         metas = self.meta_source() if self.meta_source is not None else {}
         old_fd = self._fd
         self._fd = new_fd
@@ -710,7 +729,13 @@ class Persister:
                     size = 0
                 else:
                     await trio.sleep(0)
+            # Encoded: what the copy lost meanwhile is in the new journal.
+            # Those records must be as durable as the snapshot before it
+            # replaces the old generation.
+            self._superseded_from = None
+            superseded_up_to = self.submitted
             await self._write_out(fd, parts)
+            await self._journaled(superseded_up_to)
             out_fd, fd = fd, -1
             await self._snapshot_disk.run(lambda: self._finish_snapshot(out_fd, tmp, path, gen))
         except OSError as exc:
@@ -718,17 +743,28 @@ class Persister:
             return
         finally:
             self._compacting = False
+            self._superseded_from = None
             if fd >= 0:  # failed or cancelled half way: the tmp file goes
                 os.close(fd)
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
         self.compactions_total += 1
         log.info(
-            "event=compacted generation=%d sessions=%d seconds=%.3f",
+            "event=compacted generation=%d sessions=%d superseded=%d seconds=%.3f",
             gen,
-            count,
+            count - self._superseded,
+            self._superseded,
             time.monotonic() - started,
         )
+
+    async def _journaled(self, seq: int) -> None:
+        """Wait until change batch ``seq`` is in the journal: fsynced, or
+        handed to the kernel under ``never``."""
+        never = self.config.fsync == "never"
+        while (self.written if never else self.synced) < seq:
+            if self._failed is not None:
+                raise self._failed
+            await self._progress.wait()
 
     async def _write_out(self, fd: int, parts: list[bytes]) -> None:
         data = b"".join(parts)

@@ -144,6 +144,87 @@ async def test_a_compaction_cut_short_leaves_no_trace_and_loses_nothing(tmp_path
     }
 
 
+async def test_sessions_rewritten_during_a_compaction_are_left_to_the_new_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Sessions written or destroyed while a snapshot is being encoded are
+    # left out of it: their records in the new journal supersede them.  So
+    # the snapshot must not replace the old generation until the new journal
+    # is fsynced past those records.  Here its fsync hangs meanwhile.
+    persister = Persister(
+        PersistConfig(str(tmp_path), "interval", fsync_interval_s=0.02, min_compact_bytes=1)
+    )
+    await trio.to_thread.run_sync(persister.open, time.time(), trio.current_time())
+    now = trio.current_time()
+    store = {f"s{i}": (b"%04d" % i + b"x" * 1000, now + 600, 600) for i in range(5000)}
+    taken: list[SnapshotSource] = []
+
+    def source() -> SnapshotSource:
+        taken.append(store_snapshot_source(dict(store), trio.current_time(), time.time()))
+        return taken[-1]
+
+    hung = threading.Event()
+    release = threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def hanging_fdatasync(fd: int) -> None:
+        if not release.is_set():
+            hung.set()
+            release.wait(30)
+        real_fdatasync(fd)
+
+    tmp = tmp_path / f"{snapshot_name(2)}.tmp"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(persister.run, source, lambda: 0)
+        try:
+            first = [(j.Op.PUT, sid, 600, raw[0]) for sid, raw in store.items()]
+            persister.submit(first, time.time())
+            with trio.fail_after(30):
+                while not (tmp.exists() and tmp.stat().st_size > 0):
+                    await trio.sleep(0)
+            # Encoding is under way: rewrite every session, destroy 100.
+            monkeypatch.setattr(os, "fdatasync", hanging_fdatasync)
+            assert len(taken) == 1
+            encoded = len(store) - len(taken[0].entries)
+            changes: list[j.Change] = []
+            for i, sid in enumerate(list(store)):
+                if i % 50 == 0:
+                    del store[sid]
+                    changes.append((j.Op.DELETE, sid, 0, b""))
+                else:
+                    store[sid] = (b"new" + store[sid][0], store[sid][1], 600)
+                    changes.append((j.Op.PUT, sid, 600, store[sid][0]))
+            rewritten = persister.submit(changes, time.time())
+            assert not taken[0].entries  # all superseded: nothing left to encode
+            with trio.fail_after(30):
+                await trio.to_thread.run_sync(hung.wait)
+            await trio.sleep(0.3)
+            # The journal is not fsynced past the rewrite: the snapshot waits.
+            assert persister.synced < rewritten
+            assert not (tmp_path / snapshot_name(2)).exists()
+            assert persister.compactions_total == 0
+            release.set()
+            with trio.fail_after(30):
+                while persister.compactions_total == 0:
+                    await trio.sleep(0.01)
+            assert persister.synced >= rewritten
+            nursery.cancel_scope.cancel()
+        finally:
+            release.set()  # a failed assertion must not leave the writer hanging
+    await persister.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        journal_name(2), "lock", snapshot_name(2)
+    ]
+    puts: list[str] = []
+    j.scan((tmp_path / snapshot_name(2)).read_bytes(), len(j.SNAPSHOT_MAGIC),
+           lambda op, sid, *_: puts.append(sid) if op is j.Op.PUT else None)
+    assert len(puts) == encoded  # what was encoded before the rewrite, no more
+    restored, _ = restore(str(tmp_path), time.time())
+    assert {sid: raw[0] for sid, raw in restored.sessions.items()} == {
+        sid: raw[0] for sid, raw in store.items()
+    }
+
+
 @pytest.mark.parametrize(("policy", "journal_nice"), [("interval", 10), ("always", 0)])
 async def test_disk_threads_run_below_the_event_loop_unless_replies_wait_for_them(
     tmp_path: Path, policy: str, journal_nice: int

@@ -545,25 +545,29 @@ class Persister:
         self._work.set()
         return self.submitted
 
-    async def wait_durable(self, seq: int) -> None:
-        """Return once change batch ``seq`` is as durable as the policy wants.
+    def durable(self, seq: int) -> bool:
+        """Whether change batch ``seq`` is already as durable as the policy
+        wants (no wait): the reply's fast path, no coroutine.
 
         ``interval`` does not wait, unless the oldest change not yet fsynced
         is older than twice the interval (a slow or stalled disk; in steady
         state it is at most one interval and a flush old): then replies wait
         for the fsync, which keeps the loss window at two intervals and the
-        memory held for the journal bounded."""
+        memory held for the journal bounded.  Raises once the journal failed."""
+        if self._failed is not None:
+            raise self._failed
         policy = self.config.fsync
-        if policy == "never" or (
-            policy == "interval"
-            and (
-                self._unsynced_since is None
-                or trio.current_time() - self._unsynced_since
-                <= 2 * self.config.fsync_interval_s
-            )
-        ):
-            if self._failed is not None:
-                raise self._failed
+        if policy == "never" or self.synced >= seq:
+            return True
+        if policy == "interval":
+            since = self._unsynced_since
+            return since is None or trio.current_time() - since <= 2 * self.config.fsync_interval_s
+        return False
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once change batch ``seq`` is as durable as the policy wants
+        (:meth:`durable`)."""
+        if self.durable(seq):
             return
         while self.synced < seq:
             if self._failed is not None:

@@ -456,6 +456,7 @@ class Server:
         parser = p.RequestParser(self.config.limits.max_session_bytes, peer=conn.node is not None)
         parser.receive_data(leftover)
         cluster = self.cluster
+        persister = self.persister
         owner = conn.owner
         while True:
             out: list[bytes] = []
@@ -531,7 +532,7 @@ class Server:
                         await self._durable(durable_seq)
                     await netio.send(fd, b"".join(out))
                     return
-            if durable_seq:
+            if durable_seq and not (persister is not None and persister.durable(durable_seq)):
                 await self._durable(durable_seq)
             if engine.drain_requested and not self._stopping.is_set():
                 log.info("event=drain_requested owner=%d", owner)
@@ -596,8 +597,10 @@ class Server:
         return conn.reply
 
     async def _durable(self, seq: int) -> None:
-        assert self.persister is not None
-        await self.persister.wait_durable(seq)
+        persister = self.persister
+        assert persister is not None
+        if not persister.durable(seq):  # the usual case costs no coroutine
+            await persister.wait_durable(seq)
 
     def _after_engine(self) -> None:
         """Deliver late replies and log notices; wake the timer if needed."""

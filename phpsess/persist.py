@@ -477,6 +477,8 @@ class Persister:
         # The copy of the store that compaction is encoding (or None).
         self._superseded_from: dict[str, Raw] | None = None
         self._superseded = 0
+        # A compaction waits for the journal's next fsync: do it now.
+        self._sync_soon = False
         self._failed: BaseException | None = None
         self.fsyncs_total = 0
         self.fsync_seconds_total = 0.0
@@ -623,7 +625,7 @@ class Persister:
             buf = j.encode_changes(self._pending)
             self._pending = []
             seq = self.submitted
-            due = now - self._last_sync >= interval
+            due = now - self._last_sync >= interval or self._sync_soon
             sync = policy == "always" or (policy == "interval" and due)
             await self._disk.run(lambda: self._append(buf, sync))
             self.journal_bytes += len(buf)
@@ -641,6 +643,7 @@ class Persister:
 
     def _synced_to(self, seq: int, taken_at: float) -> None:
         """Batches up to ``seq``, taken from the queue at ``taken_at``, are fsynced."""
+        self._sync_soon = False
         self.synced = max(self.synced, seq)
         self._last_sync = taken_at
         self._unsynced_since = None if self.submitted <= seq else taken_at
@@ -748,6 +751,9 @@ class Persister:
         finally:
             self._compacting = False
             self._superseded_from = None
+            # The journal may have outgrown the live data meanwhile (a burst
+            # of writes): the writer checks again even if no write follows.
+            self._work.set()
             if fd >= 0:  # failed or cancelled half way: the tmp file goes
                 os.close(fd)
                 with contextlib.suppress(OSError):
@@ -768,6 +774,8 @@ class Persister:
         while (self.written if never else self.synced) < seq:
             if self._failed is not None:
                 raise self._failed
+            self._sync_soon = not never
+            self._work.set()
             await self._progress.wait()
 
     async def _write_out(self, fd: int, parts: list[bytes]) -> None:

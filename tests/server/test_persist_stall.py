@@ -23,6 +23,7 @@ from phpsess.persist import (
     snapshot_name,
     store_snapshot_source,
 )
+from phpsess.store import Raw
 
 
 async def test_interval_waits_for_a_stalled_disk_only_beyond_the_window(
@@ -108,20 +109,42 @@ async def test_interval_replies_never_wait_for_a_disk_that_keeps_up(
     assert waited == 0 or slowest > interval, (waited, slowest)
 
 
+def _store(now: float) -> dict[str, Raw]:
+    """5,000 sessions of about 1 KB (5 MB), as the store holds them."""
+    return {f"s{i}": (b"%04d" % i + b"x" * 1000, now + 600, 600) for i in range(5000)}
+
+
+def _copier(store: dict[str, Raw], taken: list[SnapshotSource]) -> Callable[[], SnapshotSource]:
+    """Compaction's copy of ``store``; each copy is kept in ``taken`` too."""
+
+    def source() -> SnapshotSource:
+        taken.append(store_snapshot_source(dict(store), trio.current_time(), time.time()))
+        return taken[-1]
+
+    return source
+
+
+async def _opened(config: PersistConfig) -> Persister:
+    persister = Persister(config)
+    await trio.to_thread.run_sync(persister.open, time.time(), trio.current_time())
+    return persister
+
+
+def _assert_restores(path: Path, store: dict[str, Raw]) -> None:
+    restored, _ = restore(str(path), time.time())
+    assert {sid: raw[0] for sid, raw in restored.sessions.items()} == {
+        sid: raw[0] for sid, raw in store.items()
+    }
+
+
 async def test_a_compaction_cut_short_leaves_no_trace_and_loses_nothing(tmp_path: Path) -> None:
     # Compaction encodes in the event loop between requests; a daemon that
     # stops half way through one removes the partial snapshot, and the
     # journals still restore every session.
-    persister = Persister(PersistConfig(str(tmp_path), "never", min_compact_bytes=1))
-    await trio.to_thread.run_sync(persister.open, time.time(), trio.current_time())
-    now = trio.current_time()
-    sessions = {f"s{i}": (b"%04d" % i + b"x" * 1000, now + 600, 600) for i in range(5000)}
+    persister = await _opened(PersistConfig(str(tmp_path), "never", min_compact_bytes=1))
+    sessions = _store(trio.current_time())
     taken: list[SnapshotSource] = []
-
-    def source() -> SnapshotSource:
-        taken.append(store_snapshot_source(dict(sessions), trio.current_time(), time.time()))
-        return taken[-1]
-
+    source = _copier(sessions, taken)
     tmp = tmp_path / f"{snapshot_name(2)}.tmp"
     async with trio.open_nursery() as nursery:
         await nursery.start(persister.run, source, lambda: 0)
@@ -138,10 +161,7 @@ async def test_a_compaction_cut_short_leaves_no_trace_and_loses_nothing(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         journal_name(1), journal_name(2), "lock"
     ]
-    restored, _ = restore(str(tmp_path), time.time())
-    assert {sid: raw[0] for sid, raw in restored.sessions.items()} == {
-        sid: raw[0] for sid, raw in sessions.items()
-    }
+    _assert_restores(tmp_path, sessions)
 
 
 async def test_sessions_rewritten_during_a_compaction_are_left_to_the_new_journal(
@@ -151,18 +171,12 @@ async def test_sessions_rewritten_during_a_compaction_are_left_to_the_new_journa
     # left out of it: their records in the new journal supersede them.  So
     # the snapshot must not replace the old generation until the new journal
     # is fsynced past those records.  Here its fsync hangs meanwhile.
-    persister = Persister(
+    persister = await _opened(
         PersistConfig(str(tmp_path), "interval", fsync_interval_s=0.02, min_compact_bytes=1)
     )
-    await trio.to_thread.run_sync(persister.open, time.time(), trio.current_time())
-    now = trio.current_time()
-    store = {f"s{i}": (b"%04d" % i + b"x" * 1000, now + 600, 600) for i in range(5000)}
+    store = _store(trio.current_time())
     taken: list[SnapshotSource] = []
-
-    def source() -> SnapshotSource:
-        taken.append(store_snapshot_source(dict(store), trio.current_time(), time.time()))
-        return taken[-1]
-
+    source = _copier(store, taken)
     hung = threading.Event()
     release = threading.Event()
     real_fdatasync = os.fdatasync
@@ -220,10 +234,7 @@ async def test_sessions_rewritten_during_a_compaction_are_left_to_the_new_journa
     j.scan((tmp_path / snapshot_name(2)).read_bytes(), len(j.SNAPSHOT_MAGIC),
            lambda op, sid, *_: puts.append(sid) if op is j.Op.PUT else None)
     assert len(puts) == encoded  # what was encoded before the rewrite, no more
-    restored, _ = restore(str(tmp_path), time.time())
-    assert {sid: raw[0] for sid, raw in restored.sessions.items()} == {
-        sid: raw[0] for sid, raw in store.items()
-    }
+    _assert_restores(tmp_path, store)
 
 
 async def test_a_journal_that_outgrew_the_live_data_during_a_compaction_is_compacted_at_rest(
@@ -233,14 +244,10 @@ async def test_a_journal_that_outgrew_the_live_data_during_a_compaction_is_compa
     # journal past the live data; the writes then stop.  The writer checks
     # again when the compaction ends, so disk use comes back to about the
     # live data without waiting for another write.
-    persister = Persister(PersistConfig(str(tmp_path), "never", min_compact_bytes=100_000))
-    await trio.to_thread.run_sync(persister.open, time.time(), trio.current_time())
+    persister = await _opened(PersistConfig(str(tmp_path), "never", min_compact_bytes=100_000))
     now = trio.current_time()
-    store = {f"s{i}": (b"%04d" % i + b"x" * 1000, now + 600, 600) for i in range(5000)}
-
-    def source() -> SnapshotSource:
-        return store_snapshot_source(dict(store), trio.current_time(), time.time())
-
+    store = _store(now)
+    source = _copier(store, [])
     tmp = tmp_path / f"{snapshot_name(2)}.tmp"
     async with trio.open_nursery() as nursery:
         await nursery.start(persister.run, source, lambda: len(store) * 1004)
@@ -262,10 +269,7 @@ async def test_a_journal_that_outgrew_the_live_data_during_a_compaction_is_compa
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         journal_name(3), "lock", snapshot_name(3)
     ]
-    restored, _ = restore(str(tmp_path), time.time())
-    assert {sid: raw[0] for sid, raw in restored.sessions.items()} == {
-        sid: raw[0] for sid, raw in store.items()
-    }
+    _assert_restores(tmp_path, store)
 
 
 @pytest.mark.parametrize(("policy", "journal_nice"), [("interval", 10), ("always", 0)])

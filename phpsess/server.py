@@ -532,6 +532,7 @@ class Server:
                         await self._durable(durable_seq)
                     await netio.send(fd, b"".join(out))
                     return
+            # The usual case (interval, never) costs a call, not a coroutine.
             if durable_seq and not (persister is not None and persister.durable(durable_seq)):
                 await self._durable(durable_seq)
             if engine.drain_requested and not self._stopping.is_set():
@@ -597,10 +598,8 @@ class Server:
         return conn.reply
 
     async def _durable(self, seq: int) -> None:
-        persister = self.persister
-        assert persister is not None
-        if not persister.durable(seq):  # the usual case costs no coroutine
-            await persister.wait_durable(seq)
+        assert self.persister is not None
+        await self.persister.wait_durable(seq)
 
     def _after_engine(self) -> None:
         """Deliver late replies and log notices; wake the timer if needed."""

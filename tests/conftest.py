@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -89,6 +90,24 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
 
+
+
+class HangingFdatasync:
+    """``os.fdatasync`` of a disk that hangs: every call waits (at most
+    ``limit_s``) until the test sets ``release``; ``hung`` says one did.
+    ``real`` is the function it stands in for."""
+
+    def __init__(self, limit_s: float = 30.0) -> None:
+        self.hung = threading.Event()
+        self.release = threading.Event()
+        self.real = os.fdatasync
+        self._limit_s = limit_s
+
+    def __call__(self, fd: int) -> None:
+        if not self.release.is_set():
+            self.hung.set()
+            self.release.wait(self._limit_s)
+        self.real(fd)
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -19,21 +18,14 @@ from phpsess.addresses import UnixAddress
 from phpsess.engine import Limits
 from phpsess.persist import PersistConfig
 from phpsess.server import Server, ServerConfig
+from tests.conftest import HangingFdatasync
 from tests.server.test_server_time import _Conn
 
 
 async def test_grant_while_the_waiter_waits_for_the_disk_is_delivered(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    syncing = threading.Event()
-    release = threading.Event()
-    real_fdatasync = os.fdatasync
-
-    def slow_fdatasync(fd: int) -> None:
-        syncing.set()
-        release.wait(10)
-        real_fdatasync(fd)
-
+    disk = HangingFdatasync(limit_s=10)
     with tempfile.TemporaryDirectory(prefix="ps-", dir="/tmp") as tmp:
         path = str(Path(tmp) / "s.sock")
         server = Server(ServerConfig(
@@ -47,22 +39,22 @@ async def test_grant_while_the_waiter_waits_for_the_disk_is_delivered(
         for c in (a, b):
             assert await c.request(p.Hello(1)) == p.Ok(("1",))
         assert await a.request(p.Read("s")) == p.MISS  # a holds s
-        monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+        monkeypatch.setattr(os, "fdatasync", disk)
         # b: a write (its reply waits for the fsync) and, pipelined, a
         # locking read of s, which waits for a.
         await b.stream.send_all(
             p.encode_request(p.Write("other", 60, b"x")) + p.encode_request(p.Read("s"))
         )
-        await trio.to_thread.run_sync(syncing.wait, 10)
+        await trio.to_thread.run_sync(disk.hung.wait, 10)
         # While b's connection waits for the disk, a writes s: the lock goes to b.
         await a.stream.send_all(p.encode_request(p.Write("s", 60, b"from a")))
         await trio.sleep(0.2)
-        release.set()
+        disk.release.set()
         assert await a.reply() == p.OK
         with trio.fail_after(10):  # not the 30 s lock wait
             assert await b.reply() == p.OK
             assert await b.reply() == p.Data(b"from a")
-        monkeypatch.setattr(os, "fdatasync", real_fdatasync)
+        monkeypatch.setattr(os, "fdatasync", disk.real)
         for c in (a, b):
             await c.stream.aclose()
         server.shutdown()

@@ -24,31 +24,23 @@ from phpsess.persist import (
     store_snapshot_source,
 )
 from phpsess.store import Raw
+from tests.conftest import HangingFdatasync
 
 
 async def test_interval_waits_for_a_stalled_disk_only_beyond_the_window(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stalled = threading.Event()
-    release = threading.Event()
-    real_fdatasync = os.fdatasync
-
-    def slow_fdatasync(fd: int) -> None:
-        # A disk that hangs in fsync until the test lets it go.
-        stalled.set()
-        release.wait(30)
-        real_fdatasync(fd)
-
+    disk = HangingFdatasync()  # hangs in fsync until the test lets it go
     persister = Persister(PersistConfig(str(tmp_path), "interval", fsync_interval_s=0.05))
     await trio.to_thread.run_sync(persister.open, time.time(), trio.current_time())
-    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+    monkeypatch.setattr(os, "fdatasync", disk)
     change = [(j.Op.PUT, "s1", 60, b"x" * 100)]
     async with trio.open_nursery() as nursery:
         await nursery.start(persister.run, lambda: lambda: iter(()), lambda: 0)
         first = persister.submit(change, time.time())
         await persister.wait_durable(first)  # within the window: no wait
         assert persister.synced < first
-        await trio.to_thread.run_sync(stalled.wait, 30)  # the fsync hangs
+        await trio.to_thread.run_sync(disk.hung.wait, 30)  # the fsync hangs
         await trio.sleep(0.15)  # ... for longer than two intervals
         second = persister.submit(change, time.time())
         waited = False
@@ -61,13 +53,13 @@ async def test_interval_waits_for_a_stalled_disk_only_beyond_the_window(
         nursery.start_soon(wait)
         await trio.sleep(0.2)
         assert not waited  # the reply waits for the disk now
-        release.set()
+        disk.release.set()
         with trio.fail_after(30):
             while not waited:
                 await trio.sleep(0.01)
         assert persister.synced >= second
         nursery.cancel_scope.cancel()
-    monkeypatch.setattr(os, "fdatasync", real_fdatasync)
+    monkeypatch.setattr(os, "fdatasync", disk.real)
     await persister.close()
     journal = next(tmp_path.glob("journal-*.pjnl")).read_bytes()
     assert journal.count(b"x" * 100) == 2
@@ -177,16 +169,7 @@ async def test_sessions_rewritten_during_a_compaction_are_left_to_the_new_journa
     store = _store(trio.current_time())
     taken: list[SnapshotSource] = []
     source = _copier(store, taken)
-    hung = threading.Event()
-    release = threading.Event()
-    real_fdatasync = os.fdatasync
-
-    def hanging_fdatasync(fd: int) -> None:
-        if not release.is_set():
-            hung.set()
-            release.wait(30)
-        real_fdatasync(fd)
-
+    disk = HangingFdatasync()
     tmp = tmp_path / f"{snapshot_name(2)}.tmp"
     async with trio.open_nursery() as nursery:
         await nursery.start(persister.run, source, lambda: 0)
@@ -197,7 +180,7 @@ async def test_sessions_rewritten_during_a_compaction_are_left_to_the_new_journa
                 while not (tmp.exists() and tmp.stat().st_size > 0):
                     await trio.sleep(0)
             # Encoding is under way: rewrite every session, destroy 100.
-            monkeypatch.setattr(os, "fdatasync", hanging_fdatasync)
+            monkeypatch.setattr(os, "fdatasync", disk)
             assert len(taken) == 1
             encoded = len(store) - len(taken[0].entries)
             changes: list[j.Change] = []
@@ -211,20 +194,20 @@ async def test_sessions_rewritten_during_a_compaction_are_left_to_the_new_journa
             rewritten = persister.submit(changes, time.time())
             assert not taken[0].entries  # all superseded: nothing left to encode
             with trio.fail_after(30):
-                await trio.to_thread.run_sync(hung.wait)
+                await trio.to_thread.run_sync(disk.hung.wait)
             await trio.sleep(0.3)
             # The journal is not fsynced past the rewrite: the snapshot waits.
             assert persister.synced < rewritten
             assert not (tmp_path / snapshot_name(2)).exists()
             assert persister.compactions_total == 0
-            release.set()
+            disk.release.set()
             with trio.fail_after(30):
                 while persister.compactions_total == 0:
                     await trio.sleep(0.01)
             assert persister.synced >= rewritten
             nursery.cancel_scope.cancel()
         finally:
-            release.set()  # a failed assertion must not leave the writer hanging
+            disk.release.set()  # a failed assertion must not leave the writer hanging
     await persister.close()
     # Generation 1 is gone (a next compaction, started since, may have left
     # journal 3 when it was stopped).

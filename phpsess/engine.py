@@ -333,8 +333,11 @@ class Engine:
         alphabet = _ALPHABETS[request.bits]
         mask = len(alphabet) - 1  # 16, 32 or 64 divide 256: every character is uniform
         suffix = "" if self.sid_suffix is None else self.sid_suffix()
+        # In a cluster the node names follow; the whole ID stays within 256
+        # characters, so PHP and the protocol accept it (CLUSTER.md §2).
+        length = min(request.length, p.MAX_SID_LENGTH - len(suffix))
         while True:
-            raw = self._token_bytes(request.length)
+            raw = self._token_bytes(length)
             sid = "".join([alphabet[b & mask] for b in raw]) + suffix
             if sid not in self.store and self.locks.holder(sid) is None:
                 break

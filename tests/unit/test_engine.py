@@ -476,6 +476,19 @@ def test_create_defaults_and_nolock(engine: Engine) -> None:
     assert engine.locks.holder(other) is None
 
 
+@pytest.mark.parametrize("length", [22, 200, 256])
+def test_create_in_a_cluster_fits_the_node_names_within_256(engine: Engine, length: int) -> None:
+    suffix = "-" + "m" * 16 + "-" + "b" * 16  # the longest node names
+    engine.sid_suffix = lambda: suffix
+    reply = engine.handle("a", p.Create(length, 6), 0.0)
+    assert isinstance(reply, p.Ok)
+    [sid] = reply.tokens
+    assert sid.endswith(suffix)
+    assert len(sid) == min(length + len(suffix), p.MAX_SID_LENGTH)
+    assert p.is_valid_sid(sid)
+    assert engine.handle("a", p.Write(sid, 100, b"x"), 0.0) == p.OK
+
+
 class ScriptedTokens:
     """A token_bytes source that returns the given byte strings, in turn."""
 

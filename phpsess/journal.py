@@ -23,11 +23,19 @@ Scanning (:func:`scan`) tells three situations apart:
   file system that extended the file with zeros).  Safe to truncate there;
 - **corruption**: a record fails its checksum or is malformed and real data
   follows it.  Never silently dropped: the caller stops and says where.
+
+A record whose length field cannot be trusted (it runs past the end of the
+file, or is too small) does not say where "after it" is.  It is a torn tail
+only if no intact record starts anywhere after it and the header could be
+one this module wrote, cut short or partly zeroed by a crash: zeroing bytes
+of a length can only make it smaller, so a length above
+``MAX_BODY_BYTES`` is damage, never a torn append.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +50,7 @@ MAX_BODY_BYTES: Final = 1 << 30  # far above any session; a bigger length is dam
 _HEAD: Final = struct.Struct("<II")
 _OP_SID: Final = struct.Struct("<BH")
 _LIFE: Final = struct.Struct("<dI")
+_NONZERO: Final = re.compile(rb"[^\x00]")
 
 
 class Op(enum.IntEnum):
@@ -170,14 +179,18 @@ def scan(buf: bytes | memoryview, start: int, emit: Emit) -> ScanResult:
     put, touch, end_op, meta = Op.PUT, Op.TOUCH, Op.END, Op.META
     while pos < end:
         if end - pos < head:
-            return _tail_or_corrupt(view, pos, end, "incomplete record header")
+            # Nothing can follow a header the file ends in.
+            return ScanResult(Damage.TORN_TAIL, pos, pos, "incomplete record header")
         length, crc = unpack_head(view, pos)
-        if length > MAX_BODY_BYTES or length < op_sid:
-            return _tail_or_corrupt(view, pos, end, f"impossible record length {length}")
+        if length > MAX_BODY_BYTES:
+            reason = f"impossible record length {length}"
+            return ScanResult(Damage.CORRUPT, pos, pos, reason)
+        if length < op_sid:
+            return _untrusted_length(view, pos, end, f"impossible record length {length}")
         body_start = pos + head
         body_end = body_start + length
         if body_end > end:
-            return _tail_or_corrupt(view, pos, end, "record cut short")
+            return _untrusted_length(view, pos, end, "record cut short")
         if crc32(view[body_start:body_end]) != crc:
             return _tail_or_corrupt(view, pos, end, "checksum mismatch", body_end)
         op_value, sid_len = unpack_op(view, body_start)
@@ -200,12 +213,21 @@ def scan(buf: bytes | memoryview, start: int, emit: Emit) -> ScanResult:
 
 
 def _tail_or_corrupt(
-    view: memoryview, pos: int, end: int, reason: str, record_end: int | None = None
+    view: memoryview, pos: int, end: int, reason: str, record_end: int
 ) -> ScanResult:
     # A torn append leaves an incomplete or bad last record, perhaps followed
     # by zeros; anything else after it means damage in the middle.
-    after = record_end if record_end is not None and record_end <= end else end
-    if not any(view[after:end]):
+    if not any(view[min(record_end, end) : end]):
+        return ScanResult(Damage.TORN_TAIL, pos, pos, reason)
+    return ScanResult(Damage.CORRUPT, pos, pos, reason)
+
+
+def _untrusted_length(view: memoryview, pos: int, end: int, reason: str) -> ScanResult:
+    # Where the record at pos ends is unknown, so "only zeros follow it"
+    # cannot be checked: any intact record further on proves that the damage
+    # is in the middle (a crash while appending leaves nothing intact after
+    # the record it cut).  Only on this error path: one look per offset.
+    if _next_intact(view, pos + 1, end) is None:
         return ScanResult(Damage.TORN_TAIL, pos, pos, reason)
     return ScanResult(Damage.CORRUPT, pos, pos, reason)
 
@@ -228,10 +250,29 @@ def resync(
             emit(record)
             continue
         bad.append(pos)
-        pos += 1
-        while pos + _HEAD.size <= end and _intact_at(view, pos, end) is None:
-            pos += 1
+        after = _next_intact(view, pos + 1, end)
+        pos = end if after is None else after
     return min(pos, end), bad
+
+
+def _next_intact(view: memoryview, pos: int, end: int) -> int | None:
+    """The offset of the first intact record at or after ``pos``, or None."""
+    last = end - _HEAD.size
+    while pos <= last:
+        if not view[pos]:
+            # A record's length is at least 3, so one of its four bytes is
+            # not zero: skip a run of zeros (a file extended by the file
+            # system) at once instead of offset by offset.
+            found = _NONZERO.search(view, pos, end)
+            if found is None:
+                return None
+            pos = max(pos, found.start() - 3)
+            if pos > last:
+                return None
+        if _intact_at(view, pos, end) is not None:
+            return pos
+        pos += 1
+    return None
 
 
 def _intact_at(view: memoryview, pos: int, end: int) -> tuple[Record, int] | None:
@@ -245,9 +286,9 @@ def _intact_at(view: memoryview, pos: int, end: int) -> tuple[Record, int] | Non
     op_value, sid_len = _OP_SID.unpack_from(view, body_start)
     if op_value not in _OPS or _OP_SID.size + sid_len > length:
         return None
-    body = bytes(view[body_start:body_end])
-    if zlib.crc32(body) != crc:
+    if zlib.crc32(view[body_start:body_end]) != crc:
         return None
+    body = bytes(view[body_start:body_end])
     try:
         return _decode_body(body), body_end
     except _Bad:

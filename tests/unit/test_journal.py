@@ -87,6 +87,76 @@ def test_a_bad_record_followed_by_data_is_corruption() -> None:
     assert bad == [0] and [r.sid for r in kept] == [r[1] for r in RECORDS[1:]]
 
 
+@pytest.mark.parametrize("cut", [8, 9, 12, 30])
+def test_a_cut_last_record_followed_by_zeros_is_a_torn_tail(cut: int) -> None:
+    # The file system extended the file past what the crash let be written.
+    buf = encoded(RECORDS)
+    got, result = scan_all(buf + j.encode(*RECORDS[0])[:cut] + bytes(5000))
+    assert got == RECORDS
+    assert result.damage is j.Damage.TORN_TAIL and result.good_end == len(buf)
+
+
+@pytest.mark.parametrize(
+    "length",
+    [len(RECORDS) * 10_000, j.MAX_BODY_BYTES, j.MAX_BODY_BYTES + 1, 0xFFFFFFFF, 0, 1, 2],
+)
+@pytest.mark.parametrize("index", [0, 2, 3])
+def test_a_damaged_length_field_followed_by_intact_records_is_corruption(
+    length: int, index: int
+) -> None:
+    # The length cannot say where the record ends, so "only zeros follow"
+    # cannot be checked there: the intact records after it tell.
+    parts = [j.encode(*r) for r in RECORDS]
+    damaged = bytearray(parts[index])
+    damaged[:4] = length.to_bytes(4, "little")
+    at = len(b"".join(parts[:index]))
+    buf = b"".join(parts[:index]) + bytes(damaged) + b"".join(parts[index + 1 :])
+    got, result = scan_all(buf)
+    assert got == RECORDS[:index]
+    assert result.damage is j.Damage.CORRUPT and result.damage_at == at == result.good_end
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 1 << 24])
+def test_a_damaged_length_in_the_last_record_is_a_torn_tail(length: int) -> None:
+    # Nothing intact after it, and a length that a crash can leave (zeroed
+    # bytes make it smaller; one past the end of the file).
+    buf = encoded(RECORDS)
+    last = bytearray(j.encode(*RECORDS[0]))
+    last[:4] = length.to_bytes(4, "little")
+    for tail in (bytes(last), bytes(last) + bytes(100)):
+        _, result = scan_all(buf + tail)
+        assert result.damage is j.Damage.TORN_TAIL and result.good_end == len(buf)
+
+
+def test_a_length_no_crash_can_write_is_corruption_even_last() -> None:
+    # Zeroing bytes of a length makes it smaller: one above the limit is
+    # damage, not a torn append.
+    buf = encoded(RECORDS)
+    last = bytearray(j.encode(*RECORDS[0]))
+    last[:4] = (j.MAX_BODY_BYTES + 1).to_bytes(4, "little")
+    _, result = scan_all(buf + bytes(last))
+    assert result.damage is j.Damage.CORRUPT and result.damage_at == len(buf)
+
+
+@pytest.mark.parametrize("zeros", [0, 1, 3, 4, 5, 8 << 20])
+def test_a_record_after_a_run_of_zeros_is_found(zeros: int) -> None:
+    # Runs of zeros are skipped at once, not offset by offset; a record
+    # whose length starts with a zero byte (256 = 00 01 00 00) right after
+    # them is still found.
+    after = (j.Op.PUT, "s", 5.0, 60, b"z" * 240)
+    assert j.encode(*after)[:4] == b"\x00\x01\x00\x00"
+    buf = encoded(RECORDS)
+    hidden = buf + b"\x00\x00\x00\x00junk" + bytes(zeros) + j.encode(*after)
+    _, result = scan_all(hidden)
+    assert result.damage is j.Damage.CORRUPT and result.damage_at == len(buf)
+    kept: list[j.Record] = []
+    _, bad = j.resync(hidden, 0, kept.append)
+    assert bad == [len(buf)]
+    assert [r.sid for r in kept] == [r[1] for r in RECORDS] + ["s"]
+    _, result = scan_all(buf + b"\x00\x00\x00\x00junk" + bytes(zeros))
+    assert result.damage is j.Damage.TORN_TAIL and result.good_end == len(buf)
+
+
 @pytest.mark.parametrize("flip", [0, 1, 3, 4, 9])  # length field, checksum, type, id
 def test_recovery_keeps_the_records_after_a_damaged_header(flip: int) -> None:
     records = [(j.Op.PUT, f"s{i}", 5.0, 60, bytes([i]) * 100) for i in range(20)]

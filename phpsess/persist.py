@@ -49,6 +49,7 @@ import mmap
 import os
 import queue
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -155,8 +156,12 @@ def _recovery_hint(path: str) -> str:
 
 
 class _Apply:
-    """Replays records into store entries, dropping what has expired by
-    ``wall_now``; expiries are moved to the store's clock by ``offset``."""
+    """Replays records into store entries; expiries are moved to the store's
+    clock by ``offset``.  Every record is applied whatever its expiry: a PUT
+    whose own expiry has passed may have been kept alive by a later TOUCH
+    (PHP's lazy_write sends only TOUCH while the data is unchanged).  What
+    is still expired at ``wall_now`` once everything is replayed is dropped
+    by :meth:`drop_expired`."""
 
     def __init__(self, wall_now: float, offset: float) -> None:
         self.sessions: dict[str, Raw] = {}
@@ -170,19 +175,11 @@ class _Apply:
     def __call__(self, op: j.Op, sid: str, expires_at: float, ttl_s: int, data: bytes) -> None:
         if op is j.Op.PUT:
             self.puts += 1
-            if expires_at > self.wall_now:
-                self.sessions[sid] = (data, expires_at + self.offset, ttl_s)
-            else:
-                self.sessions.pop(sid, None)
-                self.expired += 1
+            self.sessions[sid] = (data, expires_at + self.offset, ttl_s)
         elif op is j.Op.TOUCH:
             old = self.sessions.get(sid)
             if old is not None:
-                if expires_at > self.wall_now:
-                    self.sessions[sid] = (old[0], expires_at + self.offset, ttl_s)
-                else:
-                    del self.sessions[sid]
-                    self.expired += 1
+                self.sessions[sid] = (old[0], expires_at + self.offset, ttl_s)
         elif op is j.Op.DELETE:
             self.sessions.pop(sid, None)
             self.meta.pop(sid, None)
@@ -190,6 +187,17 @@ class _Apply:
             self.meta[sid] = data
         else:
             self.end_count = int(sid) if sid.isdigit() else -1
+
+    def drop_expired(self) -> None:
+        """Drop the sessions whose final expiry is not after ``wall_now``
+        (they expired while the daemon was down); count them in ``expired``.
+        Once per restore: one pass over the sessions, not a test per record."""
+        limit = self.wall_now + self.offset  # wall_now on the store's clock
+        sessions = self.sessions
+        gone = [sid for sid, raw in sessions.items() if raw[1] <= limit]
+        for sid in gone:
+            del sessions[sid]
+        self.expired += len(gone)
 
 
 def _read_file(path: str) -> bytes:
@@ -200,19 +208,50 @@ def _read_file(path: str) -> bytes:
 @contextlib.contextmanager
 def _mapped(path: str) -> Iterator[bytes | mmap.mmap]:
     """The file's bytes without reading it all into memory at once."""
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
+    # O_NONBLOCK: a FIFO with a journal's name must not hang the start.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DataDirError(
+                f"{path} is not a regular file, so it cannot be a phpsess "
+                f"{'snapshot' if path.endswith('.psnap') else 'journal'}; move it out of "
+                f"{os.path.dirname(path) or '.'} (phpsess keeps only its own files there) "
+                "and start again"
+            )
+        if info.st_size == 0:
             yield b""
             return
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
             yield mapped
+    finally:
+        os.close(fd)
+
+
+def _unusable(data_dir: str, exc: OSError) -> DataDirError:
+    """What to tell the operator when a file of ``data_dir`` cannot be used."""
+    what = exc.filename if exc.filename is not None else data_dir
+    return DataDirError(
+        f"cannot restore from {data_dir}: {what}: {exc.strerror or exc}. Check that "
+        "phpsess's user can read and write it and that the disk is healthy (dmesg); "
+        f"a file that is not phpsess's does not belong in {data_dir}: move it out, "
+        "then start again"
+    )
 
 
 def restore(data_dir: str, wall_now: float, mono_now: float = 0.0) -> tuple[Restored, int]:
     """Read the data directory; return the sessions alive at ``wall_now``
     (their expiry moved to the clock that reads ``mono_now`` at that moment)
     and the generation to append to.  Truncates a torn journal tail (and says
-    so in ``Restored.torn``); raises :class:`DataDirError` on real damage."""
+    so in ``Restored.torn``); raises :class:`DataDirError` on real damage,
+    and on a file it cannot read or write (naming it)."""
+    try:
+        return _restore(data_dir, wall_now, mono_now)
+    except OSError as exc:
+        raise _unusable(data_dir, exc) from exc
+
+
+def _restore(data_dir: str, wall_now: float, mono_now: float) -> tuple[Restored, int]:
     started = time.monotonic()
     snapshots, journals = _generations(data_dir)
     for name in os.listdir(data_dir):
@@ -283,6 +322,7 @@ def restore(data_dir: str, wall_now: float, mono_now: float = 0.0) -> tuple[Rest
         if gen < base:
             os.unlink(os.path.join(data_dir, journal_name(gen)))
     current = max([base, *[g for g in journals if g >= base]])
+    apply.drop_expired()
     result.sessions = apply.sessions
     result.meta = {sid: m for sid, m in apply.meta.items() if sid in apply.sessions}
     result.expired = apply.expired
@@ -314,9 +354,14 @@ def repair(data_dir: str) -> list[str]:
             records: list[j.Record] = []
             start = len(magic) if buf.startswith(magic) else 0
             _, bad = j.resync(buf, start, records.append)
-            puts = [r for r in records if r.op is not j.Op.END]
+            kept = [r for r in records if r.op is not j.Op.END]
             ends = [r for r in records if r.op is j.Op.END]
-            complete = kind == "journal" or (len(ends) == 1 and int(ends[0].sid) == len(puts))
+            # A snapshot's END counts its PUT records only (restore checks
+            # it so): its META records are kept but not counted.
+            puts = sum(1 for r in kept if r.op is j.Op.PUT)
+            complete = kind == "journal" or (
+                len(ends) == 1 and ends[0].sid.isdigit() and int(ends[0].sid) == puts
+            )
             if not bad and start and complete:
                 continue
             os.makedirs(keep, exist_ok=True)
@@ -324,15 +369,15 @@ def repair(data_dir: str) -> list[str]:
             tmp = path + ".repair"
             with open(tmp, "wb") as out:
                 out.write(magic)
-                for r in puts:
+                for r in kept:
                     out.write(j.encode(r.op, r.sid, r.expires_at, r.ttl_s, r.data))
                 if kind == "snapshot":
-                    out.write(j.encode(j.Op.END, str(len(puts))))
+                    out.write(j.encode(j.Op.END, str(puts)))
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, path)
             done.append(
-                f"{name}: kept {len(puts)} intact records, dropped damaged records at "
+                f"{name}: kept {len(kept)} intact records, dropped damaged records at "
                 f"offsets {bad or ['(missing trailer)']}; original in {keep}"
             )
     if done:
@@ -506,7 +551,10 @@ class Persister:
         self._lock.acquire()
         try:
             restored, self.gen = restore(self.dir, wall_now, mono_now)
-            self._open_journal(self.gen)
+            try:
+                self._open_journal(self.gen)
+            except OSError as exc:
+                raise _unusable(self.dir, exc) from exc
         except BaseException:
             self._lock.release()
             raise
@@ -601,23 +649,23 @@ class Persister:
                     # Gather a batch: one append per FLUSH_S under load, at
                     # once after a quiet spell.
                     await trio.sleep_until(self._last_flush + FLUSH_S)
+                source: SnapshotSource | None = None
                 try:
                     await self._write_round(policy, interval)
+                    limit = max(self.config.min_compact_bytes, live_bytes())
+                    if self.journal_bytes > limit and not self._compacting:
+                        self._compacting = True
+                        source = await self._switch_generation(snapshot_source)
                 except OSError as exc:
                     # A disk that fails is not a reason to lie to PHP: waiters
                     # get the error, and the daemon stops (systemd restarts it).
+                    # Creating journal G+1 or writing G's tail is an append too.
                     log.critical("event=journal_write_failed error=%s", exc)
                     self._failed = exc
                     self._progress.set()
                     raise
-                limit = max(self.config.min_compact_bytes, live_bytes())
-                if self.journal_bytes > limit and not self._compacting:
-                    self._compacting = True
-                    nursery.start_soon(
-                        self._write_snapshot,
-                        await self._switch_generation(snapshot_source),
-                        self.gen,
-                    )
+                if source is not None:
+                    nursery.start_soon(self._write_snapshot, source, self.gen)
 
     async def _write_round(self, policy: str, interval: float) -> None:
         now = self._last_flush = trio.current_time()
@@ -668,14 +716,22 @@ class Persister:
 
         def create() -> int:
             fd = os.open(new_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
-            _write_all(fd, j.JOURNAL_MAGIC)
-            os.fsync(fd)
-            _fsync_dir(self.dir)
+            try:
+                _write_all(fd, j.JOURNAL_MAGIC)
+                os.fsync(fd)
+                _fsync_dir(self.dir)
+            except BaseException:
+                # Nothing is journaled in it yet: G stays the journal.
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(new_path)
+                raise
             return fd
 
         new_fd = await trio.to_thread.run_sync(create, abandon_on_cancel=False)
         # -- one instant: everything before is in G (or its pending tail), after in G+1.
-        tail = j.encode_changes(self._pending)
+        taken = self._pending
+        tail = j.encode_changes(taken)
         self._pending = []
         seq = self.submitted
         switched_at = trio.current_time()
@@ -690,11 +746,24 @@ class Persister:
         # --
 
         def finish_old() -> None:
-            _write_all(old_fd, tail)
-            os.fsync(old_fd)
-            os.close(old_fd)
+            try:
+                _write_all(old_fd, tail)
+                os.fsync(old_fd)
+            finally:
+                os.close(old_fd)
 
-        await trio.to_thread.run_sync(finish_old, abandon_on_cancel=False)
+        # The tail is in no queue any more: this must run even if the daemon
+        # is stopping (to_thread.run_sync checks for cancellation before it
+        # starts the thread), or acknowledged changes are lost.
+        try:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(finish_old, abandon_on_cancel=False)
+        except BaseException:
+            # Not written to G (or not all of it, or not fsynced): back in
+            # the queue, ahead of what came since, for G+1 (close() flushes
+            # it there).  Replaying a change twice gives the same sessions.
+            self._pending[:0] = taken
+            raise
         self.written = max(self.written, seq)
         self._synced_to(seq, switched_at)
         self._progress.set()

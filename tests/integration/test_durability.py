@@ -208,6 +208,23 @@ def test_corruption_inside_the_journal_stops_the_start_and_repair_keeps_the_rest
             assert reply == (p.MISS if i == 4 else p.Data(b"value-%d" % i))
 
 
+def test_an_unreadable_data_dir_entry_stops_the_start_with_a_message_not_a_traceback(
+    daemon: Daemon,
+) -> None:
+    with Client(daemon.address) as c:
+        assert c.request(p.Write("kept", 600, b"intact")) == p.OK
+    daemon.stop()
+    stray = daemon.data_dir / "journal-000009.pjnl"
+    stray.mkdir()  # a directory with a journal's name: open() fails on it
+    message = _start_fails(daemon)
+    assert str(stray) in message and "move it out" in message
+    assert "Traceback" not in daemon.log()
+    stray.rmdir()
+    daemon.start()
+    with Client(daemon.address) as c:
+        assert c.request(p.Read("kept", lock=False)) == p.Data(b"intact")
+
+
 def test_compaction_bounds_disk_and_a_corrupted_snapshot_byte_stops_the_start(
     start_daemon: Any,
 ) -> None:

@@ -1,0 +1,167 @@
+"""The journal writer switching to generation G+1 (compaction's first step)
+in-process on a real data directory: a stop in the middle of it loses no
+acknowledged change and leaks no descriptor; a disk error in it fails the
+journal as a failed append does."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from phpsess import journal as j
+from phpsess import persist
+from phpsess.persist import (
+    PersistConfig,
+    Persister,
+    SnapshotSource,
+    journal_name,
+    restore,
+    store_snapshot_source,
+)
+
+
+class SlowDirFsync:
+    """``persist._fsync_dir`` of a slow disk: the switch's fsync of the
+    directory (creating G+1) waits, at most 30 s, until ``release``;
+    ``entered`` says it is waiting.  With ``error``, it then raises that."""
+
+    def __init__(self, error: OSError | None = None) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.real = persist._fsync_dir
+        self.error = error
+
+    def __call__(self, path: str) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.release.wait(30)
+            if self.error is not None:
+                raise self.error
+        self.real(path)
+
+
+def _empty_source() -> SnapshotSource:
+    return store_snapshot_source({}, trio.current_time(), time.time())
+
+
+def _open_descriptors(path: Path) -> int:
+    """How many of this process's descriptors have ``path`` open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # a descriptor closed meanwhile
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    return count
+
+
+async def _opened(tmp_path: Path) -> Persister:
+    # interval: a reply does not wait for the disk, so the change submitted
+    # during the switch is acknowledged at once.
+    config = PersistConfig(str(tmp_path), "interval", min_compact_bytes=1000)
+    persister = Persister(config)
+    await trio.to_thread.run_sync(persister.open, time.time(), trio.current_time())
+    return persister
+
+
+async def _switch_under_way(persister: Persister, disk: SlowDirFsync) -> int:
+    """Journal enough to start a compaction, wait until it is creating G+1,
+    then submit one more change: acknowledged, in the pending tail of G."""
+    persister.submit([(j.Op.PUT, "big", 600, b"b" * 2000)], time.time())
+    with trio.fail_after(30):
+        await trio.to_thread.run_sync(disk.entered.wait)
+    seq = persister.submit([(j.Op.PUT, "acked", 600, b"important")], time.time())
+    assert persister.durable(seq)  # PHP has its reply
+    return seq
+
+
+async def test_a_stop_while_the_next_journal_is_created_loses_no_acknowledged_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    persister = await _opened(tmp_path)
+    disk = SlowDirFsync()
+    monkeypatch.setattr(persist, "_fsync_dir", disk)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(persister.run, _empty_source, lambda: 0)
+            await _switch_under_way(persister, disk)
+            # SIGTERM: the daemon cancels the writer, then closes the journal.
+            nursery.cancel_scope.cancel()
+            disk.release.set()
+    finally:
+        disk.release.set()
+    await persister.close()
+    assert _open_descriptors(tmp_path / journal_name(1)) == 0
+    assert _open_descriptors(tmp_path / journal_name(2)) == 0
+    restored, _ = restore(str(tmp_path), time.time())
+    assert {sid: raw[0] for sid, raw in restored.sessions.items()} == {
+        "big": b"b" * 2000, "acked": b"important"
+    }
+
+
+async def test_a_disk_error_creating_the_next_journal_fails_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    persister = await _opened(tmp_path)
+    full = OSError(errno.ENOSPC, "No space left on device")
+    disk = SlowDirFsync(full)
+    monkeypatch.setattr(persist, "_fsync_dir", disk)
+    seq = 0
+    with pytest.raises(BaseExceptionGroup) as info, caplog.at_level(logging.CRITICAL, "phpsess"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(persister.run, _empty_source, lambda: 0)
+            seq = await _switch_under_way(persister, disk)
+            disk.release.set()
+            with trio.fail_after(30):
+                await persister._progress.wait()
+    assert info.group_contains(OSError, match="No space left")
+    assert "event=journal_write_failed" in caplog.text
+    # Waiters get the error, as they do for a failed append.
+    with pytest.raises(OSError, match="No space left"):
+        await persister.wait_durable(seq + 1)
+    with pytest.raises(OSError, match="No space left"):
+        persister.durable(seq)
+    # G+1 was never used: gone, its descriptor closed; G gets the rest.
+    assert not (tmp_path / journal_name(2)).exists()
+    await persister.close()
+    assert _open_descriptors(tmp_path / journal_name(1)) == 0
+    restored, gen = restore(str(tmp_path), time.time())
+    assert gen == 1 and set(restored.sessions) == {"big", "acked"}
+
+
+async def test_a_disk_error_writing_the_old_journals_tail_fails_the_journal_and_keeps_the_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    persister = await _opened(tmp_path)
+    disk = SlowDirFsync()
+    monkeypatch.setattr(persist, "_fsync_dir", disk)
+    old_fd = persister._fd
+    real_write_all = persist._write_all
+
+    def full_after_the_switch(fd: int, data: bytes | memoryview) -> None:
+        if fd == old_fd and disk.entered.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(persist, "_write_all", full_after_the_switch)
+    with pytest.raises(BaseExceptionGroup) as info, caplog.at_level(logging.CRITICAL, "phpsess"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(persister.run, _empty_source, lambda: 0)
+            await _switch_under_way(persister, disk)
+            disk.release.set()
+            with trio.fail_after(30):
+                await persister._progress.wait()
+    assert info.group_contains(OSError, match="No space left")
+    assert "event=journal_write_failed" in caplog.text
+    assert _open_descriptors(tmp_path / journal_name(1)) == 0
+    # The daemon stops; the tail G could not take goes to G+1.
+    await persister.close()
+    assert _open_descriptors(tmp_path / journal_name(2)) == 0
+    restored, gen = restore(str(tmp_path), time.time())
+    assert gen == 2 and set(restored.sessions) == {"big", "acked"}

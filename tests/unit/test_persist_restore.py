@@ -1,0 +1,201 @@
+"""Restore and repair (phpsess.persist) on data directories built record by
+record: what a restart keeps, what it truncates, what stops it."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from phpsess import journal as j
+from phpsess.persist import (
+    DataDirError,
+    journal_name,
+    repair,
+    restore,
+    snapshot_name,
+)
+
+NOW = 1_800_000_000.0  # the wall-clock time of the restart
+
+Rec = tuple[j.Op, str, float, int, bytes]
+
+
+def _journal(path: Path, gen: int, records: list[Rec]) -> Path:
+    file = path / journal_name(gen)
+    file.write_bytes(j.JOURNAL_MAGIC + b"".join(j.encode(*r) for r in records))
+    return file
+
+
+def _snapshot(
+    path: Path, gen: int, entries: dict[str, tuple[bytes, float, int]], metas: dict[str, bytes]
+) -> Path:
+    file = path / snapshot_name(gen)
+    file.write_bytes(
+        j.SNAPSHOT_MAGIC + b"".join(j.snapshot_chunks(entries.items(), 0.0, metas.items()))
+    )
+    return file
+
+
+# -- expiry across a restart
+
+
+def test_a_session_kept_alive_by_touch_survives_after_its_write_would_have_expired(
+    tmp_path: Path,
+) -> None:
+    # PHP's lazy_write: one WRITE, then only TOUCH while the data is the same.
+    # The WRITE's own expiry has passed at the restart; the TOUCH's has not.
+    _journal(tmp_path, 1, [
+        (j.Op.PUT, "active", NOW - 20, 30, b"user|s:5:\"alice\";"),
+        (j.Op.TOUCH, "active", NOW + 40, 60, b""),
+    ])
+    restored, _ = restore(str(tmp_path), NOW, mono_now=100.0)
+    assert restored.sessions == {"active": (b"user|s:5:\"alice\";", 140.0, 60)}
+    assert restored.expired == 0
+
+
+def test_a_touch_in_the_journal_extends_a_snapshot_session_whose_expiry_passed(
+    tmp_path: Path,
+) -> None:
+    _snapshot(tmp_path, 2, {"active": (b"data", NOW - 5, 30)}, {"active": b"master 1 1 a b"})
+    _journal(tmp_path, 2, [(j.Op.TOUCH, "active", NOW + 25, 30, b"")])
+    restored, _ = restore(str(tmp_path), NOW)
+    assert restored.sessions == {"active": (b"data", 25.0, 30)}  # on a clock at 0 now
+    assert restored.meta == {"active": b"master 1 1 a b"}
+
+
+def test_only_sessions_whose_last_expiry_passed_count_as_expired_while_down(
+    tmp_path: Path,
+) -> None:
+    _journal(tmp_path, 1, [
+        (j.Op.PUT, "touched", NOW - 10, 30, b"t"),
+        (j.Op.PUT, "expired", NOW - 10, 30, b"e"),
+        (j.Op.PUT, "touched-too-early", NOW + 10, 30, b"x"),
+        (j.Op.TOUCH, "touched-too-early", NOW - 1, 30, b""),
+        (j.Op.PUT, "destroyed", NOW - 10, 30, b"d"),
+        (j.Op.DELETE, "destroyed", 0.0, 0, b""),
+        (j.Op.PUT, "rewritten", NOW - 10, 30, b"old"),
+        (j.Op.PUT, "rewritten", NOW + 30, 30, b"new"),
+        (j.Op.META, "expired", 0.0, 0, b"master 1 1 a b"),
+        (j.Op.TOUCH, "touched", NOW + 30, 30, b""),
+    ])
+    restored, _ = restore(str(tmp_path), NOW)
+    assert {sid: raw[0] for sid, raw in restored.sessions.items()} == {
+        "touched": b"t", "rewritten": b"new"
+    }
+    assert restored.expired == 2  # "expired" and "touched-too-early"
+    assert restored.meta == {}  # only restored sessions keep their metadata
+
+
+# -- a damaged length field
+
+
+def _hundred_sessions() -> tuple[list[Rec], list[int]]:
+    records = [(j.Op.PUT, f"{i:032d}", NOW + 3600, 3600, b"x" * 100) for i in range(100)]
+    offsets = []
+    at = len(j.JOURNAL_MAGIC)
+    for r in records:
+        offsets.append(at)
+        at += len(j.encode(*r))
+    return records, offsets
+
+
+@pytest.mark.parametrize(
+    "length",
+    [0x00FFFFFF, 0x40000000 + 200, 2],  # past the end; above MAX_BODY_BYTES; too small
+    ids=["runs-past-the-end", "impossible", "too-small"],
+)
+@pytest.mark.parametrize("index", [0, 50, 98])
+def test_a_damaged_length_field_with_records_after_it_stops_the_restore(
+    tmp_path: Path, length: int, index: int
+) -> None:
+    records, offsets = _hundred_sessions()
+    journal = _journal(tmp_path, 1, records)
+    raw = bytearray(journal.read_bytes())
+    struct.pack_into("<I", raw, offsets[index], length)
+    journal.write_bytes(bytes(raw))
+    with pytest.raises(DataDirError) as info:
+        restore(str(tmp_path), NOW)
+    message = str(info.value)
+    assert str(journal) in message and f"damaged at offset {offsets[index]}" in message
+    assert "phpsess repair" in message
+    assert journal.read_bytes() == bytes(raw)  # nothing truncated
+
+
+@pytest.mark.parametrize("length", [0x00FFFFFF, 1])
+def test_a_damaged_length_in_the_last_record_with_zeros_after_it_is_a_torn_tail(
+    tmp_path: Path, length: int
+) -> None:
+    # A length that runs past the end, or one partly zeroed by a crash, in
+    # the last record: a torn append, whatever the zeros after it.
+    records, offsets = _hundred_sessions()
+    journal = _journal(tmp_path, 1, records)
+    raw = bytearray(journal.read_bytes() + bytes(4096))
+    struct.pack_into("<I", raw, offsets[99], length)
+    journal.write_bytes(bytes(raw))
+    restored, _ = restore(str(tmp_path), NOW)
+    assert len(restored.sessions) == 99 and restored.torn
+    assert journal.stat().st_size == offsets[99]
+
+
+# -- repair
+
+
+def test_repair_leaves_an_intact_snapshot_with_cluster_metadata_alone(tmp_path: Path) -> None:
+    entries = {f"s{i}": (b"x" * 50, NOW + 3600, 3600) for i in range(3)}
+    snapshot = _snapshot(tmp_path, 2, entries, {"s0": b"master 1 1 a b"})
+    _journal(tmp_path, 2, [])
+    before = snapshot.read_bytes()
+    assert repair(str(tmp_path)) == []
+    assert snapshot.read_bytes() == before
+    restored, _ = restore(str(tmp_path), NOW)
+    assert set(restored.sessions) == set(entries) and restored.meta == {"s0": b"master 1 1 a b"}
+
+
+def test_repair_of_a_damaged_snapshot_with_cluster_metadata_restores(tmp_path: Path) -> None:
+    entries = {f"s{i}": (b"%d" % i * 50, NOW + 3600, 3600) for i in range(5)}
+    snapshot = _snapshot(tmp_path, 2, entries, {"s0": b"master 1 1 a b", "s4": b"backup 1 1 b a"})
+    _journal(tmp_path, 2, [])
+    raw = bytearray(snapshot.read_bytes())
+    raw[raw.index(b"2" * 50)] ^= 0xFF  # damage the record of s2
+    snapshot.write_bytes(bytes(raw))
+    with pytest.raises(DataDirError):
+        restore(str(tmp_path), NOW)
+    done = repair(str(tmp_path))
+    assert len(done) == 1 and snapshot_name(2) in done[0]
+    restored, _ = restore(str(tmp_path), NOW)
+    assert sorted(restored.sessions) == ["s0", "s1", "s3", "s4"]
+    assert restored.meta == {"s0": b"master 1 1 a b", "s4": b"backup 1 1 b a"}
+    assert repair(str(tmp_path)) == []  # what repair wrote, it calls intact
+
+
+# -- files that cannot be read
+
+
+def test_a_directory_named_like_a_journal_is_a_clear_error(tmp_path: Path) -> None:
+    _journal(tmp_path, 1, [(j.Op.PUT, "s", NOW + 60, 60, b"x")])
+    (tmp_path / journal_name(2)).mkdir()
+    with pytest.raises(DataDirError) as info:
+        restore(str(tmp_path), NOW)
+    assert str(tmp_path / journal_name(2)) in str(info.value)
+    assert "move it out" in str(info.value)
+
+
+@pytest.mark.timeout(10)  # opening a FIFO for reading blocks until a writer comes
+def test_a_fifo_named_like_a_snapshot_is_a_clear_error(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / snapshot_name(1))
+    with pytest.raises(DataDirError) as info:
+        restore(str(tmp_path), NOW)
+    assert str(tmp_path / snapshot_name(1)) in str(info.value)
+
+
+def test_a_file_that_cannot_be_opened_is_named_with_the_reason(tmp_path: Path) -> None:
+    # A dangling symbolic link: open() fails as it would on EACCES or EIO.
+    (tmp_path / journal_name(1)).symlink_to(tmp_path / "elsewhere" / journal_name(1))
+    with pytest.raises(DataDirError) as info:
+        restore(str(tmp_path), NOW)
+    message = str(info.value)
+    assert str(tmp_path / journal_name(1)) in message
+    assert "No such file or directory" in message and "dmesg" in message

@@ -461,6 +461,9 @@ def _repair(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     try:
         done = repair(args.data_dir)
+    except (DataDirError, OSError) as exc:
+        print(f"phpsess: repair of {args.data_dir} stopped: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         lock.release()
     for line in done:

@@ -219,6 +219,14 @@ def test_an_unreadable_data_dir_entry_stops_the_start_with_a_message_not_a_trace
     message = _start_fails(daemon)
     assert str(stray) in message and "move it out" in message
     assert "Traceback" not in daemon.log()
+    # repair cannot use it either, and says so without a traceback.
+    proc = subprocess.run(
+        [sys.executable, "-m", "phpsess", "repair", "--data-dir", str(daemon.data_dir)],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "repair of" in proc.stderr and str(stray) in proc.stderr
+    assert "Traceback" not in proc.stderr
     stray.rmdir()
     daemon.start()
     with Client(daemon.address) as c:

@@ -11,11 +11,18 @@ the socket buffer is full.  Errors of a vanished peer become
 from __future__ import annotations
 
 import os
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
 RECEIVE_BYTES: Final = 256 * 1024
+
+
+class Stalls(Protocol):
+    """Told since when a send has been waiting for the peer to read (it is
+    refreshed whenever the peer makes room, and None once all is sent)."""
+
+    sending_since: float | None
 
 
 def fileno(stream: trio.abc.Stream) -> int:
@@ -35,9 +42,11 @@ async def receive(fd: int, size: int = RECEIVE_BYTES) -> bytes:
             raise trio.BrokenResourceError(str(exc)) from exc
 
 
-async def send(fd: int, data: bytes) -> None:
+async def send(fd: int, data: bytes, stalls: Stalls | None = None) -> None:
     """Write all of ``data``.  Not a checkpoint when the write completes at
-    once: callers go on to :func:`receive` (or another checkpoint)."""
+    once: callers go on to :func:`receive` (or another checkpoint).  While it
+    has to wait, ``stalls.sending_since`` says since when the peer last made
+    room (the daemon closes a connection whose client stopped reading)."""
     try:
         sent = os.write(fd, data)
     except BlockingIOError:
@@ -46,6 +55,8 @@ async def send(fd: int, data: bytes) -> None:
         raise trio.BrokenResourceError(str(exc)) from exc
     if sent == len(data):
         return
+    if stalls is not None:
+        stalls.sending_since = trio.current_time()
     view = memoryview(data)
     while sent < len(view):
         await trio.lowlevel.wait_writable(fd)
@@ -55,3 +66,7 @@ async def send(fd: int, data: bytes) -> None:
             continue
         except OSError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
+        if stalls is not None:
+            stalls.sending_since = trio.current_time()  # it reads, however slowly
+    if stalls is not None:
+        stalls.sending_since = None

@@ -51,6 +51,12 @@ log = logging.getLogger("phpsess")
 # While a request waits for a lock, buffer at most this much of what follows.
 _MAX_BUFFER_WHILE_WAITING: Final = 64 * 1024
 
+# Replies of one batch held back for its single write: past this much, what
+# is there goes out before the next request is handled, so that pipelined
+# READs of big sessions cost one reply of memory, and a client that does not
+# read its replies is held back by its socket buffer.
+_MAX_REPLY_BYTES_PER_WRITE: Final = 256 * 1024
+
 
 @attrs.frozen
 class ServerConfig:
@@ -72,8 +78,8 @@ class StartupError(Exception):
 
 class _Conn:
     __slots__ = (
-        "busy", "event", "forwards", "hello", "idle_since", "node", "owner", "peer", "reply",
-        "scope", "stream",
+        "busy", "event", "forwards", "hello", "idle_since", "node", "owner", "parser", "peer",
+        "reply", "scope", "sending_since", "stream",
     )
 
     def __init__(self, owner: int, stream: trio.abc.Stream, peer: str) -> None:
@@ -87,9 +93,14 @@ class _Conn:
         self.node: str | None = None  # the peer node, on a cluster connection
         self.forwards: Forwards | None = None  # links to masters (CLUSTER.md §5)
         self.hello: p.Hello | None = None  # the client's accepted HELLO
-        # While the connection waits for a request that the idle timeout
-        # applies to: since when (see Server._idle_sweeper).
+        # While the connection waits for its next request: since when (see
+        # Server._idle_sweeper, which spares a lock holder not mid-request).
         self.idle_since: float | None = None
+        # While a write of replies waits for the client to read: since when.
+        self.sending_since: float | None = None
+        # The request parser (engine connections): a request half received
+        # is in progress (PROTOCOL.md §10).
+        self.parser: p.RequestParser | None = None
 
 
 class Server:
@@ -273,7 +284,12 @@ class Server:
         with trio.move_on_after(self.config.shutdown_timeout_s) as scope:
             while True:
                 for conn in list(self._conns.values()):
-                    idle = not conn.busy and not self.engine.holds_locks(conn.owner)
+                    # A request half received is in progress too (§10).
+                    idle = (
+                        not conn.busy
+                        and not (conn.parser is not None and conn.parser.mid_request)
+                        and not self.engine.holds_locks(conn.owner)
+                    )
                     if idle and conn.scope is not None:
                         conn.scope.cancel()
                 if not self._conns:
@@ -285,7 +301,7 @@ class Server:
             log.warning(
                 "event=shutdown_timeout connections=%d detail=%s",
                 len(self._conns),
-                "connections still holding locks were closed",
+                "connections still holding locks or in mid-request were closed",
             )
 
     # -- listeners
@@ -455,11 +471,13 @@ class Server:
         fd = netio.fileno(conn.stream)
         parser = p.RequestParser(self.config.limits.max_session_bytes, peer=conn.node is not None)
         parser.receive_data(leftover)
+        conn.parser = parser
         cluster = self.cluster
         persister = self.persister
         owner = conn.owner
         while True:
             out: list[bytes] = []
+            out_bytes = 0
             durable_seq = 0
             now = trio.current_time()
             while True:
@@ -508,15 +526,18 @@ class Server:
                         if durable_seq:
                             await self._durable(durable_seq)
                             durable_seq = 0
-                        await netio.send(fd, b"".join(out))
+                        await netio.send(fd, b"".join(out), conn)
                         out = []
+                        out_bytes = 0
                     self._after_engine()
                     waited = await self._wait_for_lock(conn, parser)
                     if waited is None:
                         return  # the client closed while waiting
                     reply = waited
                     now = trio.current_time()
-                out.append(p.encode_reply(reply))
+                encoded = p.encode_reply(reply)
+                out.append(encoded)
+                out_bytes += len(encoded)
                 if self.metrics is not None:
                     self.metrics.observe(
                         VERB_NAMES.get(type(event), "INVALID"), trio.current_time() - started
@@ -530,8 +551,13 @@ class Server:
                     )
                     if durable_seq:
                         await self._durable(durable_seq)
-                    await netio.send(fd, b"".join(out))
+                    await netio.send(fd, b"".join(out), conn)
                     return
+                if out_bytes >= _MAX_REPLY_BYTES_PER_WRITE:
+                    await self._send_early(conn, fd, out, durable_seq)
+                    out = []
+                    out_bytes = 0
+                    durable_seq = 0
             # The usual case (interval, never) costs a call, not a coroutine.
             if durable_seq and not (persister is not None and persister.durable(durable_seq)):
                 await self._durable(durable_seq)
@@ -543,25 +569,40 @@ class Server:
             elif engine.next_deadline_hint < self._timer_at:
                 self._wake.set()
             if out:
-                await netio.send(fd, b"".join(out))
+                await netio.send(fd, b"".join(out), conn)
             conn.busy = False
-            # Stopping: client connections end once they hold no lock.  Peer
-            # connections stay: the drain needs them (probes, HANDOFF, the
-            # masters releasing the copies we back up: CLUSTER.md §8).
-            if self._stopping.is_set() and conn.node is None and not engine.holds_locks(owner):
+            # Stopping: client connections end once they hold no lock and
+            # have no request half received (§10).  Peer connections stay:
+            # the drain needs them (probes, HANDOFF, the masters releasing
+            # the copies we back up: CLUSTER.md §8).
+            if (
+                self._stopping.is_set() and conn.node is None
+                and not engine.holds_locks(owner) and not parser.mid_request
+            ):
                 return
-            # A connection holding a lock may think for as long as its lease;
-            # an idle one, or one that stalls mid-request, is cut off.
-            # Not a cancel scope per request: _idle_sweeper cuts it off.
-            if engine.holds_locks(owner) and not parser.mid_request:
-                data = await netio.receive(fd)
-            else:
-                conn.idle_since = trio.current_time()
-                data = await netio.receive(fd)
-                conn.idle_since = None
+            # Not a cancel scope per request: _idle_sweeper cuts off a silent
+            # connection, sparing one that holds a lock (it may think for as
+            # long as its lease) unless it stalls mid-request.  Whether it
+            # holds one is decided at sweep time: a lease may run out while
+            # it waits here.
+            conn.idle_since = trio.current_time()
+            data = await netio.receive(fd)
+            conn.idle_since = None
             if not data:
                 return
             parser.receive_data(data)
+
+    async def _send_early(
+        self, conn: _Conn, fd: int, out: list[bytes], durable_seq: int
+    ) -> None:
+        """Send the replies so far of a batch that has more requests to
+        handle: its writes' acknowledgements once durable, and the other
+        connections' grants first, as this send may wait for the client."""
+        persister = self.persister
+        if durable_seq and not (persister is not None and persister.durable(durable_seq)):
+            await self._durable(durable_seq)
+        self._after_engine()
+        await netio.send(fd, b"".join(out), conn)
 
     async def _close_forwards(self, conn: _Conn) -> None:
         if conn.forwards is not None:
@@ -581,7 +622,10 @@ class Server:
             while not parser.broken:
                 if parser.mid_request and _buffered(parser) > _MAX_BUFFER_WHILE_WAITING:
                     await trio.sleep_forever()
-                data = await netio.receive(netio.fileno(conn.stream))
+                try:
+                    data = await netio.receive(netio.fileno(conn.stream))
+                except trio.BrokenResourceError:
+                    data = b""  # reset by the client: gone, as with EOF
                 if not data:
                     gone = True
                     cancel.cancel()
@@ -623,20 +667,42 @@ class Server:
 
     async def _idle_sweeper(self) -> None:
         """Close connections silent for ``idle_timeout_s`` while holding no
-        lock (or stalled mid-request).  One sweep every eighth of the timeout
-        (at most a second) instead of a cancel scope around every receive,
-        which cost every request a deadline registration: a connection is
-        cut between 1 and 1.125 timeouts after it fell silent."""
+        lock (or stalled mid-request), and connections whose client has not
+        read their replies for as long.  One sweep every eighth of the
+        timeout (at most a second) instead of a cancel scope around every
+        receive and send, which cost every request a deadline registration:
+        a connection is cut between 1 and 1.125 timeouts after it stalled."""
+        engine = self.engine
         while True:
             await trio.sleep(min(1.0, self.config.idle_timeout_s / 8))
             now = trio.current_time()
             limit = self.config.idle_timeout_s
             for conn in list(self._conns.values()):
+                if conn.scope is None:
+                    continue
                 since = conn.idle_since
-                if since is not None and now - since >= limit and conn.scope is not None:
+                if since is not None and now - since >= limit:
+                    # Held now, not when it fell silent: a lease may have
+                    # run out since (the lock is revoked, the wait is not).
+                    if engine.holds_locks(conn.owner) and not (
+                        conn.parser is not None and conn.parser.mid_request
+                    ):
+                        continue
                     conn.idle_since = None
                     log.info(
                         "event=idle_timeout owner=%d peer=%s silent_s=%.1f",
+                        conn.owner,
+                        conn.peer,
+                        now - since,
+                    )
+                    conn.scope.cancel()
+                    continue
+                since = conn.sending_since
+                if since is not None and now - since >= limit:
+                    conn.sending_since = None
+                    log.info(
+                        "event=send_timeout owner=%d peer=%s stalled_s=%.1f detail=the "
+                        "client did not read its replies",
                         conn.owner,
                         conn.peer,
                         now - since,

@@ -1,0 +1,276 @@
+"""What a connection may cost the daemon, against real daemon processes over
+real unix sockets: pipelined replies go out as they pile up, a client that
+does not read its replies or whose lease ran out is closed, a graceful
+shutdown lets a half-received request finish, and a lock waiter whose client
+resets the connection is no crash."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from phpsess import protocol as p
+from phpsess.addresses import UnixAddress
+from phpsess.client import Client
+from phpsess.engine import Limits
+from phpsess.persist import PersistConfig
+from phpsess.server import Server, ServerConfig
+from tests.conftest import Daemon, HangingFdatasync
+from tests.server.test_server_time import _Conn
+
+MIB = 1024 * 1024
+
+
+def _connect(daemon: Daemon) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(daemon.sock_path)
+    return sock
+
+
+def _receive_exactly(sock: socket.socket, expected: bytes, timeout_s: float = 10) -> None:
+    sock.settimeout(timeout_s)
+    got = b""
+    while len(got) < len(expected):
+        data = sock.recv(len(expected) - len(got))
+        assert data, f"closed after {got!r}, expected {expected!r}"
+        got += data
+    assert got == expected
+
+
+def _closed_within(sock: socket.socket, timeout_s: float) -> bool:
+    """True once the daemon closed ``sock`` (EOF or reset), False if it is
+    still open after ``timeout_s``; bytes that arrive meanwhile are dropped."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            if not sock.recv(MIB):
+                return True
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+    return False
+
+
+def _stats(daemon: Daemon) -> dict[str, Any]:
+    with Client(daemon.address) as c:
+        reply = c.request(p.Stats())
+    assert isinstance(reply, p.Data), reply
+    stats: dict[str, Any] = json.loads(reply.data)
+    return stats
+
+
+def _wait_until(what: str, check: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.02)
+
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+# -- pipelined replies
+
+
+def test_pipelined_reads_of_a_big_session_do_not_pile_up_replies(start_daemon: Any) -> None:
+    # Each READ of a 1 MiB session is a 1 MiB reply; 100 of them cost 15 bytes
+    # each to send.  They used to be built in memory, all of them, before the
+    # first went out (and joined: twice that): 200 MB for a client that reads
+    # nothing.  Now the daemon holds about one reply and waits for the client.
+    daemon = start_daemon("--memory-only")
+    body = b"x" * MIB
+    count = 100
+    with _connect(daemon) as a:
+        a.sendall(b"HELLO 1\nWRITE big 600 %d\n" % len(body) + body)
+        _receive_exactly(a, b"OK 1\nOK\n")
+        before_kib = _peak_rss_kib(daemon.pid)
+        a.sendall(b"READ big NOLOCK\n" * count)
+        time.sleep(2)  # the replies the daemon can make while nobody reads
+        grown_mib = (_peak_rss_kib(daemon.pid) - before_kib) / 1024
+        assert grown_mib < 32, f"the daemon grew by {grown_mib:.0f} MiB"
+        # Throttled, not lost: every reply comes once the client reads.
+        reply = b"DATA %d\n" % len(body) + body
+        for _ in range(count):
+            _receive_exactly(a, reply)
+        with Client(daemon.address) as other:
+            assert other.request(p.Ping()) == p.OK
+
+
+async def test_replies_sent_early_still_wait_for_the_disk(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch's replies that go out before its end (past the size limit)
+    # include the WRITE's acknowledgement: not before the journal has it.
+    disk = HangingFdatasync(limit_s=10)
+    with tempfile.TemporaryDirectory(prefix="ps-", dir="/tmp") as tmp:
+        path = str(Path(tmp) / "s.sock")
+        server = Server(ServerConfig(
+            listen=(UnixAddress(path),),
+            limits=Limits(lock_wait_s=30, lock_lease_s=300),
+            persist=PersistConfig(str(Path(tmp) / "data"), "always"),
+        ))
+        await nursery.start(server.serve)
+        c = _Conn(await trio.open_unix_socket(path))
+        assert await c.request(p.Hello(1)) == p.Ok(("1",))
+        body = b"y" * MIB
+        assert await c.request(p.Write("big", 600, body)) == p.OK
+        monkeypatch.setattr(os, "fdatasync", disk)
+        await c.stream.send_all(
+            p.encode_request(p.Write("small", 600, b"z"))
+            + p.encode_request(p.Read("big", lock=False)) * 3
+        )
+        await trio.to_thread.run_sync(disk.hung.wait, 10)
+        with trio.move_on_after(0.5):
+            early = await c.stream.receive_some(65536)
+            pytest.fail(f"replies before the write was durable: {early[:40]!r}")
+        disk.release.set()
+        with trio.fail_after(10):
+            assert await c.reply() == p.OK
+            for _ in range(3):
+                assert await c.reply() == p.Data(body)
+        monkeypatch.setattr(os, "fdatasync", disk.real)
+        await c.stream.aclose()
+        server.shutdown()
+
+
+def test_a_client_that_does_not_read_its_replies_is_closed(start_daemon: Any) -> None:
+    # It used to sit in the daemon's send for ever: the idle timeout did
+    # not apply while sending.
+    daemon = start_daemon("--memory-only", "--idle-timeout-s", "1")
+    body = b"x" * MIB
+    with _connect(daemon) as a:
+        a.sendall(b"HELLO 1\nWRITE big 600 %d\n" % len(body) + body)
+        _receive_exactly(a, b"OK 1\nOK\n")
+        a.sendall(b"READ big NOLOCK\n" * 20)
+        _wait_until(
+            "the connection that reads nothing is closed",
+            lambda: _stats(daemon)["connections"] == 1,  # the one asking
+            timeout_s=5,
+        )
+    assert "event=send_timeout" in daemon.log()
+
+
+def test_a_slow_reader_is_not_cut_while_it_reads(start_daemon: Any) -> None:
+    daemon = start_daemon("--memory-only", "--idle-timeout-s", "1")
+    body = b"x" * MIB
+    with _connect(daemon) as a:
+        a.sendall(b"HELLO 1\nWRITE big 600 %d\n" % len(body) + body)
+        _receive_exactly(a, b"OK 1\nOK\n")
+        a.sendall(b"READ big NOLOCK\n" * 4)
+        reply = b"DATA %d\n" % len(body) + body
+        got = b""
+        started = time.monotonic()
+        while len(got) < 4 * len(reply):  # about 2.5 s: 2.5 idle timeouts
+            a.settimeout(5)
+            got += a.recv(64 * 1024)
+            time.sleep(0.04)
+        assert time.monotonic() - started > 1.5
+        assert got == reply * 4
+    assert "event=send_timeout" not in daemon.log()
+
+
+# -- idle timeout and locks
+
+
+def test_a_connection_whose_lease_ran_out_is_idle_closed(start_daemon: Any) -> None:
+    # Whether the idle timeout applied was decided when the connection fell
+    # silent: it held a lock then, so it was never closed once the lease
+    # revoked the lock.
+    daemon = start_daemon("--memory-only", "--idle-timeout-s", "1")
+    with _connect(daemon) as a:
+        a.sendall(b"HELLO 1 lease_ms=500\nREAD s1 LOCK\n")
+        _receive_exactly(a, b"OK 1\nMISS\n")
+        assert _closed_within(a, 5)
+    log = daemon.log()
+    assert "event=lock_revoked" in log
+    assert "event=idle_timeout" in log
+
+
+def test_a_lock_holder_may_think_for_its_lease_but_not_stall_mid_request(
+    start_daemon: Any,
+) -> None:
+    daemon = start_daemon("--memory-only", "--idle-timeout-s", "1")
+    with _connect(daemon) as a:
+        a.sendall(b"HELLO 1 lease_ms=60000\nREAD s1 LOCK\n")
+        _receive_exactly(a, b"OK 1\nMISS\n")
+        time.sleep(2.5)  # silent, holding the lock: not cut
+        a.sendall(b"PING\n")
+        _receive_exactly(a, b"OK\n")
+        a.sendall(b"WRITE s1 60 10\nhalf")  # stalls mid-request: cut
+        assert _closed_within(a, 5)
+    with Client(daemon.address) as c:  # the lock went with it
+        assert c.request(p.Read("s1")) == p.MISS
+
+
+# -- graceful shutdown
+
+
+def test_sigterm_lets_a_half_received_write_finish(start_daemon: Any) -> None:
+    # PROTOCOL.md §10: only connections with no request in progress are
+    # closed.  One halfway through a WRITE's payload (holding no lock) was.
+    daemon = start_daemon("--shutdown-timeout-s", "5")
+    with _connect(daemon) as a:
+        a.sendall(b"HELLO 1\n")
+        _receive_exactly(a, b"OK 1\n")
+        a.sendall(b"WRITE s1 600 10\nhello")
+        time.sleep(0.2)
+        daemon.signal(signal.SIGTERM)
+        _wait_until("the daemon is stopping", lambda: "event=stopping" in daemon.log())
+        time.sleep(0.3)  # the drain has looked at the connection by now
+        # The rest, and half of a pipelined second WRITE: the batch ends
+        # with a request in progress, so the connection goes on.
+        a.sendall(b"world" + b"WRITE s2 600 10\nhello")
+        _receive_exactly(a, b"OK\n")
+        time.sleep(0.3)
+        a.sendall(b"again")
+        _receive_exactly(a, b"OK\n")
+        assert _closed_within(a, 5)  # then, holding no lock, it ends
+    assert daemon.wait() == 0
+    daemon.start()  # the writes were stored (journal on the data dir)
+    with Client(daemon.address) as c:
+        assert c.request(p.Read("s1", lock=False)) == p.Data(b"helloworld")
+        assert c.request(p.Read("s2", lock=False)) == p.Data(b"helloagain")
+
+
+# -- lock waiters
+
+
+def test_a_lock_waiter_reset_by_its_client_is_no_crash(start_daemon: Any) -> None:
+    # The reset surfaced in the waiter's socket-watching task, inside a
+    # nursery: an ExceptionGroup, logged as connection_crashed with a traceback.
+    daemon = start_daemon("--memory-only")
+    with _connect(daemon) as a, _connect(daemon) as c:
+        a.sendall(b"HELLO 1\nREAD s1 LOCK\n")
+        _receive_exactly(a, b"OK 1\nMISS\n")
+        b = _connect(daemon)
+        b.sendall(b"HELLO 1\nREAD s1 LOCK\n")
+        _wait_until("b waits", lambda: _stats(daemon)["locks_waiting"] == 1)
+        c.sendall(b"HELLO 1\nREAD s1 LOCK\n")
+        _receive_exactly(c, b"OK 1\n")
+        _wait_until("c waits", lambda: _stats(daemon)["locks_waiting"] == 2)
+        b.close()  # with "OK 1" unread: the daemon's read gets ECONNRESET
+        _wait_until("b is gone", lambda: _stats(daemon)["locks_waiting"] == 1)
+        a.sendall(b"WRITE s1 60 1\nx")
+        _receive_exactly(a, b"OK\n")
+        _receive_exactly(c, b"DATA 1\nx")  # the lock went to the next waiter
+    log = daemon.log()
+    assert "connection_crashed" not in log
+    assert "Traceback" not in log

@@ -16,6 +16,11 @@ from typing import Final, Protocol
 import trio
 
 RECEIVE_BYTES: Final = 256 * 1024
+# Replies of one batch held back for its single write: past this much, what
+# is there goes out before the next request is handled, so that pipelined
+# READs of big sessions cost one reply of memory, and a client that does not
+# read its replies is held back by its socket buffer.
+MAX_REPLY_BYTES_PER_WRITE: Final = 256 * 1024
 
 
 class Stalls(Protocol):

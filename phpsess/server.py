@@ -51,12 +51,6 @@ log = logging.getLogger("phpsess")
 # While a request waits for a lock, buffer at most this much of what follows.
 _MAX_BUFFER_WHILE_WAITING: Final = 64 * 1024
 
-# Replies of one batch held back for its single write: past this much, what
-# is there goes out before the next request is handled, so that pipelined
-# READs of big sessions cost one reply of memory, and a client that does not
-# read its replies is held back by its socket buffer.
-_MAX_REPLY_BYTES_PER_WRITE: Final = 256 * 1024
-
 
 @attrs.frozen
 class ServerConfig:
@@ -553,7 +547,7 @@ class Server:
                         await self._durable(durable_seq)
                     await netio.send(fd, b"".join(out), conn)
                     return
-                if out_bytes >= _MAX_REPLY_BYTES_PER_WRITE:
+                if out_bytes >= netio.MAX_REPLY_BYTES_PER_WRITE:
                     await self._send_early(conn, fd, out, durable_seq)
                     out = []
                     out_bytes = 0

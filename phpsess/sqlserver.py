@@ -36,6 +36,7 @@ import pymysql.connections
 import trio
 from pymysql.constants import CLIENT
 
+from phpsess import netio
 from phpsess import protocol as p
 from phpsess import sqlstore as sq
 from phpsess.engine import (
@@ -535,10 +536,13 @@ class SqlBackend:
     async def _serve(self, conn: _Conn, client: _Client, leftover: bytes) -> None:
         parser = p.RequestParser(self.server.config.limits.max_session_bytes)
         parser.receive_data(leftover)
+        conn.parser = parser
         stream = conn.stream
+        fd = netio.fileno(stream)
         metrics = self.server.metrics
         while True:
             out: list[bytes] = []
+            out_bytes = 0
             if client.held:
                 await self._expire_leases(client)
             while True:
@@ -555,17 +559,25 @@ class SqlBackend:
                     metrics.observe(
                         VERB_NAMES.get(type(event), "INVALID"), trio.current_time() - started
                     )
-                out.append(p.encode_reply(reply))
+                encoded = p.encode_reply(reply)
+                out.append(encoded)
+                out_bytes += len(encoded)
                 if isinstance(reply, p.Error) and (reply.fatal or isinstance(event, p.FatalError)):
                     log.info("event=protocol_error owner=%d peer=%s code=%s",
                              conn.owner, conn.peer, reply.code.name)
-                    await stream.send_all(b"".join(out))
+                    await netio.send(fd, b"".join(out), conn)
                     return
+                if out_bytes >= netio.MAX_REPLY_BYTES_PER_WRITE:
+                    # As in the engine's loop: a client that does not read
+                    # is held back by its socket buffer, not our memory.
+                    await netio.send(fd, b"".join(out), conn)
+                    out = []
+                    out_bytes = 0
             if out:
-                await stream.send_all(b"".join(out))
+                await netio.send(fd, b"".join(out), conn)
             # Busy while holding a lock: a graceful shutdown lets it finish.
             conn.busy = bool(client.held)
-            if self.server.engine.shutting_down and not client.held:
+            if self.server.engine.shutting_down and not client.held and not parser.mid_request:
                 return
             if client.held and not parser.mid_request:
                 # It may think as long as its lease; then the lock is revoked.

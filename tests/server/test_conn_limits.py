@@ -25,7 +25,7 @@ from phpsess.client import Client
 from phpsess.engine import Limits
 from phpsess.persist import PersistConfig
 from phpsess.server import Server, ServerConfig
-from tests.conftest import Daemon, HangingFdatasync
+from tests.conftest import Daemon, HangingFdatasync, MariaDB, fresh_table
 from tests.server.test_server_time import _Conn
 
 MIB = 1024 * 1024
@@ -87,15 +87,26 @@ def _peak_rss_kib(pid: int) -> int:
     raise AssertionError("no VmHWM in /proc/<pid>/status")
 
 
+@pytest.fixture(params=["engine", "sql"])
+def storage_args(request: pytest.FixtureRequest) -> list[str]:
+    """The daemon's own store, or the SQL backend (its own connection loop)."""
+    if request.param == "engine":
+        return ["--memory-only"]
+    mariadb: MariaDB = request.getfixturevalue("mariadb")
+    return list(mariadb.daemon_args(fresh_table()))
+
+
 # -- pipelined replies
 
 
-def test_pipelined_reads_of_a_big_session_do_not_pile_up_replies(start_daemon: Any) -> None:
+def test_pipelined_reads_of_a_big_session_do_not_pile_up_replies(
+    start_daemon: Any, storage_args: list[str]
+) -> None:
     # Each READ of a 1 MiB session is a 1 MiB reply; 100 of them cost 15 bytes
     # each to send.  They used to be built in memory, all of them, before the
     # first went out (and joined: twice that): 200 MB for a client that reads
     # nothing.  Now the daemon holds about one reply and waits for the client.
-    daemon = start_daemon("--memory-only")
+    daemon = start_daemon(*storage_args)
     body = b"x" * MIB
     count = 100
     with _connect(daemon) as a:
@@ -151,10 +162,12 @@ async def test_replies_sent_early_still_wait_for_the_disk(
         server.shutdown()
 
 
-def test_a_client_that_does_not_read_its_replies_is_closed(start_daemon: Any) -> None:
+def test_a_client_that_does_not_read_its_replies_is_closed(
+    start_daemon: Any, storage_args: list[str]
+) -> None:
     # It used to sit in the daemon's send for ever: the idle timeout did
     # not apply while sending.
-    daemon = start_daemon("--memory-only", "--idle-timeout-s", "1")
+    daemon = start_daemon(*storage_args, "--idle-timeout-s", "1")
     body = b"x" * MIB
     with _connect(daemon) as a:
         a.sendall(b"HELLO 1\nWRITE big 600 %d\n" % len(body) + body)

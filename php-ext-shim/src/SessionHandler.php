@@ -18,10 +18,12 @@ namespace PhpSess;
  *   by `?option=value&...`. Query options override the `$options` array.
  *   Options: `timeout` (seconds, connect and I/O, default 5), `lock` (bool,
  *   default true), `lock_wait` (seconds a locking read may wait for the lock,
- *   default 30), `persistent` (bool, default true), `lease` (seconds the
- *   daemon lets us hold a lock; default max_execution_time + 5 when
- *   max_execution_time > 0, else the daemon's limit). Unknown options and
- *   malformed addresses throw \InvalidArgumentException.
+ *   default 30), `persistent` (bool, default true), `lease` (wall-clock
+ *   seconds the daemon lets us hold a lock; default: not sent, so the
+ *   daemon's `--lock-lease-s` applies). Unknown options and malformed
+ *   addresses throw \InvalidArgumentException. The lease is never derived
+ *   from max_execution_time: on Linux that limit counts CPU time only, so a
+ *   request waiting on I/O outlives it and would lose its lock (§6.3).
  * - If `session.save_path` is a `unix://` or `tcp://` address when open() is
  *   called and the `phpsess.address` php.ini setting is not set, the save path
  *   is used instead of the constructor's address (so per-pool
@@ -40,16 +42,35 @@ namespace PhpSess;
  *   turns warnings into exceptions): each raises one E_USER_WARNING naming
  *   the daemon address and the cause, drops the connection if it broke, and
  *   returns false, so session_start() or the write fails as with PHP's files
- *   handler. create_sid() must return a string, so on failure it warns and
- *   returns ''; the read('') PHP makes next fails quietly and session_start()
- *   returns false instead of throwing. Session IDs never appear in messages.
+ *   handler. Session IDs never appear in messages.
+ * - create_sid() never fails: when CREATE fails it quietly makes the ID
+ *   itself (PHP's sid_length and sid_bits_per_character, random_bytes(); no
+ *   cluster suffix, so a cluster places it by rendezvous hashing, CLUSTER.md
+ *   §2), read() of it returns '' without asking, and write() reconnects if
+ *   the connection is gone, so a daemon that stops during
+ *   session_regenerate_id() costs at most a warning on write (PHP throws an
+ *   Error when read() fails there). Only after validateId() failed for want
+ *   of the daemon does create_sid() return '': the read('') PHP makes next
+ *   fails quietly and session_start() returns false, instead of replacing
+ *   the visitor's session ID with an empty session.
+ * - Reconnecting: a request sent while no lock is held and no reply is
+ *   pending, on a connection the daemon turned out to have closed (its
+ *   idle_timeout_s, §10), is sent once more on a new connection. Never while
+ *   a lock is held: a new connection would not have it. open() after
+ *   close() in the same request reuses the connection; if the daemon closed
+ *   it and cannot be reached, open() still succeeds and the failure shows
+ *   in the next call (so session_regenerate_id() does not throw).
+ * - A new session (create_sid) that is closed unwritten (read_and_close,
+ *   session_abort()) is stored empty by close(), with a WRITE sent ahead of
+ *   its CLOSE without waiting, so with session.use_strict_mode its ID stays
+ *   valid, as PHP's files handler creates the file at read.
  * - With `persistent=1` (the default) PHP keeps one connection per address
  *   per process (a php-fpm worker reuses it for every web request; a new
  *   connection per request costs the daemon twice the CPU),
  *   shared by every handler object for that address. Use one handler per
  *   address: each handler starts the connection afresh with `HELLO`, which
  *   releases the locks the connection holds (§3.2). The destructor collects
- *   the replies to CLOSE requests sent without waiting, so the next web
+ *   the replies to requests close() sent without waiting, so the next web
  *   request finds the connection clean.
  * - Not for concurrent use from several fibers.
  */
@@ -93,17 +114,31 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     private $sock = null;
     /** A HELLO line to send in front of the next request (§3.2), or ''. */
     private string $hello = '';
-    /** Replies to CLOSE requests sent without waiting (§4.6), read before the next reply. */
-    private int $pendingCloses = 0;
+    /**
+     * Verbs (CLOSE, WRITE) of requests close() sent without waiting (§3.1,
+     * §4.6), oldest first: their replies are read before the next reply.
+     *
+     * @var list<string>
+     */
+    private array $pending = [];
     /** True between sending a request and consuming its whole reply. */
     private bool $busy = false;
     private float $sockTimeout = -1.0;
     /** @var array<string, true> Session IDs whose lock this connection holds. */
     private array $locks = [];
-    /** The ID create_sid() just made: locked by us and without data. */
+    /**
+     * The ID create_sid() made in this session cycle and nobody has written:
+     * it has no data (locked by us if the daemon made it with a lock).
+     */
     private ?string $newId = null;
     /** create_sid() failed and returned '': the read('') that follows fails quietly. */
     private bool $createFailed = false;
+    /** validateId() could not ask the daemon: create_sid() must not invent a new session. */
+    private bool $validateFailed = false;
+    /** A connection was dropped while it held locks: write() must not reconnect. */
+    private bool $locksLost = false;
+    /** While true, warn() is silent (create_sid() has a fallback). */
+    private bool $quiet = false;
 
     /**
      * @param array<string, mixed> $options see the class comment
@@ -155,14 +190,26 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
                 return false;
             }
         }
+        $this->validateFailed = false;
         if ($this->sock !== null) {
             // Reusing our own connection (open after close in this request). Unread
             // bytes or EOF mean it is out of step or gone: start a new one.
-            if ($this->busy || ($this->pendingCloses === 0 && !self::isQuiet($this->sock))) {
+            if ($this->busy || ($this->pending === [] && !self::isQuiet($this->sock))) {
                 $this->discard();
-            } else {
-                return true;
+                // If none can be had, fail in the next call, not here: after
+                // close() inside session_regenerate_id() PHP throws an Error
+                // when open() fails. create_sid() then makes the ID itself and
+                // only the write fails (with a warning), as a read of an
+                // existing session fails (and session_start() with it).
+                $this->quiet = true;
+                try {
+                    $this->connect();
+                } finally {
+                    $this->quiet = false;
+                }
             }
+
+            return true;
         }
 
         return $this->connect();
@@ -170,29 +217,79 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
     public function close(): bool
     {
+        $newId = $this->newId;
         $this->newId = null;
         $this->createFailed = false;
-        if ($this->locks === [] || $this->sock === null) {
-            return true;
-        }
-        $this->locks = [];
-        if (!$this->persistent || $this->busy) {
-            // Closing the connection releases its locks (§6.1) at no cost.
-            $this->discard();
-        } elseif (@fwrite($this->sock, "CLOSE\n") === 6) {
-            ++$this->pendingCloses;
-        } else {
-            $this->discard(); // releases the locks too
+        $this->validateFailed = false;
+        try {
+            $this->release($newId);
+        } finally {
+            $this->locksLost = false; // the next session starts afresh
         }
 
         return true;
+    }
+
+    /** close() without its bookkeeping: stores $newId empty if set, releases the locks. */
+    private function release(?string $newId): void
+    {
+        if ($this->sock === null) {
+            return;
+        }
+        // A new ID closed unwritten (read_and_close, session_abort()) is stored
+        // empty, as PHP's files handler creates the file at read: otherwise
+        // session.use_strict_mode would refuse it and make a new one next time.
+        $write = '';
+        if ($newId !== null && !$this->busy && $this->hello === '') {
+            $write = 'WRITE ' . $newId . ' ' . self::ttl() . " 0\n";
+            unset($this->locks[$newId]); // §4.2: the WRITE releases it
+        }
+        if ($write === '' && $this->locks === []) {
+            return;
+        }
+        if ($this->busy) {
+            // Closing the connection releases its locks (§6.1) at no cost.
+            $this->locks = [];
+            $this->discard();
+        } elseif (!$this->persistent) {
+            if ($write !== '') {
+                // One round trip: the connection ends with the request, and an
+                // unanswered request might not be carried out. A failure costs
+                // only the ID, so it is not worth a warning.
+                $this->quiet = true;
+                try {
+                    $this->exchange($write, 'close');
+                } finally {
+                    $this->quiet = false;
+                }
+            }
+            if ($this->locks !== []) {
+                $this->locks = [];
+                $this->discard(); // releases the locks at no cost
+            }
+        } else {
+            // Sent without waiting (§3.1): the next request, or the destructor,
+            // reads the replies.
+            $request = $write . ($this->locks !== [] ? "CLOSE\n" : '');
+            $this->locks = [];
+            if (@fwrite($this->sock, $request) === \strlen($request)) {
+                if ($write !== '') {
+                    $this->pending[] = 'WRITE';
+                }
+                if ($request !== $write) {
+                    $this->pending[] = 'CLOSE';
+                }
+            } else {
+                $this->discard(); // releases the locks too
+            }
+        }
     }
 
     public function read(#[\SensitiveParameter] string $id): string|false
     {
         if (!self::isValidId($id)) {
             if ($id === '' && $this->createFailed) {
-                $this->createFailed = false; // create_sid() has warned already
+                $this->createFailed = false; // validateId() or create_sid() has warned already
 
                 return false;
             }
@@ -232,6 +329,13 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             $this->warnBadId();
 
             return false;
+        }
+        if ($this->sock === null && !$this->locksLost) {
+            // No lock to lose (create_sid() made the ID itself because the daemon
+            // went away, or locking is off): a new connection does as well.
+            if (!$this->connect()) {
+                return false;
+            }
         }
         $line = $this->exchange('WRITE ' . $id . ' ' . self::ttl() . ' ' . \strlen($data) . "\n" . $data, 'write');
         if ($line === "OK\n") {
@@ -286,9 +390,13 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         if ($line === "OK 1\n") {
             return true;
         }
-        if ($line !== null && $line !== "OK 0\n") {
+        if ($line === "OK 0\n") {
+            return false;
+        }
+        if ($line !== null) {
             $this->failed('validateId', $line);
         }
+        $this->validateFailed = true; // PHP calls create_sid() next
 
         return false;
     }
@@ -344,26 +452,52 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         if ($bits < 4 || $bits > 6) {
             $bits = 5;
         }
-        $line = $this->exchange('CREATE ' . $length . ' ' . $bits . ($this->locking ? "\n" : " NOLOCK\n"), 'create_sid');
-        if ($line !== null) {
-            if (strncmp($line, 'OK ', 3) === 0 && self::isValidId($sid = substr($line, 3, -1))) {
-                $this->newId = $sid;
-                if ($this->locking) {
-                    $this->locks[$sid] = true;
-                }
-                $this->createFailed = false;
+        // The interface allows only a string, and failing is no good either:
+        // throwing makes session_start() throw an Error ("Session id must be a
+        // string"), and '' makes the read('') PHP calls next fail, which
+        // inside session_regenerate_id() is an Error too. '' is only right
+        // when validateId() could not ask the daemon: read('') then fails
+        // quietly and session_start() returns false, where a new ID would
+        // silently replace the visitor's session with an empty one.
+        if ($this->validateFailed) {
+            $this->validateFailed = false;
+            $this->createFailed = true;
 
-                return $sid;
-            }
-            $this->failed('create_sid', $line);
+            return '';
         }
-        // The interface allows only a string. Throwing makes session_start()
-        // throw an Error ("Session id must be a string"); '' makes PHP call
-        // read(''), which fails, so session_start() returns false like any
-        // other storage failure.
-        $this->createFailed = true;
+        $this->quiet = true; // a failure here is no failure: we make the ID ourselves
+        try {
+            $line = $this->exchange('CREATE ' . $length . ' ' . $bits . ($this->locking ? "\n" : " NOLOCK\n"), 'create_sid');
+            if ($line !== null) {
+                if (strncmp($line, 'OK ', 3) === 0 && self::isValidId($sid = substr($line, 3, -1))) {
+                    $this->newId = $sid;
+                    if ($this->locking) {
+                        $this->locks[$sid] = true;
+                    }
+                    $this->createFailed = false;
 
-        return '';
+                    return $sid;
+                }
+                $this->failed('create_sid', $line);
+            }
+        } finally {
+            $this->quiet = false;
+        }
+        try {
+            $sid = self::randomId($length, $bits);
+        } catch (\Exception $e) {
+            $this->warn('phpsess: create_sid failed: the daemon at ' . $this->address . ' made no session ID and random_bytes() failed: ' . self::clean($e->getMessage()));
+            $this->createFailed = true;
+
+            return '';
+        }
+        // Not locked, and without a cluster suffix: a cluster places it by
+        // rendezvous hashing (CLUSTER.md §2). write() stores it, reconnecting
+        // if need be; read() returns '' without asking.
+        $this->newId = $sid;
+        $this->createFailed = false;
+
+        return $sid;
     }
 
     /**
@@ -382,13 +516,14 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
             return;
         }
-        if ($this->locks !== []) {
+        if ($this->locks !== [] || $this->newId !== null) {
             $this->close();
         }
-        if ($this->pendingCloses > 0 && $this->sock !== null) {
+        if ($this->pending !== [] && $this->sock !== null) {
             $this->setTimeout($this->timeout);
-            for (; $this->pendingCloses > 0; --$this->pendingCloses) {
-                if (@fgets($this->sock, self::MAX_HEADER_BYTES + 1) !== "OK\n") {
+            while ($this->pending !== []) {
+                $verb = array_shift($this->pending);
+                if (!self::isPendingReply($verb, @fgets($this->sock, self::MAX_HEADER_BYTES + 1))) {
                     $this->discard();
 
                     return;
@@ -402,8 +537,28 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
      * line of its reply (with its LF). A DATA reply leaves the connection busy
      * until payload() has read the data. Returns null after a warning when the
      * connection failed; the connection is then discarded.
+     *
+     * A connection the daemon closed while we held no lock and awaited no
+     * reply (its idle_timeout_s, §10; a restart) is replaced, and the request
+     * sent once more, with a fresh HELLO. Never while a lock is held: the new
+     * connection would not have it (§6.1), and a write would go through
+     * without it.
      */
     private function exchange(#[\SensitiveParameter] string $request, string $method, bool $mayWait = false): ?string
+    {
+        $line = $this->send($request, $method, $mayWait, $this->locks === [] && $this->pending === []);
+        if ($line === false) {
+            $line = $this->connect() ? $this->send($request, $method, $mayWait, false) : null;
+        }
+
+        return $line === false ? null : $line;
+    }
+
+    /**
+     * exchange() once. With $mayRetry, returns false without a warning when
+     * the connection turns out closed before any reply came (it is discarded).
+     */
+    private function send(#[\SensitiveParameter] string $request, string $method, bool $mayWait, bool $mayRetry): string|false|null
     {
         $sock = $this->sock;
         if ($sock === null) {
@@ -431,17 +586,25 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         }
         $this->busy = true;
         if (@fwrite($sock, $request) !== \strlen($request)) {
+            if ($mayRetry && !self::timedOut($sock)) {
+                $this->discard();
+
+                return false;
+            }
             $this->lost($method, 'sending the request');
 
             return null;
         }
-        for (; $this->pendingCloses > 0; --$this->pendingCloses) {
+        while ($this->pending !== []) {
+            $verb = array_shift($this->pending);
             $line = @fgets($sock, self::MAX_HEADER_BYTES + 1);
-            if ($line !== "OK\n") {
+            if (!self::isPendingReply($verb, $line)) {
                 if ($line === false) {
-                    $this->lost($method, 'reading the reply to an earlier CLOSE');
+                    $this->lost($method, 'reading the reply to an earlier ' . $verb);
+                } elseif (self::isFatal($line)) {
+                    $this->failed($method, $line); // §9: the daemon closes the connection
                 } else {
-                    $this->outOfStep($method, 'CLOSE', $line);
+                    $this->outOfStep($method, $verb, $line);
                 }
 
                 return null;
@@ -451,6 +614,11 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             $line = @fgets($sock, self::MAX_HEADER_BYTES + 1);
             if ($line !== "OK 1\n") {
                 if ($line === false) {
+                    if ($mayRetry && !self::timedOut($sock)) {
+                        $this->discard();
+
+                        return false;
+                    }
                     $this->lost($method, 'reading the reply to HELLO');
 
                     return null;
@@ -469,6 +637,11 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         }
         $line = @fgets($sock, self::MAX_HEADER_BYTES + 1);
         if ($line === false) {
+            if ($mayRetry && !self::timedOut($sock)) {
+                $this->discard();
+
+                return false;
+            }
             $this->lost($method, 'waiting for the reply');
 
             return null;
@@ -546,9 +719,8 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         $this->sock = $sock;
         $this->sockTimeout = -1.0;
         $this->busy = false;
-        $this->pendingCloses = 0;
+        $this->pending = [];
         $this->locks = [];
-        $this->newId = null;
         $this->hello = $this->helloLine();
 
         return true;
@@ -557,14 +729,11 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     private function helloLine(): string
     {
         $line = 'HELLO 1 wait_ms=' . (int) round($this->lockWait * 1000);
+        // The lease is wall-clock time (§6.3). Without the option the daemon's
+        // --lock-lease-s applies; never max_execution_time, which on Linux
+        // counts CPU time only, so a request waiting on I/O outlives it.
         if ($this->lease !== null) {
-            $leaseMs = (int) round($this->lease * 1000);
-        } else {
-            $maxExecution = (int) ini_get('max_execution_time');
-            $leaseMs = $maxExecution > 0 ? ($maxExecution + 5) * 1000 : 0;
-        }
-        if ($leaseMs > 0) {
-            $line .= ' lease_ms=' . min(max($leaseMs, 1), (int) (self::MAX_LEASE_S * 1000));
+            $line .= ' lease_ms=' . min(max((int) round($this->lease * 1000), 1), (int) (self::MAX_LEASE_S * 1000));
         }
 
         return $line . ' client=php:' . (int) getmypid() . "\n";
@@ -579,19 +748,24 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         $this->sockTimeout = $timeout;
     }
 
-    /** Drops the connection; the daemon releases its locks (§6.1). */
+    /**
+     * Drops the connection; the daemon releases its locks (§6.1). A new ID
+     * stays new: it still has no data.
+     */
     private function discard(): void
     {
         if ($this->sock !== null) {
             @fclose($this->sock); // also ends a persistent connection
         }
+        if ($this->locks !== []) {
+            $this->locksLost = true;
+        }
         $this->sock = null;
         $this->hello = '';
-        $this->pendingCloses = 0;
+        $this->pending = [];
         $this->busy = false;
         $this->sockTimeout = -1.0;
         $this->locks = [];
-        $this->newId = null;
     }
 
     /** The connection broke or timed out: discard it and warn. */
@@ -620,8 +794,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
             return;
         }
-        $code = strtok(substr($line, 4), " \n");
-        if (\in_array($code, self::FATAL_CODES, true)) {
+        if (self::isFatal($line)) {
             $this->discard(); // §9: the daemon closes the connection after these
         }
         $this->warn('phpsess: ' . $method . ' failed at ' . $this->address . ': ' . self::clean(substr($line, 4)));
@@ -634,7 +807,9 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
     private function warn(string $message): void
     {
-        trigger_error($message, \E_USER_WARNING);
+        if (!$this->quiet) {
+            trigger_error($message, \E_USER_WARNING);
+        }
     }
 
     /**
@@ -765,6 +940,59 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         $except = null;
 
         return @stream_select($read, $write, $except, 0) === 0;
+    }
+
+    /** An `ERR <CODE> ...` line whose code makes the daemon close the connection (§9). */
+    private static function isFatal(string $line): bool
+    {
+        return strncmp($line, 'ERR ', 4) === 0
+            && \in_array(strtok(substr($line, 4), " \n"), self::FATAL_CODES, true);
+    }
+
+    /**
+     * Whether $line is a fitting reply to a request close() sent without
+     * waiting: `OK`, or for the empty WRITE of a new ID any non-fatal error
+     * (it only costs that ID).
+     */
+    private static function isPendingReply(string $verb, string|false $line): bool
+    {
+        return $line === "OK\n"
+            || ($verb === 'WRITE' && \is_string($line) && str_ends_with($line, "\n")
+                && strncmp($line, 'ERR ', 4) === 0 && !self::isFatal($line));
+    }
+
+    /** Whether the last read or write on $sock gave up waiting (rather than finding it closed). */
+    private static function timedOut(mixed $sock): bool
+    {
+        return (bool) (stream_get_meta_data($sock)['timed_out'] ?? false);
+    }
+
+    /**
+     * A session ID made here as PHP makes its own (ext/session
+     * bin_to_readable): $length characters of $bits random bits each.
+     *
+     * @throws \Exception when no random bytes can be had
+     */
+    private static function randomId(int $length, int $bits): string
+    {
+        $alphabet = '0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ,-';
+        $bytes = random_bytes(intdiv($length * $bits + 7, 8));
+        $mask = (1 << $bits) - 1;
+        $id = '';
+        $word = 0;
+        $have = 0;
+        $next = 0;
+        for ($i = 0; $i < $length; ++$i) {
+            if ($have < $bits) {
+                $word |= \ord($bytes[$next++]) << $have;
+                $have += 8;
+            }
+            $id .= $alphabet[$word & $mask];
+            $word >>= $bits;
+            $have -= $bits;
+        }
+
+        return $id;
     }
 
     /** Decimal digits only (ctype is optional in PHP builds). */

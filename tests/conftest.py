@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,39 @@ class HangingFdatasync:
             self.hung.set()
             self.release.wait(self._limit_s)
         self.real(fd)
+
+def proc_status_kib(pid: int, field: str) -> int:
+    """A memory figure of process ``pid`` from /proc (``VmRSS``, ``VmHWM``...), in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+@contextlib.asynccontextmanager
+async def fsync_always_server(nursery: Any) -> AsyncIterator[str]:
+    """An in-process daemon with ``--fsync always`` in a temporary
+    directory (lock wait 30 s, lease 300 s), served in ``nursery``; yields
+    its socket path."""
+    from phpsess.addresses import UnixAddress
+    from phpsess.engine import Limits
+    from phpsess.persist import PersistConfig
+    from phpsess.server import Server, ServerConfig
+
+    with tempfile.TemporaryDirectory(prefix="ps-", dir="/tmp") as tmp:
+        path = str(Path(tmp) / "s.sock")
+        server = Server(ServerConfig(
+            listen=(UnixAddress(path),),
+            limits=Limits(lock_wait_s=30, lock_lease_s=300),
+            persist=PersistConfig(str(Path(tmp) / "data"), "always"),
+        ))
+        await nursery.start(server.serve)
+        try:
+            yield path
+        finally:
+            server.shutdown()
+
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:

@@ -14,6 +14,7 @@ import pytest
 
 from phpsess import protocol as p
 from phpsess.client import Client, ClientError
+from tests.conftest import proc_status_kib
 
 
 def _connect(path: str) -> socket.socket:
@@ -102,14 +103,6 @@ def test_malformed_frames_are_cut_off_others_served(daemon: Any) -> None:
         assert b'"sessions": 1' in stats.data
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_garbage_storm_while_a_good_client_works_and_memory_stays_flat(daemon: Any) -> None:
     import random
 
@@ -126,7 +119,7 @@ def test_garbage_storm_while_a_good_client_works_and_memory_stays_flat(daemon: A
             assert good.request(p.Write("steady", 60, str(i).encode())) == p.OK
             assert good.request(p.Read("steady", lock=False)) == p.Data(str(i).encode())
             if i in (199, 999):
-                rss[i] = _rss_kib(daemon.pid)
+                rss[i] = proc_status_kib(daemon.pid, "VmRSS")
     assert daemon.proc.poll() is None
     # 800 more bad clients after warm-up must not grow the daemon (no leak).
     assert rss[999] - rss[199] < 8 * 1024, rss

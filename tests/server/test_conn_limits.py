@@ -10,22 +10,23 @@ import json
 import os
 import signal
 import socket
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
 from phpsess import protocol as p
-from phpsess.addresses import UnixAddress
 from phpsess.client import Client
-from phpsess.engine import Limits
-from phpsess.persist import PersistConfig
-from phpsess.server import Server, ServerConfig
-from tests.conftest import Daemon, HangingFdatasync, MariaDB, fresh_table
+from tests.conftest import (
+    Daemon,
+    HangingFdatasync,
+    MariaDB,
+    fresh_table,
+    fsync_always_server,
+    proc_status_kib,
+)
 from tests.server.test_server_time import _Conn
 
 MIB = 1024 * 1024
@@ -79,14 +80,6 @@ def _wait_until(what: str, check: Callable[[], bool], timeout_s: float = 10) -> 
         time.sleep(0.02)
 
 
-def _peak_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM in /proc/<pid>/status")
-
-
 @pytest.fixture(params=["engine", "sql"])
 def storage_args(request: pytest.FixtureRequest) -> list[str]:
     """The daemon's own store, or the SQL backend (its own connection loop)."""
@@ -112,10 +105,10 @@ def test_pipelined_reads_of_a_big_session_do_not_pile_up_replies(
     with _connect(daemon) as a:
         a.sendall(b"HELLO 1\nWRITE big 600 %d\n" % len(body) + body)
         _receive_exactly(a, b"OK 1\nOK\n")
-        before_kib = _peak_rss_kib(daemon.pid)
+        before_kib = proc_status_kib(daemon.pid, "VmHWM")
         a.sendall(b"READ big NOLOCK\n" * count)
         time.sleep(2)  # the replies the daemon can make while nobody reads
-        grown_mib = (_peak_rss_kib(daemon.pid) - before_kib) / 1024
+        grown_mib = (proc_status_kib(daemon.pid, "VmHWM") - before_kib) / 1024
         assert grown_mib < 32, f"the daemon grew by {grown_mib:.0f} MiB"
         # Throttled, not lost: every reply comes once the client reads.
         reply = b"DATA %d\n" % len(body) + body
@@ -131,14 +124,7 @@ async def test_replies_sent_early_still_wait_for_the_disk(
     # A batch's replies that go out before its end (past the size limit)
     # include the WRITE's acknowledgement: not before the journal has it.
     disk = HangingFdatasync(limit_s=10)
-    with tempfile.TemporaryDirectory(prefix="ps-", dir="/tmp") as tmp:
-        path = str(Path(tmp) / "s.sock")
-        server = Server(ServerConfig(
-            listen=(UnixAddress(path),),
-            limits=Limits(lock_wait_s=30, lock_lease_s=300),
-            persist=PersistConfig(str(Path(tmp) / "data"), "always"),
-        ))
-        await nursery.start(server.serve)
+    async with fsync_always_server(nursery) as path:
         c = _Conn(await trio.open_unix_socket(path))
         assert await c.request(p.Hello(1)) == p.Ok(("1",))
         body = b"y" * MIB
@@ -159,7 +145,6 @@ async def test_replies_sent_early_still_wait_for_the_disk(
                 assert await c.reply() == p.Data(body)
         monkeypatch.setattr(os, "fdatasync", disk.real)
         await c.stream.aclose()
-        server.shutdown()
 
 
 def test_a_client_that_does_not_read_its_replies_is_closed(

@@ -7,18 +7,12 @@ as a stall of 30 s)."""
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import pytest
 import trio
 
 from phpsess import protocol as p
-from phpsess.addresses import UnixAddress
-from phpsess.engine import Limits
-from phpsess.persist import PersistConfig
-from phpsess.server import Server, ServerConfig
-from tests.conftest import HangingFdatasync
+from tests.conftest import HangingFdatasync, fsync_always_server
 from tests.server.test_server_time import _Conn
 
 
@@ -26,14 +20,7 @@ async def test_grant_while_the_waiter_waits_for_the_disk_is_delivered(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     disk = HangingFdatasync(limit_s=10)
-    with tempfile.TemporaryDirectory(prefix="ps-", dir="/tmp") as tmp:
-        path = str(Path(tmp) / "s.sock")
-        server = Server(ServerConfig(
-            listen=(UnixAddress(path),),
-            limits=Limits(lock_wait_s=30, lock_lease_s=300),
-            persist=PersistConfig(str(Path(tmp) / "data"), "always"),
-        ))
-        await nursery.start(server.serve)
+    async with fsync_always_server(nursery) as path:
         a = _Conn(await trio.open_unix_socket(path))
         b = _Conn(await trio.open_unix_socket(path))
         for c in (a, b):
@@ -57,4 +44,3 @@ async def test_grant_while_the_waiter_waits_for_the_disk_is_delivered(
         monkeypatch.setattr(os, "fdatasync", disk.real)
         for c in (a, b):
             await c.stream.aclose()
-        server.shutdown()

@@ -596,15 +596,7 @@ class Cluster:
         membership = self.membership
         while True:
             now = trio.current_time()
-            if now - self._last_tick > self.config.dead_after_s / 2:
-                # Our own loop stalled (SIGSTOP, VM pause): what we master may
-                # have moved meanwhile; check before serving it again.
-                stalled = [s for s, m in self.replicas.meta.items() if m.role == MASTER]
-                self.replicas.mark_unverified(stalled)
-                log.warning(
-                    "event=cluster_stall paused_s=%.1f unverified=%d",
-                    now - self._last_tick, len(stalled),
-                )
+            self._notice_stall(now)
             self._last_tick = now
             self._rehome_from_drainers()
             engine = self.server.engine
@@ -622,6 +614,23 @@ class Cluster:
             with trio.move_on_at(min(membership.next_deadline(), now + self.config.heartbeat_s)):
                 await self._wake.wait()
             self._wake = trio.Event()
+
+    def _notice_stall(self, now: float) -> None:
+        """Notice if our own loop stalled (SIGSTOP, VM pause: the heartbeat
+        clock is more than ``dead_after_s / 2`` old, CLUSTER.md §3).  What we
+        master may have moved meanwhile: mark it unverified, so that it is
+        checked (``_verify``) before it is served again.  Called by the
+        heartbeat task and, before serving anything as master, by
+        ``resolve``: after a resume Trio may run a client's task first."""
+        if now - self._last_tick <= self.config.dead_after_s / 2:
+            return
+        stalled = [s for s, m in self.replicas.meta.items() if m.role == MASTER]
+        self.replicas.mark_unverified(stalled)
+        log.warning(
+            "event=cluster_stall paused_s=%.1f unverified=%d",
+            now - self._last_tick, len(stalled),
+        )
+        self._last_tick = now
 
     def _rehome_from_drainers(self) -> None:
         """A peer announced it is draining: give our sessions it backs up a
@@ -799,6 +808,9 @@ class Cluster:
 
     async def resolve(self, sid: str) -> str:
         """The node that serves ``sid`` now, after checking an unverified copy."""
+        # "Am I still master?" must not depend on which task runs first after
+        # a stall: notice it here too (one clock comparison when none).
+        self._notice_stall(trio.current_time())
         alive = self.membership.is_alive
         node = self.replicas.route(sid, alive)
         if node == self.me and sid in self.replicas.unverified:
@@ -1103,40 +1115,112 @@ class Cluster:
     # -- drain (CLUSTER.md §8)
 
     async def drain(self) -> None:
+        """Hand every session we master over and wait until the masters of
+        those we back up have moved them (CLUSTER.md §8), within the drain
+        deadline."""
         self.draining = True
         self.membership.set_load(len(self.server.engine.store), 0, True)
         await self._send_heartbeat()
+        handed = 0
         with trio.move_on_after(self.config.drain_timeout_s) as scope:
             # Let peers see that we are draining before we hand sessions over.
             await trio.sleep(self.config.heartbeat_s)
-            handed = 0
-            for sid, m in list(self.replicas.meta.items()):
-                if m.role != MASTER:
-                    continue
-                target = m.backup or self.membership.choose_backup()
-                entry = self.server.engine.store.get(sid, trio.current_time())
-                if target is None or entry is None:
-                    continue
-                ttl_s = max(1, math.ceil(entry.expires_at - trio.current_time()))
-                try:
-                    reply = await self.call(
-                        target, p.Handoff(sid, m.epoch + 1, m.version, ttl_s, entry.data)
+            refused: dict[str, set[str]] = {}
+            while True:
+                masters = [s for s, m in self.replicas.meta.items() if m.role == MASTER]
+                if not masters:
+                    break
+                if not self.membership.alive_peers():
+                    # Nobody to hand them to (every peer is dead): as before
+                    # the drain, ours is the only copy; waiting cannot help.
+                    log.warning(
+                        "event=drain_alone masters=%d detail=no live peer to hand sessions "
+                        "to; they stay in this node's data directory, if it has one",
+                        len(masters),
                     )
-                except LinkError as exc:
-                    log.warning("event=handoff_failed peer=%s detail=%s", target, exc)
-                    continue
-                if reply == p.OK:
-                    self.replicas.stale(sid, target)
-                    self._drop_local(sid)  # a restart must not take it back
-                    handed += 1
+                    break
+                for sid in masters:
+                    handed += await self._hand_over(sid, refused.setdefault(sid, set()))
+                if any(m.role == MASTER for m in self.replicas.meta.values()):
+                    await trio.sleep(0.1)  # a target failed: retry once decided
             # Masters of the copies we back up re-home them once they see us
             # draining (_rehome_from_drainers); wait until none is left here.
             while any(m.role == BACKUP for m in self.replicas.meta.values()):
                 await trio.sleep(0.05)
             log.info("event=drained handed_over=%d", handed)
         if scope.cancelled_caught:
+            left = [m for m in self.replicas.meta.values() if m.role == MASTER]
+            if left:
+                backed = sum(
+                    1 for m in left
+                    if m.backup is not None and self.membership.state(m.backup) != mb.DEAD
+                )
+                log.error(
+                    "event=drain_incomplete masters=%d handed_over=%d with_live_backup=%d "
+                    "detail=the drain deadline (--drain-timeout-s) passed with sessions still "
+                    "mastered here; their backups take over the %d with a live backup once "
+                    "peers declare this node dead (CLUSTER.md §7); the other %d have no other "
+                    "copy and are lost",
+                    len(left), handed, backed, backed, len(left) - backed,
+                )
             log.warning("event=drain_timeout")
 
+    async def _hand_over(self, sid: str, refused: set[str]) -> bool:
+        """One attempt to hand ``sid`` to another node (CLUSTER.md §8): to its
+        backup, or, if that is dead or refused it, to another live peer
+        (placement rule, §2).  True once it is no longer mastered here."""
+        m = self.replicas.meta.get(sid)
+        if m is None or m.role != MASTER:
+            return False
+        entry = self.server.engine.store.get(sid, trio.current_time())
+        if entry is None:
+            self.expired([sid])  # expired meanwhile: nothing left to hand over
+            return False
+        target = m.backup
+        if target is None or target in refused or self.membership.state(target) == mb.DEAD:
+            target = self.membership.choose_backup(exclude=refused)
+            if target is None:
+                refused.clear()  # nobody left to try now: all again next round
+                return False
+        epoch, old_backup = m.epoch, m.backup
+        ttl_s = max(1, math.ceil(entry.expires_at - trio.current_time()))
+        try:
+            reply = await self.call(target, p.Handoff(sid, epoch + 1, m.version, ttl_s, entry.data))
+        except LinkError as exc:
+            log.warning("event=handoff_failed peer=%s detail=%s", target, exc)
+            # Dead (then _peer_dead gives the session a new backup) or alive
+            # after all: either way the next round tries again.
+            await self._wait_for_verdict(target)
+            return False
+        if reply == p.OK:
+            self.replicas.stale(sid, target)
+            self._drop_local(sid)  # a restart must not take it back
+            if old_backup not in (None, target) and self.membership.is_alive(old_backup):
+                # The old backup must not take over from a copy now stale.
+                with contextlib.suppress(LinkError):
+                    await self.call(old_backup, p.ReplDelete(sid, self.me, epoch, m.version))
+            return True
+        newer = _stale_master(reply)
+        if newer is not None and newer[0] != self.me and newer[1] > epoch:
+            # Mastered elsewhere at a newer epoch already (an earlier HANDOFF
+            # went through but its answer was lost): ours is stale.
+            self.replicas.stale(sid, newer[0])
+            self._drop_local(sid)
+            return True
+        log.warning("event=handoff_refused peer=%s session=%s detail=%s",
+                    target, sid_tag(sid), reply)
+        refused.add(target)
+        return False
+
+
+def _stale_master(reply: p.Reply) -> tuple[str, int] | None:
+    """``<master> <epoch>`` of a STALE refusal, or None."""
+    if not (isinstance(reply, p.Error) and reply.code is p.Code.STALE):
+        return None
+    master, _, epoch = reply.message.partition(" ")
+    if not (master and epoch.isdigit() and len(epoch) < 20):
+        return None
+    return master, int(epoch)
 
 def _where_tokens(tokens: tuple[str, ...]) -> tuple[str, int, int, int] | None:
     """``<role> <epoch> <version> <ttl_ms>`` of a WHERE reply, or None if a

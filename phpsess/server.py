@@ -96,6 +96,11 @@ class _Conn:
         # is in progress (PROTOCOL.md §10).
         self.parser: p.RequestParser | None = None
 
+    @property
+    def mid_request(self) -> bool:
+        """A request is half received: it is in progress (§10)."""
+        return self.parser is not None and self.parser.mid_request
+
 
 class Server:
     """``await nursery.start(server.serve)`` runs the daemon until cancelled
@@ -278,10 +283,8 @@ class Server:
         with trio.move_on_after(self.config.shutdown_timeout_s) as scope:
             while True:
                 for conn in list(self._conns.values()):
-                    # A request half received is in progress too (§10).
                     idle = (
-                        not conn.busy
-                        and not (conn.parser is not None and conn.parser.mid_request)
+                        not conn.busy and not conn.mid_request
                         and not self.engine.holds_locks(conn.owner)
                     )
                     if idle and conn.scope is not None:
@@ -592,9 +595,8 @@ class Server:
         """Send the replies so far of a batch that has more requests to
         handle: its writes' acknowledgements once durable, and the other
         connections' grants first, as this send may wait for the client."""
-        persister = self.persister
-        if durable_seq and not (persister is not None and persister.durable(durable_seq)):
-            await self._durable(durable_seq)
+        if durable_seq:
+            await self._durable(durable_seq)  # at once when it already is
         self._after_engine()
         await netio.send(fd, b"".join(out), conn)
 
@@ -678,9 +680,7 @@ class Server:
                 if since is not None and now - since >= limit:
                     # Held now, not when it fell silent: a lease may have
                     # run out since (the lock is revoked, the wait is not).
-                    if engine.holds_locks(conn.owner) and not (
-                        conn.parser is not None and conn.parser.mid_request
-                    ):
+                    if engine.holds_locks(conn.owner) and not conn.mid_request:
                         continue
                     conn.idle_since = None
                     log.info(

@@ -33,7 +33,7 @@ from phpsess.addresses import TcpAddress
 from phpsess.journal import Op
 from phpsess.logs import sid_tag
 from phpsess.placement import check_node_name, named_nodes, suffix
-from phpsess.replica import BACKUP, MASTER, Replicas, Verdict, decode_meta, encode_meta
+from phpsess.replica import BACKUP, MASTER, Repl, Replicas, Verdict, decode_meta, encode_meta
 
 if TYPE_CHECKING:
     from phpsess.server import Server
@@ -43,6 +43,17 @@ log = logging.getLogger("phpsess")
 IO_TIMEOUT_S: Final = 5.0
 _PIPE_IDLE_S: Final = 60.0
 _MAX_LINE: Final = 512
+# Unauthenticated TCP handshakes at once (CLUSTER.md §4).  Connections from a
+# configured peer's address have their own slots, so that a host without the
+# secret cannot crowd out the peers' links by holding connections open; any
+# other source (a peer whose connections leave from another address) shares
+# the rest, a few per address.
+HANDSHAKES_FROM_PEERS: Final = 64
+HANDSHAKES_FROM_OTHERS: Final = 16
+HANDSHAKES_PER_OTHER_ADDRESS: Final = 4
+# Refused and failed handshakes are logged at most this often per kind (with
+# the count since the last line): a host without the secret cannot flood the log.
+_REFUSAL_LOG_EVERY_S: Final = 10.0
 
 
 @attrs.frozen
@@ -434,7 +445,11 @@ class Cluster:
         self._probing: set[str] = set()
         self._rehomed: set[str] = set()
         self._missing_logged: set[str] = set()
-        self._handshakes = trio.CapacityLimiter(64)  # unauthenticated at once
+        self._handshakes = trio.CapacityLimiter(HANDSHAKES_FROM_PEERS)
+        self._other_handshakes = trio.CapacityLimiter(HANDSHAKES_FROM_OTHERS)
+        self._handshakes_by_other: dict[str, int] = {}
+        self._peer_hosts: frozenset[str] = frozenset()  # the peers' IP addresses
+        self._refusals = _RateLimitedLog()
         self._pipes: dict[str, Pipe] = {}
         self.started = trio.current_time()
         self._last_tick = trio.current_time()
@@ -468,6 +483,7 @@ class Cluster:
                 f"cannot listen for peers on {address}: {exc.strerror}"
             ) from exc
         self._udp = udp
+        await self._resolve_peer_hosts()
         log.info(
             "event=cluster_listening node=%s address=%s peers=%s",
             self.me, address, ",".join(self.peer_address),
@@ -520,6 +536,7 @@ class Cluster:
         self.replicas.nodes = frozenset([self.me, *wanted])
         for name in removed:
             self._spawn(self._peer_dead, name)
+        self._spawn(self._resolve_peer_hosts)
         log.info(
             "event=peers_reloaded added=%s removed=%s moved=%s",
             ",".join(added) or "-", ",".join(removed) or "-", ",".join(moved) or "-",
@@ -703,7 +720,10 @@ class Cluster:
                 self._probing.add(event.name)
                 self._spawn(self._probe, event.name)
         elif isinstance(event, mb.Dead):
-            self._spawn(self._peer_dead, event.name)
+            # Taken over at once, before any other request is answered: a
+            # restarted node learns of it when it verifies (§7).
+            copies = self._take_over(event.name, never_heard=event.incarnation == 0)
+            self._spawn(self._send_copies, copies)
         elif isinstance(event, mb.Unreachable):
             log.warning(
                 "event=peer_unreachable peer=%s witness=%s detail=no answer from it, but "
@@ -731,16 +751,34 @@ class Cluster:
             self._on_event(event)
 
     async def _peer_dead(self, name: str) -> None:
-        log.warning("event=peer_dead peer=%s", name)
+        await self._send_copies(self._take_over(name))
+
+    async def _send_copies(self, copies: list[Repl]) -> None:
+        for repl in copies:
+            await self._send_copy(repl.sid)
+
+    def _take_over(self, name: str, never_heard: bool = False) -> list[Repl]:
+        """``name`` is dead: become master of what it mastered and we back
+        up, pick new backups for what it backed up; the copies to send."""
+        if not never_heard:
+            log.warning("event=peer_dead peer=%s", name)
         for link in list(self.links.get(name, ())):
             link.abort()
         copies = self.replicas.node_dead(name, self._choose_backup)
         for repl in copies:
             self._journal_meta(repl.sid)
-        self.takeovers_total += 1
-        log.info("event=takeover peer=%s copies=%d", name, len(copies))
-        for repl in copies:
-            await self._send_copy(repl.sid)
+        if never_heard:
+            # Not started yet, or down since before we started (§3): what it
+            # was to back up here goes on degraded or to another peer.
+            log.warning(
+                "event=peer_absent peer=%s copies=%d detail=never heard since this node "
+                "started and its probe failed: treated as dead until it speaks",
+                name, len(copies),
+            )
+        else:
+            self.takeovers_total += 1
+            log.info("event=takeover peer=%s copies=%d", name, len(copies))
+        return copies
 
     def _declared_dead(self, by: str) -> None:
         """Peers took over everything we held (CLUSTER.md §3, §7)."""
@@ -775,30 +813,73 @@ class Cluster:
                 continue
             nursery.start_soon(self._peer_connection, stream)
 
+    async def _resolve_peer_hosts(self) -> None:
+        """The configured peers' IP addresses, whose connections get the
+        handshake slots reserved for peers."""
+        hosts: set[str] = set()
+        for name, address in list(self.peer_address.items()):
+            try:
+                infos = await trio.socket.getaddrinfo(
+                    address.host, address.port, type=stdsocket.SOCK_STREAM
+                )
+            except OSError as exc:
+                log.warning(
+                    "event=peer_resolve_failed peer=%s host=%s detail=%s (its connections "
+                    "share the handshake slots of unknown sources)", name, address.host, exc,
+                )
+                continue
+            hosts.update(_plain_ip(str(info[4][0])) for info in infos)
+        self._peer_hosts = frozenset(hosts)
+
     async def _peer_connection(self, stream: trio.SocketStream) -> None:
         lines = _Lines(stream)
-        if self._handshakes.borrowed_tokens >= self._handshakes.total_tokens:
-            log.warning("event=peer_refused reason=too_many_handshakes peer=%s", _peer(stream))
+        host = _peer(stream)
+        if host in self._peer_hosts:
+            limiter = self._handshakes
+            others = 0
+        else:
+            limiter = self._other_handshakes
+            others = self._handshakes_by_other.get(host, 0)
+        full = limiter.borrowed_tokens >= limiter.total_tokens
+        if full or others >= HANDSHAKES_PER_OTHER_ADDRESS:
+            self._refusals.warning(
+                "peer_refused", "event=peer_refused reason=too_many_handshakes peer=%s", host
+            )
             await trio.aclose_forcefully(stream)
             return
+        if limiter is self._other_handshakes:
+            self._handshakes_by_other[host] = others + 1
         try:
-            async with self._handshakes:
+            async with limiter:
                 with trio.fail_after(IO_TIMEOUT_S):
                     mine = peerauth.new_challenge()
                     await stream.send_all(peerauth.challenge_line(mine))
-                    name, _, tag, theirs = peerauth.parse_auth_line(await lines.line())
+                    name, incarnation, tag, theirs = peerauth.parse_auth_line(
+                        await lines.line()
+                    )
                     if name not in self.peer_address:  # also refuses our own name
                         raise peerauth.AuthError(f"unknown node {name!r}")
                     if theirs == mine:
                         raise peerauth.AuthError("a reflected challenge")
-                    peerauth.verify_proof(self.config.secret, mine, name, tag)
+                    peerauth.verify_proof(self.config.secret, mine, name, tag, incarnation)
                     await stream.send_all(
                         peerauth.accept_line(self.me, theirs, self.config.secret)
                     )
         except (peerauth.AuthError, trio.TooSlowError, OSError, trio.BrokenResourceError) as exc:
-            log.warning("event=peer_auth_failed peer=%s detail=%s", _peer(stream), exc)
+            self._refusals.warning(
+                "peer_auth_failed", "event=peer_auth_failed peer=%s detail=%s", host, exc
+            )
             await trio.aclose_forcefully(stream)
             return
+        finally:
+            if limiter is self._other_handshakes:
+                left = self._handshakes_by_other[host] - 1
+                if left:
+                    self._handshakes_by_other[host] = left
+                else:
+                    del self._handshakes_by_other[host]
+        for event in self.membership.connected(name, incarnation):
+            self._on_event(event)
         await self.server.serve_peer(stream, name, bytes(lines.buf))
 
     # -- serving a session (CLUSTER.md §5)
@@ -1234,10 +1315,36 @@ def _where_tokens(tokens: tuple[str, ...]) -> tuple[str, int, int, int] | None:
 
 def _peer(stream: trio.SocketStream) -> str:
     try:
-        host: str = stream.socket.getpeername()[0]
+        host = str(stream.socket.getpeername()[0])
     except OSError:
         return "?"
-    return host
+    return _plain_ip(host)
+
+
+def _plain_ip(host: str) -> str:
+    """An IPv4 address as such, also when an IPv6 socket reports it mapped."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+class _RateLimitedLog:
+    """Warnings an unauthenticated host can cause, at most one line per kind
+    every ``_REFUSAL_LOG_EVERY_S``, with how many were left out before it."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args: object) -> None:
+        now = trio.current_time()
+        if now < self._next.get(kind, -math.inf):
+            self._skipped[kind] = self._skipped.get(kind, 0) + 1
+            return
+        self._next[kind] = now + _REFUSAL_LOG_EVERY_S
+        skipped = self._skipped.pop(kind, 0)
+        if skipped:
+            message += " suppressed_since_last=%d"
+            args = (*args, skipped)
+        log.warning(message, *args)
 
 
 def parse_peer(text: str) -> tuple[str, TcpAddress]:

@@ -7,6 +7,7 @@ Theory of operation: every configured peer is in one of four states::
                            alive <--heartbeat / probe answered-- suspect
                                       suspect --probe failed--> dead
     dead --heartbeat from a *new* incarnation--> alive (rejoined)
+    unknown --never heard for dead_after_s (tick)--> suspect --probe failed--> dead
 
 A peer is *unknown* until its first heartbeat.  :meth:`Membership.tick` turns
 an alive peer that has been silent for ``dead_after_s`` into a *suspect* and
@@ -21,6 +22,15 @@ ignored; one from any other incarnation of a dead peer is a rejoin.  A
 heartbeat from a new incarnation of a peer we still think alive means it
 restarted before we noticed: the old incarnation is declared dead and the new
 one alive, in that order.
+
+A peer never heard since we began watching it (our start, or a reload that
+added it) is suspected the same way after ``dead_after_s``: a node restarted
+while a peer is down must not wait for that peer forever (every write to a
+session it backs up would fail).  Its probe decides as for any suspect, but
+it has no incarnation yet: one that answers stays *unknown* (its timer
+restarts), one that fails is *dead* with incarnation 0, which no heartbeat's
+dead list carries; its first heartbeat, whatever the incarnation, makes it
+alive (not a rejoin).
 
 Our own stalls: ticks run at least every ``dead_after_s / 4`` (see
 :meth:`Membership.next_deadline`).  A tick that comes more than
@@ -215,6 +225,10 @@ class _Peer:
     witnessed: bool = False  # Unreachable reported for this episode
 
 
+def _is_alive(peer: _Peer) -> bool:
+    return peer.state == ALIVE or (peer.state == SUSPECT and peer.incarnation != 0)
+
+
 class Membership:
     def __init__(
         self,
@@ -234,7 +248,8 @@ class Membership:
         names = {check_node_name(name) for name in peers} - {me}
         if len(names) > MAX_PEERS:
             raise ValueError(f"{len(names)} peers configured, at most {MAX_PEERS}")
-        self._peers = {name: _Peer() for name in sorted(names)}
+        # A silence timer for every peer, the never heard included.
+        self._peers = {name: _Peer(last_heard=now) for name in sorted(names)}
         self.heartbeat_s = heartbeat_s
         self.dead_after_s = dead_after_s
         # A witness must have heard the peer, and we the witness, this recently:
@@ -304,7 +319,9 @@ class Membership:
             events.append(SelfDeclaredDead(by=hb.name))
         if hb.incarnation in peer.dead_incarnations:
             return events  # a dead incarnation (or its late datagrams)
-        if peer.state == UNKNOWN:
+        if peer.state == UNKNOWN or (peer.state in (SUSPECT, DEAD) and not peer.incarnation):
+            # Its first heartbeat (also after a failed probe declared it dead
+            # unheard: it joins late rather than rejoins).
             events.append(Alive(hb.name, hb.incarnation, rejoined=False))
         elif peer.state == DEAD:
             events.append(Alive(hb.name, hb.incarnation, rejoined=True))
@@ -330,6 +347,25 @@ class Membership:
                 events.append(Suspect(name))
         return events
 
+    def connected(self, name: str, incarnation: int) -> list[Event]:
+        """An authenticated TCP connection from incarnation ``incarnation`` of
+        ``name``.  If we still take an earlier incarnation of it for alive,
+        that one is gone (it restarted before we noticed, and its heartbeats
+        may not have reached us yet): it is declared dead now, before we
+        answer anything on the connection, so that the restarted node
+        verifying its copies learns of our takeover (CLUSTER.md §3, §7).
+        The new incarnation becomes alive with its first heartbeat."""
+        peer = self._peers.get(name)
+        if (
+            peer is None
+            or peer.state not in (ALIVE, SUSPECT)
+            or not peer.incarnation
+            or incarnation == peer.incarnation
+            or incarnation in peer.dead_incarnations
+        ):
+            return []
+        return [self._declare_dead(name, peer)]
+
     def tick(self, now: float) -> list[Event]:
         """Run at :meth:`next_deadline` (or later): suspect silent peers."""
         if self._stalled(now):
@@ -337,7 +373,7 @@ class Membership:
         self._last_tick = now
         events: list[Event] = []
         for name, peer in self._peers.items():
-            if peer.state == ALIVE and now - peer.last_heard >= self.dead_after_s:
+            if peer.state in (ALIVE, UNKNOWN) and now - peer.last_heard >= self.dead_after_s:
                 peer.state = SUSPECT
                 events.append(Suspect(name))
         return events
@@ -355,7 +391,7 @@ class Membership:
             del self._peers[name]
             self._dead.pop(name, None)
         for name in added:
-            self._peers[name] = _Peer()
+            self._peers[name] = _Peer(last_heard=self._last_tick)
         return added, removed
 
     def reincarnate(self, incarnation: int) -> None:
@@ -387,14 +423,15 @@ class Membership:
             if witness is None:
                 return [self._declare_dead(name, peer)]
             # Cut off from us only: alive, and suspected again in witness_s.
-            peer.state = ALIVE
+            peer.state = ALIVE if peer.incarnation else UNKNOWN
             peer.last_heard = max(peer.last_heard, now - self.dead_after_s + self.witness_s)
             if peer.witnessed:
                 return []
             peer.witnessed = True
             return [Unreachable(name, witness)]
-        # Answered: slow, not dead.  Or failed while our own stall may be to blame.
-        peer.state = ALIVE
+        # Answered: slow, not dead.  Or failed while our own stall may be to
+        # blame.  Never heard: unknown until its first heartbeat.
+        peer.state = ALIVE if peer.incarnation else UNKNOWN
         peer.last_heard = now
         return []
 
@@ -402,7 +439,7 @@ class Membership:
         """When :meth:`tick` must next run (and a heartbeat may be due)."""
         deadline = min(self._next_heartbeat, self._last_tick + self.dead_after_s / 4)
         for peer in self._peers.values():
-            if peer.state == ALIVE:
+            if peer.state in (ALIVE, UNKNOWN):
                 deadline = min(deadline, peer.last_heard + self.dead_after_s)
         return deadline
 
@@ -425,14 +462,18 @@ class Membership:
         if name == self._me:
             return self._incarnation
         peer = self._peers.get(name)
-        return None if peer is None or peer.state == UNKNOWN else peer.incarnation
+        return None if peer is None or not peer.incarnation else peer.incarnation
 
     def alive_peers(self) -> list[str]:
-        """Peers alive or suspect (a suspect is not dead yet), sorted."""
-        return [name for name, peer in self._peers.items() if peer.state in (ALIVE, SUSPECT)]
+        """Peers alive or suspect (a suspect is not dead yet; one never
+        heard is not alive yet), sorted."""
+        return [name for name, peer in self._peers.items() if _is_alive(peer)]
 
     def is_alive(self, name: str) -> bool:
-        return self.state(name) in (ALIVE, SUSPECT)
+        if name == self._me:
+            return True
+        peer = self._peers.get(name)
+        return peer is not None and _is_alive(peer)
 
     def load(self, name: str) -> tuple[int, int, bool]:
         """Last reported ``(sessions, sockets, draining)``; zeros if never heard."""
@@ -489,6 +530,7 @@ class Membership:
 
     def _declare_dead(self, name: str, peer: _Peer) -> Dead:
         peer.state = DEAD
-        peer.dead_incarnations.append(peer.incarnation)
-        self._dead[name] = peer.incarnation
+        if peer.incarnation:  # a peer never heard has none to report
+            peer.dead_incarnations.append(peer.incarnation)
+            self._dead[name] = peer.incarnation
         return Dead(name, peer.incarnation)

@@ -458,6 +458,9 @@ class _Nft:
         for src, dst in ((one, other), (other, one)):
             self._nft(f"add rule inet {self.table} out ip saddr {src} ip daddr {dst} drop")
 
+    def drop_udp_from(self, src: str) -> None:
+        self._nft(f"add rule inet {self.table} out ip saddr {src} meta l4proto udp drop")
+
     def close(self) -> None:
         subprocess.run(["nft", f"delete table inet {self.table}"], capture_output=True)
 

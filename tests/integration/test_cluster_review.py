@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from phpsess.client import Client
 from phpsess.membership import Heartbeat
 from phpsess.replica import MASTER, Meta
 from phpsess.server import Server, ServerConfig
-from tests.integration.test_cluster import Cluster, _create
+from tests.integration.test_cluster import DEAD_AFTER_MS, Cluster, _create, _Nft
 from tests.integration.test_cluster import cluster as cluster  # the fixture
 
 
@@ -71,10 +72,45 @@ def test_drain_with_every_peer_dead_ends_at_once_and_keeps_the_sessions_on_disk(
         assert "event=drain_alone masters=5" in a.log()
         a.start()
         assert "event=restored sessions=5 " in a.log()
-        # Served once verified (b, never heard since the restart, does not
-        # answer: a few seconds), so one read proves it.
         sid, value = next(iter(values.items()))
         assert _read(cluster, "a", sid) == p.Data(value)
+    finally:
+        cluster.stop()
+
+
+def test_a_node_restarted_while_its_peer_stays_down_serves_its_sessions_degraded(
+    workdir: Path,
+) -> None:
+    # The power goes out on both nodes and only a comes back.  b, never
+    # heard since a's start, used to stay "unknown" for ever: every read of a
+    # session it backed up waited 6 s for it, and every write failed
+    # UNAVAILABLE.  Now a probes it after the detection time, declares it
+    # dead and goes on degraded (CLUSTER.md §3, §6), as after any death.
+    cluster = Cluster(workdir, names=("a", "b"))
+    try:
+        sids = [_create(cluster, "a", f"n|i:{i};".encode()) for i in range(5)]
+        time.sleep(0.5)  # past --fsync interval's window
+        for daemon in cluster.nodes.values():
+            daemon.kill9()
+        a = cluster.nodes["a"]
+        a.start()
+        with Client(a.address, timeout_s=30) as c:
+            for sid in sids:
+                assert c.request(p.Write(sid, 1440, b"n|i:99;")) == p.OK, a.log()
+        assert "event=peer_absent peer=b" in a.log()
+        stats = cluster.stats("a")["cluster"]
+        assert stats["degraded"] is True and stats["peers"]["b"]["state"] == "dead"
+        # b comes back: it joins, and a gives every session its second copy.
+        cluster.nodes["b"].start()
+        cluster.wait_formed()
+        deadline = time.monotonic() + 15
+        while cluster.stats("b")["sessions"] < len(sids):
+            assert time.monotonic() < deadline, a.log()
+            time.sleep(0.05)
+        a.kill9()
+        assert {sid: _read(cluster, "b", sid) for sid in sids} == dict.fromkeys(
+            sids, p.Data(b"n|i:99;")
+        )
     finally:
         cluster.stop()
 
@@ -116,3 +152,69 @@ async def test_a_request_served_first_after_a_stall_is_verified_not_served_stale
     assert await cluster.resolve(sid) == "b"
     assert server.engine.store.get(sid, trio.current_time()) is None
     assert ("b", p.Where(sid)) in asked
+
+
+def test_a_host_without_the_secret_holding_connections_open_cannot_cut_the_peers_off(
+    cluster: Cluster,
+) -> None:
+    # Every unauthenticated handshake used to share 64 slots: a host without
+    # the secret that opened 64 connections and said nothing (renewing them
+    # every 5 s) left no slot for the peers, and every request forwarded to
+    # a failed UNAVAILABLE.  Connections from the peers' addresses now have
+    # their own slots; any other address gets a few (CLUSTER.md §4).
+    sid = _create(cluster, "a", b"n|i:1;")
+    port = cluster.ports["a"]
+    held: list[socket.socket] = []
+    try:
+        for _ in range(100):
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", port))
+        time.sleep(0.5)
+        # b has no link to a yet: forwarding opens one (a new handshake).
+        assert _read(cluster, "b", sid) == p.Data(b"n|i:1;")
+        assert _read(cluster, "c", sid) == p.Data(b"n|i:1;")
+        log = cluster.nodes["a"].log()
+        # Refused, and logged without flooding the log.
+        assert "event=peer_refused reason=too_many_handshakes peer=127.0.0.2" in log
+        assert log.count("event=peer_refused") <= 2, log
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_node_restarted_before_detection_never_serves_a_copy_a_takeover_made_stale(
+    workdir: Path,
+) -> None:
+    # a is killed and back before its peers notice, and its heartbeats are
+    # lost for a while (dropped here with nftables): it verifies its copies
+    # with b and c over TCP, who still take it for its old incarnation and
+    # answer as backups.  When its heartbeats get through, they declare the
+    # old incarnation dead and take its sessions over: a second master, and
+    # a served the copies it had verified, stale after the next write
+    # elsewhere.  The TCP handshake now names the connecting incarnation
+    # (MAC'ed), so they take over before answering a (CLUSTER.md §3, §7).
+    hosts = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4"}
+    cluster = Cluster(workdir, hosts=hosts)
+    nft = _Nft()
+    try:
+        sids = [_create(cluster, "a", b"n|i:0;") for _ in range(6)]
+        time.sleep(0.5)  # past --fsync interval's window
+        nft.drop_udp_from(hosts["a"])
+        a = cluster.nodes["a"]
+        a.kill9()
+        a.start()
+        for sid in sids:
+            assert _read(cluster, "a", sid) == p.Data(b"n|i:0;")
+        nft.close()
+        time.sleep(2 * DEAD_AFTER_MS / 1000)  # its heartbeats arrive
+        for sid in sids:
+            holder = sid.rsplit("-", 1)[1]  # the backup named at creation
+            with Client(cluster.nodes[holder].address, timeout_s=30) as c:
+                assert c.request(p.Write(sid, 1440, b"n|i:1;")) == p.OK
+        stale = {sid: r for sid in sids if (r := _read(cluster, "a", sid)) != p.Data(b"n|i:1;")}
+        assert stale == {}, cluster.nodes["a"].log()
+    finally:
+        nft.close()
+        cluster.stop()

@@ -41,10 +41,12 @@ def hb(
     return Heartbeat(name, inc, sessions, sockets, draining, dead, hears)
 
 
-def cluster(now: float = 0.0) -> Membership:
-    """We are ``a``; ``b``, ``c``, ``d`` are peers."""
+def cluster(now: float = 0.0, peers: str = "bcd") -> Membership:
+    """We are ``a``; ``b``, ``c``, ``d`` (or ``peers``) are peers.  A peer
+    never heard is suspected after ``DEAD_AFTER`` too: tests about one peer
+    configure only the peers they hear."""
     return Membership(
-        "a", ["a", "b", "c", "d"], INC["a"], now, heartbeat_s=HB, dead_after_s=DEAD_AFTER
+        "a", ["a", *peers], INC["a"], now, heartbeat_s=HB, dead_after_s=DEAD_AFTER
     )
 
 
@@ -86,9 +88,57 @@ def test_unknown_until_first_heartbeat() -> None:
     assert m.incarnation_of("b") == 22
     assert m.receive(hb("b"), 0.2) == []  # only the first one is news
     assert m.alive_peers() == ["b"]
-    # An unknown peer never becomes suspect.
-    assert run(m, 20.0, heard=("b",)) == []
+
+
+def test_a_peer_never_heard_is_probed_after_dead_after_and_dead_if_the_probe_fails() -> None:
+    # A node restarted while a peer is down: before, that peer stayed
+    # unknown for ever, and every write to a session it backed up waited
+    # for it and failed (UNAVAILABLE) instead of going on degraded.
+    m = cluster()
+    assert run(m, DEAD_AFTER - 0.25, heard=("b",)) == [Alive("b", 22, rejoined=False)]
     assert m.state("c") == "unknown"
+    assert sorted(map(str, run(m, DEAD_AFTER, heard=("b",)))) == [
+        str(Suspect("c")), str(Suspect("d"))
+    ]
+    # Being probed, it is not alive: nothing is routed to it meanwhile.
+    assert m.state("c") == "suspect" and not m.is_alive("c") and m.alive_peers() == ["b"]
+    assert m.probe_result("c", answered=False, now=DEAD_AFTER, refused=True) == [Dead("c", 0)]
+    assert m.state("c") == "dead"
+    # No incarnation to report: heartbeats carry no dead entry for it.
+    assert m.dead_list() == {} and m.heartbeat(DEAD_AFTER).dead == ()
+    # Its first heartbeat, whatever the incarnation, makes it alive: it joins late.
+    assert m.receive(hb("c", 5), DEAD_AFTER + 1) == [Alive("c", 5, rejoined=False)]
+    assert m.state("c") == "alive" and m.is_alive("c")
+    # A heartbeat during its probe ends the suspicion the same way.
+    assert m.receive(hb("d"), DEAD_AFTER + 1) == [Alive("d", 44, rejoined=False)]
+    assert m.probe_result("d", answered=False, now=DEAD_AFTER + 1.1) == []
+    assert m.state("d") == "alive"
+
+
+def test_a_peer_never_heard_that_answers_its_probe_stays_unknown_and_is_probed_again() -> None:
+    m = Membership("a", ["b"], 1, 0.0, heartbeat_s=HB, dead_after_s=DEAD_AFTER)
+    assert run(m, DEAD_AFTER) == [Suspect("b")]
+    assert m.probe_result("b", answered=True, now=DEAD_AFTER) == []
+    assert m.state("b") == "unknown" and m.incarnation_of("b") is None
+    assert run(m, 2 * DEAD_AFTER - 0.25) == []
+    assert run(m, 2 * DEAD_AFTER) == [Suspect("b")]
+
+
+def test_a_peer_never_heard_that_a_witness_hears_stays_unknown() -> None:
+    m = cluster()
+    run(m, DEAD_AFTER - 0.25, heard=("b",))
+    m.receive(hb("b", hears=("c",)), DEAD_AFTER - 0.1)
+    assert Suspect("c") in run(m, DEAD_AFTER)
+    assert m.probe_result("c", answered=False, now=DEAD_AFTER) == [Unreachable("c", "b")]
+    assert m.state("c") == "unknown" and not m.is_alive("c")
+
+
+def test_a_peer_added_by_a_reload_gets_dead_after_from_then() -> None:
+    m = Membership("a", ["b"], 1, 0.0, heartbeat_s=HB, dead_after_s=DEAD_AFTER)
+    run(m, 10.0, heard=("b",))
+    m.set_peers(["b", "c"])
+    assert run(m, 10.0 + DEAD_AFTER - 0.25, heard=("b",)) == []
+    assert run(m, 10.0 + DEAD_AFTER, heard=("b",)) == [Suspect("c")]
 
 
 def test_unconfigured_sender_and_self_are_ignored() -> None:
@@ -102,7 +152,7 @@ def test_unconfigured_sender_and_self_are_ignored() -> None:
 
 
 def test_silence_suspect_probe_fails_dead_then_rejoin() -> None:
-    m = cluster()
+    m = cluster(peers="bc")
     m.receive(hb("b"), 0.0)
     m.receive(hb("c"), 0.0)
     events = run(m, 2.75, heard=("c",))
@@ -146,7 +196,7 @@ def test_dead_list_keeps_latest_incarnation_per_node() -> None:
 
 
 def test_slow_peer_whose_probe_answers_stays_alive() -> None:
-    m = cluster()
+    m = cluster(peers="b")
     m.receive(hb("b"), 0.0)
     assert run(m, 3.0) == [Suspect("b")]
     assert m.probe_result("b", answered=True, now=3.2) == []
@@ -158,7 +208,7 @@ def test_slow_peer_whose_probe_answers_stays_alive() -> None:
 
 
 def test_heartbeat_while_suspect_makes_it_alive_and_late_probe_failure_is_ignored() -> None:
-    m = cluster()
+    m = cluster(peers="b")
     m.receive(hb("b"), 0.0)
     assert run(m, 3.0) == [Suspect("b")]
     assert m.receive(hb("b"), 3.1) == []
@@ -174,6 +224,21 @@ def test_probe_result_for_non_suspect_is_ignored() -> None:
     m.receive(hb("b"), 0.1)
     assert m.probe_result("b", answered=False, now=0.2) == []  # alive
     assert m.state("b") == "alive"
+
+
+def test_a_connection_from_a_new_incarnation_declares_the_old_one_dead() -> None:
+    m = cluster(peers="bc")
+    m.receive(hb("b"), 0.0)
+    assert m.connected("b", 22) == []  # the incarnation we know
+    assert m.connected("c", 5) == []  # never heard: its heartbeat will say
+    assert m.connected("zed", 5) == []
+    # b restarted before we noticed, and its heartbeats have not come yet.
+    assert m.connected("b", 23) == [Dead("b", 22)]
+    assert m.state("b") == "dead" and m.heartbeat().dead == (("b", 22),)
+    assert m.connected("b", 23) == []  # once
+    assert m.connected("b", 22) == []  # a late connection of the dead one
+    assert m.receive(hb("b", 23), 0.5) == [Alive("b", 23, True)]
+    assert m.connected("b", 22) == []  # a dead incarnation changes nothing
 
 
 def test_restart_before_detection_declares_old_incarnation_dead() -> None:
@@ -203,7 +268,7 @@ def test_stall_prevents_false_deaths() -> None:
 
 
 def test_after_a_stall_a_really_dead_peer_is_still_detected() -> None:
-    m = cluster()
+    m = cluster(peers="bc")
     for name in "bc":
         m.receive(hb(name), 0.0)
     assert m.tick(11.0) == []  # stall
@@ -213,7 +278,7 @@ def test_after_a_stall_a_really_dead_peer_is_still_detected() -> None:
 
 
 def test_probe_failing_because_of_our_own_stall_does_not_kill() -> None:
-    m = cluster()
+    m = cluster(peers="b")
     m.receive(hb("b"), 0.0)
     assert run(m, 3.0) == [Suspect("b")]
     # We are stopped while the probe is out; its timeout fires on resume,
@@ -225,7 +290,7 @@ def test_probe_failing_because_of_our_own_stall_does_not_kill() -> None:
 
 
 def test_no_deaths_within_grace_after_a_stall() -> None:
-    m = cluster()
+    m = cluster(peers="b")
     m.receive(hb("b"), 0.0)
     assert run(m, 3.0) == [Suspect("b")]
     assert m.tick(20.0) == []  # the stall is noticed first
@@ -337,7 +402,7 @@ def test_choose_backup_skips_suspect_and_dead() -> None:
 
 
 def test_degraded() -> None:
-    m = cluster()
+    m = cluster(peers="bc")
     assert m.degraded  # nobody heard from yet
     m.receive(hb("b", draining=True), 0.0)
     assert m.degraded
@@ -540,13 +605,16 @@ def test_invariants_under_arbitrary_schedules(ops: list[tuple[str, str, float]])
             if before != "suspect":
                 assert events == []
             if events:
-                inc = m.incarnation_of(name)
-                assert inc is not None
-                assert events == [Dead(name, inc)]
+                # A peer never heard has no incarnation: it dies as 0.
+                assert events == [Dead(name, m.incarnation_of(name) or 0)]
         heartbeat = m.heartbeat(t)  # always valid
         assert len(heartbeat.dead) <= 2
         assert m.degraded == (m.choose_backup() is None)
-        assert set(m.alive_peers()) == {n for n in "bc" if m.state(n) in ("alive", "suspect")}
+        assert set(m.alive_peers()) == {
+            n for n in "bc" if m.state(n) == "alive"
+            or (m.state(n) == "suspect" and m.incarnation_of(n) is not None)
+        }
+        assert all(inc >= 1 for _, inc in heartbeat.dead)
         assert m.next_deadline() <= t + max(DEAD_AFTER, HB)
 
 

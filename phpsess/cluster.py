@@ -47,8 +47,10 @@ _MAX_LINE: Final = 512
 # configured peer's address have their own slots, so that a host without the
 # secret cannot crowd out the peers' links by holding connections open; any
 # other source (a peer whose connections leave from another address) shares
-# the rest, a few per address.
+# the rest.  Each address has a cap of its own, so that one host (even a
+# peer's, running other programs) cannot take every slot.
 HANDSHAKES_FROM_PEERS: Final = 64
+HANDSHAKES_PER_PEER_ADDRESS: Final = 16  # another program on a peer's host
 HANDSHAKES_FROM_OTHERS: Final = 16
 HANDSHAKES_PER_OTHER_ADDRESS: Final = 4
 # Refused and failed handshakes are logged at most this often per kind (with
@@ -447,7 +449,7 @@ class Cluster:
         self._missing_logged: set[str] = set()
         self._handshakes = trio.CapacityLimiter(HANDSHAKES_FROM_PEERS)
         self._other_handshakes = trio.CapacityLimiter(HANDSHAKES_FROM_OTHERS)
-        self._handshakes_by_other: dict[str, int] = {}
+        self._handshakes_by_address: dict[str, int] = {}
         self._peer_hosts: frozenset[str] = frozenset()  # the peers' IP addresses
         self._refusals = _RateLimitedLog()
         self._pipes: dict[str, Pipe] = {}
@@ -483,12 +485,12 @@ class Cluster:
                 f"cannot listen for peers on {address}: {exc.strerror}"
             ) from exc
         self._udp = udp
-        await self._resolve_peer_hosts()
         log.info(
             "event=cluster_listening node=%s address=%s peers=%s",
             self.me, address, ",".join(self.peer_address),
         )
         try:
+            await self._resolve_peer_hosts()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._receive_heartbeats)
@@ -714,6 +716,14 @@ class Cluster:
             log.info(
                 "event=peer_alive peer=%s rejoined=%s", event.name, event.rejoined
             )
+            if not event.rejoined:
+                # First heard since our start: it may have been paused or cut
+                # off, and hold newer copies of what we master with it as
+                # backup, or have taken them over.  Check before serving (§7).
+                self.replicas.mark_unverified([
+                    sid for sid, m in self.replicas.meta.items()
+                    if m.role == MASTER and m.backup == event.name
+                ])
             self._spawn(self._recopy_degraded)
         elif isinstance(event, mb.Suspect):
             if event.name not in self._probing:
@@ -721,8 +731,13 @@ class Cluster:
                 self._spawn(self._probe, event.name)
         elif isinstance(event, mb.Dead):
             # Taken over at once, before any other request is answered: a
-            # restarted node learns of it when it verifies (§7).
-            copies = self._take_over(event.name, never_heard=event.incarnation == 0)
+            # restarted node learns of it when it verifies (§7).  Called from
+            # unguarded tasks: a failure here is logged, never fatal.
+            try:
+                copies = self._take_over(event.name, never_heard=event.incarnation == 0)
+            except Exception:
+                log.exception("event=cluster_task_failed task=_take_over peer=%s", event.name)
+                return
             self._spawn(self._send_copies, copies)
         elif isinstance(event, mb.Unreachable):
             log.warning(
@@ -835,20 +850,17 @@ class Cluster:
         lines = _Lines(stream)
         host = _peer(stream)
         if host in self._peer_hosts:
-            limiter = self._handshakes
-            others = 0
+            limiter, cap = self._handshakes, HANDSHAKES_PER_PEER_ADDRESS
         else:
-            limiter = self._other_handshakes
-            others = self._handshakes_by_other.get(host, 0)
-        full = limiter.borrowed_tokens >= limiter.total_tokens
-        if full or others >= HANDSHAKES_PER_OTHER_ADDRESS:
+            limiter, cap = self._other_handshakes, HANDSHAKES_PER_OTHER_ADDRESS
+        now_from_host = self._handshakes_by_address.get(host, 0)
+        if limiter.borrowed_tokens >= limiter.total_tokens or now_from_host >= cap:
             self._refusals.warning(
                 "peer_refused", "event=peer_refused reason=too_many_handshakes peer=%s", host
             )
             await trio.aclose_forcefully(stream)
             return
-        if limiter is self._other_handshakes:
-            self._handshakes_by_other[host] = others + 1
+        self._handshakes_by_address[host] = now_from_host + 1
         try:
             async with limiter:
                 with trio.fail_after(IO_TIMEOUT_S):
@@ -861,7 +873,7 @@ class Cluster:
                         raise peerauth.AuthError(f"unknown node {name!r}")
                     if theirs == mine:
                         raise peerauth.AuthError("a reflected challenge")
-                    peerauth.verify_proof(self.config.secret, mine, name, tag, incarnation)
+                    peerauth.verify_proof(self.config.secret, mine, name, tag)
                     await stream.send_all(
                         peerauth.accept_line(self.me, theirs, self.config.secret)
                     )
@@ -872,12 +884,11 @@ class Cluster:
             await trio.aclose_forcefully(stream)
             return
         finally:
-            if limiter is self._other_handshakes:
-                left = self._handshakes_by_other[host] - 1
-                if left:
-                    self._handshakes_by_other[host] = left
-                else:
-                    del self._handshakes_by_other[host]
+            left = self._handshakes_by_address[host] - 1
+            if left:
+                self._handshakes_by_address[host] = left
+            else:
+                del self._handshakes_by_address[host]
         for event in self.membership.connected(name, incarnation):
             self._on_event(event)
         await self.server.serve_peer(stream, name, bytes(lines.buf))
@@ -949,8 +960,14 @@ class Cluster:
             return
         self.replicas.verified(sid, m.epoch, m.version)
         backup = m.backup
-        if m.role == MASTER and backup is not None and backup not in answers:
-            await self._send_copy(sid)  # the backup lost its copy: restore it
+        if (
+            m.role == MASTER and backup is not None and backup not in answers
+            and self.membership.is_alive(backup)
+        ):
+            # The backup lost its copy: restore it.  Not to one that is not
+            # alive (never heard since our start): the read would wait for it
+            # in vain; our next write to the session copies it whole.
+            await self._send_copy(sid)
 
     async def _where_all(self, sid: str) -> dict[str, tuple[str, int, int, int, bytes]]:
         """``WHERE sid`` of every live peer: node -> (role, epoch, version,

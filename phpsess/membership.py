@@ -25,11 +25,14 @@ one alive, in that order.
 
 A peer never heard since we began watching it (our start, or a reload that
 added it) is suspected the same way after ``dead_after_s``: a node restarted
-while a peer is down must not wait for that peer forever (every write to a
-session it backs up would fail).  Its probe decides as for any suspect, but
-it has no incarnation yet: one that answers stays *unknown* (its timer
-restarts), one that fails is *dead* with incarnation 0, which no heartbeat's
-dead list carries; its first heartbeat, whatever the incarnation, makes it
+while a peer's daemon is down must not wait for that peer forever (every
+write to a session it backs up would fail).  It has no incarnation yet, so
+a dead list cannot tell it that it was declared dead: only a *refused* probe
+(nothing listens: no daemon there, and one started later is a new process
+that holds no backup copies) declares it dead, with incarnation 0, which no
+heartbeat's dead list carries.  Any other outcome (an answer, a timeout: it
+may be paused or cut off, still holding copies) leaves it *unknown*, its
+timer restarted.  Its first heartbeat, whatever the incarnation, makes it
 alive (not a rejoin).
 
 Our own stalls: ticks run at least every ``dead_after_s / 4`` (see
@@ -380,7 +383,8 @@ class Membership:
 
     def set_peers(self, peers: Iterable[str]) -> tuple[list[str], list[str]]:
         """A reloaded configuration (SIGHUP): start watching new peers
-        (unknown until they speak) and stop watching removed ones.  Returns
+        (unknown until they speak, or until a refused probe declares them
+        dead) and stop watching removed ones.  Returns
         (added, removed)."""
         names = {check_node_name(name) for name in peers} - {self._me}
         if len(names) > MAX_PEERS:
@@ -417,6 +421,15 @@ class Membership:
         suspect (a heartbeat may have come in meanwhile)."""
         peer = self._peers.get(name)
         if peer is None or peer.state != SUSPECT:
+            return []
+        if not peer.incarnation and not refused:
+            # Never heard, and not proven gone: it may be alive but paused or
+            # cut off from us, holding copies of what we master; declared
+            # dead, it could never learn it (no incarnation for the dead
+            # list) and would take those sessions over when it comes back,
+            # over the writes we took meanwhile.  It stays unknown.
+            peer.state = UNKNOWN
+            peer.last_heard = now
             return []
         if not answered and not self._stalled(now) and now >= self._grace_until:
             witness = None if refused else self._witness(name, now)

@@ -256,22 +256,15 @@ def _check_challenge(challenge: bytes) -> bytes:
     return challenge
 
 
-def proof(secret: bytes, challenge: bytes, name: str, incarnation: int | None = None) -> bytes:
-    """``HMAC-SHA256(secret, challenge || name)``; with ``incarnation`` (the
-    connecting node's AUTH line) ``challenge || name || " " || incarnation``
-    in decimal, so that the incarnation it announces is authenticated too."""
+def proof(secret: bytes, challenge: bytes, name: str) -> bytes:
+    """``HMAC-SHA256(secret, challenge || name)``."""
     _check_challenge(challenge)
-    message = challenge + check_node_name(name).encode("ascii")
-    if incarnation is not None:
-        message += b" %d" % check_incarnation(incarnation)
-    return _mac(secret, message)
+    return _mac(secret, challenge + check_node_name(name).encode("ascii"))
 
 
-def verify_proof(
-    secret: bytes, challenge: bytes, name: str, tag: bytes, incarnation: int | None = None
-) -> None:
-    """AuthError unless ``tag`` is ``proof(secret, challenge, name, incarnation)``."""
-    if not hmac.compare_digest(proof(secret, challenge, name, incarnation), tag):
+def verify_proof(secret: bytes, challenge: bytes, name: str, tag: bytes) -> None:
+    """AuthError unless ``tag`` is ``proof(secret, challenge, name)``."""
+    if not hmac.compare_digest(proof(secret, challenge, name), tag):
         raise AuthError(f"peer {name!r} failed to prove it holds the cluster secret")
 
 
@@ -294,7 +287,8 @@ def parse_challenge_line(line: bytes) -> bytes:
 def auth_line(
     name: str, incarnation: int, challenge_they_sent: bytes, secret: bytes, my_challenge: bytes
 ) -> bytes:
-    tag = proof(secret, challenge_they_sent, name, incarnation)
+    tag = proof(secret, challenge_they_sent, name)
+    check_incarnation(incarnation)
     _check_challenge(my_challenge)
     return f"AUTH {name} {incarnation} {tag.hex()} {my_challenge.hex()}\n".encode()
 

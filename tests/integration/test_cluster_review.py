@@ -218,3 +218,39 @@ def test_a_node_restarted_before_detection_never_serves_a_copy_a_takeover_made_s
     finally:
         nft.close()
         cluster.stop()
+
+
+def test_a_restarted_node_does_not_write_alone_past_a_paused_peer_it_never_heard(
+    workdir: Path,
+) -> None:
+    # b is paused (SIGSTOP: its port still accepts, nothing answers) while a
+    # restarts.  Declared dead unheard, b could never learn it, and on resume
+    # would take a's sessions over with its older copies, dropping writes a
+    # took alone.  So a keeps b unknown: its copies are read at once, and a
+    # write that b must back up fails rather than being acknowledged
+    # (CLUSTER.md §3, §10).  Once b resumes, all is consistent.
+    cluster = Cluster(workdir, names=("a", "b"))
+    try:
+        sid = _create(cluster, "a", b"n|i:1;")
+        time.sleep(0.5)  # past --fsync interval's window
+        b = cluster.nodes["b"]
+        b.signal(signal.SIGSTOP)
+        a = cluster.nodes["a"]
+        a.kill9()
+        before = len(a.log())
+        a.start()
+        assert _read(cluster, "a", sid) == p.Data(b"n|i:1;")
+        with Client(a.address, timeout_s=60) as c:
+            refused = c.request(p.Write(sid, 1440, b"n|i:2;"))
+        assert isinstance(refused, p.Error) and refused.code is p.Code.UNAVAILABLE, refused
+        since = a.log()[before:]
+        assert "event=peer_absent" not in since and "event=peer_dead" not in since, since
+        b.signal(signal.SIGCONT)
+        cluster.wait_formed()
+        # One master again, and the write that counts goes through.
+        with Client(a.address, timeout_s=60) as c:
+            assert c.request(p.Write(sid, 1440, b"n|i:3;")) == p.OK
+        assert _read(cluster, "a", sid) == _read(cluster, "b", sid) == p.Data(b"n|i:3;")
+    finally:
+        cluster.nodes["b"].signal(signal.SIGCONT)
+        cluster.stop()

@@ -787,7 +787,7 @@ class Cluster:
             # was to back up here goes on degraded or to another peer.
             log.warning(
                 "event=peer_absent peer=%s copies=%d detail=never heard since this node "
-                "started and its probe failed: treated as dead until it speaks",
+                "started and its port refuses: treated as dead until it speaks",
                 name, len(copies),
             )
         else:

@@ -7,7 +7,7 @@ Theory of operation: every configured peer is in one of four states::
                            alive <--heartbeat / probe answered-- suspect
                                       suspect --probe failed--> dead
     dead --heartbeat from a *new* incarnation--> alive (rejoined)
-    unknown --never heard for dead_after_s (tick)--> suspect --probe failed--> dead
+    unknown --never heard for dead_after_s (tick)--> suspect --probe refused--> dead
 
 A peer is *unknown* until its first heartbeat.  :meth:`Membership.tick` turns
 an alive peer that has been silent for ``dead_after_s`` into a *suspect* and
@@ -436,7 +436,7 @@ class Membership:
             if witness is None:
                 return [self._declare_dead(name, peer)]
             # Cut off from us only: alive, and suspected again in witness_s.
-            peer.state = ALIVE if peer.incarnation else UNKNOWN
+            peer.state = ALIVE
             peer.last_heard = max(peer.last_heard, now - self.dead_after_s + self.witness_s)
             if peer.witnessed:
                 return []

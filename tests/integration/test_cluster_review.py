@@ -193,8 +193,8 @@ def test_a_node_restarted_before_detection_never_serves_a_copy_a_takeover_made_s
     # answer as backups.  When its heartbeats get through, they declare the
     # old incarnation dead and take its sessions over: a second master, and
     # a served the copies it had verified, stale after the next write
-    # elsewhere.  The TCP handshake now names the connecting incarnation
-    # (MAC'ed), so they take over before answering a (CLUSTER.md §3, §7).
+    # elsewhere.  Now the incarnation a names in its TCP handshake counts:
+    # they take over before answering a (CLUSTER.md §3, §4, §7).
     hosts = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4"}
     cluster = Cluster(workdir, hosts=hosts)
     nft = _Nft()

@@ -90,7 +90,7 @@ def test_unknown_until_first_heartbeat() -> None:
     assert m.alive_peers() == ["b"]
 
 
-def test_a_peer_never_heard_is_probed_after_dead_after_and_dead_if_the_probe_fails() -> None:
+def test_a_peer_never_heard_is_probed_after_dead_after_and_dead_if_its_port_refuses() -> None:
     # A node restarted while a peer is down: before, that peer stayed
     # unknown for ever, and every write to a session it backed up waited
     # for it and failed (UNAVAILABLE) instead of going on degraded.

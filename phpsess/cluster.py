@@ -53,9 +53,6 @@ HANDSHAKES_FROM_PEERS: Final = 64
 HANDSHAKES_PER_PEER_ADDRESS: Final = 16  # another program on a peer's host
 HANDSHAKES_FROM_OTHERS: Final = 16
 HANDSHAKES_PER_OTHER_ADDRESS: Final = 4
-# Refused and failed handshakes are logged at most this often per kind (with
-# the count since the last line): a host without the secret cannot flood the log.
-_REFUSAL_LOG_EVERY_S: Final = 10.0
 
 
 @attrs.frozen
@@ -451,7 +448,10 @@ class Cluster:
         self._other_handshakes = trio.CapacityLimiter(HANDSHAKES_FROM_OTHERS)
         self._handshakes_by_address: dict[str, int] = {}
         self._peer_hosts: frozenset[str] = frozenset()  # the peers' IP addresses
-        self._refusals = _RateLimitedLog()
+        # Refused and failed handshakes, per kind: logged rarely (_rare), as
+        # rejected heartbeats are, so that a host without the secret cannot
+        # flood the log.
+        self._refusals: dict[str, int] = {}
         self._pipes: dict[str, Pipe] = {}
         self.started = trio.current_time()
         self._last_tick = trio.current_time()
@@ -701,7 +701,7 @@ class Cluster:
                     )
             except (peerauth.AuthError, ValueError) as exc:
                 rejected += 1
-                if rejected in (1, 10, 100) or rejected % 1000 == 0:
+                if _rare(rejected):
                     log.warning(
                         "event=heartbeat_rejected source=%s count=%d detail=%s",
                         source[0], rejected, exc,
@@ -846,6 +846,12 @@ class Cluster:
             hosts.update(_plain_ip(str(info[4][0])) for info in infos)
         self._peer_hosts = frozenset(hosts)
 
+    def _refused(self, message: str, *args: object) -> None:
+        kind = message.split(" ", 1)[0]
+        count = self._refusals[kind] = self._refusals.get(kind, 0) + 1
+        if _rare(count):
+            log.warning(message + " count=%d", *args, count)
+
     async def _peer_connection(self, stream: trio.SocketStream) -> None:
         lines = _Lines(stream)
         host = _peer(stream)
@@ -855,9 +861,7 @@ class Cluster:
             limiter, cap = self._other_handshakes, HANDSHAKES_PER_OTHER_ADDRESS
         now_from_host = self._handshakes_by_address.get(host, 0)
         if limiter.borrowed_tokens >= limiter.total_tokens or now_from_host >= cap:
-            self._refusals.warning(
-                "peer_refused", "event=peer_refused reason=too_many_handshakes peer=%s", host
-            )
+            self._refused("event=peer_refused reason=too_many_handshakes peer=%s", host)
             await trio.aclose_forcefully(stream)
             return
         self._handshakes_by_address[host] = now_from_host + 1
@@ -878,9 +882,7 @@ class Cluster:
                         peerauth.accept_line(self.me, theirs, self.config.secret)
                     )
         except (peerauth.AuthError, trio.TooSlowError, OSError, trio.BrokenResourceError) as exc:
-            self._refusals.warning(
-                "peer_auth_failed", "event=peer_auth_failed peer=%s detail=%s", host, exc
-            )
+            self._refused("event=peer_auth_failed peer=%s detail=%s", host, exc)
             await trio.aclose_forcefully(stream)
             return
         finally:
@@ -1343,25 +1345,10 @@ def _plain_ip(host: str) -> str:
     return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
-class _RateLimitedLog:
-    """Warnings an unauthenticated host can cause, at most one line per kind
-    every ``_REFUSAL_LOG_EVERY_S``, with how many were left out before it."""
-
-    def __init__(self) -> None:
-        self._next: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
-
-    def warning(self, kind: str, message: str, *args: object) -> None:
-        now = trio.current_time()
-        if now < self._next.get(kind, -math.inf):
-            self._skipped[kind] = self._skipped.get(kind, 0) + 1
-            return
-        self._next[kind] = now + _REFUSAL_LOG_EVERY_S
-        skipped = self._skipped.pop(kind, 0)
-        if skipped:
-            message += " suppressed_since_last=%d"
-            args = (*args, skipped)
-        log.warning(message, *args)
+def _rare(count: int) -> bool:
+    """Whether the ``count``-th of a kind of warning a host without the
+    secret can cause is logged: the 1st, 10th, 100th, then every 1000th."""
+    return count in (1, 10, 100) or count % 1000 == 0
 
 
 def parse_peer(text: str) -> tuple[str, TcpAddress]:

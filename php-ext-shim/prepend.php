@@ -10,39 +10,54 @@
  * unix:///run/phpsess/phpsess.sock (see SessionHandler::fromIni()).
  * Including this file twice does nothing the second time. It never connects:
  * scripts that do not start a session pay only for loading the class.
+ * It replaces only PHP's default handler: where session.save_handler names
+ * another one (a pool using redis, say), that one stays.
  */
 
 declare(strict_types=1);
 
-if (!\defined('PHPSESS_PREPENDED') && \function_exists('session_set_save_handler')) {
+// In a closure: the application's global scope gets no variables of ours.
+(static function (): void {
+    if (\defined('PHPSESS_PREPENDED') || !\function_exists('session_set_save_handler')) {
+        return;
+    }
     \define('PHPSESS_PREPENDED', true);
+    // A pool or virtual host that chose another handler (redis, memcached...)
+    // keeps it: phpsess replaces only the default, files.
+    if (\ini_get('session.save_handler') !== 'files') {
+        return;
+    }
+    if (\session_status() === \PHP_SESSION_ACTIVE) {
+        // session.auto_start started the session with the files handler
+        // before this file ran; switching now would only raise a warning.
+        // Say so: on a web farm those sessions are not shared.
+        \trigger_error('phpsess: session.auto_start is on, so this session was started with the files handler before phpsess could take over; turn session.auto_start off', \E_USER_WARNING);
+
+        return;
+    }
     if (!\class_exists(\PhpSess\SessionHandler::class, false)) {
         require __DIR__ . '/src/SessionHandler.php';
     }
-    // With session.auto_start the session is already running with another
-    // handler; changing it now would only raise a warning.
-    if (\session_status() !== \PHP_SESSION_ACTIVE) {
-        try {
-            $handler = \PhpSess\SessionHandler::fromIni();
-        } catch (\InvalidArgumentException $e) {
-            // A typo in php.ini must not send sessions quietly to the local
-            // files handler: on a web farm that splits every user's session
-            // across servers.  Scripts that use no session are unaffected;
-            // session_start() fails, with this message, until it is fixed.
-            $handler = new class ($e->getMessage()) implements \SessionHandlerInterface {
-                public function __construct(private string $why) {}
-                public function open(string $path, string $name): bool
-                {
-                    \trigger_error($this->why . ' (fix phpsess.address or session.save_path)', \E_USER_WARNING);
-                    return false;
-                }
-                public function close(): bool { return true; }
-                public function read(string $id): string|false { return false; }
-                public function write(string $id, string $data): bool { return false; }
-                public function destroy(string $id): bool { return false; }
-                public function gc(int $max_lifetime): int|false { return false; }
-            };
-        }
-        \session_set_save_handler($handler, true);
+    try {
+        $handler = \PhpSess\SessionHandler::fromIni();
+    } catch (\InvalidArgumentException $e) {
+        // A typo in php.ini must not send sessions quietly to the local
+        // files handler: on a web farm that splits every user's session
+        // across servers.  Scripts that use no session are unaffected;
+        // session_start() fails, with this message, until it is fixed.
+        $handler = new class ($e->getMessage()) implements \SessionHandlerInterface {
+            public function __construct(private string $why) {}
+            public function open(string $path, string $name): bool
+            {
+                \trigger_error($this->why . ' (fix phpsess.address or session.save_path)', \E_USER_WARNING);
+                return false;
+            }
+            public function close(): bool { return true; }
+            public function read(string $id): string|false { return false; }
+            public function write(string $id, string $data): bool { return false; }
+            public function destroy(string $id): bool { return false; }
+            public function gc(int $max_lifetime): int|false { return false; }
+        };
     }
-}
+    \session_set_save_handler($handler, true);
+})();

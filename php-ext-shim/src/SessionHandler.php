@@ -139,6 +139,17 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     private bool $locksLost = false;
     /** While true, warn() is silent (create_sid() has a fallback). */
     private bool $quiet = false;
+    /**
+     * open() followed a close() in this request: session_regenerate_id() (or a
+     * second session_start()). create_sid() may then make the ID itself when
+     * the daemon cannot: there, PHP throws an Error for ''.
+     */
+    private bool $reopened = false;
+    private bool $closed = false;
+    /** read() ran in this session cycle (create_sid() is then session_create_id()). */
+    private bool $readDone = false;
+    /** read() returned $newId: it now exists for validateId(), as a files session would. */
+    private bool $newIdRead = false;
 
     /**
      * @param array<string, mixed> $options see the class comment
@@ -191,6 +202,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             }
         }
         $this->validateFailed = false;
+        $this->reopened = $this->closed;
         if ($this->sock !== null) {
             // Reusing our own connection (open after close in this request). Unread
             // bytes or EOF mean it is out of step or gone: start a new one.
@@ -221,6 +233,9 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         $this->newId = null;
         $this->createFailed = false;
         $this->validateFailed = false;
+        $this->closed = true;
+        $this->readDone = false;
+        $this->newIdRead = false;
         try {
             $this->release($newId);
         } finally {
@@ -297,7 +312,10 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
             return false;
         }
+        $this->readDone = true;
         if ($id === $this->newId) {
+            $this->newIdRead = true;
+
             return ''; // created and locked by CREATE: nothing to read (§4.8)
         }
         $line = $this->exchange('READ ' . $id . ($this->locking ? " LOCK\n" : " NOLOCK\n"), 'read', $this->locking);
@@ -383,8 +401,14 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
     public function validateId(#[\SensitiveParameter] string $id): bool
     {
-        if (!self::isValidId($id) || $id === $this->newId) {
+        if (!self::isValidId($id)) {
             return false;
+        }
+        if ($id === $this->newId) {
+            // Before read(): session_regenerate_id() asking whether the ID it
+            // just made collides (it is ours: no). After: session_reset() in
+            // strict mode, and the session exists, as its file would.
+            return $this->newIdRead;
         }
         $line = $this->exchange('EXISTS ' . $id . "\n", 'validateId');
         if ($line === "OK 1\n") {
@@ -465,24 +489,70 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
             return '';
         }
+        if ($this->readDone) {
+            // session_create_id() inside a running session: an ID for the
+            // application to use later, not this cycle's session (PHP checks
+            // it with validateId() and may prefix it). Nothing is created or
+            // locked, as with files.
+            return $this->localId($length, $bits);
+        }
+        if (!$this->reopened) {
+            // session_start() for a new visitor: if the daemon cannot make the
+            // ID, fail (read('') then fails quietly, and session_start() with
+            // it) rather than start a session whose write is bound to fail
+            // after the page has run.
+            $line = $this->exchange('CREATE ' . $length . ' ' . $bits . ($this->locking ? "\n" : " NOLOCK\n"), 'create_sid');
+            if ($line !== null && strncmp($line, 'OK ', 3) === 0 && self::isValidId($sid = substr($line, 3, -1))) {
+                return $this->created($sid);
+            }
+            if ($line !== null) {
+                $this->failed('create_sid', $line);
+            }
+            $this->createFailed = true;
+
+            return '';
+        }
         $this->quiet = true; // a failure here is no failure: we make the ID ourselves
         try {
             $line = $this->exchange('CREATE ' . $length . ' ' . $bits . ($this->locking ? "\n" : " NOLOCK\n"), 'create_sid');
             if ($line !== null) {
                 if (strncmp($line, 'OK ', 3) === 0 && self::isValidId($sid = substr($line, 3, -1))) {
-                    $this->newId = $sid;
-                    if ($this->locking) {
-                        $this->locks[$sid] = true;
-                    }
-                    $this->createFailed = false;
-
-                    return $sid;
+                    return $this->created($sid);
                 }
                 $this->failed('create_sid', $line);
             }
         } finally {
             $this->quiet = false;
         }
+        // Inside session_regenerate_id(), where '' would be an Error: the ID
+        // is made here, not locked, and without a cluster suffix (a cluster
+        // places it by rendezvous hashing, CLUSTER.md §2). write() stores it,
+        // reconnecting if need be, or fails with a warning; read() returns ''
+        // without asking.
+        $sid = $this->localId($length, $bits);
+        if ($sid !== '') {
+            $this->newId = $sid;
+        }
+
+        return $sid;
+    }
+
+    /** Bookkeeping for an ID the daemon made (and locked, when locking). */
+    private function created(string $sid): string
+    {
+        $this->newId = $sid;
+        $this->newIdRead = false;
+        if ($this->locking) {
+            $this->locks[$sid] = true;
+        }
+        $this->createFailed = false;
+
+        return $sid;
+    }
+
+    /** A random ID made here, or '' (createFailed) if random_bytes() fails. */
+    private function localId(int $length, int $bits): string
+    {
         try {
             $sid = self::randomId($length, $bits);
         } catch (\Exception $e) {
@@ -491,10 +561,6 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
             return '';
         }
-        // Not locked, and without a cluster suffix: a cluster places it by
-        // rendezvous hashing (CLUSTER.md §2). write() stores it, reconnecting
-        // if need be; read() returns '' without asking.
-        $this->newId = $sid;
         $this->createFailed = false;
 
         return $sid;

@@ -241,3 +241,46 @@ def test_strict_mode_keeps_the_id_when_the_daemon_cannot_be_asked(hangup_server:
     assert got["start"] == "false"
     assert got["status"] == "1"  # PHP_SESSION_NONE
     assert "phpsess: validateId failed: lost the connection" in proc.stderr, proc.stderr
+
+
+def test_a_new_visitor_gets_no_session_when_the_daemon_cannot_make_an_id(
+    hangup_server: str,
+) -> None:
+    # Files fails session_start() when it cannot store a new session; an ID
+    # made here would start a session whose write fails after the page ran.
+    proc = _php(hangup_server, "fresh")
+    got = _lines(proc)
+    assert got["start"] == "false"
+    assert got["status"] == "1"  # PHP_SESSION_NONE
+    assert "phpsess: create_sid failed" in proc.stderr, proc.stderr
+
+
+# -- review of PHP's own calls: session_create_id(), session_reset(), prepend.php
+
+
+def test_session_create_id_in_a_running_session_creates_and_locks_nothing(daemon: Any) -> None:
+    sid = "createid0123456789abcdefghij"
+    got = _lines(_php(daemon.php_address, "create-id", sid))
+    assert got["start"] == got["write-close"] == "true"
+    created = got["created"]
+    assert created.startswith("pfx-") and len(created) > 20
+    with Client(daemon.address) as c:
+        assert c.request(p.Read(sid, lock=False)) == p.Data(b"a|i:1;")
+        assert c.request(p.Exists(created)) == p.Ok(("0",))
+        assert c.request(p.Exists(created.removeprefix("pfx-"))) == p.Ok(("0",))
+        listed = c.request(p.List(None, 100))
+    assert isinstance(listed, p.Data) and listed.data.count(b"\n") == 1, listed  # the session only
+
+
+def test_session_reset_in_strict_mode_keeps_a_new_sessions_id(daemon: Any) -> None:
+    # Files: read() created the session's file, so strict mode accepts the ID.
+    got = _lines(_php(daemon.php_address, "reset", ini={"session.use_strict_mode": "1"}))
+    assert got["start"] == got["reset"] == got["same-id"] == "true"
+
+
+def test_prepend_leaves_no_variables_and_other_handlers_alone(daemon: Any) -> None:
+    got = _lines(_php(daemon.php_address, "scope"))
+    assert got["globals"] == "[]"
+    assert got["handler"] == "user"  # phpsess took over from the default, files
+    proc = _php(daemon.php_address, "scope", ini={"session.save_handler": "redis"})
+    assert _lines(proc)["handler"] == "redis"  # a pool that chose redis keeps it

@@ -5,6 +5,7 @@
 //                                         start, wait, session_regenerate_id(delete), wait
 //   php handler_edges.php new <sid|""> <rac|abort>         start (new ID) and close unwritten
 //   php handler_edges.php strict <sid>                     start with an ID, print what happened
+//   php handler_edges.php fresh | create-id <sid> | reset | scope   (see below)
 // <dir>: the script touches <dir>/ready, then waits (at most 30 s) until the
 // test creates <dir>/go, so the test can act on the daemon at that moment
 // (the second wait uses ready2 and go2).
@@ -101,6 +102,31 @@ switch ($argv[1]) {
             session_abort();
         }
         out('sid', session_id());
+        break;
+
+    case 'fresh': // a new visitor
+        out('start', session_start());
+        out('status', session_status());
+        break;
+
+    case 'create-id': // session_create_id() inside a running session
+        session_id($argv[2]);
+        out('start', session_start());
+        out('created', session_create_id('pfx-'));
+        $_SESSION['a'] = 1;
+        out('write-close', session_write_close());
+        break;
+
+    case 'reset': // strict mode: session_reset() of a session started this request
+        out('start', session_start());
+        $first = session_id();
+        out('reset', session_reset());
+        out('same-id', $first === session_id());
+        break;
+
+    case 'scope': // what prepend.php leaves behind
+        out('globals', array_values(array_diff(array_keys($GLOBALS), ['_GET', '_POST', '_COOKIE', '_FILES', '_SERVER', '_ENV', '_REQUEST', 'argv', 'argc'])));
+        out('handler', ini_get('session.save_handler'));
         break;
 
     case 'strict':

@@ -6,6 +6,7 @@ import argparse
 import gc
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
@@ -212,8 +213,14 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
         else f"tcp:{args.cluster_listen}"
     )
     assert isinstance(listen, TcpAddress)
-    with open(args.cluster_secret_file, "rb") as f:
-        secret = f.read().strip()
+    try:
+        with open(args.cluster_secret_file, "rb") as f:
+            secret = f.read().strip()
+    except OSError as exc:
+        raise ValueError(
+            f"cannot read the cluster secret file {args.cluster_secret_file} "
+            f"(--cluster-secret-file, cluster.secret_file): {exc.strerror or exc}"
+        ) from exc
     return ClusterConfig(
         node=args.node,
         listen=listen,
@@ -488,7 +495,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entrypoint() -> None:
-    sys.exit(main())
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Piped into head (or a pager) that quit early: stop quietly with the
+        # status of a process killed by SIGPIPE, as cat does, not a traceback.
+        # stdout goes to /dev/null so that the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 128 + signal.SIGPIPE
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ import argparse
 import base64
 import binascii
 import contextlib
+import ipaddress
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any, Final
@@ -23,7 +26,7 @@ from typing import IO, Any, Final
 import attrs
 
 from phpsess import protocol as p
-from phpsess.addresses import DEFAULT_LISTEN, AddressError, parse_address
+from phpsess.addresses import DEFAULT_LISTEN, AddressError, TcpAddress, parse_address
 from phpsess.argtypes import whole_number
 from phpsess.client import Client, ClientError
 from phpsess.decode import FORMATS, DecodeError, decode_session
@@ -427,14 +430,24 @@ def _classic(client: Client, args: argparse.Namespace, what: str) -> int:
 def cmd_export(client: Client, args: argparse.Namespace) -> int:
     if args.to_sql:
         return _classic(client, args, "export")
-    to_stdout = args.output == "-"
-    with contextlib.ExitStack() as stack:
-        try:
-            out: IO[str] = (sys.stdout if to_stdout
-                            else stack.enter_context(open(args.output, "w", encoding="ascii")))
-        except OSError as exc:
-            raise AdminError(f"--output: {exc}", EXIT_USAGE) from None
-        _export_to(client, args, out)
+    if args.output == "-":
+        _export_to(client, args, sys.stdout)
+        return EXIT_OK
+    # Session IDs are login tokens: the file is readable by its owner only
+    # (whatever the umask), and appears under its name only once complete.
+    directory, name = os.path.split(os.path.abspath(args.output))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise AdminError(f"--output: {exc}", EXIT_USAGE) from None
+    try:
+        with open(fd, "w", encoding="ascii") as out:
+            _export_to(client, args, out)
+        os.replace(tmp, args.output)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return EXIT_OK
 
 
@@ -458,6 +471,8 @@ def _export_to(client: Client, args: argparse.Namespace, out: IO[str]) -> None:
                 }) + "\n")
                 exported += 1
         out.flush()
+    except BrokenPipeError:
+        raise  # stdout's reader quit (phpsess export | head): see entrypoint
     except OSError as exc:
         raise AdminError(f"writing {args.output}: {exc}") from None
     summary = {"exported": exported, "vanished": vanished}
@@ -611,19 +626,19 @@ def cmd_kick(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_drain(client: Client, args: argparse.Namespace) -> int:
+    process = _local_process(client) if args.wait else None
     reply = client.request(p.Drain())
     if not isinstance(reply, p.Ok):
         raise _refused("DRAIN", reply)
     gone = False
     if args.wait:
+        if process is None:
+            raise AdminError(
+                f"{client.address} is draining, but --wait can only watch a daemon on this "
+                "machine (its STATS named no process here); check with phpsess status"
+            )
         deadline = time.monotonic() + args.timeout_s
-        while time.monotonic() < deadline:
-            try:
-                with Client(client.address, timeout_s=1):
-                    pass
-            except ClientError:
-                gone = True
-                break
+        while not (gone := not _running(process)) and time.monotonic() < deadline:
             time.sleep(0.1)
         if not gone:
             raise AdminError(f"{client.address} is still running after {args.timeout_s:g} s")
@@ -632,6 +647,49 @@ def cmd_drain(client: Client, args: argparse.Namespace) -> int:
     else:
         print(f"{client.address}: " + ("drained and exited" if gone else "draining"))
     return EXIT_OK
+
+
+def _local_process(client: Client) -> tuple[int, str] | None:
+    """The daemon's (pid, start time) if it runs on this machine, else None.
+    The start time tells it from a later process given the same pid."""
+    address = client.address
+    if isinstance(address, TcpAddress) and not _loopback(address.host):
+        return None
+    pid = _stats(client).get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:  # the same pid namespace: that pid is a phpsess process
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"phpsess" not in f.read():
+                return None
+    except OSError:
+        return None
+    started = _start_time(pid)
+    return None if started is None else (pid, started)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time, None once it has exited (a zombie too)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+def _running(process: tuple[int, str]) -> bool:
+    pid, started = process
+    return _start_time(pid) == started
 
 
 _HANDLERS: Final[dict[str, Callable[[Client, argparse.Namespace], int]]] = {

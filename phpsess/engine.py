@@ -133,6 +133,9 @@ class Engine:
         # In a cluster, what create_sid appends to name master and backup
         # (CLUSTER.md §2); None on a single node.
         self.sid_suffix: Callable[[], str] | None = None
+        # The daemon's process ID, set by the shell, for STATS (phpsess drain
+        # --wait watches that process exit); 0 if unknown.
+        self.pid = 0
         # More for STATS from the shell (the cluster's members), or None.
         self.extra_stats: Callable[[], dict[str, object]] | None = None
         self.notices: list[Notice] = []
@@ -358,6 +361,7 @@ class Engine:
     def statistics(self, now: float) -> dict[str, object]:
         return {
             "version": VERSION,
+            "pid": self.pid,
             "uptime_s": round(now - self._started, 3),
             "sessions": len(self.store),
             "bytes": self.store.total_bytes,

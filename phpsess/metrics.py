@@ -128,7 +128,15 @@ class Metrics:
     async def serve(self, address: TcpAddress, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """A minimal HTTP endpoint: ``GET /metrics``."""
-        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        from phpsess.server import StartupError
+
+        try:
+            listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {address}: {exc.strerror or exc}; "
+                "choose another metrics_listen (--metrics-listen)"
+            ) from exc
         log.info("event=metrics_listening address=%s", address)
         task_status.started()
         await trio.serve_listeners(self._handle, listeners)

@@ -548,7 +548,10 @@ class Persister:
                 f"cannot create data directory {self.dir}: {exc.strerror}; choose "
                 "another with --data-dir"
             ) from exc
-        self._lock.acquire()
+        try:
+            self._lock.acquire()
+        except OSError as exc:  # an unwritable or read-only directory
+            raise _unusable(self.dir, exc) from exc
         try:
             restored, self.gen = restore(self.dir, wall_now, mono_now)
             try:

@@ -86,6 +86,7 @@ class Code(enum.Enum):
     NOT_MASTER = "NOT_MASTER"  # CLUSTER.md §5: asked a node that is not the master
     STALE = "STALE"  # CLUSTER.md §6: a replicated change from a former master
     UNAVAILABLE = "UNAVAILABLE"  # the session's master cannot be reached now
+    DENIED = "DENIED"  # §4.9: an admin verb from a user who may not use it
 
 
 # Errors after which the daemon closes the connection (§9).
@@ -862,3 +863,8 @@ class ReplyParser:
         del self._buf[:length]
         self._pending = None
         return Data(data, tokens)
+
+
+# Admin verbs that stop the daemon or list every session ID: only root, the
+# daemon's own user and cluster peers may use them (§4.9, Code.DENIED).
+ADMIN_ONLY: Final = frozenset({Drain, List})

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
-from phpsess import netio, systemd
+from phpsess import netio, peeruid, systemd
 from phpsess import protocol as p
 from phpsess.addresses import Address, TcpAddress, UnixAddress
-from phpsess.cluster import Cluster, ClusterConfig, Forwards
+from phpsess.cluster import Cluster, ClusterConfig, Forwards, _rare
 from phpsess.engine import VERB_NAMES, WAIT, Engine, Limits, _Wait
 from phpsess.logs import sid_tag
 from phpsess.metrics import Metrics
@@ -72,8 +72,8 @@ class StartupError(Exception):
 
 class _Conn:
     __slots__ = (
-        "busy", "event", "forwards", "hello", "idle_since", "node", "owner", "parser", "peer",
-        "reply", "scope", "sending_since", "stream",
+        "admin", "busy", "event", "forwards", "hello", "idle_since", "node", "owner", "parser",
+        "peer", "reply", "scope", "sending_since", "stream",
     )
 
     def __init__(self, owner: int, stream: trio.abc.Stream, peer: str) -> None:
@@ -95,6 +95,8 @@ class _Conn:
         # The request parser (engine connections): a request half received
         # is in progress (PROTOCOL.md §10).
         self.parser: p.RequestParser | None = None
+        # Whether the client may use DRAIN and LIST; None until it asks.
+        self.admin: bool | None = None
 
     @property
     def mid_request(self) -> bool:
@@ -109,6 +111,7 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.engine = Engine(config.limits, secrets.token_bytes, trio.current_time())
+        self.engine.pid = os.getpid()
         self._conns: dict[int, _Conn] = {}
         self._next_owner = 0
         self._wake = trio.Event()
@@ -116,6 +119,8 @@ class Server:
         self._stopping = trio.Event()
         self._no_conns = trio.Event()
         self._unix_paths: list[str] = []
+        self._inherited = False  # listening on sockets systemd passed us
+        self.admin_denied_total = 0
         self.addresses: list[str] = []
         self.persister: Persister | None = None
         if config.persist is not None:
@@ -216,6 +221,15 @@ class Server:
                     systemd.notify(f"READY=1\nSTATUS=serving on {', '.join(self.addresses)}")
                     await self._stopping.wait()
                     accept_nursery.cancel_scope.cancel()
+                # Our own sockets close now, so that clients are refused at
+                # once instead of queueing unanswered until we exit; systemd's
+                # (socket activation) stay open and queue them for the next
+                # daemon.
+                if not self._inherited:
+                    for listener in listeners:
+                        with trio.CancelScope(shield=True):
+                            await listener.aclose()
+                    self._unlink_sockets()
                 await self._drain()
                 if self.cluster is not None:
                     await self.cluster.drain()
@@ -224,9 +238,13 @@ class Server:
             for listener in listeners:
                 with trio.CancelScope(shield=True):
                     await listener.aclose()
-            for path in self._unix_paths:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            self._unlink_sockets()
+
+    def _unlink_sockets(self) -> None:
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._unix_paths = []
 
     # Settings a SIGHUP may change while serving; everything else needs a restart.
     _RELOADABLE: Final = ("limits", "max_connections", "idle_timeout_s", "shutdown_timeout_s")
@@ -308,6 +326,7 @@ class Server:
             inherited = systemd.inherited_listeners()
         except systemd.SystemdError as exc:
             raise StartupError(f"socket activation: {exc}") from exc
+        self._inherited = bool(inherited)
         if inherited:
             # The socket unit's ListenStream= lines replace --listen; those
             # socket files are systemd's, so they are never unlinked here.
@@ -385,6 +404,31 @@ class Server:
             nursery.start_soon(self._connection, stream)
 
     # -- connections
+
+    def may_administer(self, conn: _Conn) -> bool:
+        """DRAIN and LIST stop the daemon and reveal every session ID: only
+        root, the daemon's own user and cluster peers may (PROTOCOL.md §4.9)."""
+        if conn.admin is None:
+            if conn.node is not None:
+                conn.admin = True
+            else:
+                conn.admin = peeruid.may_administer(_peer_uid(conn))
+        return conn.admin
+
+    def denied(self, conn: _Conn, event: p.Event) -> p.Error:
+        verb = VERB_NAMES.get(type(event), "?")
+        self.admin_denied_total += 1
+        if _rare(self.admin_denied_total):
+            uid = _peer_uid(conn)
+            log.warning(
+                "event=admin_denied owner=%d peer=%s uid=%s verb=%s count=%d",
+                conn.owner, conn.peer, "?" if uid is None else uid, verb,
+                self.admin_denied_total,
+            )
+        return p.Error(
+            p.Code.DENIED,
+            f"{verb} is for root and the daemon's own user (run phpsess as one of them)",
+        )
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         if len(self._conns) >= self.config.max_connections:
@@ -484,7 +528,9 @@ class Server:
                 conn.busy = True
                 started = now if self.metrics is None else trio.current_time()
                 reply_or_wait: p.Reply | _Wait | None = None
-                if cluster is not None:
+                if type(event) in p.ADMIN_ONLY and not self.may_administer(conn):
+                    reply_or_wait = self.denied(conn, event)
+                elif cluster is not None:
                     reply_or_wait = await self._cluster_request(conn, event, now)
                     now = trio.current_time()
                     if self.persister is not None and isinstance(
@@ -728,6 +774,13 @@ _OK_1: Final = p.Ok(("1",))
 
 def _buffered(parser: p.RequestParser) -> int:
     return len(parser._buf)
+
+
+def _peer_uid(conn: _Conn) -> int | None:
+    stream = conn.stream
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    return peeruid.peer_uid(stream.socket)  # type: ignore[arg-type]
 
 
 def _unix_socket_alive(path: str) -> bool:

@@ -611,6 +611,9 @@ class SqlBackend:
             return self._error(
                 p.Code.NEED_HELLO, "the first request on a connection must be HELLO 1"
             )
+        if kind in p.ADMIN_ONLY and not self.server.may_administer(conn):
+            self.errors_total += 1
+            return self.server.denied(conn, event)
         try:
             if isinstance(event, p.Read):
                 return await self._read(conn, client, parser, event)

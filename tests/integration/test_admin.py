@@ -3,8 +3,16 @@ written by real php in all three serialize formats."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +21,7 @@ import pytest
 from phpsess import protocol as p
 from phpsess.__main__ import main
 from phpsess.client import Client
-from tests.conftest import run_php
+from tests.conftest import ROOT, run_php
 
 RICH_PHP = r"""<?php
 class Cart {
@@ -263,6 +271,8 @@ def test_export_import_round_trip(start_daemon: Any, tmp_path: Path,
                            "--page-size", "50")
     assert status == 0, err
     assert out == f"exported {len(sessions)} sessions to {dump}\n"
+    assert dump.stat().st_mode & 0o777 == 0o600  # session IDs are login tokens
+    assert [f.name for f in tmp_path.iterdir() if f.name.endswith(".tmp")] == []
     lines = dump.read_text().splitlines()
     assert len(lines) == len(sessions)
     assert set(json.loads(lines[0])) == {"id", "ttl_ms", "data_b64"}
@@ -350,3 +360,100 @@ def test_drain_stops_the_daemon_gracefully(start_daemon: Any,
     assert status == 0 and "drained and exited" in out
     assert daemon.wait(10) == 0
     assert "event=drain_requested" in daemon.log()
+
+
+def test_drain_wait_returns_only_once_the_daemon_has_exited(
+    start_daemon: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A request holding a lock keeps the draining daemon running; meanwhile
+    # new clients are refused at once (not left waiting in the backlog), and
+    # drain --wait waits for the process, not for the socket to go quiet.
+    daemon = start_daemon("--shutdown-timeout-s", "60")
+    holder = Client(daemon.address)
+    holder.request(p.Hello(1))
+    assert holder.request(p.Read("d1", lock=True)) == p.MISS
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        drained = pool.submit(
+            cli, capsys, "drain", "--connect", daemon.address, "--wait", "--timeout-s", "60"
+        )
+        deadline = time.monotonic() + 10
+        while os.path.exists(daemon.sock_path):
+            assert time.monotonic() < deadline, "the listening socket was never closed"
+            time.sleep(0.02)
+        with pytest.raises(OSError), socket.socket(socket.AF_UNIX) as late:
+            late.connect(daemon.sock_path)
+        time.sleep(1.5)  # the old --wait declared the daemon gone after 1 s
+        assert not drained.done()
+        assert daemon.proc.poll() is None  # still draining: the lock is held
+        assert holder.request(p.Write("d1", 60, b"x|i:1;")) == p.OK  # releases it
+        holder.close()
+        status, out, _ = drained.result(30)
+    assert status == 0 and "drained and exited" in out
+    assert daemon.wait(10) == 0
+
+
+_AS_NOBODY = r"""
+import socket, sys
+family, where = sys.argv[1], sys.argv[2]
+if family == "tcp":
+    s = socket.create_connection(("127.0.0.1", int(where)), timeout=10)
+else:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(where)
+s.sendall(b"HELLO 1\nLIST * 10\nDRAIN\nPING\n")
+got = b""
+while got.count(b"\n") < 4:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    got += chunk
+sys.stdout.write(got.decode())
+"""
+
+
+def test_drain_and_list_are_refused_to_other_users(
+    start_daemon: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every PHP worker can reach the socket: stopping the daemon, or listing
+    # every session ID (login tokens), is for root and the daemon's user.
+    shared = Path(tempfile.mkdtemp(prefix="phpsess-admin-"))
+    try:
+        shared.chmod(0o755)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        daemon = start_daemon("--listen", f"tcp:127.0.0.1:{port}",
+                              "--listen", f"unix:{shared}/s.sock", "--socket-mode", "0666")
+        put(daemon.address, {"secret-session-id-0001": (b"x|i:1;", 60)})
+        for family, where in (("tcp", str(port)), ("unix", f"{shared}/s.sock")):
+            proc = subprocess.run(
+                ["/usr/bin/python3", "-c", _AS_NOBODY, family, where],
+                capture_output=True, text=True, timeout=30, user=65534, group=65534,
+                extra_groups=[], cwd="/",
+            )
+            lines = proc.stdout.splitlines()
+            assert lines[0] == "OK 1", (family, proc.stdout, proc.stderr)
+            assert lines[1].startswith("ERR DENIED LIST "), (family, lines)
+            assert lines[2].startswith("ERR DENIED DRAIN "), (family, lines)
+            assert lines[3] == "OK", (family, lines)  # the connection goes on
+        assert "secret-session-id" not in proc.stdout
+        assert "event=admin_denied" in daemon.log() and "uid=65534" in daemon.log()
+        # Root (the test) may, on the unix socket and over local TCP alike.
+        for address in (daemon.address, f"tcp:127.0.0.1:{port}"):
+            status, out, _ = cli(capsys, "ls", "--connect", address)
+            assert status == 0 and "secret-session-id-0001" in out, (address, out)
+        assert daemon.proc.poll() is None
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_admin_output_piped_into_head_stops_quietly(daemon: Any) -> None:
+    put(daemon.address, {f"piped-session-{i:06d}": (b"x|i:1;", 60) for i in range(3000)})
+    for command in ("ls", "export"):
+        proc = subprocess.run(
+            f"{sys.executable} -m phpsess {command} --connect {daemon.address} | head -1",
+            shell=True, capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )
+        assert proc.returncode == 0 and proc.stdout.count("\n") == 1, (command, proc)
+        assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr, proc.stderr

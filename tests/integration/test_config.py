@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,3 +90,34 @@ def test_serve_with_a_bad_file_exits_2_naming_the_line(workdir: Path) -> None:
     )
     assert proc.returncode == 2
     assert f"{bad}:4: unknown key 'max_conections' in [limits]" in proc.stderr
+
+
+def _serve_fails(workdir: Path, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "phpsess", "serve", "--listen",
+         f"unix:{workdir}/s.sock", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+    )
+    assert proc.returncode in (1, 2), proc
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+def test_startup_failures_are_one_clear_line(workdir: Path) -> None:
+    # The metrics port is taken.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        err = _serve_fails(workdir, "--memory-only", "--metrics-listen", f"127.0.0.1:{port}")
+    assert f"cannot serve metrics on tcp:127.0.0.1:{port}: Address already in use" in err, err
+    # The data directory's lock file cannot be opened (a directory in its place
+    # stands in for an unwritable one: the test runs as root).
+    data = workdir / "data"
+    (data / "lock").mkdir(parents=True)
+    err = _serve_fails(workdir, "--data-dir", str(data))
+    assert f"cannot restore from {data}: {data}/lock: Is a directory" in err, err
+    # The cluster secret file is missing.
+    err = _serve_fails(workdir, "--memory-only", "--node", "a", "--cluster-listen",
+                       "127.0.0.1:0", "--cluster-secret-file", f"{workdir}/nope")
+    assert f"cannot read the cluster secret file {workdir}/nope" in err, err

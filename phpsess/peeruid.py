@@ -1,0 +1,70 @@
+"""Who is on the other end of a client connection: the user ID the admin
+verbs that stop the daemon or list every session ID (DRAIN, LIST) are
+checked against (PROTOCOL.md §4.9).
+
+On a unix socket the kernel says (``SO_PEERCRED``).  A TCP client on this
+machine owns a socket listed in ``/proc/net/tcp`` (or ``tcp6``) with its
+local and remote ends swapped; its owner's uid is in that line.  A client on
+another machine is not listed: no uid, so not an administrator.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+from typing import Final
+
+_UCRED: Final = struct.Struct("3i")  # pid, uid, gid
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process that owns the other end, or None if unknown."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            _, uid, _ = _UCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            )
+            return int(uid)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            return _tcp_owner(sock.getpeername()[:2], sock.getsockname()[:2])
+    except OSError:
+        pass
+    return None
+
+
+def may_administer(uid: int | None) -> bool:
+    """Root and the daemon's own user may use DRAIN and LIST."""
+    return uid is not None and uid in (0, os.geteuid())
+
+
+def _tcp_owner(peer: tuple[str, int], local: tuple[str, int]) -> int | None:
+    """The uid in /proc/net/tcp* of the socket whose local end is ``peer``
+    and remote end ``local`` (the client's socket, seen from its side)."""
+    wanted = {(_encode(peer), _encode(local))}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path, encoding="ascii") as f:
+                next(f, None)  # the header line
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 7 and (fields[1], fields[2]) in wanted:
+                        return int(fields[7])
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _encode(end: tuple[str, int]) -> str:
+    """An address as /proc/net/tcp prints it: the address in host byte order
+    32 bits at a time, in hex, a colon, the port in hex.  An IPv4-mapped IPv6
+    address is printed as IPv4 when the client's socket is IPv4 (the usual
+    case), so such addresses are matched in that form."""
+    host, port = end
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    packed = address.packed
+    words = "".join(packed[i : i + 4][::-1].hex() for i in range(0, len(packed), 4))
+    return f"{words.upper()}:{port:04X}"

@@ -73,7 +73,7 @@ class StartupError(Exception):
 class _Conn:
     __slots__ = (
         "admin", "busy", "event", "forwards", "hello", "idle_since", "node", "owner", "parser",
-        "peer", "reply", "scope", "sending_since", "stream",
+        "partial_since", "peer", "reply", "scope", "sending_since", "stream",
     )
 
     def __init__(self, owner: int, stream: trio.abc.Stream, peer: str) -> None:
@@ -95,6 +95,9 @@ class _Conn:
         # The request parser (engine connections): a request half received
         # is in progress (PROTOCOL.md §10).
         self.parser: p.RequestParser | None = None
+        # Since when the request now half received has been arriving: a
+        # client sending a byte now and then is cut off like a silent one.
+        self.partial_since: float | None = None
         # Whether the client may use DRAIN and LIST; None until it asks.
         self.admin: bool | None = None
 
@@ -102,6 +105,16 @@ class _Conn:
     def mid_request(self) -> bool:
         """A request is half received: it is in progress (§10)."""
         return self.parser is not None and self.parser.mid_request
+
+    def waiting_since(self, now: float) -> float:
+        """For Server._idle_sweeper, as the connection waits for more bytes:
+        now, or since the half-received request began (§10)."""
+        if self.parser is not None and self.parser.mid_request:
+            if self.partial_since is None:
+                self.partial_since = now
+            return self.partial_since
+        self.partial_since = None
+        return now
 
 
 class Server:
@@ -528,33 +541,46 @@ class Server:
                 conn.busy = True
                 started = now if self.metrics is None else trio.current_time()
                 reply_or_wait: p.Reply | _Wait | None = None
-                if type(event) in p.ADMIN_ONLY and not self.may_administer(conn):
-                    reply_or_wait = self.denied(conn, event)
-                elif cluster is not None:
-                    reply_or_wait = await self._cluster_request(conn, event, now)
-                    now = trio.current_time()
-                    if self.persister is not None and isinstance(
-                        event, (p.ReplPut, p.ReplDelete, p.Handoff)
-                    ):
-                        # The backup acknowledges under its own fsync policy,
-                        # once for a whole pipelined batch (group commit).
-                        durable_seq = self.persister.submitted
-                if reply_or_wait is None:
-                    reply_or_wait = engine.handle(owner, event, now)
-                    if isinstance(event, p.Hello) and reply_or_wait == _OK_1:
-                        conn.hello = event
-                    if cluster is not None and engine.changes:
-                        changes = list(engine.changes)
-                        if self.persister is not None:
-                            durable_seq = self._submit_changes()
-                        else:
-                            engine.changes = []
-                        # Acknowledged only once the backup has it (CLUSTER.md §6).
-                        refused = await cluster.replicate(changes)
-                        if refused is not None:
-                            reply_or_wait = refused
-                    if conn.forwards is not None and isinstance(event, (p.Hello, p.Close)):
-                        await conn.forwards.broadcast(event)
+                try:
+                    if type(event) in p.ADMIN_ONLY and not self.may_administer(conn):
+                        reply_or_wait = self.denied(conn, event)
+                    elif cluster is not None:
+                        reply_or_wait = await self._cluster_request(conn, event, now)
+                        now = trio.current_time()
+                        if self.persister is not None and isinstance(
+                            event, (p.ReplPut, p.ReplDelete, p.Handoff)
+                        ):
+                            # The backup acknowledges under its own fsync policy,
+                            # once for a whole pipelined batch (group commit).
+                            durable_seq = self.persister.submitted
+                    if reply_or_wait is None:
+                        reply_or_wait = engine.handle(owner, event, now)
+                        if isinstance(event, p.Hello) and reply_or_wait == _OK_1:
+                            conn.hello = event
+                        if cluster is not None and engine.changes:
+                            changes = list(engine.changes)
+                            if self.persister is not None:
+                                durable_seq = self._submit_changes()
+                            else:
+                                engine.changes = []
+                            # Acknowledged only once the backup has it (CLUSTER.md §6).
+                            refused = await cluster.replicate(changes)
+                            if refused is not None:
+                                reply_or_wait = refused
+                        if conn.forwards is not None and isinstance(event, (p.Hello, p.Close)):
+                            await conn.forwards.broadcast(event)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise  # the client went away
+                except Exception:
+                    # A bug: PROTOCOL.md §9 INTERNAL (fatal).  The replies to the
+                    # requests before it still go out, then the connection closes.
+                    log.exception(
+                        "event=internal_error owner=%d peer=%s verb=%s", owner, conn.peer,
+                        VERB_NAMES.get(type(event), "INVALID"),
+                    )
+                    reply_or_wait = p.Error(
+                        p.Code.INTERNAL, "a bug in the daemon (logged); reconnect and retry"
+                    )
                 reply = reply_or_wait
                 if engine.changes:
                     # This batch changed sessions: its acknowledgements wait
@@ -628,7 +654,7 @@ class Server:
             # long as its lease) unless it stalls mid-request.  Whether it
             # holds one is decided at sweep time: a lease may run out while
             # it waits here.
-            conn.idle_since = trio.current_time()
+            conn.idle_since = conn.waiting_since(trio.current_time())
             data = await netio.receive(fd)
             conn.idle_since = None
             if not data:

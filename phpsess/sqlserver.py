@@ -587,7 +587,7 @@ class SqlBackend:
                         return
                     parser.receive_data(data)
                 continue
-            conn.idle_since = trio.current_time()  # Server._idle_sweeper cuts it off
+            conn.idle_since = conn.waiting_since(trio.current_time())  # see Server._idle_sweeper
             data = await stream.receive_some(RECEIVE_BYTES)
             conn.idle_since = None
             if not data:

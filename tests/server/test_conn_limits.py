@@ -218,6 +218,33 @@ def test_a_lock_holder_may_think_for_its_lease_but_not_stall_mid_request(
         assert c.request(p.Read("s1")) == p.MISS
 
 
+def test_a_request_trickling_in_a_byte_at_a_time_is_cut_off(start_daemon: Any) -> None:
+    # Each byte used to restart the idle clock: a 1 KiB header could hold a
+    # connection for days, and enough of them fill max_connections.
+    daemon = start_daemon("--memory-only", "--idle-timeout-s", "2")
+    with _connect(daemon) as a:
+        a.sendall(b"HELLO 1\n")
+        _receive_exactly(a, b"OK 1\n")
+        started = time.monotonic()
+        closed = False
+        for byte in b"WRITE s1 60 100\n" + b"x" * 100:
+            try:
+                a.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            if _closed_within(a, 0.5):
+                closed = True
+                break
+            assert time.monotonic() - started < 20, "never cut off"
+        assert closed
+        assert time.monotonic() - started < 10
+    with _connect(daemon) as b:  # everyone else is served
+        b.sendall(b"HELLO 1\nPING\n")
+        _receive_exactly(b, b"OK 1\nOK\n")
+    assert "event=idle_timeout" in daemon.log()
+
+
 # -- graceful shutdown
 
 

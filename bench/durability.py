@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daemon import build_loadgen, process_cpu_seconds  # bench/daemon.py
 
 from phpsess import journal as j
-from phpsess.persist import snapshot_name
+from phpsess.persist import journal_name, snapshot_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,6 +76,8 @@ def bench_restore(workdir: Path, sessions: int) -> tuple[float, float, int]:
         entries = ((f"{i:026d}", (value, expires, 86400)) for i in range(sessions))
         for chunk in j.snapshot_chunks(entries):
             f.write(chunk)
+    # Every snapshot has its journal (phpsess.persist): an empty one.
+    (data / journal_name(1)).write_bytes(j.JOURNAL_MAGIC)
     made = time.monotonic() - t
     size = (data / snapshot_name(1)).stat().st_size
     proc, _, ready = start(workdir, "--data-dir", str(data))

@@ -260,6 +260,7 @@ def _restore(data_dir: str, wall_now: float, mono_now: float) -> tuple[Restored,
     apply = _Apply(wall_now, mono_now - wall_now)
     result = Restored({})
     base = snapshots[-1] if snapshots else (journals[0] if journals else 1)
+    _check_generations(data_dir, snapshots, journals, base)
     if snapshots:
         path = os.path.join(data_dir, snapshot_name(base))
         with _mapped(path) as buf:
@@ -297,6 +298,15 @@ def _restore(data_dir: str, wall_now: float, mono_now: float) -> tuple[Restored,
             else:
                 found = j.scan(memoryview(buf), len(j.JOURNAL_MAGIC), apply)
         if found is None:
+            if gen != journals[-1] or (snapshots and gen <= base):
+                # Journal G+1 gets its header (fsynced) before anything is
+                # written to it or snapshot G+1 exists: a crash cannot cut the
+                # header of any journal but the newest, past the snapshot.
+                raise DataDirError(
+                    f"{path} has an incomplete header, but it is not the newest journal: "
+                    "it was cut short or emptied after it was written, and the changes "
+                    "it held are missing. " + _recovery_hint(data_dir)
+                )
             _truncate(path, 0)
             result.torn.append(f"{path}: incomplete header, emptied")
             continue
@@ -328,6 +338,32 @@ def _restore(data_dir: str, wall_now: float, mono_now: float) -> tuple[Restored,
     result.expired = apply.expired
     result.seconds = time.monotonic() - started
     return result, current
+
+
+def _check_generations(
+    data_dir: str, snapshots: list[int], journals: list[int], base: int
+) -> None:
+    """Refuse a set of files no crash can leave (module doc, compaction):
+    journal G+1 is created and fsynced before snapshot G+1 appears, so the
+    newest snapshot always has its journal, and journals from there on are
+    consecutive.  A missing one was removed by hand or lost with the disk:
+    replaying the rest would bring destroyed sessions back and lose writes."""
+    wanted = [gen for gen in journals if gen >= base]
+    problem = None
+    if snapshots and base not in wanted:
+        problem = f"{snapshot_name(base)} has no {journal_name(base)}"
+    elif not snapshots and journals and base != 1:
+        problem = f"there is no snapshot, and the first journal is {journal_name(base)}, not 1"
+    elif wanted and wanted != list(range(wanted[0], wanted[0] + len(wanted))):
+        missing = sorted(set(range(wanted[0], wanted[-1] + 1)) - set(wanted))
+        problem = f"{journal_name(missing[0])} is missing between the journals"
+    if problem is not None:
+        raise DataDirError(
+            f"{data_dir}: {problem}: a file was removed (no crash leaves this), and "
+            "replaying the others would bring destroyed sessions back and lose writes. "
+            "Put the file back if you have it; else start with an empty data directory "
+            "(in a cluster the other copies fill it in), keeping this one aside"
+        )
 
 
 def _truncate(path: str, size: int) -> None:
@@ -503,6 +539,7 @@ class Persister:
 
     def __init__(self, config: PersistConfig) -> None:
         self.config = config
+        self.always = config.fsync == "always"  # every reply waits for its fsync
         self.dir = config.data_dir
         self._lock = DataDirLock(self.dir)
         self._pending: list[tuple[float, list[j.Change]]] = []

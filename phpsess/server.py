@@ -627,6 +627,14 @@ class Server:
                     out = []
                     out_bytes = 0
                     durable_seq = 0
+            if (
+                persister is not None and out and persister.always
+                and persister.synced < persister.submitted
+            ):
+                # fsync always: a reply must not report what a crash could
+                # still undo, though this batch changed nothing (a second
+                # DESTROY of a session, a READ of one just written).
+                durable_seq = persister.submitted
             # The usual case (interval, never) costs a call, not a coroutine.
             if durable_seq and not (persister is not None and persister.durable(durable_seq)):
                 await self._durable(durable_seq)

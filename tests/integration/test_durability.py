@@ -214,7 +214,8 @@ def test_an_unreadable_data_dir_entry_stops_the_start_with_a_message_not_a_trace
     with Client(daemon.address) as c:
         assert c.request(p.Write("kept", 600, b"intact")) == p.OK
     daemon.stop()
-    stray = daemon.data_dir / "journal-000009.pjnl"
+    newest = max(int(f.name[8:14]) for f in daemon.data_dir.glob("journal-*.pjnl"))
+    stray = daemon.data_dir / f"journal-{newest + 1:06d}.pjnl"
     stray.mkdir()  # a directory with a journal's name: open() fails on it
     message = _start_fails(daemon)
     assert str(stray) in message and "move it out" in message

@@ -186,6 +186,7 @@ def test_a_directory_named_like_a_journal_is_a_clear_error(tmp_path: Path) -> No
 @pytest.mark.timeout(10)  # opening a FIFO for reading blocks until a writer comes
 def test_a_fifo_named_like_a_snapshot_is_a_clear_error(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / snapshot_name(1))
+    _journal(tmp_path, 1, [])
     with pytest.raises(DataDirError) as info:
         restore(str(tmp_path), NOW)
     assert str(tmp_path / snapshot_name(1)) in str(info.value)
@@ -199,3 +200,39 @@ def test_a_file_that_cannot_be_opened_is_named_with_the_reason(tmp_path: Path) -
     message = str(info.value)
     assert str(tmp_path / journal_name(1)) in message
     assert "No such file or directory" in message and "dmesg" in message
+
+
+# -- a missing generation is refused: no crash leaves one (compaction order)
+
+
+@pytest.mark.parametrize("case", ["journal of the snapshot", "snapshot", "gap", "emptied"])
+def test_a_removed_generation_is_refused_not_replayed_without_it(
+    tmp_path: Path, case: str
+) -> None:
+    # Snapshot 6 holds "gone"; journal 6 destroys it and writes "late".
+    # Replaying without journal 6 would bring "gone" back and lose "late".
+    _snapshot(tmp_path, 6, {"gone": (b"x", NOW + 60, 60)}, {})
+    _journal(tmp_path, 6, [(j.Op.DELETE, "gone"), (j.Op.PUT, "late", NOW + 60, 60, b"y")])
+    _journal(tmp_path, 7, [(j.Op.PUT, "later", NOW + 60, 60, b"z")])
+    if case == "journal of the snapshot":
+        (tmp_path / journal_name(6)).unlink()
+    elif case == "snapshot":
+        (tmp_path / snapshot_name(6)).unlink()
+    elif case == "gap":
+        _journal(tmp_path, 9, [])
+    else:
+        (tmp_path / journal_name(6)).write_bytes(b"")
+    with pytest.raises(DataDirError) as info:
+        restore(str(tmp_path), NOW)
+    assert str(tmp_path) in str(info.value), info.value
+    # Untouched, for the operator to put the file back.
+    assert (tmp_path / journal_name(7)).stat().st_size > len(j.JOURNAL_MAGIC)
+
+
+def test_the_newest_journal_cut_in_its_header_by_a_crash_is_emptied(tmp_path: Path) -> None:
+    # Journal 7 was being created when the daemon died: legitimate.
+    _snapshot(tmp_path, 6, {"kept": (b"x", NOW + 60, 60)}, {})
+    _journal(tmp_path, 6, [])
+    (tmp_path / journal_name(7)).write_bytes(j.JOURNAL_MAGIC[:5])
+    restored, gen = restore(str(tmp_path), NOW)
+    assert set(restored.sessions) == {"kept"} and gen == 7

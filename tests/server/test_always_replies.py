@@ -1,0 +1,45 @@
+"""Under ``--fsync always`` no reply reports a state a crash could still
+undo: a DESTROY of a session already destroyed (it changes nothing) or a
+READ after a destroy waits for the fsync of that destroy too.  It used to
+answer at once while the first destroy's fsync was still running."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from phpsess import protocol as p
+from tests.conftest import HangingFdatasync, fsync_always_server
+from tests.server.test_server_time import _Conn
+
+
+async def test_a_reply_waits_for_the_fsync_of_what_it_reports(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = HangingFdatasync(limit_s=10)
+    async with fsync_always_server(nursery) as path:
+        a = _Conn(await trio.open_unix_socket(path))
+        b = _Conn(await trio.open_unix_socket(path))
+        for c in (a, b):
+            assert await c.request(p.Hello(1)) == p.Ok(("1",))
+        assert await a.request(p.Write("s", 60, b"x")) == p.OK
+        monkeypatch.setattr(os, "fdatasync", disk)
+        await a.stream.send_all(p.encode_request(p.Destroy("s")))
+        await trio.to_thread.run_sync(disk.hung.wait, 10)
+        # The destroy is in memory, not on disk: b must not be told yet.
+        await b.stream.send_all(
+            p.encode_request(p.Destroy("s")) + p.encode_request(p.Read("s", lock=False))
+        )
+        with trio.move_on_after(0.5) as early:
+            await b.reply()
+        assert early.cancelled_caught, "a reply went out before the fsync"
+        disk.release.set()
+        with trio.fail_after(10):
+            assert await a.reply() == p.OK
+            assert await b.reply() == p.OK
+            assert await b.reply() == p.MISS
+        monkeypatch.setattr(os, "fdatasync", disk.real)
+        for c in (a, b):
+            await c.stream.aclose()

@@ -762,6 +762,7 @@ class SqlBackend:
         database's: None unless counted there)."""
         return {
             "version": VERSION,
+            "pid": self.server.engine.pid,
             "uptime_s": round(trio.current_time() - self._started, 3),
             "storage": self.config.url,
             "storage_table": self.config.table,

@@ -44,4 +44,3 @@ async def test_grant_while_the_waiter_waits_for_the_disk_is_delivered(
         monkeypatch.setattr(os, "fdatasync", disk.real)
         for c in (a, b):
             await c.stream.aclose()
-

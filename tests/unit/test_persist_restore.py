@@ -212,7 +212,9 @@ def test_a_removed_generation_is_refused_not_replayed_without_it(
     # Snapshot 6 holds "gone"; journal 6 destroys it and writes "late".
     # Replaying without journal 6 would bring "gone" back and lose "late".
     _snapshot(tmp_path, 6, {"gone": (b"x", NOW + 60, 60)}, {})
-    _journal(tmp_path, 6, [(j.Op.DELETE, "gone"), (j.Op.PUT, "late", NOW + 60, 60, b"y")])
+    _journal(tmp_path, 6, [
+        (j.Op.DELETE, "gone", 0.0, 0, b""), (j.Op.PUT, "late", NOW + 60, 60, b"y"),
+    ])
     _journal(tmp_path, 7, [(j.Op.PUT, "later", NOW + 60, 60, b"z")])
     if case == "journal of the snapshot":
         (tmp_path / journal_name(6)).unlink()

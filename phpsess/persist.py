@@ -568,9 +568,7 @@ class Persister:
         # The cluster's metadata of every session, for snapshots (or None).
         self.meta_source: Callable[[], dict[str, bytes]] | None = None
         self._snapshot_metas: dict[str, bytes] = {}
-        self._disk = _DiskThread(
-            "phpsess-journal", 0 if config.fsync == "always" else BACKGROUND_NICE
-        )
+        self._disk = _DiskThread("phpsess-journal", 0 if self.always else BACKGROUND_NICE)
         self._snapshot_disk = _DiskThread("phpsess-snapshot", BACKGROUND_NICE)
 
     # -- start

@@ -140,11 +140,11 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     /** While true, warn() is silent (create_sid() has a fallback). */
     private bool $quiet = false;
     /**
-     * open() followed a close() in this request: session_regenerate_id() (or a
-     * second session_start()). create_sid() may then make the ID itself when
-     * the daemon cannot: there, PHP throws an Error for ''.
+     * close() ran in this request, so the open() before a create_sid() followed
+     * it: session_regenerate_id() (or a second session_start()). create_sid()
+     * may then make the ID itself when the daemon cannot: there, PHP throws an
+     * Error for ''.
      */
-    private bool $reopened = false;
     private bool $closed = false;
     /** read() ran in this session cycle (create_sid() is then session_create_id()). */
     private bool $readDone = false;
@@ -202,7 +202,6 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             }
         }
         $this->validateFailed = false;
-        $this->reopened = $this->closed;
         if ($this->sock !== null) {
             // Reusing our own connection (open after close in this request). Unread
             // bytes or EOF mean it is out of step or gone: start a new one.
@@ -496,7 +495,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             // locked, as with files.
             return $this->localId($length, $bits);
         }
-        if (!$this->reopened) {
+        if (!$this->closed) {
             // session_start() for a new visitor: if the daemon cannot make the
             // ID, fail (read('') then fails quietly, and session_start() with
             // it) rather than start a session whose write is bound to fail

@@ -12,7 +12,7 @@ import trio
 
 from phpsess import protocol as p
 from tests.conftest import HangingFdatasync, fsync_always_server
-from tests.server.test_server_time import _Conn
+from tests.server.test_server_time import hello
 
 
 async def test_a_reply_waits_for_the_fsync_of_what_it_reports(
@@ -20,10 +20,7 @@ async def test_a_reply_waits_for_the_fsync_of_what_it_reports(
 ) -> None:
     disk = HangingFdatasync(limit_s=10)
     async with fsync_always_server(nursery) as path:
-        a = _Conn(await trio.open_unix_socket(path))
-        b = _Conn(await trio.open_unix_socket(path))
-        for c in (a, b):
-            assert await c.request(p.Hello(1)) == p.Ok(("1",))
+        a, b = await hello(path), await hello(path)
         assert await a.request(p.Write("s", 60, b"x")) == p.OK
         monkeypatch.setattr(os, "fdatasync", disk)
         await a.stream.send_all(p.encode_request(p.Destroy("s")))

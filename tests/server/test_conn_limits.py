@@ -27,7 +27,7 @@ from tests.conftest import (
     fsync_always_server,
     proc_status_kib,
 )
-from tests.server.test_server_time import _Conn
+from tests.server.test_server_time import hello
 
 MIB = 1024 * 1024
 
@@ -125,8 +125,7 @@ async def test_replies_sent_early_still_wait_for_the_disk(
     # include the WRITE's acknowledgement: not before the journal has it.
     disk = HangingFdatasync(limit_s=10)
     async with fsync_always_server(nursery) as path:
-        c = _Conn(await trio.open_unix_socket(path))
-        assert await c.request(p.Hello(1)) == p.Ok(("1",))
+        c = await hello(path)
         body = b"y" * MIB
         assert await c.request(p.Write("big", 600, body)) == p.OK
         monkeypatch.setattr(os, "fdatasync", disk)

@@ -13,7 +13,7 @@ import trio
 
 from phpsess import protocol as p
 from tests.conftest import HangingFdatasync, fsync_always_server
-from tests.server.test_server_time import _Conn
+from tests.server.test_server_time import hello
 
 
 async def test_grant_while_the_waiter_waits_for_the_disk_is_delivered(
@@ -21,10 +21,7 @@ async def test_grant_while_the_waiter_waits_for_the_disk_is_delivered(
 ) -> None:
     disk = HangingFdatasync(limit_s=10)
     async with fsync_always_server(nursery) as path:
-        a = _Conn(await trio.open_unix_socket(path))
-        b = _Conn(await trio.open_unix_socket(path))
-        for c in (a, b):
-            assert await c.request(p.Hello(1)) == p.Ok(("1",))
+        a, b = await hello(path), await hello(path)
         assert await a.request(p.Read("s")) == p.MISS  # a holds s
         monkeypatch.setattr(os, "fdatasync", disk)
         # b: a write (its reply waits for the fsync) and, pipelined, a

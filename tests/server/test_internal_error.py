@@ -9,7 +9,7 @@ import trio
 
 from phpsess import protocol as p
 from tests.conftest import fsync_always_server
-from tests.server.test_server_time import _Conn
+from tests.server.test_server_time import _Conn, hello
 
 
 async def test_a_bug_in_one_request_answers_internal_after_the_replies_before_it(
@@ -37,8 +37,7 @@ async def test_a_bug_in_one_request_answers_internal_after_the_replies_before_it
             assert isinstance(internal, p.Error) and internal.code is p.Code.INTERNAL
             assert await a.stream.receive_some(100) == b""  # then it closes
         monkeypatch.setattr(Engine, "handle", real)
-        b = _Conn(await trio.open_unix_socket(path))  # everyone else is served
-        assert await b.request(p.Hello(1)) == p.Ok(("1",))
+        b = await hello(path)  # everyone else is served
         assert await b.request(p.Read("s", lock=False)) == p.Data(b"hi")
         await b.stream.aclose()
         await a.stream.aclose()

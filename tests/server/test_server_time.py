@@ -36,6 +36,13 @@ class _Conn:
             self.parser.receive_data(data)
 
 
+async def hello(path: str) -> _Conn:
+    """A connection to the daemon on unix socket ``path`` that said HELLO 1."""
+    conn = _Conn(await trio.open_unix_socket(path))
+    assert await conn.request(p.Hello(1)) == p.Ok(("1",))
+    return conn
+
+
 _open: list[_Conn] = []
 
 

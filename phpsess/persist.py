@@ -200,11 +200,6 @@ class _Apply:
         self.expired += len(gone)
 
 
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 @contextlib.contextmanager
 def _mapped(path: str) -> Iterator[bytes | mmap.mmap]:
     """The file's bytes without reading it all into memory at once."""
@@ -377,7 +372,11 @@ def _truncate(path: str, size: int) -> None:
 
 def repair(data_dir: str) -> list[str]:
     """Rewrite damaged files keeping every intact record; the originals are
-    moved to ``damaged-<time>/``.  Returns what was done, for the operator."""
+    kept in ``damaged-<time>/``.  Returns what was done, for the operator.
+
+    Crash-safe: the replacement is written and fsynced beside the original,
+    the original is hard-linked into the keep directory, then the replacement
+    is renamed over it, so the directory never lacks the file."""
     done: list[str] = []
     snapshots, journals = _generations(data_dir)
     keep = os.path.join(data_dir, f"damaged-{int(time.time())}")
@@ -385,7 +384,8 @@ def repair(data_dir: str) -> list[str]:
         for gen in gens:
             name = snapshot_name(gen) if kind == "snapshot" else journal_name(gen)
             path = os.path.join(data_dir, name)
-            buf = _read_file(path)
+            with _mapped(path) as mapped:  # a FIFO or directory: a clear error
+                buf = bytes(mapped)
             magic = j.SNAPSHOT_MAGIC if kind == "snapshot" else j.JOURNAL_MAGIC
             records: list[j.Record] = []
             start = len(magic) if buf.startswith(magic) else 0
@@ -400,8 +400,6 @@ def repair(data_dir: str) -> list[str]:
             )
             if not bad and start and complete:
                 continue
-            os.makedirs(keep, exist_ok=True)
-            os.replace(path, os.path.join(keep, name))
             tmp = path + ".repair"
             with open(tmp, "wb") as out:
                 out.write(magic)
@@ -411,6 +409,9 @@ def repair(data_dir: str) -> list[str]:
                     out.write(j.encode(j.Op.END, str(puts)))
                 out.flush()
                 os.fsync(out.fileno())
+            os.makedirs(keep, exist_ok=True)
+            os.link(path, os.path.join(keep, name))
+            _fsync_dir(keep)
             os.replace(tmp, path)
             done.append(
                 f"{name}: kept {len(kept)} intact records, dropped damaged records at "
@@ -588,6 +589,7 @@ class Persister:
         except OSError as exc:  # an unwritable or read-only directory
             raise _unusable(self.dir, exc) from exc
         try:
+            self._check_writable()
             restored, self.gen = restore(self.dir, wall_now, mono_now)
             try:
                 self._open_journal(self.gen)
@@ -597,6 +599,23 @@ class Persister:
             self._lock.release()
             raise
         return restored
+
+    def _check_writable(self) -> None:
+        """Fail the start, not the first compaction an hour later: the lock
+        file and the newest journal may still be writable in a directory
+        where no new file can be made (mode, owner, a read-only mount)."""
+        probe = os.path.join(self.dir, "write-probe.tmp")  # restore removes *.tmp
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            os.unlink(probe)
+        except OSError as exc:
+            raise DataDirError(
+                f"cannot create files in data directory {self.dir}: "
+                f"{exc.strerror or exc}; phpsess makes a new journal and snapshot "
+                "there at every compaction, so it must be writable by phpsess's "
+                "user (check its owner and mode, and that it is not mounted "
+                "read-only), or choose another with --data-dir"
+            ) from exc
 
     def _open_journal(self, gen: int) -> None:
         path = os.path.join(self.dir, journal_name(gen))

@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from phpsess import journal as j
 from phpsess import protocol as p
 from phpsess.client import Client
+from phpsess.persist import journal_name
 from tests.conftest import PREPEND, ROOT, Daemon, php_binary, read_counter
 
 WRITER = Path(__file__).parent / "php" / "writer.php"
@@ -232,6 +234,34 @@ def test_an_unreadable_data_dir_entry_stops_the_start_with_a_message_not_a_trace
     daemon.start()
     with Client(daemon.address) as c:
         assert c.request(p.Read("kept", lock=False)) == p.Data(b"intact")
+
+
+def test_a_data_dir_where_no_file_can_be_made_stops_the_start_not_the_first_compaction(
+    tmp_path: Path,
+) -> None:
+    # The lock file and the journal are writable, the directory is not: the
+    # daemon used to start, then exit at its first compaction (a new journal).
+    # Root ignores a directory's mode: the daemon runs without the
+    # capabilities that let it (util-linux's setpriv).
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "lock").write_bytes(b"")
+    (data / journal_name(1)).write_bytes(j.JOURNAL_MAGIC)
+    data.chmod(0o555)
+    try:
+        proc = subprocess.run(
+            ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--",
+             sys.executable, "-m", "phpsess", "serve", "--data-dir", str(data),
+             "--listen", f"unix:{tmp_path}/s.sock"],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )
+    finally:
+        data.chmod(0o755)
+    assert proc.returncode == 1, proc.stderr
+    assert f"cannot create files in data directory {data}" in proc.stderr
+    assert "Permission denied" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "s.sock").exists()
+    assert sorted(f.name for f in data.iterdir()) == ["journal-000001.pjnl", "lock"]
 
 
 def test_compaction_bounds_disk_and_a_corrupted_snapshot_byte_stops_the_start(

@@ -171,6 +171,44 @@ def test_repair_of_a_damaged_snapshot_with_cluster_metadata_restores(tmp_path: P
     assert repair(str(tmp_path)) == []  # what repair wrote, it calls intact
 
 
+def test_repair_stopped_before_its_rename_leaves_the_damaged_journal_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A crash between keeping the original and installing the replacement
+    # must not leave the directory without the generation (restore would
+    # refuse it as missing).  The crash here: the replacement's fsync fails.
+    journal = _journal(tmp_path, 1, [(j.Op.PUT, f"s{i}", NOW + 60, 60, b"v%d" % i)
+                                     for i in range(3)])
+    raw = bytearray(journal.read_bytes())
+    raw[raw.index(b"v1")] ^= 0xFF
+    journal.write_bytes(bytes(raw))
+
+    def crash(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", crash)
+        with pytest.raises(OSError):
+            repair(str(tmp_path))
+    assert journal.read_bytes() == bytes(raw)
+    done = repair(str(tmp_path))  # run again, it completes
+    assert len(done) == 1 and "kept 2 intact records" in done[0]
+    [kept] = tmp_path.glob(f"damaged-*/{journal_name(1)}")
+    assert kept.read_bytes() == bytes(raw)
+    restored, _ = restore(str(tmp_path), NOW)
+    assert sorted(restored.sessions) == ["s0", "s2"]
+
+
+@pytest.mark.timeout(10)  # opening a FIFO for reading blocks until a writer comes
+def test_repair_refuses_a_fifo_named_like_a_journal_instead_of_hanging(tmp_path: Path) -> None:
+    _journal(tmp_path, 1, [])
+    os.mkfifo(tmp_path / journal_name(2))
+    with pytest.raises(DataDirError) as info:
+        repair(str(tmp_path))
+    assert str(tmp_path / journal_name(2)) in str(info.value)
+    assert "not a regular file" in str(info.value)
+
+
 # -- files that cannot be read
 
 

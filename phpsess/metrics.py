@@ -11,7 +11,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
 import trio
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -117,6 +123,11 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self._collector = _DaemonCollector(server)
         self.registry.register(self._collector)
+        # The standard process_* (CPU seconds, resident memory, open and
+        # maximum fds, start time) and python_info, as every exporter has:
+        # the daemon is one Python process, its memory is its sessions.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.latency = Histogram(
             "phpsess_request_seconds", "Time from a request's arrival to its reply, by verb.",
             ["verb"], buckets=_LATENCY_BUCKETS, registry=self.registry,

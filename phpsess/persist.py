@@ -400,7 +400,7 @@ def repair(data_dir: str) -> list[str]:
             )
             if not bad and start and complete:
                 continue
-            tmp = path + ".repair"
+            tmp = path + ".repair.tmp"  # restore removes what a crash left
             with open(tmp, "wb") as out:
                 out.write(magic)
                 for r in kept:

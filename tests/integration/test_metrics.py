@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import urllib.error
 import urllib.request
 from typing import Any
@@ -11,6 +12,15 @@ import pytest
 from phpsess import protocol as p
 from phpsess.client import Client
 from tests.conftest import MariaDB, free_tcp_port, fresh_table, scrape_metrics
+
+
+def _start_time(pid: int) -> float:
+    """When process ``pid`` started, in seconds since the epoch (proc(5))."""
+    with open(f"/proc/{pid}/stat") as stat:
+        ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/stat") as system:
+        [boot] = [int(line.split()[1]) for line in system if line.startswith("btime")]
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def test_metrics_endpoint_is_scraped_and_parsed(
@@ -37,6 +47,14 @@ def test_metrics_endpoint_is_scraped_and_parsed(
     assert samples[("phpsess_request_errors_total", ())] >= 1
     assert samples[("phpsess_request_seconds_count", (("verb", "WRITE"),))] == 1
     assert samples[("phpsess_locks_held", ())] == 1
+    # The standard process_* metrics describe the daemon, not the test.
+    started = _start_time(daemon.pid)
+    assert abs(samples[("process_start_time_seconds", ())] - started) < 1.0
+    with open(f"/proc/{daemon.pid}/limits") as limits:
+        [soft] = [line.split()[3] for line in limits if line.startswith("Max open files")]
+    assert samples[("process_max_fds", ())] == int(soft)
+    assert 0 < samples[("process_open_fds", ())] < int(soft)
+    assert samples[("process_resident_memory_bytes", ())] > 10 * 2**20
     if backend == "journal":
         assert ("phpsess_fsyncs_total", ()) in samples  # persistence is on
     else:

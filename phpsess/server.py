@@ -134,6 +134,9 @@ class Server:
         self._unix_paths: list[str] = []
         self._inherited = False  # listening on sockets systemd passed us
         self.admin_denied_total = 0
+        self.fd_refusals_total = 0
+        # Closed to make room for answering BUSY when out of descriptors.
+        self._spare_fd = -1
         self.addresses: list[str] = []
         self.persister: Persister | None = None
         if config.persist is not None:
@@ -203,6 +206,7 @@ class Server:
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         listeners: list[trio.SocketListener] = []
+        self._spare_fd = _spare_descriptor()
         try:
             async with trio.open_nursery() as conn_nursery:
                 conn_nursery.start_soon(self._timer)
@@ -252,6 +256,9 @@ class Server:
                 with trio.CancelScope(shield=True):
                     await listener.aclose()
             self._unlink_sockets()
+            if self._spare_fd >= 0:
+                os.close(self._spare_fd)
+                self._spare_fd = -1
 
     def _unlink_sockets(self) -> None:
         for path in self._unix_paths:
@@ -406,15 +413,54 @@ class Server:
 
     async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         while True:
+            stream: trio.SocketStream | None
             try:
                 stream = await listener.accept()
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._spare_fd >= 0:
+                    # accept(2) fails so at the limit even with no client
+                    # waiting: the spare descriptor is what it takes.
+                    stream = await self._accept_with_spare(listener)
+                    if stream is None:
+                        continue
+                elif exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.error("event=accept_failed error=%s", exc.strerror)
+                    if self._spare_fd < 0:
+                        self._spare_fd = _spare_descriptor()
                     await trio.sleep(0.1)
                     continue
-                raise
+                else:
+                    raise
             nursery.start_soon(self._connection, stream)
+
+    async def _accept_with_spare(self, listener: trio.SocketListener) -> trio.SocketStream | None:
+        """Out of file descriptors: accept the next client on the spare one
+        kept for this, then take a spare again.  If there is one to take, a
+        descriptor was freed meanwhile: serve the client.  If not, answer it
+        BUSY at once instead of leaving it in the backlog until PHP's own
+        timeout."""
+        os.close(self._spare_fd)
+        self._spare_fd = -1
+        stream: trio.SocketStream | None = None
+        with contextlib.suppress(OSError):
+            # No checkpoint before the accept(2): no other task takes the
+            # descriptor just freed.
+            stream = await listener.accept()
+        self._spare_fd = _spare_descriptor()
+        if stream is None or self._spare_fd >= 0:
+            return stream
+        self.fd_refusals_total += 1
+        if _rare(self.fd_refusals_total):
+            log.error(
+                "event=out_of_file_descriptors refused=%d detail=new clients get BUSY; "
+                "raise LimitNOFILE or lower max_connections", self.fd_refusals_total,
+            )
+        # Non-blocking and small: it fits in the new socket's buffer.
+        with contextlib.suppress(OSError):
+            os.write(netio.fileno(stream), _BUSY_NO_FDS)
+        stream.socket.close()
+        self._spare_fd = _spare_descriptor()
+        return None
 
     # -- connections
 
@@ -804,6 +850,17 @@ class Server:
 
 
 _OK_1: Final = p.Ok(("1",))
+_BUSY_NO_FDS: Final = p.encode_reply(
+    p.Error(p.Code.BUSY, "the daemon is out of file descriptors (LimitNOFILE)")
+)
+
+
+def _spare_descriptor() -> int:
+    try:
+        return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
 
 
 def _buffered(parser: p.RequestParser) -> int:

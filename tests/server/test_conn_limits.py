@@ -6,8 +6,10 @@ resets the connection is no crash."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import time
@@ -298,3 +300,43 @@ def test_a_lock_waiter_reset_by_its_client_is_no_crash(start_daemon: Any) -> Non
     log = daemon.log()
     assert "connection_crashed" not in log
     assert "Traceback" not in log
+
+
+def test_out_of_file_descriptors_new_clients_get_busy_not_a_hang(start_daemon: Any) -> None:
+    # Past the descriptor limit accept(2) fails with EMFILE and the client
+    # would wait in the backlog until PHP's own timeout.  The daemon keeps
+    # a spare descriptor to answer it BUSY, and serves the others on.
+    daemon = start_daemon("--memory-only")
+    room = 8
+    in_use = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+    resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (in_use + room, in_use + room))
+    served: list[socket.socket] = []
+    refused = 0
+    while refused < 5:
+        assert len(served) <= room + 2, "the limit was never reached"
+        sock = _connect(daemon)  # the backlog takes it either way
+        with contextlib.suppress(BrokenPipeError):  # refused before it was sent
+            sock.sendall(b"HELLO 1\n")
+        reply = sock.recv(4096)  # a reply (timeout 10 s), not a hang
+        if reply == b"OK 1\n":
+            assert not refused, "once out of descriptors, no more until one is freed"
+            served.append(sock)
+            continue
+        assert reply.startswith(b"ERR BUSY "), reply
+        assert _closed_within(sock, 10)
+        sock.close()
+        refused += 1
+    assert len(served) >= room - 2
+    for sock in served:  # the connections it had are served on
+        sock.sendall(b"PING\n")
+        _receive_exactly(sock, b"OK\n")
+    served.pop().close()
+    time.sleep(0.2)  # the daemon sees the close and frees the descriptor
+    with _connect(daemon) as sock:  # and the spare was taken back: room again
+        sock.sendall(b"HELLO 1\nPING\n")
+        _receive_exactly(sock, b"OK 1\nOK\n")
+    for sock in served:
+        sock.close()
+    assert daemon.proc.poll() is None
+    assert daemon.log().count("event=out_of_file_descriptors") == 1  # rare: 1st, 10th...
+    assert "refused=1 " in daemon.log()

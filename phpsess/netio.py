@@ -11,6 +11,7 @@ the socket buffer is full.  Errors of a vanished peer become
 from __future__ import annotations
 
 import os
+import select
 from typing import Final, Protocol
 
 import trio
@@ -75,3 +76,15 @@ async def send(fd: int, data: bytes, stalls: Stalls | None = None) -> None:
             stalls.sending_since = trio.current_time()  # it reads, however slowly
     if stalls is not None:
         stalls.sending_since = None
+
+
+HANGUP_POLL_S: Final = 0.25
+
+
+async def wait_hangup(fd: int) -> None:
+    """Return once the peer closed or reset the socket, without reading
+    what it sent (POLLRDHUP: Linux); looked at every ``HANGUP_POLL_S``."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)  # POLLHUP and POLLERR come anyway
+    while not poller.poll(0):
+        await trio.sleep(HANGUP_POLL_S)

@@ -743,7 +743,13 @@ class Server:
             # (back-pressure) once enough of its next requests are buffered.
             while not parser.broken:
                 if parser.mid_request and _buffered(parser) > _MAX_BUFFER_WHILE_WAITING:
-                    await trio.sleep_forever()
+                    # Not reading, an EOF would go unseen: ask the socket
+                    # whether the client hung up, lest its queued lock be
+                    # granted and its buffered writes applied after it gave up.
+                    await netio.wait_hangup(netio.fileno(conn.stream))
+                    gone = True
+                    cancel.cancel()
+                    return
                 try:
                     data = await netio.receive(netio.fileno(conn.stream))
                 except trio.BrokenResourceError:

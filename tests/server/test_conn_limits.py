@@ -302,6 +302,32 @@ def test_a_lock_waiter_reset_by_its_client_is_no_crash(start_daemon: Any) -> Non
     assert "Traceback" not in log
 
 
+def test_a_lock_waiter_that_hangs_up_with_a_full_buffer_leaves_the_queue(
+    start_daemon: Any,
+) -> None:
+    # A waiter whose pipelined requests passed the buffer the daemon keeps
+    # for it is no longer read from, so its EOF went unseen: it stayed
+    # queued, and when granted its buffered WRITE overwrote what others had
+    # written since it gave up.
+    daemon = start_daemon("--memory-only")
+    with _connect(daemon) as a:
+        a.sendall(b"HELLO 1\nREAD s1 LOCK\n")
+        _receive_exactly(a, b"OK 1\nMISS\n")
+        b = _connect(daemon)
+        b.sendall(b"HELLO 1\nREAD s1 LOCK\nWRITE s1 60 5\nstale")
+        _wait_until("b waits", lambda: _stats(daemon)["locks_waiting"] == 1)
+        b.sendall(b"WRITE s1 60 1000000\n" + b"x" * 200_000)  # more to come: buffered
+        time.sleep(0.5)  # the daemon buffers it and stops reading
+        b.close()
+        _wait_until("b is gone", lambda: _stats(daemon)["locks_waiting"] == 0)
+        a.sendall(b"WRITE s1 60 5\nfresh")
+        _receive_exactly(a, b"OK\n")
+    with _connect(daemon) as c:
+        c.sendall(b"HELLO 1\nREAD s1 LOCK\n")
+        _receive_exactly(c, b"OK 1\nDATA 5\nfresh")
+    assert "Traceback" not in daemon.log()
+
+
 def test_out_of_file_descriptors_new_clients_get_busy_not_a_hang(start_daemon: Any) -> None:
     # Past the descriptor limit accept(2) fails with EMFILE and the client
     # would wait in the backlog until PHP's own timeout.  The daemon keeps

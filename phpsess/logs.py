@@ -1,10 +1,16 @@
 """Log setup for the daemon: one line per event on stderr, ``key=value``
-fields, never session data; session IDs appear only as a short tag."""
+fields, never session data; session IDs appear only as a short tag.
+
+Under systemd, when stderr is the journal (``$JOURNAL_STREAM`` names it),
+every line starts with its syslog priority (``<3>`` error ... ``<7>``
+debug, sd-daemon(3)), so ``journalctl -p warning`` and the journal's
+colouring see the level."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 import time
 
@@ -14,8 +20,19 @@ def sid_tag(sid: str) -> str:
     return hashlib.blake2b(sid.encode(), digest_size=4).hexdigest()
 
 
+# sd-daemon(3) prefixes: the syslog priority of a Python level.
+_PRIORITIES = {
+    logging.CRITICAL: "<2>", logging.ERROR: "<3>", logging.WARNING: "<4>",
+    logging.INFO: "<6>", logging.DEBUG: "<7>",
+}
+
+
 class _Formatter(logging.Formatter):
     converter = time.gmtime  # type: ignore[assignment]
+
+    def __init__(self, journal: bool = False) -> None:
+        super().__init__()
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
@@ -23,12 +40,28 @@ class _Formatter(logging.Formatter):
         line = f"{stamp}.{int(record.msecs):03d}Z level={level} {record.getMessage()}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
+        if self.journal:
+            # Each line is its own journal entry: a traceback's lines too.
+            prefix = _PRIORITIES.get(record.levelno, "<6>")
+            line = "\n".join(prefix + part for part in line.split("\n"))
         return line
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is the stream systemd connected to the journal: the
+    device and inode ``$JOURNAL_STREAM`` gives (systemd.exec(5))."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        info = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (info.st_dev, info.st_ino) == (device, inode)
 
 
 def setup(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
+    handler.setFormatter(_Formatter(journal=stderr_is_journal()))
     root = logging.getLogger("phpsess")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -189,3 +189,42 @@ def test_socket_activation_serves_the_inherited_socket(
         assert "event=socket_inherited name=client fd=3" in logged, logged
     finally:
         _stop(proc)
+
+
+@pytest.mark.parametrize("to_journal", [True, False], ids=["journal", "elsewhere"])
+def test_log_lines_carry_their_syslog_priority_when_stderr_is_the_journal(
+    workdir: Path, to_journal: bool
+) -> None:
+    # systemd sets JOURNAL_STREAM to the device and inode of the stream it
+    # gave as stderr; only then do lines start with <priority> (sd-daemon(3)).
+    sock_path = str(workdir / "phpsess.sock")
+    log_path = workdir / "daemon.log"
+    log_path.touch()
+    info = os.stat(workdir if not to_journal else log_path)  # elsewhere: not stderr
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "phpsess", "serve", "--memory-only",
+             "--max-connections", "1", "--listen", f"unix:{sock_path}"],
+            env=_env(JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}"),
+            stdin=subprocess.DEVNULL, stderr=log, cwd=ROOT,
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while "event=listening" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.02)
+        with socket.socket(socket.AF_UNIX) as first:
+            first.connect(sock_path)
+            assert _hello(sock_path).startswith(b"ERR BUSY ")  # a warning is logged
+        assert _stop(proc) == 0
+    finally:
+        _stop(proc)
+    lines = log_path.read_text().splitlines()
+    listening = next(line for line in lines if "event=listening" in line)
+    refused = next(line for line in lines if "event=connection_refused" in line)
+    if to_journal:
+        assert listening.startswith("<6>") and " level=info " in listening
+        assert refused.startswith("<4>") and " level=warning " in refused
+        assert all(line[:3] in ("<6>", "<4>") for line in lines), lines
+    else:
+        assert all(line[:1].isdigit() for line in lines), lines  # the timestamp first

@@ -245,28 +245,36 @@ def _tcp(text: str, what: str) -> TcpAddress:
     return parsed
 
 
+def _named(key: str) -> str:
+    """A setting as the config file and the command line both name it."""
+    return f"{key} (--{key.replace('_', '-')})"
+
+
 def server_config(args: argparse.Namespace) -> ServerConfig:
     """The daemon's configuration from flags (already merged with the file);
     UsageError says what is wrong."""
     from phpsess.server import ServerConfig
 
     if args.log_level not in LOG_LEVELS:
-        raise UsageError(f"log level must be one of {', '.join(LOG_LEVELS)}")
+        raise UsageError(f"{_named('log_level')} must be one of {', '.join(LOG_LEVELS)}")
     if args.fsync not in FSYNC_POLICIES:
-        raise UsageError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
+        raise UsageError(f"{_named('fsync')} must be one of {', '.join(FSYNC_POLICIES)}")
     for name in ("max_session_bytes", "max_connections", "fsync_interval_ms",
                  "compact_min_bytes", "heartbeat_ms", "dead_after_ms"):
         if getattr(args, name) < 1:
-            raise UsageError(f"{name} must be at least 1")
+            raise UsageError(f"{_named(name)} must be at least 1")
     for name in ("idle_timeout_s", "lock_wait_s", "shutdown_timeout_s", "drain_timeout_s"):
         if not getattr(args, name) >= 0:
-            raise UsageError(f"{name} must not be negative")
+            raise UsageError(f"{_named(name)} must not be negative")
     if not args.lock_lease_s > 0:
-        raise UsageError("lock_lease_s (--lock-lease-s) must be positive")
+        raise UsageError(f"{_named('lock_lease_s')} must be positive")
     if not 0 <= args.socket_mode <= 0o777:
-        raise UsageError("socket_mode must be a permission mode like 0660")
+        raise UsageError(f"{_named('socket_mode')} must be a permission mode like 0660")
     try:
         listen = tuple(parse_address(a) for a in (args.listen or [DEFAULT_LISTEN]))
+    except AddressError as exc:
+        raise UsageError(f"{_named('listen')}: {exc}") from exc
+    try:
         limits = Limits(
             max_session_bytes=args.max_session_bytes,
             lock_wait_s=args.lock_wait_s,
@@ -299,7 +307,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         persist = None  # the database keeps the sessions
     metrics_listen = None
     if args.metrics_listen:
-        metrics_listen = _tcp(args.metrics_listen, "metrics listen address")
+        metrics_listen = _tcp(args.metrics_listen, _named("metrics_listen"))
     return ServerConfig(
         listen=listen,
         limits=limits,

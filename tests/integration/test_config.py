@@ -78,7 +78,19 @@ def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None
     bad = workdir / "bad.toml"
     bad.write_text('[storage]\nfsync = "sometimes"\n')
     assert main(["check-config", str(bad)]) == 2
-    assert "fsync must be one of always, interval, never" in capsys.readouterr().err
+    assert "fsync (--fsync) must be one of always, interval, never" in capsys.readouterr().err
+    # A value of the right type but out of range is named as the file and
+    # the flag both name it, whichever the operator used.
+    for text, message in (
+        ('[daemon]\nlog_level = "loud"\n', "log_level (--log-level) must be one of"),
+        ('[daemon]\nlisten = ["bogus:x"]\n', "listen (--listen): 'bogus:x' is not an address"),
+        ('[daemon]\nmetrics_listen = "nohost"\n', "metrics_listen (--metrics-listen): "),
+        ("[limits]\nlock_lease_s = 0\n", "lock_lease_s (--lock-lease-s) must be positive"),
+        ("[limits]\nmax_connections = 0\n", "max_connections (--max-connections) must be"),
+    ):
+        bad.write_text(text)
+        assert main(["check-config", str(bad)]) == 2, text
+        assert message in capsys.readouterr().err, text
 
 
 def test_serve_with_a_bad_file_exits_2_naming_the_line(workdir: Path) -> None:

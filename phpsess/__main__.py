@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="connections beyond this are refused with BUSY (default: 4096)",
     )
     serve.add_argument(
+        "--max-incoming-bytes", type=_positive_int, default=256 * 1024 * 1024, metavar="N",
+        help="bytes of requests still arriving, all clients together; a client whose "
+        "request would go past it gets BUSY (default: 256 MiB)",
+    )
+    serve.add_argument(
         "--idle-timeout-s", type=_seconds, default=300.0, metavar="S",
         help="close a connection that holds no lock and is silent this long (default: 300)",
     )
@@ -259,7 +264,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         raise UsageError(f"{_named('log_level')} must be one of {', '.join(LOG_LEVELS)}")
     if args.fsync not in FSYNC_POLICIES:
         raise UsageError(f"{_named('fsync')} must be one of {', '.join(FSYNC_POLICIES)}")
-    for name in ("max_session_bytes", "max_connections", "fsync_interval_ms",
+    for name in ("max_session_bytes", "max_connections", "max_incoming_bytes", "fsync_interval_ms",
                  "compact_min_bytes", "heartbeat_ms", "dead_after_ms"):
         if getattr(args, name) < 1:
             raise UsageError(f"{_named(name)} must be at least 1")
@@ -313,6 +318,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         limits=limits,
         socket_mode=args.socket_mode,
         max_connections=args.max_connections,
+        max_incoming_bytes=args.max_incoming_bytes,
         idle_timeout_s=args.idle_timeout_s,
         shutdown_timeout_s=args.shutdown_timeout_s,
         persist=persist,

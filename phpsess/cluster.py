@@ -463,7 +463,6 @@ class Cluster:
         self.takeovers_total = 0
         self.replication_failures_total = 0
         server.engine.sid_suffix = self._sid_suffix
-        server.engine.extra_stats = self.statistics
         if server.persister is not None:
             server.persister.meta_source = self.meta_snapshot
         if server.engine.changes is None:

@@ -71,6 +71,8 @@ class _DaemonCollector(Collector):
             ("phpsess_connections", "Open client and peer connections.", "connections"),
             ("phpsess_locks_held", "Session locks held now.", "locks_held"),
             ("phpsess_locks_waiting", "Requests waiting for a lock now.", "locks_waiting"),
+            ("phpsess_incoming_bytes", "Bytes of client requests still arriving "
+             "(--max-incoming-bytes bounds them).", "incoming_bytes"),
         ):
             if stats.get(key) is not None:  # the database's, when it did not answer
                 yield GaugeMetricFamily(name, doc, value=_number(stats[key]))
@@ -80,6 +82,8 @@ class _DaemonCollector(Collector):
             ("phpsess_lock_revocations", "Locks revoked at the end of their lease.",
              "lock_revoked_total"),
             ("phpsess_expired_sessions", "Sessions expired on their TTL.", "expired_total"),
+            ("phpsess_incoming_refusals", "Clients answered BUSY for --max-incoming-bytes.",
+             "incoming_refusals_total"),
         ):
             yield CounterMetricFamily(name, doc, value=_number(stats[key]))
         persister = server.persister

@@ -50,6 +50,9 @@ log = logging.getLogger("phpsess")
 
 # While a request waits for a lock, buffer at most this much of what follows.
 _MAX_BUFFER_WHILE_WAITING: Final = 64 * 1024
+# A request buffered up to this size is never refused for max_incoming_bytes:
+# the usual PHP write goes through whatever the others hold.
+_INCOMING_UNCHECKED_BYTES: Final = 64 * 1024
 
 
 @attrs.frozen
@@ -58,6 +61,8 @@ class ServerConfig:
     limits: Limits = attrs.field(factory=Limits)
     socket_mode: int = 0o660
     max_connections: int = 4096
+    # Bytes of client requests still arriving, all connections together.
+    max_incoming_bytes: int = 256 * 1024 * 1024
     idle_timeout_s: float = 300.0
     shutdown_timeout_s: float = 10.0
     persist: PersistConfig | None = None
@@ -72,8 +77,8 @@ class StartupError(Exception):
 
 class _Conn:
     __slots__ = (
-        "admin", "busy", "event", "forwards", "hello", "idle_since", "node", "owner", "parser",
-        "partial_since", "peer", "reply", "scope", "sending_since", "stream",
+        "admin", "busy", "event", "forwards", "hello", "idle_since", "incoming", "node", "owner",
+        "parser", "partial_since", "peer", "reply", "scope", "sending_since", "stream",
     )
 
     def __init__(self, owner: int, stream: trio.abc.Stream, peer: str) -> None:
@@ -98,6 +103,8 @@ class _Conn:
         # Since when the request now half received has been arriving: a
         # client sending a byte now and then is cut off like a silent one.
         self.partial_since: float | None = None
+        # Bytes of a request half received, counted in Server.incoming_bytes.
+        self.incoming = 0
         # Whether the client may use DRAIN and LIST; None until it asks.
         self.admin: bool | None = None
 
@@ -134,6 +141,8 @@ class Server:
         self._unix_paths: list[str] = []
         self._inherited = False  # listening on sockets systemd passed us
         self.admin_denied_total = 0
+        self.incoming_bytes = 0  # of client requests half received (count_incoming)
+        self.incoming_refusals_total = 0
         self.fd_refusals_total = 0
         # Closed to make room for answering BUSY when out of descriptors.
         self._spare_fd = -1
@@ -145,6 +154,7 @@ class Server:
         self.cluster: Cluster | None = None
         if config.cluster is not None:
             self.cluster = Cluster(config.cluster, self)
+        self.engine.extra_stats = self._extra_stats
         self.metrics: Metrics | None = None
         if config.metrics_listen is not None:
             self.metrics = Metrics(self)
@@ -267,7 +277,10 @@ class Server:
         self._unix_paths = []
 
     # Settings a SIGHUP may change while serving; everything else needs a restart.
-    _RELOADABLE: Final = ("limits", "max_connections", "idle_timeout_s", "shutdown_timeout_s")
+    _RELOADABLE: Final = (
+        "limits", "max_connections", "max_incoming_bytes", "idle_timeout_s",
+        "shutdown_timeout_s",
+    )
 
     def reload(self, fresh: ServerConfig, log_level: str) -> None:
         """Apply a re-read configuration: log level, limits, lock defaults,
@@ -532,6 +545,7 @@ class Server:
         finally:
             await self._close_forwards(conn)  # the masters release its locks
             del self._conns[owner]
+            self.incoming_bytes -= conn.incoming
             self.engine.disconnect(owner, trio.current_time())
             self._after_engine()
             if not self._conns:
@@ -708,12 +722,54 @@ class Server:
             # long as its lease) unless it stalls mid-request.  Whether it
             # holds one is decided at sweep time: a lease may run out while
             # it waits here.
+            incoming = _buffered(parser)
+            if (
+                incoming != conn.incoming and conn.node is None
+                and not await self.count_incoming(conn, fd, incoming)
+            ):
+                return
             conn.idle_since = conn.waiting_since(trio.current_time())
             data = await netio.receive(fd)
             conn.idle_since = None
             if not data:
                 return
             parser.receive_data(data)
+
+    def _extra_stats(self) -> dict[str, object]:
+        """STATS fields of the I/O shell (and of the cluster)."""
+        stats: dict[str, object] = {
+            "incoming_bytes": self.incoming_bytes,
+            "incoming_refusals_total": self.incoming_refusals_total,
+        }
+        if self.cluster is not None:
+            stats |= self.cluster.statistics()
+        return stats
+
+    async def count_incoming(self, conn: _Conn, fd: int, incoming: int) -> bool:
+        """Keep the bytes of client requests still arriving, all connections
+        together, under ``max_incoming_bytes`` (PROTOCOL.md §10): clients
+        that start big WRITEs and stall must not exhaust memory.  A client
+        whose request goes past it is answered BUSY (fatal): its lock, if
+        any, is released, and the others go on.  Whether to go on."""
+        self.incoming_bytes += incoming - conn.incoming
+        conn.incoming = incoming
+        limit = self.config.max_incoming_bytes
+        if incoming <= _INCOMING_UNCHECKED_BYTES or self.incoming_bytes <= limit:
+            return True
+        self.incoming_refusals_total += 1
+        if _rare(self.incoming_refusals_total):
+            log.warning(
+                "event=connection_refused reason=max_incoming_bytes owner=%d peer=%s "
+                "incoming_bytes=%d count=%d", conn.owner, conn.peer, self.incoming_bytes,
+                self.incoming_refusals_total,
+            )
+        reply = p.Error(
+            p.Code.BUSY,
+            f"the daemon is receiving max_incoming_bytes={limit} of requests; retry",
+        )
+        with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError):
+            await netio.send(fd, p.encode_reply(reply), conn)
+        return False
 
     async def _send_early(
         self, conn: _Conn, fd: int, out: list[bytes], durable_seq: int

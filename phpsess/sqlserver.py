@@ -579,6 +579,11 @@ class SqlBackend:
             conn.busy = bool(client.held)
             if self.server.engine.shutting_down and not client.held and not parser.mid_request:
                 return
+            incoming = len(parser._buf)  # max_incoming_bytes, as in Server
+            if incoming != conn.incoming and not await self.server.count_incoming(
+                conn, fd, incoming
+            ):
+                return
             if client.held and not parser.mid_request:
                 # It may think as long as its lease; then the lock is revoked.
                 with trio.move_on_at(min(client.held.values())):
@@ -769,6 +774,8 @@ class SqlBackend:
             "sessions": sessions,
             "bytes": size,
             "connections": len(self._clients),
+            "incoming_bytes": self.server.incoming_bytes,
+            "incoming_refusals_total": self.server.incoming_refusals_total,
             "locks_held": sum(len(c.held) for c in self._clients.values()),
             "locks_waiting": self.locks_waiting,
             "lock_waits_total": self.lock_waits_total,

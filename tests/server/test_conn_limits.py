@@ -328,6 +328,40 @@ def test_a_lock_waiter_that_hangs_up_with_a_full_buffer_leaves_the_queue(
     assert "Traceback" not in daemon.log()
 
 
+def test_requests_still_arriving_are_bounded_daemon_wide(
+    start_daemon: Any, storage_args: list[str]
+) -> None:
+    # Clients that start big WRITEs and stall each hold up to
+    # max_session_bytes until the idle timeout: many of them exhausted
+    # memory.  Past --max-incoming-bytes the client adding to them gets BUSY.
+    daemon = start_daemon("--max-incoming-bytes", "1000000", *storage_args)
+    with _connect(daemon) as stalled:
+        stalled.sendall(b"HELLO 1\nWRITE big1 60 900000\n" + b"a" * 600_000)
+        _receive_exactly(stalled, b"OK 1\n")
+        _wait_until("counted", lambda: _stats(daemon)["incoming_bytes"] >= 600_000)
+        with _connect(daemon) as second:
+            second.sendall(b"HELLO 1\nWRITE big2 60 900000\n")
+            _receive_exactly(second, b"OK 1\n")
+            with contextlib.suppress(OSError):  # refused midway: a reset
+                second.sendall(b"b" * 600_000)
+            reply = second.recv(4096)
+            assert reply.startswith(b"ERR BUSY ") and b"max_incoming_bytes" in reply, reply
+            assert _closed_within(second, 10)
+        # A usual write (under 64 KiB) goes through whatever the others hold.
+        with Client(daemon.address) as c:
+            assert c.request(p.Write("small", 60, b"s" * 10_000)) == p.OK
+        stats = _stats(daemon)
+        assert stats["incoming_refusals_total"] == 1
+        assert 600_000 <= stats["incoming_bytes"] < 1_000_000  # the refused one's are freed
+        stalled.sendall(b"a" * 300_000)  # the stalled one completes
+        _receive_exactly(stalled, b"OK\n")
+    _wait_until("released", lambda: _stats(daemon)["incoming_bytes"] == 0)
+    with Client(daemon.address) as c:  # and room is back for big writes
+        assert c.request(p.Write("big3", 60, b"c" * 900_000)) == p.OK
+        assert c.request(p.Read("big1", lock=False)) == p.Data(b"a" * 900_000)
+    assert "reason=max_incoming_bytes" in daemon.log()
+
+
 def test_out_of_file_descriptors_new_clients_get_busy_not_a_hang(start_daemon: Any) -> None:
     # Past the descriptor limit accept(2) fails with EMFILE and the client
     # would wait in the backlog until PHP's own timeout.  The daemon keeps

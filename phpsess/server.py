@@ -970,11 +970,23 @@ async def run_until_signal(
         async with trio.open_nursery() as nursery:
 
             async def wait_signal() -> None:
+                stopping = False
                 async for signum in signals:
-                    log.info("event=signal signal=%s", signal.Signals(signum).name)
+                    name = signal.Signals(signum).name
+                    if signum != signal.SIGHUP and stopping:
+                        # Not left queued: the receiver's exit would deliver
+                        # it and kill the daemon as it finishes its stop.
+                        log.info(
+                            "event=signal_ignored signal=%s detail=already stopping, within "
+                            "shutdown_timeout_s (a cluster: drain_timeout_s); SIGKILL ends "
+                            "it at once", name,
+                        )
+                        continue
+                    log.info("event=signal signal=%s", name)
                     if signum != signal.SIGHUP:
+                        stopping = True
                         server.shutdown()
-                        return
+                        continue
                     if reload is None:
                         log.warning("event=reload_skipped detail=no --config file to reload")
                         continue

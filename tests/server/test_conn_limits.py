@@ -276,6 +276,25 @@ def test_sigterm_lets_a_half_received_write_finish(start_daemon: Any) -> None:
         assert c.request(p.Read("s2", lock=False)) == p.Data(b"helloagain")
 
 
+def test_a_second_sigterm_while_stopping_is_ignored_not_fatal(start_daemon: Any) -> None:
+    # Queued by the signal receiver, it was delivered as the receiver closed:
+    # the daemon died of it (status -15) at the end of its stop, unlogged.
+    daemon = start_daemon("--shutdown-timeout-s", "2")
+    with _connect(daemon) as a:
+        a.sendall(b"HELLO 1\nREAD s1 LOCK\n")  # a lock: the stop waits for it
+        _receive_exactly(a, b"OK 1\nMISS\n")
+        daemon.signal(signal.SIGTERM)
+        _wait_until("the daemon is stopping", lambda: "event=stopping" in daemon.log())
+        daemon.signal(signal.SIGTERM)
+        daemon.signal(signal.SIGINT)
+        _wait_until("ignored", lambda: daemon.log().count("event=signal_ignored") == 2)
+        a.sendall(b"WRITE s1 600 2\nok")  # the request in progress finishes
+        _receive_exactly(a, b"OK\n")
+        assert _closed_within(a, 5)
+    assert daemon.wait() == 0
+    assert "event=stopped" in daemon.log()
+
+
 # -- lock waiters
 
 

@@ -217,10 +217,28 @@ def _mapped(path: str) -> Iterator[bytes | mmap.mmap]:
         if info.st_size == 0:
             yield b""
             return
+        _read_through(fd, info.st_size, path)
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
             yield mapped
     finally:
         os.close(fd)
+
+
+def _read_through(fd: int, size: int, path: str) -> None:
+    """Read the file once with read(2) before it is mapped: a disk that
+    cannot read it then gives an OSError (EIO) naming the file, where a
+    mapped page that cannot be read kills the process with SIGBUS, with no
+    word of why.  The pages stay in the page cache for the mapping."""
+    chunk = bytearray(1 << 20)
+    done = 0
+    try:
+        while done < size:
+            got = os.readv(fd, [chunk])
+            if got == 0:
+                break
+            done += got
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from exc
 
 
 def _unusable(data_dir: str, exc: OSError) -> DataDirError:

@@ -230,6 +230,32 @@ def test_a_fifo_named_like_a_snapshot_is_a_clear_error(tmp_path: Path) -> None:
     assert str(tmp_path / snapshot_name(1)) in str(info.value)
 
 
+def test_a_disk_read_error_is_named_not_a_sigbus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Files are memory-mapped; a page the disk cannot read would kill the
+    # daemon with SIGBUS.  Each file is read once first, where the failing
+    # disk's EIO (stood in for: no failing disk in CI) is an error to report.
+    _journal(tmp_path, 1, [(j.Op.PUT, "s", NOW + 60, 60, b"x" * 5000)])
+    real = os.readv
+    calls: list[int] = []
+
+    def eio_at_the_second_chunk(fd: int, buffers: list[bytearray]) -> int:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real(fd, [memoryview(buffers[0])[:1000]])  # a short read first
+
+    monkeypatch.setattr(os, "readv", eio_at_the_second_chunk)
+    with pytest.raises(DataDirError) as info:
+        restore(str(tmp_path), NOW)
+    message = str(info.value)
+    assert str(tmp_path / journal_name(1)) in message and "Input/output error" in message
+    monkeypatch.setattr(os, "readv", real)
+    restored, _ = restore(str(tmp_path), NOW)  # a readable disk: restored as ever
+    assert restored.sessions["s"][0] == b"x" * 5000
+
+
 def test_a_file_that_cannot_be_opened_is_named_with_the_reason(tmp_path: Path) -> None:
     # A dangling symbolic link: open() fails as it would on EACCES or EIO.
     (tmp_path / journal_name(1)).symlink_to(tmp_path / "elsewhere" / journal_name(1))

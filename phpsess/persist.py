@@ -434,6 +434,11 @@ def repair(data_dir: str) -> list[str]:
             done.append(
                 f"{name}: kept {len(kept)} intact records, dropped damaged records at "
                 f"offsets {bad or ['(missing trailer)']}; original in {keep}"
+                + (
+                    "; a dropped journal record may have been a destroy or a "
+                    "newer write: those sessions may come back as they were before it"
+                    if kind == "journal" and bad else ""
+                )
             )
     if done:
         _fsync_dir(data_dir)

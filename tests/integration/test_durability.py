@@ -203,6 +203,7 @@ def test_corruption_inside_the_journal_stops_the_start_and_repair_keeps_the_rest
     assert "phpsess repair" in message
     report = _repair(daemon)
     assert "kept 9 intact records" in report
+    assert "may come back as they were before it" in report  # what repair cannot know
     daemon.start()
     with Client(daemon.address) as c:
         for i in range(10):

@@ -271,6 +271,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     for name in ("idle_timeout_s", "lock_wait_s", "shutdown_timeout_s", "drain_timeout_s"):
         if not getattr(args, name) >= 0:
             raise UsageError(f"{_named(name)} must not be negative")
+    if args.max_incoming_bytes < args.max_session_bytes:
+        raise UsageError(
+            f"{_named('max_incoming_bytes')} must be at least {_named('max_session_bytes')}, "
+            f"{args.max_session_bytes}: a request of the largest session must fit in it"
+        )
     if not args.lock_lease_s > 0:
         raise UsageError(f"{_named('lock_lease_s')} must be positive")
     if not 0 <= args.socket_mode <= 0o777:

@@ -42,6 +42,7 @@ policy says a reply must (``always``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import math
@@ -49,6 +50,7 @@ import mmap
 import os
 import queue
 import re
+import shutil
 import stat
 import threading
 import time
@@ -428,7 +430,7 @@ def repair(data_dir: str) -> list[str]:
                 out.flush()
                 os.fsync(out.fileno())
             os.makedirs(keep, exist_ok=True)
-            os.link(path, os.path.join(keep, name))
+            _keep_original(path, os.path.join(keep, name))
             _fsync_dir(keep)
             os.replace(tmp, path)
             done.append(
@@ -443,6 +445,24 @@ def repair(data_dir: str) -> list[str]:
     if done:
         _fsync_dir(data_dir)
     return done
+
+
+def _keep_original(path: str, target: str) -> None:
+    """Keep ``path`` as ``target`` too: a hard link, or a copy where the
+    filesystem has none.  Already kept (a repair that stopped before its
+    rename, run again within the second): nothing to do."""
+    if os.path.exists(target):
+        if os.path.samefile(path, target):
+            return
+        target += f".{time.monotonic_ns()}"
+    try:
+        os.link(path, target)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        shutil.copyfile(path, target)
+        with open(target, "rb") as copy:
+            os.fsync(copy.fileno())
 
 
 class DataDirLock:

@@ -144,6 +144,7 @@ class Server:
         self.incoming_bytes = 0  # of client requests half received (count_incoming)
         self.incoming_refusals_total = 0
         self.fd_refusals_total = 0
+        self.accept_failures_total = 0
         # Closed to make room for answering BUSY when out of descriptors.
         self._spare_fd = -1
         self.addresses: list[str] = []
@@ -216,7 +217,7 @@ class Server:
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         listeners: list[trio.SocketListener] = []
-        self._spare_fd = _spare_descriptor()
+        self._take_spare()
         try:
             async with trio.open_nursery() as conn_nursery:
                 conn_nursery.start_soon(self._timer)
@@ -431,35 +432,48 @@ class Server:
                 stream = await listener.accept()
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE) and self._spare_fd >= 0:
-                    # accept(2) fails so at the limit even with no client
-                    # waiting: the spare descriptor is what it takes.
                     stream = await self._accept_with_spare(listener)
                     if stream is None:
                         continue
                 elif exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("event=accept_failed error=%s", exc.strerror)
-                    if self._spare_fd < 0:
-                        self._spare_fd = _spare_descriptor()
+                    self.accept_failures_total += 1
+                    if _rare(self.accept_failures_total):
+                        log.error(
+                            "event=accept_failed error=%s count=%d", exc.strerror,
+                            self.accept_failures_total,
+                        )
+                    self._take_spare()
                     await trio.sleep(0.1)
                     continue
                 else:
                     raise
             nursery.start_soon(self._connection, stream)
 
+    def _take_spare(self) -> None:
+        """Hold the spare descriptor again, if we hold none and one is free."""
+        if self._spare_fd < 0:
+            self._spare_fd = _spare_descriptor()
+
     async def _accept_with_spare(self, listener: trio.SocketListener) -> trio.SocketStream | None:
         """Out of file descriptors: accept the next client on the spare one
         kept for this, then take a spare again.  If there is one to take, a
-        descriptor was freed meanwhile: serve the client.  If not, answer it
-        BUSY at once instead of leaving it in the backlog until PHP's own
-        timeout."""
+        descriptor was freed meanwhile (or another listener took it back):
+        serve the client.  If not, answer it BUSY at once instead of leaving
+        it in the backlog until PHP's own timeout."""
+        # accept(2) fails so at the limit even with no client waiting: keep
+        # the spare until one is, lest another use of a descriptor (a
+        # metrics scrape, a compaction) take the one it frees meanwhile.
+        await trio.lowlevel.wait_readable(listener.socket)
+        if self._spare_fd < 0:
+            return None  # another listener's accept uses it now
         os.close(self._spare_fd)
         self._spare_fd = -1
         stream: trio.SocketStream | None = None
         with contextlib.suppress(OSError):
-            # No checkpoint before the accept(2): no other task takes the
-            # descriptor just freed.
+            # A client is waiting and there is no checkpoint before the
+            # accept(2): the descriptor just freed is the one it gets.
             stream = await listener.accept()
-        self._spare_fd = _spare_descriptor()
+        self._take_spare()
         if stream is None or self._spare_fd >= 0:
             return stream
         self.fd_refusals_total += 1
@@ -472,7 +486,7 @@ class Server:
         with contextlib.suppress(OSError):
             os.write(netio.fileno(stream), _BUSY_NO_FDS)
         stream.socket.close()
-        self._spare_fd = _spare_descriptor()
+        self._take_spare()
         return None
 
     # -- connections
@@ -746,16 +760,33 @@ class Server:
         return stats
 
     async def count_incoming(self, conn: _Conn, fd: int, incoming: int) -> bool:
+        """Count ``incoming``, the bytes of ``conn``'s requests still
+        arriving; past ``max_incoming_bytes`` answer it BUSY (fatal) and
+        close it.  Whether to go on."""
+        if self.note_incoming(conn, incoming):
+            return True
+        await self.refuse_incoming(conn, fd)
+        return False
+
+    def note_incoming(self, conn: _Conn, incoming: int) -> bool:
         """Keep the bytes of client requests still arriving, all connections
-        together, under ``max_incoming_bytes`` (PROTOCOL.md §10): clients
-        that start big WRITEs and stall must not exhaust memory.  A client
-        whose request goes past it is answered BUSY (fatal): its lock, if
-        any, is released, and the others go on.  Whether to go on."""
+        together, under ``max_incoming_bytes`` (PROTOCOL.md §10), so that
+        clients that start big WRITEs and stall cannot exhaust memory.
+        False when ``conn``'s request, growing past 64 KiB, takes the total
+        over it while others hold some too (a request alone, up to
+        ``max_session_bytes``, always fits: the limit is at least that)."""
+        grew = incoming > conn.incoming
         self.incoming_bytes += incoming - conn.incoming
         conn.incoming = incoming
-        limit = self.config.max_incoming_bytes
-        if incoming <= _INCOMING_UNCHECKED_BYTES or self.incoming_bytes <= limit:
-            return True
+        return not (
+            grew and incoming > _INCOMING_UNCHECKED_BYTES
+            and self.incoming_bytes > self.config.max_incoming_bytes
+            and self.incoming_bytes > incoming
+        )
+
+    async def refuse_incoming(self, conn: _Conn, fd: int) -> None:
+        """BUSY for a request over ``max_incoming_bytes``; the caller ends
+        the connection (its locks are released)."""
         self.incoming_refusals_total += 1
         if _rare(self.incoming_refusals_total):
             log.warning(
@@ -765,11 +796,20 @@ class Server:
             )
         reply = p.Error(
             p.Code.BUSY,
-            f"the daemon is receiving max_incoming_bytes={limit} of requests; retry",
+            f"the daemon is receiving max_incoming_bytes={self.config.max_incoming_bytes} "
+            "of requests; retry",
         )
-        with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError):
-            await netio.send(fd, p.encode_reply(reply), conn)
-        return False
+        with trio.move_on_after(1):
+            # A lingering close: over TCP, closing with the client's bytes
+            # unread would reset the connection and lose the reply; read
+            # them (for a second at most) until the client closes.
+            with contextlib.suppress(trio.BrokenResourceError, OSError):
+                await netio.send(fd, p.encode_reply(reply), conn)
+                stream = conn.stream
+                if isinstance(stream, trio.SocketStream):
+                    stream.socket.shutdown(stdsocket.SHUT_WR)
+                while await netio.receive(fd):
+                    pass
 
     async def _send_early(
         self, conn: _Conn, fd: int, out: list[bytes], durable_seq: int
@@ -797,24 +837,29 @@ class Server:
             nonlocal gone
             # Keep reading so a vanished client is noticed; stop reading
             # (back-pressure) once enough of its next requests are buffered.
+            fd = netio.fileno(conn.stream)
             while not parser.broken:
-                if parser.mid_request and _buffered(parser) > _MAX_BUFFER_WHILE_WAITING:
+                buffered = _buffered(parser)
+                if conn.node is None and not self.note_incoming(conn, buffered):
+                    await self.refuse_incoming(conn, fd)
+                    break
+                if buffered > _MAX_BUFFER_WHILE_WAITING:
                     # Not reading, an EOF would go unseen: ask the socket
                     # whether the client hung up, lest its queued lock be
                     # granted and its buffered writes applied after it gave up.
-                    await netio.wait_hangup(netio.fileno(conn.stream))
-                    gone = True
-                    cancel.cancel()
-                    return
+                    await netio.wait_hangup(fd)
+                    break
                 try:
-                    data = await netio.receive(netio.fileno(conn.stream))
+                    data = await netio.receive(fd, _MAX_BUFFER_WHILE_WAITING + 1 - buffered)
                 except trio.BrokenResourceError:
                     data = b""  # reset by the client: gone, as with EOF
                 if not data:
-                    gone = True
-                    cancel.cancel()
-                    return
+                    break
                 parser.receive_data(data)
+            else:
+                return
+            gone = True
+            cancel.cancel()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch, nursery.cancel_scope)

@@ -452,12 +452,20 @@ class SqlBackend:
             cancel.cancel()
 
         async def watch(cancel: trio.CancelScope) -> None:
+            # As Server._wait_for_lock's: notice a hang-up, read at most
+            # _MAX_BUFFER_WHILE_WAITING ahead, count it in max_incoming_bytes.
             nonlocal gone
+            fd = netio.fileno(conn.stream)
             try:
                 while not parser.broken:
-                    if parser.mid_request and len(parser._buf) > _MAX_BUFFER_WHILE_WAITING:
-                        await trio.sleep_forever()
-                    data = await conn.stream.receive_some(RECEIVE_BYTES)
+                    buffered = len(parser._buf)
+                    if not self.server.note_incoming(conn, buffered):
+                        await self.server.refuse_incoming(conn, fd)
+                        break
+                    if buffered > _MAX_BUFFER_WHILE_WAITING:
+                        await netio.wait_hangup(fd)
+                        break
+                    data = await netio.receive(fd, _MAX_BUFFER_WHILE_WAITING + 1 - buffered)
                     if not data:
                         break
                     parser.receive_data(data)

@@ -87,6 +87,8 @@ def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None
         ('[daemon]\nmetrics_listen = "nohost"\n', "metrics_listen (--metrics-listen): "),
         ("[limits]\nlock_lease_s = 0\n", "lock_lease_s (--lock-lease-s) must be positive"),
         ("[limits]\nmax_connections = 0\n", "max_connections (--max-connections) must be"),
+        ("[limits]\nmax_incoming_bytes = 1000\n",
+         "max_incoming_bytes (--max-incoming-bytes) must be at least max_session_bytes"),
     ):
         bad.write_text(text)
         assert main(["check-config", str(bad)]) == 2, text

@@ -7,6 +7,7 @@ resets the connection is no crash."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -73,6 +74,10 @@ def _stats(daemon: Daemon) -> dict[str, Any]:
     assert isinstance(reply, p.Data), reply
     stats: dict[str, Any] = json.loads(reply.data)
     return stats
+
+
+def _waiting_is(daemon: Daemon, count: int) -> bool:
+    return bool(_stats(daemon)["locks_waiting"] == count)
 
 
 def _wait_until(what: str, check: Callable[[], bool], timeout_s: float = 10) -> None:
@@ -322,13 +327,13 @@ def test_a_lock_waiter_reset_by_its_client_is_no_crash(start_daemon: Any) -> Non
 
 
 def test_a_lock_waiter_that_hangs_up_with_a_full_buffer_leaves_the_queue(
-    start_daemon: Any,
+    start_daemon: Any, storage_args: list[str]
 ) -> None:
     # A waiter whose pipelined requests passed the buffer the daemon keeps
     # for it is no longer read from, so its EOF went unseen: it stayed
     # queued, and when granted its buffered WRITE overwrote what others had
     # written since it gave up.
-    daemon = start_daemon("--memory-only")
+    daemon = start_daemon(*storage_args)
     with _connect(daemon) as a:
         a.sendall(b"HELLO 1\nREAD s1 LOCK\n")
         _receive_exactly(a, b"OK 1\nMISS\n")
@@ -353,7 +358,9 @@ def test_requests_still_arriving_are_bounded_daemon_wide(
     # Clients that start big WRITEs and stall each hold up to
     # max_session_bytes until the idle timeout: many of them exhausted
     # memory.  Past --max-incoming-bytes the client adding to them gets BUSY.
-    daemon = start_daemon("--max-incoming-bytes", "1000000", *storage_args)
+    daemon = start_daemon(
+        "--max-incoming-bytes", "1000000", "--max-session-bytes", "1000000", *storage_args
+    )
     with _connect(daemon) as stalled:
         stalled.sendall(b"HELLO 1\nWRITE big1 60 900000\n" + b"a" * 600_000)
         _receive_exactly(stalled, b"OK 1\n")
@@ -378,7 +385,57 @@ def test_requests_still_arriving_are_bounded_daemon_wide(
     with Client(daemon.address) as c:  # and room is back for big writes
         assert c.request(p.Write("big3", 60, b"c" * 900_000)) == p.OK
         assert c.request(p.Read("big1", lock=False)) == p.Data(b"a" * 900_000)
+    # A request alone is never refused, however it arrives (the limit is at
+    # least max_session_bytes): here one of 1,000,000 bytes, in two parts.
+    with _connect(daemon) as alone:
+        alone.sendall(b"HELLO 1\nWRITE big4 60 1000000\n" + b"d" * 700_000)
+        _receive_exactly(alone, b"OK 1\n")
+        _wait_until("counted", lambda: _stats(daemon)["incoming_bytes"] >= 700_000)
+        alone.sendall(b"d" * 300_000)
+        _receive_exactly(alone, b"OK\n")
     assert "reason=max_incoming_bytes" in daemon.log()
+
+
+def test_lock_waiters_read_ahead_little_and_count_in_the_bound(
+    start_daemon: Any, storage_args: list[str]
+) -> None:
+    # A waiter's next requests are read ahead only up to 64 KiB (then the
+    # daemon stops reading it); those bytes count in --max-incoming-bytes.
+    # They did not, and each waiter could buffer some 320 KiB.
+    daemon = start_daemon(
+        "--max-incoming-bytes", "1000000", "--max-session-bytes", "1000000", *storage_args
+    )
+    ahead = 64 * 1024 + 1
+    with _connect(daemon) as holder:
+        holder.sendall(b"HELLO 1\nREAD s1 LOCK\n")
+        _receive_exactly(holder, b"OK 1\nMISS\n")
+        waiters = []
+        for count in range(1, 21):
+            waiter = _connect(daemon)
+            waiter.sendall(b"HELLO 1\n")
+            _receive_exactly(waiter, b"OK 1\n")
+            waiter.sendall(b"READ s1 LOCK\n")
+            _wait_until("it waits", functools.partial(_waiting_is, daemon, count))
+            waiters.append(waiter)
+        for waiter in waiters:  # read while it waits
+            waiter.sendall(b"WRITE s1 60 900000\n" + b"w" * 200_000)
+        # 15 waiters of 65,537 bytes fit in 1,000,000; the other 5 are refused.
+        _wait_until("read ahead", lambda: _stats(daemon)["incoming_refusals_total"] == 5)
+        _wait_until("counted", lambda: _stats(daemon)["incoming_bytes"] == 15 * ahead)
+        refused = 0
+        for waiter in waiters:
+            waiter.settimeout(0.2)
+            try:
+                reply = waiter.recv(4096)
+            except TimeoutError:
+                continue  # still waiting for the lock
+            assert reply.startswith(b"ERR BUSY "), reply
+            refused += 1
+        assert refused == 5
+        for waiter in waiters:
+            waiter.close()
+    _wait_until("released", lambda: _stats(daemon)["incoming_bytes"] == 0)
+    assert _stats(daemon)["locks_waiting"] == 0
 
 
 def test_out_of_file_descriptors_new_clients_get_busy_not_a_hang(start_daemon: Any) -> None:
@@ -406,6 +463,11 @@ def test_out_of_file_descriptors_new_clients_get_busy_not_a_hang(start_daemon: A
         sock.close()
         refused += 1
     assert len(served) >= room - 2
+    # Idle at the limit, the daemon still holds its spare (stdin is the
+    # other /dev/null): nothing else can take the descriptor meanwhile.
+    time.sleep(0.3)
+    fds = os.listdir(f"/proc/{daemon.pid}/fd")
+    assert sum(os.readlink(f"/proc/{daemon.pid}/fd/{fd}") == "/dev/null" for fd in fds) == 2
     for sock in served:  # the connections it had are served on
         sock.sendall(b"PING\n")
         _receive_exactly(sock, b"OK\n")

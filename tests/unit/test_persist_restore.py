@@ -186,12 +186,20 @@ def test_repair_stopped_before_its_rename_leaves_the_damaged_journal_in_place(
     def crash(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
+    def crash_replace(src: str, dst: str) -> None:
+        raise OSError(5, "Input/output error")
+
     with monkeypatch.context() as m:
         m.setattr(os, "fsync", crash)
         with pytest.raises(OSError):
             repair(str(tmp_path))
     assert journal.read_bytes() == bytes(raw)
-    done = repair(str(tmp_path))  # run again, it completes
+    with monkeypatch.context() as m:  # now the crash: after keeping, before the rename
+        m.setattr(os, "replace", crash_replace)
+        with pytest.raises(OSError):
+            repair(str(tmp_path))
+    assert journal.read_bytes() == bytes(raw)
+    done = repair(str(tmp_path))  # run again (within the second, too), it completes
     assert len(done) == 1 and "kept 2 intact records" in done[0]
     [kept] = tmp_path.glob(f"damaged-*/{journal_name(1)}")
     assert kept.read_bytes() == bytes(raw)

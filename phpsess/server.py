@@ -969,7 +969,6 @@ def _spare_descriptor() -> int:
         return -1
 
 
-
 def _buffered(parser: p.RequestParser) -> int:
     return len(parser._buf)
 

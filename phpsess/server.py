@@ -835,31 +835,9 @@ class Server:
 
         async def watch(cancel: trio.CancelScope) -> None:
             nonlocal gone
-            # Keep reading so a vanished client is noticed; stop reading
-            # (back-pressure) once enough of its next requests are buffered.
-            fd = netio.fileno(conn.stream)
-            while not parser.broken:
-                buffered = _buffered(parser)
-                if conn.node is None and not self.note_incoming(conn, buffered):
-                    await self.refuse_incoming(conn, fd)
-                    break
-                if buffered > _MAX_BUFFER_WHILE_WAITING:
-                    # Not reading, an EOF would go unseen: ask the socket
-                    # whether the client hung up, lest its queued lock be
-                    # granted and its buffered writes applied after it gave up.
-                    await netio.wait_hangup(fd)
-                    break
-                try:
-                    data = await netio.receive(fd, _MAX_BUFFER_WHILE_WAITING + 1 - buffered)
-                except trio.BrokenResourceError:
-                    data = b""  # reset by the client: gone, as with EOF
-                if not data:
-                    break
-                parser.receive_data(data)
-            else:
-                return
-            gone = True
-            cancel.cancel()
+            gone = await self.read_while_waiting(conn, parser)
+            if gone:
+                cancel.cancel()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch, nursery.cancel_scope)
@@ -869,6 +847,33 @@ class Server:
         if gone and conn.reply is None:
             return None
         return conn.reply
+
+    async def read_while_waiting(self, conn: _Conn, parser: p.RequestParser) -> bool:
+        """While ``conn`` waits for a lock (both storage loops): read on so
+        that a vanished client is noticed, but at most
+        ``_MAX_BUFFER_WHILE_WAITING`` ahead (back-pressure), counted in
+        ``max_incoming_bytes``.  True once the client is gone (or refused),
+        False if its requests broke the parser."""
+        fd = netio.fileno(conn.stream)
+        try:
+            while not parser.broken:
+                buffered = _buffered(parser)
+                if conn.node is None and not self.note_incoming(conn, buffered):
+                    await self.refuse_incoming(conn, fd)
+                    return True
+                if buffered > _MAX_BUFFER_WHILE_WAITING:
+                    # Not reading, an EOF would go unseen: ask the socket
+                    # whether the client hung up, lest its queued lock be
+                    # granted and its buffered writes applied after it gave up.
+                    await netio.wait_hangup(fd)
+                    return True
+                data = await netio.receive(fd, _MAX_BUFFER_WHILE_WAITING + 1 - buffered)
+                if not data:
+                    return True
+                parser.receive_data(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return True  # reset by the client: gone, as with EOF
+        return False
 
     async def _durable(self, seq: int) -> None:
         assert self.persister is not None

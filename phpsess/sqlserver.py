@@ -61,7 +61,6 @@ else:
     Connection = pymysql.connections.Connection
 
 RECEIVE_BYTES: Final = 256 * 1024
-_MAX_BUFFER_WHILE_WAITING: Final = 64 * 1024
 # Pooled connections idle longer than this are re-made rather than trusted.
 _POOL_IDLE_MAX_S: Final = 60.0
 # Extra threads beyond the pool: KILLs and closes while every slot is busy.
@@ -452,29 +451,10 @@ class SqlBackend:
             cancel.cancel()
 
         async def watch(cancel: trio.CancelScope) -> None:
-            # As Server._wait_for_lock's: notice a hang-up, read at most
-            # _MAX_BUFFER_WHILE_WAITING ahead, count it in max_incoming_bytes.
             nonlocal gone
-            fd = netio.fileno(conn.stream)
-            try:
-                while not parser.broken:
-                    buffered = len(parser._buf)
-                    if not self.server.note_incoming(conn, buffered):
-                        await self.server.refuse_incoming(conn, fd)
-                        break
-                    if buffered > _MAX_BUFFER_WHILE_WAITING:
-                        await netio.wait_hangup(fd)
-                        break
-                    data = await netio.receive(fd, _MAX_BUFFER_WHILE_WAITING + 1 - buffered)
-                    if not data:
-                        break
-                    parser.receive_data(data)
-                else:
-                    return
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            gone = True
-            cancel.cancel()
+            gone = await self.server.read_while_waiting(conn, parser)
+            if gone:
+                cancel.cancel()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(wait, nursery.cancel_scope)

@@ -12,11 +12,29 @@ from __future__ import annotations
 
 import os
 import select
+import threading
 from typing import Final, Protocol
 
 import trio
 
 RECEIVE_BYTES: Final = 256 * 1024
+# A receive reads into its thread's one buffer and copies out what came.  A
+# plain ``os.read(fd, RECEIVE_BYTES)`` allocates RECEIVE_BYTES each time,
+# which glibc serves with mmap (over its 128 KiB threshold) until something
+# has raised that threshold, then shrinks with mremap and frees with munmap:
+# three system calls and two page faults per request.  One buffer per thread
+# (the daemon's I/O is all in the Trio thread): receive() copies out before
+# it awaits again, so tasks cannot mix their bytes.
+_buffers = threading.local()
+
+
+def _buffer() -> memoryview:
+    try:
+        buffer: memoryview = _buffers.view
+    except AttributeError:
+        buffer = _buffers.view = memoryview(bytearray(RECEIVE_BYTES))
+    return buffer
+
 # Replies of one batch held back for its single write: past this much, what
 # is there goes out before the next request is handled, so that pipelined
 # READs of big sessions cost one reply of memory, and a client that does not
@@ -40,12 +58,14 @@ async def receive(fd: int, size: int = RECEIVE_BYTES) -> bytes:
     """Bytes from the socket, b"" once the peer closed it."""
     while True:
         await trio.lowlevel.wait_readable(fd)
+        buffer = _buffer()
         try:
-            return os.read(fd, size)
+            got = os.readv(fd, (buffer if size >= RECEIVE_BYTES else buffer[:size],))
         except BlockingIOError:
             continue
         except OSError as exc:  # reset by the peer
             raise trio.BrokenResourceError(str(exc)) from exc
+        return bytes(buffer[:got])
 
 
 async def send(fd: int, data: bytes, stalls: Stalls | None = None) -> None:

@@ -60,7 +60,6 @@ if TYPE_CHECKING:  # generic only in the type stubs
 else:
     Connection = pymysql.connections.Connection
 
-RECEIVE_BYTES: Final = 256 * 1024
 # Pooled connections idle longer than this are re-made rather than trusted.
 _POOL_IDLE_MAX_S: Final = 60.0
 # Extra threads beyond the pool: KILLs and closes while every slot is busy.
@@ -575,13 +574,13 @@ class SqlBackend:
             if client.held and not parser.mid_request:
                 # It may think as long as its lease; then the lock is revoked.
                 with trio.move_on_at(min(client.held.values())):
-                    data = await stream.receive_some(RECEIVE_BYTES)
+                    data = await netio.receive(fd)
                     if not data:
                         return
                     parser.receive_data(data)
                 continue
             conn.idle_since = conn.waiting_since(trio.current_time())  # see Server._idle_sweeper
-            data = await stream.receive_some(RECEIVE_BYTES)
+            data = await netio.receive(fd)
             conn.idle_since = None
             if not data:
                 return

@@ -5,7 +5,10 @@
 1. Restore: writes a data directory holding N sessions of 1 KiB (a snapshot
    made with the daemon's own record format), starts ``phpsess serve`` on it
    and measures the time from exec to accepting connections.  Goal: < 10 s
-   for 1,000,000 sessions.
+   for 1,000,000 sessions.  Then the same with a journal as large as the
+   live data behind the snapshot (N more writes of 1 KiB, over the same
+   sessions): the most a journal holds before it is compacted, so about the
+   longest restart after a crash.
 2. Throughput, for each policy and with no persistence at all: the daemon
    pinned to CPU 0 and ``bench/loadgen.c`` (built with gcc) to CPU 1, 32
    connections on 32,000 sessions of 1 KiB: WRITE only, then PHP's request
@@ -65,8 +68,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(60)
 
 
-def bench_restore(workdir: Path, sessions: int) -> tuple[float, float, int]:
-    data = workdir / "data"
+def bench_restore(workdir: Path, sessions: int,
+                  journaled: int = 0) -> tuple[float, float, float, int]:
+    """Seconds from exec to serving, snapshot MiB, journal MiB, RSS KiB, for
+    a snapshot of ``sessions`` and a journal of ``journaled`` writes."""
+    data = workdir / f"data-{journaled}"
     data.mkdir()
     value = os.urandom(1024)
     expires = time.time() + 86400
@@ -76,17 +82,26 @@ def bench_restore(workdir: Path, sessions: int) -> tuple[float, float, int]:
         entries = ((f"{i:026d}", (value, expires, 86400)) for i in range(sessions))
         for chunk in j.snapshot_chunks(entries):
             f.write(chunk)
-    # Every snapshot has its journal (phpsess.persist): an empty one.
-    (data / journal_name(1)).write_bytes(j.JOURNAL_MAGIC)
+    # Every snapshot has its journal (phpsess.persist), empty or not.
+    with open(data / journal_name(1), "wb") as f:
+        f.write(j.JOURNAL_MAGIC)
+        for start_at in range(0, journaled, 10_000):
+            writes = range(start_at, min(journaled, start_at + 10_000))
+            f.write(j.encode_changes(
+                [(time.time(), [(j.Op.PUT, f"{i % sessions:026d}", 86400, value)
+                                for i in writes])]))
     made = time.monotonic() - t
     size = (data / snapshot_name(1)).stat().st_size
+    journal_size = (data / journal_name(1)).stat().st_size
     proc, _, ready = start(workdir, "--data-dir", str(data))
     with open(f"/proc/{proc.pid}/status") as status:
         rss = int(status.read().split("VmRSS:")[1].split()[0])
     stop(proc)
-    print(f"  made a {size / 2**20:.0f} MiB snapshot in {made:.1f} s; "
+    shutil.rmtree(data)
+    print(f"  made a {size / 2**20:.0f} MiB snapshot and a {journal_size / 2**20:.0f} MiB "
+          f"journal in {made:.1f} s; serving after {ready:.2f} s; "
           f"daemon RSS {rss / 1024:.0f} MiB", file=sys.stderr)
-    return ready, size / 2**20, rss
+    return ready, size / 2**20, journal_size / 2**20, rss
 
 
 def bench_throughput(workdir: Path, seconds: float) -> dict[str, dict[str, float]]:
@@ -145,17 +160,24 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="phpsess-bench-", dir="/tmp"))
     try:
         print(f"restore of {args.sessions:,} sessions of 1 KiB ...", file=sys.stderr)
-        ready, mib, rss = bench_restore(workdir, args.sessions)
+        restores = [bench_restore(workdir, args.sessions)]
+        print("... and with a journal of as many writes behind the snapshot ...",
+              file=sys.stderr)
+        restores.append(bench_restore(workdir, args.sessions, args.sessions))
         print("throughput, 32 connections, 1 KiB sessions ...", file=sys.stderr)
         rates = bench_throughput(workdir, args.seconds)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     base = rates["memory only"]
     print()
-    print("| restore | sessions | snapshot | time to serving | daemon RSS |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| 1 KiB sessions | {args.sessions:,} | {mib:,.0f} MiB | {ready:.2f} s "
-          f"| {rss / 1024:,.0f} MiB |")
+    print("| restore | sessions | snapshot | journal | time to serving | daemon RSS |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, (ready, mib, journal_mib, rss) in zip(
+        ("snapshot only", "snapshot and a journal as large (the most before compaction)"),
+        restores, strict=True,
+    ):
+        print(f"| {label} | {args.sessions:,} | {mib:,.0f} MiB | {journal_mib:,.0f} MiB "
+              f"| {ready:.2f} s | {rss / 1024:,.0f} MiB |")
     print()
     print("| persistence | WRITE req/s | ratio | daemon us/WRITE | PHP-like cycles (HELLO+READ, "
           "WRITE) req/s | ratio | daemon us/req |")

@@ -2,9 +2,10 @@
 
 Trio's ``SocketStream.receive_some`` tries ``recv`` first, waits if it would
 block, then checkpoints again after it; ``send_all`` checkpoints too: three
-scheduler passes per request/reply.  Here a receive is one wait (the
-checkpoint) and one ``read``; a send is one ``write`` that waits only when
-the socket buffer is full.  Errors of a vanished peer become
+scheduler passes per request/reply, and a buffer of the requested size
+allocated per receive.  Here a receive is one wait (the checkpoint) and one
+``readv`` into a buffer that is reused; a send is one ``write`` that waits
+only when the socket buffer is full.  Errors of a vanished peer become
 ``trio.BrokenResourceError`` as with streams.
 """
 

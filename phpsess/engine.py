@@ -310,7 +310,14 @@ class Engine:
         return p.OK
 
     def _exists(self, owner: Owner, client: _Client, request: p.Exists, now: float) -> p.Reply:
-        return _OK_1 if self.store.get(request.sid, now) is not None else _OK_0
+        # A session being started exists, though it has no data yet: PHP's
+        # files handler creates the file when it opens it, so with strict
+        # mode a request that comes with a new ID before its first write
+        # waits for the lock instead of being handed another, empty session.
+        sid = request.sid
+        if self.store.get(sid, now) is not None or self.locks.holder(sid) is not None:
+            return _OK_1
+        return _OK_0
 
     def _destroy(self, owner: Owner, client: _Client, request: p.Destroy, now: float) -> p.Reply:
         sid = request.sid

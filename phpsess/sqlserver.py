@@ -614,7 +614,9 @@ class SqlBackend:
             if isinstance(event, p.Touch):
                 return await self._touch(client, event)
             if isinstance(event, p.Exists):
-                found = await self._pooled(_scalar(self.sql.exists, (sq.sid_bytes(event.sid),)))
+                found = await self._pooled(_scalar(
+                    self.sql.exists, (sq.sid_bytes(event.sid), self._name(event.sid))
+                ))
                 return _OK_1 if found is not None else _OK_0
             if isinstance(event, p.Destroy):
                 return await self._destroy(client, event)

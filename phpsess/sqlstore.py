@@ -169,7 +169,12 @@ class Statements:
             f"UPDATE {t} SET expires = UTC_TIMESTAMP(6) + INTERVAL %s SECOND "
             f"WHERE id = %s AND {live}"
         )
-        self.exists = f"SELECT 1 FROM {t} WHERE id = %s AND {live}"
+        # A session being started (its named lock held, no row yet) exists
+        # too: PROTOCOL.md §4.4.
+        self.exists = (
+            f"SELECT 1 FROM DUAL WHERE EXISTS (SELECT 1 FROM {t} WHERE id = %s AND {live}) "
+            "OR IS_USED_LOCK(%s) IS NOT NULL"
+        )
         self.delete = f"DELETE FROM {t} WHERE id = %s"
         self.purge = f"DELETE FROM {t} WHERE expires <= UTC_TIMESTAMP(6) LIMIT {PURGE_BATCH}"
         self.get = (

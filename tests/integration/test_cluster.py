@@ -153,6 +153,22 @@ def test_50_concurrent_increments_across_daemons(cluster: Cluster) -> None:
     assert sorted(_local_sessions(cluster, n) for n in NAMES) == [0, 1, 1]
 
 
+def test_a_session_being_started_exists_from_every_node(cluster: Cluster) -> None:
+    # PROTOCOL.md §4.4: strict mode's validateId() through any daemon finds
+    # a new session whose lock its master holds, before the first write.
+    with Client(cluster.nodes["a"].address) as starter:
+        created = starter.request(p.Create(26, 5))
+        assert isinstance(created, p.Ok), created
+        sid = created.tokens[0]
+        for name in NAMES:
+            with Client(cluster.nodes[name].address) as c:
+                assert c.request(p.Exists(sid)) == p.Ok(("1",)), name
+        assert starter.request(p.Close()) == p.OK
+        for name in NAMES:  # released unwritten: no session
+            with Client(cluster.nodes[name].address) as c:
+                assert c.request(p.Exists(sid)) == p.Ok(("0",)), name
+
+
 def test_kill_9_of_a_master_loses_no_acknowledged_write(cluster: Cluster) -> None:
     sids = [_create(cluster, "a", b"n|i:0;") for _ in range(4)]
     addresses = [cluster.address(n) for n in NAMES]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import re
 import signal
 import socket
@@ -196,6 +197,43 @@ def test_a_new_session_closed_unwritten_keeps_its_id_in_strict_mode(
     with Client(daemon.address) as c:
         got = c.request(p.Get(first["sid"]))
         assert isinstance(got, p.Data) and got.data == b"" and got.tokens[1] == "0"  # not locked
+
+
+@pytest.mark.parametrize("regenerate", [False, True])
+def test_strict_mode_a_new_id_is_valid_before_its_first_write(
+    regenerate: bool, daemon: Any, tmp_path: Path
+) -> None:
+    # A page starts a new session (or regenerates the ID at login) and flushes
+    # the cookie; a parallel request brings the ID before the page's write.
+    # Files: read() created the file, so the ID validates and the second
+    # request waits for the lock. The daemon used to say EXISTS 0 until the
+    # write: PHP handed the second request another, empty session.
+    ini = {"session.use_strict_mode": "1"}
+    old = "firstvisit0123456789abcdefgh"
+    if regenerate:
+        with Client(daemon.address) as c:
+            assert c.request(p.Write(old, 600, b"old|i:1;")) == p.OK
+    with _in_background(tmp_path, daemon.php_address, "first-visit", str(tmp_path),
+                        old if regenerate else "", ini=ini) as first:
+        sid = (tmp_path / "sid").read_text()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            second = pool.submit(_php, daemon.php_address, "strict", sid, ini=ini)
+            _until(lambda: _stats(daemon)["locks_waiting"] == 1 or second.done(),
+                   "the second request to wait for the lock")
+            (tmp_path / "go").touch()
+            got = _lines(second.result(60))
+        assert _lines(first.result(60))["write-close"] == "true"
+    assert got["start"] == got["kept-given-id"] == "true", got
+    expected = {"old": 1, "first": 1} if regenerate else {"first": 1}
+    assert json.loads(got["session"]) == expected
+
+
+def _stats(daemon: Any) -> dict[str, Any]:
+    with Client(daemon.address) as c:
+        stats = c.request(p.Stats())
+    assert isinstance(stats, p.Data)
+    decoded: dict[str, Any] = json.loads(stats.data)
+    return decoded
 
 
 # -- guard: a daemon that cannot be asked never replaces the visitor's ID

@@ -72,8 +72,12 @@ def test_a_lock_holds_across_daemons_and_goes_with_the_holders_connection(
     one, two = (start_daemon(*mariadb.daemon_args(table)) for _ in range(2))
     sid = "crossdaemon0123456789abcdef"
     holder = Client(one.address)
+    with Client(two.address) as other:
+        assert other.request(p.Exists(sid)) == p.Ok(("0",))
     assert holder.request(p.Read(sid)) == p.MISS  # locked, on daemon one
     with Client(two.address) as other:
+        # Being started, it exists (PROTOCOL.md §4.4), as a file PHP opened does.
+        assert other.request(p.Exists(sid)) == p.Ok(("1",))
         assert other.request(p.Write(sid, 60, b"x")).code == p.Code.LOCKED  # type: ignore[union-attr]
         assert other.request(p.Destroy(sid)).code == p.Code.LOCKED  # type: ignore[union-attr]
         other.send_raw(p.encode_request(p.Read(sid)))  # queues on daemon two

@@ -361,7 +361,9 @@ class EngineMachine(RuleBasedStateMachine):
         get = self.call(owner, p.Get(sid))
         if self.clients[owner].hello:
             value = self.live(sid)
-            assert exists == p.Ok(("1" if value is not None else "0",))
+            # A session being started exists before its first write (§4.4).
+            found = value is not None or sid in self.held
+            assert exists == p.Ok(("1" if found else "0",))
             if value is None:
                 assert get == p.MISS
             else:

@@ -455,7 +455,7 @@ def test_create_ids(engine: Engine, bits: int, length: int) -> None:
         assert re.fullmatch(ALPHABET_RE[bits], sid), sid
         assert p.is_valid_sid(sid)
         assert engine.locks.holder(sid) == "a"
-        assert engine.handle("a", p.Exists(sid), 0.0) == OK_0
+        assert engine.handle("a", p.Exists(sid), 0.0) == OK_1  # being started: see below
         seen.add(sid)
         used.update(sid)
     assert len(seen) == 40
@@ -474,6 +474,33 @@ def test_create_defaults_and_nolock(engine: Engine) -> None:
     assert isinstance(reply, p.Ok)
     [other] = reply.tokens
     assert engine.locks.holder(other) is None
+
+
+def test_a_new_session_exists_while_its_lock_is_held(engine: Engine) -> None:
+    # PHP's files handler creates the file when it opens it: with strict mode
+    # a second request bringing the new ID before the first write must find
+    # it valid and wait for the lock, not be handed another, empty session.
+    reply = engine.handle("a", p.Create(), 0.0)
+    assert isinstance(reply, p.Ok)
+    [sid] = reply.tokens
+    assert engine.handle("b", p.Exists(sid), 0.0) == OK_1
+    assert engine.handle("b", p.Read(sid), 0.0) is WAIT
+    assert engine.handle("a", p.Write(sid, 100, b"n|i:1;"), 1.0) == p.OK
+    assert engine.completions == [Completion("b", p.Data(b"n|i:1;"))]
+    # Unwritten and released (PHP's handler stores a new session before it
+    # lets go; a bare client need not): no data, no lock, no session.
+    engine.completions.clear()
+    engine.handle("b", p.Close(), 2.0)
+    reply = engine.handle("a", p.Create(), 2.0)
+    assert isinstance(reply, p.Ok)
+    [unwritten] = reply.tokens
+    assert engine.handle("b", p.Exists(unwritten), 2.0) == OK_1
+    engine.handle("a", p.Close(), 3.0)
+    assert engine.handle("b", p.Exists(unwritten), 3.0) == OK_0
+    # Nor does an ID made with NOLOCK exist before its write.
+    reply = engine.handle("a", p.Create(lock=False), 3.0)
+    assert isinstance(reply, p.Ok)
+    assert engine.handle("b", p.Exists(reply.tokens[0]), 3.0) == OK_0
 
 
 @pytest.mark.parametrize("length", [22, 200, 256])

@@ -5,6 +5,8 @@
 //                                         start, wait, session_regenerate_id(delete), wait
 //   php handler_edges.php new <sid|""> <rac|abort>         start (new ID) and close unwritten
 //   php handler_edges.php strict <sid>                     start with an ID, print what happened
+//   php handler_edges.php first-visit <dir> [<sid>]        start a new session (or regenerate
+//                                         <sid>), put its ID in <dir>/sid, wait, write
 //   php handler_edges.php fresh | create-id <sid> | reset | scope   (see below)
 // <dir>: the script touches <dir>/ready, then waits (at most 30 s) until the
 // test creates <dir>/go, so the test can act on the daemon at that moment
@@ -134,6 +136,22 @@ switch ($argv[1]) {
         out('start', session_start());
         out('status', session_status());
         out('kept-given-id', session_id() === $argv[2]);
+        out('session', $_SESSION);
+        break;
+
+    case 'first-visit': // publishes its new ID before its first write
+        if (($argv[3] ?? '') !== '') {
+            session_id($argv[3]);
+            out('start', session_start());
+            out('regenerate', session_regenerate_id(true));
+        } else {
+            out('start', session_start());
+        }
+        file_put_contents("$argv[2]/sid.tmp", session_id());
+        rename("$argv[2]/sid.tmp", "$argv[2]/sid");
+        wait_for_test($argv[2]);
+        $_SESSION['first'] = 1;
+        out('write-close', session_write_close());
         break;
 }
 ob_end_flush();

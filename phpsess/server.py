@@ -115,7 +115,8 @@ class _Conn:
 
     def waiting_since(self, now: float) -> float:
         """For Server._idle_sweeper, as the connection waits for more bytes:
-        now, or since the half-received request began (§10)."""
+        now, or since the half-received request began arriving (§10; the
+        loops reset it whenever a whole request has come)."""
         if self.parser is not None and self.parser.mid_request:
             if self.partial_since is None:
                 self.partial_since = now
@@ -613,6 +614,7 @@ class Server:
                 if event is p.NEED_DATA:
                     break
                 conn.busy = True
+                conn.partial_since = None  # a whole request came: §10's clock restarts
                 started = now if self.metrics is None else trio.current_time()
                 reply_or_wait: p.Reply | _Wait | None = None
                 try:

@@ -537,6 +537,7 @@ class SqlBackend:
                 if event is p.NEED_DATA:
                     break
                 conn.busy = True
+                conn.partial_since = None  # a whole request came: §10's clock restarts
                 started = 0.0 if metrics is None else trio.current_time()
                 try:
                     reply = await self._handle(conn, client, parser, event)

@@ -251,6 +251,27 @@ def test_a_request_trickling_in_a_byte_at_a_time_is_cut_off(start_daemon: Any) -
     assert "event=idle_timeout" in daemon.log()
 
 
+def test_a_stream_of_pipelined_requests_is_not_cut_off_as_idle(
+    start_daemon: Any, storage_args: list[str]
+) -> None:
+    # §10's clock is for one request arriving too slowly.  It used to run from
+    # the first write that ended mid-request, never reset while each write
+    # completed requests but ended inside the next: a bulk client streaming
+    # pipelined requests was cut after the idle timeout, replies lost.
+    daemon = start_daemon(*storage_args, "--idle-timeout-s", "1")
+    with _connect(daemon) as a:
+        a.sendall(b"HELLO 1\nPI")
+        _receive_exactly(a, b"OK 1\n")
+        started = time.monotonic()
+        while time.monotonic() - started < 3:  # three idle timeouts
+            a.sendall(b"NG\nPI")  # one PING completed, the next begun
+            _receive_exactly(a, b"OK\n", timeout_s=5)
+            time.sleep(0.1)
+        a.sendall(b"NG\n")
+        _receive_exactly(a, b"OK\n")
+    assert "event=idle_timeout" not in daemon.log()
+
+
 # -- graceful shutdown
 
 

@@ -5,7 +5,8 @@ block, then checkpoints again after it; ``send_all`` checkpoints too: three
 scheduler passes per request/reply, and a buffer of the requested size
 allocated per receive.  Here a receive is one wait (the checkpoint) and one
 ``readv`` into a buffer that is reused; a send is one ``write`` that waits
-only when the socket buffer is full.  Errors of a vanished peer become
+only when the socket buffer is full (``writev`` when a reply carries a big
+session: its data goes out from the store's object, not copied).  Errors of a vanished peer become
 ``trio.BrokenResourceError`` as with streams.
 """
 
@@ -17,6 +18,8 @@ import threading
 from typing import Final, Protocol
 
 import trio
+
+from phpsess import protocol as p
 
 RECEIVE_BYTES: Final = 256 * 1024
 # A receive reads into its thread's one buffer and copies out what came.  A
@@ -95,6 +98,72 @@ async def send(fd: int, data: bytes, stalls: Stalls | None = None) -> None:
             raise trio.BrokenResourceError(str(exc)) from exc
         if stalls is not None:
             stalls.sending_since = trio.current_time()  # it reads, however slowly
+    if stalls is not None:
+        stalls.sending_since = None
+
+
+# A part of the replies at least this big (a session's data) is written
+# from where it lies, with writev, not copied into one buffer with the rest:
+# a client that does not read its replies pins no memory of its own (the
+# store's object at most), and a big READ costs no copy.
+BIG_PART_BYTES: Final = 64 * 1024
+# Buffers per writev (Linux's IOV_MAX is 1024).
+_IOV_MAX: Final = 1024
+
+
+def append_reply(out: list[bytes], reply: p.Reply) -> int:
+    """Add ``reply``'s bytes to ``out``, a big DATA reply as its header line
+    and its data itself (for :func:`send_parts`); how many bytes that is."""
+    if type(reply) is p.Data and len(reply.data) >= BIG_PART_BYTES:
+        out.append(p.data_header(reply))
+        out.append(reply.data)
+        return len(reply.data)
+    encoded = p.encode_reply(reply)
+    out.append(encoded)
+    return len(encoded)
+
+
+async def send_parts(fd: int, parts: list[bytes], stalls: Stalls | None = None) -> None:
+    """:func:`send` of the concatenation of ``parts``, copying none of those
+    of ``BIG_PART_BYTES`` or more."""
+    for part in parts:
+        if len(part) >= BIG_PART_BYTES:
+            break
+    else:
+        await send(fd, parts[0] if len(parts) == 1 else b"".join(parts), stalls)
+        return
+    chunks: list[memoryview] = []
+    small: list[bytes] = []
+    for part in parts:
+        if len(part) < BIG_PART_BYTES:
+            small.append(part)
+            continue
+        if small:
+            chunks.append(memoryview(b"".join(small)))
+            small = []
+        chunks.append(memoryview(part))
+    if small:
+        chunks.append(memoryview(b"".join(small)))
+    first = True
+    while True:
+        if not first:
+            await trio.lowlevel.wait_writable(fd)
+        try:
+            sent = os.writev(fd, chunks[:_IOV_MAX])
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:  # the peer went away
+            raise trio.BrokenResourceError(str(exc)) from exc
+        progress = sent > 0
+        while chunks and sent >= len(chunks[0]):
+            sent -= len(chunks.pop(0))
+        if not chunks:
+            break
+        if sent:
+            chunks[0] = chunks[0][sent:]
+        if stalls is not None and (first or progress):
+            stalls.sending_since = trio.current_time()  # it reads, however slowly
+        first = False
     if stalls is not None:
         stalls.sending_since = None
 

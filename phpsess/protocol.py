@@ -318,16 +318,22 @@ def encode_reply(reply: Reply) -> bytes:
             return _OK_LINE
         return ("OK " + " ".join(reply.tokens) + "\n").encode("ascii")
     if type(reply) is Data:
-        head = f"DATA {len(reply.data)}"
-        if reply.tokens:
-            head += " " + " ".join(reply.tokens)
-        return head.encode("ascii") + b"\n" + reply.data
+        return data_header(reply) + reply.data
     if type(reply) is Miss:
         return _MISS_LINE
     assert isinstance(reply, Error)
     # The sentence must stay one printable line whatever went into it.
     sentence = "".join(c if " " <= c <= "~" else "?" for c in reply.message)
     return f"ERR {reply.code.name} {sentence}\n".encode("ascii")
+
+
+def data_header(reply: Data) -> bytes:
+    """The header line of a DATA reply (§8), to send before its data (a
+    big session's data goes out from where it lies, not copied after it)."""
+    head = f"DATA {len(reply.data)}"
+    if reply.tokens:
+        head += " " + " ".join(reply.tokens)
+    return head.encode("ascii") + b"\n"
 
 
 # ---------------------------------------------------------------- request parser

@@ -671,7 +671,7 @@ class Server:
                         if durable_seq:
                             await self._durable(durable_seq)
                             durable_seq = 0
-                        await netio.send(fd, b"".join(out), conn)
+                        await netio.send_parts(fd, out, conn)
                         out = []
                         out_bytes = 0
                     self._after_engine()
@@ -680,9 +680,7 @@ class Server:
                         return  # the client closed while waiting
                     reply = waited
                     now = trio.current_time()
-                encoded = p.encode_reply(reply)
-                out.append(encoded)
-                out_bytes += len(encoded)
+                out_bytes += netio.append_reply(out, reply)
                 if self.metrics is not None:
                     self.metrics.observe(
                         VERB_NAMES.get(type(event), "INVALID"), trio.current_time() - started
@@ -696,7 +694,7 @@ class Server:
                     )
                     if durable_seq:
                         await self._durable(durable_seq)
-                    await netio.send(fd, b"".join(out), conn)
+                    await netio.send_parts(fd, out, conn)
                     return
                 if out_bytes >= netio.MAX_REPLY_BYTES_PER_WRITE:
                     await self._send_early(conn, fd, out, durable_seq)
@@ -722,7 +720,7 @@ class Server:
             elif engine.next_deadline_hint < self._timer_at:
                 self._wake.set()
             if out:
-                await netio.send(fd, b"".join(out), conn)
+                await netio.send_parts(fd, out, conn)
             conn.busy = False
             # Stopping: client connections end once they hold no lock and
             # have no request half received (§10).  Peer connections stay:
@@ -822,7 +820,7 @@ class Server:
         if durable_seq:
             await self._durable(durable_seq)  # at once when it already is
         self._after_engine()
-        await netio.send(fd, b"".join(out), conn)
+        await netio.send_parts(fd, out, conn)
 
     async def _close_forwards(self, conn: _Conn) -> None:
         if conn.forwards is not None:

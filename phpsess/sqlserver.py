@@ -547,22 +547,20 @@ class SqlBackend:
                     metrics.observe(
                         VERB_NAMES.get(type(event), "INVALID"), trio.current_time() - started
                     )
-                encoded = p.encode_reply(reply)
-                out.append(encoded)
-                out_bytes += len(encoded)
+                out_bytes += netio.append_reply(out, reply)
                 if isinstance(reply, p.Error) and (reply.fatal or isinstance(event, p.FatalError)):
                     log.info("event=protocol_error owner=%d peer=%s code=%s",
                              conn.owner, conn.peer, reply.code.name)
-                    await netio.send(fd, b"".join(out), conn)
+                    await netio.send_parts(fd, out, conn)
                     return
                 if out_bytes >= netio.MAX_REPLY_BYTES_PER_WRITE:
                     # As in the engine's loop: a client that does not read
                     # is held back by its socket buffer, not our memory.
-                    await netio.send(fd, b"".join(out), conn)
+                    await netio.send_parts(fd, out, conn)
                     out = []
                     out_bytes = 0
             if out:
-                await netio.send(fd, b"".join(out), conn)
+                await netio.send_parts(fd, out, conn)
             # Busy while holding a lock: a graceful shutdown lets it finish.
             conn.busy = bool(client.held)
             if self.server.engine.shutting_down and not client.held and not parser.mid_request:

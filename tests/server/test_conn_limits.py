@@ -125,6 +125,33 @@ def test_pipelined_reads_of_a_big_session_do_not_pile_up_replies(
             assert other.request(p.Ping()) == p.OK
 
 
+def test_unread_replies_of_a_big_session_pin_no_copies_of_it(start_daemon: Any) -> None:
+    # Clients that ask for a big session and read nothing.  Each reply was
+    # a copy (header + data), joined with the HELLO's into another, held
+    # until the idle timeout: 20 clients and 8 MiB, 320 MB.  The data now
+    # goes out from the store's own object (writev).
+    daemon = start_daemon("--memory-only")
+    body = bytes(range(256)) * (32 * 1024)  # 8 MiB
+    with Client(daemon.address) as c:
+        assert c.request(p.Write("big", 600, body)) == p.OK
+    before_kib = proc_status_kib(daemon.pid, "VmRSS")
+    socks = [_connect(daemon) for _ in range(20)]
+    try:
+        for sock in socks:
+            sock.sendall(b"HELLO 1\nREAD big NOLOCK\n")
+        _wait_until("every client's reply is being sent",
+                    lambda: _stats(daemon)["requests_total"] >= 2 + 40)
+        time.sleep(0.5)
+        grown_mib = (proc_status_kib(daemon.pid, "VmRSS") - before_kib) / 1024
+        assert grown_mib < 40, f"the daemon grew by {grown_mib:.0f} MiB"
+        expected = b"OK 1\nDATA %d\n" % len(body) + body
+        for sock in socks:  # whole and in order, however it went out
+            _receive_exactly(sock, expected)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 async def test_replies_sent_early_still_wait_for_the_disk(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:

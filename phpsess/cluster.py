@@ -753,7 +753,11 @@ class Cluster:
         answered = refused = False
         try:
             with trio.move_on_after(self.config.probe_s + 0.5):
-                answered = await link.call(p.Ping(), timeout_s=self.config.probe_s) == p.OK
+                # Any reply will do: OK, or SHUTTING_DOWN from a peer that
+                # drains.  (A PING, refused NEED_HELLO, was taken for no
+                # answer: no probe ever answered.)
+                await link.call(p.Hello(p.PROTOCOL_VERSION), timeout_s=self.config.probe_s)
+                answered = True
         except LinkError as exc:
             refused = _refused(exc)
         finally:

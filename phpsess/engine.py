@@ -116,6 +116,10 @@ class _Client:
     wait_s: float = 30.0
     lease_s: float = 300.0
     label: str = ""
+    # A cluster peer's connection (its requests for sessions we master, and
+    # its probes): served while we shut down, for the drain hands sessions
+    # over one by one and masters each until then (CLUSTER.md §8).
+    peer: bool = False
     # The request waiting for a lock, if any: a READ or a CREATE.
     pending: p.Read | p.Create | None = None
     pending_sid: str = ""
@@ -152,9 +156,9 @@ class Engine:
 
     # -- connections
 
-    def connect(self, owner: Owner) -> None:
+    def connect(self, owner: Owner, *, peer: bool = False) -> None:
         self._clients[owner] = _Client(
-            wait_s=self.limits.lock_wait_s, lease_s=self.limits.lock_lease_s
+            wait_s=self.limits.lock_wait_s, lease_s=self.limits.lock_lease_s, peer=peer
         )
 
     def disconnect(self, owner: Owner, now: float) -> None:
@@ -245,7 +249,7 @@ class Engine:
         return p.Error(code, message)
 
     def _hello(self, owner: Owner, client: _Client, request: p.Hello, now: float) -> p.Reply:
-        refused = hello_refusal(request, self.shutting_down)
+        refused = hello_refusal(request, self.shutting_down and not client.peer)
         if refused is not None:
             return self._error(*refused)
         # A HELLO starts the connection afresh (§3.2).

@@ -546,7 +546,7 @@ class Server:
         conn = _Conn(owner, stream, peer)
         conn.node = node
         self._conns[owner] = conn
-        self.engine.connect(owner)
+        self.engine.connect(owner, peer=node is not None)
         try:
             with trio.CancelScope() as conn.scope:
                 if self.sql is not None:  # --storage: the SQL backend serves it

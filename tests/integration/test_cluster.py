@@ -481,6 +481,37 @@ class _Nft:
         subprocess.run(["nft", f"delete table inet {self.table}"], capture_output=True)
 
 
+def test_a_peer_whose_heartbeats_are_lost_answers_the_probe_and_stays_alive(
+    workdir: Path,
+) -> None:
+    # CLUSTER.md §3: "slow but alive peer: the TCP probe answers".  With no
+    # witness (two nodes) only the probe can tell.  It sent PING before
+    # HELLO and took the refusal for silence: a peer whose heartbeats were
+    # lost was declared dead, a second master made.
+    hosts = {"a": "127.0.0.2", "b": "127.0.0.3"}
+    cluster = Cluster(workdir, names=("a", "b"), hosts=hosts)
+    nft = _Nft()
+    try:
+        sid = _create(cluster, "a", b"n|i:0;")
+        nft.drop_udp_from(hosts["b"])
+        deadline = time.monotonic() + 4 * DEAD_AFTER_MS / 1000
+        a = cluster.nodes["a"]
+        while "event=peer_probe peer=b answered=True" not in a.log():
+            assert time.monotonic() < deadline, a.log()
+            time.sleep(0.1)
+        time.sleep(DEAD_AFTER_MS / 1000)  # and again, heartbeats still lost
+        for name in ("a", "b"):
+            log = cluster.nodes[name].log()
+            assert "event=peer_dead" not in log, (name, log)
+            assert "event=takeover" not in log, (name, log)
+        with Client(a.address) as c:  # replicated to b: two copies
+            assert c.request(p.Write(sid, 1440, b"n|i:1;")) == p.OK
+        assert sorted(_local_sessions(cluster, n) for n in ("a", "b")) == [1, 1]
+    finally:
+        nft.close()
+        cluster.stop()
+
+
 def test_a_link_cut_between_master_and_backup_alone_makes_no_second_master(
     workdir: Path,
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -48,6 +49,55 @@ def test_drain_right_after_the_backup_crashed_hands_sessions_to_a_live_peer(
     lost = {sid: r for sid in values if (r := _read(cluster, survivor, sid)) != p.Data(values[sid])}
     assert lost == {}, log
     assert "event=drained handed_over=10" in log, log
+
+
+def test_a_draining_node_is_not_declared_dead_while_a_peer_is_paused(
+    cluster: Cluster,
+) -> None:
+    # c hangs (SIGSTOP), a drains while b forwards writes to it.  The drainer
+    # refused the forwarded connections' HELLO (SHUTTING_DOWN), so b suspected
+    # it, and b's probe never got an answer (PING before HELLO): a was
+    # declared dead mid-drain, its sessions failed over instead of being
+    # handed off, and with c paused acknowledged writes were lost.
+    sids = [_create(cluster, "a", b"n|i:0;") for _ in range(3)]
+    acks: dict[str, int] = dict.fromkeys(sids, 0)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def writer(sid: str) -> None:
+        while not stop.is_set():
+            with Client(cluster.nodes["b"].address, timeout_s=30) as c:
+                got = c.request(p.Read(sid))
+                if not isinstance(got, p.Data):
+                    errors.append(f"{sid}: {got}")
+                    time.sleep(0.05)
+                    continue
+                n = int(got.data.decode().removeprefix("n|i:").rstrip(";")) + 1
+                if c.request(p.Write(sid, 1440, f"n|i:{n};".encode())) == p.OK:
+                    acks[sid] = n
+
+    threads = [threading.Thread(target=writer, args=(sid,)) for sid in sids]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1)
+        cluster.nodes["c"].signal(signal.SIGSTOP)
+        time.sleep(0.2)
+        a = cluster.nodes["a"]
+        a.signal(signal.SIGTERM)
+        assert a.wait(40) == 0
+        time.sleep(1)  # writes go on through b, to the new masters
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        cluster.nodes["c"].signal(signal.SIGCONT)
+    assert "event=peer_dead peer=a" not in cluster.nodes["b"].log()
+    assert "event=drained handed_over=" in a.log(), a.log()
+    for sid in sids:
+        assert acks[sid] > 0
+        got = _read(cluster, "b", sid)
+        assert isinstance(got, p.Data) and int(got.data[4:-1]) >= acks[sid], (sid, got, acks)
 
 
 def test_drain_with_every_peer_dead_ends_at_once_and_keeps_the_sessions_on_disk(

@@ -1174,6 +1174,12 @@ class Cluster:
             ttl_ms = max(0, int((entry.expires_at - now) * 1000))
             return p.Data(entry.data, (role, str(epoch), str(version), str(ttl_ms)))
         if isinstance(request, (p.ReplPut, p.ReplDelete)):
+            if request.master != peer:
+                # Copies come from their master only: a peer may not write
+                # over another node's sessions, nor over ours.
+                return p.Error(
+                    p.Code.BAD_REQUEST, f"a copy of {request.master}'s session sent by {peer}"
+                )
             deleted = isinstance(request, p.ReplDelete)
             before = self._signature(request.sid)
             applied = self.replicas.apply(
@@ -1330,9 +1336,15 @@ def _where_tokens(tokens: tuple[str, ...]) -> tuple[str, int, int, int] | None:
     peer sent something else."""
     if len(tokens) != 4 or tokens[0] not in (MASTER, BACKUP):
         return None
-    if not all(t.isdigit() and len(t) < 20 for t in tokens[1:]):
+    if not all(t.isascii() and t.isdigit() and len(t) < 20 for t in tokens[1:]):
         return None
-    return tokens[0], int(tokens[1]), int(tokens[2]), int(tokens[3])
+    epoch, version, ttl_ms = int(tokens[1]), int(tokens[2]), int(tokens[3])
+    # In the ranges REPL takes: a peer that lies must not get an epoch that
+    # no REPL can carry (the session wedged) or a lifetime the journal
+    # cannot hold (the daemon stopped).
+    if epoch > p.MAX_COUNTER or version > p.MAX_COUNTER or ttl_ms > p.MAX_TTL_S * 1000:
+        return None
+    return tokens[0], epoch, version, ttl_ms
 
 
 def _peer(stream: trio.SocketStream) -> str:

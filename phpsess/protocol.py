@@ -440,7 +440,7 @@ def _parse_hello(args: list[bytes]) -> Hello:
     )
 
 
-_MAX_COUNTER: Final = 2**63 - 1
+MAX_COUNTER: Final = 2**63 - 1  # epochs and versions (CLUSTER.md)
 
 
 def _node(token: bytes) -> str:
@@ -458,8 +458,8 @@ def _parse_peer(verb: bytes, args: list[bytes]) -> Request:
         return ReplDelete(
             _sid_arg(args[0]),
             _node(args[1]),
-            _number(args[2], "epoch", 0, _MAX_COUNTER),
-            _number(args[3], "version", 0, _MAX_COUNTER),
+            _number(args[2], "epoch", 0, MAX_COUNTER),
+            _number(args[3], "version", 0, MAX_COUNTER),
         )
     raise _BadRequest(Code.UNKNOWN_VERB, f"unknown verb {_show(verb)}; see PROTOCOL.md section 4")
 
@@ -538,16 +538,16 @@ def _write_args(args: list[bytes]) -> _Builder:
 def _repl_args(args: list[bytes]) -> _Builder:
     sid = _sid_arg(args[0])
     master = _node(args[1])
-    epoch = _number(args[2], "epoch", 0, _MAX_COUNTER)
-    version = _number(args[3], "version", 0, _MAX_COUNTER)
+    epoch = _number(args[2], "epoch", 0, MAX_COUNTER)
+    version = _number(args[3], "version", 0, MAX_COUNTER)
     ttl_s = _number(args[4], "ttl_s", 1, MAX_TTL_S)
     return lambda data: ReplPut(sid, master, epoch, version, ttl_s, data)
 
 
 def _handoff_args(args: list[bytes]) -> _Builder:
     sid = _sid_arg(args[0])
-    epoch = _number(args[1], "epoch", 0, _MAX_COUNTER)
-    version = _number(args[2], "version", 0, _MAX_COUNTER)
+    epoch = _number(args[1], "epoch", 0, MAX_COUNTER)
+    version = _number(args[2], "version", 0, MAX_COUNTER)
     ttl_s = _number(args[3], "ttl_s", 1, MAX_TTL_S)
     return lambda data: Handoff(sid, epoch, version, ttl_s, data)
 

@@ -165,6 +165,16 @@ def test_a_node_restarted_while_its_peer_stays_down_serves_its_sessions_degraded
         cluster.stop()
 
 
+def _in_process_cluster(tmp_path: Path) -> cl.Cluster:
+    server = Server(ServerConfig(listen=(UnixAddress(str(tmp_path / "s.sock")),)))
+    config = cl.ClusterConfig(
+        "a", TcpAddress("127.0.0.1", 1),
+        (("b", TcpAddress("127.0.0.1", 2)), ("c", TcpAddress("127.0.0.1", 3))),
+        secret=b"s" * 32, heartbeat_s=0.25, dead_after_s=1.5,
+    )
+    return cl.Cluster(config, server)
+
+
 async def test_a_request_served_first_after_a_stall_is_verified_not_served_stale(
     autojump_clock: trio.testing.MockClock, tmp_path: Path,
 ) -> None:
@@ -173,13 +183,8 @@ async def test_a_request_served_first_after_a_stall_is_verified_not_served_stale
     # newer epoch.  After the resume the heartbeat task has not run yet: a
     # client's request comes first (resolve).  It must not be served from
     # a's stale copy (CLUSTER.md §3, §7).
-    server = Server(ServerConfig(listen=(UnixAddress(str(tmp_path / "s.sock")),)))
-    config = cl.ClusterConfig(
-        "a", TcpAddress("127.0.0.1", 1),
-        (("b", TcpAddress("127.0.0.1", 2)), ("c", TcpAddress("127.0.0.1", 3))),
-        secret=b"s" * 32, heartbeat_s=0.25, dead_after_s=1.5,
-    )
-    cluster = cl.Cluster(config, server)
+    cluster = _in_process_cluster(tmp_path)
+    server, config = cluster.server, cluster.config
     now = trio.current_time()
     for peer in ("b", "c"):
         cluster.membership.receive(Heartbeat(peer, 1, 0, 0, False, ()), now)
@@ -310,3 +315,50 @@ def test_a_restarted_node_does_not_write_alone_past_a_paused_peer_it_never_heard
     finally:
         cluster.nodes["b"].signal(signal.SIGCONT)
         cluster.stop()
+
+
+async def test_a_peer_cannot_send_copies_of_sessions_it_does_not_master(tmp_path: Path) -> None:
+    # Authenticated as c, a REPL naming a as master overwrote a's own master
+    # copy (and made a its own backup); naming b, b's session.
+    cluster = _in_process_cluster(tmp_path)
+    store = cluster.server.engine.store
+    now = trio.current_time()
+    sid = "abcdefghijklmnopqrstu-a-b"
+    store.put(sid, b"v=1;", 1440, now)
+    cluster.replicas.meta[sid] = Meta(MASTER, "a", "b", 1, 1)
+    for master in ("a", "b"):
+        for request in (
+            p.ReplPut(sid, master, 1, 99, 60, b"xyz"), p.ReplDelete(sid, master, 1, 99)
+        ):
+            reply = cluster.handle_peer("c", request, now)
+            assert isinstance(reply, p.Error) and reply.code is p.Code.BAD_REQUEST, reply
+    entry = store.get(sid, now)
+    assert entry is not None and entry.data == b"v=1;"
+    assert cluster.replicas.meta[sid] == Meta(MASTER, "a", "b", 1, 1)
+    # Its own sessions' copies it may send.
+    theirs = "abcdefghijklmnopqrstu-c-a"
+    assert cluster.handle_peer("c", p.ReplPut(theirs, "c", 1, 1, 60, b"c=1;"), now) == p.OK
+    entry = store.get(theirs, now)
+    assert entry is not None and entry.data == b"c=1;"
+
+
+def test_where_replies_out_of_range_are_ignored() -> None:
+    # A lying peer's WHERE: a lifetime the journal cannot hold stopped the
+    # daemon (struct.error), an epoch past what REPL carries wedged the
+    # session (every write UNAVAILABLE).
+    top = str(p.MAX_COUNTER)
+    year_ms = str(p.MAX_TTL_S * 1000)
+    assert cl._where_tokens(("master", top, top, year_ms)) == (
+        "master", p.MAX_COUNTER, p.MAX_COUNTER, p.MAX_TTL_S * 1000
+    )
+    for tokens in (
+        ("master", "1", "1", str(p.MAX_TTL_S * 1000 + 1)),
+        ("backup", "1", "1", "1000000000000000000"),
+        ("master", str(p.MAX_COUNTER + 1), "1", "1"),
+        ("master", "1", "9999999999999999999", "1"),
+        ("master", "1", "1", "-1"),
+        ("master", "1", "1", "١٢"),  # digits, but not ASCII
+        ("boss", "1", "1", "1"),
+        ("master", "1", "1"),
+    ):
+        assert cl._where_tokens(tokens) is None, tokens

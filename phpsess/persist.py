@@ -137,6 +137,20 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
+def _append_whole(fd: int, data: bytes) -> None:
+    """Append ``data`` to the journal, or nothing: a write that fails (disk
+    full) is cut off again, so that no half record is left for later
+    appends (the shutdown's) to follow, which restore would take for
+    damage, not a torn tail."""
+    size = os.fstat(fd).st_size
+    try:
+        _write_all(fd, data)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+        raise
+
+
 def _generations(path: str) -> tuple[list[int], list[int]]:
     snapshots: list[int] = []
     journals: list[int] = []
@@ -606,6 +620,9 @@ class Persister:
         # A compaction waits for the journal's next fsync: do it now.
         self._sync_soon = False
         self._failed: BaseException | None = None
+        # The batch of an append that failed (not in the file: whole or
+        # nothing), for close() to try again.
+        self._unwritten = b""
         self.fsyncs_total = 0
         self.fsync_seconds_total = 0.0
         self.compactions_total = 0
@@ -775,7 +792,11 @@ class Persister:
             seq = self.submitted
             due = now - self._last_sync >= interval or self._sync_soon
             sync = policy == "always" or (policy == "interval" and due)
-            await self._disk.run(lambda: self._append(buf, sync))
+            try:
+                await self._disk.run(lambda: self._append(buf, sync))
+            except OSError:
+                self._unwritten = buf
+                raise
             self.journal_bytes += len(buf)
             self.written = seq
             if sync:
@@ -797,7 +818,7 @@ class Persister:
         self._unsynced_since = None if self.submitted <= seq else taken_at
 
     def _append(self, buf: bytes, sync: bool) -> None:
-        _write_all(self._fd, buf)
+        _append_whole(self._fd, buf)
         if sync:
             self._fsync()
 
@@ -847,7 +868,7 @@ class Persister:
 
         def finish_old() -> None:
             try:
-                _write_all(old_fd, tail)
+                _append_whole(old_fd, tail)
                 os.fsync(old_fd)
             finally:
                 os.close(old_fd)
@@ -969,14 +990,19 @@ class Persister:
     async def close(self) -> None:
         """Write and fsync everything submitted; release the directory."""
         if self._fd >= 0:
-            buf = j.encode_changes(self._pending)
+            buf = self._unwritten + j.encode_changes(self._pending)
             self._pending = []
+            self._unwritten = b""
             seq = self.submitted
 
             def final() -> None:
-                _write_all(self._fd, buf)
-                os.fsync(self._fd)
-                os.close(self._fd)
+                try:
+                    # Also after a failed append (cut off again, whole or
+                    # nothing): space may have come back.
+                    _append_whole(self._fd, buf)
+                    os.fsync(self._fd)
+                finally:
+                    os.close(self._fd)
 
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(final)

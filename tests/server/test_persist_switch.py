@@ -165,3 +165,42 @@ async def test_a_disk_error_writing_the_old_journals_tail_fails_the_journal_and_
     assert _open_descriptors(tmp_path / journal_name(2)) == 0
     restored, gen = restore(str(tmp_path), time.time())
     assert gen == 2 and set(restored.sessions) == {"big", "acked"}
+
+
+async def test_a_failed_append_leaves_no_half_record_for_later_appends_to_follow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A disk full half-way through an append left half a record; the
+    # shutdown then appended what was still queued after it (space had come
+    # back: the cancelled snapshot's file was deleted), and restore took the
+    # half record for damage with data after it: the daemon would not start.
+    persister = await _opened(tmp_path)
+    real_write_all = persist._write_all
+    armed = threading.Event()
+
+    def half_then_full(fd: int, data: bytes | memoryview) -> None:
+        if armed.is_set() and fd == persister._fd:
+            armed.clear()
+            os.write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(persist, "_write_all", half_then_full)
+    with pytest.raises(BaseExceptionGroup) as info, caplog.at_level(logging.CRITICAL, "phpsess"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(persister.run, _empty_source, lambda: 0)
+            seq = persister.submit([(j.Op.PUT, "before", 600, b"b" * 100)], time.time())
+            with trio.fail_after(30):
+                while persister.written < seq:
+                    await trio.sleep(0.01)
+            armed.set()
+            persister.submit([(j.Op.PUT, "failed", 600, b"f" * 1000)], time.time())
+            with trio.fail_after(30):
+                await trio.sleep_forever()
+    assert info.group_contains(OSError, match="No space left")
+    assert "event=journal_write_failed" in caplog.text
+    persister.submit([(j.Op.PUT, "at-stop", 600, b"s")], time.time())
+    await persister.close()
+    restored, _ = restore(str(tmp_path), time.time())
+    # And what the failed append held, once space came back.
+    assert set(restored.sessions) == {"before", "failed", "at-stop"}

@@ -501,6 +501,20 @@ class DataDirLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
+    def check(self) -> None:
+        """Raise OSError if ``DIR/lock`` is no longer the file we lock (it
+        was deleted or replaced: a second daemon could lock it)."""
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise OSError(
+                errno.ENOENT,
+                f"{self.path} was deleted or replaced while this daemon held it "
+                "(files removed from the data directory?)",
+            )
+
     def release(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -818,6 +832,16 @@ class Persister:
         self._unsynced_since = None if self.submitted <= seq else taken_at
 
     def _append(self, buf: bytes, sync: bool) -> None:
+        # Files deleted from under us: appending to an unlinked journal
+        # would acknowledge writes that no restart can find.  Fail as a
+        # failed append does (the daemon stops; systemd restarts it).
+        if os.fstat(self._fd).st_nlink == 0:
+            raise OSError(
+                errno.ENOENT,
+                f"{os.path.join(self.dir, journal_name(self.gen))} was deleted while in use "
+                "(files removed from the data directory?)",
+            )
+        self._lock.check()
         _append_whole(self._fd, buf)
         if sync:
             self._fsync()

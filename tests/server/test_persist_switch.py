@@ -204,3 +204,37 @@ async def test_a_failed_append_leaves_no_half_record_for_later_appends_to_follow
     restored, _ = restore(str(tmp_path), time.time())
     # And what the failed append held, once space came back.
     assert set(restored.sessions) == {"before", "failed", "at-stop"}
+
+
+@pytest.mark.parametrize("removed", ["journal", "lock", "directory"])
+async def test_files_deleted_from_the_data_directory_fail_the_journal(
+    removed: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Appends went on into the deleted journal, acknowledged (also with
+    # --fsync always), and the restart found nothing; with the lock file
+    # gone a second daemon could start on the directory.
+    data = tmp_path / "data"
+    data.mkdir()
+    persister = await _opened(data)
+    with pytest.raises(BaseExceptionGroup) as info, caplog.at_level(logging.CRITICAL, "phpsess"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(persister.run, _empty_source, lambda: 0)
+            seq = persister.submit([(j.Op.PUT, "before", 600, b"b")], time.time())
+            with trio.fail_after(30):
+                while persister.written < seq:
+                    await trio.sleep(0.01)
+            if removed == "directory":
+                for child in data.iterdir():
+                    child.unlink()
+                data.rmdir()
+            else:
+                (data / (journal_name(1) if removed == "journal" else "lock")).unlink()
+            seq = persister.submit([(j.Op.PUT, "after", 600, b"a")], time.time())
+            with trio.fail_after(30):
+                await trio.sleep_forever()
+    assert info.group_contains(OSError, match="was deleted")
+    assert "event=journal_write_failed" in caplog.text
+    with pytest.raises(OSError, match="was deleted"):
+        await persister.wait_durable(seq)
+    with contextlib.suppress(OSError):
+        await persister.close()

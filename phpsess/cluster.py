@@ -782,6 +782,10 @@ class Cluster:
             log.warning("event=peer_dead peer=%s", name)
         for link in list(self.links.get(name, ())):
             link.abort()
+        # Its connections to us go too, and the locks its clients hold
+        # through them with them (§7): a host that froze sends no FIN, and
+        # they would stay held until their lease ran out.
+        self.server.close_peer_connections(name)
         copies = self.replicas.node_dead(name, self._choose_backup)
         for repl in copies:
             self._journal_meta(repl.sid)

@@ -567,6 +567,13 @@ class Server:
                 self._no_conns.set()
             await trio.aclose_forcefully(stream)
 
+    def close_peer_connections(self, node: str) -> None:
+        """End every connection from cluster peer ``node`` (declared dead):
+        the locks held through them are released as they close."""
+        for conn in list(self._conns.values()):
+            if conn.node == node and conn.scope is not None:
+                conn.scope.cancel()
+
     async def _cluster_request(self, conn: _Conn, event: p.Event, now: float) -> p.Reply | None:
         """Requests the cluster answers instead of the local engine: peer
         verbs, and requests for sessions another node masters."""

@@ -512,6 +512,32 @@ def test_a_peer_whose_heartbeats_are_lost_answers_the_probe_and_stays_alive(
         cluster.stop()
 
 
+def test_a_lock_held_through_a_node_that_froze_goes_when_it_is_declared_dead(
+    cluster: Cluster,
+) -> None:
+    # CLUSTER.md §7: locks held through a dead node vanish with it.  A PHP
+    # request on c holds the lock of a session mastered on a; c's host
+    # freezes (SIGSTOP: no FIN).  The lock used to stay held on a for the
+    # whole lease (300 s): every request for the session timed out.
+    sid = _create(cluster, "a", b"n|i:0;")
+    holder = Client(cluster.nodes["c"].address)
+    try:
+        assert holder.request(p.Read(sid)) == p.Data(b"n|i:0;")  # forwarded to a
+        cluster.nodes["c"].signal(signal.SIGSTOP)
+        a = cluster.nodes["a"]
+        deadline = time.monotonic() + 4 * DEAD_AFTER_MS / 1000
+        while "event=peer_dead peer=c" not in a.log():
+            assert time.monotonic() < deadline, a.log()
+            time.sleep(0.05)
+        with Client(a.address, hello=False, timeout_s=30) as c:
+            assert c.request(p.Hello(1, wait_ms=5000)) == p.Ok(("1",))
+            assert c.request(p.Read(sid)) == p.Data(b"n|i:0;")  # the lock is free
+            assert c.request(p.Write(sid, 1440, b"n|i:1;")) == p.OK
+    finally:
+        cluster.nodes["c"].signal(signal.SIGCONT)
+        holder.close()
+
+
 def test_a_link_cut_between_master_and_backup_alone_makes_no_second_master(
     workdir: Path,
 ) -> None:

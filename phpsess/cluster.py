@@ -442,6 +442,11 @@ class Cluster:
         self._replay_guard = peerauth.ReplayGuard()
         self._wake = trio.Event()
         self._probing: set[str] = set()
+        # Some session we master may have no backup (restored so, or its
+        # backup died while no peer could take a copy): the heartbeat task
+        # re-copies them once a peer can.  Set when that may be so.
+        self._maybe_degraded = True
+        self._recopying = False
         self._rehomed: set[str] = set()
         self._missing_logged: set[str] = set()
         self._handshakes = trio.CapacityLimiter(HANDSHAKES_FROM_PEERS)
@@ -624,6 +629,7 @@ class Cluster:
                 membership.sent_heartbeat(now)
             for event in membership.tick(now):
                 self._on_event(event)
+            self._recopy_when_possible()
             if not self.ready.is_set() and (
                 all(membership.state(n) != mb.UNKNOWN for n in self.peer_address)
                 or now - self.started > self.config.dead_after_s
@@ -787,6 +793,7 @@ class Cluster:
         # they would stay held until their lease ran out.
         self.server.close_peer_connections(name)
         copies = self.replicas.node_dead(name, self._choose_backup)
+        self._maybe_degraded = True
         for repl in copies:
             self._journal_meta(repl.sid)
         if never_heard:
@@ -816,12 +823,29 @@ class Cluster:
     def _choose_backup(self) -> str | None:
         return self.membership.choose_backup()
 
+    def _recopy_when_possible(self) -> None:
+        """Sessions left alone (their backup died while no peer was alive,
+        one only suspect, say) get their second copy once a peer can take
+        it: becoming alive again from suspect is no event (heartbeat task)."""
+        if self._maybe_degraded and self.membership.choose_backup() is not None:
+            self._maybe_degraded = False
+            self._spawn(self._recopy_degraded)
+
     async def _recopy_degraded(self) -> None:
-        for sid in self.replicas.degraded_sessions():
-            repl = self.replicas.backup_failed(sid, self._choose_backup)
-            if repl is not None:
+        if self._recopying:
+            self._maybe_degraded = True  # the pass under way may miss some
+            return
+        self._recopying = True
+        try:
+            for sid in self.replicas.degraded_sessions():
+                repl = self.replicas.backup_failed(sid, self._choose_backup)
+                if repl is None:
+                    self._maybe_degraded = True  # no peer for it yet
+                    continue
                 self._journal_meta(sid)
                 await self._send_copy(sid)
+        finally:
+            self._recopying = False
 
     # -- peer connections (CLUSTER.md §4)
 
@@ -1097,6 +1121,13 @@ class Cluster:
                 return p.Error(p.Code.UNAVAILABLE, "the session moved to another node; retry")
             backup = m.backup if m is not None else backup_of_deleted
             if backup is None:
+                if m is not None and self.membership.choose_backup() is not None:
+                    # A peer can take the copy now (it was suspect, not
+                    # alive, when the backup died): not alone any more.
+                    self.replicas.backup_failed(sid, self._choose_backup)
+                    self._journal_meta(sid)
+                    continue
+                self._maybe_degraded = True
                 return None  # degraded: ours is the only copy (CLUSTER.md §6)
             request: p.Request
             if deleted:

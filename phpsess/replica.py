@@ -142,6 +142,11 @@ class Replicas:
             m.backup = named_backup if named_backup != self.me else None
             if m.backup is None:
                 m.backup = choose_backup()
+        elif m.backup is None and not deleted:
+            # Alone since no peer could take a copy when the backup died
+            # (one was suspect, say): one may now, and this write's REPL
+            # carries the whole session.
+            m.backup = choose_backup()
         self.unverified.discard(sid)
         self._hints.pop(sid, None)
         m.version += 1

@@ -16,6 +16,7 @@ from phpsess import cluster as cl
 from phpsess import protocol as p
 from phpsess.addresses import TcpAddress, UnixAddress
 from phpsess.client import Client
+from phpsess.journal import Op
 from phpsess.membership import Heartbeat
 from phpsess.replica import MASTER, Meta
 from phpsess.server import Server, ServerConfig
@@ -362,3 +363,53 @@ def test_where_replies_out_of_range_are_ignored() -> None:
         ("master", "1", "1"),
     ):
         assert cl._where_tokens(tokens) is None, tokens
+
+
+async def test_a_session_left_alone_while_its_only_peer_was_suspect_is_copied_again(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path,
+) -> None:
+    # a masters a session backed up by b.  b dies while c is suspect (not
+    # alive: it cannot be picked), so the session goes on alone.  c then
+    # answers: suspect to alive is no event, and the session stayed single-
+    # copy for good, writes acknowledged alone (lost when a died later).
+    cluster = _in_process_cluster(tmp_path)
+    store, membership = cluster.server.engine.store, cluster.membership
+    now = trio.current_time()
+    for peer in ("b", "c"):
+        membership.receive(Heartbeat(peer, 1, 0, 0, False, ()), now)
+    sid = "abcdefghijklmnopqrstu-a-b"
+    store.put(sid, b"v=1;", 1440, now)
+    cluster.replicas.meta[sid] = Meta(MASTER, "a", "b", 1, 1)
+    sent: list[tuple[str, p.Request]] = []
+
+    async def call(node: str, request: p.Request) -> p.Reply:
+        sent.append((node, request))
+        return p.OK
+
+    cluster.call = call  # type: ignore[method-assign]
+    membership.suspect("c")
+    membership.suspect("b")
+    assert membership.probe_result("b", False, trio.current_time(), refused=True)  # dead
+    cluster._take_over("b")
+    assert cluster.replicas.meta[sid].backup is None  # alone
+    assert await cluster.replicate([(Op.PUT, sid, 1440, b"v=2;")]) is None
+    assert sent == []  # acknowledged alone: nobody to copy to
+    membership.receive(Heartbeat("c", 1, 0, 0, False, ()), trio.current_time())  # c answers
+    # The next write copies to c before it is acknowledged.
+    store.put(sid, b"v=3;", 1440, trio.current_time())
+    assert await cluster.replicate([(Op.PUT, sid, 1440, b"v=3;")]) is None
+    assert cluster.replicas.meta[sid].backup == "c"
+    assert [(node, type(request)) for node, request in sent] == [("c", p.ReplPut)]
+    # And without a write, the heartbeat task copies what is left alone.
+    other = "bcdefghijklmnopqrstuv-a-b"
+    store.put(other, b"w=1;", 1440, trio.current_time())
+    cluster.replicas.meta[other] = Meta(MASTER, "a", None, 1, 1)
+    cluster._maybe_degraded = True
+    sent.clear()
+    async with trio.open_nursery() as nursery:
+        cluster._nursery = nursery
+        cluster._recopy_when_possible()  # as the heartbeat task does
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert cluster.replicas.meta[other].backup == "c"
+    assert ("c", p.ReplPut) in [(node, type(request)) for node, request in sent]

@@ -183,12 +183,21 @@ def test_local_change_delete_when_degraded_returns_none() -> None:
     assert SID not in r.meta
 
 
-def test_local_change_degraded_stays_degraded_until_backup_failed() -> None:
+def test_local_change_of_a_degraded_session_takes_a_backup_once_one_is_there() -> None:
+    # A peer that was only suspect when the backup died is no event when it
+    # answers again: the next write picks it (its REPL is a whole copy).
     r = replicas("b")
     assert r.local_change(SID, False, chooser(None)) is None
-    assert r.local_change(SID, False, chooser("c")) is None  # no re-choice per write
+    assert r.local_change(SID, False, chooser(None)) is None
     assert r.degraded_sessions() == [SID]
-    assert r.backup_failed(SID, chooser("c")) == Repl("c", SID, "b", 1, 2, False)
+    assert r.local_change(SID, False, chooser("c")) == Repl("c", SID, "b", 1, 3, False)
+    assert r.degraded_sessions() == []
+
+
+def test_backup_failed_gives_a_degraded_session_a_backup() -> None:
+    r = replicas("b")
+    assert r.local_change(SID, False, chooser(None)) is None
+    assert r.backup_failed(SID, chooser("c")) == Repl("c", SID, "b", 1, 1, False)
     assert r.degraded_sessions() == []
 
 

@@ -6,8 +6,8 @@ scheduler passes per request/reply, and a buffer of the requested size
 allocated per receive.  Here a receive is one wait (the checkpoint) and one
 ``readv`` into a buffer that is reused; a send is one ``write`` that waits
 only when the socket buffer is full (``writev`` when a reply carries a big
-session: its data goes out from the store's object, not copied).  Errors of a vanished peer become
-``trio.BrokenResourceError`` as with streams.
+session: its data goes out from the store's object, not copied).  Errors of
+a vanished peer become ``trio.BrokenResourceError`` as with streams.
 """
 
 from __future__ import annotations

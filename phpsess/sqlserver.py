@@ -725,7 +725,7 @@ class SqlBackend:
             elif await self._pooled(_scalar(sq.IS_USED_LOCK, (name,))) is not None:
                 continue
             exists = await self._on_holder(client, sid, _scalar(
-                self.sql.exists, (sq.sid_bytes(sid),)
+                self.sql.stored, (sq.sid_bytes(sid),)
             ))
             if exists is None:
                 return p.Ok((sid,))

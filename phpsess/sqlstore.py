@@ -169,8 +169,9 @@ class Statements:
             f"UPDATE {t} SET expires = UTC_TIMESTAMP(6) + INTERVAL %s SECOND "
             f"WHERE id = %s AND {live}"
         )
-        # A session being started (its named lock held, no row yet) exists
-        # too: PROTOCOL.md §4.4.
+        self.stored = f"SELECT 1 FROM {t} WHERE id = %s AND {live}"
+        # EXISTS: a session being started (its named lock held, no row yet)
+        # exists too (PROTOCOL.md §4.4).
         self.exists = (
             f"SELECT 1 FROM DUAL WHERE EXISTS (SELECT 1 FROM {t} WHERE id = %s AND {live}) "
             "OR IS_USED_LOCK(%s) IS NOT NULL"

@@ -22,6 +22,7 @@ import pytest
 from phpsess import protocol as p
 from phpsess.client import Client
 from tests.conftest import read_counter, run_php
+from tests.integration.test_locking import _stats
 
 SCRIPT = Path(__file__).parent / "php" / "handler_edges.php"
 
@@ -226,14 +227,6 @@ def test_strict_mode_a_new_id_is_valid_before_its_first_write(
     assert got["start"] == got["kept-given-id"] == "true", got
     expected = {"old": 1, "first": 1} if regenerate else {"first": 1}
     assert json.loads(got["session"]) == expected
-
-
-def _stats(daemon: Any) -> dict[str, Any]:
-    with Client(daemon.address) as c:
-        stats = c.request(p.Stats())
-    assert isinstance(stats, p.Data)
-    decoded: dict[str, Any] = json.loads(stats.data)
-    return decoded
 
 
 # -- guard: a daemon that cannot be asked never replaces the visitor's ID

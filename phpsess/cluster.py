@@ -1103,6 +1103,9 @@ class Cluster:
             repl = self.replicas.local_change(sid, op is Op.DELETE, self._choose_backup)
             self._journal_meta(sid, before)
             if repl is None:
+                # Alone (local_change found no peer to take a copy): the
+                # heartbeat task re-copies it once one can.
+                self._maybe_degraded = self._maybe_degraded or op is not Op.DELETE
                 continue
             error = await self._send_until_acknowledged(
                 sid, deleted=op is Op.DELETE, version=repl.version, epoch=repl.epoch, to=repl.to
@@ -1121,13 +1124,7 @@ class Cluster:
                 return p.Error(p.Code.UNAVAILABLE, "the session moved to another node; retry")
             backup = m.backup if m is not None else backup_of_deleted
             if backup is None:
-                if m is not None and self.membership.choose_backup() is not None:
-                    # A peer can take the copy now (it was suspect, not
-                    # alive, when the backup died): not alone any more.
-                    self.replicas.backup_failed(sid, self._choose_backup)
-                    self._journal_meta(sid)
-                    continue
-                self._maybe_degraded = True
+                self._maybe_degraded = True  # the heartbeat task re-copies it
                 return None  # degraded: ours is the only copy (CLUSTER.md §6)
             request: p.Request
             if deleted:

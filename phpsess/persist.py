@@ -137,12 +137,13 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[written:]
 
 
-def _append_whole(fd: int, data: bytes) -> None:
-    """Append ``data`` to the journal, or nothing: a write that fails (disk
-    full) is cut off again, so that no half record is left for later
-    appends (the shutdown's) to follow, which restore would take for
-    damage, not a torn tail."""
-    size = os.fstat(fd).st_size
+def _append_whole(fd: int, data: bytes, size: int | None = None) -> None:
+    """Append ``data`` to the journal (``size`` bytes long, if known), or
+    nothing: a write that fails (disk full) is cut off again, so that no
+    half record is left for later appends (the shutdown's) to follow, which
+    restore would take for damage, not a torn tail."""
+    if size is None:
+        size = os.fstat(fd).st_size
     try:
         _write_all(fd, data)
     except OSError:
@@ -835,14 +836,15 @@ class Persister:
         # Files deleted from under us: appending to an unlinked journal
         # would acknowledge writes that no restart can find.  Fail as a
         # failed append does (the daemon stops; systemd restarts it).
-        if os.fstat(self._fd).st_nlink == 0:
+        st = os.fstat(self._fd)
+        if st.st_nlink == 0:
             raise OSError(
                 errno.ENOENT,
                 f"{os.path.join(self.dir, journal_name(self.gen))} was deleted while in use "
                 "(files removed from the data directory?)",
             )
         self._lock.check()
-        _append_whole(self._fd, buf)
+        _append_whole(self._fd, buf, st.st_size)
         if sync:
             self._fsync()
 

@@ -94,6 +94,11 @@ class _DaemonCollector(Collector):
                                       value=persister.fsync_seconds_total)
             yield CounterMetricFamily("phpsess_compactions", "Journal compactions.",
                                       value=persister.compactions_total)
+            yield CounterMetricFamily(
+                "phpsess_compaction_failures",
+                "Compactions that failed (the journal grows meanwhile; retried after 30 s).",
+                value=persister.compaction_failures_total,
+            )
             yield GaugeMetricFamily("phpsess_journal_bytes", "Size of the current journal.",
                                     value=persister.journal_bytes)
         cluster = server.cluster

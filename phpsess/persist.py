@@ -81,6 +81,9 @@ _SLICE_BYTES: Final = 32 * 1024
 BACKGROUND_NICE: Final = 10
 # With ``interval`` and ``never``, how long changes gather before one append.
 FLUSH_S: Final = 0.010
+# After a compaction that could not start (the next journal could not be
+# made: EMFILE, EACCES, ENOSPC), how long before the writer tries again.
+COMPACT_RETRY_S: Final = 30.0
 _NAME_RE: Final = re.compile(r"(snapshot|journal)-(\d{6,})\.(psnap|pjnl)\Z")
 
 
@@ -606,6 +609,10 @@ class _Done:
         self.error: BaseException | None = None
 
 
+class _NotCreated(Exception):
+    """The next journal could not be made (its OSError is the cause)."""
+
+
 class Persister:
     """The journal writer (see module doc).  Event-loop side: :meth:`submit`
     and :meth:`wait_durable`; :meth:`run` is the writer task."""
@@ -641,6 +648,10 @@ class Persister:
         self.fsyncs_total = 0
         self.fsync_seconds_total = 0.0
         self.compactions_total = 0
+        # Compactions that failed: the next journal could not be made, or
+        # the snapshot could not be written (the journal goes on growing).
+        self.compaction_failures_total = 0
+        self._compact_after = -math.inf  # no compaction before (trio time)
         # The cluster's metadata of every session, for snapshots (or None).
         self.meta_source: Callable[[], dict[str, bytes]] | None = None
         self._snapshot_metas: dict[str, bytes] = {}
@@ -785,9 +796,21 @@ class Persister:
                 try:
                     await self._write_round(policy, interval)
                     limit = max(self.config.min_compact_bytes, live_bytes())
-                    if self.journal_bytes > limit and not self._compacting:
+                    if (self.journal_bytes > limit and not self._compacting
+                            and trio.current_time() >= self._compact_after):
                         self._compacting = True
-                        source = await self._switch_generation(snapshot_source)
+                        try:
+                            source = await self._switch_generation(snapshot_source)
+                        except _NotCreated as exc:
+                            # Journal G still takes every write: a failed
+                            # compaction only lets it grow.  Not a reason to
+                            # stop serving; tried again later.
+                            self._compacting = False
+                            self._compaction_failed()
+                            log.error(
+                                "event=compaction_failed error=%s retry_in_s=%.0f",
+                                exc.__cause__, COMPACT_RETRY_S,
+                            )
                 except OSError as exc:
                     # A disk that fails is not a reason to lie to PHP: waiters
                     # get the error, and the daemon stops (systemd restarts it).
@@ -875,7 +898,10 @@ class Persister:
                 raise
             return fd
 
-        new_fd = await trio.to_thread.run_sync(create, abandon_on_cancel=False)
+        try:
+            new_fd = await trio.to_thread.run_sync(create, abandon_on_cancel=False)
+        except OSError as exc:
+            raise _NotCreated(new_path) from exc
         # -- one instant: everything before is in G (or its pending tail), after in G+1.
         taken = self._pending
         tail = j.encode_changes(taken)
@@ -963,6 +989,7 @@ class Persister:
             await self._snapshot_disk.run(lambda: self._finish_snapshot(out_fd, tmp, path, gen))
         except OSError as exc:
             log.error("event=snapshot_failed generation=%d error=%s", gen, exc)
+            self._compaction_failed()
             return
         finally:
             self._compacting = False
@@ -982,6 +1009,10 @@ class Persister:
             self._superseded,
             time.monotonic() - started,
         )
+
+    def _compaction_failed(self) -> None:
+        self.compaction_failures_total += 1
+        self._compact_after = trio.current_time() + COMPACT_RETRY_S
 
     async def _journaled(self, seq: int) -> None:
         """Wait until change batch ``seq`` is in the journal: fsynced, or

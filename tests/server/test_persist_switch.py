@@ -1,7 +1,8 @@
 """The journal writer switching to generation G+1 (compaction's first step)
 in-process on a real data directory: a stop in the middle of it loses no
-acknowledged change and leaks no descriptor; a disk error in it fails the
-journal as a failed append does."""
+acknowledged change and leaks no descriptor; a disk error writing journal
+G's tail fails the journal as a failed append does, one making G+1 defers
+the compaction."""
 
 from __future__ import annotations
 
@@ -105,34 +106,53 @@ async def test_a_stop_while_the_next_journal_is_created_loses_no_acknowledged_ch
     }
 
 
-async def test_a_disk_error_creating_the_next_journal_fails_the_journal(
+async def test_a_disk_error_creating_the_next_journal_defers_the_compaction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Journal G still works when G+1 cannot be made (EMFILE, EACCES, a disk
+    # full for a moment): the daemon goes on serving, counts the failure and
+    # tries again later; it does not stop.
     persister = await _opened(tmp_path)
-    full = OSError(errno.ENOSPC, "No space left on device")
-    disk = SlowDirFsync(full)
+    monkeypatch.setattr(persist, "COMPACT_RETRY_S", 0.3)
+    disk = SlowDirFsync(OSError(errno.EMFILE, "Too many open files"))
     monkeypatch.setattr(persist, "_fsync_dir", disk)
-    seq = 0
-    with pytest.raises(BaseExceptionGroup) as info, caplog.at_level(logging.CRITICAL, "phpsess"):
+    live = {"big", "acked", "during", "after"}  # what the store holds at the retry
+
+    def source() -> SnapshotSource:
+        now = trio.current_time()
+        return store_snapshot_source({sid: (b"s", now + 600, 600) for sid in live}, now,
+                                     time.time())
+
+    with caplog.at_level(logging.ERROR, "phpsess"):
         async with trio.open_nursery() as nursery:
-            await nursery.start(persister.run, _empty_source, lambda: 0)
-            seq = await _switch_under_way(persister, disk)
+            await nursery.start(persister.run, source, lambda: 0)
+            await _switch_under_way(persister, disk)
             disk.release.set()
             with trio.fail_after(30):
-                await persister._progress.wait()
-    assert info.group_contains(OSError, match="No space left")
-    assert "event=journal_write_failed" in caplog.text
-    # Waiters get the error, as they do for a failed append.
-    with pytest.raises(OSError, match="No space left"):
-        await persister.wait_durable(seq + 1)
-    with pytest.raises(OSError, match="No space left"):
-        persister.durable(seq)
-    # G+1 was never used: gone, its descriptor closed; G gets the rest.
-    assert not (tmp_path / journal_name(2)).exists()
+                while not persister.compaction_failures_total:
+                    await trio.sleep(0.01)
+            # G+1 was never used: gone; G takes the changes that follow.
+            assert not (tmp_path / journal_name(2)).exists()
+            assert persister.gen == 1
+            during = persister.submit([(j.Op.PUT, "during", 600, b"d")], time.time())
+            with trio.fail_after(30):
+                await persister._journaled(during)
+            assert persister.gen == 1 and persister.compactions_total == 0
+            # Past the retry delay, the next round compacts.
+            await trio.sleep(0.4)
+            persister.submit([(j.Op.PUT, "after", 600, b"a")], time.time())
+            with trio.fail_after(30):
+                while not persister.compactions_total:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert "event=compaction_failed" in caplog.text
+    assert "Too many open files" in caplog.text
+    assert "event=journal_write_failed" not in caplog.text
+    assert persister.compaction_failures_total == 1
     await persister.close()
     assert _open_descriptors(tmp_path / journal_name(1)) == 0
     restored, gen = restore(str(tmp_path), time.time())
-    assert gen == 1 and set(restored.sessions) == {"big", "acked"}
+    assert gen == 2 and set(restored.sessions) == {"big", "acked", "during", "after"}
 
 
 async def test_a_disk_error_writing_the_old_journals_tail_fails_the_journal_and_keeps_the_tail(

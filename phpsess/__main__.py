@@ -20,7 +20,13 @@ from phpsess.engine import VERSION, Limits
 if TYPE_CHECKING:
     from phpsess.cluster import ClusterConfig
     from phpsess.server import ServerConfig
-from phpsess.persist import DEFAULT_DATA_DIR, FSYNC_POLICIES, MIN_COMPACT_BYTES, PersistConfig
+from phpsess.persist import (
+    DEFAULT_DATA_DIR,
+    FSYNC_POLICIES,
+    MIN_COMPACT_BYTES,
+    JournalFailed,
+    PersistConfig,
+)
 from phpsess.sqlstore import DEFAULT_ENGINE, DEFAULT_POOL_SIZE, DEFAULT_TABLE, SqlConfig
 
 EXIT_OK = 0
@@ -453,14 +459,27 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         await run_until_signal(Server(config), reload if args.config else None)
 
     failed: list[StartupError] = []
+    journal: list[JournalFailed] = []
     try:
         trio.run(run)
     except* StartupError as group:
         # Trio's nurseries wrap it in exception groups: report it plainly.
         failed.extend(e for e in _leaves(group) if isinstance(e, StartupError))
+    except* JournalFailed as group:
+        # Logged where it happened (event=journal_write_failed): no traceback.
+        journal.extend(e for e in _leaves(group) if isinstance(e, JournalFailed))
     if failed:
         log.error("event=startup_failed detail=%s", failed[0])
         print(f"phpsess: {failed[0]}", file=sys.stderr)
+        return EXIT_FAILURE
+    if journal:
+        print(
+            f"phpsess: stopped: the journal could not be written ({journal[0]}), so no "
+            "write could be acknowledged any more; fix the disk (free space, the "
+            "files in the data directory), then start phpsess again: it restores "
+            "what the journal holds",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     log.info("event=stopped")
     return EXIT_OK

@@ -81,6 +81,9 @@ _SLICE_BYTES: Final = 32 * 1024
 BACKGROUND_NICE: Final = 10
 # With ``interval`` and ``never``, how long changes gather before one append.
 FLUSH_S: Final = 0.010
+# After the journal failed, how long the requests waiting on it have to
+# answer with the error before the daemon stops.
+FAILED_GRACE_S: Final = 0.1
 # After a compaction that could not start (the next journal could not be
 # made: EMFILE, EACCES, ENOSPC), how long before the writer tries again.
 COMPACT_RETRY_S: Final = 30.0
@@ -609,6 +612,19 @@ class _Done:
         self.error: BaseException | None = None
 
 
+class JournalFailed(OSError):
+    """The journal could not be written (its file named): the daemon stops
+    rather than acknowledge writes a restart could not find."""
+
+
+def _journal_error(exc: OSError, path: str) -> JournalFailed:
+    if isinstance(exc, JournalFailed):
+        return exc
+    failed = JournalFailed(exc.errno, exc.strerror or str(exc), exc.filename or path)
+    failed.__cause__ = exc
+    return failed
+
+
 class _NotCreated(Exception):
     """The next journal could not be made (its OSError is the cause)."""
 
@@ -814,11 +830,17 @@ class Persister:
                 except OSError as exc:
                     # A disk that fails is not a reason to lie to PHP: waiters
                     # get the error, and the daemon stops (systemd restarts it).
-                    # Creating journal G+1 or writing G's tail is an append too.
-                    log.critical("event=journal_write_failed error=%s", exc)
-                    self._failed = exc
+                    # Writing G's tail at a switch is an append too.
+                    failed = _journal_error(exc, self._journal_path())
+                    log.critical("event=journal_write_failed error=%s", failed)
+                    self._failed = failed
                     self._progress.set()
-                    raise
+                    # The requests waiting on the journal answer with the
+                    # error (and new writes are refused) before the stop
+                    # cancels their connections.
+                    with trio.CancelScope(shield=True):
+                        await trio.sleep(FAILED_GRACE_S)
+                    raise failed from exc
                 if source is not None:
                     nursery.start_soon(self._write_snapshot, source, self.gen)
 
@@ -854,6 +876,9 @@ class Persister:
         self.synced = max(self.synced, seq)
         self._last_sync = taken_at
         self._unsynced_since = None if self.submitted <= seq else taken_at
+
+    def _journal_path(self, gen: int | None = None) -> str:
+        return os.path.join(self.dir, journal_name(self.gen if gen is None else gen))
 
     def _append(self, buf: bytes, sync: bool) -> None:
         # Files deleted from under us: appending to an unlinked journal
@@ -918,10 +943,14 @@ class Persister:
         self.journal_bytes = len(j.JOURNAL_MAGIC)
         # --
 
+        old_path = self._journal_path(new_gen - 1)
+
         def finish_old() -> None:
             try:
                 _append_whole(old_fd, tail)
                 os.fsync(old_fd)
+            except OSError as exc:
+                raise _journal_error(exc, old_path) from exc
             finally:
                 os.close(old_fd)
 
@@ -1052,6 +1081,8 @@ class Persister:
             self._unwritten = b""
             seq = self.submitted
 
+            path = self._journal_path()
+
             def final() -> None:
                 try:
                     # Also after a failed append (cut off again, whole or
@@ -1061,14 +1092,30 @@ class Persister:
                 finally:
                     os.close(self._fd)
 
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(final)
-            self._disk.stop()
-            self._snapshot_disk.stop()
-            self._fd = -1
-            self.written = self.synced = seq
-            self._progress.set()
-        self._lock.release()
+            try:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(final)
+            except OSError as exc:
+                failed = _journal_error(exc, path)
+                if self._failed is None:
+                    log.critical("event=journal_write_failed error=%s", failed)
+                    raise failed from exc
+                # Stopping for that failure already: this was the retry.
+                log.error(
+                    "event=journal_unwritten bytes=%d error=%s detail=changes acknowledged "
+                    "before the failure (with --fsync interval or never) are not in the journal",
+                    len(buf), failed,
+                )
+            else:
+                self.written = self.synced = seq
+                self._progress.set()
+            finally:
+                self._disk.stop()
+                self._snapshot_disk.stop()
+                self._fd = -1
+                self._lock.release()
+        else:
+            self._lock.release()
 
 
 def store_snapshot_source(

@@ -36,6 +36,7 @@ from phpsess.logs import sid_tag
 from phpsess.metrics import Metrics
 from phpsess.persist import (
     DataDirError,
+    JournalFailed,
     PersistConfig,
     Persister,
     SnapshotSource,
@@ -555,6 +556,18 @@ class Server:
                     await self._serve_connection(conn, leftover)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; its locks go below
+        except JournalFailed as exc:
+            # Its changes could not be journaled (the daemon is stopping, and
+            # logged why): not acknowledged.  This error instead of the
+            # replies that were waiting, then the connection closes.
+            reply = p.Error(
+                p.Code.UNAVAILABLE,
+                f"the journal could not be written ({exc}); not stored; the daemon is stopping",
+            )
+            with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                out: list[bytes] = []
+                netio.append_reply(out, reply)
+                await netio.send_parts(netio.fileno(stream), out, conn)
         except Exception:
             log.exception("event=connection_crashed owner=%d peer=%s", owner, peer)
         finally:

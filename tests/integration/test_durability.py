@@ -265,6 +265,60 @@ def test_a_data_dir_where_no_file_can_be_made_stops_the_start_not_the_first_comp
     assert sorted(f.name for f in data.iterdir()) == ["journal-000001.pjnl", "lock"]
 
 
+def test_a_journal_that_cannot_grow_stops_the_daemon_with_a_message_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    # A file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG) is a
+    # disk that fills up, without a mount.  With --fsync always, every write
+    # acknowledged before the failure must be there after a restart.
+    data, sock = tmp_path / "data", tmp_path / "s.sock"
+    serve = [sys.executable, "-m", "phpsess", "serve", "--data-dir", str(data),
+             "--listen", f"unix:{sock}", "--fsync", "always"]
+    proc = subprocess.Popen(["prlimit", "--fsize=200000", "--", *serve],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        acked: list[str] = []
+        refused = None
+        with Client(f"unix:{sock}") as c:
+            for i in range(100):  # 100 x 10 KiB: past the limit
+                reply = c.request(p.Write(f"full{i}", 600, bytes([i]) * 10000))
+                if reply != p.OK:
+                    refused = reply
+                    break
+                acked.append(f"full{i}")
+        # The write that the journal could not take: an error, not OK.
+        assert isinstance(refused, p.Error) and refused.code is p.Code.UNAVAILABLE, refused
+        assert "the journal could not be written" in refused.message
+        assert 5 < len(acked) < 20
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    journal = data / journal_name(1)
+    assert "event=journal_write_failed" in err
+    assert f"the journal could not be written ([Errno 27] File too large: '{journal}')" in err
+    assert "Traceback" not in err
+    # Restarted with room again: no repair needed, every acknowledged write there.
+    restarted = subprocess.Popen(serve, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert restarted.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        with Client(f"unix:{sock}") as c:
+            for i, sid in enumerate(acked):
+                assert c.request(p.Read(sid, lock=False)) == p.Data(bytes([i]) * 10000)
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        assert restarted.wait(30) == 0
+
+
 def test_compaction_bounds_disk_and_a_corrupted_snapshot_byte_stops_the_start(
     start_daemon: Any,
 ) -> None:

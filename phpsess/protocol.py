@@ -322,9 +322,13 @@ def encode_reply(reply: Reply) -> bytes:
     if type(reply) is Miss:
         return _MISS_LINE
     assert isinstance(reply, Error)
-    # The sentence must stay one printable line whatever went into it.
+    # The sentence must stay one printable line whatever went into it, and
+    # within MAX_HEADER_BYTES (§2) however much of a request it quotes.
     sentence = "".join(c if " " <= c <= "~" else "?" for c in reply.message)
-    return f"ERR {reply.code.name} {sentence}\n".encode("ascii")
+    line = f"ERR {reply.code.name} {sentence}"
+    if len(line) >= MAX_HEADER_BYTES:
+        line = line[: MAX_HEADER_BYTES - 4] + "..."
+    return (line + "\n").encode("ascii")
 
 
 def data_header(reply: Data) -> bytes:
@@ -419,13 +423,15 @@ def _parse_hello(args: list[bytes]) -> Hello:
     for arg in args[1:]:
         key, sep, value = arg.partition(b"=")
         name = key.decode("ascii")
-        if not sep or not value:
+        if not sep:
             raise _BadRequest(Code.BAD_REQUEST, f"HELLO option {_show(arg)} is not key=value")
         if name not in ("wait_ms", "lease_ms", "client"):
             raise _BadRequest(
                 Code.BAD_REQUEST,
-                f"unknown HELLO option {name!r}; known: wait_ms, lease_ms, client",
+                f"unknown HELLO option {_show(key)}; known: wait_ms, lease_ms, client",
             )
+        if not value:
+            raise _BadRequest(Code.BAD_REQUEST, f"HELLO option {name} has no value")
         if name in options:
             raise _BadRequest(Code.BAD_REQUEST, f"HELLO option {name!r} given twice")
         options[name] = value

@@ -253,6 +253,29 @@ def test_unknown_hello_option_is_named() -> None:
     assert "colour" in error.message
 
 
+def test_an_error_reply_stays_within_the_header_limit() -> None:
+    # It quotes the request: a long unknown option is cut, and whatever a
+    # message holds, the line stays within MAX_HEADER_BYTES (§2).
+    [error] = feed_whole(b"HELLO 1 " + b"k" * 1000 + b"=1\n")
+    assert isinstance(error, p.RequestError) and "kkk" in error.message
+    line = p.encode_reply(p.Error(error.code, error.message))
+    assert line.startswith(b"ERR BAD_REQUEST unknown HELLO option 'kkk")
+    assert len(line) < 200
+    long = p.encode_reply(p.Error(p.Code.BAD_REQUEST, "x" * 5000))
+    assert len(long) == p.MAX_HEADER_BYTES and long.endswith(b"...\n")
+    parser = p.ReplyParser()
+    parser.receive_data(long)
+    reply = parser.next_reply()
+    assert isinstance(reply, p.Error) and reply.code is p.Code.BAD_REQUEST
+    assert reply.message == "x" * (1020 - len("ERR BAD_REQUEST ")) + "..."
+
+
+def test_an_empty_hello_option_value_is_named() -> None:
+    [error] = feed_whole(b"HELLO 1 client=\n")
+    assert isinstance(error, p.RequestError) and error.code is p.Code.BAD_REQUEST
+    assert error.message == "HELLO option client has no value"
+
+
 WRITE_ERRORS: list[tuple[bytes, p.Code]] = [
     # Well framed WRITEs that are wrong: the payload is swallowed, not parsed.
     (b"WRITE ../x 10 5\nPING\n", p.Code.BAD_ID),

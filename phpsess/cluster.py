@@ -943,9 +943,12 @@ class Cluster:
             node = self.replicas.route(sid, alive)
         if node == self.me and sid not in self.replicas.meta:
             master, backup = named_nodes(sid, self.replicas.nodes)
-            if self.me not in (master, backup):
-                # Both named holders are dead, but the session may have moved
-                # here or elsewhere since (takeover, re-homing): ask first.
+            if self.me not in (master, backup) or self.server.engine.locks.holder(sid) is None:
+                # No copy here, and not a session being started here (CREATE
+                # locks it).  It may have moved: both named holders are dead
+                # but it was taken over or re-homed, or we are named but gave
+                # it away (a drain before a restart) or lost it.  Ask first:
+                # one round to the peers for a session that is new or gone.
                 found = await self._locate(sid)
                 if found is not None and found != self.me:
                     return found

@@ -265,6 +265,27 @@ def test_drain_under_load_loses_nothing(cluster: Cluster) -> None:
     assert "event=drained" in a.log()
 
 
+def test_a_drained_daemon_restarted_finds_the_sessions_it_handed_over(cluster: Cluster) -> None:
+    # The upgrade of DEPLOYMENT.md: systemctl restart = drain, then start.
+    # The restarted node is still named in its sessions' IDs but holds no
+    # copy: it must find them on the peers, not serve them empty (a user
+    # logged out) and lock them on itself (two holders of one lock).
+    sids = [_create(cluster, "a", b"n|i:%d;" % (10 + i)) for i in range(5)]
+    a = cluster.nodes["a"]
+    a.signal(signal.SIGTERM)
+    assert a.wait(30) == 0 and "event=drained" in a.log()
+    a.start()
+    cluster.wait_formed()
+    for i, sid in enumerate(sids):
+        assert _counter(cluster, "a", sid) == 10 + i
+    addresses = [cluster.address(n) for n in NAMES]
+    php = _php(sids[0], 3, addresses)
+    assert _acks(php.communicate(timeout=60)[0]) == [11, 12, 13]
+    # New sessions still start on it, empty.
+    fresh = _create(cluster, "a", b"n|i:7;")
+    assert _counter(cluster, "a", fresh) == 7
+
+
 def test_double_failure_is_reported_missing(cluster: Cluster) -> None:
     sid = _create(cluster, "a", b"n|i:7;")
     assert sid.endswith("-a-b") or sid.endswith("-a-c")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
 from phpsess import admin, logs
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
     from phpsess.addresses import TcpAddress
     from phpsess.cluster import ClusterConfig, parse_peer
+    from phpsess.peerauth import check_secret
+    from phpsess.placement import check_node_name
 
     missing = [
         flag for flag, value in (
@@ -219,39 +222,72 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
     ]
     if missing:
         raise ValueError(f"a cluster needs {', '.join(missing)} as well")
-    listen = parse_address(
-        args.cluster_listen if args.cluster_listen.startswith("tcp:")
-        else f"tcp:{args.cluster_listen}"
-    )
+    if not args.heartbeat_ms < args.dead_after_ms:
+        # Every peer would fall silent for dead_after_ms between two of its
+        # heartbeats: suspected and probed all the time, and no witness
+        # could vouch for it (membership: Witnesses).
+        raise UsageError(
+            f"{_named('heartbeat_ms')}, {args.heartbeat_ms}, must be less than "
+            f"{_named('dead_after_ms')}, {args.dead_after_ms}: a peer is suspected dead "
+            "after dead_after_ms without a heartbeat (defaults: 500 and 3000)",
+            "heartbeat_ms", "dead_after_ms",
+        )
+    with _about("node"):
+        check_node_name(args.node)
+    with _about("cluster_listen"):
+        listen = parse_address(
+            args.cluster_listen if args.cluster_listen.startswith("tcp:")
+            else f"tcp:{args.cluster_listen}"
+        )
     assert isinstance(listen, TcpAddress)
     try:
         with open(args.cluster_secret_file, "rb") as f:
             secret = f.read().strip()
     except OSError as exc:
-        raise ValueError(
+        raise UsageError(
             f"cannot read the cluster secret file {args.cluster_secret_file} "
-            f"(--cluster-secret-file, cluster.secret_file): {exc.strerror or exc}"
+            f"(--cluster-secret-file, cluster.secret_file): {exc.strerror or exc}",
+            "cluster_secret_file",
         ) from exc
-    return ClusterConfig(
-        node=args.node,
-        listen=listen,
-        peers=tuple(parse_peer(peer) for peer in args.peer),
-        secret=secret,
-        heartbeat_s=args.heartbeat_ms / 1000,
-        dead_after_s=args.dead_after_ms / 1000,
-        drain_timeout_s=args.drain_timeout_s,
-    )
+    with _about("cluster_secret_file"):
+        check_secret(secret)
+    with _about("peer"):
+        peers = tuple(parse_peer(peer) for peer in args.peer)
+        return ClusterConfig(
+            node=args.node,
+            listen=listen,
+            peers=peers,
+            secret=secret,
+            heartbeat_s=args.heartbeat_ms / 1000,
+            dead_after_s=args.dead_after_ms / 1000,
+            drain_timeout_s=args.drain_timeout_s,
+        )
 
 
 class UsageError(Exception):
-    """Bad flags or configuration: exit status 2."""
+    """Bad flags or configuration: exit status 2.  ``dests`` are the settings
+    it is about (argparse destinations), so that :func:`_configure` can name
+    the file and line of one the configuration file gave."""
+
+    def __init__(self, message: str, *dests: str) -> None:
+        super().__init__(message)
+        self.dests = dests
 
 
-def _tcp(text: str, what: str) -> TcpAddress:
+@contextlib.contextmanager
+def _about(*dests: str) -> Iterator[None]:
+    """A ValueError or AddressError in the block as a UsageError about ``dests``."""
+    try:
+        yield
+    except (AddressError, ValueError) as exc:
+        raise UsageError(str(exc), *dests) from exc
+
+
+def _tcp(text: str, dest: str) -> TcpAddress:
     try:
         parsed = parse_address(text if text.startswith("tcp:") else f"tcp:{text}")
     except AddressError as exc:
-        raise UsageError(f"{what}: {exc}") from exc
+        raise UsageError(f"{_named(dest)}: {exc}", dest) from exc
     assert isinstance(parsed, TcpAddress)
     return parsed
 
@@ -267,29 +303,43 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     from phpsess.server import ServerConfig
 
     if args.log_level not in LOG_LEVELS:
-        raise UsageError(f"{_named('log_level')} must be one of {', '.join(LOG_LEVELS)}")
+        raise UsageError(
+            f"{_named('log_level')} must be one of {', '.join(LOG_LEVELS)}", "log_level"
+        )
     if args.fsync not in FSYNC_POLICIES:
-        raise UsageError(f"{_named('fsync')} must be one of {', '.join(FSYNC_POLICIES)}")
+        raise UsageError(
+            f"{_named('fsync')} must be one of {', '.join(FSYNC_POLICIES)}", "fsync"
+        )
     for name in ("max_session_bytes", "max_connections", "max_incoming_bytes", "fsync_interval_ms",
                  "compact_min_bytes", "heartbeat_ms", "dead_after_ms"):
         if getattr(args, name) < 1:
-            raise UsageError(f"{_named(name)} must be at least 1")
-    for name in ("idle_timeout_s", "lock_wait_s", "shutdown_timeout_s", "drain_timeout_s"):
+            raise UsageError(f"{_named(name)} must be at least 1", name)
+    for name in ("lock_wait_s", "shutdown_timeout_s", "drain_timeout_s"):
         if not getattr(args, name) >= 0:
-            raise UsageError(f"{_named(name)} must not be negative")
+            raise UsageError(f"{_named(name)} must not be negative", name)
     if args.max_incoming_bytes < args.max_session_bytes:
         raise UsageError(
             f"{_named('max_incoming_bytes')} must be at least {_named('max_session_bytes')}, "
-            f"{args.max_session_bytes}: a request of the largest session must fit in it"
+            f"{args.max_session_bytes}: a request of the largest session must fit in it",
+            "max_incoming_bytes", "max_session_bytes",
+        )
+    # 0 would close every connection as soon as it is idle, sweeping for
+    # them without a pause (a core at 100 %).
+    if not args.idle_timeout_s > 0:
+        raise UsageError(
+            f"{_named('idle_timeout_s')} must be positive: how long a silent connection "
+            "holding no lock is kept open", "idle_timeout_s",
         )
     if not args.lock_lease_s > 0:
-        raise UsageError(f"{_named('lock_lease_s')} must be positive")
+        raise UsageError(f"{_named('lock_lease_s')} must be positive", "lock_lease_s")
     if not 0 <= args.socket_mode <= 0o777:
-        raise UsageError(f"{_named('socket_mode')} must be a permission mode like 0660")
+        raise UsageError(
+            f"{_named('socket_mode')} must be a permission mode like 0660", "socket_mode"
+        )
     try:
         listen = tuple(parse_address(a) for a in (args.listen or [DEFAULT_LISTEN]))
     except AddressError as exc:
-        raise UsageError(f"{_named('listen')}: {exc}") from exc
+        raise UsageError(f"{_named('listen')}: {exc}", "listen") from exc
     try:
         limits = Limits(
             max_session_bytes=args.max_session_bytes,
@@ -323,7 +373,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         persist = None  # the database keeps the sessions
     metrics_listen = None
     if args.metrics_listen:
-        metrics_listen = _tcp(args.metrics_listen, _named("metrics_listen"))
+        metrics_listen = _tcp(args.metrics_listen, "metrics_listen")
     return ServerConfig(
         listen=listen,
         limits=limits,
@@ -371,17 +421,38 @@ def _storage_config(args: argparse.Namespace) -> SqlConfig | None:
         raise StorageError(f"--storage: {exc}") from exc
 
 
-def _merged(args: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:
-    """Defaults < the --config file < flags given on the command line."""
+def _merged(
+    args: argparse.Namespace, argv: Sequence[str]
+) -> tuple[argparse.Namespace, dict[str, str]]:
+    """Defaults < the --config file < flags given on the command line; and
+    where (``"FILE:LINE"``) each setting taken from the file stands."""
     if not getattr(args, "config", None):
-        return args
+        return args, {}
     settings = config_file.load(args.config)
     given = _given_dests(argv, args.command)
     merged = argparse.Namespace(**vars(args))
+    where: dict[str, str] = {}
     for dest, value in settings.items():
         if dest not in given:
             setattr(merged, dest, value)
-    return merged
+            where[dest] = settings.where[dest]
+    return merged, where
+
+
+def _configure(
+    args: argparse.Namespace, argv: Sequence[str]
+) -> tuple[argparse.Namespace, ServerConfig]:
+    """The settings (file and flags merged) and the daemon's configuration.
+    A value the file gave that is out of range is named with its file and
+    line, like the file's other mistakes (ConfigError)."""
+    merged, where = _merged(args, argv)
+    try:
+        return merged, server_config(merged)
+    except UsageError as exc:
+        for dest in exc.dests:
+            if dest in where:
+                raise config_file.ConfigError(f"{where[dest]}: {exc}") from exc
+        raise
 
 
 _UNSET: Final = object()
@@ -410,8 +481,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 def _check_config(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
-        merged = _merged(args, argv)
-        server_config(merged)
+        _configure(args, argv)
     except (config_file.ConfigError, UsageError) as exc:
         print(f"phpsess: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -427,8 +497,7 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from phpsess.server import Server, StartupError, run_until_signal
 
     try:
-        args = _merged(args, argv)
-        config = server_config(args)
+        args, config = _configure(args, argv)
     except (config_file.ConfigError, UsageError) as exc:
         print(f"phpsess: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -441,8 +510,8 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     def reload() -> tuple[ServerConfig, str]:
         """SIGHUP: the configuration as the file says now."""
-        fresh = _merged(build_parser().parse_args(argv), argv)
-        return server_config(fresh), fresh.log_level
+        fresh, config = _configure(build_parser().parse_args(argv), argv)
+        return config, fresh.log_level
 
     # Threads (journal appends, snapshots) and the event loop hand the GIL to
     # each other within 0.5 ms instead of CPython's default 5 ms: with

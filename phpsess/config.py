@@ -3,7 +3,9 @@
 Every setting of ``phpsess serve`` has a key here, named like its flag, in
 one of four tables.  Precedence: built-in defaults < this file < flags.
 Unknown keys and wrong types are rejected by name, with the file and line,
-so a typo never silently falls back to a default.  Parsing is the standard
+so a typo never silently falls back to a default; values out of range are
+checked with the flags (``phpsess.__main__``), named with the file and line
+that :attr:`Settings.where` keeps.  Parsing is the standard
 library's ``tomllib``.  Pure apart from reading the file.
 """
 
@@ -19,6 +21,19 @@ DEFAULT_CONFIG: Final = "/etc/phpsess/phpsess.toml"
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names file, line, key."""
+
+
+class Settings(dict[str, Any]):
+    """What :func:`load` read: argparse destinations and their values, and in
+    :attr:`where` the ``"FILE:LINE"`` each came from, so that a value of the
+    right type but out of range (checked later, with the flags) is named
+    where it stands like any other mistake in the file."""
+
+    where: dict[str, str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where = {}
 
 
 def _int(value: object) -> bool:
@@ -85,14 +100,16 @@ SCHEMA: Final[dict[str, dict[str, tuple[str, Callable[[object], bool], str]]]] =
 
 
 def _line_of(text: str, table: str | None, key: str) -> int:
-    """The line a key stands on (tomllib reports no positions)."""
+    """The line a key stands on (tomllib reports no positions); a key that
+    is a table (``[cluster.peers]``) stands on its header."""
     current: str | None = None
     pattern = re.compile(rf"\s*(\"{re.escape(key)}\"|{re.escape(key)})\s*=")
+    qualified = key if table is None else f"{table}.{key}"
     for number, line in enumerate(text.splitlines(), 1):
         header = re.match(r"\s*\[\s*([^\]]+?)\s*\]", line)
         if header:
             current = header.group(1)
-            if table is None and current == key:
+            if current == qualified:
                 return number
             continue
         if current == table and pattern.match(line):
@@ -100,7 +117,7 @@ def _line_of(text: str, table: str | None, key: str) -> int:
     return 0
 
 
-def load(path: str) -> dict[str, Any]:
+def load(path: str) -> Settings:
     """The settings in ``path`` as argparse destinations (``peer`` as a list
     of ``NAME=HOST:PORT``); ConfigError for anything wrong."""
     try:
@@ -113,7 +130,7 @@ def load(path: str) -> dict[str, Any]:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    settings: dict[str, Any] = {}
+    settings = Settings()
     for table, values in document.items():
         where = f"{path}:{_line_of(text, None, table)}"
         if table not in SCHEMA:
@@ -134,6 +151,7 @@ def load(path: str) -> dict[str, Any]:
             dest, check, expected = spec
             if not check(value):
                 raise ConfigError(f"{where}: [{table}] {key} must be {expected}")
+            settings.where[dest] = where
             if dest == "peer":
                 peers = []
                 for name, address in value.items():

@@ -18,9 +18,9 @@ from phpsess.client import Client
 from tests.conftest import ROOT
 
 
-def _config(path: Path, max_session_bytes: int, extra: str = "") -> None:
+def _config(path: Path, max_session_bytes: int, extra: str = "", limits: str = "") -> None:
     path.write_text(
-        f"[limits]\nmax_session_bytes = {max_session_bytes}\nlock_wait_s = 7\n"
+        f"[limits]\nmax_session_bytes = {max_session_bytes}\nlock_wait_s = 7\n{limits}"
         f"[storage]\nmemory_only = true\n{extra}"
     )
 
@@ -70,6 +70,67 @@ def test_sighup_reloads_limits_and_names_what_needs_a_restart(
         assert c.request(p.Write("s", 60, b"x" * 200)) == p.OK
 
 
+def test_sighup_limits_apply_to_open_connections(start_daemon: Any, workdir: Path) -> None:
+    # php-fpm keeps its connections open (persistent=1): a reload must not
+    # wait for them to reconnect.  c's HELLO asked for a longer lease than
+    # the daemon gives.
+    conf = workdir / "phpsess.toml"
+    _config(conf, 100)
+    daemon = start_daemon("--config", str(conf))
+    with (
+        Client(daemon.address) as a, Client(daemon.address) as b,
+        Client(daemon.address, lease_ms=600_000) as c,
+    ):
+        reply = c.request(p.Write("big", 60, b"x" * 200))
+        assert isinstance(reply, p.Error) and reply.code is p.Code.TOO_LARGE
+        _config(conf, 1000, limits="lock_lease_s = 0.5\n")
+        conf.write_text(conf.read_text().replace("lock_wait_s = 7", "lock_wait_s = 0"))
+        daemon.signal(signal.SIGHUP)
+        _wait_for(daemon, "event=reloaded")
+        assert c.request(p.Write("big", 60, b"x" * 200)) == p.OK  # the new size limit
+        assert a.request(p.Read("s")) == p.MISS  # a holds the lock of s
+        started = time.monotonic()
+        reply = b.request(p.Read("s"))  # the new 0 s wait, not the old 7 s
+        assert isinstance(reply, p.Error) and reply.code is p.Code.LOCK_TIMEOUT
+        assert time.monotonic() - started < 5
+        assert c.request(p.Read("t")) == p.MISS
+        time.sleep(1.5)  # past the new 0.5 s lease, far from the old 300 s
+        reply = c.request(p.Write("t", 60, b"late"))
+        assert isinstance(reply, p.Error) and reply.code is p.Code.LOCK_LOST, reply
+
+
+def test_sighup_names_the_keys_that_need_a_restart(start_daemon: Any, workdir: Path) -> None:
+    conf = workdir / "phpsess.toml"
+    conf.write_text('[storage]\nfsync = "interval"\n')
+    daemon = start_daemon("--config", str(conf))  # with a --data-dir flag
+    conf.write_text(
+        '[daemon]\nmetrics_listen = "127.0.0.1:1"\n'
+        '[storage]\nfsync = "never"\nfsync_interval_ms = 50\ncompact_min_bytes = 1000\n'
+    )
+    daemon.signal(signal.SIGHUP)
+    _wait_for(
+        daemon, "event=reload_needs_restart "
+        "changed=fsync,fsync_interval_ms,compact_min_bytes,metrics_listen detail="
+    )
+    conf.write_text("[storage]\nmemory_only = true\n")
+    daemon.signal(signal.SIGHUP)
+    _wait_for(daemon, "event=reload_needs_restart changed=memory_only detail=")
+
+
+def test_sighup_refuses_a_zero_idle_timeout(start_daemon: Any, workdir: Path) -> None:
+    # 0 would drop every connection at once and sweep without a pause.
+    conf = workdir / "phpsess.toml"
+    _config(conf, 1000)
+    daemon = start_daemon("--config", str(conf))
+    with Client(daemon.address) as c:
+        _config(conf, 1000, limits="idle_timeout_s = 0\n")
+        daemon.signal(signal.SIGHUP)
+        _wait_for(daemon, "event=reload_failed")
+        assert f"{conf}:4: idle_timeout_s (--idle-timeout-s) must be positive" in daemon.log()
+        time.sleep(0.5)
+        assert c.request(p.Read("s", lock=False)) == p.MISS  # still connected
+
+
 def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = workdir / "good.toml"
     _config(good, 1000)
@@ -80,19 +141,43 @@ def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert main(["check-config", str(bad)]) == 2
     assert "fsync (--fsync) must be one of always, interval, never" in capsys.readouterr().err
     # A value of the right type but out of range is named as the file and
-    # the flag both name it, whichever the operator used.
+    # the flag both name it, whichever the operator used, with its file and
+    # line like any other mistake in the file.
+    (workdir / "secret").write_text("s" * 32)
+    cluster = f'[cluster]\nnode = "a"\nlisten = "127.0.0.1:1"\nsecret_file = "{workdir}/secret"\n'
     for text, message in (
-        ('[daemon]\nlog_level = "loud"\n', "log_level (--log-level) must be one of"),
-        ('[daemon]\nlisten = ["bogus:x"]\n', "listen (--listen): 'bogus:x' is not an address"),
-        ('[daemon]\nmetrics_listen = "nohost"\n', "metrics_listen (--metrics-listen): "),
-        ("[limits]\nlock_lease_s = 0\n", "lock_lease_s (--lock-lease-s) must be positive"),
-        ("[limits]\nmax_connections = 0\n", "max_connections (--max-connections) must be"),
+        ('[daemon]\nlog_level = "loud"\n', ":2: log_level (--log-level) must be one of"),
+        ('[daemon]\nlog_level = "INFO"\n', ":2: log_level (--log-level) must be one of"),
+        ('[daemon]\nlisten = ["bogus:x"]\n',
+         ":2: listen (--listen): 'bogus:x' is not an address"),
+        ('[daemon]\nmetrics_listen = "nohost"\n', ":2: metrics_listen (--metrics-listen): "),
+        ('[storage]\n\nfsync = "sometimes"\n', ":3: fsync (--fsync) must be one of"),
+        ("[limits]\nlock_lease_s = 0\n", ":2: lock_lease_s (--lock-lease-s) must be positive"),
+        ("[limits]\n\nmax_connections = 0\n", ":3: max_connections (--max-connections) must be"),
         ("[limits]\nmax_incoming_bytes = 1000\n",
-         "max_incoming_bytes (--max-incoming-bytes) must be at least max_session_bytes"),
+         ":2: max_incoming_bytes (--max-incoming-bytes) must be at least max_session_bytes"),
+        ("[limits]\nidle_timeout_s = 0\n", ":2: idle_timeout_s (--idle-timeout-s) must be "
+         "positive"),
+        ("[limits]\nidle_timeout_s = -1\n", ":2: idle_timeout_s (--idle-timeout-s) must be "
+         "positive"),
+        (f"{cluster}heartbeat_ms = 3000\n", ":5: heartbeat_ms (--heartbeat-ms), 3000, must be "
+         "less than dead_after_ms (--dead-after-ms), 3000"),
+        (f'{cluster}[cluster.peers]\na = "127.0.0.1:2"\n', ":5: peer names must be unique"),
+        ('[cluster]\nnode = "a-b"\nlisten = "127.0.0.1:1"\nsecret_file = "/x"\n',
+         ":2: node name 'a-b' must be"),
     ):
         bad.write_text(text)
         assert main(["check-config", str(bad)]) == 2, text
-        assert message in capsys.readouterr().err, text
+        assert f"phpsess: {bad}{message}" in capsys.readouterr().err, text
+    # A flag's value is the flag's: no file, no line.
+    assert main(["check-config", str(good), "--idle-timeout-s", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "phpsess: idle_timeout_s (--idle-timeout-s) must be positive: how long a silent "
+        "connection holding no lock is kept open\n"
+    )
+    bad.write_text("[limits]\nidle_timeout_s = 0\n")
+    assert main(["check-config", str(bad), "--idle-timeout-s", "5"]) == 0
+    capsys.readouterr()
 
 
 def test_serve_with_a_bad_file_exits_2_naming_the_line(workdir: Path) -> None:

@@ -88,6 +88,19 @@ def test_mistakes_are_named_with_file_and_line(tmp_path: Path, text: str, messag
     assert message in str(info.value)
 
 
+def test_every_setting_says_where_it_stands(tmp_path: Path) -> None:
+    # For mistakes found later, with the flags (a value out of range).
+    path = _write(tmp_path, FULL)
+    where = load(path).where
+    lines = FULL.splitlines()
+    for dest, key in (("log_level", "log_level ="), ("max_connections", "max_connections ="),
+                      ("fsync", "fsync ="), ("cluster_listen", 'listen = "10.0.0.1'),
+                      ("peer", "[cluster.peers]")):
+        line = next(n for n, text in enumerate(lines, 1) if text.startswith(key))
+        assert where[dest] == f"{path}:{line}", dest
+    assert set(where) == set(load(path))
+
+
 def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read it"):
         load(str(tmp_path / "nope.toml"))

@@ -222,6 +222,24 @@ class Engine:
 
     # -- requests
 
+    def refresh_limits(self, owner: Owner, hello: p.Hello | None) -> None:
+        """After :attr:`limits` changed (a reload): ``owner``'s lock wait and
+        lease, from the new defaults or as its accepted ``hello`` asked."""
+        client = self._clients.get(owner)
+        if client is not None:
+            limits = self.limits
+            client.wait_s, client.lease_s = (
+                (limits.lock_wait_s, limits.lock_lease_s) if hello is None
+                else hello_wait_and_lease(hello, limits)
+            )
+
+    def count(self, request: p.Event) -> None:
+        """Count a request answered without :meth:`handle` (by the cluster:
+        a peer's, or one forwarded to a session's master)."""
+        self.requests_total += 1
+        kind = type(request)
+        self._verb_counts[kind] = self._verb_counts.get(kind, 0) + 1
+
     def handle(self, owner: Owner, request: p.Event, now: float) -> p.Reply | _Wait:
         """The reply to one request of ``owner``, or WAIT (see module doc)."""
         self.requests_total += 1
@@ -447,6 +465,8 @@ VERB_NAMES: Final[dict[type, str]] = {
     p.Exists: "EXISTS", p.Destroy: "DESTROY", p.Close: "CLOSE", p.Gc: "GC",
     p.Create: "CREATE", p.Ping: "PING", p.Stats: "STATS", p.Get: "GET", p.List: "LIST",
     p.Drain: "DRAIN",
+    # A cluster's peers (CLUSTER.md); requests that do not parse are INVALID.
+    p.ReplPut: "REPL", p.ReplDelete: "REPLDEL", p.Where: "WHERE", p.Handoff: "HANDOFF",
 }
 _OK_1: Final = p.Ok(("1",))
 _OK_0: Final = p.Ok(("0",))

@@ -287,13 +287,21 @@ class Server:
 
     def reload(self, fresh: ServerConfig, log_level: str) -> None:
         """Apply a re-read configuration: log level, limits, lock defaults,
-        connection limits; say what else changed and needs a restart."""
+        connection limits; say what else changed and needs a restart.  The
+        limits apply to open connections too (php-fpm keeps its own open)."""
         logging.getLogger("phpsess").setLevel(log_level.upper())
         old = self.config
         self.config = attrs.evolve(
             old, **{name: getattr(fresh, name) for name in self._RELOADABLE}
         )
-        self.engine.limits = fresh.limits
+        limits = self.engine.limits = fresh.limits
+        for conn in self._conns.values():
+            if conn.parser is not None:
+                conn.parser.max_session_bytes = limits.max_session_bytes
+            # Its lock wait and lease: the defaults, unless its HELLO asked
+            # for others.  (With SQL storage, from its next HELLO: the PHP
+            # handler sends one per request.)
+            self.engine.refresh_limits(conn.owner, conn.hello)
         applied = [n for n in self._RELOADABLE if getattr(old, n) != getattr(fresh, n)]
         # The peer list may change while running; the node itself may not.
         if (
@@ -304,11 +312,45 @@ class Server:
             self.cluster.reload_peers(fresh.cluster.peers)
             self.config = attrs.evolve(self.config, cluster=fresh.cluster)
             applied.append("cluster peers")
-        ignored = [
-            field.name for field in attrs.fields(ServerConfig)
-            if field.name not in self._RELOADABLE
-            and getattr(self.config, field.name) != getattr(fresh, field.name)
-        ]
+        # What else changed, named as the configuration file names it.
+        keys: dict[str, dict[str, str]] = {
+            "persist": {
+                "data_dir": "data_dir", "fsync": "fsync",
+                "fsync_interval_s": "fsync_interval_ms", "min_compact_bytes": "compact_min_bytes",
+            },
+            "storage": {
+                "password": "storage.password", "table": "storage.table",
+                "engine": "storage.engine", "pool_size": "storage.pool_size",
+            },
+            "cluster": {
+                "secret": "cluster.secret_file", "heartbeat_s": "cluster.heartbeat_ms",
+                "dead_after_s": "cluster.dead_after_ms",
+            },
+        }
+        ignored: list[str] = []
+        for field in attrs.fields(ServerConfig):
+            name = field.name
+            before, after = getattr(self.config, name), getattr(fresh, name)
+            if name in self._RELOADABLE or before == after:
+                continue
+            if name not in keys:
+                ignored.append(name)  # listen, socket_mode, metrics_listen
+            elif before is None or after is None:
+                if name == "persist":
+                    if old.storage is None and fresh.storage is None:
+                        ignored.append("memory_only")  # else: storage.url
+                else:
+                    ignored.append("storage.url" if name == "storage" else "cluster")
+            else:
+                for sub in attrs.fields(type(before)):
+                    if getattr(before, sub.name) != getattr(after, sub.name):
+                        ignored.append(
+                            keys[name].get(
+                                sub.name,
+                                "storage.url" if name == "storage" else f"{name}.{sub.name}",
+                            )
+                        )
+        ignored = list(dict.fromkeys(ignored))
         log.info(
             "event=reloaded log_level=%s applied=%s", log_level, ",".join(applied) or "-"
         )
@@ -643,6 +685,8 @@ class Server:
                     elif cluster is not None:
                         reply_or_wait = await self._cluster_request(conn, event, now)
                         now = trio.current_time()
+                        if reply_or_wait is not None:
+                            engine.count(event)
                         if self.persister is not None and isinstance(
                             event, (p.ReplPut, p.ReplDelete, p.Handoff)
                         ):

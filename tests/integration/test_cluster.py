@@ -20,7 +20,7 @@ from phpsess import protocol as p
 from phpsess.client import Client
 from phpsess.membership import Heartbeat
 from phpsess.peerauth import encode_heartbeat
-from tests.conftest import Daemon, php_binary, read_counter
+from tests.conftest import Daemon, free_tcp_port, php_binary, read_counter, scrape_metrics
 
 ROUNDROBIN = Path(__file__).parent / "php" / "roundrobin.php"
 NAMES = ("a", "b", "c")
@@ -284,6 +284,39 @@ def test_a_drained_daemon_restarted_finds_the_sessions_it_handed_over(cluster: C
     # New sessions still start on it, empty.
     fresh = _create(cluster, "a", b"n|i:7;")
     assert _counter(cluster, "a", fresh) == 7
+
+
+def test_metrics_count_peer_and_forwarded_requests_by_their_verb(workdir: Path) -> None:
+    # A backup's REPLs and a forwarded READ are requests too: counted under
+    # their verbs, in the counter as in the latency histogram (they were
+    # missing from the one and labelled INVALID in the other).
+    ports: dict[str, int] = {}
+
+    class Metered(Cluster):
+        def args(self, name: str, secret: Path) -> list[str]:
+            port = ports.setdefault(name, free_tcp_port())
+            return [*super().args(name, secret), "--metrics-listen", f"127.0.0.1:{port}"]
+
+    pair = Metered(workdir, ("a", "b"))
+    try:
+        sid = _create(pair, "a", b"n|i:1;")  # mastered by a, its backup on b
+        with Client(pair.nodes["a"].address) as c:
+            for n in range(2, 5):
+                assert c.request(p.Write(sid, 60, b"n|i:%d;" % n)) == p.OK
+        with Client(pair.nodes["b"].address) as c:  # forwarded to a
+            assert c.request(p.Read(sid, lock=False)) == p.Data(b"n|i:4;")
+        b = scrape_metrics(ports["b"])
+
+        def both(verb: str) -> tuple[float, float]:
+            labels = (("verb", verb),)
+            return (b.get(("phpsess_requests_total", labels), 0.0),
+                    b.get(("phpsess_request_seconds_count", labels), 0.0))
+
+        assert both("REPL") == (4.0, 4.0)
+        assert both("READ") == (1.0, 1.0)
+        assert not any(dict(labels).get("verb") == "INVALID" for _, labels in b)
+    finally:
+        pair.stop()
 
 
 def test_double_failure_is_reported_missing(cluster: Cluster) -> None:

@@ -35,11 +35,23 @@ EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1  # daemon unreachable, or it refused a request
 EXIT_USAGE: Final = 2
 EXIT_NOT_FOUND: Final = 3
+EXIT_UNDECODABLE: Final = 4  # show: the data is not in the format asked for
 
 EPILOG: Final = (
     "exit status: 0 ok; 1 daemon unreachable or a request refused "
-    "(e.g. the session is locked); 2 bad usage; 3 session not found (show)"
+    "(e.g. the session is locked); 2 bad usage; 3 session not found (show); "
+    "4 session data not decodable (show: --raw writes its bytes)"
 )
+# The longest --timeout-s / --wait-s: a day (a socket timeout has a limit,
+# and nothing an admin command waits for takes longer).
+MAX_SECONDS: Final = 86400.0
+# How long drain --wait waits for the daemon to exit when neither --wait-s
+# nor --config says otherwise: the longest a drain takes with the daemon's
+# default timeouts, drain_timeout_s (30 s, a cluster's hand-over) then
+# shutdown_timeout_s (10 s, requests holding locks), plus 20 s for the
+# journal's last write and the exit.
+DRAIN_WAIT_S: Final = 60.0
+DRAIN_WAIT_MARGIN_S: Final = 20.0
 DEFAULT_PAGE_SIZE: Final = 1000
 # How many session bytes export/import keep in flight in one pipelined batch.
 BATCH_BYTES: Final = 8 << 20
@@ -61,6 +73,30 @@ class AdminError(Exception):
 
 _page_size = whole_number(1, p.MAX_LIST_LIMIT)
 _count = whole_number(0)
+_SID_ALPHABET: Final = ",-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds, more than 0, at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= MAX_SECONDS:  # also NaN and inf
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be more than 0 and at most {MAX_SECONDS:g} seconds"
+        )
+    return value
+
+
+def _prefix(text: str) -> str:
+    """An argparse type: the start of a session ID (empty: every ID)."""
+    if len(text) > p.MAX_SID_LENGTH or text.strip(_SID_ALPHABET):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} cannot start a session ID (up to {p.MAX_SID_LENGTH} characters "
+            "of A-Z a-z 0-9 , -)"
+        )
+    return text
 
 
 def _sid(text: str) -> str:
@@ -86,7 +122,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "(when --connect is not given)",
         )
         sub.add_argument(
-            "--timeout-s", type=float, default=10.0, metavar="S",
+            "--timeout-s", type=_seconds, default=10.0, metavar="S",
             help="seconds for connecting and for each reply (default: 10)",
         )
         sub.add_argument("--json", action="store_true", help="machine-readable output")
@@ -95,7 +131,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     command("status", "the daemon's version, uptime, sessions, connections, locks, requests")
 
     ls = command("ls", "list sessions: ID, size, remaining lifetime, locked")
-    ls.add_argument("--prefix", default="", metavar="STR", help="only IDs starting with STR")
+    ls.add_argument("--prefix", type=_prefix, default="", metavar="STR",
+                    help="only IDs starting with STR")
     ls.add_argument("--min-bytes", type=_count, default=0, metavar="N",
                     help="only sessions of at least N bytes")
     ls.add_argument("--locked", action="store_true", help="only sessions locked now")
@@ -105,6 +142,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                     help=f"sessions per LIST request (default: {DEFAULT_PAGE_SIZE})")
 
     show = command("show", "one session's data, decoded from PHP's serialize format")
+    show.epilog = (
+        "decoded values: a string that is not UTF-8 is shown as "
+        '{"__bytes_hex__": HEX}, a reference as {"__ref__": PATH}, an object as '
+        '{"__class__": NAME, ...}, an enum case as {"__enum__": ...}, INF and NAN as '
+        '{"__float__": ...}; a PHP array with such a key looks the same (--raw shows '
+        "the bytes). " + EPILOG
+    )
     show.add_argument("sid", type=_sid, metavar="ID")
     show.add_argument("--format", choices=("auto", *FORMATS), default="auto",
                       help="session.serialize_handler that wrote it (default: auto, which "
@@ -151,7 +195,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "locks and, in a cluster, hand every session to other daemons before it exits",
     )
     drain.add_argument("--wait", action="store_true",
-                       help="return only once the daemon has exited (up to --timeout-s)")
+                       help="return only once the daemon has exited (up to --wait-s)")
+    drain.add_argument(
+        "--wait-s", type=_seconds, default=None, metavar="S",
+        help="with --wait, how long the daemon may take to exit (default: as long as a "
+        "drain may take: with --config, its shutdown_timeout_s + drain_timeout_s + "
+        f"{DRAIN_WAIT_MARGIN_S:g}; else {DRAIN_WAIT_S:g}, enough for the default 10 + 30 "
+        "s; never less than --timeout-s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,9 +297,9 @@ def _seek_before(prefix: str) -> str | None:
     the prefix instead of scanning from the first session."""
     if not prefix:
         return None
-    alphabet = ",-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    alphabet = _SID_ALPHABET
     head, last = prefix[:-1], prefix[-1]
-    index = alphabet.index(last)
+    index = alphabet.index(last)  # --prefix allows these characters only (_prefix)
     if index == 0:
         return head or None  # nothing sorts between head and head + ","
     # head + (the character before last) + "z" * as many as an ID may hold.
@@ -383,7 +434,8 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
     except DecodeError as exc:
         if args.json:
             _emit({**meta, "error": str(exc)})
-        raise AdminError(f"{args.sid}: cannot decode: {exc}; --raw shows the bytes") from None
+        raise AdminError(f"{args.sid}: cannot decode: {exc}; --raw shows the bytes",
+                         EXIT_UNDECODABLE) from None
     if args.json:
         _emit({**meta, "format": fmt, "data": decoded})
         return EXIT_OK
@@ -637,16 +689,38 @@ def cmd_drain(client: Client, args: argparse.Namespace) -> int:
                 f"{client.address} is draining, but --wait can only watch a daemon on this "
                 "machine (its STATS named no process here); check with phpsess status"
             )
-        deadline = time.monotonic() + args.timeout_s
+        wait_s = _drain_wait_s(args)
+        deadline = time.monotonic() + wait_s
         while not (gone := not _running(process)) and time.monotonic() < deadline:
             time.sleep(0.1)
         if not gone:
-            raise AdminError(f"{client.address} is still running after {args.timeout_s:g} s")
+            raise AdminError(
+                f"{client.address} is still draining after {wait_s:g} s (pid "
+                f"{process[0]}); it stops on its own within its shutdown_timeout_s + "
+                "drain_timeout_s: wait longer with --wait-s, check with phpsess status"
+            )
     if args.json:
         _emit({"address": str(client.address), "draining": True, "exited": gone})
     else:
         print(f"{client.address}: " + ("drained and exited" if gone else "draining"))
     return EXIT_OK
+
+
+def _drain_wait_s(args: argparse.Namespace) -> float:
+    """How long drain --wait waits: --wait-s, else the longest the daemon's
+    drain may take (its timeouts from --config, or the defaults'), and never
+    less than --timeout-s (which bounded the wait before --wait-s)."""
+    if args.wait_s is not None:
+        return float(args.wait_s)
+    wait = DRAIN_WAIT_S
+    if args.config:
+        from phpsess.config import ConfigError, load
+
+        with contextlib.suppress(ConfigError):  # unreadable: the default is as good
+            settings = load(args.config)
+            wait = max(wait, float(settings.get("shutdown_timeout_s", 10.0))
+                       + float(settings.get("drain_timeout_s", 30.0)) + DRAIN_WAIT_MARGIN_S)
+    return max(wait, float(args.timeout_s))
 
 
 def _local_process(client: Client) -> tuple[int, str] | None:

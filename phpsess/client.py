@@ -8,9 +8,13 @@ import contextlib
 import socket
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Final
 
 from phpsess import protocol as p
 from phpsess.addresses import Address, TcpAddress, UnixAddress, parse_address
+
+# The longest timeout_s: a day (the admin commands' --timeout-s allows as much).
+MAX_TIMEOUT_S: Final = 86400.0
 
 
 class ClientError(Exception):
@@ -20,6 +24,10 @@ class ClientError(Exception):
 class Client:
     def __init__(self, address: Address | str, *, timeout_s: float = 10.0, hello: bool = True,
                  wait_ms: int | None = None, lease_ms: int | None = None) -> None:
+        if not 0 < timeout_s <= MAX_TIMEOUT_S:  # also NaN and inf
+            # socket.settimeout would raise OverflowError past about 300 years.
+            raise ValueError(f"timeout_s must be more than 0 and at most {MAX_TIMEOUT_S:g}, "
+                             f"not {timeout_s!r}")
         self.address = parse_address(address) if isinstance(address, str) else address
         self._parser = p.ReplyParser()
         try:

@@ -48,6 +48,7 @@ import logging
 import math
 import mmap
 import os
+import pwd
 import queue
 import re
 import shutil
@@ -171,10 +172,17 @@ def _generations(path: str) -> tuple[list[int], list[int]]:
 
 
 def _recovery_hint(path: str) -> str:
+    command = f"phpsess repair --data-dir {path}"
+    uid = os.geteuid()
+    if uid != 0:  # as the daemon's user, as DEPLOYMENT.md §7 says
+        try:
+            command = f"runuser -u {pwd.getpwuid(uid).pw_name} -- {command}"
+        except KeyError:
+            command = f"setpriv --reuid={uid} --regid={os.getegid()} --clear-groups {command}"
     return (
         f"phpsess will not drop sessions silently. Keep a copy of {path}, then either "
-        "restore the file from a backup, or run `phpsess repair --data-dir "
-        f"{path}` to keep every intact record (sessions in the damaged part are lost)"
+        f"restore the file from a backup, or run `{command}` to keep every intact "
+        "record (sessions in the damaged part are lost)"
     )
 
 
@@ -417,8 +425,14 @@ def repair(data_dir: str) -> list[str]:
 
     Crash-safe: the replacement is written and fsynced beside the original,
     the original is hard-linked into the keep directory, then the replacement
-    is renamed over it, so the directory never lacks the file."""
+    is renamed over it, so the directory never lacks the file.
+
+    Run as root on the daemon's directory, it leaves nothing the daemon's
+    user could not use: a replacement gets the owner, group and mode of the
+    file it replaces, ``damaged-<time>/`` (and a ``lock`` file the repair
+    command made) those of the data directory."""
     done: list[str] = []
+    directory = os.stat(data_dir)
     snapshots, journals = _generations(data_dir)
     keep = os.path.join(data_dir, f"damaged-{int(time.time())}")
     for kind, gens in (("snapshot", snapshots), ("journal", journals)):
@@ -426,6 +440,7 @@ def repair(data_dir: str) -> list[str]:
             name = snapshot_name(gen) if kind == "snapshot" else journal_name(gen)
             path = os.path.join(data_dir, name)
             with _mapped(path) as mapped:  # a FIFO or directory: a clear error
+                original = os.stat(path)
                 buf = bytes(mapped)
             magic = j.SNAPSHOT_MAGIC if kind == "snapshot" else j.JOURNAL_MAGIC
             records: list[j.Record] = []
@@ -442,7 +457,7 @@ def repair(data_dir: str) -> list[str]:
             if not bad and start and complete:
                 continue
             tmp = path + ".repair.tmp"  # restore removes what a crash left
-            with open(tmp, "wb") as out:
+            with os.fdopen(_create_like(tmp, original), "wb") as out:
                 out.write(magic)
                 for r in kept:
                     out.write(j.encode(r.op, r.sid, r.expires_at, r.ttl_s, r.data))
@@ -450,8 +465,8 @@ def repair(data_dir: str) -> list[str]:
                     out.write(j.encode(j.Op.END, str(puts)))
                 out.flush()
                 os.fsync(out.fileno())
-            os.makedirs(keep, exist_ok=True)
-            _keep_original(path, os.path.join(keep, name))
+            _make_keep(keep, directory)
+            _keep_original(path, os.path.join(keep, name), original)
             _fsync_dir(keep)
             os.replace(tmp, path)
             done.append(
@@ -463,15 +478,87 @@ def repair(data_dir: str) -> list[str]:
                     if kind == "journal" and bad else ""
                 )
             )
+    _return_lock(data_dir, directory)
     if done:
         _fsync_dir(data_dir)
     return done
 
 
-def _keep_original(path: str, target: str) -> None:
-    """Keep ``path`` as ``target`` too: a hard link, or a copy where the
-    filesystem has none.  Already kept (a repair that stopped before its
-    rename, run again within the second): nothing to do."""
+def _give(fd: int, path: str, uid: int, gid: int, mode: int) -> None:
+    """Give the file open as ``fd`` (``path``) that owner, group and mode
+    (chown first: it clears set-id bits)."""
+    mine = os.fstat(fd)
+    try:
+        if (mine.st_uid, mine.st_gid) != (uid, gid):
+            os.fchown(fd, uid, gid)
+        if stat.S_IMODE(mine.st_mode) != mode:
+            os.fchmod(fd, mode)
+    except PermissionError as exc:
+        raise DataDirError(
+            f"cannot give {path} the owner (uid {uid}, gid {gid}) of the file it stands "
+            f"for: {exc.strerror}; run repair as root or as the daemon's user "
+            "(runuser -u phpsess -- phpsess repair --data-dir DIR)"
+        ) from exc
+
+
+def _create_like(path: str, like: os.stat_result) -> int:
+    """A new file ``path`` for writing, owned as ``like`` with its mode.
+    What a crashed repair left there is removed first; a symlink planted
+    in the directory is never followed."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        _give(fd, path, like.st_uid, like.st_gid, stat.S_IMODE(like.st_mode))
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return fd
+
+
+def _make_keep(keep: str, directory: os.stat_result) -> None:
+    """Make ``keep`` (the originals' directory) with the data directory's
+    owner, group and mode; one made earlier within the second is reused."""
+    try:
+        os.mkdir(keep, 0o700)
+    except FileExistsError:
+        if not stat.S_ISDIR(os.lstat(keep).st_mode):
+            raise DataDirError(f"{keep} is in the way (not a directory): move it out, "
+                               "then run repair again") from None
+    fd = os.open(keep, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        _give(fd, keep, directory.st_uid, directory.st_gid, stat.S_IMODE(directory.st_mode))
+    finally:
+        os.close(fd)
+
+
+def _return_lock(data_dir: str, directory: os.stat_result) -> None:
+    """The repair command locks ``DIR/lock``, creating it if it was missing:
+    made by root, the daemon's user could not open it.  Run as root, give a
+    lock file of root's the data directory's owner and group."""
+    if os.geteuid() != 0 or directory.st_uid == 0:
+        return
+    path = os.path.join(data_dir, "lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return  # none (repair() called alone): nothing to give
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_uid == 0:
+            _give(fd, path, directory.st_uid, directory.st_gid, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _keep_original(path: str, target: str, like: os.stat_result) -> None:
+    """Keep ``path`` as ``target`` too: a hard link, or a copy (owned and
+    with the mode of ``like``, the original) where the filesystem has none.
+    Already kept (a repair that stopped before its rename, run again within
+    the second): nothing to do."""
     if os.path.exists(target):
         if os.path.samefile(path, target):
             return
@@ -481,8 +568,9 @@ def _keep_original(path: str, target: str) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
             raise
-        shutil.copyfile(path, target)
-        with open(target, "rb") as copy:
+        with open(path, "rb") as source, os.fdopen(_create_like(target, like), "wb") as copy:
+            shutil.copyfileobj(source, copy)
+            copy.flush()
             os.fsync(copy.fileno())
 
 

@@ -121,6 +121,44 @@ def test_help_documents_exit_statuses(capsys: pytest.CaptureFixture[str]) -> Non
     out = " ".join(capsys.readouterr().out.split())
     assert "exit status: 0 ok; 1 daemon unreachable" in out
     assert "3 session not found" in out
+    assert "4 session data not decodable (show: --raw writes its bytes)" in out
+    # show's help says how values that are not plain JSON are shown.
+    with pytest.raises(SystemExit):
+        main(["show", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert 'not UTF-8 is shown as {"__bytes_hex__": HEX}' in out
+    assert "a PHP array with such a key looks the same (--raw shows the bytes)" in out
+    assert "4 session data not decodable" in out
+
+
+def _phpsess(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The ``phpsess`` command line, run as a process of its own."""
+    return subprocess.run([sys.executable, "-m", "phpsess", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_bad_prefix_and_timeout_are_usage_errors_not_tracebacks(daemon: Any) -> None:
+    put(daemon.address, {"ab": (b"x", 60)})
+    cases = [
+        (["ls", "--prefix", "a.b"], "argument --prefix: 'a.b' cannot start a session ID"),
+        (["ls", "--prefix", "a b"], "argument --prefix: 'a b' cannot start a session ID"),
+        (["ls", "--prefix", "\u00e9"], "argument --prefix"),
+        (["ls", "--prefix", "a" * 257], "up to 256 characters"),
+        *[(["status", "--timeout-s", value],
+           f"argument --timeout-s: '{value}' must be more than 0 and at most 86400")
+          for value in ("inf", "nan", "-1", "0", "1e300")],
+        (["drain", "--wait", "--wait-s", "inf"], "argument --wait-s: 'inf' must be"),
+    ]
+    for args, message in cases:
+        proc = _phpsess(*args, "--connect", daemon.address)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    assert daemon.proc.poll() is None  # the drain was refused before it was sent
+    # A prefix of the allowed characters still lists, also an empty one.
+    for prefix, listed in (("a", ["ab"]), ("", ["ab"]), ("a,", [])):
+        proc = _phpsess("ls", "--connect", daemon.address, "--prefix", prefix, "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert [json.loads(line)["id"] for line in proc.stdout.splitlines()] == listed
 
 
 # ---------------------------------------------------------------- ls
@@ -221,13 +259,17 @@ def test_show_missing_and_undecodable(daemon: Any, capsys: pytest.CaptureFixture
     assert "no session nosuch" in err
 
     put(daemon.address, {"junk": (b"\xff\xfe not php", 60), "php1": (b"a|i:1;", 60)})
+    # Data that does not decode has an exit status of its own (4), not that
+    # of an unreachable daemon (1).
     status, out, err = cli(capsys, "show", "junk", "--connect", daemon.address)
-    assert status == 1
+    assert status == 4
     assert "cannot decode" in err and "--raw" in err
+    status, out, err = cli(capsys, "show", "junk", "--connect", daemon.address, "--json")
+    assert status == 4 and "not a PHP session" in json.loads(out)["error"]
     # A wrong --format is a decoding error naming that format.
     status, _, err = cli(capsys, "show", "php1", "--format", "php_serialize",
                          "--connect", daemon.address)
-    assert status == 1
+    assert status == 4
     assert "php_serialize: at byte 0" in err
 
 
@@ -457,3 +499,54 @@ def test_admin_output_piped_into_head_stops_quietly(daemon: Any) -> None:
         )
         assert proc.returncode == 0 and proc.stdout.count("\n") == 1, (command, proc)
         assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr, proc.stderr
+
+
+def test_drain_wait_waits_as_long_as_the_drain_may_take(start_daemon: Any) -> None:
+    # With a lock held, a drain lasts the daemon's shutdown_timeout_s (in a
+    # cluster, drain_timeout_s too): 12 s here.  drain --wait gave up after
+    # its --timeout-s (10 s), while the daemon went on and exited after all.
+    daemon = start_daemon("--memory-only", "--shutdown-timeout-s", "12")
+    with Client(daemon.address) as holder:
+        assert holder.request(p.Read("held", lock=True)) == p.MISS
+        started = time.monotonic()
+        proc = _phpsess("drain", "--wait", "--connect", daemon.address, timeout=120)
+        took = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    assert "drained and exited" in proc.stdout
+    assert took > 11, took  # it did wait for the lock holder's 12 s
+    assert daemon.wait(10) == 0
+    assert "event=shutdown_timeout" in daemon.log()
+
+    # --wait-s sets the wait: past it, exit 1 saying that the daemon is
+    # still draining (it goes on, and exits once the lock is released).
+    daemon = start_daemon("--memory-only", "--shutdown-timeout-s", "60")
+    with Client(daemon.address) as holder:
+        assert holder.request(p.Read("held", lock=True)) == p.MISS
+        started = time.monotonic()
+        proc = _phpsess("drain", "--wait", "--wait-s", "1", "--connect", daemon.address)
+        took = time.monotonic() - started
+        assert proc.returncode == 1, proc.stderr
+        assert f"{daemon.address} is still draining after 1 s" in proc.stderr
+        assert "--wait-s" in proc.stderr
+        assert 1 <= took < 30, took
+        assert daemon.proc.poll() is None
+        assert holder.request(p.Write("held", 60, b"x|i:1;")) == p.OK
+    assert daemon.wait(30) == 0
+
+
+def test_drain_wait_default_covers_the_daemons_timeouts(tmp_path: Path) -> None:
+    from phpsess import admin
+    from phpsess.__main__ import build_parser
+
+    def wait_s(*args: str) -> float:
+        return admin._drain_wait_s(build_parser().parse_args(["drain", "--wait", *args]))
+
+    # The defaults, 10 s for the requests holding locks and 30 s for a
+    # cluster's hand-over, with room to spare.
+    assert wait_s() == 60
+    assert wait_s("--wait-s", "5") == 5
+    assert wait_s("--timeout-s", "90") == 90  # it bounded the wait before --wait-s
+    config = tmp_path / "phpsess.toml"
+    config.write_text("[limits]\nshutdown_timeout_s = 100\n[cluster]\ndrain_timeout_s = 50\n")
+    assert wait_s("--config", str(config)) == 170
+    assert wait_s("--config", str(config), "--wait-s", "3") == 3

@@ -4,10 +4,13 @@ torn and corrupted files, expiry across restarts, the data-dir lock."""
 from __future__ import annotations
 
 import os
+import pwd
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -370,3 +373,91 @@ def test_a_second_daemon_cannot_use_the_same_data_dir(daemon: Daemon, start_daem
     assert "in use by another phpsess daemon" in str(info.value)
     with Client(daemon.address) as c:
         assert c.request(p.Ping()) == p.OK
+
+
+NOBODY = 65534
+
+
+def _serve_as_nobody(data: Path, sock: Path, log: Path) -> subprocess.Popen[bytes]:
+    """A daemon running as uid/gid 65534 (standing in for the phpsess user)
+    on ``data``; returns once it listens, or once it has exited."""
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
+             sys.executable, "-m", "phpsess", "serve", "--listen", f"unix:{sock}",
+             "--data-dir", str(data), "--fsync", "always"],
+            stderr=err, stdin=subprocess.DEVNULL, cwd=ROOT,
+        )
+    deadline = time.monotonic() + 30
+    while not sock.exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
+    return proc
+
+
+def test_repair_run_as_root_leaves_files_the_daemons_user_can_use() -> None:
+    # DEPLOYMENT.md §7: the daemon runs as its own user; root runs repair on
+    # its data directory.  Repair wrote the journal as root:root 0644 and a
+    # damaged-*/ of root's: the daemon's next start failed with "Permission
+    # denied ... move it out", and that advice threw every session away.
+    base = Path(tempfile.mkdtemp(prefix="phpsess-", dir="/tmp"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        base.chmod(0o755)
+        data, run, log = base / "data", base / "run", base / "daemon.log"
+        sock = run / "s.sock"
+        for directory in (data, run):
+            directory.mkdir(mode=0o700)
+            os.chown(directory, NOBODY, NOBODY)
+        procs.append(daemon := _serve_as_nobody(data, sock, log))
+        assert daemon.poll() is None, log.read_text()
+        with Client(f"unix:{sock}") as c:
+            for i in range(10):
+                assert c.request(p.Write(f"r{i}", 600, b"value-%d" % i)) == p.OK
+        daemon.kill()
+        daemon.wait(15)
+        journal = data / journal_name(1)
+        assert journal.stat().st_uid == NOBODY
+        raw = bytearray(journal.read_bytes())
+        raw[raw.index(b"value-4")] ^= 0xFF
+        journal.write_bytes(bytes(raw))
+        sock.unlink(missing_ok=True)
+
+        procs.append(daemon := _serve_as_nobody(data, sock, log))
+        assert daemon.wait(15) == 1
+        user = pwd.getpwuid(NOBODY).pw_name
+        assert f"run `runuser -u {user} -- phpsess repair --data-dir {data}`" in log.read_text()
+
+        # A copy restored without its lock file: the repair command makes one.
+        (data / "lock").unlink()
+        repaired = subprocess.run(  # as root
+            [sys.executable, "-m", "phpsess", "repair", "--data-dir", str(data)],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )
+        assert repaired.returncode == 0, repaired.stderr
+        assert "kept 9 intact records" in repaired.stdout
+        (kept,) = data.glob("damaged-*")
+        for path in [data, journal, kept, *kept.iterdir(), data / "lock"]:
+            info = path.lstat()
+            assert (info.st_uid, info.st_gid) == (NOBODY, NOBODY), path
+        assert journal.stat().st_mode & 0o7777 == 0o600
+        assert (data / "lock").stat().st_mode & 0o7777 == 0o600
+        assert kept.stat().st_mode & 0o7777 == 0o700  # the data directory's
+        assert sorted(f.name for f in data.iterdir()) == [kept.name, journal.name, "lock"]
+
+        procs.append(daemon := _serve_as_nobody(data, sock, log))
+        assert daemon.poll() is None, log.read_text()
+        with Client(f"unix:{sock}") as c:
+            for i in range(10):
+                reply = c.request(p.Read(f"r{i}", lock=False))
+                assert reply == (p.MISS if i == 4 else p.Data(b"value-%d" % i)), i
+            assert c.request(p.Write("after", 600, b"ok")) == p.OK
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+        assert "Permission denied" not in log.read_text()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(base, ignore_errors=True)

@@ -491,6 +491,12 @@ def test_sighup_adds_a_peer_to_a_running_cluster(workdir: Path) -> None:
                 assert time.monotonic() < deadline, daemons[name].log()
                 time.sleep(0.05)
             assert "event=peers_reloaded added=c" in daemons[name].log()
+        # ... and c hears them (a and b ignored c until they reloaded): until
+        # then c knows no holder of a's sessions alive.  Not waiting for it
+        # failed 3 runs in 40 under CPU load.
+        while not all(f"event=peer_alive peer={n}" in daemons["c"].log() for n in ("a", "b")):
+            assert time.monotonic() < deadline, daemons["c"].log()
+            time.sleep(0.05)
         with Client(daemons["c"].address) as c:  # c now serves a's sessions
             assert c.request(p.Read(sid, lock=False)) == p.Data(b"n|i:1;")
     finally:

@@ -312,45 +312,7 @@ class Server:
             self.cluster.reload_peers(fresh.cluster.peers)
             self.config = attrs.evolve(self.config, cluster=fresh.cluster)
             applied.append("cluster peers")
-        # What else changed, named as the configuration file names it.
-        keys: dict[str, dict[str, str]] = {
-            "persist": {
-                "data_dir": "data_dir", "fsync": "fsync",
-                "fsync_interval_s": "fsync_interval_ms", "min_compact_bytes": "compact_min_bytes",
-            },
-            "storage": {
-                "password": "storage.password", "table": "storage.table",
-                "engine": "storage.engine", "pool_size": "storage.pool_size",
-            },
-            "cluster": {
-                "secret": "cluster.secret_file", "heartbeat_s": "cluster.heartbeat_ms",
-                "dead_after_s": "cluster.dead_after_ms",
-            },
-        }
-        ignored: list[str] = []
-        for field in attrs.fields(ServerConfig):
-            name = field.name
-            before, after = getattr(self.config, name), getattr(fresh, name)
-            if name in self._RELOADABLE or before == after:
-                continue
-            if name not in keys:
-                ignored.append(name)  # listen, socket_mode, metrics_listen
-            elif before is None or after is None:
-                if name == "persist":
-                    if old.storage is None and fresh.storage is None:
-                        ignored.append("memory_only")  # else: storage.url
-                else:
-                    ignored.append("storage.url" if name == "storage" else "cluster")
-            else:
-                for sub in attrs.fields(type(before)):
-                    if getattr(before, sub.name) != getattr(after, sub.name):
-                        ignored.append(
-                            keys[name].get(
-                                sub.name,
-                                "storage.url" if name == "storage" else f"{name}.{sub.name}",
-                            )
-                        )
-        ignored = list(dict.fromkeys(ignored))
+        ignored = _restart_keys(self.config, fresh, self._RELOADABLE)
         log.info(
             "event=reloaded log_level=%s applied=%s", log_level, ",".join(applied) or "-"
         )
@@ -1059,6 +1021,52 @@ def _unix_socket_alive(path: str) -> bool:
     finally:
         probe.close()
     return True
+
+
+# Settings that need a restart, named as the configuration file names them:
+# ServerConfig field -> its sub-fields' keys (others: "<field>.<sub-field>"),
+# and the key for the whole section appearing or going.
+_RESTART_KEYS: Final[dict[str, dict[str, str]]] = {
+    "persist": {
+        "data_dir": "data_dir", "fsync": "fsync",
+        "fsync_interval_s": "fsync_interval_ms", "min_compact_bytes": "compact_min_bytes",
+    },
+    "storage": {
+        "password": "storage.password", "table": "storage.table",
+        "engine": "storage.engine", "pool_size": "storage.pool_size",
+    },
+    "cluster": {
+        "secret": "cluster.secret_file", "heartbeat_s": "cluster.heartbeat_ms",
+        "dead_after_s": "cluster.dead_after_ms",
+    },
+}
+_WHOLE_KEYS: Final = {"persist": "memory_only", "storage": "storage.url", "cluster": "cluster"}
+
+
+def _restart_keys(
+    current: ServerConfig, fresh: ServerConfig, reloadable: tuple[str, ...]
+) -> list[str]:
+    """The configuration keys that differ in ``fresh`` and apply only after a
+    restart (each once, in field order)."""
+    changed: list[str] = []
+    for field in attrs.fields(ServerConfig):
+        name = field.name
+        before, after = getattr(current, name), getattr(fresh, name)
+        if name in reloadable or before == after:
+            continue
+        keys = _RESTART_KEYS.get(name)
+        if keys is None:
+            changed.append(name)  # listen, socket_mode, metrics_listen
+        elif before is None or after is None:
+            # persist comes and goes with storage too: then storage.url says it.
+            if name != "persist" or (current.storage is None and fresh.storage is None):
+                changed.append(_WHOLE_KEYS[name])
+        else:
+            for sub in attrs.fields(type(before)):
+                if getattr(before, sub.name) != getattr(after, sub.name):
+                    default = "storage.url" if name == "storage" else f"{name}.{sub.name}"
+                    changed.append(keys.get(sub.name, default))
+    return list(dict.fromkeys(changed))
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

@@ -931,8 +931,9 @@ class Cluster:
     def is_sid_request(self, request: object) -> bool:
         return isinstance(request, _SID_REQUESTS)
 
-    async def resolve(self, sid: str) -> str:
-        """The node that serves ``sid`` now, after checking an unverified copy."""
+    async def resolve(self, sid: str) -> str | p.Error:
+        """The node that serves ``sid`` now, after checking an unverified copy;
+        ``UNAVAILABLE`` while a node that may hold it has not been heard."""
         # "Am I still master?" must not depend on which task runs first after
         # a stall: notice it here too (one clock comparison when none).
         self._notice_stall(trio.current_time())
@@ -952,6 +953,15 @@ class Cluster:
                 found = await self._locate(sid)
                 if found is not None and found != self.me:
                     return found
+                if await self._unheard_holders(master, backup):
+                    return p.Error(
+                        p.Code.UNAVAILABLE,
+                        f"the session's holders ({master}, {backup}) have not been "
+                        "heard since this node started; retry",
+                    )
+                node = self.replicas.route(sid, alive)
+                if node != self.me:
+                    return node
             dead = self.membership.state(master) == mb.DEAD and (
                 backup == master or self.membership.state(backup) == mb.DEAD
             )
@@ -966,6 +976,22 @@ class Cluster:
                     sid_tag(sid), master, backup,
                 )
         return node
+
+    async def _unheard_holders(self, master: str, backup: str) -> bool:
+        """Whether ``master`` or ``backup`` (other than us) is still unknown,
+        never heard since we started or since a reload added it, after
+        waiting a little for its first heartbeat (CLUSTER.md §5.5).  It may
+        hold the session (paused, cut off from us, or not yet told of us):
+        serving it here as new would make a second, empty master copy."""
+        deadline = trio.current_time() + 2 * self.config.heartbeat_s + self.config.probe_s
+        while True:
+            unheard = [
+                n for n in {master, backup}
+                if n != self.me and self.membership.state(n) == mb.UNKNOWN
+            ]
+            if not unheard or trio.current_time() >= deadline:
+                return bool(unheard)
+            await trio.sleep(0.05)
 
     async def _verify(self, sid: str) -> None:
         """Check a copy of uncertain freshness against every live peer before
@@ -1066,7 +1092,10 @@ class Cluster:
                 )
             await trio.sleep(pause)
             pause = min(pause * 2, 0.25)
-            node = await self.resolve(sid)
+            resolved = await self.resolve(sid)
+            if isinstance(resolved, p.Error):
+                return resolved
+            node = resolved
             if node == self.me:
                 return None
 

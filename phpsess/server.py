@@ -606,6 +606,8 @@ class Server:
             return None
         sid: str = event.sid  # type: ignore[union-attr]
         node = await cluster.resolve(sid)
+        if isinstance(node, p.Error):
+            return node
         if node == cluster.me:
             return None
         if conn.node is not None:

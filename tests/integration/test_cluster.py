@@ -482,6 +482,17 @@ def test_sighup_adds_a_peer_to_a_running_cluster(workdir: Path) -> None:
             (workdir / name).mkdir()
             daemons[name] = Daemon(workdir / name, "--config", str(write_config(name, peers)))
         sid = _create_on(daemons["a"], b"n|i:1;")
+        # c has heard neither holder (a and b ignore it until they reload):
+        # either may hold the session, so c neither reads it as missing nor
+        # starts a second, empty master copy of it (CLUSTER.md §5.5).
+        with Client(daemons["c"].address) as c:
+            for request in (p.Read(sid, lock=False), p.Write(sid, 1440, b"n|i:99;")):
+                reply = c.request(request)
+                assert isinstance(reply, p.Error) and reply.code is p.Code.UNAVAILABLE, reply
+                assert "not been heard" in reply.message, reply
+        with Client(daemons["c"].address) as c:
+            stats = c.request(p.Stats())
+            assert isinstance(stats, p.Data) and json.loads(stats.data)["sessions"] == 0
         for name, peers in (("a", ("b", "c")), ("b", ("a", "c"))):
             write_config(name, peers)
             daemons[name].signal(signal.SIGHUP)

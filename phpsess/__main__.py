@@ -174,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--cluster-secret-file", metavar="PATH",
         help="file holding the shared secret (at least 16 bytes) that authenticates peers",
     )
-    cluster.add_argument("--heartbeat-ms", type=_positive_int, default=500, metavar="MS")
+    cluster.add_argument(
+        "--heartbeat-ms", type=_positive_int, default=500, metavar="MS",
+        help="send every peer a heartbeat this often; must be less than --dead-after-ms "
+        "(default: 500)",
+    )
     cluster.add_argument(
         "--dead-after-ms", type=_positive_int, default=3000, metavar="MS",
         help="a peer silent this long is probed, then declared dead (default: 3000)",
@@ -538,8 +542,7 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         # Logged where it happened (event=journal_write_failed): no traceback.
         journal.extend(e for e in _leaves(group) if isinstance(e, JournalFailed))
     if failed:
-        log.error("event=startup_failed detail=%s", failed[0])
-        print(f"phpsess: {failed[0]}", file=sys.stderr)
+        logs.print_failure(str(failed[0]))
         return EXIT_FAILURE
     if journal:
         print(

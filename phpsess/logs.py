@@ -59,6 +59,16 @@ def stderr_is_journal() -> bool:
     return (info.st_dev, info.st_ino) == (device, inode)
 
 
+def print_failure(message: str) -> None:
+    """``phpsess: <message>`` on stderr: why the daemon stops, in one line
+    for the person or unit that started it (not a log event as well: the
+    same stderr would show it twice).  To the journal with the error
+    priority, so that ``journalctl -p err`` lists it as it lists logged errors."""
+    prefix = _PRIORITIES[logging.ERROR] if stderr_is_journal() else ""
+    line = f"phpsess: {message}"
+    print("\n".join(prefix + part for part in line.split("\n")), file=sys.stderr)
+
+
 def setup(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(journal=stderr_is_journal()))

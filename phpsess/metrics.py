@@ -121,6 +121,18 @@ class _DaemonCollector(Collector):
             )
 
 
+def _route(request_line: bytes) -> tuple[bytes, bool]:
+    """The method of an HTTP request line, and whether it asks for the
+    metrics: GET or HEAD of ``/metrics`` (or ``/``), any query string left
+    aside (Prometheus sends a scrape config's ``params`` as one)."""
+    parts = request_line.split(b" ")
+    if len(parts) != 3:
+        return b"", False
+    method, target, _version = parts
+    path = target.split(b"?", 1)[0]
+    return method, method in (b"GET", b"HEAD") and path in (b"/metrics", b"/")
+
+
 def _number(value: object) -> float:
     assert isinstance(value, (int, float))
     return float(value)
@@ -147,7 +159,8 @@ class Metrics:
 
     async def serve(self, address: TcpAddress, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """A minimal HTTP endpoint: ``GET /metrics``."""
+        """A minimal HTTP endpoint: ``GET /metrics`` (a query string, which a
+        scrape config's ``params`` adds, is ignored) and ``HEAD /metrics``."""
         from phpsess.server import StartupError
 
         try:
@@ -170,8 +183,8 @@ class Metrics:
                     if not chunk:
                         return
                     request += chunk
-                line = request.split(b"\r\n", 1)[0].split(b" ")
-                if len(line) == 3 and line[0] == b"GET" and line[1] in (b"/metrics", b"/"):
+                method, wanted = _route(request.split(b"\r\n", 1)[0])
+                if wanted:
                     sql = self.server.sql
                     if sql is not None:
                         # The session count is a query: not inside collect().
@@ -185,9 +198,9 @@ class Metrics:
                 else:
                     body = b"not found: try GET /metrics\n"
                     head = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n"
-                await stream.send_all(
-                    head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
-                )
+                head += b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+                # HEAD: the headers GET would get, no body (RFC 9110 9.3.2).
+                await stream.send_all(head if method == b"HEAD" else head + body)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

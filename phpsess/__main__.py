@@ -184,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a peer silent this long is probed, then declared dead (default: 3000)",
     )
     cluster.add_argument(
+        "--probe-ms", type=_positive_int, default=500, metavar="MS",
+        help="how long the direct TCP probe of a silent peer waits for its answer before "
+        "the peer may be declared dead; must be less than --dead-after-ms (default: 500)",
+    )
+    cluster.add_argument(
         "--drain-timeout-s", type=_seconds, default=30.0, metavar="S",
         help="on SIGTERM, how long handing sessions to other daemons may take (default: 30)",
     )
@@ -236,6 +241,12 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
             "after dead_after_ms without a heartbeat (defaults: 500 and 3000)",
             "heartbeat_ms", "dead_after_ms",
         )
+    if not args.probe_ms < args.dead_after_ms:
+        raise UsageError(
+            f"{_named('probe_ms')}, {args.probe_ms}, must be less than "
+            f"{_named('dead_after_ms')}, {args.dead_after_ms} (defaults: 500 and 3000)",
+            "probe_ms", "dead_after_ms",
+        )
     with _about("node"):
         check_node_name(args.node)
     with _about("cluster_listen"):
@@ -264,6 +275,7 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
             secret=secret,
             heartbeat_s=args.heartbeat_ms / 1000,
             dead_after_s=args.dead_after_ms / 1000,
+            probe_s=args.probe_ms / 1000,
             drain_timeout_s=args.drain_timeout_s,
         )
 
@@ -315,7 +327,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             f"{_named('fsync')} must be one of {', '.join(FSYNC_POLICIES)}", "fsync"
         )
     for name in ("max_session_bytes", "max_connections", "max_incoming_bytes", "fsync_interval_ms",
-                 "compact_min_bytes", "heartbeat_ms", "dead_after_ms"):
+                 "compact_min_bytes", "heartbeat_ms", "dead_after_ms", "probe_ms"):
         if getattr(args, name) < 1:
             raise UsageError(f"{_named(name)} must be at least 1", name)
     for name in ("lock_wait_s", "shutdown_timeout_s", "drain_timeout_s"):

@@ -490,8 +490,11 @@ class Cluster:
             ) from exc
         self._udp = udp
         log.info(
-            "event=cluster_listening node=%s address=%s peers=%s",
+            "event=cluster_listening node=%s address=%s peers=%s heartbeat_ms=%d "
+            "dead_after_ms=%d probe_ms=%d",
             self.me, address, ",".join(self.peer_address),
+            round(self.config.heartbeat_s * 1000), round(self.config.dead_after_s * 1000),
+            round(self.config.probe_s * 1000),
         )
         try:
             await self._resolve_peer_hosts()

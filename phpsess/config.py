@@ -93,6 +93,7 @@ SCHEMA: Final[dict[str, dict[str, tuple[str, Callable[[object], bool], str]]]] =
         "secret_file": ("cluster_secret_file", _str, "a file path"),
         "heartbeat_ms": ("heartbeat_ms", _int, "a whole number of milliseconds"),
         "dead_after_ms": ("dead_after_ms", _int, "a whole number of milliseconds"),
+        "probe_ms": ("probe_ms", _int, "a whole number of milliseconds"),
         "drain_timeout_s": ("drain_timeout_s", _number, "a number of seconds"),
         "peers": ("peer", lambda v: isinstance(v, dict), "a table NAME = \"HOST:PORT\""),
     },

@@ -1039,7 +1039,7 @@ _RESTART_KEYS: Final[dict[str, dict[str, str]]] = {
     },
     "cluster": {
         "secret": "cluster.secret_file", "heartbeat_s": "cluster.heartbeat_ms",
-        "dead_after_s": "cluster.dead_after_ms",
+        "dead_after_s": "cluster.dead_after_ms", "probe_s": "cluster.probe_ms",
     },
 }
 _WHOLE_KEYS: Final = {"persist": "memory_only", "storage": "storage.url", "cluster": "cluster"}

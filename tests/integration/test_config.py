@@ -162,6 +162,8 @@ def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None
          "positive"),
         (f"{cluster}heartbeat_ms = 3000\n", ":5: heartbeat_ms (--heartbeat-ms), 3000, must be "
          "less than dead_after_ms (--dead-after-ms), 3000"),
+        (f"{cluster}probe_ms = 3000\n", ":5: probe_ms (--probe-ms), 3000, must be less "
+         "than dead_after_ms (--dead-after-ms), 3000"),
         (f'{cluster}[cluster.peers]\na = "127.0.0.1:2"\n', ":5: peer names must be unique"),
         ('[cluster]\nnode = "a-b"\nlisten = "127.0.0.1:1"\nsecret_file = "/x"\n',
          ":2: node name 'a-b' must be"),
@@ -220,3 +222,25 @@ def test_startup_failures_are_one_clear_line(workdir: Path) -> None:
     err = _serve_fails(workdir, "--memory-only", "--node", "a", "--cluster-listen",
                        "127.0.0.1:0", "--cluster-secret-file", f"{workdir}/nope")
     assert f"cannot read the cluster secret file {workdir}/nope" in err, err
+
+
+def test_cluster_timings_from_the_file_and_flags_reach_the_daemon(
+    start_daemon: Any, workdir: Path
+) -> None:
+    # The timings in effect are logged at start (CLUSTER.md §3): the file's,
+    # a flag winning over it.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (workdir / "secret").write_text("s" * 32)
+    conf = workdir / "cluster.toml"
+    conf.write_text(
+        f'[cluster]\nnode = "a"\nlisten = "127.0.0.1:{port}"\n'
+        f'secret_file = "{workdir}/secret"\nheartbeat_ms = 200\ndead_after_ms = 2000\n'
+        "probe_ms = 1200\n"
+    )
+    daemon = start_daemon("--config", str(conf), "--memory-only")
+    _wait_for(daemon, "heartbeat_ms=200 dead_after_ms=2000 probe_ms=1200")
+    daemon.stop()
+    daemon = start_daemon("--config", str(conf), "--memory-only", "--probe-ms", "900")
+    _wait_for(daemon, "heartbeat_ms=200 dead_after_ms=2000 probe_ms=900")

@@ -9,8 +9,11 @@ Files in the data directory (``G`` is a generation number, six digits):
 - ``*.tmp``: a snapshot being written; ignored and removed on start.
 
 Restore = the newest snapshot S, then journals S, S+1, ... in order.
-Compaction starts journal G+1 and, at the same instant in the event loop,
-takes a copy of the store (cheap: entries are immutable and shared); the
+Compaction starts only if the disk has room for the snapshot and a margin
+(``journal.snapshot_fits``: a snapshot that filled the disk would fail the
+journal's appends); else it is deferred as a failed one.  It starts
+journal G+1 and, at the same instant in the event loop, takes a copy of
+the store (cheap: entries are immutable and shared); the
 pending tail of journal G is written and fsynced; then the copy is encoded
 as snapshot G+1, a slice at a time between requests, and written by worker
 threads (tmp, fsync, rename, fsync directory) while requests go on being
@@ -86,7 +89,8 @@ FLUSH_S: Final = 0.010
 # answer with the error before the daemon stops.
 FAILED_GRACE_S: Final = 0.1
 # After a compaction that could not start (the next journal could not be
-# made: EMFILE, EACCES, ENOSPC), how long before the writer tries again.
+# made: EMFILE, EACCES, ENOSPC; or no room for the snapshot), how long
+# before the writer tries again.
 COMPACT_RETRY_S: Final = 30.0
 _NAME_RE: Final = re.compile(r"(snapshot|journal)-(\d{6,})\.(psnap|pjnl)\Z")
 
@@ -714,7 +718,28 @@ def _journal_error(exc: OSError, path: str) -> JournalFailed:
 
 
 class _NotCreated(Exception):
-    """The next journal could not be made (its OSError is the cause)."""
+    """The compaction could not start: the next journal could not be made
+    (``error`` is its OSError, the cause too), or the disk has no room for
+    the snapshot (``detail`` says how much it needs and how much is free)."""
+
+    def __init__(self, error: object, detail: str = "") -> None:
+        super().__init__(error)
+        self.error = error
+        self.detail = detail
+
+
+def _free_bytes(path: str) -> int | None:
+    """Bytes free for an unprivileged user (root's reserve left out) on the
+    file system of ``path``; None if it reports no size at all (some FUSE
+    and network file systems), so free space cannot be told."""
+    info = os.statvfs(path)
+    if info.f_blocks == 0:
+        return None
+    return info.f_bavail * info.f_frsize
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 class Persister:
@@ -899,11 +924,13 @@ class Persister:
                 source: SnapshotSource | None = None
                 try:
                     await self._write_round(policy, interval)
-                    limit = max(self.config.min_compact_bytes, live_bytes())
+                    live = live_bytes()  # about the size of a snapshot
+                    limit = max(self.config.min_compact_bytes, live)
                     if (self.journal_bytes > limit and not self._compacting
                             and trio.current_time() >= self._compact_after):
                         self._compacting = True
                         try:
+                            await self._check_room(live)
                             source = await self._switch_generation(snapshot_source)
                         except _NotCreated as exc:
                             # Journal G still takes every write: a failed
@@ -912,8 +939,8 @@ class Persister:
                             self._compacting = False
                             self._compaction_failed()
                             log.error(
-                                "event=compaction_failed error=%s retry_in_s=%.0f",
-                                exc.__cause__, COMPACT_RETRY_S,
+                                "event=compaction_failed error=%s retry_in_s=%.0f%s",
+                                exc.error, COMPACT_RETRY_S, exc.detail and " " + exc.detail,
                             )
                 except OSError as exc:
                     # A disk that fails is not a reason to lie to PHP: waiters
@@ -990,6 +1017,27 @@ class Persister:
         self.fsyncs_total += 1
         self.fsync_seconds_total += time.monotonic() - started
 
+    async def _check_room(self, estimate_bytes: int) -> None:
+        """Raise :class:`_NotCreated` unless the disk has room for a snapshot
+        of about ``estimate_bytes`` and its margin (:func:`journal.snapshot_fits`):
+        a snapshot that fills the disk would make the journal's appends fail,
+        and the daemon stop."""
+        try:
+            free = await trio.to_thread.run_sync(_free_bytes, self.dir)
+        except OSError as exc:
+            raise _NotCreated(exc) from exc
+        if j.snapshot_fits(estimate_bytes, free):
+            return
+        assert free is not None  # an unknown is no reason to refuse
+        needed = j.snapshot_needs(estimate_bytes)
+        raise _NotCreated(
+            f"not enough free space in {self.dir} for a snapshot",
+            f"needed_bytes={needed} free_bytes={free} detail=the snapshot (about "
+            f"{_mib(estimate_bytes)}) and its margin need {_mib(needed)} free, "
+            f"{_mib(free)} is free; until there is room the journal takes every "
+            "write and grows: free space on that disk",
+        )
+
     async def _switch_generation(
         self, snapshot_source: Callable[[], SnapshotSource]
     ) -> SnapshotSource:
@@ -1014,7 +1062,7 @@ class Persister:
         try:
             new_fd = await trio.to_thread.run_sync(create, abandon_on_cancel=False)
         except OSError as exc:
-            raise _NotCreated(new_path) from exc
+            raise _NotCreated(exc) from exc
         # -- one instant: everything before is in G (or its pending tail), after in G+1.
         taken = self._pending
         tail = j.encode_changes(taken)

@@ -199,10 +199,12 @@ def test_repair_stopped_before_its_rename_leaves_the_damaged_journal_in_place(
         with pytest.raises(OSError):
             repair(str(tmp_path))
     assert journal.read_bytes() == bytes(raw)
-    done = repair(str(tmp_path))  # run again (within the second, too), it completes
+    done = repair(str(tmp_path))  # run again, it completes
     assert len(done) == 1 and "kept 2 intact records" in done[0]
-    [kept] = tmp_path.glob(f"damaged-*/{journal_name(1)}")
-    assert kept.read_bytes() == bytes(raw)
+    # The original is kept in damaged-<second>/: once, or twice when the
+    # runs fell in different seconds (the interrupted run had kept it too).
+    kept = list(tmp_path.glob(f"damaged-*/{journal_name(1)}"))
+    assert 1 <= len(kept) <= 2 and all(k.read_bytes() == bytes(raw) for k in kept)
     restored, _ = restore(str(tmp_path), NOW)
     assert sorted(restored.sessions) == ["s0", "s2"]
 

@@ -69,6 +69,13 @@ _NONZERO: Final = re.compile(rb"[^\x00]")
 # would never let a small data volume compact, when compacting is what
 # frees the journal's space.
 SNAPSHOT_MARGIN_MIN_BYTES: Final = 4 * 1024 * 1024
+# A snapshot's bytes beyond the sessions' data, per session, for its size
+# estimate (kept O(1): the live bytes plus this times the count).  A record
+# is 23 bytes and its ID; a cluster's IDs are longer (<random>-<master>-
+# <backup>, up to 60 characters) and each session has a META record too
+# (23 bytes, the ID and its role, epoch, version and holders).
+SNAPSHOT_OVERHEAD_PER_SESSION: Final = 64
+CLUSTER_SNAPSHOT_OVERHEAD_PER_SESSION: Final = 192
 SNAPSHOT_MARGIN_FRACTION: Final = 0.25
 
 

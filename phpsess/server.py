@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
+from phpsess import journal as j
 from phpsess import netio, peeruid, systemd
 from phpsess import protocol as p
 from phpsess.addresses import Address, TcpAddress, UnixAddress
@@ -228,10 +229,14 @@ class Server:
                 conn_nursery.start_soon(systemd.run_watchdog)
                 if self.persister is not None:
                     store = self.engine.store
+                    overhead = (
+                        j.SNAPSHOT_OVERHEAD_PER_SESSION if self.cluster is None
+                        else j.CLUSTER_SNAPSHOT_OVERHEAD_PER_SESSION
+                    )
                     await conn_nursery.start(
                         self.persister.run,
                         self._snapshot_source,
-                        lambda: store.total_bytes + 64 * len(store),
+                        lambda: store.total_bytes + overhead * len(store),
                     )
                 if self.metrics is not None:
                     assert self.config.metrics_listen is not None

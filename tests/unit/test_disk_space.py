@@ -56,21 +56,25 @@ def test_a_file_system_that_reports_no_size_refuses_nothing() -> None:
 
 @pytest.mark.parametrize(
     ("sid_chars", "data_bytes", "cluster"),
-    [(26, 1024, False), (32, 1024, False), (66, 1024, True), (32, 100, False)],
-    ids=["php-26", "php-32", "cluster-1k", "small"],
+    [(26, 1024, False), (32, 1024, False), (66, 1024, True), (32, 100, False),
+     (60, 100, True)],
+    ids=["php-26", "php-32", "cluster-1k", "small", "cluster-small"],
 )
 def test_the_margin_covers_the_estimate_falling_short(
     sid_chars: int, data_bytes: int, cluster: bool
 ) -> None:
-    # The daemon estimates a snapshot as the live bytes plus 64 a session
-    # (phpsess.server); a cluster's longer IDs (<random>-<master>-<backup>)
-    # and META records make 1 KiB sessions' snapshot ~13 % larger: within
-    # the margin.  The floor alone would hide it: sizes are scaled up.
+    # The daemon estimates a snapshot as the live bytes plus a per-session
+    # overhead (phpsess.server), larger in a cluster for its longer IDs
+    # (<random>-<master>-<backup>) and META records: what falls short is
+    # within the margin.  The floor alone would hide it: sizes are scaled up.
     count = 1000
     entries = [(f"{i:0{sid_chars}d}", (b"x" * data_bytes, 0.0, 1440)) for i in range(count)]
     metas = [(sid, b"master 12 345 web1 web2") for sid, _ in entries] if cluster else []
     actual = sum(len(c) for c in j.snapshot_chunks(entries, 0.0, metas)) + len(j.SNAPSHOT_MAGIC)
-    estimate = count * (data_bytes + 64)
+    overhead = (
+        j.CLUSTER_SNAPSHOT_OVERHEAD_PER_SESSION if cluster else j.SNAPSHOT_OVERHEAD_PER_SESSION
+    )
+    estimate = count * (data_bytes + overhead)
     assert actual <= estimate * (1 + j.SNAPSHOT_MARGIN_FRACTION)
     scale = 10**6  # a million times the sessions: the fraction counts, not the floor
     assert actual * scale <= j.snapshot_needs(estimate * scale)

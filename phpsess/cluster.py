@@ -953,15 +953,9 @@ class Cluster:
                 # but it was taken over or re-homed, or we are named but gave
                 # it away (a drain before a restart) or lost it.  Ask first:
                 # one round to the peers for a session that is new or gone.
-                found = await self._locate(sid)
-                if found is not None and found != self.me:
+                found = await self._find_elsewhere(sid, master, backup)
+                if found is not None:
                     return found
-                if await self._unheard_holders(master, backup):
-                    return p.Error(
-                        p.Code.UNAVAILABLE,
-                        f"the session's holders ({master}, {backup}) have not been "
-                        "heard since this node started; retry",
-                    )
                 node = self.replicas.route(sid, alive)
                 if node != self.me:
                     return node
@@ -980,21 +974,47 @@ class Cluster:
                 )
         return node
 
-    async def _unheard_holders(self, master: str, backup: str) -> bool:
-        """Whether ``master`` or ``backup`` (other than us) is still unknown,
-        never heard since we started or since a reload added it, after
-        waiting a little for its first heartbeat (CLUSTER.md §5.5).  It may
-        hold the session (paused, cut off from us, or not yet told of us):
-        serving it here as new would make a second, empty master copy."""
-        deadline = trio.current_time() + 2 * self.config.heartbeat_s + self.config.probe_s
+    async def _find_elsewhere(self, sid: str, master: str, backup: str) -> str | p.Error | None:
+        """For a session we hold no copy of: the node that masters it, else
+        ``None`` when it exists nowhere and may start here (CLUSTER.md §5.4,
+        §5.5), else ``UNAVAILABLE`` when that cannot be told yet:
+
+        - a named holder never heard since we started (or since a reload
+          added it; also one declared absent, its port refusing): it may
+          hold the session (paused, cut off, not yet told of us, or
+          starting with its journaled copies).  Its first heartbeat is
+          waited for a little (``2 × heartbeat + probe``).
+        - a live peer holds a copy but nobody masters it: its master died
+          and the takeover is under way.  Waited for up to ``failover_s``.
+
+        Serving the session as new meanwhile would start a second, empty
+        master copy, and the writes taken on it or on the real one be lost."""
+        started = trio.current_time()
+        unheard_until = started + 2 * self.config.heartbeat_s + self.config.probe_s
         while True:
-            unheard = [
+            found, copies = await self._locate_with_copies(sid)
+            if found is not None and found != self.me:
+                return found
+            unheard = sorted(
                 n for n in {master, backup}
-                if n != self.me and self.membership.state(n) == mb.UNKNOWN
-            ]
-            if not unheard or trio.current_time() >= deadline:
-                return bool(unheard)
-            await trio.sleep(0.05)
+                if n != self.me and self.membership.incarnation_of(n) is None
+            )
+            now = trio.current_time()
+            if unheard and now >= unheard_until:
+                return p.Error(
+                    p.Code.UNAVAILABLE,
+                    f"the session's holders ({master}, {backup}): {', '.join(unheard)} not "
+                    "heard since this node started; retry",
+                )
+            if not unheard and copies and now >= started + self.failover_s:
+                return p.Error(
+                    p.Code.UNAVAILABLE,
+                    f"{', '.join(copies)} holds a copy of the session but no node masters it "
+                    "(a takeover under way?); retry",
+                )
+            if not unheard and not copies:
+                return None
+            await trio.sleep(0.1)
 
     async def _verify(self, sid: str) -> None:
         """Check a copy of uncertain freshness against every live peer before
@@ -1118,16 +1138,23 @@ class Cluster:
 
     async def _locate(self, sid: str) -> str | None:
         """Ask every live peer who masters ``sid`` (CLUSTER.md §5.4)."""
+        found, _ = await self._locate_with_copies(sid)
+        return found
+
+    async def _locate_with_copies(self, sid: str) -> tuple[str | None, list[str]]:
+        """:meth:`_locate`, and the live peers that hold a copy of ``sid``
+        that is not a master's (a backup's)."""
         answers = await self._where_all(sid)
         masters = [(e, v, node) for node, (role, e, v, _, _) in answers.items() if role == MASTER]
+        copies = sorted(node for node, (role, *_) in answers.items() if role != MASTER)
         mine = self.replicas.where(sid)
         best = max(masters) if masters else None
         if mine is not None and mine[0] == MASTER and (best is None or mine[1:] > best[:2]):
-            return self.me
+            return self.me, copies
         if best is None:
-            return None
+            return None, copies
         self.replicas.hint(sid, best[2])
-        return best[2]
+        return best[2], copies
 
     # -- replication (CLUSTER.md §6)
 

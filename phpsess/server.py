@@ -610,6 +610,11 @@ class Server:
         if conn.hello is None or not cluster.is_sid_request(event):
             return None
         sid: str = event.sid  # type: ignore[union-attr]
+        if conn.node is not None and not cluster.ready.is_set():
+            # A peer forwards a client's request before we know who is alive
+            # (just started): our restored copies could be verified against
+            # nobody and served stale.  PHP's own wait the same (run).
+            await cluster.ready.wait()
         node = await cluster.resolve(sid)
         if isinstance(node, p.Error):
             return node

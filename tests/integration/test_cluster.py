@@ -319,6 +319,65 @@ def test_metrics_count_peer_and_forwarded_requests_by_their_verb(workdir: Path) 
         pair.stop()
 
 
+def _read(cluster: Cluster, via: str, sid: str) -> p.Reply:
+    with Client(cluster.nodes[via].address) as c:
+        return c.request(p.Read(sid, lock=False))
+
+
+def _wait_alive(cluster: Cluster, name: str, peers: tuple[str, ...]) -> None:
+    deadline = time.monotonic() + 15
+    while any(cluster.stats(name)["cluster"]["peers"][n]["state"] != "alive" for n in peers):
+        assert time.monotonic() < deadline, cluster.nodes[name].log()
+        time.sleep(0.05)
+
+
+def test_a_node_that_learns_of_a_death_first_waits_for_the_takeover(cluster: Cluster) -> None:
+    # a names itself master of X-a-b but handed X to b (a drain, then a
+    # restart), b backed up by c.  b is killed: a learns it first (its
+    # connection is refused) and, holding no copy, found no master, only
+    # c's backup copy: it served X as new (MISS), and a write there was
+    # acknowledged, then lost once c took over (CLUSTER.md §5.5).
+    sids: list[str] = []
+    while len(sids) < 3:
+        sid = _create(cluster, "a", b"v1")
+        if sid.endswith("-a-b"):
+            sids.append(sid)
+    a = cluster.nodes["a"]
+    a.signal(signal.SIGTERM)
+    assert a.wait(30) == 0
+    a.start()
+    _wait_alive(cluster, "a", ("b", "c"))
+    _wait_alive(cluster, "b", ("a", "c"))
+    for sid in sids:
+        assert _read(cluster, "a", sid) == p.Data(b"v1")
+    cluster.nodes["b"].kill9()
+    for sid in sids:
+        assert _read(cluster, "a", sid) == p.Data(b"v1"), a.log()
+
+
+def test_a_staggered_whole_cluster_restart_serves_no_session_as_new(cluster: Cluster) -> None:
+    # Every daemon killed; c starts alone, a and b later than the detection
+    # time.  c declared them absent (their ports refused) and read their
+    # sessions as missing: a write on c was acknowledged, and one of the two
+    # copies lost when a came back with its journaled master copy (§3, §5.5).
+    sid = _create(cluster, "a", b"v1")
+    for name in NAMES:
+        cluster.nodes[name].kill9()
+    c = cluster.nodes["c"]
+    c.start()  # listens once it has declared a and b absent
+    assert "event=peer_absent peer=a" in c.log() and "event=peer_absent peer=b" in c.log()
+    with Client(c.address) as client:
+        for request in (p.Read(sid, lock=False), p.Write(sid, 1440, b"v2")):
+            reply = client.request(request)
+            assert isinstance(reply, p.Error) and reply.code is p.Code.UNAVAILABLE, reply
+            assert "not heard since this node started" in reply.message, reply
+    for name in ("a", "b"):
+        cluster.nodes[name].start()
+    _wait_alive(cluster, "c", ("a", "b"))
+    assert _read(cluster, "c", sid) == p.Data(b"v1")
+    assert _read(cluster, "a", sid) == p.Data(b"v1")
+
+
 def test_double_failure_is_reported_missing(cluster: Cluster) -> None:
     sid = _create(cluster, "a", b"n|i:7;")
     assert sid.endswith("-a-b") or sid.endswith("-a-c")
@@ -489,7 +548,7 @@ def test_sighup_adds_a_peer_to_a_running_cluster(workdir: Path) -> None:
             for request in (p.Read(sid, lock=False), p.Write(sid, 1440, b"n|i:99;")):
                 reply = c.request(request)
                 assert isinstance(reply, p.Error) and reply.code is p.Code.UNAVAILABLE, reply
-                assert "not been heard" in reply.message, reply
+                assert "not heard since this node started" in reply.message, reply
         with Client(daemons["c"].address) as c:
             stats = c.request(p.Stats())
             assert isinstance(stats, p.Data) and json.loads(stats.data)["sessions"] == 0

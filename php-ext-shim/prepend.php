@@ -6,7 +6,7 @@
  *     auto_prepend_file = /path/to/php-ext-shim/prepend.php
  *
  * The address comes from the php.ini setting phpsess.address, else from
- * session.save_path when it is a unix:// or tcp:// address, else
+ * session.save_path when it starts with unix: or tcp:, else
  * unix:///run/phpsess/phpsess.sock (see SessionHandler::fromIni()).
  * Including this file twice does nothing the second time. It never connects:
  * scripts that do not start a session pay only for loading the class.
@@ -45,18 +45,45 @@ declare(strict_types=1);
         // files handler: on a web farm that splits every user's session
         // across servers.  Scripts that use no session are unaffected;
         // session_start() fails, with this message, until it is fixed.
-        $handler = new class ($e->getMessage()) implements \SessionHandlerInterface {
+        // open() succeeds, as the handler's own does: PHP sets up $_SESSION
+        // only after open(), so session_start() returns false and leaves
+        // $_SESSION = [], as the files handler does with a missing directory.
+        $handler = new class ($e->getMessage()) implements \SessionHandlerInterface, \SessionUpdateTimestampHandlerInterface {
+            private bool $warned = false;
+
             public function __construct(private string $why) {}
-            public function open(string $path, string $name): bool
+
+            public function open(string $path, string $name): bool { return true; }
+
+            public function close(): bool
             {
-                \trigger_error($this->why . ' (fix phpsess.address or session.save_path)', \E_USER_WARNING);
+                $this->warned = false;
+
+                return true;
+            }
+
+            public function read(string $id): string|false { return $this->fail(); }
+
+            public function write(string $id, string $data): bool { return $this->fail(); }
+
+            public function destroy(string $id): bool { return $this->fail(); }
+
+            public function gc(int $max_lifetime): int|false { return $this->fail(); }
+
+            public function validateId(string $id): bool { return $this->fail(); }
+
+            public function updateTimestamp(string $id, string $data): bool { return $this->fail(); }
+
+            /** One warning per session_start(), from whichever call comes first. */
+            private function fail(): bool
+            {
+                if (!$this->warned) {
+                    $this->warned = true;
+                    \trigger_error($this->why . ' (fix phpsess.address or session.save_path)', \E_USER_WARNING);
+                }
+
                 return false;
             }
-            public function close(): bool { return true; }
-            public function read(string $id): string|false { return false; }
-            public function write(string $id, string $data): bool { return false; }
-            public function destroy(string $id): bool { return false; }
-            public function gc(int $max_lifetime): int|false { return false; }
         };
     }
     \session_set_save_handler($handler, true);

@@ -15,7 +15,9 @@ namespace PhpSess;
  * What a caller must know:
  *
  * - Address: `unix:///abs/path.sock` or `tcp://HOST:PORT`, optionally followed
- *   by `?option=value&...`. Query options override the `$options` array.
+ *   by `?option=value&...`; the daemon's own forms `unix:/abs/path.sock` and
+ *   `tcp:HOST:PORT` (PROTOCOL.md §1), a scheme in any case and surrounding
+ *   spaces are accepted too. Query options override the `$options` array.
  *   Options: `timeout` (seconds, connect and I/O, default 5), `lock` (bool,
  *   default true), `lock_wait` (seconds a locking read may wait for the lock,
  *   default 30), `persistent` (bool, default true), `lease` (wall-clock
@@ -24,10 +26,12 @@ namespace PhpSess;
  *   addresses throw \InvalidArgumentException. The lease is never derived
  *   from max_execution_time: on Linux that limit counts CPU time only, so a
  *   request waiting on I/O outlives it and would lose its lock (§6.3).
- * - If `session.save_path` is a `unix://` or `tcp://` address when open() is
- *   called and the `phpsess.address` php.ini setting is not set, the save path
- *   is used instead of the constructor's address (so per-pool
- *   `php_value[session.save_path]` and session_save_path() work).
+ * - If `session.save_path` starts with `unix:` or `tcp:` (in any case, after
+ *   spaces) when open() is called and the `phpsess.address` php.ini setting is
+ *   not set, the save path is used instead of the constructor's address (so
+ *   per-pool `php_value[session.save_path]` and session_save_path() work); a
+ *   malformed one fails the session with a warning naming it. Other save
+ *   paths (a files directory) are ignored.
  * - Locking (the default): read() takes the session's lock and waits for it
  *   up to `lock_wait`; write(), updateTimestamp() and destroy() release it;
  *   close() releases whatever is left. A PHP process that dies releases its
@@ -35,31 +39,40 @@ namespace PhpSess;
  * - Round trips: a request for an existing session costs two (read; write or
  *   touch), a new session two (create; write), three with
  *   session.use_strict_mode (exists; read; write); open() and close() cost
- *   none. The handshake is pipelined with the first request.
+ *   none: the connection is made by the first call that needs it, and the
+ *   handshake is pipelined with its request.
  * - Timeouts: `timeout` bounds the connect and each socket read or write; a
  *   locking read may take `timeout + lock_wait`.
  * - Failures never throw from the session methods (unless an error handler
  *   turns warnings into exceptions): each raises one E_USER_WARNING naming
  *   the daemon address and the cause, drops the connection if it broke, and
  *   returns false, so session_start() or the write fails as with PHP's files
- *   handler. Session IDs never appear in messages.
- * - create_sid() never fails: when CREATE fails it quietly makes the ID
- *   itself (PHP's sid_length and sid_bits_per_character, random_bytes(); no
- *   cluster suffix, so a cluster places it by rendezvous hashing, CLUSTER.md
- *   §2), read() of it returns '' without asking, and write() reconnects if
- *   the connection is gone, so a daemon that stops during
- *   session_regenerate_id() costs at most a warning on write (PHP throws an
- *   Error when read() fails there). Only after validateId() failed for want
- *   of the daemon does create_sid() return '': the read('') PHP makes next
- *   fails quietly and session_start() returns false, instead of replacing
- *   the visitor's session ID with an empty session.
+ *   handler. Session IDs never appear in messages. open() never fails: PHP
+ *   sets up $_SESSION only after open() succeeds, so a failing open() would
+ *   leave it undefined; a daemon that cannot be reached (or a malformed
+ *   address) fails the next call instead, as with phpredis, which connects
+ *   lazily. session_start() then returns false and $_SESSION is [].
+ * - create_sid() returns '' when the daemon cannot make the ID: the read('')
+ *   PHP makes next fails quietly and session_start() returns false (as it
+ *   does after validateId() failed for want of the daemon, instead of
+ *   replacing the visitor's session ID with an empty session). Only for
+ *   session_create_id() inside a running session does it make the ID itself.
+ * - session_regenerate_id(): write() or destroy() of the old session first
+ *   has the daemon make (and lock) the new ID, on the same connection. A
+ *   daemon that is stopping serves a connection only while it holds a lock
+ *   (§10): holding the new ID's lock, the request regenerates and writes the
+ *   new session before the daemon stops. If no ID can be had, the old
+ *   session is neither written nor destroyed, and session_regenerate_id()
+ *   returns false with a warning. If the connection is lost between that and
+ *   create_sid() (the daemon killed), create_sid() asks again on a new
+ *   connection; if there is none, it fails, and PHP throws an Error there: an
+ *   ID made here, which the daemon does not hold, would only fail its write
+ *   after the page ran, and the session would be lost.
  * - Reconnecting: a request sent while no lock is held and no reply is
  *   pending, on a connection the daemon turned out to have closed (its
  *   idle_timeout_s, §10), is sent once more on a new connection. Never while
  *   a lock is held: a new connection would not have it. open() after
- *   close() in the same request reuses the connection; if the daemon closed
- *   it and cannot be reached, open() still succeeds and the failure shows
- *   in the next call (so session_regenerate_id() does not throw).
+ *   close() in the same request reuses the connection if it is still open.
  * - A new session (create_sid) that is closed unwritten (read_and_close,
  *   session_abort()) is stored empty by close(), with a WRITE sent ahead of
  *   its CLOSE without waiting, so with session.use_strict_mode its ID stays
@@ -93,6 +106,8 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     private const MAX_WAIT_S = 3600.0;          // §3.2 wait_ms
     private const MAX_LEASE_S = 86400.0;        // §3.2 lease_ms
     private const FATAL_CODES = ['BAD_FRAME', 'HEADER_TOO_LONG', 'BUSY', 'SHUTTING_DOWN', 'INTERNAL']; // §9
+    private const EPERM = 1;                    // errno values stream_socket_client() reports
+    private const EACCES = 13;
 
     private string $ctorAddress;
     /** @var array<string, mixed> */
@@ -135,17 +150,18 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     private bool $createFailed = false;
     /** validateId() could not ask the daemon: create_sid() must not invent a new session. */
     private bool $validateFailed = false;
-    /** A connection was dropped while it held locks: write() must not reconnect. */
+    /** A connection was dropped while it held locks: no new one (it would not hold them) until the next open(). */
     private bool $locksLost = false;
-    /** While true, warn() is silent (create_sid() has a fallback). */
+    /** While true, warn() is silent. */
     private bool $quiet = false;
+    /** Why the address open() was given cannot be used, or null: each call fails with it. */
+    private ?string $unusable = null;
     /**
-     * close() ran in this request, so the open() before a create_sid() followed
-     * it: session_regenerate_id() (or a second session_start()). create_sid()
-     * may then make the ID itself when the daemon cannot: there, PHP throws an
-     * Error for ''.
+     * The new ID write() or destroy() had the daemon make (and lock, when
+     * locking) inside session_regenerate_id(), for the create_sid() that
+     * follows close() and open(). Not in $locks: close() must not release it.
      */
-    private bool $closed = false;
+    private ?string $prepared = null;
     /** read() ran in this session cycle (create_sid() is then session_create_id()). */
     private bool $readDone = false;
     /** read() returned $newId: it now exists for validateId(), as a files session would. */
@@ -167,8 +183,8 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
     /**
      * Builds the handler from the configuration: the php.ini setting
-     * `phpsess.address` if set, else `session.save_path` if it is a unix:// or
-     * tcp:// address, else DEFAULT_ADDRESS.
+     * `phpsess.address` if set, else `session.save_path` if it starts with
+     * unix: or tcp: (see isAddress()), else DEFAULT_ADDRESS.
      *
      * @throws \InvalidArgumentException when that address is malformed
      */
@@ -191,39 +207,31 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
     public function open(string $path, string $name): bool
     {
+        // Never false. PHP sets up $_SESSION only after open() succeeds, so a
+        // failing open() leaves it undefined (code that reads it after a
+        // failed session_start() dies with a TypeError), and inside
+        // session_regenerate_id() it is an Error. The first call that needs
+        // the daemon connects (or reports why not), and fails as a read
+        // from a missing directory does with the files handler.
         $want = $this->followSavePath && self::isAddress($path) ? $path : $this->ctorAddress;
+        $this->unusable = null;
         if ($want !== $this->configuredFrom) {
             try {
                 $this->configure($want);
             } catch (\InvalidArgumentException $e) {
-                $this->warn($e->getMessage());
-
-                return false;
+                $this->unusable = $e->getMessage();
             }
         }
         $this->validateFailed = false;
-        if ($this->sock !== null) {
-            // Reusing our own connection (open after close in this request). Unread
-            // bytes or EOF mean it is out of step or gone: start a new one.
-            if ($this->busy || ($this->pending === [] && !self::isQuiet($this->sock))) {
-                $this->discard();
-                // If none can be had, fail in the next call, not here: after
-                // close() inside session_regenerate_id() PHP throws an Error
-                // when open() fails. create_sid() then makes the ID itself and
-                // only the write fails (with a warning), as a read of an
-                // existing session fails (and session_start() with it).
-                $this->quiet = true;
-                try {
-                    $this->connect();
-                } finally {
-                    $this->quiet = false;
-                }
-            }
-
-            return true;
+        $this->locksLost = false; // a new read takes the lock afresh
+        // Reusing our own connection (open after close in this request). Unread
+        // bytes or EOF mean it is out of step or gone: the next call makes a
+        // new one.
+        if ($this->sock !== null && ($this->busy || ($this->pending === [] && !self::isQuiet($this->sock)))) {
+            $this->discard();
         }
 
-        return $this->connect();
+        return true;
     }
 
     public function close(): bool
@@ -232,9 +240,10 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         $this->newId = null;
         $this->createFailed = false;
         $this->validateFailed = false;
-        $this->closed = true;
         $this->readDone = false;
         $this->newIdRead = false;
+        // $prepared stays: inside session_regenerate_id() this close() comes
+        // between the write (or destroy) that made it and create_sid().
         try {
             $this->release($newId);
         } finally {
@@ -347,12 +356,8 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
             return false;
         }
-        if ($this->sock === null && !$this->locksLost) {
-            // No lock to lose (create_sid() made the ID itself because the daemon
-            // went away, or locking is off): a new connection does as well.
-            if (!$this->connect()) {
-                return false;
-            }
+        if (self::inRegenerate() && !$this->prepare()) {
+            return false; // PHP: "Session write failed", regenerate returns false
         }
         $line = $this->exchange('WRITE ' . $id . ' ' . self::ttl() . ' ' . \strlen($data) . "\n" . $data, 'write');
         if ($line === "OK\n") {
@@ -367,6 +372,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         if ($line !== null) {
             $this->failed('write', $line);
         }
+        $this->unprepare();
 
         return false;
     }
@@ -431,6 +437,9 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
             return false;
         }
+        if (self::inRegenerate() && !$this->prepare()) {
+            return false; // the old session stays; regenerate returns false
+        }
         $line = $this->exchange('DESTROY ' . $id . "\n", 'destroy');
         if ($line === "OK\n") {
             unset($this->locks[$id]);
@@ -444,6 +453,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         if ($line !== null) {
             $this->failed('destroy', $line);
         }
+        $this->unprepare();
 
         return false;
     }
@@ -466,6 +476,96 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
     public function create_sid(): string
     {
+        // The interface allows only a string, and throwing makes
+        // session_start() throw an Error ("Session id must be a string").
+        // '' makes the read('') PHP calls next fail quietly: session_start()
+        // returns false (inside session_regenerate_id(), PHP throws an Error).
+        if ($this->validateFailed) {
+            // validateId() could not ask the daemon: a new ID would silently
+            // replace the visitor's session with an empty one.
+            $this->validateFailed = false;
+            $this->createFailed = true;
+
+            return '';
+        }
+        [$length, $bits] = self::idShape();
+        if ($this->readDone) {
+            // session_create_id() inside a running session: an ID for the
+            // application to use later, not this cycle's session (PHP checks
+            // it with validateId() and may prefix it). Nothing is created or
+            // locked, as with files.
+            return $this->localId($length, $bits);
+        }
+        if ($this->prepared !== null) {
+            // session_regenerate_id(): made by write() or destroy() of the old ID.
+            $sid = $this->prepared;
+            $this->prepared = null;
+
+            return $this->created($sid);
+        }
+        // session_start(), or session_regenerate_id() whose connection (and
+        // with it the new ID's lock) was lost since write() or destroy(): if
+        // the daemon cannot make the ID, fail rather than start a session
+        // whose write is bound to fail after the page has run. A second
+        // session_start() in the same request fails alike.
+        $line = $this->exchange('CREATE ' . $length . ' ' . $bits . ($this->locking ? "\n" : " NOLOCK\n"), 'create_sid');
+        if ($line !== null && strncmp($line, 'OK ', 3) === 0 && self::isValidId($sid = substr($line, 3, -1))) {
+            return $this->created($sid);
+        }
+        if ($line !== null) {
+            $this->failed('create_sid', $line);
+        }
+        $this->createFailed = true;
+
+        return '';
+    }
+
+    /**
+     * Inside session_regenerate_id(), before the old session is written or
+     * destroyed: has the daemon make (and lock) the new ID on this
+     * connection, for create_sid() to return after PHP's close() and open().
+     * While the connection holds a lock, a daemon that is stopping keeps
+     * serving it (PROTOCOL.md §10), so the new session is written before it
+     * stops; without the lock the connection would be closed between the two.
+     * False, after a warning, when no ID can be had: the old session is then
+     * left as it is.
+     */
+    private function prepare(): bool
+    {
+        $this->unprepare();
+        [$length, $bits] = self::idShape();
+        $line = $this->exchange('CREATE ' . $length . ' ' . $bits . ($this->locking ? "\n" : " NOLOCK\n"), 'session_regenerate_id');
+        if ($line !== null && strncmp($line, 'OK ', 3) === 0 && self::isValidId($sid = substr($line, 3, -1))) {
+            $this->prepared = $sid;
+
+            return true;
+        }
+        if ($line !== null) {
+            $this->failed('session_regenerate_id', $line);
+        }
+
+        return false;
+    }
+
+    /** The old session's write or destroy failed: close() releases the new ID's lock. */
+    private function unprepare(): void
+    {
+        if ($this->prepared !== null) {
+            if ($this->locking && $this->sock !== null) {
+                $this->locks[$this->prepared] = true;
+            }
+            $this->prepared = null;
+        }
+    }
+
+    /**
+     * PHP's session.sid_length and session.sid_bits_per_character, within
+     * what CREATE accepts (§4.8).
+     *
+     * @return array{int, int}
+     */
+    private static function idShape(): array
+    {
         // PHP 8.4 deprecates these two settings; reading them is harmless.
         $length = (int) @ini_get('session.sid_length');
         if ($length < 22 || $length > self::MAX_ID_LENGTH) {
@@ -475,65 +575,27 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         if ($bits < 4 || $bits > 6) {
             $bits = 5;
         }
-        // The interface allows only a string, and failing is no good either:
-        // throwing makes session_start() throw an Error ("Session id must be a
-        // string"), and '' makes the read('') PHP calls next fail, which
-        // inside session_regenerate_id() is an Error too. '' is only right
-        // when validateId() could not ask the daemon: read('') then fails
-        // quietly and session_start() returns false, where a new ID would
-        // silently replace the visitor's session with an empty one.
-        if ($this->validateFailed) {
-            $this->validateFailed = false;
-            $this->createFailed = true;
 
-            return '';
-        }
-        if ($this->readDone) {
-            // session_create_id() inside a running session: an ID for the
-            // application to use later, not this cycle's session (PHP checks
-            // it with validateId() and may prefix it). Nothing is created or
-            // locked, as with files.
-            return $this->localId($length, $bits);
-        }
-        if (!$this->closed) {
-            // session_start() for a new visitor: if the daemon cannot make the
-            // ID, fail (read('') then fails quietly, and session_start() with
-            // it) rather than start a session whose write is bound to fail
-            // after the page has run.
-            $line = $this->exchange('CREATE ' . $length . ' ' . $bits . ($this->locking ? "\n" : " NOLOCK\n"), 'create_sid');
-            if ($line !== null && strncmp($line, 'OK ', 3) === 0 && self::isValidId($sid = substr($line, 3, -1))) {
-                return $this->created($sid);
-            }
-            if ($line !== null) {
-                $this->failed('create_sid', $line);
-            }
-            $this->createFailed = true;
+        return [$length, $bits];
+    }
 
-            return '';
-        }
-        $this->quiet = true; // a failure here is no failure: we make the ID ourselves
-        try {
-            $line = $this->exchange('CREATE ' . $length . ' ' . $bits . ($this->locking ? "\n" : " NOLOCK\n"), 'create_sid');
-            if ($line !== null) {
-                if (strncmp($line, 'OK ', 3) === 0 && self::isValidId($sid = substr($line, 3, -1))) {
-                    return $this->created($sid);
-                }
-                $this->failed('create_sid', $line);
+    /**
+     * Whether PHP is calling us from session_regenerate_id(). Its write (or
+     * destroy), close(), open(), create_sid() look exactly like
+     * session_write_close() (or session_destroy()) followed by
+     * session_start(): only the caller tells them apart. The first
+     * session_*() function without a class up the stack is PHP's own, however
+     * many handler objects wrap this one.
+     */
+    private static function inRegenerate(): bool
+    {
+        foreach (debug_backtrace(\DEBUG_BACKTRACE_IGNORE_ARGS, 16) as $frame) {
+            if (!isset($frame['class']) && str_starts_with($frame['function'], 'session_')) {
+                return $frame['function'] === 'session_regenerate_id';
             }
-        } finally {
-            $this->quiet = false;
-        }
-        // Inside session_regenerate_id(), where '' would be an Error: the ID
-        // is made here, not locked, and without a cluster suffix (a cluster
-        // places it by rendezvous hashing, CLUSTER.md §2). write() stores it,
-        // reconnecting if need be, or fails with a warning; read() returns ''
-        // without asking.
-        $sid = $this->localId($length, $bits);
-        if ($sid !== '') {
-            $this->newId = $sid;
         }
 
-        return $sid;
+        return false;
     }
 
     /** Bookkeeping for an ID the daemon made (and locked, when locking). */
@@ -581,6 +643,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
             return;
         }
+        $this->unprepare(); // a new ID create_sid() never took: release its lock
         if ($this->locks !== [] || $this->newId !== null) {
             $this->close();
         }
@@ -603,6 +666,10 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
      * until payload() has read the data. Returns null after a warning when the
      * connection failed; the connection is then discarded.
      *
+     * Without a connection (the first call after open(), or after one was
+     * dropped), one is made first, unless one holding our locks was lost in
+     * this cycle: a new one would not hold them.
+     *
      * A connection the daemon closed while we held no lock and awaited no
      * reply (its idle_timeout_s, §10; a restart) is replaced, and the request
      * sent once more, with a fresh HELLO. Never while a lock is held: the new
@@ -611,6 +678,21 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
      */
     private function exchange(#[\SensitiveParameter] string $request, string $method, bool $mayWait = false): ?string
     {
+        if ($this->unusable !== null) {
+            $this->warn($this->unusable . ' (fix phpsess.address or session.save_path)');
+
+            return null;
+        }
+        if ($this->sock === null) {
+            if ($this->locksLost) {
+                $this->warn('phpsess: ' . $method . ' failed: the connection to ' . $this->address . ' was lost earlier in this request, and with it the session lock');
+
+                return null;
+            }
+            $line = $this->connect() ? $this->send($request, $method, $mayWait, false) : null;
+
+            return $line === false ? null : $line;
+        }
         $line = $this->send($request, $method, $mayWait, $this->locks === [] && $this->pending === []);
         if ($line === false) {
             $line = $this->connect() ? $this->send($request, $method, $mayWait, false) : null;
@@ -627,9 +709,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     {
         $sock = $this->sock;
         if ($sock === null) {
-            $this->warn('phpsess: ' . $method . ' failed: not connected to ' . $this->address . ' (open() failed or the connection was lost earlier)');
-
-            return null;
+            return null; // exchange() connects first; not reached
         }
         if ($this->busy) {
             // An earlier call stopped half-way (an exception from an error handler):
@@ -776,8 +856,14 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         }
         if ($sock === false) {
             $why = $errstr !== '' ? $errstr : 'error ' . $errno;
-
-            $this->warn('phpsess: cannot connect to ' . $this->address . ': ' . $why . ' (is the phpsess daemon running?)');
+            if ($errno === self::EACCES || $errno === self::EPERM) {
+                // The daemon is there; this PHP process may not use its socket.
+                $user = self::processUser();
+                $hint = ' (this PHP process' . ($user !== '' ? ' (' . $user . ')' : '') . ' may not use this socket or enter its directory: add its user to the socket\'s group, which the daemon\'s --socket-mode, 0660 by default, lets in)';
+            } else {
+                $hint = ' (is the phpsess daemon running?)';
+            }
+            $this->warn('phpsess: cannot connect to ' . $this->address . ': ' . $why . $hint);
 
             return false;
         }
@@ -825,6 +911,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         if ($this->locks !== []) {
             $this->locksLost = true;
         }
+        $this->prepared = null; // its lock, if any, goes with the connection: create_sid() asks anew
         $this->sock = null;
         $this->hello = '';
         $this->pending = [];
@@ -885,6 +972,8 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     private function configure(string $address): void
     {
         $options = $this->ctorOptions;
+        $given = $address;
+        $address = self::canonical($address);
         $base = $address;
         $q = strpos($address, '?');
         if ($q !== false) {
@@ -899,14 +988,14 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         if (str_starts_with($base, 'unix://')) {
             $path = substr($base, 7);
             if ($path === '' || $path[0] !== '/' || $path === '/' || str_contains($path, "\0")) {
-                throw self::badAddress($address);
+                throw self::badAddress($given);
             }
             $tcp = false;
         } elseif (preg_match('/\Atcp:\/\/(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})\z/', $base, $m) === 1
             && (int) $m[1] >= 1 && (int) $m[1] <= 65535) {
             $tcp = true;
         } else {
-            throw self::badAddress($address);
+            throw self::badAddress($given);
         }
 
         $unknown = array_diff(array_keys($options), array_keys(self::OPTION_DEFAULTS));
@@ -930,7 +1019,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         if ($this->sock !== null && ($base !== $this->address || $persistent !== $this->persistent)) {
             $this->discard();
         }
-        $this->configuredFrom = $address;
+        $this->configuredFrom = $given;
         $this->address = $base;
         $this->tcp = $tcp;
         $this->timeout = $timeout;
@@ -984,9 +1073,47 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         ));
     }
 
+    /**
+     * Whether a session.save_path is meant for us: it starts with unix: or
+     * tcp: in any case, after spaces. Anything else (a files directory,
+     * `N;/path`) belongs to another handler and is ignored.
+     */
     private static function isAddress(string $path): bool
     {
-        return str_starts_with($path, 'unix://') || str_starts_with($path, 'tcp://');
+        return preg_match('/\A\s*(?:unix|tcp):/i', $path) === 1;
+    }
+
+    /**
+     * $address as configure() parses it: surrounding spaces trimmed, the
+     * scheme in lower case, the daemon's own forms `unix:/abs/path.sock` and
+     * `tcp:HOST:PORT` (PROTOCOL.md §1) written as PHP's. Other values are
+     * returned trimmed, for configure() to refuse.
+     */
+    private static function canonical(string $address): string
+    {
+        $address = trim($address, " \t\n\r\v\f");
+        if (preg_match('/\A(unix|tcp):(\/\/)?/i', $address, $m) !== 1) {
+            return $address;
+        }
+        $scheme = strtolower($m[1]);
+        $rest = substr($address, \strlen($m[0]));
+        if (($m[2] ?? '') === '' && ($scheme === 'tcp' ? !str_starts_with($rest, '/') : str_starts_with($rest, '/'))) {
+            return $scheme . '://' . $rest; // unix:/path -> unix:///path, tcp:HOST:PORT -> tcp://HOST:PORT
+        }
+
+        return $scheme . ':' . ($m[2] ?? '') . $rest;
+    }
+
+    /** The user this PHP process runs as, for messages ('' if the posix extension is missing). */
+    private static function processUser(): string
+    {
+        if (!\function_exists('posix_geteuid')) {
+            return '';
+        }
+        $uid = posix_geteuid();
+        $user = \function_exists('posix_getpwuid') ? posix_getpwuid($uid) : false;
+
+        return \is_array($user) ? 'user ' . self::clean((string) $user['name']) : 'uid ' . $uid;
     }
 
     /** §5: 1-256 characters from [A-Za-z0-9,-]. */

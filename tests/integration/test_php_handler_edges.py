@@ -7,6 +7,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import os
+import pwd
 import re
 import signal
 import socket
@@ -21,10 +23,11 @@ import pytest
 
 from phpsess import protocol as p
 from phpsess.client import Client
-from tests.conftest import read_counter, run_php
+from tests.conftest import PREPEND, free_tcp_port, php_binary, read_counter, run_php
 from tests.integration.test_locking import _stats
 
 SCRIPT = Path(__file__).parent / "php" / "handler_edges.php"
+NOBODY = 65534
 
 
 def _php(address: str, *args: str, query: str = "",
@@ -52,14 +55,14 @@ def _in_background(
     ini: dict[str, str] | None = None,
 ) -> Iterator[concurrent.futures.Future[subprocess.CompletedProcess[str]]]:
     """Runs the script, which waits at tmp_path/ready until tmp_path/go exists
-    (and at ready2 until go2)."""
+    (and at ready2 until go2, ready3 until go3)."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(_php, address, *args, query=query, ini=ini)
         try:
             _until(lambda: (tmp_path / "ready").exists() or future.done(), "the php script")
             yield future
         finally:
-            for go in ("go", "go2"):
+            for go in ("go", "go2", "go3"):
                 (tmp_path / go).touch()  # never leave the script waiting
 
 
@@ -95,59 +98,117 @@ def test_the_lease_option_and_the_daemons_lease_still_apply(start_daemon: Any) -
 
 @pytest.mark.parametrize("close", ["", "slow-close"])
 @pytest.mark.parametrize("delete", ["0", "1"])
-def test_regenerate_id_while_the_daemon_restarts_is_no_fatal_error(
+def test_regenerate_id_while_the_daemon_drains_keeps_the_session(
     delete: str, close: str, start_daemon: Any, tmp_path: Path
 ) -> None:
-    daemon = start_daemon("--memory-only")
+    # A graceful stop (SIGTERM, DRAIN) serves a connection only while it
+    # holds a lock. The write (or destroy) of the old ID released the last
+    # one, the daemon closed the connection, and the handler made the new ID
+    # itself: regenerate said true, the final write failed with a warning and
+    # the session (a login) was lost. Now the new ID is made, and locked, on
+    # that connection first: it stays served until the new session is written.
+    # slow-close: the daemon has time to close the connection between the
+    # close() and the open() of session_regenerate_id(), if it is to.
+    daemon = start_daemon()
     sid = f"regenstop{delete}0123456789abcdefgh"
+    with Client(daemon.address) as c:
+        assert c.request(p.Write(sid, 600, b"seen|i:1;")) == p.OK
     ini = {"session.sid_length": "26", "session.sid_bits_per_character": "5"}
     with _in_background(tmp_path, daemon.php_address, "regenerate", sid, delete,
                         str(tmp_path), close, ini=ini) as future:
-        # The daemon stops: it keeps our connection only while it holds the
-        # lock, so the write (or destroy) of the old ID ends it, and it
-        # accepts no new one. CREATE failed, or with slow-close (the daemon
-        # has closed the connection by then) open() did, and PHP threw an
-        # Error.
         daemon.signal(signal.SIGTERM)
         _until(lambda: "event=stopping" in daemon.log(), "the daemon to start stopping")
         (tmp_path / "go").touch()
         _until(lambda: (tmp_path / "ready2").exists() or future.done(), "session_regenerate_id()")
-        assert daemon.wait() == 0
-        # Back before the request ends: the write of the new ID reconnects.
-        daemon.start()
         (tmp_path / "go2").touch()
         proc = future.result(60)
     got = _lines(proc)
-    assert "thrown" not in got, got
-    assert got["regenerate"] == "true"
+    assert proc.stderr == "", proc.stderr
+    assert got["regenerate"] == "true", got
     assert got["status"] == "2"  # PHP_SESSION_ACTIVE
     assert got["new-sid"] != sid
-    # The handler made the ID itself, by PHP's rules for these settings.
     assert re.fullmatch(r"[0-9a-v]{26}", got["new-sid"]), got["new-sid"]
-    assert proc.stderr == "", proc.stderr
+    assert daemon.wait() == 0  # it stopped once the request was done
+    daemon.start()
     with Client(daemon.address) as c:
-        assert c.request(p.Read(got["new-sid"], lock=False)) == p.Data(b'user|s:5:"alice";')
+        assert c.request(p.Read(got["new-sid"], lock=False)) == p.Data(
+            b'seen|i:1;user|s:5:"alice";')
+        old = c.request(p.Read(sid, lock=False))
+    assert old == (p.MISS if delete == "1" else p.Data(b'seen|i:1;user|s:5:"alice";'))
 
 
-def test_regenerate_id_after_the_daemon_stopped_fails_only_the_write(
-    start_daemon: Any, tmp_path: Path
+@pytest.mark.parametrize("delete", ["0", "1"])
+def test_regenerate_id_without_the_daemon_fails_and_keeps_the_old_session(
+    delete: str, start_daemon: Any, tmp_path: Path
 ) -> None:
-    daemon = start_daemon("--memory-only")
-    with _in_background(tmp_path, daemon.php_address, "regenerate",
-                        "regengone0123456789abcdefgh", "0", str(tmp_path)) as future:
-        daemon.signal(signal.SIGTERM)
-        _until(lambda: "event=stopping" in daemon.log(), "the daemon to start stopping")
+    # The daemon dies (kill -9) while the request holds the lock: no new ID
+    # can be had, so the old session is neither written nor destroyed and
+    # session_regenerate_id() returns false (the page can tell), as with
+    # files when the old session cannot be written.
+    daemon = start_daemon("--fsync", "always")  # kill -9 keeps what was acknowledged
+    sid = f"regenkill{delete}0123456789abcdefgh"
+    with Client(daemon.address) as c:
+        assert c.request(p.Write(sid, 600, b"seen|i:1;")) == p.OK
+    with _in_background(tmp_path, daemon.php_address, "regenerate", sid, delete,
+                        str(tmp_path)) as future:
+        daemon.kill9()
+        daemon.start()
         (tmp_path / "go").touch()
         (tmp_path / "go2").touch()
         proc = future.result(60)
     got = _lines(proc)
-    assert "thrown" not in got and got["regenerate"] == "true", got
-    # As PHP's files handler on a failing disk: a warning when writing.
-    stderr = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(stderr) == 2, proc.stderr
-    assert "phpsess: cannot connect to" in stderr[0]
-    assert "Failed to write session data" in stderr[1]
-    assert daemon.wait() == 0
+    assert got["regenerate"] == "false", got
+    assert got["status"] == "1"  # PHP_SESSION_NONE
+    assert got["new-sid"] == sid
+    assert "phpsess: session_regenerate_id failed: lost the connection" in proc.stderr
+    php_says = "Session write failed" if delete == "0" else "Session object destruction failed"
+    assert php_says in proc.stderr, proc.stderr
+    with Client(daemon.address) as c:
+        assert c.request(p.Read(sid, lock=False)) == p.Data(b"seen|i:1;")
+        listed = c.request(p.List(None, 100))
+    assert isinstance(listed, p.Data) and listed.data.count(b"\n") == 1, listed  # no new ID
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_regenerate_id_never_makes_an_id_the_daemon_does_not_hold(
+    restart: bool, start_daemon: Any, tmp_path: Path
+) -> None:
+    # The daemon dies between the close() and the open() inside
+    # session_regenerate_id(), after the old session was written. The handler
+    # used to make the new ID itself: regenerate said true and the write at
+    # the end failed, losing the session after the page had run. Now
+    # create_sid() asks the daemon on a new connection, and fails when there
+    # is none (PHP then throws an Error: nothing else is possible there).
+    daemon = start_daemon("--fsync", "always")  # kill -9 keeps what was acknowledged
+    sid = "regenlost0123456789abcdefgh"
+    with _in_background(tmp_path, daemon.php_address, "regenerate", sid, "0",
+                        str(tmp_path), "pause-close") as future:
+        (tmp_path / "go").touch()
+        _until(lambda: (tmp_path / "ready3").exists() or future.done(), "the close()")
+        daemon.kill9()
+        if restart:
+            daemon.start()
+        (tmp_path / "go3").touch()
+        _until(lambda: (tmp_path / "ready2").exists() or future.done(), "session_regenerate_id()")
+        (tmp_path / "go2").touch()
+        proc = future.result(60)
+    got = _lines(proc)
+    if restart:
+        assert proc.stderr == "", proc.stderr
+        assert got["regenerate"] == "true" and got["status"] == "2", got
+        with Client(daemon.address) as c:
+            assert c.request(p.Read(got["new-sid"], lock=False)) == p.Data(b'user|s:5:"alice";')
+        return
+    assert got["thrown"].startswith("Error: Failed to create(read) session ID: user"), got
+    assert "regenerate" not in got
+    assert got["status"] == "1"  # PHP_SESSION_NONE
+    warnings = [line for line in proc.stderr.splitlines() if "phpsess:" in line]
+    assert len(warnings) == 1, proc.stderr
+    assert re.search(r"phpsess: cannot connect to \S+: Connection refused", warnings[0]), warnings
+    assert "Failed to write session data" not in proc.stderr  # nothing pretended to work
+    daemon.start()
+    with Client(daemon.address) as c:
+        assert c.request(p.Read(sid, lock=False)) == p.Data(b'user|s:5:"alice";')  # written
 
 
 # -- 3. a connection the daemon closed for idleness (lock=0)
@@ -315,3 +376,160 @@ def test_prepend_leaves_no_variables_and_other_handlers_alone(daemon: Any) -> No
     assert got["handler"] == "user"  # phpsess took over from the default, files
     proc = _php(daemon.php_address, "scope", ini={"session.save_handler": "redis"})
     assert _lines(proc)["handler"] == "redis"  # a pool that chose redis keeps it
+
+
+# -- a second session_start() fails as the first did
+
+
+def test_a_second_session_start_fails_like_the_first(hangup_server: str) -> None:
+    # The first start's failure made PHP call close(); the handler took that
+    # for "inside session_regenerate_id()" and made an ID itself: the second
+    # start succeeded with a new, empty session whose write was bound to fail.
+    # Files and phpredis fail it like the first.
+    proc = _php(hangup_server, "twice")
+    got = _lines(proc)
+    assert got["start"] == got["start2"] == "false", got
+    assert got["status"] == "1"  # PHP_SESSION_NONE
+    assert proc.stderr.count("phpsess: create_sid failed") == 2, proc.stderr
+
+
+@pytest.mark.parametrize("how", ["new", "same"])
+def test_a_session_after_the_daemon_went_away_in_the_same_request_fails(
+    how: str, daemon: Any, tmp_path: Path
+) -> None:
+    # new: the second start used to succeed (an ID made here, its write
+    # failing after the page ran). same: it failed, but the warning said only
+    # "not connected" (the reconnect in open() was silent); the cause is kept.
+    with _in_background(tmp_path, daemon.php_address, "two-sessions", str(tmp_path),
+                        how) as future:
+        daemon.stop()
+        (tmp_path / "go").touch()
+        proc = future.result(60)
+    got = _lines(proc)
+    assert got["start"] == got["write-close"] == "true", got
+    assert got["start2"] == "false", got
+    assert got["status"] == "1" and got["session"] == "[]", got
+    warnings = [line for line in proc.stderr.splitlines() if "phpsess:" in line]
+    assert len(warnings) == 1, proc.stderr
+    assert re.search(
+        r"phpsess: cannot connect to unix://\S+: (No such file or directory|Connection refused) "
+        r"\(is the phpsess daemon running\?\)", warnings[0]), warnings
+
+
+# -- a failed session_start() leaves $_SESSION = [], as files and phpredis do
+
+
+@pytest.mark.parametrize(("sid", "strict"), [("", "0"), ("someid0123456789abcdefghij", "0"),
+                                             ("someid0123456789abcdefghij", "1")])
+def test_a_failed_start_leaves_an_empty_session_array(
+    sid: str, strict: str, workdir: Path
+) -> None:
+    # open() used to fail when the daemon could not be reached, and PHP sets
+    # up $_SESSION only after open(): code reading it after @session_start()
+    # died with a TypeError (HTTP 500). Files (missing directory) and
+    # phpredis (Redis down) leave [] and the page renders.
+    ini = {"session.use_strict_mode": strict}
+    files = run_php(SCRIPT, handler="files", save_path=str(workdir / "missing"),
+                    args=("failed-start", sid), ini=ini)
+    address = f"unix://{workdir}/nobody-listens.sock"
+    proc = _php(address, "failed-start", sid, ini=ini)
+    assert _lines(proc) == _lines(files) == {
+        "start": "false", "status": "1", "session": "[]", "logged-in": "false"}
+    # One warning naming the address and the cause, then PHP's own.
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("Warning:")]
+    assert len(warnings) == 2, proc.stderr
+    assert (f"phpsess: cannot connect to {address}: No such file or directory "
+            "(is the phpsess daemon running?)") in warnings[0]
+    assert "session_start(): Failed to read session data: user" in warnings[1]
+
+
+@pytest.mark.parametrize("strict", ["0", "1"])
+def test_a_malformed_address_leaves_an_empty_session_array(strict: str) -> None:
+    # prepend.php's stand-in handler, likewise.
+    proc = _php("http://not-an-address", "failed-start", "someid0123456789abcdefghij",
+                ini={"session.use_strict_mode": strict})
+    assert _lines(proc) == {
+        "start": "false", "status": "1", "session": "[]", "logged-in": "false"}
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("Warning:")]
+    assert len(warnings) == 2, proc.stderr
+    assert 'phpsess: cannot use "http://not-an-address" as the daemon address' in warnings[0]
+    assert "fix phpsess.address or session.save_path" in warnings[0]
+    assert "Failed to read session data" in warnings[1]
+
+
+# -- session.save_path: the daemon's forms, any case, stray spaces; typos named
+
+
+def _with_save_path(save_path: str, *args: str) -> subprocess.CompletedProcess[str]:
+    # phpsess.address empty: the handler follows session.save_path. Quoted,
+    # as php.ini needs for "=" and keeps spaces.
+    return run_php(SCRIPT, handler="phpsess", address="", args=args,
+                   ini={"session.save_path": f'"{save_path}"'}, timeout=60)
+
+
+@pytest.mark.parametrize("form", ["unix:{sock}", "UNIX://{sock}", " unix://{sock} ",
+                                  "Unix:{sock}?lock_wait=5", "TCP://127.0.0.1:{port}",
+                                  "tcp:127.0.0.1:{port}"])
+def test_save_path_in_the_daemons_form_any_case_or_with_spaces_is_used(
+    form: str, start_daemon: Any
+) -> None:
+    # These were silently ignored: sessions went to unix:///run/phpsess/phpsess.sock.
+    port = free_tcp_port()
+    daemon = start_daemon("--memory-only", "--listen", f"tcp:127.0.0.1:{port}")
+    sid = "savepath0123456789abcdefgh"
+    proc = _with_save_path(form.format(sock=daemon.sock_path, port=port), "counter", sid, "0")
+    assert proc.stderr == "", proc.stderr
+    assert _lines(proc)["n"] == "1"
+    assert read_counter(daemon.address, sid) == 1
+
+
+@pytest.mark.parametrize("value", ["unix:relative.sock", "unix:", "tcp://127.0.0.1",
+                                   "TCP:localhost", " unix:/// ", "tcp://[::1]:99999"])
+def test_a_malformed_save_path_address_is_named(value: str) -> None:
+    # One of ours by its scheme, but malformed: an error naming it (it was
+    # ignored, and sessions went to the default address).
+    proc = _with_save_path(value, "failed-start")
+    got = _lines(proc)
+    assert got["start"] == "false" and got["session"] == "[]", got
+    warnings = [line for line in proc.stderr.splitlines() if "phpsess:" in line]
+    assert len(warnings) == 1, proc.stderr
+    assert f'phpsess: cannot use "{value}" as the daemon address' in warnings[0]
+
+
+@pytest.mark.parametrize("value", ["/var/lib/php/sessions", "2;/tmp/sessions", "",
+                                   "/tmp/unix:odd"])
+def test_a_save_path_for_another_handler_is_still_ignored(value: str) -> None:
+    # The default address is used (whether or not a daemon listens there).
+    proc = _with_save_path(value, "counter", "savepath0123456789abcdefgh", "0")
+    assert "cannot use" not in proc.stderr, proc.stderr
+    if _lines(proc)["start"] == "false":
+        assert "cannot connect to unix:///run/phpsess/phpsess.sock:" in proc.stderr
+
+
+# -- a socket the PHP user may not use says so
+
+
+def test_permission_denied_on_the_socket_names_the_php_user(daemon: Any) -> None:
+    # It said "(is the phpsess daemon running?)", which sent people looking
+    # at a daemon that was running fine.
+    sock = Path(daemon.sock_path)
+    cmd = [php_binary(), "-d", "display_errors=stderr", "-d", "log_errors=0",
+           "-d", "session.use_cookies=0",
+           "-d", "session.cache_limiter=", "-d", f"auto_prepend_file={PREPEND}",
+           "-d", f"phpsess.address={daemon.php_address}", str(SCRIPT), "fresh"]
+    if os.geteuid() == 0:
+        # root may use any socket: run PHP as nobody, who may not use this one.
+        sock.parent.chmod(0o755)
+        sock.chmod(0o660)
+        cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", *cmd]
+        user = f"user {pwd.getpwuid(NOBODY).pw_name}"
+    else:
+        sock.chmod(0)
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name}"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert _lines(proc)["start"] == "false"
+    warnings = [line for line in proc.stderr.splitlines() if "phpsess:" in line]
+    assert len(warnings) == 1, proc.stderr
+    assert f"phpsess: cannot connect to {daemon.php_address}: Permission denied" in warnings[0]
+    assert f"(this PHP process ({user}) may not use this socket" in warnings[0]
+    assert "is the phpsess daemon running" not in warnings[0]

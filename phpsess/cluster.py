@@ -436,6 +436,7 @@ class Cluster:
         self.links: dict[str, set[PeerLink]] = {}
         self.ready = trio.Event()
         self.draining = False
+        self._handing_over: set[str] = set()  # HANDOFFs in flight (CLUSTER.md §8)
         self._nursery: trio.Nursery | None = None
         self._udp: trio.socket.SocketType | None = None
         self._heartbeat_ms = 0  # the timestamp of our last heartbeat
@@ -936,7 +937,8 @@ class Cluster:
 
     async def resolve(self, sid: str) -> str | p.Error:
         """The node that serves ``sid`` now, after checking an unverified copy;
-        ``UNAVAILABLE`` while a node that may hold it has not been heard."""
+        ``UNAVAILABLE`` while it cannot tell whether another node holds it
+        (:meth:`_find_elsewhere`)."""
         # "Am I still master?" must not depend on which task runs first after
         # a stall: notice it here too (one clock comparison when none).
         self._notice_stall(trio.current_time())
@@ -974,6 +976,28 @@ class Cluster:
                 )
         return node
 
+    async def resolve_lock(self, sid: str, *, peer: bool) -> str | p.Error:
+        """Where a new lock on ``sid``, which :meth:`resolve` says we serve,
+        is taken.  While we drain, not on a session about to be handed over
+        (CLUSTER.md §8): the HANDOFF would go out under the lock and the new
+        master grant it a second time.  A peer's forwarded request gets
+        ``NOT_MASTER``: its node looks again and retries (§5.4) until the
+        session, free, has been handed over.  Our own clients still open
+        (they hold locks: PROTOCOL.md §10) wait only while a HANDOFF of it
+        is in flight, then go where it went."""
+        node: str | p.Error = self.me
+        while self.draining and node == self.me:
+            m = self.replicas.meta.get(sid)
+            if m is None or m.role != MASTER:
+                break  # not one the drain hands over (a session being started)
+            if peer:
+                return p.Error(p.Code.NOT_MASTER, m.backup or "-")
+            if sid not in self._handing_over:
+                break
+            await trio.sleep(0.01)
+            node = await self.resolve(sid)
+        return node
+
     async def _find_elsewhere(self, sid: str, master: str, backup: str) -> str | p.Error | None:
         """For a session we hold no copy of: the node that masters it, else
         ``None`` when it exists nowhere and may start here (CLUSTER.md §5.4,
@@ -988,7 +1012,7 @@ class Cluster:
           and the takeover is under way.  Waited for up to ``failover_s``.
 
         Serving the session as new meanwhile would start a second, empty
-        master copy, and the writes taken on it or on the real one be lost."""
+        master copy, and the writes taken on one of the two would be lost."""
         started = trio.current_time()
         unheard_until = started + 2 * self.config.heartbeat_s + self.config.probe_s
         while True:
@@ -1009,8 +1033,8 @@ class Cluster:
             if not unheard and copies and now >= started + self.failover_s:
                 return p.Error(
                     p.Code.UNAVAILABLE,
-                    f"{', '.join(copies)} holds a copy of the session but no node masters it "
-                    "(a takeover under way?); retry",
+                    f"a copy of the session is held by {', '.join(copies)} but no node "
+                    "masters it (a takeover under way?); retry",
                 )
             if not unheard and not copies:
                 return None
@@ -1352,19 +1376,20 @@ class Cluster:
                 await trio.sleep(0.05)
             log.info("event=drained handed_over=%d", handed)
         if scope.cancelled_caught:
-            left = [m for m in self.replicas.meta.values() if m.role == MASTER]
+            left = {sid: m for sid, m in self.replicas.meta.items() if m.role == MASTER}
             if left:
                 backed = sum(
-                    1 for m in left
+                    1 for m in left.values()
                     if m.backup is not None and self.membership.state(m.backup) != mb.DEAD
                 )
+                locked = sum(1 for sid in left if self.server.engine.locks.holder(sid) is not None)
                 log.error(
                     "event=drain_incomplete masters=%d handed_over=%d with_live_backup=%d "
-                    "detail=the drain deadline (--drain-timeout-s) passed with sessions still "
-                    "mastered here; their backups take over the %d with a live backup once "
-                    "peers declare this node dead (CLUSTER.md §7); the other %d have no other "
-                    "copy and are lost",
-                    len(left), handed, backed, backed, len(left) - backed,
+                    "locked=%d detail=the drain deadline (--drain-timeout-s) passed with "
+                    "sessions still mastered here (locked: a request still held the lock); "
+                    "their backups take over the %d with a live backup once peers declare this "
+                    "node dead (CLUSTER.md §7); the other %d have no other copy and are lost",
+                    len(left), handed, backed, locked, backed, len(left) - backed,
                 )
             log.warning("event=drain_timeout")
 
@@ -1374,6 +1399,10 @@ class Cluster:
         (placement rule, §2).  True once it is no longer mastered here."""
         m = self.replicas.meta.get(sid)
         if m is None or m.role != MASTER:
+            return False
+        if self.server.engine.locks.holder(sid) is not None:
+            # A request holding its lock (here or through a peer's forwarded
+            # connection, §5.3) finishes first: the next round hands it over.
             return False
         entry = self.server.engine.store.get(sid, trio.current_time())
         if entry is None:
@@ -1387,10 +1416,16 @@ class Cluster:
                 return False
         epoch, old_backup = m.epoch, m.backup
         ttl_s = max(1, math.ceil(entry.expires_at - trio.current_time()))
+        handoff = p.Handoff(sid, epoch + 1, m.version, ttl_s, entry.data)
+        self._handing_over.add(sid)  # no lock is taken on it until the answer (resolve_lock)
         try:
-            reply = await self.call(target, p.Handoff(sid, epoch + 1, m.version, ttl_s, entry.data))
+            reply: p.Reply | LinkError = await self.call(target, handoff)
         except LinkError as exc:
-            log.warning("event=handoff_failed peer=%s detail=%s", target, exc)
+            reply = exc
+        finally:
+            self._handing_over.discard(sid)
+        if isinstance(reply, LinkError):
+            log.warning("event=handoff_failed peer=%s detail=%s", target, reply)
             # Dead (then _peer_dead gives the session a new backup) or alive
             # after all: either way the next round tries again.
             await self._wait_for_verdict(target)

@@ -613,9 +613,15 @@ class Server:
         if conn.node is not None and not cluster.ready.is_set():
             # A peer forwards a client's request before we know who is alive
             # (just started): our restored copies could be verified against
-            # nobody and served stale.  PHP's own wait the same (run).
+            # nobody and served stale.  PHP's clients wait for it too (run).
             await cluster.ready.wait()
         node = await cluster.resolve(sid)
+        if (
+            cluster.draining and node == cluster.me and isinstance(event, p.Read)
+            and event.lock and not self.engine.locks.holds(conn.owner, sid)
+        ):
+            # Not on a session a drain is about to hand over (CLUSTER.md §8).
+            node = await cluster.resolve_lock(sid, peer=conn.node is not None)
         if isinstance(node, p.Error):
             return node
         if node == cluster.me:

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -135,6 +136,65 @@ def test_drain_with_every_peer_dead_ends_at_once_and_keeps_the_sessions_on_disk(
         assert "event=restored sessions=5 " in a.log()
         sid, value = next(iter(values.items()))
         assert _read(cluster, "a", sid) == p.Data(value)
+    finally:
+        cluster.stop()
+
+
+class _QuickStopCluster(Cluster):
+    """Nodes that wait 1 s, not 10, for their own connections holding locks
+    before the cluster drain begins (--shutdown-timeout-s)."""
+
+    def args(self, name: str, secret: Path) -> list[str]:
+        return [*super().args(name, secret), "--shutdown-timeout-s", "1"]
+
+
+@pytest.mark.parametrize("taken", ["just_after_sigterm", "before_sigterm"])
+def test_a_lock_held_through_a_peer_while_its_master_drains_is_honoured(
+    workdir: Path, taken: str,
+) -> None:
+    # A request on another node takes X's lock through its master b just
+    # after b got SIGTERM (or before, and holds it past b's 1 s for its own
+    # connections).  b handed X over with the lock still held: a second
+    # request got the lock from the new master at once, and the first one's
+    # write then failed LOCKED.  The drain must hand X over only once the
+    # lock is free, and grant no new lock on it meanwhile (CLUSTER.md §8).
+    cluster = _QuickStopCluster(workdir)
+    try:
+        sid = _create(cluster, "b", b"v1")
+        backup = sid.rsplit("-", 1)[1]  # where the drain hands X over
+        other = next(n for n in ("a", "c") if n != backup)
+        b = cluster.nodes["b"]
+        with Client(cluster.nodes[other].address, timeout_s=30) as first:
+            if taken == "before_sigterm":
+                assert first.request(p.Read(sid, lock=True)) == p.Data(b"v1")
+            b.signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while "event=stopping" not in b.log():
+                assert time.monotonic() < deadline, b.log()
+                time.sleep(0.01)
+            if taken == "just_after_sigterm":
+                assert first.request(p.Read(sid, lock=True)) == p.Data(b"v1")
+            # Past the point where b, its own connections' time up, began the
+            # cluster drain and would have handed X over.
+            while "event=peer_draining peer=b" not in cluster.nodes[backup].log():
+                assert time.monotonic() < deadline, cluster.nodes[backup].log()
+                time.sleep(0.01)
+            time.sleep(1)
+            got: list[p.Reply] = []
+            with Client(cluster.nodes[backup].address, timeout_s=30) as second:
+                waiter = threading.Thread(
+                    target=lambda: got.append(second.request(p.Read(sid, lock=True)))
+                )
+                waiter.start()
+                waiter.join(1)
+                assert got == [], "a second request got the lock the first one holds"
+                assert first.request(p.Write(sid, 1440, b"first")) == p.OK
+                waiter.join(10)
+                assert got == [p.Data(b"first")], b.log()
+                assert second.request(p.Write(sid, 1440, b"second")) == p.OK
+        assert b.wait(30) == 0
+        assert "event=drained handed_over=1" in b.log(), b.log()
+        assert _read(cluster, other, sid) == p.Data(b"second")
     finally:
         cluster.stop()
 

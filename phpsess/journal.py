@@ -60,15 +60,15 @@ _NONZERO: Final = re.compile(rb"[^\x00]")
 # journal takes while the snapshot is written and for the estimate falling
 # short: the larger of these.  Measured with bench/loadgen.c (1 KiB WRITEs,
 # 2 cores): at half the saturated rate a 140 MB snapshot took 1 s, the
-# journal grew 13 MB meanwhile (~10 %); the estimate (live bytes plus 64 a
-# record) falls ~13 % short for 1 KiB sessions in a cluster (META records,
-# longer IDs).  Saturated, the journal grew about 85 % of a 340 MB snapshot
-# (12 s): a margin that large refuses compactions that fit at any normal
-# load, and a refusal does not heal itself (the journal grows into the room
-# the snapshot wanted).  The floor, 4 MiB, is for a small store: a larger one
-# would never let a small data volume compact, when compacting is what
-# frees the journal's space.
+# journal grew 13 MB meanwhile (~10 %); the estimate (below) may fall a few
+# per cent short (IDs longer than the overhead allows for).  Saturated, the
+# journal grew about 85 % of a 340 MB snapshot (12 s): a margin that large
+# refuses compactions that fit at any normal load, and a refusal does not
+# heal itself (the journal grows into the room the snapshot wanted).  The
+# floor, 4 MiB, is for a small store: a larger one would never let a small
+# data volume compact, when compacting is what frees the journal's space.
 SNAPSHOT_MARGIN_MIN_BYTES: Final = 4 * 1024 * 1024
+SNAPSHOT_MARGIN_FRACTION: Final = 0.25
 # A snapshot's bytes beyond the sessions' data, per session, for its size
 # estimate (kept O(1): the live bytes plus this times the count).  A record
 # is 23 bytes and its ID; a cluster's IDs are longer (<random>-<master>-
@@ -76,7 +76,6 @@ SNAPSHOT_MARGIN_MIN_BYTES: Final = 4 * 1024 * 1024
 # (23 bytes, the ID and its role, epoch, version and holders).
 SNAPSHOT_OVERHEAD_PER_SESSION: Final = 64
 CLUSTER_SNAPSHOT_OVERHEAD_PER_SESSION: Final = 192
-SNAPSHOT_MARGIN_FRACTION: Final = 0.25
 
 
 class Op(enum.IntEnum):

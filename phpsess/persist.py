@@ -365,6 +365,14 @@ def _restore(data_dir: str, wall_now: float, mono_now: float) -> tuple[Restored,
                 f"({scanned.reason}) and data follows it. " + _recovery_hint(data_dir)
             )
         if scanned.damage is j.Damage.TORN_TAIL:
+            if not _may_be_torn(data_dir, gen, journals):
+                raise DataDirError(
+                    f"journal {path} is damaged at offset {scanned.damage_at} "
+                    f"({scanned.reason}) in its last record, but it is not the newest "
+                    f"journal and {journal_name(gen + 1)} holds later changes: no crash "
+                    "leaves that (a journal's tail is fsynced before the next one takes "
+                    "a change). " + _recovery_hint(data_dir)
+                )
             dropped = size - scanned.good_end
             _truncate(path, scanned.good_end)
             result.torn.append(
@@ -386,6 +394,21 @@ def _restore(data_dir: str, wall_now: float, mono_now: float) -> tuple[Restored,
     result.expired = apply.expired
     result.seconds = time.monotonic() - started
     return result, current
+
+
+def _may_be_torn(data_dir: str, gen: int, journals: list[int]) -> bool:
+    """Whether a crash can have torn the last record of journal ``gen``.
+    The newest journal's, yes.  An older one's only while its tail was being
+    written at a switch (``_switch_generation``): the next journal is then
+    the newest and holds nothing but its header, because the writer appends
+    to it only after the old tail is fsynced.  Anywhere else the last record
+    was on disk before later changes were: damage, not a torn append."""
+    if gen == journals[-1]:
+        return True
+    if gen != journals[-2]:
+        return False
+    newest = os.path.join(data_dir, journal_name(journals[-1]))
+    return os.stat(newest).st_size <= len(j.JOURNAL_MAGIC)
 
 
 def _check_generations(

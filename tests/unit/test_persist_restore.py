@@ -140,6 +140,54 @@ def test_a_damaged_length_in_the_last_record_with_zeros_after_it_is_a_torn_tail(
     assert journal.stat().st_size == offsets[99]
 
 
+# -- the last record of a journal that is not the newest
+
+
+def _flip_last_byte(journal: Path) -> bytes:
+    raw = bytearray(journal.read_bytes())
+    raw[-1] ^= 0xFF  # the last record fails its checksum; nothing follows it
+    journal.write_bytes(bytes(raw))
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("newest", ["holds changes", "holds a later journal"])
+def test_a_bad_last_record_of_an_older_journal_stops_the_restore(
+    tmp_path: Path, newest: str
+) -> None:
+    # Journal 1's tail was fsynced before journal 2 took a change: its bad
+    # last record is damage, not a crash's torn append, and dropping it
+    # would lose an acknowledged write without a word.
+    records, offsets = _hundred_sessions()
+    older = _journal(tmp_path, 1, records)
+    raw = _flip_last_byte(older)
+    if newest == "holds changes":
+        _journal(tmp_path, 2, [(j.Op.PUT, "later", NOW + 60, 60, b"y")])
+    else:
+        _journal(tmp_path, 2, [])
+        _journal(tmp_path, 3, [])
+    with pytest.raises(DataDirError) as info:
+        restore(str(tmp_path), NOW)
+    message = str(info.value)
+    assert str(older) in message and f"damaged at offset {offsets[99]}" in message, message
+    assert "phpsess repair" in message
+    assert older.read_bytes() == raw  # nothing truncated
+
+
+def test_a_torn_tail_of_the_journal_before_an_empty_newest_one_is_truncated(
+    tmp_path: Path,
+) -> None:
+    # A crash while a switch wrote journal 1's tail: journal 2 has only its
+    # header (nothing is appended to it before that tail is fsynced).
+    records, offsets = _hundred_sessions()
+    older = _journal(tmp_path, 1, records)
+    _flip_last_byte(older)
+    _journal(tmp_path, 2, [])
+    restored, gen = restore(str(tmp_path), NOW)
+    assert len(restored.sessions) == 99 and gen == 2
+    assert restored.torn and str(older) in restored.torn[0]
+    assert older.stat().st_size == offsets[99]
+
+
 # -- repair
 
 

@@ -358,10 +358,17 @@ class Server:
                 with trio.move_on_after(0.05):
                     await self._no_conns.wait()
         if scope.cancelled_caught:
+            # In a cluster they run on through its drain (CLUSTER.md §8),
+            # which closes them when it ends.
+            fate = (
+                "stay open while the cluster drain hands sessions over"
+                if self.cluster is not None
+                else "were closed"
+            )
             log.warning(
                 "event=shutdown_timeout connections=%d detail=%s",
                 len(self._conns),
-                "connections still holding locks or in mid-request were closed",
+                f"connections still holding locks or in mid-request {fate}",
             )
 
     # -- listeners

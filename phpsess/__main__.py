@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="default time a request waits for a session lock (default: 30)",
     )
     serve.add_argument(
+        "--max-locks-per-connection", type=_positive_int,
+        default=Limits().max_locks_per_connection, metavar="N",
+        help="session locks one connection may hold at once; PHP needs 1, 2 while "
+        "regenerating an ID; more gets TOO_MANY_LOCKS (default: 64)",
+    )
+    serve.add_argument(
         "--lock-lease-s", type=_seconds, default=Limits().lock_lease_s, metavar="S",
         help="a lock held longer than this is revoked (default: 300)",
     )
@@ -327,7 +333,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             f"{_named('fsync')} must be one of {', '.join(FSYNC_POLICIES)}", "fsync"
         )
     for name in ("max_session_bytes", "max_connections", "max_incoming_bytes", "fsync_interval_ms",
-                 "compact_min_bytes", "heartbeat_ms", "dead_after_ms", "probe_ms"):
+                 "compact_min_bytes", "heartbeat_ms", "dead_after_ms", "probe_ms",
+                 "max_locks_per_connection"):
         if getattr(args, name) < 1:
             raise UsageError(f"{_named(name)} must be at least 1", name)
     for name in ("lock_wait_s", "shutdown_timeout_s", "drain_timeout_s"):
@@ -361,6 +368,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             max_session_bytes=args.max_session_bytes,
             lock_wait_s=args.lock_wait_s,
             lock_lease_s=args.lock_lease_s,
+            max_locks_per_connection=args.max_locks_per_connection,
         )
         persist = None
         if not args.memory_only:

@@ -71,6 +71,7 @@ SCHEMA: Final[dict[str, dict[str, tuple[str, Callable[[object], bool], str]]]] =
         "idle_timeout_s": ("idle_timeout_s", _number, "a number of seconds"),
         "lock_wait_s": ("lock_wait_s", _number, "a number of seconds"),
         "lock_lease_s": ("lock_lease_s", _number, "a number of seconds"),
+        "max_locks_per_connection": ("max_locks_per_connection", _int, "a whole number"),
         "shutdown_timeout_s": ("shutdown_timeout_s", _number, "a number of seconds"),
     },
     "storage": {

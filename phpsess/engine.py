@@ -45,6 +45,9 @@ class Limits:
     max_session_bytes: int = p.DEFAULT_MAX_SESSION_BYTES
     lock_wait_s: float = 30.0
     lock_lease_s: float = 300.0
+    # PHP holds one lock a request, two while session_regenerate_id() runs;
+    # the bound keeps one connection from filling memory with locks.
+    max_locks_per_connection: int = 64
 
     def __attrs_post_init__(self) -> None:
         if self.max_session_bytes < 1:
@@ -53,6 +56,19 @@ class Limits:
             raise ValueError("lock_wait_s must not be negative")
         if self.lock_lease_s <= 0:
             raise ValueError("lock_lease_s must be positive")
+        if self.max_locks_per_connection < 1:
+            raise ValueError("max_locks_per_connection must be at least 1")
+
+
+def too_many_locks(limits: Limits) -> p.Error:
+    """The reply to a lock past ``max_locks_per_connection`` (§9)."""
+    most = limits.max_locks_per_connection
+    return p.Error(
+        p.Code.TOO_MANY_LOCKS,
+        f"this connection holds {most} session lock{'s' if most != 1 else ''} "
+        "(max_locks_per_connection); release one (WRITE, TOUCH, DESTROY or CLOSE) "
+        "before locking another; nothing was locked",
+    )
 
 
 def verb_breakdown(counts: dict[type, int]) -> dict[str, int]:
@@ -279,6 +295,13 @@ class Engine:
 
     def _read(self, owner: Owner, client: _Client, request: p.Read, now: float) -> p.Reply | _Wait:
         sid = request.sid
+        if (
+            request.lock
+            and self.locks.count(owner) >= self.limits.max_locks_per_connection
+            and not self.locks.holds(owner, sid)  # re-entrant: no new lock
+        ):
+            self.errors_total += 1
+            return too_many_locks(self.limits)
         if request.lock and not self.locks.acquire(sid, owner, now, client.lease_s, client.wait_s):
             client.pending = request
             client.pending_sid = sid
@@ -362,6 +385,9 @@ class Engine:
         return p.Ok((str(count),))
 
     def _create(self, owner: Owner, client: _Client, request: p.Create, now: float) -> p.Reply:
+        if request.lock and self.locks.count(owner) >= self.limits.max_locks_per_connection:
+            self.errors_total += 1
+            return too_many_locks(self.limits)
         alphabet = _ALPHABETS[request.bits]
         mask = len(alphabet) - 1  # 16, 32 or 64 divide 256: every character is uniform
         suffix = "" if self.sid_suffix is None else self.sid_suffix()

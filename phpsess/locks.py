@@ -98,6 +98,11 @@ class LockTable:
     def owned_by(self, owner: Owner) -> frozenset[str]:
         return frozenset(self._owned.get(owner, ()))
 
+    def count(self, owner: Owner) -> int:
+        """How many locks ``owner`` holds."""
+        owned = self._owned.get(owner)
+        return 0 if owned is None else len(owned)
+
     def holds_any(self, owner: Owner) -> bool:
         return bool(self._owned.get(owner))
 

@@ -20,6 +20,33 @@ def sid_tag(sid: str) -> str:
     return hashlib.blake2b(sid.encode(), digest_size=4).hexdigest()
 
 
+class Throttle:
+    """At most ``per_s`` lines a second of one kind of warning that clients
+    can cause at will (a revoked lock, a refused connection): the rest are
+    counted, and the next line logged says how many were left out.  Their
+    metrics count every one.  Pure: the caller passes the time in."""
+
+    __slots__ = ("_skipped", "_used", "_window", "per_s")
+
+    def __init__(self, per_s: int = 10) -> None:
+        self.per_s = per_s
+        self._window = float("-inf")
+        self._used = 0
+        self._skipped = 0
+
+    def allow(self, now: float) -> int | None:
+        """None if this line is left out; else how many were since the last."""
+        if now >= self._window + 1.0:
+            self._window = now
+            self._used = 0
+        if self._used >= self.per_s:
+            self._skipped += 1
+            return None
+        self._used += 1
+        skipped, self._skipped = self._skipped, 0
+        return skipped
+
+
 # sd-daemon(3) prefixes: the syslog priority of a Python level.
 _PRIORITIES = {
     logging.CRITICAL: "<2>", logging.ERROR: "<3>", logging.WARNING: "<4>",

@@ -84,6 +84,8 @@ class _DaemonCollector(Collector):
             ("phpsess_expired_sessions", "Sessions expired on their TTL.", "expired_total"),
             ("phpsess_incoming_refusals", "Clients answered BUSY for --max-incoming-bytes.",
              "incoming_refusals_total"),
+            ("phpsess_connection_refusals", "Clients answered BUSY for --max-connections.",
+             "connection_refusals_total"),
         ):
             yield CounterMetricFamily(name, doc, value=_number(stats[key]))
         persister = server.persister

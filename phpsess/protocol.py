@@ -87,6 +87,7 @@ class Code(enum.Enum):
     STALE = "STALE"  # CLUSTER.md §6: a replicated change from a former master
     UNAVAILABLE = "UNAVAILABLE"  # the session's master cannot be reached now
     DENIED = "DENIED"  # §4.9: an admin verb from a user who may not use it
+    TOO_MANY_LOCKS = "TOO_MANY_LOCKS"  # §6.1: past max_locks_per_connection
 
 
 # Errors after which the daemon closes the connection (§9).

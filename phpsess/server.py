@@ -33,7 +33,7 @@ from phpsess import protocol as p
 from phpsess.addresses import Address, TcpAddress, UnixAddress
 from phpsess.cluster import Cluster, ClusterConfig, Forwards, _rare
 from phpsess.engine import VERB_NAMES, WAIT, Engine, Limits, _Wait
-from phpsess.logs import sid_tag
+from phpsess.logs import Throttle, sid_tag
 from phpsess.metrics import Metrics
 from phpsess.persist import (
     DataDirError,
@@ -147,6 +147,10 @@ class Server:
         self.incoming_bytes = 0  # of client requests half received (count_incoming)
         self.incoming_refusals_total = 0
         self.fd_refusals_total = 0
+        self.busy_refusals_total = 0  # clients answered BUSY for max_connections
+        # Warnings any client can cause at will: a few lines a second.
+        self._notice_throttle = Throttle()
+        self._refusal_throttle = Throttle()
         self.accept_failures_total = 0
         # Closed to make room for answering BUSY when out of descriptors.
         self._spare_fd = -1
@@ -536,7 +540,14 @@ class Server:
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         if len(self._conns) >= self.config.max_connections:
-            log.warning("event=connection_refused reason=max_connections")
+            self.busy_refusals_total += 1
+            skipped = self._refusal_throttle.allow(trio.current_time())
+            if skipped is not None:
+                log.warning(
+                    "event=connection_refused reason=max_connections connections=%d "
+                    "refused_total=%d%s", len(self._conns), self.busy_refusals_total,
+                    f" not_logged_before={skipped}" if skipped else "",
+                )
             with trio.move_on_after(1):
                 with contextlib.suppress(trio.BrokenResourceError):
                     await stream.send_all(
@@ -805,6 +816,7 @@ class Server:
         stats: dict[str, object] = {
             "incoming_bytes": self.incoming_bytes,
             "incoming_refusals_total": self.incoming_refusals_total,
+            "connection_refusals_total": self.busy_refusals_total,
         }
         if self.cluster is not None:
             stats |= self.cluster.statistics()
@@ -942,10 +954,14 @@ class Server:
                     conn.reply = completion.reply
                     conn.event.set()
         if engine.notices:
+            now = trio.current_time()
             for notice in engine.notices:
-                log.warning(
-                    "event=%s session=%s owner=%s", notice.event, sid_tag(notice.sid), notice.owner
-                )
+                skipped = self._notice_throttle.allow(now)
+                if skipped is not None:
+                    log.warning(
+                        "event=%s session=%s owner=%s%s", notice.event, sid_tag(notice.sid),
+                        notice.owner, f" not_logged_before={skipped}" if skipped else "",
+                    )
             engine.notices = []
         if engine.next_deadline_hint < self._timer_at:
             self._wake.set()

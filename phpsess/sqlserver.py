@@ -45,6 +45,7 @@ from phpsess.engine import (
     VERSION,
     hello_refusal,
     hello_wait_and_lease,
+    too_many_locks,
     verb_breakdown,
 )
 from phpsess.logs import sid_tag
@@ -399,6 +400,10 @@ class SqlBackend:
         reply, or None once held.  Raises _Gone if the client vanished."""
         if sid in client.held:
             return None
+        limits = self.server.config.limits
+        if len(client.held) >= limits.max_locks_per_connection:
+            self.errors_total += 1
+            return too_many_locks(limits)
         client.revoked.discard(sid)  # PROTOCOL.md §6.3: a new locking READ
         name = self._name(sid)
         pinned = await self._pin(client)
@@ -710,6 +715,11 @@ class SqlBackend:
     async def _create(self, client: _Client, event: p.Create) -> p.Reply:
         import secrets
 
+        limits = self.server.config.limits
+        if event.lock and len(client.held) >= limits.max_locks_per_connection:
+            self.errors_total += 1
+            return too_many_locks(limits)
+
         alphabet = _ALPHABETS[event.bits]
         mask = len(alphabet) - 1
         while True:
@@ -764,6 +774,7 @@ class SqlBackend:
             "connections": len(self._clients),
             "incoming_bytes": self.server.incoming_bytes,
             "incoming_refusals_total": self.server.incoming_refusals_total,
+            "connection_refusals_total": self.server.busy_refusals_total,
             "locks_held": sum(len(c.held) for c in self._clients.values()),
             "locks_waiting": self.locks_waiting,
             "lock_waits_total": self.lock_waits_total,

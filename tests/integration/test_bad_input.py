@@ -240,3 +240,47 @@ def test_a_second_daemon_on_a_live_socket_refuses_and_leaves_it_alone(
     assert proc.returncode == 1
     assert "another daemon is listening" in proc.stderr
     _good_client_works(daemon.address, "still-mine", b"yes")
+
+
+def _daemon_stats(address: str) -> dict[str, Any]:
+    import json
+
+    with Client(address) as c:
+        reply = c.request(p.Stats())
+        assert isinstance(reply, p.Data)
+        stats: dict[str, Any] = json.loads(reply.data)
+        return stats
+
+
+def test_warnings_a_client_causes_at_will_are_throttled_and_counted(start_daemon: Any) -> None:
+    # Each revoked lock and each refused connection was a warning line:
+    # a client could write megabytes of log a second (and stall the daemon
+    # writing them).  A few lines a second now; the counters count all.
+    daemon = start_daemon("--max-connections", "3")
+    with Client(daemon.address, lease_ms=1) as c:
+        for _ in range(150):
+            assert isinstance(c.request(p.Create()), p.Ok)
+            time.sleep(0.003)  # the lease of 1 ms runs out: revoked
+    held = [Client(daemon.address) for _ in range(3)]
+    try:
+        for _ in range(150):
+            s = _connect(daemon.sock_path)
+            assert _recv_all(s).startswith(b"ERR BUSY ")
+            s.close()
+        time.sleep(1.1)  # the next line, a second later, says how many were left out
+        s = _connect(daemon.sock_path)
+        assert _recv_all(s).startswith(b"ERR BUSY ")
+        s.close()
+    finally:
+        for c in held:
+            c.close()
+    time.sleep(0.2)
+    stats = _daemon_stats(daemon.address)
+    assert stats["lock_revoked_total"] >= 140, stats
+    assert stats["connection_refusals_total"] == 151, stats
+    log = daemon.log()
+    revoked = log.count("event=lock_revoked ")
+    refused = log.count("event=connection_refused ")
+    assert 1 <= revoked < 75 and 1 <= refused < 75, (revoked, refused)
+    last = log[log.rindex("event=connection_refused "):].splitlines()[0]
+    assert "refused_total=151 not_logged_before=" in last, last

@@ -13,7 +13,7 @@ import pytest
 
 from phpsess import protocol as p
 from phpsess.client import Client
-from tests.conftest import PREPEND, php_binary
+from tests.conftest import PREPEND, fresh_table, php_binary
 
 HOLD = Path(__file__).parent / "php" / "hold.php"
 SID = "concurrent0123456789abcdef"
@@ -102,3 +102,33 @@ def test_kill_9_of_the_lock_holder_frees_the_session_at_once(daemon: Any) -> Non
     # the target is 100 ms; a loaded CI machine gets headroom here.
     assert latency_ms < 1000
     assert "n=1" in out
+
+
+def test_one_connection_holds_at_most_max_locks_per_connection(
+    backend: str, start_daemon: Any, request: pytest.FixtureRequest
+) -> None:
+    # A client that locks session after session (a bug or an attack) gets
+    # TOO_MANY_LOCKS past the limit instead of filling the daemon's memory
+    # (or the database's named locks); everyone else goes on being served.
+    args: tuple[str, ...] = ("--max-locks-per-connection", "3")
+    if backend == "mariadb":
+        args = (*request.getfixturevalue("mariadb").daemon_args(fresh_table()), *args)
+    daemon = start_daemon(*args)
+    with Client(daemon.address) as hog, Client(daemon.address) as other:
+        hog.send_raw(b"".join(f"READ hog{i:022d} LOCK\n".encode() for i in range(5)))
+        replies = [hog.read_reply() for _ in range(5)]
+        assert replies[:3] == [p.MISS] * 3, replies
+        for reply in replies[3:]:
+            assert isinstance(reply, p.Error) and reply.code is p.Code.TOO_MANY_LOCKS, reply
+            assert "max_locks_per_connection" in reply.message
+        created = hog.request(p.Create())
+        assert isinstance(created, p.Error) and created.code is p.Code.TOO_MANY_LOCKS
+        assert _stats(daemon)["locks_held"] == 3
+        # Still usable: re-entry, a lock-free create, and room after a release.
+        assert hog.request(p.Read(f"hog{0:022d}")) == p.MISS
+        assert isinstance(hog.request(p.Create(lock=False)), p.Ok)
+        assert hog.request(p.Write(f"hog{0:022d}", 60, b"x")) == p.OK
+        assert hog.request(p.Read(f"hog{3:022d}")) == p.MISS
+        # The refused session was never locked: another client takes it.
+        assert other.request(p.Read(f"hog{4:022d}")) == p.MISS
+        assert other.request(p.Write(f"hog{4:022d}", 60, b"y")) == p.OK

@@ -189,6 +189,30 @@ def test_locks_are_reentrant(engine: Engine) -> None:
     assert engine.locks.waiting_count == 0
 
 
+def test_a_connection_holds_at_most_max_locks_per_connection() -> None:
+    e = make_engine(max_locks_per_connection=2)
+    hello(e, "a")
+    hello(e, "b")
+    assert e.handle("a", p.Read("s1"), 0.0) == p.MISS
+    created = e.handle("a", p.Create(), 0.0)
+    assert isinstance(created, p.Ok)
+    # A third lock, by READ or CREATE, is refused and takes nothing.
+    refused = e.handle("a", p.Read("s3"), 0.0)
+    assert code_of(refused) is p.Code.TOO_MANY_LOCKS
+    assert isinstance(refused, p.Error) and "max_locks_per_connection" in refused.message
+    assert code_of(e.handle("a", p.Create(), 0.0)) is p.Code.TOO_MANY_LOCKS
+    assert e.locks.holder("s3") is None and e.locks.count("a") == 2
+    # What takes no new lock still works: re-entry, NOLOCK, another connection.
+    assert e.handle("a", p.Read("s1"), 1.0) == p.MISS
+    assert e.handle("a", p.Read("s3", lock=False), 1.0) == p.MISS
+    assert isinstance(e.handle("a", p.Create(lock=False), 1.0), p.Ok)
+    assert e.handle("b", p.Read("s3"), 1.0) == p.MISS
+    # Releasing one makes room again.
+    assert e.handle("a", p.Write("s1", 100, b"x"), 2.0) == p.OK
+    assert e.handle("a", p.Read("s4"), 2.0) == p.MISS
+    assert e.locks.count("a") == 2
+
+
 # ---------------------------------------------------------------- waiting and hand-over (§6)
 
 

@@ -47,8 +47,11 @@ MAX_REPLY_BYTES_PER_WRITE: Final = 256 * 1024
 
 
 class Stalls(Protocol):
-    """Told since when a send has been waiting for the peer to read (it is
-    refreshed whenever the peer makes room, and None once all is sent)."""
+    """Told since when a send has been waiting for the peer to read: set
+    when the send first has to wait, None once all is sent.  Progress does
+    not refresh it, so that a client reading a few bytes now and then
+    cannot keep a big reply (the store's object, pinned) going for ever:
+    the daemon gives the whole of it a deadline from then (PROTOCOL.md §10)."""
 
     sending_since: float | None
 
@@ -75,8 +78,8 @@ async def receive(fd: int, size: int = RECEIVE_BYTES) -> bytes:
 async def send(fd: int, data: bytes, stalls: Stalls | None = None) -> None:
     """Write all of ``data``.  Not a checkpoint when the write completes at
     once: callers go on to :func:`receive` (or another checkpoint).  While it
-    has to wait, ``stalls.sending_since`` says since when the peer last made
-    room (the daemon closes a connection whose client stopped reading)."""
+    has to wait, ``stalls.sending_since`` says since when (the daemon closes
+    a connection whose client has not read it all in time)."""
     try:
         sent = os.write(fd, data)
     except BlockingIOError:
@@ -96,8 +99,6 @@ async def send(fd: int, data: bytes, stalls: Stalls | None = None) -> None:
             continue
         except OSError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
-        if stalls is not None:
-            stalls.sending_since = trio.current_time()  # it reads, however slowly
     if stalls is not None:
         stalls.sending_since = None
 
@@ -154,15 +155,14 @@ async def send_parts(fd: int, parts: list[bytes], stalls: Stalls | None = None) 
             sent = 0
         except OSError as exc:  # the peer went away
             raise trio.BrokenResourceError(str(exc)) from exc
-        progress = sent > 0
         while chunks and sent >= len(chunks[0]):
             sent -= len(chunks.pop(0))
         if not chunks:
             break
         if sent:
             chunks[0] = chunks[0][sent:]
-        if stalls is not None and (first or progress):
-            stalls.sending_since = trio.current_time()  # it reads, however slowly
+        if stalls is not None and first:
+            stalls.sending_since = trio.current_time()  # not refreshed: see Stalls
         first = False
     if stalls is not None:
         stalls.sending_since = None

@@ -55,6 +55,11 @@ _MAX_BUFFER_WHILE_WAITING: Final = 64 * 1024
 # A request buffered up to this size is never refused for max_incoming_bytes:
 # the usual PHP write goes through whatever the others hold.
 _INCOMING_UNCHECKED_BYTES: Final = 64 * 1024
+# Requests of one batch handled before its replies so far go out and the
+# other connections get a turn: a client pipelining a 256 KiB receive of
+# PINGs (50,000 requests) would otherwise hold the event loop for 100 ms.
+# PHP sends 1 to 3 requests at a time; the admin commands, a few.
+_REQUESTS_PER_TURN: Final = 256
 
 
 @attrs.frozen
@@ -66,6 +71,11 @@ class ServerConfig:
     # Bytes of client requests still arriving, all connections together.
     max_incoming_bytes: int = 256 * 1024 * 1024
     idle_timeout_s: float = 300.0
+    # A client connection that has not said HELLO this long after it was
+    # accepted is closed (PROTOCOL.md §10), so that connections that send
+    # nothing cannot hold max_connections for idle_timeout_s.  Not a
+    # setting: every client sends its HELLO as soon as it connects.
+    handshake_timeout_s: float = 10.0
     shutdown_timeout_s: float = 10.0
     persist: PersistConfig | None = None
     cluster: ClusterConfig | None = None
@@ -79,13 +89,18 @@ class StartupError(Exception):
 
 class _Conn:
     __slots__ = (
-        "admin", "busy", "event", "forwards", "hello", "idle_since", "incoming", "node", "owner",
-        "parser", "partial_since", "peer", "reply", "scope", "sending_since", "stream",
+        "admin", "busy", "event", "forwards", "hello", "idle_since", "incoming", "node",
+        "opened", "owner", "parser", "partial_since", "peer", "reply", "scope", "sending_since",
+        "stream", "uid",
     )
 
-    def __init__(self, owner: int, stream: trio.abc.Stream, peer: str) -> None:
+    def __init__(
+        self, owner: int, stream: trio.abc.Stream, peer: str, opened: float = 0.0
+    ) -> None:
         self.owner = owner
         self.stream = stream
+        # When it was accepted: it has handshake_timeout_s to say HELLO (§10).
+        self.opened = opened
         self.scope: trio.CancelScope | None = None
         self.event: trio.Event | None = None
         self.reply: p.Reply | None = None
@@ -97,7 +112,8 @@ class _Conn:
         # While the connection waits for its next request: since when (see
         # Server._idle_sweeper, which spares a lock holder not mid-request).
         self.idle_since: float | None = None
-        # While a write of replies waits for the client to read: since when.
+        # While a write of replies waits for the client to read: since when
+        # it first had to wait (progress does not move it: netio.Stalls).
         self.sending_since: float | None = None
         # The request parser (engine connections): a request half received
         # is in progress (PROTOCOL.md §10).
@@ -109,6 +125,7 @@ class _Conn:
         self.incoming = 0
         # Whether the client may use DRAIN and LIST; None until it asks.
         self.admin: bool | None = None
+        self.uid: int | None = None  # the client's, once ``admin`` is known
 
     @property
     def mid_request(self) -> bool:
@@ -151,6 +168,9 @@ class Server:
         # Warnings any client can cause at will: a few lines a second.
         self._notice_throttle = Throttle()
         self._refusal_throttle = Throttle()
+        self._send_timeout_throttle = Throttle()
+        self._handshake_throttle = Throttle()
+        self._uid_lookups = trio.CapacityLimiter(1)  # may_administer_tcp
         self.accept_failures_total = 0
         # Closed to make room for answering BUSY when out of descriptors.
         self._spare_fd = -1
@@ -520,14 +540,27 @@ class Server:
             if conn.node is not None:
                 conn.admin = True
             else:
-                conn.admin = peeruid.may_administer(_peer_uid(conn))
+                conn.uid = _peer_uid(conn)
+                conn.admin = peeruid.may_administer(conn.uid)
         return conn.admin
+
+    async def may_administer_tcp(self, conn: _Conn) -> bool:
+        """:meth:`may_administer`, a TCP client's uid looked up in a thread:
+        /proc/net/tcp lists every TCP socket of the host (7 ms with 4,000
+        of them), too long for the event loop.  One lookup at a time, so a
+        client repeating LIST cannot take the threads the journal needs."""
+        if conn.admin is None and conn.node is None and _is_tcp(conn):
+            conn.uid = await trio.to_thread.run_sync(
+                _peer_uid, conn, limiter=self._uid_lookups
+            )
+            conn.admin = peeruid.may_administer(conn.uid)
+        return self.may_administer(conn)
 
     def denied(self, conn: _Conn, event: p.Event) -> p.Error:
         verb = VERB_NAMES.get(type(event), "?")
         self.admin_denied_total += 1
         if _rare(self.admin_denied_total):
-            uid = _peer_uid(conn)
+            uid = conn.uid if conn.admin is not None else _peer_uid(conn)
             log.warning(
                 "event=admin_denied owner=%d peer=%s uid=%s verb=%s count=%d",
                 conn.owner, conn.peer, "?" if uid is None else uid, verb,
@@ -571,7 +604,7 @@ class Server:
     ) -> None:
         self._next_owner += 1
         owner = self._next_owner
-        conn = _Conn(owner, stream, peer)
+        conn = _Conn(owner, stream, peer, trio.current_time())
         conn.node = node
         self._conns[owner] = conn
         self.engine.connect(owner, peer=node is not None)
@@ -668,17 +701,19 @@ class Server:
             out: list[bytes] = []
             out_bytes = 0
             durable_seq = 0
+            handled = 0  # requests since the other connections last had a turn
             now = trio.current_time()
             while True:
                 event = parser.next_event()
                 if event is p.NEED_DATA:
                     break
                 conn.busy = True
+                handled += 1
                 conn.partial_since = None  # a whole request came: §10's clock restarts
                 started = now if self.metrics is None else trio.current_time()
                 reply_or_wait: p.Reply | _Wait | None = None
                 try:
-                    if type(event) in p.ADMIN_ONLY and not self.may_administer(conn):
+                    if type(event) in p.ADMIN_ONLY and not await self.may_administer_tcp(conn):
                         reply_or_wait = self.denied(conn, event)
                     elif cluster is not None:
                         reply_or_wait = await self._cluster_request(conn, event, now)
@@ -758,11 +793,17 @@ class Server:
                         await self._durable(durable_seq)
                     await netio.send_parts(fd, out, conn)
                     return
-                if out_bytes >= netio.MAX_REPLY_BYTES_PER_WRITE:
+                if out_bytes >= netio.MAX_REPLY_BYTES_PER_WRITE or handled >= _REQUESTS_PER_TURN:
                     await self._send_early(conn, fd, out, durable_seq)
                     out = []
                     out_bytes = 0
                     durable_seq = 0
+                    if handled >= _REQUESTS_PER_TURN:
+                        # A long pipelined batch: let the other connections
+                        # (and the timer) run before going on with it.
+                        handled = 0
+                        await trio.lowlevel.checkpoint()
+                        now = trio.current_time()
             if (
                 persister is not None and out and persister.always
                 and persister.synced < persister.submitted
@@ -968,18 +1009,37 @@ class Server:
 
     async def _idle_sweeper(self) -> None:
         """Close connections silent for ``idle_timeout_s`` while holding no
-        lock (or stalled mid-request), and connections whose client has not
-        read their replies for as long.  One sweep every eighth of the
-        timeout (at most a second) instead of a cancel scope around every
-        receive and send, which cost every request a deadline registration:
-        a connection is cut between 1 and 1.125 timeouts after it stalled."""
+        lock (or stalled mid-request), connections whose client has not read
+        all of a send that had to wait for it within as long, and client
+        connections that have not said HELLO within ``handshake_timeout_s``.
+        One sweep every eighth of the timeout (at most a second) instead of
+        a cancel scope around every receive and send, which cost every
+        request a deadline registration: a connection is cut between 1 and
+        1.125 timeouts after it stalled."""
         engine = self.engine
         while True:
-            await trio.sleep(min(1.0, self.config.idle_timeout_s / 8))
+            await trio.sleep(
+                min(1.0, self.config.idle_timeout_s / 8, self.config.handshake_timeout_s / 8)
+            )
             now = trio.current_time()
             limit = self.config.idle_timeout_s
+            handshake_limit = self.config.handshake_timeout_s
             for conn in list(self._conns.values()):
                 if conn.scope is None:
+                    continue
+                if (
+                    conn.hello is None and now - conn.opened >= handshake_limit
+                    and conn.node is None and not self._said_hello(conn)
+                ):
+                    skipped = self._handshake_throttle.allow(now)
+                    if skipped is not None:
+                        log.info(
+                            "event=handshake_timeout owner=%d peer=%s open_s=%.1f detail=no "
+                            "HELLO within %gs of connecting%s", conn.owner, conn.peer,
+                            now - conn.opened, handshake_limit,
+                            f" not_logged_before={skipped}" if skipped else "",
+                        )
+                    conn.scope.cancel()
                     continue
                 since = conn.idle_since
                 if since is not None and now - since >= limit:
@@ -998,15 +1058,23 @@ class Server:
                     continue
                 since = conn.sending_since
                 if since is not None and now - since >= limit:
+                    # Since the send first had to wait, however much the
+                    # client read since: the reply it pins has a deadline.
                     conn.sending_since = None
-                    log.info(
-                        "event=send_timeout owner=%d peer=%s stalled_s=%.1f detail=the "
-                        "client did not read its replies",
-                        conn.owner,
-                        conn.peer,
-                        now - since,
-                    )
+                    skipped = self._send_timeout_throttle.allow(now)
+                    if skipped is not None:
+                        log.info(
+                            "event=send_timeout owner=%d peer=%s stalled_s=%.1f detail=the "
+                            "client did not read its replies within idle_timeout_s%s",
+                            conn.owner, conn.peer, now - since,
+                            f" not_logged_before={skipped}" if skipped else "",
+                        )
                     conn.scope.cancel()
+
+    def _said_hello(self, conn: _Conn) -> bool:
+        """Whether the SQL backend accepted a HELLO on ``conn`` (the
+        engine's loop sets ``conn.hello``; the SQL backend's keeps its own)."""
+        return self.sql is not None and self.sql.said_hello(conn.owner)
 
     async def _timer(self) -> None:
         engine = self.engine
@@ -1050,6 +1118,13 @@ def _peer_uid(conn: _Conn) -> int | None:
     if not isinstance(stream, trio.SocketStream):
         return None
     return peeruid.peer_uid(stream.socket)  # type: ignore[arg-type]
+
+
+def _is_tcp(conn: _Conn) -> bool:
+    stream = conn.stream
+    return isinstance(stream, trio.SocketStream) and stream.socket.family in (
+        stdsocket.AF_INET, stdsocket.AF_INET6
+    )
 
 
 def _unix_socket_alive(path: str) -> bool:

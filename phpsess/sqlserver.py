@@ -590,6 +590,12 @@ class SqlBackend:
                 return
             parser.receive_data(data)
 
+    def said_hello(self, owner: int) -> bool:
+        """Whether connection ``owner`` had a HELLO accepted (its handshake
+        timeout, PROTOCOL.md §10, is the server's)."""
+        client = self._clients.get(owner)
+        return client is not None and client.hello
+
     def _error(self, code: p.Code, message: str) -> p.Error:
         self.errors_total += 1
         return p.Error(code, message)
@@ -607,7 +613,7 @@ class SqlBackend:
             return self._error(
                 p.Code.NEED_HELLO, "the first request on a connection must be HELLO 1"
             )
-        if kind in p.ADMIN_ONLY and not self.server.may_administer(conn):
+        if kind in p.ADMIN_ONLY and not await self.server.may_administer_tcp(conn):
             self.errors_total += 1
             return self.server.denied(conn, event)
         try:

@@ -205,16 +205,18 @@ def test_a_slow_reader_is_not_cut_while_it_reads(start_daemon: Any) -> None:
     with _connect(daemon) as a:
         a.sendall(b"HELLO 1\nWRITE big 600 %d\n" % len(body) + body)
         _receive_exactly(a, b"OK 1\nOK\n")
-        a.sendall(b"READ big NOLOCK\n" * 4)
+        a.sendall(b"READ big NOLOCK\n" * 6)
         reply = b"DATA %d\n" % len(body) + body
         got = b""
         started = time.monotonic()
-        while len(got) < 4 * len(reply):  # about 2.5 s: 2.5 idle timeouts
+        # About 2 s in all (2 idle timeouts), each reply in about 0.35 s: a
+        # reply (one send) must be read whole within the timeout (§10).
+        while len(got) < 6 * len(reply):
             a.settimeout(5)
             got += a.recv(64 * 1024)
-            time.sleep(0.04)
+            time.sleep(0.02)
         assert time.monotonic() - started > 1.5
-        assert got == reply * 4
+        assert got == reply * 6
     assert "event=send_timeout" not in daemon.log()
 
 

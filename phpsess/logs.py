@@ -21,10 +21,11 @@ def sid_tag(sid: str) -> str:
 
 
 class Throttle:
-    """At most ``per_s`` lines a second of one kind of warning that clients
+    """At most ``per_s`` lines a second of one kind of event that clients
     can cause at will (a revoked lock, a refused connection): the rest are
-    counted, and the next line logged says how many were left out.  Their
-    metrics count every one.  Pure: the caller passes the time in."""
+    left out, and the next line logged says how many (STATS and the metrics
+    count revoked locks and refused connections whether logged or not).
+    Pure: the caller passes the time in."""
 
     __slots__ = ("_skipped", "_used", "_window", "per_s")
 

@@ -368,10 +368,9 @@ def _restore(data_dir: str, wall_now: float, mono_now: float) -> tuple[Restored,
             if not _may_be_torn(data_dir, gen, journals):
                 raise DataDirError(
                     f"journal {path} is damaged at offset {scanned.damage_at} "
-                    f"({scanned.reason}) in its last record, but it is not the newest "
-                    f"journal and {journal_name(gen + 1)} holds later changes: no crash "
-                    "leaves that (a journal's tail is fsynced before the next one takes "
-                    "a change). " + _recovery_hint(data_dir)
+                    f"({scanned.reason}) in its last record, and newer journals follow "
+                    "it: no crash leaves that (a journal's tail is fsynced before the "
+                    "next one takes a change). " + _recovery_hint(data_dir)
                 )
             dropped = size - scanned.good_end
             _truncate(path, scanned.good_end)

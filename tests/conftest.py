@@ -390,6 +390,15 @@ def backend(request: pytest.FixtureRequest) -> str:
     return param
 
 
+@pytest.fixture(params=["engine", "sql"])
+def storage_args(request: pytest.FixtureRequest) -> list[str]:
+    """The daemon's own store, or the SQL backend (its own connection loop)."""
+    if request.param == "engine":
+        return ["--memory-only"]
+    mariadb: MariaDB = request.getfixturevalue("mariadb")
+    return list(mariadb.daemon_args(fresh_table()))
+
+
 @pytest.fixture
 def any_daemon(request: pytest.FixtureRequest, backend: str, start_daemon: Any) -> Daemon:
     """A daemon with the default memory + journal storage, or the SQL backend

@@ -38,6 +38,12 @@ def _recv_all(s: socket.socket, timeout: float = 5) -> bytes:
     return buf
 
 
+def _refused_busy(path: str) -> None:
+    s = _connect(path)
+    assert _recv_all(s).startswith(b"ERR BUSY ")
+    s.close()
+
+
 def _good_client_works(address: str, sid: str, value: bytes) -> None:
     with Client(address) as c:
         assert c.request(p.Write(sid, 60, value)) == p.OK
@@ -168,9 +174,7 @@ def test_connections_over_the_limit_get_busy(start_daemon: Any) -> None:
     daemon = start_daemon("--max-connections", "5")
     held = [Client(daemon.address) for _ in range(5)]
     try:
-        s = _connect(daemon.sock_path)
-        assert _recv_all(s).startswith(b"ERR BUSY ")
-        s.close()
+        _refused_busy(daemon.sock_path)
     finally:
         for c in held:
             c.close()
@@ -264,13 +268,9 @@ def test_warnings_a_client_causes_at_will_are_throttled_and_counted(start_daemon
     held = [Client(daemon.address) for _ in range(3)]
     try:
         for _ in range(150):
-            s = _connect(daemon.sock_path)
-            assert _recv_all(s).startswith(b"ERR BUSY ")
-            s.close()
+            _refused_busy(daemon.sock_path)
         time.sleep(1.1)  # the next line, a second later, says how many were left out
-        s = _connect(daemon.sock_path)
-        assert _recv_all(s).startswith(b"ERR BUSY ")
-        s.close()
+        _refused_busy(daemon.sock_path)
     finally:
         for c in held:
             c.close()

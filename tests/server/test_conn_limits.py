@@ -25,8 +25,6 @@ from phpsess.client import Client
 from tests.conftest import (
     Daemon,
     HangingFdatasync,
-    MariaDB,
-    fresh_table,
     fsync_always_server,
     proc_status_kib,
 )
@@ -85,15 +83,6 @@ def _wait_until(what: str, check: Callable[[], bool], timeout_s: float = 10) -> 
     while not check():
         assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
         time.sleep(0.02)
-
-
-@pytest.fixture(params=["engine", "sql"])
-def storage_args(request: pytest.FixtureRequest) -> list[str]:
-    """The daemon's own store, or the SQL backend (its own connection loop)."""
-    if request.param == "engine":
-        return ["--memory-only"]
-    mariadb: MariaDB = request.getfixturevalue("mariadb")
-    return list(mariadb.daemon_args(fresh_table()))
 
 
 # -- pipelined replies

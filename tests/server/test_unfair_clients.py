@@ -22,7 +22,6 @@ from phpsess import peeruid
 from phpsess import protocol as p
 from phpsess.addresses import TcpAddress, UnixAddress
 from phpsess.server import Server, ServerConfig
-from tests.conftest import MariaDB, fresh_table
 from tests.server.test_conn_limits import (
     _closed_within,
     _connect,
@@ -44,15 +43,6 @@ async def server(nursery: trio.Nursery) -> AsyncIterator[Server]:
         await nursery.start(srv.serve)
         yield srv
         srv.shutdown()
-
-
-@pytest.fixture(params=["engine", "sql"])
-def storage_args(request: pytest.FixtureRequest) -> list[str]:
-    """The daemon's own store, or the SQL backend (its own connection loop)."""
-    if request.param == "engine":
-        return ["--memory-only"]
-    mariadb: MariaDB = request.getfixturevalue("mariadb")
-    return list(mariadb.daemon_args(fresh_table()))
 
 
 def _unix_path(server: Server) -> str:

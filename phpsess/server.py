@@ -166,7 +166,7 @@ class Server:
         self.fd_refusals_total = 0
         self.busy_refusals_total = 0  # clients answered BUSY for max_connections
         # Warnings any client can cause at will: a few lines a second.
-        self._notice_throttle = Throttle()
+        self.notice_throttle = Throttle()
         self._refusal_throttle = Throttle()
         self._send_timeout_throttle = Throttle()
         self._handshake_throttle = Throttle()
@@ -920,7 +920,12 @@ class Server:
     ) -> None:
         """Send the replies so far of a batch that has more requests to
         handle: its writes' acknowledgements once durable, and the other
-        connections' grants first, as this send may wait for the client."""
+        connections' grants first, as this send may wait for the client.
+        With ``fsync always`` none of them may report what a crash could
+        still undo, as at the end of a batch."""
+        persister = self.persister
+        if persister is not None and persister.always and persister.synced < persister.submitted:
+            durable_seq = persister.submitted
         if durable_seq:
             await self._durable(durable_seq)  # at once when it already is
         self._after_engine()
@@ -997,7 +1002,7 @@ class Server:
         if engine.notices:
             now = trio.current_time()
             for notice in engine.notices:
-                skipped = self._notice_throttle.allow(now)
+                skipped = self.notice_throttle.allow(now)
                 if skipped is not None:
                     log.warning(
                         "event=%s session=%s owner=%s%s", notice.event, sid_tag(notice.sid),

@@ -256,11 +256,13 @@ def _daemon_stats(address: str) -> dict[str, Any]:
         return stats
 
 
-def test_warnings_a_client_causes_at_will_are_throttled_and_counted(start_daemon: Any) -> None:
+def test_warnings_a_client_causes_at_will_are_throttled_and_counted(
+    start_daemon: Any, storage_args: list[str]
+) -> None:
     # Each revoked lock and each refused connection was a warning line:
     # a client could write megabytes of log a second (and stall the daemon
     # writing them).  A few lines a second now; the counters count all.
-    daemon = start_daemon("--max-connections", "3")
+    daemon = start_daemon(*storage_args, "--max-connections", "3")
     with Client(daemon.address, lease_ms=1) as c:
         for _ in range(150):
             assert isinstance(c.request(p.Create()), p.Ok)

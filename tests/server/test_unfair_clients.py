@@ -51,7 +51,7 @@ def _unix_path(server: Server) -> str:
     return address.path
 
 
-# -- F3: a reply that has to wait for its client has a deadline
+# -- a reply that has to wait for its client has a deadline
 
 
 def test_a_slow_reader_cannot_keep_a_big_reply_pinned(start_daemon: Any) -> None:
@@ -101,7 +101,7 @@ def test_a_slow_reader_cannot_keep_a_big_reply_pinned(start_daemon: Any) -> None
     assert "within idle_timeout_s" in log
 
 
-# -- F4: a long pipelined batch does not hold the event loop
+# -- a long pipelined batch does not hold the event loop
 
 
 async def test_a_long_pipelined_batch_lets_other_connections_run(server: Server) -> None:
@@ -137,7 +137,7 @@ async def test_a_long_pipelined_batch_lets_other_connections_run(server: Server)
     assert part_way, f"the batch ran in one turn: counts seen {sorted(seen)}"
 
 
-# -- F5: connections that never say HELLO
+# -- connections that never say HELLO
 
 
 def test_connections_that_never_say_hello_do_not_hold_the_slots(
@@ -172,7 +172,7 @@ def test_connections_that_never_say_hello_do_not_hold_the_slots(
     assert "event=handshake_timeout" in daemon.log()
 
 
-# -- F7: a TCP client's owner is looked up outside the event loop
+# -- a TCP client's owner is looked up outside the event loop
 
 
 async def test_admin_checks_of_tcp_clients_scan_proc_net_tcp_in_a_thread(

@@ -5,24 +5,39 @@ answer at once while the first destroy's fsync was still running."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
 
 from phpsess import protocol as p
 from tests.conftest import HangingFdatasync, fsync_always_server
-from tests.server.test_server_time import hello
+from tests.server.test_server_time import _Conn, hello
 
 
-async def test_a_reply_waits_for_the_fsync_of_what_it_reports(
+@contextlib.asynccontextmanager
+async def _two_clients_and_a_disk_to_stall(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> AsyncIterator[tuple[_Conn, _Conn, HangingFdatasync]]:
+    """Clients a and b of an ``--fsync always`` daemon holding session s
+    (b"x"), and the disk, whose next fsync hangs until ``release``."""
     disk = HangingFdatasync(limit_s=10)
     async with fsync_always_server(nursery) as path:
         a, b = await hello(path), await hello(path)
         assert await a.request(p.Write("s", 60, b"x")) == p.OK
         monkeypatch.setattr(os, "fdatasync", disk)
+        yield a, b, disk
+        monkeypatch.setattr(os, "fdatasync", disk.real)
+        for c in (a, b):
+            await c.stream.aclose()
+
+
+async def test_a_reply_waits_for_the_fsync_of_what_it_reports(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _two_clients_and_a_disk_to_stall(nursery, monkeypatch) as (a, b, disk):
         await a.stream.send_all(p.encode_request(p.Destroy("s")))
         await trio.to_thread.run_sync(disk.hung.wait, 10)
         # The destroy is in memory, not on disk: b must not be told yet.
@@ -37,9 +52,6 @@ async def test_a_reply_waits_for_the_fsync_of_what_it_reports(
             assert await a.reply() == p.OK
             assert await b.reply() == p.OK
             assert await b.reply() == p.MISS
-        monkeypatch.setattr(os, "fdatasync", disk.real)
-        for c in (a, b):
-            await c.stream.aclose()
 
 
 @pytest.mark.parametrize("batch", ["300 pipelined reads", "a reply of 300 KiB"])
@@ -51,11 +63,7 @@ async def test_replies_sent_before_the_end_of_a_long_batch_wait_too(
     # destroy or write they report was still in its fsync (a reviewer's
     # repro: 256 of 300 pipelined READs answered MISS; `phpsess export`
     # pipelines 1000 GETs).
-    disk = HangingFdatasync(limit_s=10)
-    async with fsync_always_server(nursery) as path:
-        a, b = await hello(path), await hello(path)
-        assert await a.request(p.Write("s", 60, b"x")) == p.OK
-        monkeypatch.setattr(os, "fdatasync", disk)
+    async with _two_clients_and_a_disk_to_stall(nursery, monkeypatch) as (a, b, disk):
         expected: p.Reply
         if batch == "300 pipelined reads":
             await a.stream.send_all(p.encode_request(p.Destroy("s")))
@@ -74,6 +82,3 @@ async def test_replies_sent_before_the_end_of_a_long_batch_wait_too(
             assert await a.reply() == p.OK
             for _ in range(count):
                 assert await b.reply() == expected
-        monkeypatch.setattr(os, "fdatasync", disk.real)
-        for c in (a, b):
-            await c.stream.aclose()

@@ -47,6 +47,14 @@ class Throttle:
         skipped, self._skipped = self._skipped, 0
         return skipped
 
+    def suffix(self, now: float) -> str | None:
+        """:meth:`allow` as the end of the line to log: None if it is left
+        out, else ``" not_logged_before=N"`` when some were, or ``""``."""
+        skipped = self.allow(now)
+        if skipped is None:
+            return None
+        return f" not_logged_before={skipped}" if skipped else ""
+
 
 # sd-daemon(3) prefixes: the syslog priority of a Python level.
 _PRIORITIES = {

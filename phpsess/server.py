@@ -560,7 +560,7 @@ class Server:
         verb = VERB_NAMES.get(type(event), "?")
         self.admin_denied_total += 1
         if _rare(self.admin_denied_total):
-            uid = conn.uid if conn.admin is not None else _peer_uid(conn)
+            uid = conn.uid  # known: every caller asked may_administer_tcp first
             log.warning(
                 "event=admin_denied owner=%d peer=%s uid=%s verb=%s count=%d",
                 conn.owner, conn.peer, "?" if uid is None else uid, verb,
@@ -574,12 +574,11 @@ class Server:
     async def _connection(self, stream: trio.SocketStream) -> None:
         if len(self._conns) >= self.config.max_connections:
             self.busy_refusals_total += 1
-            skipped = self._refusal_throttle.allow(trio.current_time())
-            if skipped is not None:
+            suffix = self._refusal_throttle.suffix(trio.current_time())
+            if suffix is not None:
                 log.warning(
                     "event=connection_refused reason=max_connections connections=%d "
-                    "refused_total=%d%s", len(self._conns), self.busy_refusals_total,
-                    f" not_logged_before={skipped}" if skipped else "",
+                    "refused_total=%d%s", len(self._conns), self.busy_refusals_total, suffix,
                 )
             with trio.move_on_after(1):
                 with contextlib.suppress(trio.BrokenResourceError):
@@ -1002,11 +1001,11 @@ class Server:
         if engine.notices:
             now = trio.current_time()
             for notice in engine.notices:
-                skipped = self.notice_throttle.allow(now)
-                if skipped is not None:
+                suffix = self.notice_throttle.suffix(now)
+                if suffix is not None:
                     log.warning(
                         "event=%s session=%s owner=%s%s", notice.event, sid_tag(notice.sid),
-                        notice.owner, f" not_logged_before={skipped}" if skipped else "",
+                        notice.owner, suffix,
                     )
             engine.notices = []
         if engine.next_deadline_hint < self._timer_at:
@@ -1036,13 +1035,12 @@ class Server:
                     conn.hello is None and now - conn.opened >= handshake_limit
                     and conn.node is None and not self._said_hello(conn)
                 ):
-                    skipped = self._handshake_throttle.allow(now)
-                    if skipped is not None:
+                    suffix = self._handshake_throttle.suffix(now)
+                    if suffix is not None:
                         log.info(
                             "event=handshake_timeout owner=%d peer=%s open_s=%.1f detail=no "
                             "HELLO within %gs of connecting%s", conn.owner, conn.peer,
-                            now - conn.opened, handshake_limit,
-                            f" not_logged_before={skipped}" if skipped else "",
+                            now - conn.opened, handshake_limit, suffix,
                         )
                     conn.scope.cancel()
                     continue
@@ -1066,13 +1064,12 @@ class Server:
                     # Since the send first had to wait, however much the
                     # client read since: the reply it pins has a deadline.
                     conn.sending_since = None
-                    skipped = self._send_timeout_throttle.allow(now)
-                    if skipped is not None:
+                    suffix = self._send_timeout_throttle.suffix(now)
+                    if suffix is not None:
                         log.info(
                             "event=send_timeout owner=%d peer=%s stalled_s=%.1f detail=the "
                             "client did not read its replies within idle_timeout_s%s",
-                            conn.owner, conn.peer, now - since,
-                            f" not_logged_before={skipped}" if skipped else "",
+                            conn.owner, conn.peer, now - since, suffix,
                         )
                     conn.scope.cancel()
 

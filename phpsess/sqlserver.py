@@ -509,12 +509,9 @@ class SqlBackend:
                 await self._release(client, sid)
                 client.revoked.add(sid)
                 self.lock_revoked_total += 1
-                skipped = self.server.notice_throttle.allow(now)
-                if skipped is not None:
-                    log.warning(
-                        "event=lock_revoked session=%s%s", sid_tag(sid),
-                        f" not_logged_before={skipped}" if skipped else "",
-                    )
+                suffix = self.server.notice_throttle.suffix(now)
+                if suffix is not None:
+                    log.warning("event=lock_revoked session=%s%s", sid_tag(sid), suffix)
 
     # -- connections
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,3 +33,14 @@ def test_replay_detects_an_unexpected_reply(daemon: Any) -> None:
     bad = {"name": "bad", "steps": [{"conn": "a", "send": "HELLO 1\\n", "expect": None}]}
     with pytest.raises(AssertionError):
         replay(bad, daemon.sock_path)
+
+
+def test_the_example_vector_in_the_spec_passes(start_daemon: Any) -> None:
+    # PROTOCOL.md §11 shows the format with a vector: a client author copies
+    # it, so it must pass like the files in protocol/vectors/.
+    spec = (Path(__file__).parents[2] / "protocol" / "PROTOCOL.md").read_text()
+    section = spec[spec.index("## 11. Test vectors"):]
+    example = json.loads(section.split("```json\n", 1)[1].split("```", 1)[0])
+    assert "daemon" in example and len(example["steps"]) >= 5
+    daemon = start_daemon(*daemon_args(example))
+    replay(example, daemon.sock_path)

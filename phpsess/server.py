@@ -712,7 +712,12 @@ class Server:
                 started = now if self.metrics is None else trio.current_time()
                 reply_or_wait: p.Reply | _Wait | None = None
                 try:
-                    if type(event) in p.ADMIN_ONLY and not await self.may_administer_tcp(conn):
+                    denied = False
+                    if type(event) in p.ADMIN_ONLY and conn.hello is not None:
+                        # After HELLO: NEED_HELLO comes first (PROTOCOL.md §9).
+                        denied = not await self.may_administer_tcp(conn)
+                        now = trio.current_time()
+                    if denied:
                         reply_or_wait = self.denied(conn, event)
                     elif cluster is not None:
                         reply_or_wait = await self._cluster_request(conn, event, now)
@@ -729,6 +734,10 @@ class Server:
                         reply_or_wait = engine.handle(owner, event, now)
                         if isinstance(event, p.Hello) and reply_or_wait == _OK_1:
                             conn.hello = event
+                            if conn.forwards is not None:
+                                # Links to masters opened from now on say
+                                # this HELLO (the open ones get it below).
+                                conn.forwards.hello = event
                         if cluster is not None and engine.changes:
                             changes = list(engine.changes)
                             if self.persister is not None:
@@ -739,8 +748,10 @@ class Server:
                             refused = await cluster.replicate(changes)
                             if refused is not None:
                                 reply_or_wait = refused
+                            now = trio.current_time()
                         if conn.forwards is not None and isinstance(event, (p.Hello, p.Close)):
                             await conn.forwards.broadcast(event)
+                            now = trio.current_time()
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     raise  # the client went away
                 except Exception:
@@ -802,7 +813,10 @@ class Server:
                         # (and the timer) run before going on with it.
                         handled = 0
                         await trio.lowlevel.checkpoint()
-                        now = trio.current_time()
+                    # The send waits for a slow reader (or the journal): the
+                    # next request's lease, lifetime and lock wait count from
+                    # when it is handled, not from the batch's start.
+                    now = trio.current_time()
             if (
                 persister is not None and out and persister.always
                 and persister.synced < persister.submitted

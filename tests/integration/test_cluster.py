@@ -169,6 +169,26 @@ def test_a_session_being_started_exists_from_every_node(cluster: Cluster) -> Non
                 assert c.request(p.Exists(sid)) == p.Ok(("0",)), name
 
 
+def test_a_later_hello_applies_to_masters_reached_after_it(cluster: Cluster) -> None:
+    # A client's requests for another master's sessions go over a link that
+    # says the client's HELLO.  Links opened after a second HELLO used to say
+    # the first one: its wait_ms=0 made a wait the client asked for (3 s)
+    # fail at once with LOCK_TIMEOUT (PROTOCOL.md §3.2: each HELLO applies).
+    on_b = _create(cluster, "b", b"n|i:1;")
+    on_c = _create(cluster, "c", b"n|i:2;")
+    with Client(cluster.nodes["c"].address) as holder, \
+            Client(cluster.nodes["a"].address, wait_ms=0) as client:
+        assert isinstance(holder.request(p.Read(on_c)), p.Data)  # c's lock held
+        assert client.request(p.Read(on_b, lock=False)) == p.Data(b"n|i:1;")  # a link to b
+        assert client.request(p.Hello(p.PROTOCOL_VERSION, 3000, None)) == p.Ok(("1",))
+        release = threading.Timer(0.5, lambda: holder.request(p.Close()))
+        release.start()
+        try:
+            assert client.request(p.Read(on_c)) == p.Data(b"n|i:2;")  # a new link to c
+        finally:
+            release.join()
+
+
 def test_kill_9_of_a_master_loses_no_acknowledged_write(cluster: Cluster) -> None:
     sids = [_create(cluster, "a", b"n|i:0;") for _ in range(4)]
     addresses = [cluster.address(n) for n in NAMES]

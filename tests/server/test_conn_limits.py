@@ -209,6 +209,31 @@ def test_a_slow_reader_is_not_cut_while_it_reads(start_daemon: Any) -> None:
     assert "event=send_timeout" not in daemon.log()
 
 
+def test_requests_after_a_reply_that_waited_for_its_reader_count_from_then(
+    start_daemon: Any,
+) -> None:
+    # A batch's replies past 256 KiB go out before its end, the send waiting
+    # for its reader.  The requests after them used to be handled with the
+    # clock read at the batch's start: a 2 s lifetime written 3 s later was
+    # acknowledged and gone at once, a lease of 2 s was revoked as it was
+    # granted.  Each counts from when its request is handled (§4.2, §6.3).
+    daemon = start_daemon("--memory-only")
+    size = 300_000
+    with _connect(daemon) as writer:
+        writer.sendall(b"HELLO 1\nWRITE big 600 %d\n" % size + b"b" * size)
+        _receive_exactly(writer, b"OK 1\nOK\n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect(daemon.sock_path)
+        slow.sendall(b"HELLO 1 lease_ms=2000\nREAD big NOLOCK\nWRITE t 2 2\nhiREAD l\n")
+        time.sleep(3)  # not reading: the big reply's send waits
+        _receive_exactly(
+            slow, b"OK 1\nDATA %d\n" % size + b"b" * size + b"OK\nMISS\n", timeout_s=10
+        )
+        slow.sendall(b"READ t NOLOCK\nWRITE l 60 1\nx")
+        _receive_exactly(slow, b"DATA 2\nhiOK\n")
+
+
 # -- idle timeout and locks
 
 

@@ -7,7 +7,9 @@ the behaviour shows from outside, the server in-process where it does not."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -199,6 +201,45 @@ async def test_admin_checks_of_tcp_clients_scan_proc_net_tcp_in_a_thread(
     await conn.stream.aclose()
     assert len(threads) == 1
     assert threads[0] is not threading.main_thread()
+
+
+_NOBODY_BEFORE_HELLO = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(b"LIST * 10\nDRAIN\nHELLO 1\nLIST * 10\n")
+got = b""
+while got.count(b"\n") < 4:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    got += chunk
+sys.stdout.write(got.decode())
+"""
+
+
+def test_an_admin_verb_before_hello_is_need_hello_for_anyone(start_daemon: Any) -> None:
+    # NEED_HELLO comes before a verb's own errors (PROTOCOL.md §9): another
+    # user's LIST or DRAIN as the first request used to get DENIED, which
+    # the SQL storage (and the spec) answer NEED_HELLO.
+    shared = Path(tempfile.mkdtemp(prefix="phpsess-admin-"))
+    try:
+        shared.chmod(0o755)
+        daemon = start_daemon("--memory-only", "--listen", f"unix:{shared}/s.sock",
+                              "--socket-mode", "0666")
+        done = subprocess.run(
+            ["/usr/bin/python3", "-c", _NOBODY_BEFORE_HELLO, f"{shared}/s.sock"],
+            capture_output=True, text=True, timeout=30, user=65534, group=65534,
+            extra_groups=[], cwd="/",
+        )
+        lines = done.stdout.splitlines()
+        assert lines[0].startswith("ERR NEED_HELLO "), (done.stdout, done.stderr)
+        assert lines[1].startswith("ERR NEED_HELLO "), lines
+        assert lines[2:] == ["OK 1", lines[3]] and lines[3].startswith("ERR DENIED LIST "), lines
+        assert daemon.proc.poll() is None
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_proc_net_tcp_owner_of_a_loopback_client() -> None:

@@ -17,6 +17,7 @@ import ipaddress
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ import attrs
 from phpsess import protocol as p
 from phpsess.addresses import DEFAULT_LISTEN, AddressError, TcpAddress, parse_address
 from phpsess.argtypes import whole_number
-from phpsess.client import Client, ClientError
+from phpsess.client import Client, ClientError, describe
 from phpsess.decode import FORMATS, DecodeError, decode_session
 
 EXIT_OK: Final = 0
@@ -184,8 +185,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                          "classic table: a session lives this long after usetime "
                          "(default: 1440)")
     imp.add_argument("--strict", action="store_true",
-                     help="stop at the first invalid line or refused write "
-                     "(default: report it and go on)")
+                     help="stop at the first invalid line or refused write; the lines "
+                     "before it are written, none after (it writes one session at a "
+                     "time) (default: report it and go on)")
 
     kick = command("kick", "destroy a session (refused while a request holds its lock)")
     kick.add_argument("sid", type=_sid, metavar="ID")
@@ -347,8 +349,8 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     busiest = sorted(verbs.items(), key=lambda kv: (-kv[1], kv[0]))
     rows = [
         ("daemon", f"{client.address}, phpsess {stats.get('version', '?')}"),
-        ("uptime", _duration(int(float(stats.get("uptime_s", 0)) * 1000))),
-        ("sessions", f"{stats.get('sessions', '?')} ({_size(int(stats.get('bytes', 0)))})"),
+        ("uptime", _duration(int(float(stats.get("uptime_s") or 0) * 1000))),
+        *_storage_rows(stats),
         ("connections", str(stats.get("connections", "?"))),
         ("locks", f"{stats.get('locks_held', '?')} held, "
                   f"{stats.get('locks_waiting', '?')} waiting"),
@@ -382,25 +384,90 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _storage_rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
+    """status's storage and sessions rows.  With SQL storage the sessions
+    are counted by the database: when it does not answer, STATS has
+    ``"sessions": null`` and ``storage_error`` says why."""
+    rows = []
+    if "storage" in stats:
+        table = stats.get("storage_table")
+        rows.append(("storage", f"{stats['storage']}" + (f", table {table}" if table else "")))
+    if "storage_error" in stats:
+        rows.append(("storage error", str(stats["storage_error"])))
+    sessions, size = stats.get("sessions"), stats.get("bytes")
+    if isinstance(sessions, int):
+        shown = f"{sessions}" + (f" ({_size(size)})" if isinstance(size, int) else "")
+    else:
+        shown = "unknown" + (" (the storage did not answer)" if "storage_error" in stats else "")
+    rows.append(("sessions", shown))
+    return rows
+
+
+def _listed(client: Client, args: argparse.Namespace) -> Iterator[Entry]:
+    """The sessions ``ls`` shows: its filters and ``--limit`` applied."""
+    if args.limit == 0:
+        return
+    shown = 0
+    for entry in iter_sessions(client, page_size=args.page_size, prefix=args.prefix):
+        if entry.bytes < args.min_bytes or (args.locked and not entry.locked):
+            continue
+        yield entry
+        shown += 1
+        if shown == args.limit:
+            return
+
+
+# The TTL column fits every lifetime up to a year: "364d 23h 59m 59s" is the
+# longest (a whole year is "365d 0h 0m 0s").
+_TTL_WIDTH: Final = len(_duration((p.MAX_TTL_S - 1) * 1000))
+
+
+class _LsTable:
+    """``ls``'s human output.  The ID column is as wide as the longest ID of
+    the first rows (up to a page of them, held back until then): PHP's IDs
+    are 22-256 characters, a cluster's 42 and more; a longer ID further on
+    pushes its row's columns right.  The header is printed with the first
+    rows, so only once LIST has answered."""
+
+    def __init__(self, held: int) -> None:
+        self.held = held
+        self.pending: list[Entry] = []
+        self.id_width: int | None = None
+
+    def add(self, entry: Entry) -> None:
+        self.pending.append(entry)
+        if self.id_width is not None or len(self.pending) >= self.held:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.id_width is None:
+            self.id_width = max([len("ID"), *(len(e.sid) for e in self.pending)])
+            print(f"{'ID':<{self.id_width}}  {'BYTES':>10}  {'TTL':>{_TTL_WIDTH}}  LOCKED")
+        for e in self.pending:
+            print(f"{e.sid:<{self.id_width}}  {e.bytes:>10}  "
+                  f"{_duration(e.ttl_ms):>{_TTL_WIDTH}}  {'yes' if e.locked else 'no'}")
+        self.pending.clear()
+
+
 def cmd_ls(client: Client, args: argparse.Namespace) -> int:
     shown = 0
-    if not args.json:
-        print(f"{'ID':<32}  {'BYTES':>10}  {'TTL':>12}  LOCKED")
-    if args.limit != 0:
-        for entry in iter_sessions(client, page_size=args.page_size, prefix=args.prefix):
-            if entry.bytes < args.min_bytes or (args.locked and not entry.locked):
-                continue
-            if args.json:
-                _emit({"id": entry.sid, "bytes": entry.bytes, "ttl_ms": entry.ttl_ms,
-                       "locked": entry.locked})
-            else:
-                print(f"{entry.sid:<32}  {entry.bytes:>10}  {_duration(entry.ttl_ms):>12}  "
-                      f"{'yes' if entry.locked else 'no'}")
+    if args.json:
+        for entry in _listed(client, args):
+            _emit({"id": entry.sid, "bytes": entry.bytes, "ttl_ms": entry.ttl_ms,
+                   "locked": entry.locked})
             shown += 1
-            if shown == args.limit:
-                break
-    if not args.json:
-        print(f"{shown} session{'' if shown == 1 else 's'}")
+        return EXIT_OK
+    table = _LsTable(args.page_size)
+    try:
+        for entry in _listed(client, args):
+            table.add(entry)
+            shown += 1
+    except (AdminError, ClientError):
+        if table.pending:  # show what was listed before the failure
+            table.flush()
+        raise
+    table.flush()
+    print(f"{shown} session{'' if shown == 1 else 's'}")
     return EXIT_OK
 
 
@@ -420,8 +487,10 @@ def _get_reply(sid: str, reply: p.Reply) -> tuple[bytes, int, bool] | None:
 def cmd_show(client: Client, args: argparse.Namespace) -> int:
     got = _get(client, args.sid)
     if got is None:
-        raise AdminError(f"no session {args.sid} (expired, destroyed or never written)",
-                         EXIT_NOT_FOUND)
+        missing = f"no session {args.sid} (expired, destroyed or never written)"
+        if args.json:
+            _emit({"id": args.sid, "found": False, "error": missing})
+        raise AdminError(missing, EXIT_NOT_FOUND)
     data, ttl_ms, locked = got
     if args.raw:
         out = sys.stdout.buffer
@@ -472,10 +541,12 @@ def _classic(client: Client, args: argparse.Namespace, what: str) -> int:
             counts = sqlmigrate.export_classic(client, args)
     except StorageError as exc:
         raise AdminError(str(exc)) from None
+    stopped = bool(counts.pop("stopped", 0))
     if args.json:
-        _emit(counts)
+        _emit({**counts, "stopped": stopped} if what == "import" else counts)
     else:
-        print(", ".join(f"{name} {count}" for name, count in counts.items()))
+        print(", ".join(f"{name} {count}" for name, count in counts.items())
+              + (" (stopped: --strict)" if stopped else ""))
     return EXIT_FAILURE if counts.get("invalid") or counts.get("refused") else EXIT_OK
 
 
@@ -483,29 +554,84 @@ def cmd_export(client: Client, args: argparse.Namespace) -> int:
     if args.to_sql:
         return _classic(client, args, "export")
     if args.output == "-":
-        _export_to(client, args, sys.stdout)
+        _report(args, _export_to(client, args, sys.stdout), sys.stderr)
         return EXIT_OK
+    target = args.output
+    try:
+        info: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        info = None  # a new file (or a symlink to one)
+    except OSError as exc:
+        raise AdminError(f"--output {target}: {_why(exc)}", EXIT_USAGE) from None
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        raise AdminError(f"--output {target} is a directory: name a file in it", EXIT_USAGE)
+    if os.path.islink(target) or (info is not None and not stat.S_ISREG(info.st_mode)):
+        # /dev/stdout, a process substitution's /dev/fd/63, a fifo, a device
+        # or a symlink the user made: written in place, as the shell's > does.
+        # Renaming a file over it would replace the link (as root, the
+        # system's /dev/stdout) instead of writing where it leads.
+        _export_in_place(client, args, target, info)
+    else:
+        _export_replacing(client, args, target)
+    return EXIT_OK
+
+
+def _export_in_place(client: Client, args: argparse.Namespace, target: str,
+                     info: os.stat_result | None) -> None:
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise AdminError(f"--output {target}: {_why(exc)}", EXIT_USAGE) from None
+    try:
+        with open(fd, "w", encoding="ascii") as out:
+            counts = _export_to(client, args, out)
+    except BrokenPipeError:
+        raise  # its reader quit (-o >(head -1)): stop quietly, as for stdout
+    except OSError as exc:  # closing flushes the last of it
+        raise AdminError(f"writing {target}: {_why(exc)}") from None
+    # The summary goes where the sessions do not: -o /dev/stdout is stdout.
+    _report(args, counts, sys.stderr if info is not None and _is_stdout(info) else sys.stdout)
+
+
+def _is_stdout(info: os.stat_result) -> bool:
+    try:
+        ours = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):  # no stdout, or pytest's stand-in
+        return False
+    return (ours.st_dev, ours.st_ino) == (info.st_dev, info.st_ino)
+
+
+def _export_replacing(client: Client, args: argparse.Namespace, target: str) -> None:
     # Session IDs are login tokens: the file is readable by its owner only
     # (whatever the umask), and appears under its name only once complete.
-    directory, name = os.path.split(os.path.abspath(args.output))
+    directory, name = os.path.split(os.path.abspath(target))
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
         raise AdminError(f"--output: {exc}", EXIT_USAGE) from None
     try:
         with open(fd, "w", encoding="ascii") as out:
-            _export_to(client, args, out)
-        os.replace(tmp, args.output)
+            counts = _export_to(client, args, out)
+        os.replace(tmp, target)
+    except OSError as exc:  # closing (the last write) or the rename failed
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise AdminError(f"writing {target}: {_why(exc)}") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return EXIT_OK
+    _report(args, counts, sys.stdout)
 
 
-def _export_to(client: Client, args: argparse.Namespace, out: IO[str]) -> None:
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _export_to(client: Client, args: argparse.Namespace, out: IO[str]) -> dict[str, int]:
+    """Write every session to ``out``; return how many were exported and
+    how many vanished (expired or destroyed) between LIST and GET."""
     exported = vanished = 0
-    to_stdout = args.output == "-"
     try:
         # LIST and the pipelined GETs share the one connection; that is safe
         # because every LIST reply is read before a batch's GETs are sent.
@@ -526,15 +652,19 @@ def _export_to(client: Client, args: argparse.Namespace, out: IO[str]) -> None:
     except BrokenPipeError:
         raise  # stdout's reader quit (phpsess export | head): see entrypoint
     except OSError as exc:
-        raise AdminError(f"writing {args.output}: {exc}") from None
-    summary = {"exported": exported, "vanished": vanished}
-    report = sys.stderr if to_stdout else sys.stdout
+        raise AdminError(f"writing {args.output}: {_why(exc)}") from None
+    return {"exported": exported, "vanished": vanished}
+
+
+def _report(args: argparse.Namespace, counts: dict[str, int], report: IO[str]) -> None:
+    """export's summary, once the sessions are all written."""
     if args.json:
-        print(json.dumps(summary, sort_keys=True), file=report)
+        print(json.dumps(counts, sort_keys=True), file=report)
     else:
+        exported, vanished = counts["exported"], counts["vanished"]
         print(f"exported {exported} sessions"
               + (f" ({vanished} expired or destroyed while exporting)" if vanished else "")
-              + ("" if to_stdout else f" to {args.output}"), file=report)
+              + ("" if args.output == "-" else f" to {args.output}"), file=report)
 
 
 class BadLine(ValueError):
@@ -569,7 +699,9 @@ def parse_export_line(line: str) -> tuple[str, int, bytes]:
 
 
 class _Importer:
-    """Writes export lines to the daemon, pipelining WRITEs in batches."""
+    """Writes export lines to the daemon, pipelining WRITEs in batches;
+    under --strict one at a time, so that nothing after a refused WRITE is
+    written (a pipelined batch is sent whole before its first reply)."""
 
     def __init__(self, client: Client, name: str, strict: bool) -> None:
         self.client = client
@@ -601,7 +733,8 @@ class _Importer:
                 continue
             self._pending.append((lineno, p.Write(sid, math.ceil(ttl_ms / 1000), data)))
             self._pending_bytes += len(data)
-            if self._pending_bytes >= BATCH_BYTES or len(self._pending) >= BATCH_REQUESTS:
+            if (self.strict or self._pending_bytes >= BATCH_BYTES
+                    or len(self._pending) >= BATCH_REQUESTS):
                 self.flush()
                 if self.stopped:
                     return
@@ -618,9 +751,7 @@ class _Importer:
                 self.counts["imported"] += 1
                 continue
             self.counts["refused"] += 1
-            shown = (f"{reply.code.value} {reply.message}" if isinstance(reply, p.Error)
-                     else repr(reply))
-            self.complain(lineno, f"WRITE {write.sid} refused: {shown}")
+            self.complain(lineno, f"WRITE {write.sid} refused: {describe(reply)}")
             self.stopped = self.stopped or self.strict
         self._pending.clear()
         self._pending_bytes = 0
@@ -670,7 +801,7 @@ def cmd_kick(client: Client, args: argparse.Namespace) -> int:
     if not isinstance(reply, p.Ok):
         raise _refused(f"DESTROY {args.sid}", reply)
     if args.json:
-        _emit({"id": args.sid, "destroyed": True, "existed": existed})
+        _emit({"id": args.sid, "destroyed": existed, "existed": existed})
     else:
         print(f"destroyed {args.sid}" if existed
               else f"{args.sid}: no such session (nothing to do)")
@@ -687,7 +818,8 @@ def cmd_drain(client: Client, args: argparse.Namespace) -> int:
         if process is None:
             raise AdminError(
                 f"{client.address} is draining, but --wait can only watch a daemon on this "
-                "machine (its STATS named no process here); check with phpsess status"
+                "machine (its STATS named no process here); it accepts no connections "
+                "while draining: watch its service or its log for its exit"
             )
         wait_s = _drain_wait_s(args)
         deadline = time.monotonic() + wait_s
@@ -697,7 +829,8 @@ def cmd_drain(client: Client, args: argparse.Namespace) -> int:
             raise AdminError(
                 f"{client.address} is still draining after {wait_s:g} s (pid "
                 f"{process[0]}); it stops on its own within its shutdown_timeout_s + "
-                "drain_timeout_s: wait longer with --wait-s, check with phpsess status"
+                "drain_timeout_s: wait longer with --wait-s, or watch that process or "
+                "its service's log (it accepts no connections while draining)"
             )
     if args.json:
         _emit({"address": str(client.address), "draining": True, "exited": gone})

@@ -21,6 +21,13 @@ class ClientError(Exception):
     """The daemon could not be reached or sent something that is not a reply."""
 
 
+def describe(reply: p.Reply) -> str:
+    """A reply as a user reads it: ``BUSY the daemon is at ...`` for an error."""
+    if isinstance(reply, p.Error):
+        return f"{reply.code.value} {reply.message}"
+    return f"unexpected reply {reply!r}"
+
+
 class Client:
     def __init__(self, address: Address | str, *, timeout_s: float = 10.0, hello: bool = True,
                  wait_ms: int | None = None, lease_ms: int | None = None) -> None:
@@ -46,13 +53,14 @@ class Client:
             raise ClientError(f"cannot connect to {self.address}: {exc}") from exc
         if hello:
             try:
-                reply = self.request(p.Hello(p.PROTOCOL_VERSION, wait_ms, lease_ms, "phpsess-cli"))
+                reply = self._hello(p.Hello(p.PROTOCOL_VERSION, wait_ms, lease_ms, "phpsess-cli"))
             except ClientError:
                 self.close()
                 raise
             if not isinstance(reply, p.Ok):
                 self.close()
-                raise ClientError(f"{self.address} refused HELLO: {reply}")
+                raise ClientError(f"{self.address}: the daemon refused the connection: "
+                                  f"{describe(reply)}")
 
     def __enter__(self) -> Client:
         return self
@@ -86,6 +94,19 @@ class Client:
             if not data:
                 raise ClientError(f"{self.address} closed the connection")
             self._parser.receive_data(data)
+
+    def _hello(self, hello: p.Hello) -> p.Reply:
+        try:
+            self.send_raw(p.encode_request(hello))
+        except ClientError as exc:
+            # A daemon at max_connections answers BUSY and closes without
+            # reading (PROTOCOL.md §9): its answer may be waiting for us even
+            # though our HELLO could not be sent.
+            try:
+                return self.read_reply()
+            except ClientError:
+                raise exc from None
+        return self.read_reply()
 
     def request(self, request: p.Request) -> p.Reply:
         self.send_raw(p.encode_request(request))

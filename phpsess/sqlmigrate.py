@@ -19,10 +19,21 @@ from typing import Any
 import pymysql
 
 from phpsess import protocol as p
-from phpsess.client import Client
-from phpsess.sqlstore import ClassicStatements, SqlConfig, StorageError, parse_storage_url
+from phpsess.client import Client, describe
+from phpsess.sqlstore import (
+    ClassicStatements,
+    SqlConfig,
+    StorageError,
+    check_identifier,
+    parse_storage_url,
+)
 
 PAGE: int = 500
+# information_schema DATA_TYPEs of a usetime column that holds PHP's time(),
+# a unix time, as some copies of the recipe have it (INT(10) UNSIGNED).
+_UNIX_TIME_TYPES = frozenset(
+    {"tinyint", "smallint", "mediumint", "int", "bigint", "decimal", "float", "double"}
+)
 
 
 def _connect(url: str, password_file: str | None) -> tuple[Any, SqlConfig]:
@@ -45,21 +56,51 @@ def _connect(url: str, password_file: str | None) -> tuple[Any, SqlConfig]:
     return conn, config
 
 
+def _import_select(conn: Any, table: str) -> str:
+    """Import's page query: id, data, usetime, and the remaining lifetime
+    in ms by the database's clock (NULL when usetime is NULL or not a
+    time).  usetime is a TIMESTAMP in the recipe, a DATETIME or a unix time
+    in an integer column in some of its copies."""
+    quoted = f"`{check_identifier(table, 'table name')}`"
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT DATA_TYPE FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s AND COLUMN_NAME = 'usetime'",
+            (table,),
+        )
+        row = cur.fetchone()
+    kind = row[0] if row else ""
+    if isinstance(kind, bytes):
+        kind = kind.decode("ascii", "replace")
+    if str(kind).lower() in _UNIX_TIME_TYPES:
+        # As DECIMAL: an UNSIGNED column would refuse to go below 0.
+        remaining = ("FLOOR((CAST(usetime AS DECIMAL(30, 6)) - UNIX_TIMESTAMP(NOW(6))) * 1000)"
+                     " + %s")
+    else:  # a missing table or column gets the database's own error
+        remaining = "TIMESTAMPDIFF(MICROSECOND, NOW(6), usetime) DIV 1000 + %s"
+    return (f"SELECT id, data, usetime, {remaining} "
+            f"FROM {quoted} WHERE id > %s ORDER BY id LIMIT %s")
+
+
 def import_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
     """WRITE every live session of the classic table to the daemon."""
     conn, _ = _connect(args.from_sql, args.password_file)
-    sql = ClassicStatements(args.from_table)
     counts = {"imported": 0, "expired": 0, "invalid": 0, "refused": 0}
+    strict = bool(getattr(args, "strict", False))
+    stopped = False
     after = b""
     try:
-        while True:
+        select = _import_select(conn, args.from_table)
+        while not stopped:
             with conn.cursor() as cur:
-                cur.execute(sql.select, (args.max_lifetime * 1000, after, PAGE))
+                cur.execute(select, (args.max_lifetime * 1000, after, PAGE))
                 rows = cur.fetchall()
             if not rows:
                 break
             writes = []
-            for sid_raw, data, ttl_ms in rows:
+            for sid_raw, data, usetime, ttl_ms in rows:
+                if stopped:
+                    break
                 sid = sid_raw.decode("ascii", "replace") if isinstance(sid_raw, bytes) \
                     else str(sid_raw)
                 after = sid_raw if isinstance(sid_raw, bytes) else sid.encode()
@@ -68,22 +109,42 @@ def import_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
                     counts["invalid"] += 1
                     print(f"phpsess: skipped row with id {sid[:80]!r}: not a session ID",
                           file=sys.stderr)
+                    stopped = strict
+                    continue
+                if ttl_ms is None:
+                    counts["invalid"] += 1
+                    why = "is NULL" if usetime is None else f"{str(usetime)[:40]!r} is not a time"
+                    print(f"phpsess: skipped row with id {sid}: usetime {why}; it must be a "
+                          "TIMESTAMP, a DATETIME or a unix time in an integer column",
+                          file=sys.stderr)
+                    stopped = strict
                     continue
                 ttl_s = -(-int(ttl_ms) // 1000)
                 if ttl_s <= 0:
                     counts["expired"] += 1
                     continue
                 writes.append(p.Write(sid, min(ttl_s, p.MAX_TTL_S), blob))
-            for write, reply in zip(writes, client.pipeline(writes), strict=True):
-                if isinstance(reply, p.Ok):
-                    counts["imported"] += 1
-                else:
-                    counts["refused"] += 1
-                    print(f"phpsess: WRITE {write.sid} refused: {reply}", file=sys.stderr)
+            # --strict: the rows before an invalid one are written; one
+            # WRITE at a time, so that none after a refused one is.
+            for batch in [[w] for w in writes] if strict else [writes]:
+                refused = 0
+                for write, reply in zip(batch, client.pipeline(batch), strict=True):
+                    if isinstance(reply, p.Ok):
+                        counts["imported"] += 1
+                    else:
+                        refused += 1
+                        print(f"phpsess: WRITE {write.sid} refused: {describe(reply)}",
+                              file=sys.stderr)
+                counts["refused"] += refused
+                if strict and refused:
+                    stopped = True
+                    break
     except pymysql.err.Error as exc:
         raise StorageError(f"reading table {args.from_table}: {exc.args[-1]}") from exc
     finally:
         conn.close()
+    if stopped:
+        counts["stopped"] = 1
     return counts
 
 
@@ -93,14 +154,14 @@ def export_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
 
     conn, _ = _connect(args.to_sql, args.password_file)
     sql = ClassicStatements(args.to_table)
-    exported = vanished = 0
+    exported = vanished = shortened = 0
     try:
         with conn.cursor() as cur:
             cur.execute(sql.create)
         batch: list[str] = []
 
         def flush() -> None:
-            nonlocal exported, vanished
+            nonlocal exported, vanished, shortened
             replies = client.pipeline([p.Get(sid) for sid in batch])
             rows = []
             for sid, reply in zip(batch, replies, strict=True):
@@ -109,7 +170,11 @@ def export_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
                     vanished += 1
                     continue
                 data, ttl_ms, _ = got
-                # usetime such that usetime + max_lifetime is the expiry.
+                # usetime such that usetime + max_lifetime is the expiry; a
+                # session with longer to live gets max_lifetime, all the
+                # table can give it (counted, and said).
+                if ttl_ms // 1000 > args.max_lifetime:
+                    shortened += 1
                 age_s = max(0, args.max_lifetime - ttl_ms // 1000)
                 rows.append((sid.encode("ascii"), data, age_s))
             if rows:
@@ -128,4 +193,10 @@ def export_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
         raise StorageError(f"writing table {args.to_table}: {exc.args[-1]}") from exc
     finally:
         conn.close()
-    return {"exported": exported, "vanished": vanished}
+    if shortened:
+        print(f"phpsess: {shortened} session{'s' if shortened != 1 else ''} had more than "
+              f"--max-lifetime {args.max_lifetime} s to live: in the table "
+              f"{'they expire' if shortened != 1 else 'it expires'} {args.max_lifetime} s "
+              "from now (a classic table keeps a session --max-lifetime after its usetime)",
+              file=sys.stderr)
+    return {"exported": exported, "vanished": vanished, "shortened": shortened}

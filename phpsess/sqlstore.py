@@ -246,11 +246,6 @@ class ClassicStatements:
             "  KEY usetime (usetime)\n"
             ") ENGINE=InnoDB"
         )
-        # Remaining lifetime in ms by the database's clock: usetime + max - now.
-        self.select = (
-            "SELECT id, data, TIMESTAMPDIFF(MICROSECOND, NOW(6), usetime) DIV 1000 + %s "
-            f"FROM {t} WHERE id > %s ORDER BY id LIMIT %s"
-        )
         self.upsert = (
             f"INSERT INTO {t} (id, data, usetime) "
             "VALUES (%s, %s, NOW() - INTERVAL %s SECOND) "

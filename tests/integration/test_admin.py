@@ -3,12 +3,15 @@ written by real php in all three serialize formats."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import io
 import json
 import os
+import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -21,7 +24,7 @@ import pytest
 from phpsess import protocol as p
 from phpsess.__main__ import main
 from phpsess.client import Client
-from tests.conftest import ROOT, run_php
+from tests.conftest import ROOT, free_tcp_port, run_php
 
 RICH_PHP = r"""<?php
 class Cart {
@@ -101,6 +104,38 @@ def test_status(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 0
     assert stats["sessions"] == 2 and stats["bytes"] == 30
     assert stats["address"] == daemon.address
+
+
+def test_status_shows_the_sql_storage_and_its_error(
+    start_daemon: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Nothing listens there: the daemon serves UNAVAILABLE, and its STATS
+    # says "sessions": null, "bytes": null and why.  status crashed on the
+    # nulls, and never showed the storage at all.
+    url = f"mysql://u@127.0.0.1:{free_tcp_port()}/db"
+    daemon = start_daemon("--storage", url)
+    status, out, err = cli(capsys, "status", "--connect", daemon.address)
+    assert status == 0, err
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    assert f"storage {url}, table phpsess_sessions" in lines
+    assert "sessions unknown (the storage did not answer)" in lines
+    errors = [line for line in lines if line.startswith("storage error ")]
+    assert len(errors) == 1 and "Connection refused" in errors[0], lines
+    status, out, _ = cli(capsys, "status", "--connect", daemon.address, "--json")
+    stats = json.loads(out)
+    assert status == 0 and stats["sessions"] is None and "storage_error" in stats
+
+
+def test_a_daemon_at_max_connections_is_reported_plainly(
+    start_daemon: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon = start_daemon("--memory-only", "--max-connections", "2")
+    with Client(daemon.address), Client(daemon.address):
+        for json_flag in ((), ("--json",)):
+            status, out, err = cli(capsys, "status", "--connect", daemon.address, *json_flag)
+            assert status == 1 and out == ""
+            assert err == (f"phpsess: {daemon.address}: the daemon refused the connection: "
+                           "BUSY the daemon is at max_connections=2\n"), err
 
 
 def test_unreachable_and_bad_address(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -192,6 +227,49 @@ def test_ls_pages_through_2500_sessions(daemon: Any, capsys: pytest.CaptureFixtu
     assert len(out.splitlines()) == 7
 
 
+def _columns(line: str) -> list[tuple[int, int]]:
+    """Where the columns of an ls line start and end (a TTL has single spaces)."""
+    return [m.span() for m in re.finditer(r"\S+(?: \S+)*", line)]
+
+
+def test_ls_columns_fit_long_ids_and_ttls(daemon: Any,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # A cluster's IDs are 42+ characters; the longest TTL is a year.
+    long_id = "n1-" + "a" * 45
+    put(daemon.address, {long_id: (b"x" * 123456, p.MAX_TTL_S), "short": (b"y", 5)})
+    status, out, _ = cli(capsys, "ls", "--connect", daemon.address)
+    assert status == 0
+    header, *rows, count = out.splitlines()
+    assert count == "2 sessions"
+    head = _columns(header)
+    assert [header[a:b] for a, b in head] == ["ID", "BYTES", "TTL", "LOCKED"]
+    assert [row.split()[0] for row in rows] == [long_id, "short"]
+    assert rows[0].split()[2:4] == ["364d", "23h"]
+    for row in rows:
+        cols = _columns(row)
+        assert len(cols) == 4, row
+        assert cols[0][0] == 0 and cols[1][0] >= len(long_id) + 2, row
+        # BYTES and TTL are right-aligned under their headers, LOCKED left.
+        assert (cols[1][1], cols[2][1], cols[3][0]) == (head[1][1], head[2][1], head[3][0]), (
+            header, row)
+        assert cols[2][0] > cols[1][1] + 1, row
+
+
+def test_ls_refused_prints_no_header(daemon: Any, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    real_request = Client.request
+
+    def deny_list(self: Client, request: p.Request) -> p.Reply:
+        if isinstance(request, p.List):
+            return p.Error(p.Code.DENIED, "LIST is for root and the daemon's own user")
+        return real_request(self, request)
+
+    monkeypatch.setattr(Client, "request", deny_list)
+    status, out, err = cli(capsys, "ls", "--connect", daemon.address)
+    assert status == 1 and out == ""
+    assert "LIST: the daemon refused: DENIED" in err
+
+
 def test_ls_prefix_seek_is_exact(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
     # IDs around the prefix boundary, including the prefix itself and IDs
     # using ',' and '-' (the lowest characters of the alphabet).
@@ -257,6 +335,11 @@ def test_show_missing_and_undecodable(daemon: Any, capsys: pytest.CaptureFixture
     status, out, err = cli(capsys, "show", "nosuch", "--connect", daemon.address)
     assert status == 3 and out == ""
     assert "no session nosuch" in err
+    # --json says so on stdout too, as it does for data it cannot decode.
+    status, out, err = cli(capsys, "show", "nosuch", "--connect", daemon.address, "--json")
+    assert status == 3 and "no session nosuch" in err
+    assert json.loads(out) == {"id": "nosuch", "found": False,
+                               "error": "no session nosuch (expired, destroyed or never written)"}
 
     put(daemon.address, {"junk": (b"\xff\xfe not php", 60), "php1": (b"a|i:1;", 60)})
     # Data that does not decode has an exit status of its own (4), not that
@@ -284,7 +367,7 @@ def test_kick(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
     # Kicking a missing session is not an error (DESTROY, PROTOCOL.md §4.5).
     status, out, _ = cli(capsys, "kick", "k1", "--connect", daemon.address, "--json")
     assert status == 0
-    assert json.loads(out) == {"id": "k1", "destroyed": True, "existed": False}
+    assert json.loads(out) == {"id": "k1", "destroyed": False, "existed": False}
 
     with Client(daemon.address) as holder:
         assert isinstance(holder.request(p.Read("k2")), p.Data)
@@ -393,6 +476,104 @@ def test_import_refused_write(daemon: Any, tmp_path: Path,
     assert out == "imported 1, skipped 0 expired, 0 invalid lines, 1 refused\n"
     got = get(daemon.address, "w1")
     assert got is not None and got[0] == b"old"
+
+
+def test_import_strict_stops_at_the_first_refused_write(
+    start_daemon: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon = start_daemon("--memory-only", "--max-session-bytes", str(1 << 20))
+
+    def line(sid: str, data: bytes) -> str:
+        return json.dumps({"id": sid, "ttl_ms": 60_000,
+                           "data_b64": base64.b64encode(data).decode()}) + "\n"
+
+    dump = tmp_path / "in.jsonl"
+    dump.write_text(line("before", b"a|i:1;") + line("big", b"x" * 2_000_000)
+                    + "".join(line(f"after{i}", b"a|i:2;") for i in range(5)))
+    status, out, err = cli(capsys, "import", str(dump), "--strict", "--connect", daemon.address)
+    assert status == 1
+    assert out == "imported 1, skipped 0 expired, 0 invalid lines, 1 refused (stopped: --strict)\n"
+    assert "in.jsonl:2: WRITE big refused: TOO_LARGE" in err
+    assert get(daemon.address, "before") is not None
+    assert [sid for sid in ("big", *(f"after{i}" for i in range(5)))
+            if get(daemon.address, sid) is not None] == []
+    # Without --strict the rest is written.
+    status, out, _ = cli(capsys, "import", str(dump), "--connect", daemon.address)
+    assert status == 1 and out.startswith("imported 6,")
+    assert get(daemon.address, "after4") is not None
+
+
+def test_export_writes_in_place_to_a_device_fifo_or_symlink(
+    daemon: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(daemon.address, {"x1": (b"a|i:1;", 60), "x2": (b"a|i:2;", 60)})
+    # -o /dev/stdout: /dev/stdout is a symlink to /proc/self/fd/1, which the
+    # temp+rename replaced with a regular file (as root, the system's own).
+    fakedev = tmp_path / "dev"
+    fakedev.mkdir()
+    (fakedev / "stdout").symlink_to("/proc/self/fd/1")
+    proc = _phpsess("export", "-o", str(fakedev / "stdout"), "--connect", daemon.address)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(x)["id"] for x in proc.stdout.splitlines()] == ["x1", "x2"]
+    assert proc.stderr == f"exported 2 sessions to {fakedev / 'stdout'}\n"  # not in the data
+    assert os.readlink(fakedev / "stdout") == "/proc/self/fd/1"
+    assert os.listdir(fakedev) == ["stdout"]
+
+    # A fifo, as bash's -o >(gzip > f) gives (/dev/fd/63, in a directory
+    # where no temporary file can be made).
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["timeout", "20", "cat", str(fifo)], stdout=subprocess.PIPE)
+    status, out, err = cli(capsys, "export", "-o", str(fifo), "--connect", daemon.address)
+    got, _ = reader.communicate(timeout=30)
+    assert status == 0, err
+    assert out == f"exported 2 sessions to {fifo}\n"
+    assert [json.loads(x)["id"] for x in got.splitlines()] == ["x1", "x2"]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+    # A symlink to a regular file: the file gets the export, the link stays.
+    real, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    real.write_text("old\n")
+    link.symlink_to(real)
+    status, out, err = cli(capsys, "export", "-o", str(link), "--connect", daemon.address)
+    assert status == 0, err
+    assert link.is_symlink() and len(real.read_text().splitlines()) == 2
+
+
+def test_export_output_errors_are_messages_not_tracebacks(
+    daemon: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    put(daemon.address, {"x1": (b"a|i:1;", 60)})
+    work = tmp_path / "work"
+    (work / "somedir").mkdir(parents=True)
+    status, out, err = cli(capsys, "export", "-o", str(work / "somedir"),
+                           "--connect", daemon.address)
+    assert status == 2 and out == ""
+    assert f"--output {work / 'somedir'} is a directory" in err
+    assert os.listdir(work) == ["somedir"] and os.listdir(work / "somedir") == []
+
+    # A write that fails (a full disk), to a symlinked device.
+    (work / "full").symlink_to("/dev/full")
+    status, out, err = cli(capsys, "export", "-o", str(work / "full"), "--connect", daemon.address)
+    assert status == 1 and out == ""
+    assert f"writing {work / 'full'}: " in err and "No space left on device" in err
+    assert (work / "full").is_symlink()
+
+    # A rename that fails (e.g. onto an immutable file, chattr +i).
+    target = work / "dump.jsonl"
+    target.write_text("old\n")
+
+    def refuse(src: object, dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", refuse)
+        status, out, err = cli(capsys, "export", "-o", str(target), "--connect", daemon.address)
+    assert status == 1 and out == ""
+    assert f"writing {target}: Operation not permitted" in err
+    assert target.read_text() == "old\n"
+    assert sorted(os.listdir(work)) == ["dump.jsonl", "full", "somedir"]  # no temp file left
 
 
 def test_drain_stops_the_daemon_gracefully(start_daemon: Any,
@@ -528,6 +709,8 @@ def test_drain_wait_waits_as_long_as_the_drain_may_take(start_daemon: Any) -> No
         assert proc.returncode == 1, proc.stderr
         assert f"{daemon.address} is still draining after 1 s" in proc.stderr
         assert "--wait-s" in proc.stderr
+        # A draining daemon accepts no connections: status could not tell.
+        assert "phpsess status" not in proc.stderr and f"pid {daemon.pid}" in proc.stderr
         assert 1 <= took < 30, took
         assert daemon.proc.poll() is None
         assert holder.request(p.Write("held", 60, b"x|i:1;")) == p.OK

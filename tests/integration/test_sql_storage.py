@@ -4,6 +4,7 @@ and the locking tests run against it too (``any_daemon``)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -289,6 +290,67 @@ def test_import_from_and_export_to_the_classic_session_table(
         ["binary0123456789abcdefghij", "00FF0A"], ["fresh0123456789abcdefghijk", "6E7C693A353B"]]
     age_binary = int(rows[0].split("\t")[2])
     assert 1440 - 600 - 5 <= age_binary <= 1440 - 600 + 5  # expires when it would have
+
+
+def test_import_from_a_classic_table_with_unix_time_or_null_usetime(
+    mariadb: MariaDB, start_daemon: Any
+) -> None:
+    # Copies of the recipe keep PHP's time() in an INT usetime, or let it be
+    # NULL: such a row crashed the import (int(None)).
+    ints, dates = fresh_table(), fresh_table()
+    mariadb.sql(
+        f"CREATE TABLE {ints} (id VARCHAR(64) PRIMARY KEY, data TEXT, usetime INT UNSIGNED); "
+        f"INSERT INTO {ints} VALUES "
+        "('unixfresh0123456789abcdefg', 'n|i:3;', UNIX_TIMESTAMP() - 40), "
+        "('unixold0123456789abcdefghi', 'n|i:1;', UNIX_TIMESTAMP() - 7200), "
+        "('unixnull0123456789abcdefgh', 'n|i:2;', NULL); "
+        f"CREATE TABLE {dates} (id CHAR(32) PRIMARY KEY, data TEXT, usetime DATETIME NULL); "
+        f"INSERT INTO {dates} VALUES ('datenull0123456789abcdefgh', 'x', NULL), "
+        "('datefresh0123456789abcdefg', 'n|i:4;', NOW())", "phpsess")
+    d = start_daemon("--memory-only")
+    common = ["--connect", d.address, "--password-file", str(mariadb.password_file),
+              "--max-lifetime", "1440", "--json"]
+    for table, fresh, null in ((ints, "unixfresh0123456789abcdefg", "unixnull0123456789abcdefgh"),
+                               (dates, "datefresh0123456789abcdefg",
+                                "datenull0123456789abcdefgh")):
+        done = _admin("import", "--from-sql", mariadb.url(), "--from-table", table, *common)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert json.loads(done.stdout) == {"imported": 1, "expired": int(table == ints),
+                                           "invalid": 1, "refused": 0, "stopped": False}
+        assert f"skipped row with id {null}: usetime is NULL; it must be a TIMESTAMP" in (
+            done.stderr)
+        with Client(d.address) as c:
+            got = c.request(p.Get(fresh))
+            assert isinstance(got, p.Data), (table, got)
+            expected_ms = 1_400_000 if table == ints else 1_440_000
+            assert expected_ms - 3_000 <= int(got.tokens[0]) <= expected_ms, got
+            assert c.request(p.Get(null)) == p.MISS
+    # --strict stops at the NULL row: the expired row after it (in ID order)
+    # is not even looked at.
+    done = _admin("import", "--from-sql", mariadb.url(), "--from-table", ints, "--strict",
+                  *common)
+    assert done.returncode == 1
+    assert json.loads(done.stdout) == {"imported": 1, "expired": 0, "invalid": 1,
+                                       "refused": 0, "stopped": True}
+
+
+def test_export_to_a_classic_table_says_which_lifetimes_it_shortened(
+    mariadb: MariaDB, start_daemon: Any
+) -> None:
+    # A classic table keeps a session --max-lifetime after its usetime: an
+    # hour-long session came back with 24 minutes, and the report was silent.
+    d = start_daemon("--memory-only")
+    with Client(d.address) as c:
+        assert c.request(p.Write("hour0123456789abcdefghijkl", 3600, b"n|i:1;")) == p.OK
+        assert c.request(p.Write("short0123456789abcdefghijk", 600, b"n|i:2;")) == p.OK
+    common = ["--connect", d.address, "--password-file", str(mariadb.password_file),
+              "--max-lifetime", "1440", "--to-sql", mariadb.url(), "--to-table", fresh_table()]
+    done = _admin("export", *common)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "exported 2, vanished 0, shortened 1\n"
+    assert "1 session had more than --max-lifetime 1440 s to live" in done.stderr
+    done = _admin("export", *common, "--json")
+    assert json.loads(done.stdout) == {"exported": 2, "vanished": 0, "shortened": 1}
 
 
 def test_metrics_say_when_the_database_does_not_answer(

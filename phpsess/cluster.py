@@ -480,6 +480,11 @@ class Cluster:
         from phpsess.server import StartupError
 
         address = self.config.listen
+        if _is_ipv6(address.host):
+            raise StartupError(
+                f"cannot listen for peers on {address}: cluster addresses are IPv4 in "
+                "this version (CLUSTER.md §10); use the server's IPv4 address"
+            )
         udp = trio.socket.socket(stdsocket.AF_INET, stdsocket.SOCK_DGRAM)
         try:
             await udp.bind((address.host, address.port))
@@ -701,9 +706,17 @@ class Cluster:
                 heartbeat, sent_ms = peerauth.decode_heartbeat_sent(
                     datagram, self.config.secret, time.time()
                 )
-                if heartbeat.name in self.peer_address and not self._replay_guard.fresh(
-                    heartbeat.name, sent_ms
-                ):
+                if heartbeat.name not in self.peer_address:
+                    # It holds the secret: a node whose --node or peer list
+                    # differs from ours (a typo), or one with our own name.
+                    raise peerauth.AuthError(
+                        f"heartbeat from {heartbeat.name!r}, which is "
+                        + ("this node's own name" if heartbeat.name == self.me else
+                           "not a configured peer")
+                        + ": check --node and the peer list of the node at "
+                        f"{source[0]}"
+                    )
+                if not self._replay_guard.fresh(heartbeat.name, sent_ms):
                     raise peerauth.AuthError(
                         f"heartbeat from {heartbeat.name} is not newer than the last one"
                         " heard: replayed, or delivered late"
@@ -1503,5 +1516,15 @@ def parse_peer(text: str) -> tuple[str, TcpAddress]:
         raise ValueError(f"--peer {text!r}: expected NAME=HOST:PORT")
     parsed = parse_address(address if address.startswith("tcp:") else f"tcp:{address}")
     assert isinstance(parsed, TcpAddress)
+    if _is_ipv6(parsed.host):
+        raise ValueError(f"--peer {text!r}: cluster addresses are IPv4 in this version "
+                         "(CLUSTER.md §10)")
     return check_node_name(name), parsed
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False  # a name: resolved to IPv4
 

@@ -447,7 +447,10 @@ def _parse_hello(args: list[bytes]) -> Hello:
     )
 
 
-MAX_COUNTER: Final = 2**63 - 1  # epochs and versions (CLUSTER.md)
+# Epochs and versions (CLUSTER.md): the most a request's number carries
+# (18 digits, _NUMBER_RE), so that every counter a node accepts (also in
+# a WHERE reply) fits the REPL that has to carry it on.
+MAX_COUNTER: Final = 10**18 - 1
 
 
 def _node(token: bytes) -> str:

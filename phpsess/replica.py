@@ -188,7 +188,11 @@ class Replicas:
         if m is not None and m.role == MASTER and master != self.me and epoch <= m.epoch:
             return Applied(Verdict.STALE, self.me, m.epoch)
         if m is not None and m.role == BACKUP:
-            if epoch < m.epoch:
+            if epoch < m.epoch or (epoch == m.epoch and master != m.master):
+                # At one epoch a session has one master: another node
+                # claiming it (two created it at once, cut off from each
+                # other) must not have its writes acknowledged by a copy
+                # that keeps the first one's.
                 return Applied(Verdict.STALE, m.master, m.epoch)
             # A delete at the version we hold is the master releasing our
             # copy (it moved the backup elsewhere, CLUSTER.md §8).

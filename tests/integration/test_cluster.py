@@ -477,6 +477,15 @@ def test_a_replayed_heartbeat_does_not_hide_a_death(workdir: Path) -> None:
         while "event=peer_alive peer=d" not in a.log():
             assert time.monotonic() < deadline, a.log()
             time.sleep(0.05)
+        # A node holding the secret under a name a does not know (a --node
+        # typo) used to be ignored without a trace.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            typo = Heartbeat("dd", 8, 0, 0, False, ())
+            udp.sendto(encode_heartbeat(typo, secret.read_bytes().strip(), time.time()),
+                       ("127.0.0.1", a_port))
+        while "heartbeat from 'dd', which is not a configured peer" not in a.log():
+            assert time.monotonic() < deadline, a.log()
+            time.sleep(0.05)
         d_alive.clear()  # d dies; its last heartbeat goes on arriving
         deadline = time.monotonic() + 4 * DEAD_AFTER_MS / 1000
         while "event=peer_dead peer=d" not in a.log():

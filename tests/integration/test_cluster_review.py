@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -422,6 +424,11 @@ def test_where_replies_out_of_range_are_ignored() -> None:
     assert cl._where_tokens(("master", top, top, year_ms)) == (
         "master", p.MAX_COUNTER, p.MAX_COUNTER, p.MAX_TTL_S * 1000
     )
+    # ... and the highest it takes still fits a REPL (it used to take up to
+    # 2^63 - 1, 19 digits, where a request's numbers have 18 at most).
+    parser = p.RequestParser(1024, peer=True)
+    parser.receive_data(f"REPL s1-a-b a {top} {top} 60 1\nx".encode())
+    assert parser.next_event() == p.ReplPut("s1-a-b", "a", p.MAX_COUNTER, p.MAX_COUNTER, 60, b"x")
     for tokens in (
         ("master", "1", "1", str(p.MAX_TTL_S * 1000 + 1)),
         ("backup", "1", "1", "1000000000000000000"),
@@ -483,3 +490,22 @@ async def test_a_session_left_alone_while_its_only_peer_was_suspect_is_copied_ag
         nursery.cancel_scope.cancel()
     assert cluster.replicas.meta[other].backup == "c"
     assert ("c", p.ReplPut) in [(node, type(request)) for node, request in sent]
+
+
+def test_ipv6_cluster_addresses_are_refused_in_words(workdir: Path) -> None:
+    # The heartbeat socket is IPv4: an IPv6 --cluster-listen failed with
+    # "Address family for hostname not supported", an IPv6 --peer was
+    # silently never heard.
+    assert cl.parse_peer("b=10.0.0.2:7701") == ("b", TcpAddress("10.0.0.2", 7701))
+    with pytest.raises(ValueError, match="cluster addresses are IPv4"):
+        cl.parse_peer("b=[::1]:7701")
+    secret = workdir / "secret"
+    secret.write_text("s" * 32)
+    proc = subprocess.run(
+        [sys.executable, "-m", "phpsess", "serve", "--memory-only",
+         "--listen", f"unix:{workdir}/s.sock", "--node", "a", "--cluster-listen", "[::1]:7799",
+         "--peer", "b=127.0.0.1:7798", "--cluster-secret-file", str(secret)],
+        capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=30,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cluster addresses are IPv4 in this version" in proc.stderr, proc.stderr

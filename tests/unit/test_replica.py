@@ -286,6 +286,23 @@ def test_apply_duplicate_changes_nothing() -> None:
     assert SID in r.unverified
 
 
+def test_a_second_master_at_the_same_epoch_is_stale() -> None:
+    """Two nodes that each created the session at epoch 1 (cut off from
+    each other and its named nodes) chose the same backup: the second one's
+    copy used to be answered OK (a duplicate at a version no higher), so it
+    acknowledged writes no backup kept.  One master per epoch (§6)."""
+    first, second, backup = replicas("c"), replicas("d"), replicas("b")
+    for node in (first, second):
+        repl = node.local_change(SID, False, chooser("b"))
+        assert repl is not None and (repl.to, repl.epoch, repl.version) == ("b", 1, 1)
+    assert backup.apply(SID, "c", 1, 1, False) == Applied(Verdict.ACCEPT)
+    for version in (1, 2):  # also with a higher version: not c's copy to replace
+        assert backup.apply(SID, "d", 1, version, False) == Applied(Verdict.STALE, "c", 1)
+    assert backup.apply(SID, "d", 1, 3, True) == Applied(Verdict.STALE, "c", 1)
+    assert meta_of(backup) == (BACKUP, "c", "b", 1, 1)
+    assert backup.apply(SID, "d", 2, 1, False) == Applied(Verdict.ACCEPT)  # a takeover
+
+
 def test_a_stale_refusal_names_a_master_the_old_one_can_hint() -> None:
     """The old master gets STALE <master> <epoch> and follows it (§6)."""
     old, backup = replicas("a", {SID: Meta(MASTER, "a", "b", 1, 4)}), replicas("b")

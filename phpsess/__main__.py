@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Final
 
 from phpsess import admin, logs
 from phpsess import config as config_file
-from phpsess.addresses import DEFAULT_LISTEN, AddressError, TcpAddress, parse_address
+from phpsess.addresses import (
+    DEFAULT_LISTEN,
+    Address,
+    AddressError,
+    TcpAddress,
+    UnixAddress,
+    parse_address,
+)
 from phpsess.argtypes import whole_number
 from phpsess.engine import VERSION, Limits
 
@@ -39,6 +46,8 @@ log = logging.getLogger("phpsess")
 
 
 _positive_int = whole_number(1)
+# SqlConfig's least pool: one connection may be pinned by a lock holder.
+_MIN_POOL_SIZE: Final = 2
 
 
 def _seconds(text: str) -> float:
@@ -162,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {DEFAULT_ENGINE})",
     )
     sql.add_argument(
-        "--storage-pool-size", type=_positive_int, default=DEFAULT_POOL_SIZE, metavar="N",
+        "--storage-pool-size", type=whole_number(_MIN_POOL_SIZE), default=DEFAULT_POOL_SIZE,
+        metavar="N",
         help=f"database connections per daemon, lock waiters included "
         f"(default: {DEFAULT_POOL_SIZE})",
     )
@@ -229,14 +239,14 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
     from phpsess.peerauth import check_secret
     from phpsess.placement import check_node_name
 
-    missing = [
-        flag for flag, value in (
-            ("--node", args.node), ("--cluster-listen", args.cluster_listen),
-            ("--cluster-secret-file", args.cluster_secret_file),
-        ) if not value
-    ]
+    needed = ("node", "cluster_listen", "cluster_secret_file")
+    missing = [dest for dest in needed if not getattr(args, dest)]
     if missing:
-        raise ValueError(f"a cluster needs {', '.join(missing)} as well")
+        # About the settings that made it a cluster: their file and line.
+        raise UsageError(
+            f"a cluster needs {', '.join(_named(dest) for dest in missing)} as well",
+            *(dest for dest in (*needed, "peer") if getattr(args, dest)),
+        )
     if not args.heartbeat_ms < args.dead_after_ms:
         # Every peer would fall silent for dead_after_ms between two of its
         # heartbeats: suspected and probed all the time, and no witness
@@ -266,8 +276,8 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
             secret = f.read().strip()
     except OSError as exc:
         raise UsageError(
-            f"cannot read the cluster secret file {args.cluster_secret_file} "
-            f"(--cluster-secret-file, cluster.secret_file): {exc.strerror or exc}",
+            f"cannot read the cluster secret file {args.cluster_secret_file}, "
+            f"{_named('cluster_secret_file')}: {exc.strerror or exc}",
             "cluster_secret_file",
         ) from exc
     with _about("cluster_secret_file"):
@@ -314,9 +324,23 @@ def _tcp(text: str, dest: str) -> TcpAddress:
     return parsed
 
 
-def _named(key: str) -> str:
-    """A setting as the config file and the command line both name it."""
-    return f"{key} (--{key.replace('_', '-')})"
+# argparse destination -> (table, key) in the configuration file.
+_FILE_KEYS: Final = {
+    dest: (table, key)
+    for table, keys in config_file.SCHEMA.items()
+    for key, (dest, _check, _expected) in keys.items()
+}
+_FILE_ONLY: Final = frozenset({"storage_password"})  # no flag: never on a command line
+
+
+def _named(dest: str) -> str:
+    """A setting as the config file and the command line both name it:
+    ``log_level (--log-level)``, ``[storage] pool_size (--storage-pool-size)``."""
+    table, key = _FILE_KEYS.get(dest, ("", dest))
+    name = key if key == dest else f"[{table}] {key}"
+    if dest in _FILE_ONLY:
+        return name
+    return f"{name} (--{dest.replace('_', '-')})"
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -359,10 +383,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         raise UsageError(
             f"{_named('socket_mode')} must be a permission mode like 0660", "socket_mode"
         )
-    try:
-        listen = tuple(parse_address(a) for a in (args.listen or [DEFAULT_LISTEN]))
-    except AddressError as exc:
-        raise UsageError(f"{_named('listen')}: {exc}", "listen") from exc
+    listen = _listen_addresses(args.listen)
     try:
         limits = Limits(
             max_session_bytes=args.max_session_bytes,
@@ -378,12 +399,16 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
                 fsync_interval_s=args.fsync_interval_ms / 1000,
                 min_compact_bytes=args.compact_min_bytes,
             )
-        clustered = bool(args.node or args.peer or args.cluster_listen or args.cluster_secret_file)
+        cluster_dests = [
+            dest for dest in ("node", "peer", "cluster_listen", "cluster_secret_file")
+            if getattr(args, dest)
+        ]
+        clustered = bool(cluster_dests)
         if clustered and getattr(args, "storage", None):
             raise UsageError(
-                "--storage and the cluster flags (--node, --peer, --cluster-listen, "
-                "--cluster-secret-file) are alternatives: a shared SQL table needs no peer "
-                "cluster; choose one (README: Choosing a storage)"
+                f"{_named('storage')} and a cluster ({', '.join(map(_named, cluster_dests))}) "
+                "are alternatives: a shared SQL table needs no peer cluster; choose one "
+                "(README: Choosing a storage)", "storage", *cluster_dests,
             )
         cluster = None
         if clustered:
@@ -393,7 +418,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         raise UsageError(str(exc)) from exc
     if storage is not None:
         if args.memory_only:
-            raise UsageError("--storage and --memory-only are alternatives; choose one")
+            raise UsageError(
+                f"{_named('storage')} and {_named('memory_only')} are alternatives; "
+                "choose one", "storage", "memory_only",
+            )
         persist = None  # the database keeps the sessions
     metrics_listen = None
     if args.metrics_listen:
@@ -413,36 +441,79 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def _listen_addresses(given: list[str] | None) -> tuple[Address, ...]:
+    """The client addresses: ``given`` (flags or the file), else the default."""
+    if given is None:
+        given = [DEFAULT_LISTEN]
+    elif not given:  # listen = [] in the file: not a daemon nobody can reach
+        raise UsageError(
+            f"{_named('listen')} is empty: give at least one address, or leave it out for "
+            f"the default {DEFAULT_LISTEN}", "listen",
+        )
+    listen: list[Address] = []
+    seen: dict[Address, Address] = {}  # the same, spelled alike -> as given first
+    for text in given:
+        try:
+            address = parse_address(text)
+        except AddressError as exc:
+            raise UsageError(f"{_named('listen')}: {exc}", "listen") from exc
+        same = address
+        if isinstance(address, UnixAddress):
+            same = UnixAddress(os.path.normpath(address.path))
+        if same in seen and not (isinstance(address, TcpAddress) and address.port == 0):
+            raise UsageError(
+                f"{_named('listen')}: {seen[same]} is listed twice ({text!r}); give each "
+                "address once", "listen",
+            )
+        seen[same] = address
+        listen.append(address)
+    return tuple(listen)
+
+
 def _storage_config(args: argparse.Namespace) -> SqlConfig | None:
-    """The SQL backend's settings, or None (memory + journal)."""
+    """The SQL backend's settings, or None (memory + journal); UsageError
+    names the setting (and _configure its file and line, if the file gave it)."""
     import attrs
 
-    from phpsess.sqlstore import StorageError, parse_storage_url
+    from phpsess.sqlstore import StorageError, check_identifier, parse_storage_url
 
     if not args.storage:
         return None
     password_file = args.storage_password_file
     password = getattr(args, "storage_password", None)
     if password_file and password is not None:
-        raise StorageError(
-            "give the database password once: [storage] password or password_file"
+        raise UsageError(
+            f"give the database password once: {_named('storage_password')} or "
+            f"{_named('storage_password_file')}", "storage_password", "storage_password_file",
         )
     if password_file:
         try:
             with open(password_file, encoding="utf-8") as f:
                 password = f.read().rstrip("\r\n")
-        except OSError as exc:
-            raise StorageError(
-                f"cannot read the storage password file {password_file}: {exc.strerror}"
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise UsageError(
+                f"cannot read the storage password file {password_file}, "
+                f"{_named('storage_password_file')}: {why}", "storage_password_file",
             ) from exc
-    try:
-        return attrs.evolve(
-            parse_storage_url(args.storage), password=password or "",
-            table=args.storage_table, engine=args.storage_engine,
-            pool_size=args.storage_pool_size,
+    if args.storage_pool_size < _MIN_POOL_SIZE:
+        raise UsageError(
+            f"{_named('storage_pool_size')} must be at least {_MIN_POOL_SIZE}: a lock "
+            "holder keeps one connection", "storage_pool_size",
         )
+    for dest, what in (("storage_table", "table name"), ("storage_engine", "storage engine")):
+        try:
+            check_identifier(getattr(args, dest), what)
+        except StorageError as exc:
+            raise UsageError(f"{_named(dest)}: {exc}", dest) from exc
+    try:
+        parsed = parse_storage_url(args.storage)
     except StorageError as exc:
-        raise StorageError(f"--storage: {exc}") from exc
+        raise UsageError(f"{_named('storage')}: {exc}", "storage") from exc
+    return attrs.evolve(
+        parsed, password=password or "", table=args.storage_table,
+        engine=args.storage_engine, pool_size=args.storage_pool_size,
+    )
 
 
 def _merged(
@@ -523,7 +594,8 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         args, config = _configure(args, argv)
     except (config_file.ConfigError, UsageError) as exc:
-        print(f"phpsess: {exc}", file=sys.stderr)
+        # With the error priority under systemd, like any reason to stop.
+        logs.print_failure(str(exc))
         return EXIT_USAGE
     logs.setup(args.log_level)
     # Every PHP worker holds a connection: allow as many descriptors as we may.
@@ -565,12 +637,11 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         logs.print_failure(str(failed[0]))
         return EXIT_FAILURE
     if journal:
-        print(
-            f"phpsess: stopped: the journal could not be written ({journal[0]}), so no "
+        logs.print_failure(
+            f"stopped: the journal could not be written ({journal[0]}), so no "
             "write could be acknowledged any more; fix the disk (free space, the "
             "files in the data directory), then start phpsess again: it restores "
-            "what the journal holds",
-            file=sys.stderr,
+            "what the journal holds"
         )
         return EXIT_FAILURE
     log.info("event=stopped")

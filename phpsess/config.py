@@ -101,22 +101,61 @@ SCHEMA: Final[dict[str, dict[str, tuple[str, Callable[[object], bool], str]]]] =
 }
 
 
-def _line_of(text: str, table: str | None, key: str) -> int:
-    """The line a key stands on (tomllib reports no positions); a key that
-    is a table (``[cluster.peers]``) stands on its header."""
-    current: str | None = None
-    pattern = re.compile(rf"\s*(\"{re.escape(key)}\"|{re.escape(key)})\s*=")
-    qualified = key if table is None else f"{table}.{key}"
-    for number, line in enumerate(text.splitlines(), 1):
-        header = re.match(r"\s*\[\s*([^\]]+?)\s*\]", line)
+# A key (bare, "basic" or 'literal'), and dotted keys made of them.
+_KEY: Final = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
+_DOTTED: Final = rf"{_KEY}(?:\s*\.\s*{_KEY})*"
+_HEADER: Final = re.compile(rf"\s*\[\[?\s*({_DOTTED})\s*\]\]?")
+_ASSIGNMENT: Final = re.compile(rf"\s*({_DOTTED})\s*=")
+
+
+def _key_path(dotted: str) -> tuple[str, ...]:
+    return tuple(_unquoted(part) for part in re.findall(_KEY, dotted))
+
+
+def _unquoted(key: str) -> str:
+    if key[0] == "'":
+        return key[1:-1]
+    if key[0] == '"':
+        try:  # a basic string's escapes are JSON's, and \UXXXXXXXX
+            return str(tomllib.loads(f"k = {key}")["k"])
+        except tomllib.TOMLDecodeError:
+            return key[1:-1]
+    return key
+
+
+def _paths(text: str) -> list[tuple[str, ...]]:
+    """For each line, the full key path it defines (``()`` for none): a
+    header ``[a.b]`` or ``[[a.b]]`` defines ``(a, b)``; ``c.d = 1`` under
+    it ``(a, b, c, d)``.  Lines inside multi-line values may be misread:
+    only the position of a mistake depends on this (tomllib reports none)."""
+    table: tuple[str, ...] = ()
+    paths = []
+    for line in text.splitlines():
+        header = _HEADER.match(line)
         if header:
-            current = header.group(1)
-            if current == qualified:
-                return number
+            table = _key_path(header.group(1))
+            paths.append(table)
             continue
-        if current == table and pattern.match(line):
+        assignment = _ASSIGNMENT.match(line)
+        paths.append(table + _key_path(assignment.group(1)) if assignment else ())
+    return paths
+
+
+def _line_of(paths: list[tuple[str, ...]], *wanted: str) -> int:
+    """The line where the key path ``wanted`` is defined: the first line
+    defining it or a key inside it; else (a key in an inline table) the
+    line defining the nearest table around it; 0 if none (not expected)."""
+    best, best_depth = 0, 0
+    for number, path in enumerate(paths, 1):
+        if path[: len(wanted)] == wanted:
             return number
-    return 0
+        if len(path) > best_depth and wanted[: len(path)] == path:
+            best, best_depth = number, len(path)
+    return best
+
+
+def _tables_of(key: str) -> list[str]:
+    return [f"[{table}]" for table, keys in SCHEMA.items() if key in keys]
 
 
 def load(path: str) -> Settings:
@@ -127,27 +166,54 @@ def load(path: str) -> Settings:
             raw = f.read()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it: {exc.strerror}") from exc
-    text = raw.decode("utf-8", "replace")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); a TOML file "
+            "is UTF-8: save it so (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    paths = _paths(text)
     settings = Settings()
     for table, values in document.items():
-        where = f"{path}:{_line_of(text, None, table)}"
+        where = f"{path}:{_line_of(paths, table)}"
         if table not in SCHEMA:
+            if not isinstance(values, dict):
+                homes = _tables_of(table)
+                if homes:
+                    raise ConfigError(
+                        f"{where}: {table} is a key of {' or '.join(homes)}, not a table: "
+                        f"put it under {homes[0]} (a key before the first [table] header "
+                        "belongs to none)"
+                    )
+                raise ConfigError(
+                    f"{where}: unknown key {table!r} outside any table; settings go in "
+                    + ", ".join(f"[{t}]" for t in SCHEMA)
+                )
             raise ConfigError(
                 f"{where}: unknown table [{table}]; known: "
                 + ", ".join(f"[{t}]" for t in SCHEMA)
             )
         if not isinstance(values, dict):
-            raise ConfigError(f"{where}: {table} must be a table [{table}]")
+            raise ConfigError(
+                f"{where}: [{table}] must be one table, written [{table}] (not [[{table}]] "
+                f"nor {table} = ...)"
+            )
         for key, value in values.items():
-            where = f"{path}:{_line_of(text, table, key)}"
+            where = f"{path}:{_line_of(paths, table, key)}"
             spec = SCHEMA[table].get(key)
             if spec is None:
+                hint = (
+                    f" ([{key}] is a table of its own, not part of [{table}])"
+                    if key in SCHEMA and key != table else ""
+                )
                 raise ConfigError(
-                    f"{where}: unknown key {key!r} in [{table}]; known: "
+                    f"{where}: unknown key {key!r} in [{table}]{hint}; known: "
                     + ", ".join(SCHEMA[table])
                 )
             dest, check, expected = spec
@@ -158,7 +224,7 @@ def load(path: str) -> Settings:
                 peers = []
                 for name, address in value.items():
                     if not isinstance(address, str):
-                        line = _line_of(text, "cluster.peers", name)
+                        line = _line_of(paths, table, key, name)
                         raise ConfigError(f"{path}:{line}: peer {name} must be \"HOST:PORT\"")
                     peers.append(f"{name}={address}")
                 settings["peer"] = peers

@@ -72,11 +72,14 @@ def too_many_locks(limits: Limits) -> p.Error:
 
 
 def verb_breakdown(counts: dict[type, int]) -> dict[str, int]:
-    """STATS' ``verbs``: requests per verb name, in a stable order."""
-    return {
-        VERB_NAMES.get(kind, "INVALID"): count
-        for kind, count in sorted(counts.items(), key=lambda kv: kv[0].__name__)
-    }
+    """STATS' ``verbs``: requests per verb name, in a stable order.  Kinds
+    that share a name (RequestError and FatalError are both INVALID) are
+    added up, so the count never goes down."""
+    verbs: dict[str, int] = {}
+    for kind, count in sorted(counts.items(), key=lambda kv: kv[0].__name__):
+        name = VERB_NAMES.get(kind, "INVALID")
+        verbs[name] = verbs.get(name, 0) + count
+    return verbs
 
 
 def hello_refusal(request: p.Hello, shutting_down: bool) -> tuple[p.Code, str] | None:

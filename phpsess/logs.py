@@ -9,6 +9,7 @@ colouring see the level."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -18,6 +19,16 @@ import time
 def sid_tag(sid: str) -> str:
     """A short, non-reversible tag for a session ID, for logs."""
     return hashlib.blake2b(sid.encode(), digest_size=4).hexdigest()
+
+
+def quoted(value: object) -> str:
+    """``value`` as the value of a ``key=value`` (logfmt) field: as it is if
+    it is one word, else in double quotes with ``"``, ``\\`` and control
+    characters escaped, so that a parser reads all of it as the value."""
+    text = str(value)
+    if text and not any(c <= " " or c in '="\x7f' for c in text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
 
 
 class Throttle:

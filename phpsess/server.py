@@ -33,7 +33,7 @@ from phpsess import protocol as p
 from phpsess.addresses import Address, TcpAddress, UnixAddress
 from phpsess.cluster import Cluster, ClusterConfig, Forwards, _rare
 from phpsess.engine import VERB_NAMES, WAIT, Engine, Limits, _Wait
-from phpsess.logs import Throttle, sid_tag
+from phpsess.logs import Throttle, quoted, sid_tag
 from phpsess.metrics import Metrics
 from phpsess.persist import (
     DataDirError,
@@ -316,9 +316,12 @@ class Server:
 
     def reload(self, fresh: ServerConfig, log_level: str) -> None:
         """Apply a re-read configuration: log level, limits, lock defaults,
-        connection limits; say what else changed and needs a restart.  The
-        limits apply to open connections too (php-fpm keeps its own open)."""
-        logging.getLogger("phpsess").setLevel(log_level.upper())
+        connection limits, the peer list; say what else changed and needs a
+        restart.  The limits apply to open connections too (php-fpm keeps
+        its own open)."""
+        logger = logging.getLogger("phpsess")
+        level_before = logger.level
+        logger.setLevel(log_level.upper())
         old = self.config
         self.config = attrs.evolve(
             old, **{name: getattr(fresh, name) for name in self._RELOADABLE}
@@ -332,23 +335,28 @@ class Server:
             # handler sends one per request.)
             self.engine.refresh_limits(conn.owner, conn.hello)
         applied = [n for n in self._RELOADABLE if getattr(old, n) != getattr(fresh, n)]
-        # The peer list may change while running; the node itself may not.
+        # The peer list may change while running, whatever else of [cluster]
+        # changed too (that is named below as needing a restart); the node
+        # itself may not, and a peer list for another node is not applied.
         if (
             self.cluster is not None and old.cluster is not None and fresh.cluster is not None
-            and old.cluster != fresh.cluster
-            and attrs.evolve(old.cluster, peers=fresh.cluster.peers) == fresh.cluster
+            and old.cluster.peers != fresh.cluster.peers and old.cluster.node == fresh.cluster.node
         ):
             self.cluster.reload_peers(fresh.cluster.peers)
-            self.config = attrs.evolve(self.config, cluster=fresh.cluster)
-            applied.append("cluster peers")
+            self.config = attrs.evolve(
+                self.config, cluster=attrs.evolve(old.cluster, peers=fresh.cluster.peers)
+            )
+            applied.append("cluster.peers")
+        if logger.level != level_before:
+            applied.append("log_level")
         ignored = _restart_keys(self.config, fresh, self._RELOADABLE)
         log.info(
             "event=reloaded log_level=%s applied=%s", log_level, ",".join(applied) or "-"
         )
         if ignored:
             log.warning(
-                "event=reload_needs_restart changed=%s detail=these settings apply only "
-                "after a restart (drain first in a cluster)", ",".join(ignored),
+                "event=reload_needs_restart changed=%s detail=%s", ",".join(ignored),
+                quoted("these settings apply only after a restart (drain first in a cluster)"),
             )
 
     def shutdown(self) -> None:
@@ -447,6 +455,12 @@ class Server:
             st = os.lstat(path)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            raise StartupError(
+                f"cannot look up {path} for {address}: {exc.strerror}; the daemon's user "
+                f"needs search (x) permission on {directory} and the directories above "
+                "it, or choose another path with --listen unix:/path.sock"
+            ) from exc
         else:
             if not stat.S_ISSOCK(st.st_mode):
                 raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
@@ -455,7 +469,17 @@ class Server:
                     f"another daemon is listening on {path}; stop it first or choose "
                     "another --listen path"
                 )
-            os.unlink(path)  # a stale socket of a daemon that died
+            try:
+                os.unlink(path)  # a stale socket of a daemon that died
+            except FileNotFoundError:
+                pass  # gone meanwhile
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot remove the old socket {path} (no daemon answered on it) for "
+                    f"{address}: {exc.strerror}; remove it as its owner, run as a user that "
+                    f"may write to {directory}, or choose another path with --listen "
+                    "unix:/path.sock"
+                ) from exc
         sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
         try:
             await sock.bind(path)

@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import math
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 
@@ -48,7 +49,7 @@ from phpsess.engine import (
     too_many_locks,
     verb_breakdown,
 )
-from phpsess.logs import sid_tag
+from phpsess.logs import quoted, sid_tag
 
 if TYPE_CHECKING:
     from phpsess.server import Server, _Conn
@@ -69,6 +70,9 @@ _SPARE_THREADS: Final = 4
 # Access denied (database, user), unknown database, command denied, unknown
 # storage engine, unix-socket authentication refused.
 _FATAL_AT_START: Final = frozenset({1044, 1045, 1049, 1142, 1286, 1698})
+# STATS and a metrics scrape wait this long for the count of sessions
+# (README "SQL storage": "given 2 s"); then they answer without it.
+STATS_TIMEOUT_S: Final = 2.0
 
 
 class Unavailable(Exception):
@@ -94,7 +98,7 @@ class Pool:
 
     def __init__(self, connect: Callable[[], Connection], size: int,
                  limiter: trio.CapacityLimiter) -> None:
-        self._connect = connect
+        self.connect = connect
         self._slots = trio.Semaphore(size)
         self._idle: list[tuple[Connection, float]] = []
         self._limiter = limiter
@@ -103,26 +107,37 @@ class Pool:
     async def acquire(self, timeout_s: float) -> tuple[Connection, bool]:
         """A connection and whether it is fresh (not reused)."""
         with trio.move_on_after(timeout_s) as waited:
-            await self._slots.acquire()
+            await self.acquire_slot()
         if waited.cancelled_caught:
             raise Unavailable(
                 f"all {self.size} database connections stayed busy for {timeout_s:g} s; "
                 "raise [storage] pool_size or the database's max_connections"
             )
         try:
-            now = trio.current_time()
-            while self._idle:
-                conn, used = self._idle.pop()
-                if now - used < _POOL_IDLE_MAX_S and conn.open:
-                    return conn, False
-                _close_quietly(conn)
+            conn = self.take_idle()
+            if conn is not None:
+                return conn, False
             try:
-                return await trio.to_thread.run_sync(self._connect, limiter=self._limiter), True
+                return await trio.to_thread.run_sync(self.connect, limiter=self._limiter), True
             except (pymysql.err.Error, OSError) as exc:
                 raise Unavailable(describe(exc)) from exc
         except BaseException:
             self._slots.release()
             raise
+
+    async def acquire_slot(self) -> None:
+        """One of the ``size`` slots: :meth:`release` or :meth:`forget` it."""
+        await self._slots.acquire()
+
+    def take_idle(self) -> Connection | None:
+        """An idle connection still to be trusted, for a slot taken."""
+        now = trio.current_time()
+        while self._idle:
+            conn, used = self._idle.pop()
+            if now - used < _POOL_IDLE_MAX_S and conn.open:
+                return conn
+            _close_quietly(conn)
+        return None
 
     def release(self, conn: Connection, *, broken: bool = False) -> None:
         if broken or not conn.open:
@@ -131,7 +146,7 @@ class Pool:
             self._idle.append((conn, trio.current_time()))
         self._slots.release()
 
-    def forget(self, conn: Connection) -> None:
+    def forget(self, conn: Connection | None) -> None:
         """Give up the slot of a connection a thread may still be using."""
         self._slots.release()
 
@@ -148,6 +163,53 @@ class Pool:
 def _close_quietly(conn: Connection) -> None:
     with contextlib.suppress(Exception):  # already closed or broken
         conn.close()
+
+
+class _Abandoned(Exception):
+    """A worker thread given up before it began."""
+
+
+class _Handoff:
+    """A connection that a worker thread uses for a Trio task which may stop
+    waiting for it (``abandon_on_cancel=True``: a blocking driver call
+    cannot be interrupted).  If the task gives up, whichever of the two
+    comes last closes the connection: it never goes back to the pool in the
+    middle of a statement, nor stays open unused."""
+
+    def __init__(self, conn: Connection | None) -> None:
+        self.conn = conn  # None: the thread connects
+        self._lock = threading.Lock()
+        self._started = False
+        self._abandoned = False
+        self.finished = False
+
+    def run(self, connect: Callable[[], Connection], fn: Callable[[Connection], T]) -> T:
+        """In the worker thread: ``fn`` on the connection (made if needed)."""
+        with self._lock:
+            if self._abandoned:
+                self.finished = True
+                raise _Abandoned  # never reported: the task is gone
+            self._started = True
+        try:
+            if self.conn is None:
+                self.conn = connect()
+            return fn(self.conn)
+        finally:
+            with self._lock:
+                self.finished = True
+                close = self._abandoned
+            if close and self.conn is not None:
+                _close_quietly(self.conn)
+
+    def abandon(self) -> None:
+        """In the Trio task, which stops waiting for the thread."""
+        with self._lock:
+            self._abandoned = True
+            close = self.finished or not self._started
+            if not self._started:
+                self.finished = True
+        if close and self.conn is not None:
+            _close_quietly(self.conn)
 
 
 def describe(exc: BaseException) -> str:
@@ -240,6 +302,7 @@ class SqlBackend:
         self.requests_total = 0
         self.errors_total = 0
         self._verb_counts: dict[type, int] = {}
+        self._abandoned: _Handoff | None = None  # the last call _bounded gave up on
 
     # -- lifecycle
 
@@ -252,7 +315,7 @@ class SqlBackend:
             await self._pooled(_count(self.sql.create, ()))
             schema_ok = True
             log.info("event=storage_ready storage=%s table=%s engine=%s",
-                     self.config.url, self.config.table, self.config.engine)
+                     quoted(self.config.url), self.config.table, self.config.engine)
         except Unavailable as exc:
             cause = exc.__cause__
             code = cause.args[0] if cause is not None and cause.args else None
@@ -262,8 +325,8 @@ class SqlBackend:
                     "database and its grants: the user needs CREATE, SELECT, INSERT, UPDATE, "
                     "DELETE on the database)"
                 ) from exc
-            log.warning("event=storage_unreachable storage=%s detail=%s; serving "
-                        "ERR UNAVAILABLE until it is back", self.config.url, exc)
+            log.warning("event=storage_unreachable storage=%s detail=%s", quoted(self.config.url),
+                        quoted(f"{exc}; serving ERR UNAVAILABLE until it is back"))
         task_status.started()
         try:
             while True:
@@ -300,19 +363,71 @@ class SqlBackend:
                 fn, conn, limiter=self._limiter, abandon_on_cancel=abandon
             )
         except (pymysql.err.Error, OSError) as exc:
-            why = describe(exc)
-            if self._down is None:
-                log.warning("event=storage_failing storage=%s detail=%s",
-                            self.config.url, why)
-            self._down = why
-            raise Unavailable(
-                f"the session database {self.config.url} failed ({why}); "
-                "sessions are unavailable until it is back"
-            ) from exc
-        if self._down is not None:
-            log.info("event=storage_recovered storage=%s", self.config.url)
-            self._down = None
+            raise self._failed(exc) from exc
+        self._answered()
         return result
+
+    def _failed(self, exc: BaseException) -> Unavailable:
+        why = describe(exc)
+        if self._down is None:
+            log.warning("event=storage_failing storage=%s detail=%s",
+                        quoted(self.config.url), quoted(why))
+        self._down = why
+        return Unavailable(
+            f"the session database {self.config.url} failed ({why}); "
+            "sessions are unavailable until it is back"
+        )
+
+    def _answered(self) -> None:
+        if self._down is not None:
+            log.info("event=storage_recovered storage=%s", quoted(self.config.url))
+            self._down = None
+
+    async def _bounded(self, fn: Callable[[Connection], T], timeout_s: float) -> T:
+        """``fn`` on a pooled connection, as :meth:`_pooled`, but Unavailable
+        after ``timeout_s`` even while the database hangs: the worker thread
+        is then abandoned, and the connection it uses is closed once it
+        returns, never put back in the pool (:class:`_Handoff`).  While a
+        call given up on still runs, later ones fail at once: a hung database
+        costs no more threads and connections than the calls running when it
+        hung."""
+        if self._abandoned is not None and not self._abandoned.finished:
+            raise Unavailable(
+                f"the session database {self.config.url} has not answered an earlier "
+                "query yet"
+            )
+        with trio.move_on_after(timeout_s):
+            for attempt in (1, 2):
+                await self.pool.acquire_slot()
+                call = _Handoff(self.pool.take_idle())
+                reused = call.conn is not None
+                try:
+                    result = await trio.to_thread.run_sync(
+                        call.run, self.pool.connect, fn,
+                        limiter=self._limiter, abandon_on_cancel=True,
+                    )
+                except (pymysql.err.Error, OSError) as exc:
+                    # The thread returned: the connection is ours to close.
+                    if call.conn is None:
+                        self.pool.forget(None)
+                    else:
+                        self.pool.release(call.conn, broken=True)
+                    self.pool.discard_idle()
+                    if reused and attempt == 1:
+                        continue  # the database restarted: a fresh connection
+                    raise self._failed(exc) from exc
+                except BaseException:
+                    call.abandon()
+                    self._abandoned = call
+                    self.pool.forget(call.conn)
+                    raise
+                assert call.conn is not None
+                self.pool.release(call.conn)
+                self._answered()
+                return result
+        raise Unavailable(
+            f"the session database {self.config.url} did not answer within {timeout_s:g} s"
+        )
 
     async def _pooled(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn`` on a pooled connection; a reused one that turns out
@@ -339,7 +454,8 @@ class SqlBackend:
     def _note_unreachable(self, exc: Unavailable) -> None:
         why = str(exc)
         if self._down is None:
-            log.warning("event=storage_failing storage=%s detail=%s", self.config.url, why)
+            log.warning("event=storage_failing storage=%s detail=%s", quoted(self.config.url),
+                        quoted(why))
         self._down = why
 
     async def _pinned(self, client: _Client, fn: Callable[[Connection], T], *,
@@ -759,10 +875,11 @@ class SqlBackend:
             ))
         return sq.list_reply(rows, event.limit)
 
-    async def statistics(self) -> dict[str, object]:
-        """STATS: the counters, and the sessions counted in the database."""
+    async def statistics(self, timeout_s: float = STATS_TIMEOUT_S) -> dict[str, object]:
+        """STATS: the counters, and the sessions counted in the database
+        within ``timeout_s`` (else ``storage_error`` says why not)."""
         try:
-            row = await self._pooled(_row(self.sql.count, ()))
+            row = await self._bounded(_row(self.sql.count, ()), timeout_s)
             assert row is not None
         except Unavailable as exc:
             return {"storage_error": str(exc)} | self.counters()

@@ -15,7 +15,7 @@ import pytest
 from phpsess import protocol as p
 from phpsess.__main__ import main
 from phpsess.client import Client
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_tcp_port
 
 
 def _config(path: Path, max_session_bytes: int, extra: str = "", limits: str = "") -> None:
@@ -114,7 +114,38 @@ def test_sighup_names_the_keys_that_need_a_restart(start_daemon: Any, workdir: P
     )
     conf.write_text("[storage]\nmemory_only = true\n")
     daemon.signal(signal.SIGHUP)
-    _wait_for(daemon, "event=reload_needs_restart changed=memory_only detail=")
+    # The detail is one logfmt value: quoted, since it has spaces.
+    _wait_for(daemon, "event=reload_needs_restart changed=memory_only detail=\"these settings "
+              'apply only after a restart (drain first in a cluster)"\n')
+
+
+def test_sighup_applies_peers_when_other_cluster_keys_changed_and_names_log_level(
+    start_daemon: Any, workdir: Path
+) -> None:
+    (workdir / "secret").write_text("s" * 32)
+    conf = workdir / "cluster.toml"
+    port = free_tcp_port()
+
+    def write(heartbeat_ms: int, peers: str, log_level: str = "info") -> None:
+        conf.write_text(
+            f'[daemon]\nlog_level = "{log_level}"\n'
+            f'[cluster]\nnode = "a"\nlisten = "127.0.0.1:{port}"\n'
+            f'secret_file = "{workdir}/secret"\nheartbeat_ms = {heartbeat_ms}\n'
+            # Short: it waits as long for its peers before it listens.
+            "dead_after_ms = 600\nprobe_ms = 100\n"
+            f"[cluster.peers]\n{peers}"
+        )
+
+    write(200, 'b = "127.0.0.1:1"\n')
+    daemon = start_daemon("--config", str(conf), "--memory-only")
+    write(100, 'b = "127.0.0.1:1"\nc = "127.0.0.1:2"\n')
+    daemon.signal(signal.SIGHUP)
+    _wait_for(daemon, "event=reload_needs_restart changed=cluster.heartbeat_ms detail=")
+    assert "event=peers_reloaded added=c removed=-" in daemon.log()
+    assert "event=reloaded log_level=info applied=cluster.peers\n" in daemon.log()
+    write(100, 'b = "127.0.0.1:1"\nc = "127.0.0.1:2"\n', "debug")
+    daemon.signal(signal.SIGHUP)
+    _wait_for(daemon, "event=reloaded log_level=debug applied=log_level\n")
 
 
 def test_sighup_refuses_a_zero_idle_timeout(start_daemon: Any, workdir: Path) -> None:
@@ -182,6 +213,76 @@ def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None
     capsys.readouterr()
 
 
+def test_storage_and_cluster_mistakes_name_the_file_line_and_both_names(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = workdir / "bad.toml"
+    url = 'url = "mysql://u@localhost/db"\n'
+    for text, message in (
+        (f"[storage]\n{url}pool_size = 1\n",
+         ":3: [storage] pool_size (--storage-pool-size) must be at least 2"),
+        ('[storage]\nurl = "http://x"\n',
+         ":2: [storage] url (--storage): storage 'http://x' is not mysql://"),
+        (f'[storage]\n{url}table = "a-b"\n',
+         ":3: [storage] table (--storage-table): table name 'a-b' must be"),
+        (f'[storage]\n{url}engine = "x;y"\n',
+         ":3: [storage] engine (--storage-engine): storage engine 'x;y' must be"),
+        (f'[storage]\n{url}password = "p"\npassword_file = "/p"\n',
+         ":3: give the database password once: [storage] password or [storage] "
+         "password_file (--storage-password-file)"),
+        (f'[storage]\n{url}password_file = "{workdir}/nope"\n',
+         f":3: cannot read the storage password file {workdir}/nope, [storage] password_file "
+         "(--storage-password-file): No such file"),
+        (f"[storage]\n{url}memory_only = true\n",
+         ":2: [storage] url (--storage) and memory_only (--memory-only) are alternatives"),
+        ('[cluster]\n\nnode = "a"\n',
+         ":3: a cluster needs [cluster] listen (--cluster-listen), [cluster] secret_file "
+         "(--cluster-secret-file) as well"),
+        (f'[storage]\n{url}[cluster]\nnode = "a"\n',
+         ":2: [storage] url (--storage) and a cluster (node (--node)) are alternatives"),
+    ):
+        bad.write_text(text)
+        assert main(["check-config", str(bad)]) == 2, text
+        err = capsys.readouterr().err
+        assert err.startswith(f"phpsess: {bad}{message}"), (text, err)
+    # The flag refuses a pool too small for SqlConfig itself.
+    good = workdir / "good.toml"
+    _config(good, 1000)
+    with pytest.raises(SystemExit) as exited:
+        main(["check-config", str(good), "--storage-pool-size", "1"])
+    assert exited.value.code == 2
+    assert "--storage-pool-size: '1' must be at least 2" in capsys.readouterr().err
+
+
+def test_an_empty_or_repeated_listen_address_is_a_mistake(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = workdir / "bad.toml"
+    for text, message in (
+        ("[daemon]\nlisten = []\n", ":2: listen (--listen) is empty: give at least one"),
+        ('[daemon]\nlisten = ["unix:/x.sock", "tcp:127.0.0.1:1", "unix:///x.sock"]\n',
+         ":2: listen (--listen): unix:/x.sock is listed twice ('unix:///x.sock')"),
+        ('[daemon]\nlisten = ["unix:/run/x.sock", "unix:/run//x.sock"]\n',
+         ":2: listen (--listen): unix:/run/x.sock is listed twice"),
+    ):
+        bad.write_text(text)
+        assert main(["check-config", str(bad)]) == 2, text
+        err = capsys.readouterr().err
+        assert err.startswith(f"phpsess: {bad}{message}"), (text, err)
+    good = workdir / "good.toml"
+    _config(good, 1000)
+    assert main(["check-config", str(good), "--listen", "tcp:127.0.0.1:1",
+                 "--listen", "tcp://127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err == (
+        "phpsess: listen (--listen): tcp:127.0.0.1:1 is listed twice ('tcp://127.0.0.1:1'); "
+        "give each address once\n"
+    )
+    # Port 0 twice is two ports.
+    assert main(["check-config", str(good), "--listen", "tcp:127.0.0.1:0",
+                 "--listen", "tcp:127.0.0.1:0"]) == 0
+    capsys.readouterr()
+
+
 def test_serve_with_a_bad_file_exits_2_naming_the_line(workdir: Path) -> None:
     bad = workdir / "bad.toml"
     bad.write_text("[daemon]\nlisten = []\n[limits]\nmax_conections = 5\n")
@@ -191,6 +292,18 @@ def test_serve_with_a_bad_file_exits_2_naming_the_line(workdir: Path) -> None:
     )
     assert proc.returncode == 2
     assert f"{bad}:4: unknown key 'max_conections' in [limits]" in proc.stderr
+
+
+def test_serve_tags_a_bad_file_with_the_error_priority_for_the_journal(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under systemd ``journalctl -p err`` shows why the service did not start."""
+    monkeypatch.setattr("phpsess.logs.stderr_is_journal", lambda: True)
+    bad = workdir / "bad.toml"
+    bad.write_text("[limits]\nmax_conections = 5\n")
+    assert main(["serve", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"<3>phpsess: {bad}:2: unknown key 'max_conections' in [limits]")
 
 
 def _serve_fails(workdir: Path, *args: str) -> str:
@@ -222,6 +335,42 @@ def test_startup_failures_are_one_clear_line(workdir: Path) -> None:
     err = _serve_fails(workdir, "--memory-only", "--node", "a", "--cluster-listen",
                        "127.0.0.1:0", "--cluster-secret-file", f"{workdir}/nope")
     assert f"cannot read the cluster secret file {workdir}/nope" in err, err
+
+
+# Runs `phpsess serve` with os.<call>(<path>) failing with EACCES: the test
+# runs as root, which no directory permission stops.
+_DENIED = """
+import os, sys
+from phpsess.__main__ import main
+path, call = sys.argv[1], sys.argv[2]
+real = getattr(os, call)
+def denied(p, *args, **kwargs):
+    if os.fspath(p) == path:
+        raise PermissionError(13, "Permission denied", p)
+    return real(p, *args, **kwargs)
+setattr(os, call, denied)
+sys.exit(main(["serve", "--memory-only", "--listen", "unix:" + path]))
+"""
+
+
+def test_a_socket_path_it_may_not_look_up_or_remove_is_one_clear_line(
+    workdir: Path,
+) -> None:
+    path = workdir / "run" / "x.sock"
+    path.parent.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _DENIED, str(path), "lstat"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"phpsess: cannot look up {path} for unix:{path}: Permission denied" in proc.stderr
+    # A stale socket (its daemon died) that the daemon may not remove.
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(path))
+    proc = subprocess.run([sys.executable, "-c", _DENIED, str(path), "unlink"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"phpsess: cannot remove the old socket {path} (no daemon answered on it) for " \
+        f"unix:{path}: Permission denied" in proc.stderr
+    assert path.exists()
 
 
 def test_cluster_timings_from_the_file_and_flags_reach_the_daemon(

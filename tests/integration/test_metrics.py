@@ -4,9 +4,11 @@ the daemon prints when it cannot serve it."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -169,3 +171,16 @@ def test_a_startup_failure_is_printed_once(workdir: Path) -> None:
     # To the journal: once too, with the error priority (sd-daemon(3)).
     line = _serve_with_metrics_port_taken(workdir, to_journal=True)
     assert line.startswith("<3>phpsess: cannot serve metrics on "), line
+
+
+def test_metrics_on_port_0_log_the_port_bound(start_daemon: Any) -> None:
+    daemon = start_daemon("--memory-only", "--metrics-listen", "127.0.0.1:0")
+    deadline = time.monotonic() + 10
+    while "event=metrics_listening" not in daemon.log():
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.02)
+    found = re.search(r"event=metrics_listening address=tcp:127\.0\.0\.1:(\d+)\n", daemon.log())
+    assert found, daemon.log()
+    port = int(found.group(1))
+    assert port != 0
+    assert ("phpsess_sessions", ()) in scrape_metrics(port)

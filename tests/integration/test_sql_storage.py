@@ -368,3 +368,44 @@ def test_metrics_say_when_the_database_does_not_answer(
     assert down[("phpsess_storage_up", ())] == 0
     assert ("phpsess_sessions", ()) not in down
     assert down[("phpsess_requests_total", (("verb", "WRITE"),))] == 1  # counted here, still there
+
+
+def test_a_hung_database_costs_a_scrape_and_stats_2_s_and_nothing_after(
+    own_mariadb: MariaDB, start_daemon: Any
+) -> None:
+    """kill -STOP of the database: the count of sessions cannot be
+    interrupted in its worker thread, yet /metrics and STATS answer within
+    about 2 s without it; once the database runs again, so does everything
+    (the abandoned thread's connection never went back to the pool)."""
+    import os
+    import signal
+
+    port = free_tcp_port()
+    d = start_daemon("--metrics-listen", f"127.0.0.1:{port}",
+                     *own_mariadb.daemon_args(fresh_table()))
+    with Client(d.address) as c:
+        assert c.request(p.Write("h1", 60, b"x" * 10)) == p.OK
+    assert scrape_metrics(port)[("phpsess_storage_up", ())] == 1
+    os.kill(own_mariadb.server_pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        down = scrape_metrics(port)
+        assert time.monotonic() - started < 4
+        assert down[("phpsess_storage_up", ())] == 0
+        assert ("phpsess_sessions", ()) not in down
+        started = time.monotonic()
+        with Client(d.address, timeout_s=5) as c:
+            stats = c.request(p.Stats())
+        assert time.monotonic() - started < 4
+        assert isinstance(stats, p.Data) and b'"storage_error"' in stats.data
+    finally:
+        os.kill(own_mariadb.server_pid, signal.SIGCONT)
+    deadline = time.monotonic() + 15
+    while scrape_metrics(port)[("phpsess_storage_up", ())] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    for _ in range(5):
+        up = scrape_metrics(port)
+        assert up[("phpsess_storage_up", ())] == 1 and up[("phpsess_sessions", ())] == 1
+        with Client(d.address) as c:
+            assert c.request(p.Read("h1", lock=False)) == p.Data(b"x" * 10)

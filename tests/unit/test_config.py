@@ -88,6 +88,39 @@ def test_mistakes_are_named_with_file_and_line(tmp_path: Path, text: str, messag
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[daemon]\n\nlimits.max_conections = 5\n",
+         ":3: unknown key 'limits' in [daemon] ([limits] is a table of its own"),
+        ("# x\nlimits.max_conections = 5\n", ":2: unknown key 'max_conections' in [limits]"),
+        ("\nlimits = { max_conections = 5 }\n", ":2: unknown key 'max_conections' in [limits]"),
+        ('[limits]\n"max_conections" = 5\n', ":2: unknown key 'max_conections' in [limits]"),
+        ('[cluster]\nnode = "a"\npeers = { web2 = 7 }\n', ":3: peer web2 must be"),
+        ("[limits]\n\n[[daemon]]\n", ":3: [daemon] must be one table, written [daemon]"),
+        ('\nlog_level = "debug"\n[daemon]\n',
+         ":2: log_level is a key of [daemon], not a table: put it under [daemon]"),
+        ('listen = ["unix:/x.sock"]\n', ":1: listen is a key of [daemon] or [cluster]"),
+        ("verbose = true\n", ":1: unknown key 'verbose' outside any table"),
+    ],
+)
+def test_mistakes_in_dotted_keys_inline_and_array_tables_have_their_line(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value).startswith(path + message), str(info.value)
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "phpsess.toml"
+    path.write_bytes(b'[storage]\n# caf\xc3\xa9\ndata_dir = "/x/dd\xff"\n')  # Latin-1
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert str(info.value).startswith(f"{path}:3: not valid UTF-8 (byte 0xff)")
+
+
 def test_every_setting_says_where_it_stands(tmp_path: Path) -> None:
     # For mistakes found later, with the flags (a value out of range).
     path = _write(tmp_path, FULL)

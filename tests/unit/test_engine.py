@@ -730,3 +730,19 @@ def test_close_does_not_hide_a_lost_lease_from_the_late_write() -> None:
     reply = engine.handle("a", p.Write("s1", 60, b"late"), 2.0)
     assert isinstance(reply, p.Error) and reply.code is p.Code.LOCK_LOST
     assert engine.handle("a", p.Write("s1", 60, b"now"), 2.0) == p.OK
+
+
+def test_invalid_requests_of_both_kinds_add_up_in_verbs(engine: Engine) -> None:
+    """RequestError and FatalError are both counted as INVALID: their counts
+    add up, so the INVALID count never goes down when the other kind comes."""
+    before = engine.statistics(0.0)["verbs"]
+    for _ in range(3):
+        engine.handle("a", p.FatalError(p.Code.HEADER_TOO_LONG, "closing"), 0.0)
+    verbs = engine.statistics(0.0)["verbs"]
+    assert isinstance(verbs, dict) and isinstance(before, dict)
+    assert verbs["INVALID"] == 3
+    engine.handle("a", p.RequestError(p.Code.UNKNOWN_VERB, "FOO"), 0.0)
+    verbs = engine.statistics(0.0)["verbs"]
+    assert isinstance(verbs, dict)
+    assert verbs["INVALID"] == 4
+    assert verbs["HELLO"] == before["HELLO"]

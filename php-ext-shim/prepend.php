@@ -86,5 +86,24 @@ declare(strict_types=1);
             }
         };
     }
-    \session_set_save_handler($handler, true);
+    // PHP records upload progress (session.upload_progress) while it reads
+    // the request body, before this file runs, with its files handler and
+    // session.save_path: with a phpsess address there it fails (PHP logs
+    // "open(unix:///...) failed"), with a directory there the progress goes
+    // to local files that $_SESSION here never sees. Say so in the log, for
+    // the requests that ask for it (to the log only: displayed, the message
+    // would be output that stops the session cookie).
+    if (isset($_POST) && $_POST !== [] && \ini_get('session.upload_progress.enabled')
+        && \stripos((string) ($_SERVER['CONTENT_TYPE'] ?? ''), 'multipart/form-data') === 0) {
+        $field = (string) \ini_get('session.upload_progress.name');
+        if ($field !== '' && isset($_POST[$field])) {
+            \error_log('phpsess: this request asks for session upload progress (the ' . $field . ' form field), which PHP records with its files handler before phpsess takes over, so it never reaches the phpsess session; set session.upload_progress.enabled = 0 and report upload progress from the browser instead (see php-ext-shim/README.md)');
+        }
+    }
+    // false, as the files handler behaves: PHP writes the session at the
+    // very end, after destructors, so $_SESSION changes they make are kept
+    // (true would register session_write_close() as a shutdown function,
+    // which runs before them). The handler stays usable until then, and
+    // releases its lock after fatal errors and exit() too.
+    \session_set_save_handler($handler, false);
 })();

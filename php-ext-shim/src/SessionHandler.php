@@ -7,10 +7,11 @@ namespace PhpSess;
 /**
  * PHP session save handler that keeps sessions in the local phpsess daemon.
  *
- * Register it with `session_set_save_handler($handler, true)` (prepend.php does
- * this for you): the `true` makes PHP write the session before object
- * destructors run. The wire protocol is protocol/PROTOCOL.md; sections are
- * cited as §n.
+ * Register it with `session_set_save_handler($handler, false)` (prepend.php
+ * does this for you): PHP then writes the session at the very end, after
+ * object destructors, as with its files handler, so $_SESSION changes they
+ * make are kept (`true` writes it in a shutdown function, before them; both
+ * work). The wire protocol is protocol/PROTOCOL.md; sections are cited as §n.
  *
  * What a caller must know:
  *
@@ -53,10 +54,13 @@ namespace PhpSess;
  *   address) fails the next call instead, as with phpredis, which connects
  *   lazily. session_start() then returns false and $_SESSION is [].
  * - create_sid() returns '' when the daemon cannot make the ID: the read('')
- *   PHP makes next fails quietly and session_start() returns false (as it
- *   does after validateId() failed for want of the daemon, instead of
- *   replacing the visitor's session ID with an empty session). Only for
- *   session_create_id() inside a running session does it make the ID itself.
+ *   PHP makes next fails and session_start() returns false (as it does
+ *   after validateId() failed for want of the daemon, instead of replacing
+ *   the visitor's session ID with an empty session). Neither raises its
+ *   warning itself: PHP would replace an exception thrown there (an error
+ *   handler's) with its own Error; read('') raises it, where the files
+ *   handler raises its own. Only for session_create_id() inside a running
+ *   session does it make the ID itself.
  * - session_regenerate_id(): write() or destroy() of the old session first
  *   has the daemon make (and lock) the new ID, on the same connection. A
  *   daemon that is stopping serves a connection only while it holds a lock
@@ -68,11 +72,13 @@ namespace PhpSess;
  *   connection; if there is none, it fails, and PHP throws an Error there: an
  *   ID made here, which the daemon does not hold, would only fail its write
  *   after the page ran, and the session would be lost.
- * - Reconnecting: a request sent while no lock is held and no reply is
- *   pending, on a connection the daemon turned out to have closed (its
- *   idle_timeout_s, §10), is sent once more on a new connection. Never while
- *   a lock is held: a new connection would not have it. open() after
- *   close() in the same request reuses the connection if it is still open.
+ * - Reconnecting: a request sent while no lock is held, on a connection the
+ *   daemon turned out to have closed (its idle_timeout_s, §10; a restart),
+ *   is sent once more on a new connection, also when replies to what
+ *   close() sent without waiting were still unread (those are not sent
+ *   again). Never while a lock is held: a new connection would not have it.
+ *   open() after close() in the same request reuses the connection if it
+ *   is still open.
  * - A new session (create_sid) that is closed unwritten (read_and_close,
  *   session_abort()) is stored empty by close(), with a WRITE sent ahead of
  *   its CLOSE without waiting, so with session.use_strict_mode its ID stays
@@ -82,9 +88,15 @@ namespace PhpSess;
  *   connection per request costs the daemon twice the CPU),
  *   shared by every handler object for that address. Use one handler per
  *   address: each handler starts the connection afresh with `HELLO`, which
- *   releases the locks the connection holds (§3.2). The destructor collects
- *   the replies to requests close() sent without waiting, so the next web
- *   request finds the connection clean.
+ *   releases the locks the connection holds (§3.2). A shutdown function
+ *   (it runs after fatal errors too, unlike destructors) and the destructor
+ *   collect the replies to requests close() sent without waiting and
+ *   release locks left behind, so the next web request finds the
+ *   connection clean; a stale `OK` that still arrives in front of the
+ *   reply to its `HELLO` is recognised as such.
+ * - session.gc_maxlifetime is each session's lifetime, at most a year
+ *   (§4); 0 or less means that year too (the files handler never expires a
+ *   session by itself).
  * - Not for concurrent use from several fibers.
  */
 final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterface, \SessionUpdateTimestampHandlerInterface
@@ -146,7 +158,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
      * it has no data (locked by us if the daemon made it with a lock).
      */
     private ?string $newId = null;
-    /** create_sid() failed and returned '': the read('') that follows fails quietly. */
+    /** create_sid() failed and returned '': the read('') that follows fails, with the warning in $deferred. */
     private bool $createFailed = false;
     /** validateId() could not ask the daemon: create_sid() must not invent a new session. */
     private bool $validateFailed = false;
@@ -154,6 +166,26 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     private bool $locksLost = false;
     /** While true, warn() is silent. */
     private bool $quiet = false;
+    /**
+     * While true, warn() keeps its first message in $deferred instead of
+     * raising it: in validateId() and create_sid() of session_start(). PHP
+     * replaces an exception thrown there (an error handler that turns
+     * warnings into exceptions) with its own Error ("Session id must be a
+     * string") and leaves $_SESSION undefined; read(''), which PHP calls
+     * next, raises it instead, where the files handler raises its own.
+     */
+    private bool $deferring = false;
+    /** The warning validateId() or create_sid() kept for read(), or ''. */
+    private string $deferred = '';
+    /**
+     * The request is ending: our shutdown function or the destructor ran.
+     * Nothing runs after PHP's own final write and close() (at module
+     * shutdown, after destructors), so close() then reads the replies to
+     * what it sends itself instead of leaving them to a later request.
+     */
+    private bool $ending = false;
+    /** settle() is registered as a shutdown function of this request. */
+    private bool $settling = false;
     /** Why the address open() was given cannot be used, or null: each call fails with it. */
     private ?string $unusable = null;
     /**
@@ -240,6 +272,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         $this->newId = null;
         $this->createFailed = false;
         $this->validateFailed = false;
+        $this->deferred = '';
         $this->readDone = false;
         $this->newIdRead = false;
         // $prepared stays: inside session_regenerate_id() this close() comes
@@ -291,8 +324,10 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
                 $this->discard(); // releases the locks at no cost
             }
         } else {
-            // Sent without waiting (§3.1): the next request, or the destructor,
-            // reads the replies.
+            // Sent without waiting (§3.1): the next request, or settle() at
+            // the end of this one, reads the replies; once the request is
+            // ending (PHP's final write and close() come after everything
+            // else), they are read here.
             $request = $write . ($this->locks !== [] ? "CLOSE\n" : '');
             $this->locks = [];
             if (@fwrite($this->sock, $request) === \strlen($request)) {
@@ -302,9 +337,26 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
                 if ($request !== $write) {
                     $this->pending[] = 'CLOSE';
                 }
+                if ($this->ending) {
+                    $this->collectPending();
+                }
             } else {
                 $this->discard(); // releases the locks too
             }
+        }
+    }
+
+    /**
+     * At the end of the request, a failed write, touch or destroy releases
+     * the locks before it warns: an error handler may turn the warning into
+     * an exception, PHP then never calls close(), and nothing of this
+     * request runs after it (a persistent connection would carry the locks
+     * into the worker's next request).
+     */
+    private function releaseIfEnding(): void
+    {
+        if ($this->ending && $this->persistent && $this->locks !== [] && !$this->busy) {
+            $this->release(null);
         }
     }
 
@@ -312,14 +364,21 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     {
         if (!self::isValidId($id)) {
             if ($id === '' && $this->createFailed) {
-                $this->createFailed = false; // validateId() or create_sid() has warned already
+                // validateId() or create_sid() could not reach the daemon and
+                // kept its warning for here, where the files handler warns.
+                $this->createFailed = false;
+                $this->warnDeferred();
 
                 return false;
             }
+            $this->deferred = '';
             $this->warnBadId();
 
             return false;
         }
+        // validateId() failed, and a wrapper without create_sid() had PHP make
+        // the new ID itself: no read('') comes, the warning is raised here.
+        $this->warnDeferred();
         $this->readDone = true;
         if ($id === $this->newId) {
             $this->newIdRead = true;
@@ -369,10 +428,11 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             return true;
         }
 
+        $this->unprepare();
         if ($line !== null) {
+            $this->releaseIfEnding();
             $this->failed('write', $line);
         }
-        $this->unprepare();
 
         return false;
     }
@@ -398,6 +458,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         }
 
         if ($line !== null) {
+            $this->releaseIfEnding();
             $this->failed('updateTimestamp', $line);
         }
 
@@ -415,17 +476,27 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             // strict mode, and the session exists, as its file would.
             return $this->newIdRead;
         }
-        $line = $this->exchange('EXISTS ' . $id . "\n", 'validateId');
-        if ($line === "OK 1\n") {
-            return true;
+        // In session_start() (and session_reset()) PHP calls create_sid() and
+        // read('') after a failure: read('') raises the warning (see
+        // $deferring). In session_create_id() nothing follows: warn here.
+        $this->deferring = !$this->readDone;
+        try {
+            $line = $this->exchange('EXISTS ' . $id . "\n", 'validateId');
+            if ($line === "OK 1\n") {
+                return true;
+            }
+            if ($line === "OK 0\n") {
+                return false;
+            }
+            if ($line !== null) {
+                $this->failed('validateId', $line);
+            }
+        } finally {
+            $this->deferring = false;
         }
-        if ($line === "OK 0\n") {
-            return false;
+        if (!$this->readDone) {
+            $this->validateFailed = true; // PHP calls create_sid() next
         }
-        if ($line !== null) {
-            $this->failed('validateId', $line);
-        }
-        $this->validateFailed = true; // PHP calls create_sid() next
 
         return false;
     }
@@ -450,17 +521,18 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             return true;
         }
 
+        $this->unprepare();
         if ($line !== null) {
+            $this->releaseIfEnding();
             $this->failed('destroy', $line);
         }
-        $this->unprepare();
 
         return false;
     }
 
     public function gc(int $max_lifetime): int|false
     {
-        $max = $max_lifetime < 1 ? 1 : min($max_lifetime, self::MAX_TTL_S);
+        $max = $max_lifetime < 1 ? self::MAX_TTL_S : min($max_lifetime, self::MAX_TTL_S); // as ttl()
         $line = $this->exchange('GC ' . $max . "\n", 'gc');
         if ($line === null) {
             return false;
@@ -477,9 +549,11 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     public function create_sid(): string
     {
         // The interface allows only a string, and throwing makes
-        // session_start() throw an Error ("Session id must be a string").
-        // '' makes the read('') PHP calls next fail quietly: session_start()
-        // returns false (inside session_regenerate_id(), PHP throws an Error).
+        // session_start() throw an Error ("Session id must be a string"),
+        // so no warning is raised here either (an error handler may turn it
+        // into an exception). '' makes the read('') PHP calls next fail with
+        // the warning kept for it: session_start() returns false (inside
+        // session_regenerate_id(), PHP throws an Error).
         if ($this->validateFailed) {
             // validateId() could not ask the daemon: a new ID would silently
             // replace the visitor's session with an empty one.
@@ -508,12 +582,18 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         // the daemon cannot make the ID, fail rather than start a session
         // whose write is bound to fail after the page has run. A second
         // session_start() in the same request fails alike.
-        $line = $this->exchange('CREATE ' . $length . ' ' . $bits . ($this->locking ? "\n" : " NOLOCK\n"), 'create_sid');
-        if ($line !== null && strncmp($line, 'OK ', 3) === 0 && self::isValidId($sid = substr($line, 3, -1))) {
-            return $this->created($sid);
-        }
-        if ($line !== null) {
-            $this->failed('create_sid', $line);
+        // A warning is kept for the read('') that follows (see $deferring).
+        $this->deferring = true;
+        try {
+            $line = $this->exchange('CREATE ' . $length . ' ' . $bits . ($this->locking ? "\n" : " NOLOCK\n"), 'create_sid');
+            if ($line !== null && strncmp($line, 'OK ', 3) === 0 && self::isValidId($sid = substr($line, 3, -1))) {
+                return $this->created($sid);
+            }
+            if ($line !== null) {
+                $this->failed('create_sid', $line);
+            }
+        } finally {
+            $this->deferring = false;
         }
         $this->createFailed = true;
 
@@ -628,15 +708,41 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     }
 
     /**
-     * Settles a persistent connection for the next web request in this process:
-     * reads the replies to CLOSE requests sent without waiting and releases
-     * locks left behind (a write() that threw means PHP never called close()).
-     * The connection itself stays open unless it is out of step.
+     * Settles a persistent connection for the next web request in this
+     * process: see settle(). Runs before PHP's final write and close() when
+     * the session is still open (prepend.php registers the handler with
+     * session_set_save_handler($handler, false), so changes that
+     * destructors make to $_SESSION are saved, as with the files handler).
      */
     public function __destruct()
     {
-        if (!$this->persistent || $this->sock === null || session_status() === \PHP_SESSION_ACTIVE) {
-            return; // non-persistent connections end with the request; an active session is still ours to write
+        $this->settle();
+    }
+
+    /**
+     * Settles a persistent connection for the next web request in this
+     * process: reads the replies to requests close() sent without waiting
+     * and releases locks left behind (a write() that threw means PHP never
+     * called close()). The connection itself stays open unless it is out of
+     * step. Runs as a shutdown function (registered by connect(); these run
+     * after fatal errors too, when destructors do not) and from the
+     * destructor; afterwards close() reads its own replies ($ending).
+     */
+    private function settle(): void
+    {
+        $this->ending = true;
+        if (!$this->persistent || $this->sock === null) {
+            return; // non-persistent connections end with the request
+        }
+        if (session_status() === \PHP_SESSION_ACTIVE) {
+            // Still ours to write: PHP's final write and close() follow.
+            // Only replies that no request collected are read (none, unless
+            // the session was started without asking the daemon anything).
+            if (!$this->busy) {
+                $this->collectPending();
+            }
+
+            return;
         }
         if ($this->busy) {
             $this->discard();
@@ -645,17 +751,24 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         }
         $this->unprepare(); // a new ID create_sid() never took: release its lock
         if ($this->locks !== [] || $this->newId !== null) {
-            $this->close();
+            $this->close(); // reads its replies: $ending is set
         }
-        if ($this->pending !== [] && $this->sock !== null) {
-            $this->setTimeout($this->timeout);
-            while ($this->pending !== []) {
-                $verb = array_shift($this->pending);
-                if (!self::isPendingReply($verb, @fgets($this->sock, self::MAX_HEADER_BYTES + 1))) {
-                    $this->discard();
+        $this->collectPending();
+    }
 
-                    return;
-                }
+    /** Reads the replies to requests close() sent without waiting; a wrong one drops the connection. */
+    private function collectPending(): void
+    {
+        if ($this->pending === [] || $this->sock === null) {
+            return;
+        }
+        $this->setTimeout($this->timeout);
+        while ($this->pending !== []) {
+            $verb = array_shift($this->pending);
+            if (!self::isPendingReply($verb, @fgets($this->sock, self::MAX_HEADER_BYTES + 1))) {
+                $this->discard();
+
+                return;
             }
         }
     }
@@ -670,11 +783,15 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
      * dropped), one is made first, unless one holding our locks was lost in
      * this cycle: a new one would not hold them.
      *
-     * A connection the daemon closed while we held no lock and awaited no
-     * reply (its idle_timeout_s, §10; a restart) is replaced, and the request
-     * sent once more, with a fresh HELLO. Never while a lock is held: the new
-     * connection would not have it (§6.1), and a write would go through
-     * without it.
+     * A connection the daemon closed while we held no lock (its
+     * idle_timeout_s, §10; a restart) is replaced, and the request sent once
+     * more, with a fresh HELLO. That holds too when replies to requests
+     * close() sent without waiting (read_and_close, session_abort()) were
+     * still unread: their CLOSE released nothing the closed connection did
+     * not release, and the empty WRITE of a new ID is not sent again (it may
+     * have been carried out, and the ID used since). Never while a lock is
+     * held: the new connection would not have it (§6.1), and a write would
+     * go through without it.
      */
     private function exchange(#[\SensitiveParameter] string $request, string $method, bool $mayWait = false): ?string
     {
@@ -693,7 +810,9 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
             return $line === false ? null : $line;
         }
-        $line = $this->send($request, $method, $mayWait, $this->locks === [] && $this->pending === []);
+        // The lock of an ID the daemon made for session_regenerate_id() is not in $locks.
+        $mayRetry = $this->locks === [] && ($this->prepared === null || !$this->locking);
+        $line = $this->send($request, $method, $mayWait, $mayRetry);
         if ($line === false) {
             $line = $this->connect() ? $this->send($request, $method, $mayWait, false) : null;
         }
@@ -703,7 +822,8 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
     /**
      * exchange() once. With $mayRetry, returns false without a warning when
-     * the connection turns out closed before any reply came (it is discarded).
+     * the connection turns out closed before the reply to this request came
+     * (it is discarded).
      */
     private function send(#[\SensitiveParameter] string $request, string $method, bool $mayWait, bool $mayRetry): string|false|null
     {
@@ -745,6 +865,11 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             $line = @fgets($sock, self::MAX_HEADER_BYTES + 1);
             if (!self::isPendingReply($verb, $line)) {
                 if ($line === false) {
+                    if ($mayRetry && !self::timedOut($sock)) {
+                        $this->discard(); // see exchange(): the request is sent again, not the earlier one
+
+                        return false;
+                    }
                     $this->lost($method, 'reading the reply to an earlier ' . $verb);
                 } elseif (self::isFatal($line)) {
                     $this->failed($method, $line); // §9: the daemon closes the connection
@@ -757,6 +882,14 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         }
         if ($hello !== '') {
             $line = @fgets($sock, self::MAX_HEADER_BYTES + 1);
+            // A reused persistent connection can still bring the replies to
+            // requests an earlier web request sent without waiting and could
+            // not collect (a CLOSE, when a fatal error in another shutdown
+            // function kept settle() from running): each is "OK", which
+            // HELLO never answers, so it is not mistaken for HELLO's reply.
+            for ($stale = 0; $line === "OK\n" && $stale < 64; ++$stale) {
+                $line = @fgets($sock, self::MAX_HEADER_BYTES + 1);
+            }
             if ($line !== "OK 1\n") {
                 if ($line === false) {
                     if ($mayRetry && !self::timedOut($sock)) {
@@ -873,6 +1006,13 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         $this->pending = [];
         $this->locks = [];
         $this->hello = $this->helloLine();
+        if ($this->persistent && !$this->settling) {
+            // Shutdown functions run after fatal errors too, destructors do not.
+            $this->settling = true;
+            register_shutdown_function(function (): void {
+                $this->settle();
+            });
+        }
 
         return true;
     }
@@ -959,8 +1099,26 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
     private function warn(string $message): void
     {
-        if (!$this->quiet) {
-            trigger_error($message, \E_USER_WARNING);
+        if ($this->quiet) {
+            return;
+        }
+        if ($this->deferring) {
+            if ($this->deferred === '') {
+                $this->deferred = $message;
+            }
+
+            return;
+        }
+        trigger_error($message, \E_USER_WARNING);
+    }
+
+    /** Raises the warning validateId() or create_sid() kept for read(), if any. */
+    private function warnDeferred(): void
+    {
+        $message = $this->deferred;
+        $this->deferred = '';
+        if ($message !== '') {
+            $this->warn($message);
         }
     }
 
@@ -1193,11 +1351,23 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         return $s !== '' && strspn($s, '0123456789') === \strlen($s);
     }
 
+    /**
+     * session.gc_maxlifetime as a lifetime the daemon takes (§4: 1 s to a
+     * year). 0 or less, which PHP's files handler never expires by itself
+     * (only its gc() does, which Debian never runs), is the longest there
+     * is, a year, as is anything longer; silently: this runs on every
+     * request.
+     */
     private static function ttl(): int
     {
-        $ttl = (int) ini_get('session.gc_maxlifetime');
+        $value = (string) ini_get('session.gc_maxlifetime');
+        if (self::isDigits(ltrim($value, '-')) || !\function_exists('ini_parse_quantity')) {
+            $ttl = (int) $value;
+        } else {
+            $ttl = @ini_parse_quantity($value); // "1k", "1e3" as PHP reads them (8.2+)
+        }
 
-        return $ttl < 1 ? 1 : ($ttl > self::MAX_TTL_S ? self::MAX_TTL_S : $ttl);
+        return $ttl < 1 || $ttl > self::MAX_TTL_S ? self::MAX_TTL_S : $ttl;
     }
 
     /** Printable ASCII for messages: strips the LF, escapes the rest. */

@@ -533,3 +533,476 @@ def test_permission_denied_on_the_socket_names_the_php_user(daemon: Any) -> None
     assert f"phpsess: cannot connect to {daemon.php_address}: Permission denied" in warnings[0]
     assert f"(this PHP process ({user}) may not use this socket" in warnings[0]
     assert "is the phpsess daemon running" not in warnings[0]
+
+
+# -- review of the PHP handler: end of request, reconnects, failures, lifetimes
+#
+# The PHP here is written into tmp_path by each test: the pages run under
+# PHP's built-in web server (one worker process, so every request reuses the
+# same persistent connection, as a php-fpm worker does).
+
+
+def _write_script(directory: Path, name: str, source: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(source)
+    return path
+
+
+@contextlib.contextmanager
+def _web_server(docroot: Path, settings: dict[str, str]) -> Iterator[tuple[int, Path]]:
+    """``php -S`` on a free loopback port serving ``docroot``; yields the port
+    and the file its log (PHP's errors included) goes to."""
+    port = free_tcp_port()
+    log = docroot.parent / f"web-{port}.log"
+    cmd = ["timeout", "300", php_binary(), "-S", f"127.0.0.1:{port}", "-t", str(docroot),
+           "-d", "display_errors=0", "-d", "log_errors=1", "-d", "html_errors=0",
+           "-d", "error_reporting=32767", "-d", "session.use_cookies=0",
+           "-d", "session.use_only_cookies=0", "-d", "session.cache_limiter=",
+           "-d", "session.gc_probability=0"]
+    for key, value in settings.items():
+        cmd += ["-d", f"{key}={value}"]
+    with open(log, "wb") as out:
+        web = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert web.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "php -S did not start"
+                time.sleep(0.02)
+        yield port, log
+    finally:
+        web.terminate()
+        web.wait(10)
+
+
+def _phpsess_web(address: str) -> dict[str, str]:
+    # Quoted: an unquoted "=" in a -d value is an ini syntax error.
+    return {"auto_prepend_file": str(PREPEND), "phpsess.address": f'"{address}"'}
+
+
+def _http(port: int, path: str, body: bytes | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
+                                     headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _php_warnings(log: Path) -> list[str]:
+    return [line for line in log.read_text(errors="replace").splitlines()
+            if "phpsess" in line or "Warning" in line]
+
+
+def _lock_is_free(daemon: Any, sid: str) -> bool:
+    with Client(daemon.address, wait_ms=0) as c:
+        reply = c.request(p.Read(sid))
+        c.request(p.Close())
+    return not (isinstance(reply, p.Error) and reply.code is p.Code.LOCK_TIMEOUT)
+
+
+def _stored(daemon: Any, sid: str) -> bytes | None:
+    with Client(daemon.address) as c:
+        reply = c.request(p.Read(sid, lock=False))
+    if reply == p.MISS:
+        return None
+    assert isinstance(reply, p.Data), reply
+    return reply.data
+
+
+# A web request whose end is reached in various ways; a destructor changes
+# $_SESSION at the end of the script (Symfony's and Doctrine's objects do).
+END_OF_REQUEST_PAGE = r"""<?php
+// ?sid=...&m=plain|exit|throw|fatal|close|rac|abort|racfatal|bigthrow|writethrowfatal
+class Cart
+{
+    public function __destruct() { $_SESSION['d'] = ($_SESSION['d'] ?? 0) + 1; }
+}
+$m = $_GET['m'];
+if ($m === 'bigthrow' || $m === 'writethrowfatal') { // Symfony-style: warnings become exceptions
+    set_error_handler(function (int $no, string $str, string $file, int $line): bool {
+        if (!(error_reporting() & $no)) {
+            return false;
+        }
+        throw new ErrorException($str, 0, $no, $file, $line);
+    });
+}
+session_id($_GET['sid']);
+session_start(in_array($m, ['rac', 'racfatal'], true) ? ['read_and_close' => true] : []);
+$_SESSION['n'] = ($_SESSION['n'] ?? 0) + 1;
+$cart = new Cart();
+switch ($m) {
+    case 'exit':
+        exit;
+    case 'throw':
+        throw new RuntimeException('app error');
+    case 'fatal':
+    case 'racfatal': // a real fatal error: destructors do not run
+        ini_set('memory_limit', '16M');
+        $a = [];
+        while (true) {
+            $a[] = str_repeat('x', 1 << 20);
+        }
+    case 'close':
+        session_write_close();
+        break;
+    case 'abort':
+        session_abort();
+        break;
+    case 'bigthrow': // the final write fails (over --max-session-bytes) and throws
+        $_SESSION['big'] = str_repeat('x', 8192);
+        break;
+    case 'writethrowfatal': // that write throws before the end, then a fatal error
+        $_SESSION['big'] = str_repeat('x', 8192);
+        try {
+            session_write_close();
+        } catch (ErrorException $e) {
+        }
+        ini_set('memory_limit', '16M');
+        $a = [];
+        while (true) {
+            $a[] = str_repeat('x', 1 << 20);
+        }
+}
+echo 'done';
+"""
+
+END_OF_REQUEST_MODES = ["plain", "exit", "throw", "fatal", "close", "rac", "abort",
+                        "racfatal", "plain"]
+
+
+@pytest.mark.parametrize("query", ["", "?persistent=0", "?lock=0"])
+def test_session_changes_made_by_destructors_are_saved_as_with_files(
+    query: str, start_daemon: Any, tmp_path: Path
+) -> None:
+    # prepend.php registered the handler with session_set_save_handler(h,
+    # true): PHP then writes the session in a shutdown function, before
+    # destructors run, and what they put in $_SESSION was lost. The files
+    # handler writes at the very end. Every way a request ends must leave the
+    # same session as with files, and (persistent connection) no lock behind.
+    daemon = start_daemon("--memory-only", "--max-session-bytes", "4096")
+    docroot = tmp_path / "www"
+    _write_script(docroot, "page.php", END_OF_REQUEST_PAGE)
+    files_dir = tmp_path / "files"
+    files_dir.mkdir()
+    sid = "endofrequest0123456789abcdef"
+
+    with _web_server(docroot, {"session.save_handler": "files",
+                               "session.save_path": str(files_dir)}) as (port, _):
+        want = []
+        for mode in END_OF_REQUEST_MODES:
+            _http(port, f"/page.php?sid={sid}&m={mode}")
+            want.append((mode, (files_dir / f"sess_{sid}").read_bytes()))
+    assert want[0][1] == b"n|i:1;d|i:1;"  # the destructor's change is saved
+
+    with _web_server(docroot, _phpsess_web(daemon.php_address + query)) as (port, log):
+        got = []
+        for mode in END_OF_REQUEST_MODES:
+            _http(port, f"/page.php?sid={sid}&m={mode}")
+            got.append((mode, _stored(daemon, sid)))
+            assert _lock_is_free(daemon, sid), f"lock held after {mode}"
+        assert got == want
+        assert _php_warnings(log) == []
+        # The final write fails and the error handler throws: PHP never calls
+        # close(), and nothing runs after it, yet the lock must not stay held
+        # by the idle worker's connection until its next request.
+        _http(port, f"/page.php?sid={sid}&m=bigthrow")
+        assert _lock_is_free(daemon, sid)
+        assert _stored(daemon, sid) == want[-1][1]
+        assert "TOO_LARGE" in log.read_text()
+        # A write that threw (PHP never called close()), then a fatal error:
+        # no destructor runs; the handler's shutdown function releases it.
+        _http(port, f"/page.php?sid={sid}&m=writethrowfatal")
+        assert _lock_is_free(daemon, sid)
+        assert _stored(daemon, sid) == want[-1][1]
+        assert _http(port, f"/page.php?sid={sid}&m=plain") == (200, "done")
+        assert _stored(daemon, sid) == b"n|i:7;d|i:5;"
+
+
+@contextlib.contextmanager
+def _lagging_proxy(target: str, path: str, lag_s: float) -> Iterator[str]:
+    """A unix socket at ``path`` that forwards to the unix socket ``target``,
+    holding every reply back ``lag_s`` (a daemon whose replies are in flight
+    a long time). Yields the PHP address of the proxy."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(16)
+    server.settimeout(0.1)
+    stop = threading.Event()
+    opened: list[socket.socket] = []
+
+    def pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                time.sleep(delay)
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                client, _ = server.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(target)
+            opened.extend((client, upstream))
+            for src, dst, delay in ((client, upstream, 0.0), (upstream, client, lag_s)):
+                threading.Thread(target=pump, args=(src, dst, delay), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"unix://{path}"
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+        for s in opened:
+            s.close()
+
+
+STALE_REPLY_PAGE = r"""<?php
+// ?m=set|racfatal|shutdownfatal
+function fill_memory(): void
+{
+    ini_set('memory_limit', '16M');
+    $a = [];
+    while (true) {
+        $a[] = str_repeat('x', 1 << 20);
+    }
+}
+$m = $_GET['m'];
+if ($m === 'shutdownfatal') { // a fatal error in a shutdown function that runs before ours
+    register_shutdown_function('fill_memory');
+}
+session_id('stalereply0123456789abcdef');
+session_start($m === 'set' ? [] : ['read_and_close' => true]);
+echo json_encode($_SESSION);
+if ($m === 'racfatal') {
+    fill_memory();
+}
+if ($m === 'set') {
+    $_SESSION['v'] = ($_SESSION['v'] ?? 0) + 1;
+}
+"""
+
+
+@pytest.mark.parametrize("mode", ["racfatal", "shutdownfatal"])
+def test_a_fatal_error_leaves_no_stale_reply_for_the_next_request(
+    mode: str, daemon: Any, tmp_path: Path
+) -> None:
+    # read_and_close sends its CLOSE without waiting; the destructor used to
+    # read the reply, but destructors do not run after a fatal error. When the
+    # next request on the persistent connection came while that reply was
+    # still in flight, it took the stale "OK" for the reply to its HELLO:
+    # 'unexpected reply to HELLO ... "OK"', and session_start() failed.
+    # racfatal: a shutdown function (which runs after fatal errors) now reads
+    # it; shutdownfatal: that one cannot run (an earlier shutdown function
+    # died), and the stale "OK" is recognised in front of HELLO's "OK 1".
+    docroot = tmp_path / "www"
+    _write_script(docroot, "x.php", STALE_REPLY_PAGE)
+    with _lagging_proxy(daemon.sock_path, str(tmp_path / "lag.sock"), 0.3) as lagging, \
+            _web_server(docroot, _phpsess_web(lagging)) as (port, log):
+        assert _http(port, "/x.php?m=set") == (200, "[]")
+        status, _ = _http(port, f"/x.php?m={mode}")
+        assert status == 500
+        assert _http(port, "/x.php?m=set") == (200, '{"v":1}')
+        assert _http(port, "/x.php?m=set") == (200, '{"v":2}')
+        assert [line for line in _php_warnings(log) if "phpsess" in line] == []
+    assert _stored(daemon, "stalereply0123456789abcdef") == b"v|i:3;"
+
+
+RECONNECT_SCRIPT = r"""<?php
+// <how: rac|abort|new> <dir>: close a session without writing it, wait until
+// the test says go (the daemon closed the idle connection), start it again.
+ob_start();
+[, $how, $dir] = $argv;
+if ($how !== 'new') {
+    session_id('reconnect' . $how . '0123456789abcdefgh');
+}
+if ($how === 'abort') {
+    session_start();
+    $_SESSION['x'] = 1;
+    session_abort();
+} else {
+    session_start(['read_and_close' => true]); // 'new': a WRITE and a CLOSE unanswered
+}
+touch("$dir/ready");
+for ($i = 0; $i < 3000 && !file_exists("$dir/go"); ++$i) {
+    usleep(10000);
+}
+echo 'sid: ', session_id(), "\n";
+echo 'start: ', json_encode(session_start()), "\n";
+$_SESSION['n'] = ($_SESSION['n'] ?? 0) + 1;
+echo 'write-close: ', json_encode(session_write_close()), "\n";
+"""
+
+
+@pytest.mark.parametrize("how", ["rac", "abort", "new"])
+def test_a_session_after_read_and_close_or_abort_reconnects_after_the_idle_timeout(
+    how: str, start_daemon: Any, tmp_path: Path
+) -> None:
+    # close() sends its CLOSE (and for a new ID an empty WRITE) without
+    # waiting. The daemon then closed the idle connection, and the next
+    # session_start() failed ("lost the connection ... while sending the
+    # request"): a request was sent again on a new connection only if no
+    # reply was pending. Without a lock held, none of them needs the old
+    # connection.
+    daemon = start_daemon("--memory-only", "--idle-timeout-s", "1")
+    script = _write_script(tmp_path, "reconnect.php", RECONNECT_SCRIPT)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run_php, script, handler="phpsess", address=daemon.php_address,
+                             args=(how, str(tmp_path)),
+                             ini={"session.use_strict_mode": "1"})
+        try:
+            _until(lambda: (tmp_path / "ready").exists() or future.done(), "the php script")
+            _until(lambda: "event=idle_timeout" in daemon.log() or future.done(),
+                   "the daemon to close the idle connection")
+        finally:
+            (tmp_path / "go").touch()
+        proc = future.result(60)
+    got = _lines(proc)
+    assert proc.stderr == "", proc.stderr
+    assert got["start"] == got["write-close"] == "true", got
+    assert read_counter(daemon.address, got["sid"]) == 1
+
+
+FAILED_START_SCRIPT = r"""<?php
+// [<sid>]: session_start() under an error handler that turns warnings into
+// exceptions (Symfony, Yii, CakePHP), with sessions that cannot be had.
+ob_start();
+set_error_handler(function (int $no, string $str, string $file, int $line): bool {
+    if (!(error_reporting() & $no)) {
+        return false;
+    }
+    throw new ErrorException($str, 0, $no, $file, $line);
+});
+if (($argv[1] ?? '') !== '') {
+    session_id($argv[1]);
+}
+try {
+    $started = session_start();
+    echo 'start: ', json_encode($started), "\n";
+} catch (Throwable $e) {
+    echo 'thrown: ', get_class($e), ': ', $e->getMessage(), "\n";
+    echo 'previous: ', $e->getPrevious() === null ? 'none' : get_class($e->getPrevious()), "\n";
+}
+echo 'status: ', session_status(), "\n";
+echo 'session: ', isset($_SESSION) ? json_encode($_SESSION) : 'undefined', "\n";
+"""
+
+
+@pytest.mark.parametrize(("sid", "strict"), [("", "0"), ("", "1"),
+                                             ("someid0123456789abcdefghij", "0"),
+                                             ("someid0123456789abcdefghij", "1")])
+def test_an_error_handler_that_throws_gets_the_phpsess_warning_as_with_files(
+    sid: str, strict: str, workdir: Path
+) -> None:
+    # create_sid() and validateId() warned: the error handler's exception
+    # thrown there made PHP throw its own Error ("Session id must be a
+    # string"), the real cause hidden in getPrevious(), and $_SESSION was left
+    # undefined. Files throws the ErrorException of its warning from
+    # session_start() and leaves $_SESSION = [].
+    script = _write_script(workdir, "failed_start.php", FAILED_START_SCRIPT)
+    ini = {"session.use_strict_mode": strict}
+    files = _lines(run_php(script, handler="files", save_path=str(workdir / "missing"),
+                           args=(sid,), ini=ini))
+    address = f"unix://{workdir}/nobody-listens.sock"
+    got = _lines(run_php(script, handler="phpsess", address=address, args=(sid,), ini=ini))
+    assert files["thrown"].startswith("ErrorException: session_start(): open(")
+    assert got["thrown"] == (f"ErrorException: phpsess: cannot connect to {address}: "
+                             "No such file or directory (is the phpsess daemon running?)")
+    assert got["previous"] == files["previous"] == "none"
+    assert got["status"] == files["status"] == "1"
+    assert got["session"] == files["session"] == "[]"
+
+
+TTL_SCRIPT = r"""<?php
+ob_start();
+session_id($argv[1]);
+session_start();
+$_SESSION['a'] = 1;
+echo 'write-close: ', json_encode(session_write_close()), "\n";
+"""
+
+
+@pytest.mark.parametrize(("lifetime", "expected_s"), [
+    ("1440", 1440), ("0", 31536000), ("-1", 31536000), ("99999999999", 31536000),
+    ("1k", 1024),
+])
+def test_gc_maxlifetime_outside_what_the_daemon_takes(
+    lifetime: str, expected_s: int, daemon: Any, tmp_path: Path
+) -> None:
+    # 0 (or less) was sent as 1 s: the session vanished a second after each
+    # request. PHP's files handler never expires a session by itself (only
+    # its gc() does, which Debian never runs): the longest lifetime the
+    # daemon takes, a year, is the closest. Longer values are capped there,
+    # quietly. "1k" is 1024 s, as PHP reads it.
+    script = _write_script(tmp_path, "ttl.php", TTL_SCRIPT)
+    sid = "lifetime0123456789abcdefgh"
+    proc = run_php(script, handler="phpsess", address=daemon.php_address, args=(sid,),
+                   ini={"session.gc_maxlifetime": lifetime})
+    assert proc.stderr == "", proc.stderr
+    assert _lines(proc)["write-close"] == "true"
+    with Client(daemon.address) as c:
+        got = c.request(p.Get(sid))
+    assert isinstance(got, p.Data) and got.data == b"a|i:1;", got
+    assert expected_s * 1000 - 60_000 < int(got.tokens[0]) <= expected_s * 1000
+
+
+UPLOAD_PAGE = r"""<?php
+session_id('upload0123456789abcdefghij');
+session_start();
+echo json_encode(array_keys($_SESSION));
+"""
+
+
+def test_prepend_logs_that_upload_progress_never_reaches_phpsess(
+    daemon: Any, tmp_path: Path
+) -> None:
+    # PHP records upload progress with its files handler while it reads the
+    # body, before prepend.php runs: with a directory in session.save_path it
+    # lands in local files, silently. prepend.php says so in the log (never
+    # on the page: output there would stop the session cookie).
+    docroot = tmp_path / "www"
+    _write_script(docroot, "up.php", UPLOAD_PAGE)
+    files_dir = tmp_path / "files"
+    files_dir.mkdir()
+    boundary = "phpsessboundary"
+
+    def multipart(fields: dict[str, str]) -> bytes:
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+                 f"{value}\r\n" for name, value in fields.items()]
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="f"; '
+                     'filename="a.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
+                     + "x" * 10000 + f"\r\n--{boundary}--\r\n")
+        return "".join(parts).encode()
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}",
+               "Cookie": "PHPSESSID=upload0123456789abcdefghij"}
+    # PHP looks for the session ID of the progress in the cookie.
+    settings = {**_phpsess_web(daemon.php_address), "session.save_path": str(files_dir),
+                "session.use_cookies": "1"}
+    with _web_server(docroot, settings) as (port, log):
+        assert _http(port, "/up.php", multipart({"a": "b"}), headers) == (200, "[]")
+        assert "phpsess:" not in log.read_text()
+        assert _http(port, "/up.php", multipart({"PHP_SESSION_UPLOAD_PROGRESS": "x"}),
+                     headers) == (200, "[]")  # the progress is not in the session
+        said = [line for line in log.read_text().splitlines() if "phpsess:" in line]
+    assert len(said) == 1, said
+    assert "phpsess: this request asks for session upload progress" in said[0]
+    assert "set session.upload_progress.enabled = 0" in said[0]
+    # where it went instead: PHP's files handler, in session.save_path
+    assert [f.name for f in files_dir.iterdir()] == ["sess_upload0123456789abcdefghij"]

@@ -235,6 +235,7 @@ def test_arbitrary_bytes_never_crash_and_memory_stays_bounded(
                     p.Stats,
                     p.Get,
                     p.List,
+                    p.Drain,
                     p.RequestError,
                     p.FatalError,
                 ),

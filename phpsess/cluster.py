@@ -53,6 +53,9 @@ HANDSHAKES_FROM_PEERS: Final = 64
 HANDSHAKES_PER_PEER_ADDRESS: Final = 16  # another program on a peer's host
 HANDSHAKES_FROM_OTHERS: Final = 16
 HANDSHAKES_PER_OTHER_ADDRESS: Final = 4
+# Master copies checked at once in the background after a peer is first heard
+# (CLUSTER.md §7): a few WHEREs in flight, not one per session at once.
+BACKGROUND_VERIFIES: Final = 8
 
 
 @attrs.frozen
@@ -354,18 +357,120 @@ class Pipe:
             slot.done.set()
 
 
+class _Unanswered(LinkError):
+    """The link failed after the request went out: it may have been served."""
+
+
+# Changes a lock guards (PROTOCOL.md §6): refused once the lock is known lost.
+_GUARDED: Final = (p.Write, p.Touch, p.Destroy)
+_LOCK_LOST_FORWARDED: Final = (
+    "the connection to the session's master that held this request's lock broke "
+    "(the master or this node was declared dead), so the lock is gone; nothing was "
+    "changed by this request"
+)
+
+
+def _peer_closed(link: PeerLink) -> bool:
+    """Whether the peer already closed ``link`` (EOF or an error waiting on
+    it), so that a request sent on it could not be answered."""
+    if link.stream is None:
+        return True
+    try:
+        with stdsocket.socket(fileno=os.dup(netio.fileno(link.stream))) as sock:
+            data = sock.recv(1, stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    return not data
+
+
 class Forwards:
     """The peer links of one client connection, one per master it talked to
-    (CLUSTER.md §5.3): the master sees each as that client, so locks hold."""
+    (CLUSTER.md §5.3): the master sees each as that client, so locks hold.
+
+    The locks the client took through a link last as long as that link: when
+    it breaks (its peer or this node was declared dead, the peer died, a
+    request timed out), the master has released them, maybe granted them to
+    others who wrote since.  Those sessions are then remembered as *lost*:
+    the client's next ``WRITE``, ``TOUCH`` or ``DESTROY`` of one gets
+    ``ERR LOCK_LOST`` (like a revoked lease, PROTOCOL.md §6.3) instead of
+    being sent to a master that holds no lock for it (CLUSTER.md §5.3)."""
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.links: dict[str, PeerLink] = {}
         self.hello: p.Hello | None = None
+        # Sessions whose lock this client holds through a link: sid -> link.
+        self.locked: dict[str, PeerLink] = {}
+        # Sessions whose lock went with a broken link (see above).
+        self.lost: set[str] = set()
+
+    def broken(self, node: str) -> None:
+        """The link to ``node`` failed or is replaced: its locks are lost."""
+        link = self.links.pop(node, None)
+        for sid, held in list(self.locked.items()):
+            if held is link or held.stream is None:
+                del self.locked[sid]
+                self.lost.add(sid)
+
+    def lock_lost(self, request: object, node: str) -> p.Error | None:
+        """``ERR LOCK_LOST`` if ``request`` is a change of a session whose lock
+        this client lost, before it goes to ``node`` (this node: served here).
+        A lock holds only through the same, unbroken link to the same node."""
+        sid = getattr(request, "sid", None)
+        if sid is None:
+            return None
+        held = self.locked.get(sid)
+        if held is not None and (held is not self.links.get(node) or held.stream is None):
+            del self.locked[sid]
+            self.lost.add(sid)
+        if sid not in self.lost:
+            return None
+        if isinstance(request, p.Read) and request.lock:
+            self.lost.discard(sid)  # a new locking READ forgets it (PROTOCOL.md §6.3)
+        elif isinstance(request, _GUARDED):
+            self.lost.discard(sid)  # one error, as for a revoked lease
+            return p.Error(p.Code.LOCK_LOST, _LOCK_LOST_FORWARDED)
+        return None
+
+    def note(self, link: PeerLink | None, request: p.Request, reply: p.Reply) -> None:
+        """Keep :attr:`locked` up to date with ``reply`` to ``request``."""
+        sid = getattr(request, "sid", None)
+        if sid is None or link is None:
+            return
+        if isinstance(reply, p.Error) and reply.code is p.Code.NOT_MASTER:
+            if self.locked.get(sid) is link:
+                # That master no longer serves it: the lock went with it.
+                del self.locked[sid]
+                self.lost.add(sid)
+            return
+        if isinstance(request, p.Read):
+            if request.lock and isinstance(reply, (p.Data, p.Miss)):
+                self.locked[sid] = link
+                self.lost.discard(sid)
+        elif isinstance(request, _GUARDED):
+            kept = (
+                not isinstance(request, p.Destroy) and request.keep and isinstance(reply, p.Ok)
+            ) or (isinstance(request, p.Touch) and isinstance(reply, p.Miss))
+            if not kept and self.locked.get(sid) is link:
+                del self.locked[sid]
 
     async def call(self, node: str, request: p.Request, wait_s: float) -> p.Reply:
+        """``node``'s reply; :class:`_Unanswered` if the link failed once
+        ``request`` was sent (it may have been served), LinkError if before."""
         link = self.links.get(node)
-        if link is None or link.stream is None:
+        # A WRITE whose outcome is unknown is never sent again (CLUSTER.md §7):
+        # not on a link the peer has closed (idle, or it restarted) either.
+        if link is not None and isinstance(request, p.Write) and _peer_closed(link):
+            await link.aclose()
+        if link is not None and link.stream is None:
+            self.broken(node)
+            link = None
+        lost = self.lock_lost(request, node)
+        if lost is not None:
+            return lost
+        if link is None:
             link = PeerLink(self.cluster, node)
             self.links[node] = link
             hello = self.hello or p.Hello(p.PROTOCOL_VERSION)
@@ -374,7 +479,12 @@ class Forwards:
                 await link.aclose()
                 del self.links[node]
                 raise LinkError(f"peer {node} refused HELLO: {reply}")
-        return await link.call(request, timeout_s=wait_s + IO_TIMEOUT_S)
+        try:
+            reply = await link.call(request, timeout_s=wait_s + IO_TIMEOUT_S)
+        except LinkError as exc:
+            raise _Unanswered(str(exc)) from exc
+        self.note(link, request, reply)
+        return reply
 
     async def broadcast(self, request: p.Request) -> None:
         """HELLO and CLOSE concern every master this client holds locks on."""
@@ -385,11 +495,17 @@ class Forwards:
                 await link.call(request)
             except LinkError:
                 self.links.pop(node, None)
+        # Both release every lock; a new HELLO also forgets lost ones (§6.3).
+        self.locked.clear()
+        if isinstance(request, p.Hello):
+            self.lost.clear()
 
     async def aclose(self) -> None:
         for link in self.links.values():
             await link.aclose()
         self.links.clear()
+        self.locked.clear()
+        self.lost.clear()
 
 
 def _source_host(listen_host: str) -> str | None:
@@ -448,6 +564,10 @@ class Cluster:
         # re-copies them once a peer can.  Set when that may be so.
         self._maybe_degraded = True
         self._recopying = False
+        # Master copies to verify (and re-copy) in the background: those
+        # whose backup was first heard since our start (_verify_in_background).
+        self._to_verify: set[str] = set()
+        self._verifying = False
         self._rehomed: set[str] = set()
         self._missing_logged: set[str] = set()
         self._handshakes = trio.CapacityLimiter(HANDSHAKES_FROM_PEERS)
@@ -741,11 +861,16 @@ class Cluster:
             if not event.rejoined:
                 # First heard since our start: it may have been paused or cut
                 # off, and hold newer copies of what we master with it as
-                # backup, or have taken them over.  Check before serving (§7).
-                self.replicas.mark_unverified([
+                # backup, or have taken them over.  Check before serving (§7),
+                # and in the background too: after a restart (ours or the
+                # whole cluster's) the peer may hold no copy of them, and
+                # each would stay single until next read or written.
+                affected = [
                     sid for sid, m in self.replicas.meta.items()
                     if m.role == MASTER and m.backup == event.name
-                ])
+                ]
+                self.replicas.mark_unverified(affected)
+                self._verify_later(affected)
             self._spawn(self._recopy_degraded)
         elif isinstance(event, mb.Suspect):
             if event.name not in self._probing:
@@ -769,6 +894,50 @@ class Cluster:
             )
         elif isinstance(event, mb.SelfDeclaredDead):
             self._declared_dead(event.by)
+
+    def _verify_later(self, sids: list[str]) -> None:
+        """Queue master copies for :meth:`_verify_in_background`."""
+        self._to_verify.update(sids)
+        if self._to_verify and not self._verifying:
+            self._verifying = True
+            self._spawn(self._verify_in_background)
+
+    async def _verify_in_background(self) -> None:
+        """Verify the queued master copies that are still unverified, a few
+        at a time (``BACKGROUND_VERIFIES``): ``_verify`` re-copies each one
+        its backup lacks (a whole-cluster restart drops every backup copy,
+        CLUSTER.md §7).  Once every peer has been heard or the detection
+        time has passed (``ready``): a peer heard later could master a
+        copy at a newer epoch than its backup knows."""
+        try:
+            await self.ready.wait()
+            checked = 0
+
+            async def worker() -> None:
+                nonlocal checked
+                while self._to_verify:
+                    sid = self._to_verify.pop()
+                    m = self.replicas.meta.get(sid)
+                    if m is None or m.role != MASTER or sid not in self.replicas.unverified:
+                        await trio.lowlevel.checkpoint()  # read since, or gone
+                        continue
+                    try:
+                        await self._verify(sid)
+                    except Exception:
+                        log.exception("event=cluster_task_failed task=_verify session=%s",
+                                      sid_tag(sid))
+                    checked += 1
+
+            # Again if more were queued as the last workers ended: no
+            # checkpoint between this test and clearing _verifying.
+            while self._to_verify:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(BACKGROUND_VERIFIES):
+                        nursery.start_soon(worker)
+            if checked:
+                log.info("event=background_verified sessions=%d", checked)
+        finally:
+            self._verifying = False
 
     async def _probe(self, name: str) -> None:
         """A direct TCP probe before declaring a silent peer dead (§3)."""
@@ -1069,6 +1238,14 @@ class Cluster:
             self._drop_local(sid)
             log.info("event=stale_copy_dropped session=%s master=%s", sid_tag(sid), node)
             return
+        if any(e > m.epoch for _, e, _, _, _ in answers.values()):
+            # A copy at a newer epoch: another node took the session over
+            # (its own answer did not come: a link broken by our stall).
+            # Ours is stale; the master is found again (resolve).
+            self.replicas.stale(sid, "")
+            self._drop_local(sid)
+            log.info("event=stale_copy_dropped session=%s master=-", sid_tag(sid))
+            return
         newest = max(
             ((e, v, ttl_ms, data) for role, e, v, ttl_ms, data in answers.values()
              if role == BACKUP and e >= m.epoch),
@@ -1112,8 +1289,44 @@ class Cluster:
         return answers
 
     def _drop_local(self, sid: str) -> None:
-        if self.server.engine.store.delete(sid):
+        """Our copy of ``sid`` is gone (stale, moved, deleted): so are the
+        locks on it here (CLUSTER.md §7).  Its holder gets ``LOCK_LOST`` on
+        its next write here, its waiters an error (a peer's: ``NOT_MASTER``,
+        so its node finds the master again), never the copy just dropped."""
+        engine = self.server.engine
+        if engine.store.delete(sid):
             self._journal(Op.DELETE, sid, 0, b"")
+        holder = engine.locks.holder(sid)
+        if holder is not None:
+            node = self.replicas.route(sid, self.membership.is_alive)
+            engine.revoke_session(
+                sid, trio.current_time(),
+                p.Error(p.Code.UNAVAILABLE,
+                        "the session moved to another node while this request waited for "
+                        "its lock; retry"),
+                p.Error(p.Code.NOT_MASTER, node if node != self.me else "-"),
+            )
+            # Its next WRITE would go to the new master, where it holds no
+            # lock, and be taken (undoing the writes made there meanwhile):
+            # its connection is closed, as one through a dead node is (§5.3),
+            # so that the client reports the write failed.
+            # (Not one whose grant waits for its check: that answers it.)
+            conn = self.server._conns.get(holder)  # type: ignore[call-overload]
+            if conn is not None and conn.scope is not None and conn.event is None:
+                log.warning("event=lock_holder_closed session=%s owner=%s detail=the session "
+                            "moved to another node", sid_tag(sid), holder)
+                conn.scope.cancel()
+            self.server._after_engine()
+
+    def grant_needs_check(self, sid: str) -> bool:
+        """Whether a lock granted here from the wait queue on ``sid`` must be
+        checked (:meth:`resolve`) before it is delivered: after a stall
+        (CLUSTER.md §3), or when another node masters the session.  (No copy
+        at all: a session being started here, or one that expired; a copy
+        dropped took its locks and waiters with it, :meth:`_drop_local`.)"""
+        self._notice_stall(trio.current_time())
+        m = self.replicas.meta.get(sid)
+        return sid in self.replicas.unverified or (m is not None and m.role != MASTER)
 
     def _journal(self, op: Op, sid: str, ttl_s: int, data: bytes) -> None:
         changes = self.server.engine.changes
@@ -1131,11 +1344,24 @@ class Cluster:
         pause = 0.02
         while True:
             try:
+                # A change of a session whose lock went with a broken link is
+                # refused (LOCK_LOST), never sent to a master without its lock.
                 reply = await forwards.call(node, request, wait_s)
             except LinkError as exc:
                 log.info("event=forward_failed peer=%s detail=%s", node, exc)
-                forwards.links.pop(node, None)
+                forwards.broken(node)
                 self.replicas.forget_hint(sid)
+                if isinstance(exc, _Unanswered) and isinstance(request, _GUARDED):
+                    # Maybe served, maybe not: never sent again (CLUSTER.md §7).
+                    lost = forwards.lock_lost(request, node)
+                    if lost is not None:
+                        return lost
+                    if isinstance(request, p.Write):
+                        return p.Error(
+                            p.Code.UNAVAILABLE,
+                            "the session's master did not answer; the write may or may "
+                            "not have been made",
+                        )
                 await self._wait_for_verdict(node)
             else:
                 if not (isinstance(reply, p.Error) and reply.code is p.Code.NOT_MASTER):
@@ -1366,26 +1592,32 @@ class Cluster:
             # Let peers see that we are draining before we hand sessions over.
             await trio.sleep(self.config.heartbeat_s)
             refused: dict[str, set[str]] = {}
+            # Until nothing is mastered or backed up here (§8 step 4).  The
+            # masters of the copies we back up re-home them once they see us
+            # draining (_rehome_from_drainers); but one that dies meanwhile
+            # makes us master of them (a takeover during the drain): those
+            # are handed over in turn, never left behind when we exit.
             while True:
                 masters = [s for s, m in self.replicas.meta.items() if m.role == MASTER]
-                if not masters:
+                if masters:
+                    if not self.membership.alive_peers():
+                        # Nobody to hand them to (every peer is dead): as
+                        # before the drain, ours is the only copy; waiting
+                        # cannot help.
+                        log.warning(
+                            "event=drain_alone masters=%d detail=no live peer to hand "
+                            "sessions to; they stay in this node's data directory, if it "
+                            "has one",
+                            len(masters),
+                        )
+                        break
+                    for sid in masters:
+                        handed += await self._hand_over(sid, refused.setdefault(sid, set()))
+                    if any(m.role == MASTER for m in self.replicas.meta.values()):
+                        await trio.sleep(0.1)  # a target failed: retry once decided
+                    continue
+                if not any(m.role == BACKUP for m in self.replicas.meta.values()):
                     break
-                if not self.membership.alive_peers():
-                    # Nobody to hand them to (every peer is dead): as before
-                    # the drain, ours is the only copy; waiting cannot help.
-                    log.warning(
-                        "event=drain_alone masters=%d detail=no live peer to hand sessions "
-                        "to; they stay in this node's data directory, if it has one",
-                        len(masters),
-                    )
-                    break
-                for sid in masters:
-                    handed += await self._hand_over(sid, refused.setdefault(sid, set()))
-                if any(m.role == MASTER for m in self.replicas.meta.values()):
-                    await trio.sleep(0.1)  # a target failed: retry once decided
-            # Masters of the copies we back up re-home them once they see us
-            # draining (_rehome_from_drainers); wait until none is left here.
-            while any(m.role == BACKUP for m in self.replicas.meta.values()):
                 await trio.sleep(0.05)
             log.info("event=drained handed_over=%d", handed)
         if scope.cancelled_caught:

@@ -118,6 +118,10 @@ class Completion:
 
     owner: Owner
     reply: p.Reply
+    # The session a lock was granted on, for a grant (the reply is what the
+    # session held then); "" for other late replies.  In a cluster the shell
+    # may have to check the session is still mastered here before delivering.
+    sid: str = attrs.field(default="", eq=False)
 
 
 @attrs.frozen
@@ -470,7 +474,39 @@ class Engine:
                 self._grants(self.locks.release(grant.sid, grant.owner, now), now)
                 continue
             client.pending = None
-            self.completions.append(Completion(grant.owner, self._read_reply(grant.sid, now)))
+            self.completions.append(
+                Completion(grant.owner, self._read_reply(grant.sid, now), grant.sid)
+            )
+
+    def read_reply(self, sid: str, now: float) -> p.Reply:
+        """What a READ of ``sid`` answers now (the shell re-reads a grant's
+        session once it has checked it, CLUSTER.md §3)."""
+        return self._read_reply(sid, now)
+
+    def unlock(self, owner: Owner, sid: str, now: float) -> None:
+        """Release ``owner``'s lock on ``sid`` (a grant the shell could not
+        deliver: the session moved); the next waiter gets it."""
+        self._grants(self.locks.release(sid, owner, now), now)
+
+    def revoke_session(
+        self, sid: str, now: float, error: p.Error, peer_error: p.Error | None = None
+    ) -> int:
+        """The session moved to another node (CLUSTER.md §7): its holder
+        loses the lock here (its next WRITE gets ``LOCK_LOST``) and its
+        waiters get ``error`` (``peer_error`` on a peer's connection).  How
+        many were affected."""
+        holder, waiters = self.locks.revoke_session(sid)
+        if holder is not None:
+            self.notices.append(Notice("lock_revoked_session_moved", sid, holder))
+        for owner in waiters:
+            client = self._clients.get(owner)
+            if client is None or client.pending is None:
+                continue
+            client.pending = None
+            self.errors_total += 1
+            reply = peer_error if client.peer and peer_error is not None else error
+            self.completions.append(Completion(owner, reply))
+        return len(waiters) + (holder is not None)
 
     _handlers: Final[dict[type, Callable[..., p.Reply | _Wait]]] = {
         p.Read: _read,

@@ -187,6 +187,23 @@ class LockTable:
         self._revoked.pop(owner, None)
         return grants
 
+    def revoke_session(self, sid: str) -> tuple[Owner | None, list[Owner]]:
+        """Take ``sid``'s lock away from its holder and empty its queue (the
+        session moved to another node, CLUSTER.md §7): the holder, remembered
+        as revoked (:meth:`take_revoked`), and the waiters, in queue order."""
+        holder: Owner | None = None
+        held = self._held.get(sid)
+        if held is not None:
+            self._drop(sid, held)
+            self._revoked.setdefault(held.owner, set()).add(sid)
+            self.revoked_total += 1
+            holder = held.owner
+        waiters: list[Owner] = []
+        for waiter in self._queues.pop(sid, ()):
+            del self._waiting[waiter.owner]
+            waiters.append(waiter.owner)
+        return holder, waiters
+
     def expire(self, now: float) -> list[LockEvent]:
         events: list[LockEvent] = []
         heap = self._heap

@@ -32,7 +32,7 @@ from phpsess import netio, peeruid, systemd
 from phpsess import protocol as p
 from phpsess.addresses import Address, TcpAddress, UnixAddress
 from phpsess.cluster import Cluster, ClusterConfig, Forwards, _rare
-from phpsess.engine import VERB_NAMES, WAIT, Engine, Limits, _Wait
+from phpsess.engine import VERB_NAMES, WAIT, Completion, Engine, Limits, _Wait
 from phpsess.logs import Throttle, quoted, sid_tag
 from phpsess.metrics import Metrics
 from phpsess.persist import (
@@ -699,6 +699,10 @@ class Server:
         if isinstance(node, p.Error):
             return node
         if node == cluster.me:
+            if conn.forwards is not None:
+                # A lock this client took through a peer does not hold here
+                # (the master it was taken on failed over to us).
+                return conn.forwards.lock_lost(event, node)
             return None
         if conn.node is not None:
             return p.Error(p.Code.NOT_MASTER, node)  # no second hop
@@ -1031,11 +1035,26 @@ class Server:
         if engine.completions:
             completions = engine.completions
             engine.completions = []
+            cluster = self.cluster
             for completion in completions:
                 conn = self._conns.get(completion.owner)  # type: ignore[call-overload]
-                if conn is not None and conn.event is not None:
-                    conn.reply = completion.reply
-                    conn.event.set()
+                if conn is None or conn.event is None:
+                    continue
+                if (
+                    completion.sid and cluster is not None
+                    and cluster.grant_needs_check(completion.sid)
+                ):
+                    # A lock granted from the wait queue on a session whose
+                    # copy is unverified (we stalled) or not mastered here:
+                    # checked before it is served (CLUSTER.md §3, §7).
+                    try:
+                        cluster._spawn(self._deliver_checked_grant, conn, conn.event, completion)
+                    except RuntimeError:  # the cluster has stopped
+                        self._refuse_grant(conn, completion, p.Error(
+                            p.Code.UNAVAILABLE, "the cluster is stopping; retry"))
+                    continue
+                conn.reply = completion.reply
+                conn.event.set()
         if engine.notices:
             now = trio.current_time()
             for notice in engine.notices:
@@ -1048,6 +1067,55 @@ class Server:
             engine.notices = []
         if engine.next_deadline_hint < self._timer_at:
             self._wake.set()
+
+    async def _deliver_checked_grant(
+        self, conn: _Conn, event: trio.Event, completion: Completion
+    ) -> None:
+        """Deliver a lock grant once the cluster has checked the session is
+        still ours (CLUSTER.md §3): with what the session holds then, else
+        release the lock and answer that it moved."""
+        cluster = self.cluster
+        assert cluster is not None
+        sid, owner = completion.sid, completion.owner
+        node: str | p.Error
+        try:
+            node = await cluster.resolve(sid)
+        except Exception:
+            log.exception("event=grant_check_failed session=%s", sid_tag(sid))
+            node = p.Error(p.Code.UNAVAILABLE, "the session could not be checked; retry")
+        if self._conns.get(conn.owner) is not conn or conn.event is not event:
+            return  # the client went away: its locks went with it
+        engine = self.engine
+        now = trio.current_time()
+        if node == cluster.me and engine.locks.holds(owner, sid):
+            conn.reply = engine.read_reply(sid, now)
+            event.set()
+            self._after_engine()
+            return
+        if isinstance(node, p.Error):
+            error = node
+        elif node == cluster.me:
+            error = p.Error(
+                p.Code.UNAVAILABLE, "the session's lock was lost while it was checked; retry"
+            )
+        elif conn.node is not None:
+            error = p.Error(p.Code.NOT_MASTER, node)
+        else:
+            error = p.Error(
+                p.Code.UNAVAILABLE,
+                f"the session moved to another node ({node}) while this request waited "
+                "for its lock; retry",
+            )
+        self._refuse_grant(conn, completion, error)
+
+    def _refuse_grant(self, conn: _Conn, completion: Completion, error: p.Error) -> None:
+        """Answer ``error`` instead of a grant and give the lock up."""
+        self.engine.unlock(completion.owner, completion.sid, trio.current_time())
+        self.engine.errors_total += 1
+        if conn.event is not None:
+            conn.reply = error
+            conn.event.set()
+        self._after_engine()
 
     async def _idle_sweeper(self) -> None:
         """Close connections silent for ``idle_timeout_s`` while holding no

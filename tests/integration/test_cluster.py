@@ -740,3 +740,59 @@ def test_a_link_cut_between_master_and_backup_alone_makes_no_second_master(
     finally:
         nft.close()
         cluster.stop()
+
+
+def test_a_backup_drained_right_after_its_master_crashed_hands_over_what_it_took_over(
+    cluster: Cluster,
+) -> None:
+    # CLUSTER.md §8 step 4: b backs up a's sessions, a is killed -9 and b
+    # drained at once.  b had nothing to hand over, waited for its backup
+    # copies to be re-homed, then declared a dead and took them over itself:
+    # the copies became masters, the wait ended, and b exited mastering them
+    # (their copies to c cancelled half-way): sessions lost.
+    values: dict[str, bytes] = {}
+    while len(values) < 12:
+        value = b"v%d" % len(values)
+        sid = _create(cluster, "a", value)
+        if sid.endswith("-a-b"):
+            values[sid] = value
+    time.sleep(0.3)
+    b = cluster.nodes["b"]
+    cluster.nodes["a"].kill9()
+    b.signal(signal.SIGTERM)
+    assert b.wait(30) == 0
+    log = b.log()
+    assert "event=takeover peer=a" in log, log
+    assert f"event=drained handed_over={len(values)}" in log, log
+    assert "event=drain_incomplete" not in log, log
+    with Client(cluster.nodes["c"].address, timeout_s=30) as c:
+        for sid, value in values.items():
+            assert c.request(p.Read(sid, lock=False)) == p.Data(value), sid
+
+
+def test_a_whole_cluster_restart_recopies_every_session_before_it_is_read(
+    cluster: Cluster,
+) -> None:
+    # CLUSTER.md §7: after a power loss every node drops its backup copies
+    # and keeps its journaled master copies.  They were re-copied only when
+    # next read or written: the cluster looked healthy, and the death of one
+    # node then lost every session it mastered that nobody had read since.
+    values = {_create(cluster, "a", b"n|i:%d;" % i): b"n|i:%d;" % i for i in range(10)}
+    time.sleep(0.5)  # past the --fsync interval window (README, Durability)
+    for daemon in cluster.nodes.values():
+        daemon.kill9()
+    starts = [threading.Thread(target=d.start) for d in cluster.nodes.values()]
+    for thread in starts:
+        thread.start()
+    for thread in starts:
+        thread.join(30)
+    for name in NAMES:
+        _wait_alive(cluster, name, tuple(n for n in NAMES if n != name))
+    deadline = time.monotonic() + 8
+    while _local_sessions(cluster, "b") + _local_sessions(cluster, "c") < len(values):
+        assert time.monotonic() < deadline, cluster.nodes["a"].log()
+        time.sleep(0.1)
+    cluster.nodes["a"].kill9()
+    with Client(cluster.nodes["b"].address, timeout_s=30) as c:
+        for sid, value in values.items():
+            assert c.request(p.Read(sid, lock=False)) == p.Data(value), sid

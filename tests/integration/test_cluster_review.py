@@ -24,6 +24,7 @@ from phpsess.journal import Op
 from phpsess.membership import Heartbeat
 from phpsess.replica import MASTER, Meta
 from phpsess.server import Server, ServerConfig
+from tests.conftest import Daemon
 from tests.integration.test_cluster import DEAD_AFTER_MS, Cluster, _create, _Nft
 from tests.integration.test_cluster import cluster as cluster  # the fixture
 
@@ -509,3 +510,155 @@ def test_ipv6_cluster_addresses_are_refused_in_words(workdir: Path) -> None:
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "cluster addresses are IPv4 in this version" in proc.stderr, proc.stderr
+
+
+def test_a_forwarded_write_whose_lock_went_with_a_broken_link_gets_lock_lost(
+    cluster: Cluster,
+) -> None:
+    # CLUSTER.md §5.3, §7.  Y, a client of c, holds the lock of a session
+    # mastered on a (through c's forwarded link).  c freezes with Y's WRITE
+    # queued; a declares c dead and drops the link, and Y's lock with it; Z
+    # writes three times under the lock meanwhile, all acknowledged.  When c
+    # resumed, it sent Y's WRITE again on a new link, and a accepted it
+    # without the lock: the session went back from n|i:3; to n|i:1;.
+    sid = _create(cluster, "a", b"n|i:0;")
+    a, c = cluster.nodes["a"], cluster.nodes["c"]
+    y = Client(c.address, timeout_s=30)
+    got: list[p.Reply] = []
+    writer = threading.Thread(target=lambda: got.append(y.request(p.Write(sid, 1440, b"n|i:1;"))))
+    try:
+        assert y.request(p.Read(sid)) == p.Data(b"n|i:0;")  # forwarded to a, locked
+        c.signal(signal.SIGSTOP)
+        try:
+            writer.start()
+            deadline = time.monotonic() + 4 * DEAD_AFTER_MS / 1000
+            while "event=peer_dead peer=c" not in a.log():
+                assert time.monotonic() < deadline, a.log()
+                time.sleep(0.05)
+            with Client(a.address, wait_ms=5000, timeout_s=30) as z:
+                for n in (1, 2, 3):
+                    assert z.request(p.Read(sid)) == p.Data(f"n|i:{n - 1};".encode())
+                    assert z.request(p.Write(sid, 1440, f"n|i:{n};".encode())) == p.OK
+        finally:
+            c.signal(signal.SIGCONT)
+        writer.join(30)
+        assert len(got) == 1 and isinstance(got[0], p.Error), got
+        assert got[0].code is p.Code.LOCK_LOST, got
+        for name in ("a", "b", "c"):
+            with Client(cluster.nodes[name].address, timeout_s=30) as r:
+                assert r.request(p.Read(sid, lock=False)) == p.Data(b"n|i:3;"), name
+        # One error, as for a revoked lease: a new locking READ starts afresh.
+        assert y.request(p.Read(sid)) == p.Data(b"n|i:3;")
+        assert y.request(p.Write(sid, 1440, b"n|i:4;")) == p.OK
+    finally:
+        y.close()
+
+
+def _wait_log(daemon: Daemon, text: str, limit_s: float = 10) -> None:
+    deadline = time.monotonic() + limit_s
+    while text not in daemon.log():
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.05)
+
+
+def test_a_lock_waiter_on_a_paused_master_is_not_granted_its_stale_copy(
+    cluster: Cluster,
+) -> None:
+    # CLUSTER.md §3: Y holds S's lock on its master a, X waits for it there;
+    # a is paused past detection, b takes S over and W writes n|i:1; through
+    # it; Y's process ends during the pause.  On resume X used to be granted
+    # the lock straight from a's wait queue with the stale n|i:0; (or MISS),
+    # unchecked, and its increment then went through: an acknowledged write
+    # lost.  X must get the current value or an error, never the stale copy.
+    sid = _create(cluster, "a", b"n|i:0;")
+    a = cluster.nodes["a"]
+    y = Client(a.address, timeout_s=30)
+    x = Client(a.address, timeout_s=30)
+    got: list[p.Reply | Exception] = []
+
+    def waiter() -> None:
+        try:
+            got.append(x.request(p.Read(sid, lock=True)))
+        except Exception as exc:
+            got.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    try:
+        assert y.request(p.Read(sid, lock=True)) == p.Data(b"n|i:0;")
+        thread.start()
+        deadline = time.monotonic() + 5
+        while cluster.stats("a")["locks_waiting"] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        a.signal(signal.SIGSTOP)
+        try:
+            _wait_log(cluster.nodes["b"], "event=takeover peer=a")
+            with Client(cluster.nodes["b"].address, timeout_s=30) as w:
+                assert w.request(p.Read(sid, lock=True)) == p.Data(b"n|i:0;")
+                assert w.request(p.Write(sid, 1440, b"n|i:1;")) == p.OK
+            y.close()  # Y's PHP process ends while a is paused
+            time.sleep(0.2)
+        finally:
+            a.signal(signal.SIGCONT)
+        thread.join(20)
+        assert got, "X got no answer"
+        reply = got[0]
+        assert reply not in (p.Data(b"n|i:0;"), p.MISS), reply
+        assert isinstance(reply, (p.Data, p.Error)), reply
+        if isinstance(reply, p.Data):
+            assert reply == p.Data(b"n|i:1;")
+            assert x.request(p.Write(sid, 1440, b"n|i:2;")) == p.OK
+            expected = b"n|i:2;"
+        else:
+            assert reply.code is p.Code.UNAVAILABLE, reply
+            expected = b"n|i:1;"
+    finally:
+        a.signal(signal.SIGCONT)
+        x.close()
+        y.close()
+    for name in ("a", "b", "c"):
+        assert _read(cluster, name, sid) == p.Data(expected), name
+
+
+def test_a_lock_held_across_a_pause_does_not_make_the_resumed_node_serve_it_empty(
+    cluster: Cluster,
+) -> None:
+    # CLUSTER.md §7: Y holds S's lock on its master a when a is paused past
+    # detection; b takes S over and W writes n|i:1; through it.  a resumes,
+    # learns it was declared dead and drops its copies, but Y's lock stayed
+    # in its engine, and a took "a lock is held here" for a session being
+    # started here: it served S from its empty store (MISS).
+    sid = _create(cluster, "a", b"n|i:0;")
+    a = cluster.nodes["a"]
+    y = Client(a.address, timeout_s=30)
+    try:
+        assert y.request(p.Read(sid, lock=True)) == p.Data(b"n|i:0;")
+        a.signal(signal.SIGSTOP)
+        try:
+            _wait_log(cluster.nodes["b"], "event=takeover peer=a")
+            with Client(cluster.nodes["b"].address, timeout_s=30) as w:
+                assert w.request(p.Read(sid, lock=True)) == p.Data(b"n|i:0;")
+                assert w.request(p.Write(sid, 1440, b"n|i:1;")) == p.OK
+        finally:
+            a.signal(signal.SIGCONT)
+        _wait_log(a, "event=declared_dead_by_peers")
+        for name in ("a", "b", "c"):
+            assert _read(cluster, name, sid) == p.Data(b"n|i:1;"), name
+        # Y's late write, made from the stale n|i:0;, is not acknowledged
+        # (it would undo W's): its lock went with a's copy.
+        late: p.Reply | Exception
+        try:
+            late = y.request(p.Write(sid, 1440, b"n|i:99;"))
+        except Exception as exc:
+            late = exc
+        assert late != p.OK
+        # A lock taken through a is the new master's, not one queued behind
+        # Y's stale lock.
+        with Client(a.address, timeout_s=30, wait_ms=3000) as z:
+            assert z.request(p.Read(sid, lock=True)) == p.Data(b"n|i:1;")
+            assert z.request(p.Write(sid, 1440, b"n|i:2;")) == p.OK
+    finally:
+        a.signal(signal.SIGCONT)
+        y.close()
+    for name in ("a", "b", "c"):
+        assert _read(cluster, name, sid) == p.Data(b"n|i:2;"), name

@@ -615,6 +615,8 @@ def test_drain_wait_returns_only_once_the_daemon_has_exited(
     assert daemon.wait(10) == 0
 
 
+# Run as another user: sends argv[3] (a backslash and n in it stand for a
+# newline) over unix or TCP, and prints the first four reply lines.
 _AS_NOBODY = r"""
 import socket, sys
 family, where = sys.argv[1], sys.argv[2]
@@ -624,7 +626,7 @@ else:
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(10)
     s.connect(where)
-s.sendall(b"HELLO 1\nLIST * 10\nDRAIN\nPING\n")
+s.sendall(sys.argv[3].replace("\\n", "\n").encode())
 got = b""
 while got.count(b"\n") < 4:
     chunk = s.recv(65536)
@@ -651,7 +653,8 @@ def test_drain_and_list_are_refused_to_other_users(
         put(daemon.address, {"secret-session-id-0001": (b"x|i:1;", 60)})
         for family, where in (("tcp", str(port)), ("unix", f"{shared}/s.sock")):
             proc = subprocess.run(
-                ["/usr/bin/python3", "-c", _AS_NOBODY, family, where],
+                ["/usr/bin/python3", "-c", _AS_NOBODY, family, where,
+                 r"HELLO 1\nLIST * 10\nDRAIN\nPING\n"],
                 capture_output=True, text=True, timeout=30, user=65534, group=65534,
                 extra_groups=[], cwd="/",
             )

@@ -24,6 +24,7 @@ from phpsess import peeruid
 from phpsess import protocol as p
 from phpsess.addresses import TcpAddress, UnixAddress
 from phpsess.server import Server, ServerConfig
+from tests.integration.test_admin import _AS_NOBODY
 from tests.server.test_conn_limits import (
     _closed_within,
     _connect,
@@ -203,22 +204,6 @@ async def test_admin_checks_of_tcp_clients_scan_proc_net_tcp_in_a_thread(
     assert threads[0] is not threading.main_thread()
 
 
-_NOBODY_BEFORE_HELLO = r"""
-import socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(10)
-s.connect(sys.argv[1])
-s.sendall(b"LIST * 10\nDRAIN\nHELLO 1\nLIST * 10\n")
-got = b""
-while got.count(b"\n") < 4:
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    got += chunk
-sys.stdout.write(got.decode())
-"""
-
-
 def test_an_admin_verb_before_hello_is_need_hello_for_anyone(start_daemon: Any) -> None:
     # NEED_HELLO comes before a verb's own errors (PROTOCOL.md §9): another
     # user's LIST or DRAIN as the first request used to get DENIED, which
@@ -229,7 +214,8 @@ def test_an_admin_verb_before_hello_is_need_hello_for_anyone(start_daemon: Any) 
         daemon = start_daemon("--memory-only", "--listen", f"unix:{shared}/s.sock",
                               "--socket-mode", "0666")
         done = subprocess.run(
-            ["/usr/bin/python3", "-c", _NOBODY_BEFORE_HELLO, f"{shared}/s.sock"],
+            ["/usr/bin/python3", "-c", _AS_NOBODY, "unix", f"{shared}/s.sock",
+             r"LIST * 10\nDRAIN\nHELLO 1\nLIST * 10\n"],
             capture_output=True, text=True, timeout=30, user=65534, group=65534,
             extra_groups=[], cwd="/",
         )

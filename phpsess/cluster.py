@@ -371,18 +371,9 @@ _LOCK_LOST_FORWARDED: Final = (
 
 
 def _peer_closed(link: PeerLink) -> bool:
-    """Whether the peer already closed ``link`` (EOF or an error waiting on
-    it), so that a request sent on it could not be answered."""
-    if link.stream is None:
-        return True
-    try:
-        with stdsocket.socket(fileno=os.dup(netio.fileno(link.stream))) as sock:
-            data = sock.recv(1, stdsocket.MSG_PEEK | stdsocket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True
-    return not data
+    """Whether the peer already closed ``link`` (EOF or a reset), so that a
+    request sent on it could not be answered."""
+    return link.stream is None or netio.hung_up(netio.fileno(link.stream))
 
 
 class Forwards:

@@ -171,10 +171,16 @@ async def send_parts(fd: int, parts: list[bytes], stalls: Stalls | None = None) 
 HANGUP_POLL_S: Final = 0.25
 
 
-async def wait_hangup(fd: int) -> None:
-    """Return once the peer closed or reset the socket, without reading
-    what it sent (POLLRDHUP: Linux); looked at every ``HANGUP_POLL_S``."""
+def hung_up(fd: int) -> bool:
+    """Whether the peer closed or reset the socket, without reading what it
+    sent (POLLRDHUP: Linux).  One ``poll``, no wait."""
     poller = select.poll()
     poller.register(fd, select.POLLRDHUP)  # POLLHUP and POLLERR come anyway
-    while not poller.poll(0):
+    return bool(poller.poll(0))
+
+
+async def wait_hangup(fd: int) -> None:
+    """Return once the peer closed or reset the socket (:func:`hung_up`);
+    looked at every ``HANGUP_POLL_S``."""
+    while not hung_up(fd):
         await trio.sleep(HANGUP_POLL_S)

@@ -363,6 +363,21 @@ def free_tcp_port() -> int:
         return port
 
 
+def wait_listening(port: int, proc: subprocess.Popen[Any], what: str,
+                   log: Path | None = None) -> None:
+    """Return once something accepts on loopback ``port`` (``proc``, e.g.
+    ``php -S``, within 10 s); fail with its log if it exits first."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert proc.poll() is None, log.read_text() if log else f"{what} exited"
+            assert time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(0.02)
+
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 

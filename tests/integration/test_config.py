@@ -213,6 +213,16 @@ def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None
     capsys.readouterr()
 
 
+def _refused_at_start(bad: Path, text: str, message: str,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config refuses ``text`` (written to ``bad``) with an error that
+    begins ``phpsess: <bad><message>``."""
+    bad.write_text(text)
+    assert main(["check-config", str(bad)]) == 2, text
+    err = capsys.readouterr().err
+    assert err.startswith(f"phpsess: {bad}{message}"), (text, err)
+
+
 def test_storage_and_cluster_mistakes_name_the_file_line_and_both_names(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -241,10 +251,7 @@ def test_storage_and_cluster_mistakes_name_the_file_line_and_both_names(
         (f'[storage]\n{url}[cluster]\nnode = "a"\n',
          ":2: [storage] url (--storage) and a cluster (node (--node)) are alternatives"),
     ):
-        bad.write_text(text)
-        assert main(["check-config", str(bad)]) == 2, text
-        err = capsys.readouterr().err
-        assert err.startswith(f"phpsess: {bad}{message}"), (text, err)
+        _refused_at_start(bad, text, message, capsys)
     # The flag refuses a pool too small for SqlConfig itself.
     good = workdir / "good.toml"
     _config(good, 1000)
@@ -265,10 +272,7 @@ def test_an_empty_or_repeated_listen_address_is_a_mistake(
         ('[daemon]\nlisten = ["unix:/run/x.sock", "unix:/run//x.sock"]\n',
          ":2: listen (--listen): unix:/run/x.sock is listed twice"),
     ):
-        bad.write_text(text)
-        assert main(["check-config", str(bad)]) == 2, text
-        err = capsys.readouterr().err
-        assert err.startswith(f"phpsess: {bad}{message}"), (text, err)
+        _refused_at_start(bad, text, message, capsys)
     good = workdir / "good.toml"
     _config(good, 1000)
     assert main(["check-config", str(good), "--listen", "tcp:127.0.0.1:1",

@@ -6,7 +6,6 @@ previous request did (abort, read_and_close, a fatal error)."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
@@ -17,7 +16,7 @@ import pytest
 
 from phpsess import protocol as p
 from phpsess.client import Client
-from tests.conftest import PREPEND, free_tcp_port, php_binary
+from tests.conftest import PREPEND, free_tcp_port, php_binary, wait_listening
 
 ROUTER = Path(__file__).parent / "php" / "persistent.php"
 SID = "persistent0123456789abcdef"
@@ -73,14 +72,7 @@ def test_a_reused_connection_never_carries_a_lock(query: str, daemon: Any) -> No
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "php -S did not start"
-                time.sleep(0.05)
+        wait_listening(port, web, "php -S")
         assert [_get(port, "count") for _ in range(3)] == [(200, "1"), (200, "2"), (200, "3")]
         assert _connections_settle_at(daemon, kept)  # one connection, reused (or none)
         assert _lock_is_free(daemon)

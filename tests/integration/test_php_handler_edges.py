@@ -23,7 +23,14 @@ import pytest
 
 from phpsess import protocol as p
 from phpsess.client import Client
-from tests.conftest import PREPEND, free_tcp_port, php_binary, read_counter, run_php
+from tests.conftest import (
+    PREPEND,
+    free_tcp_port,
+    php_binary,
+    read_counter,
+    run_php,
+    wait_listening,
+)
 from tests.integration.test_locking import _stats
 
 SCRIPT = Path(__file__).parent / "php" / "handler_edges.php"
@@ -293,10 +300,10 @@ def test_strict_mode_a_new_id_is_valid_before_its_first_write(
 # -- guard: a daemon that cannot be asked never replaces the visitor's ID
 
 
-@pytest.fixture
-def hangup_server(workdir: Path) -> Iterator[str]:
-    """A unix socket that accepts connections and closes them unanswered."""
-    path = str(workdir / "hangup.sock")
+@contextlib.contextmanager
+def _unix_server(path: str, handle: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A unix socket at ``path`` whose connections a thread hands to
+    ``handle`` one by one; yields its PHP address, stops and closes after."""
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
     server.listen(16)
@@ -309,10 +316,7 @@ def hangup_server(workdir: Path) -> Iterator[str]:
                 conn, _ = server.accept()
             except TimeoutError:
                 continue
-            with conn:
-                conn.settimeout(5)
-                with contextlib.suppress(OSError):
-                    conn.recv(4096)
+            handle(conn)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -322,6 +326,20 @@ def hangup_server(workdir: Path) -> Iterator[str]:
         stop.set()
         thread.join(5)
         server.close()
+
+
+@pytest.fixture
+def hangup_server(workdir: Path) -> Iterator[str]:
+    """A unix socket that accepts connections and closes them unanswered."""
+
+    def hang_up(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                conn.recv(4096)
+
+    with _unix_server(str(workdir / "hangup.sock"), hang_up) as address:
+        yield address
 
 
 def test_strict_mode_keeps_the_id_when_the_daemon_cannot_be_asked(hangup_server: str) -> None:
@@ -565,15 +583,7 @@ def _web_server(docroot: Path, settings: dict[str, str]) -> Iterator[tuple[int, 
     with open(log, "wb") as out:
         web = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert web.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "php -S did not start"
-                time.sleep(0.02)
+        wait_listening(port, web, "php -S", log)
         yield port, log
     finally:
         web.terminate()
@@ -734,11 +744,6 @@ def _lagging_proxy(target: str, path: str, lag_s: float) -> Iterator[str]:
     """A unix socket at ``path`` that forwards to the unix socket ``target``,
     holding every reply back ``lag_s`` (a daemon whose replies are in flight
     a long time). Yields the PHP address of the proxy."""
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(path)
-    server.listen(16)
-    server.settimeout(0.1)
-    stop = threading.Event()
     opened: list[socket.socket] = []
 
     def pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
@@ -749,26 +754,17 @@ def _lagging_proxy(target: str, path: str, lag_s: float) -> Iterator[str]:
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                client, _ = server.accept()
-            except TimeoutError:
-                continue
-            upstream = socket.socket(socket.AF_UNIX)
-            upstream.connect(target)
-            opened.extend((client, upstream))
-            for src, dst, delay in ((client, upstream, 0.0), (upstream, client, lag_s)):
-                threading.Thread(target=pump, args=(src, dst, delay), daemon=True).start()
+    def connect(client: socket.socket) -> None:
+        upstream = socket.socket(socket.AF_UNIX)
+        upstream.connect(target)
+        opened.extend((client, upstream))
+        for src, dst, delay in ((client, upstream, 0.0), (upstream, client, lag_s)):
+            threading.Thread(target=pump, args=(src, dst, delay), daemon=True).start()
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
     try:
-        yield f"unix://{path}"
+        with _unix_server(path, connect) as address:
+            yield address
     finally:
-        stop.set()
-        thread.join(5)
-        server.close()
         for s in opened:
             s.close()
 

@@ -24,6 +24,10 @@ from tests.conftest import Daemon, free_tcp_port, php_binary, read_counter, scra
 
 ROUNDROBIN = Path(__file__).parent / "php" / "roundrobin.php"
 NAMES = ("a", "b", "c")
+
+# Their daemons time failure detection: one worker runs them one after
+# another (scripts/test runs the rest on two).
+pytestmark = pytest.mark.xdist_group("cluster")
 DEAD_AFTER_MS = 1500
 
 
@@ -208,8 +212,13 @@ def test_kill_9_of_a_master_loses_no_acknowledged_write(cluster: Cluster) -> Non
         # writer was stopped is there unacknowledged.
         assert acks[-1] <= stored <= acks[-1] + 1, (sid, acks[-1], stored)
         assert _counter(cluster, "c", sid) == stored
-        # The counter carried on across the failover.
-        assert acks == list(range(1, len(acks) + 1))
+        # The counter carried on across the failover.  A write in flight to
+        # the killed master may have been made and still be reported failed
+        # (CLUSTER.md §7: it is never sent again); PHP then starts over and
+        # its next write acknowledges one more, so a value may be skipped,
+        # never repeated or lost, and only around the failover.
+        assert acks == sorted(set(acks)) and acks[0] == 1, acks
+        assert acks[-1] - len(acks) <= 2, acks
     # Two copies again: on the new master b and the new backup c.
     assert _local_sessions(cluster, "b") == 4
     assert _local_sessions(cluster, "c") == 4

@@ -28,6 +28,10 @@ from tests.conftest import Daemon
 from tests.integration.test_cluster import DEAD_AFTER_MS, Cluster, _create, _Nft
 from tests.integration.test_cluster import cluster as cluster  # the fixture
 
+# Their daemons time failure detection: one worker runs them one after
+# another (scripts/test runs the rest on two).
+pytestmark = pytest.mark.xdist_group("cluster")
+
 
 def _read(cluster: Cluster, via: str, sid: str) -> p.Reply:
     with Client(cluster.nodes[via].address, timeout_s=30) as c:

@@ -464,10 +464,11 @@ class Server:
         else:
             if not stat.S_ISSOCK(st.st_mode):
                 raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
-            if _unix_socket_alive(path):
+            alive = _unix_socket_alive(path)
+            if alive is not None:
                 raise StartupError(
-                    f"another daemon is listening on {path}; stop it first or choose "
-                    "another --listen path"
+                    f"another daemon is listening on {path} ({alive}); stop it first or "
+                    "choose another --listen path"
                 )
             try:
                 os.unlink(path)  # a stale socket of a daemon that died
@@ -1235,16 +1236,23 @@ def _is_tcp(conn: _Conn) -> bool:
     )
 
 
-def _unix_socket_alive(path: str) -> bool:
+def _unix_socket_alive(path: str) -> str | None:
+    """Why the socket file ``path`` may belong to a live process, or None when
+    it is stale.  Only a refused connection (or the file gone meanwhile)
+    proves it stale: a full backlog (a busy daemon), a timeout or a
+    permission error may hide a live daemon, whose socket must not be
+    removed from under it."""
     probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
     try:
         probe.settimeout(1)
         probe.connect(path)
-    except OSError:
-        return False
+    except (ConnectionRefusedError, FileNotFoundError):
+        return None
+    except OSError as exc:
+        return f"connecting to it failed with {exc.strerror or 'a timeout'}, not refused"
     finally:
         probe.close()
-    return True
+    return "it accepts connections"
 
 
 # Settings that need a restart, named as the configuration file names them:

@@ -4,6 +4,7 @@ well-behaved client is served throughout (issue: bad input)."""
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import socket
@@ -244,6 +245,43 @@ def test_a_second_daemon_on_a_live_socket_refuses_and_leaves_it_alone(
     assert proc.returncode == 1
     assert "another daemon is listening" in proc.stderr
     _good_client_works(daemon.address, "still-mine", b"yes")
+
+
+def test_a_socket_whose_backlog_is_full_is_not_taken_for_stale(tmp_path: Any) -> None:
+    """A stalled daemon (its listen backlog full, connections time out) keeps
+    its socket: only a refused connection proves a socket file stale."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "busy.sock")
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    waiting: list[socket.socket] = []
+    try:
+        stalled.bind(path)
+        stalled.listen(0)  # never accepts
+        ours = os.stat(path).st_ino
+        while True:
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            try:
+                c.connect(path)
+            except BlockingIOError:
+                c.close()
+                break
+            waiting.append(c)
+        proc = subprocess.run(
+            [sys.executable, "-m", "phpsess", "serve", "--memory-only", "--listen",
+             f"unix:{path}"],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert "another daemon is listening" in proc.stderr
+        assert "not refused" in proc.stderr
+        assert os.stat(path).st_ino == ours  # not removed and made anew
+    finally:
+        for c in waiting:
+            c.close()
+        stalled.close()
 
 
 def _daemon_stats(address: str) -> dict[str, Any]:

@@ -597,7 +597,11 @@ class Server:
         )
 
     async def _connection(self, stream: trio.SocketStream) -> None:
-        if len(self._conns) >= self.config.max_connections:
+        if len(self._conns) >= self.config.max_connections and not (
+            len(self._conns) < self.config.max_connections + ADMIN_RESERVED_CONNECTIONS
+            and stream.socket.family == stdsocket.AF_UNIX
+            and peeruid.may_administer(peeruid.peer_uid(stream.socket))  # type: ignore[arg-type]
+        ):
             self.busy_refusals_total += 1
             suffix = self._refusal_throttle.suffix(trio.current_time())
             if suffix is not None:
@@ -606,7 +610,7 @@ class Server:
                     "refused_total=%d%s", len(self._conns), self.busy_refusals_total, suffix,
                 )
             with trio.move_on_after(1):
-                with contextlib.suppress(trio.BrokenResourceError):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await stream.send_all(
                         p.encode_reply(
                             p.Error(
@@ -615,6 +619,13 @@ class Server:
                             )
                         )
                     )
+                    # Closing with the client's request unread would reset
+                    # the connection, and its recv() report that instead of
+                    # BUSY: read what it sent until it closes (bounded).
+                    await stream.send_eof()
+                    for _ in range(16):
+                        if not await stream.receive_some(65536):
+                            break
             await trio.aclose_forcefully(stream)
             return
         await self._run_connection(stream, _peer_name(stream))
@@ -1206,6 +1217,12 @@ class Server:
 
 
 _OK_1: Final = p.Ok(("1",))
+# Connections past max_connections that root and the daemon's own user may
+# still open on a unix socket, so that `phpsess status`, `ls` or `drain`
+# work while PHP's workers hold every slot (as a database reserves a few
+# connections for its superuser).
+ADMIN_RESERVED_CONNECTIONS: Final = 4
+
 _BUSY_NO_FDS: Final = p.encode_reply(
     p.Error(p.Code.BUSY, "the daemon is out of file descriptors (LimitNOFILE)")
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import io
 import json
 import os
@@ -129,8 +130,13 @@ def test_status_shows_the_sql_storage_and_its_error(
 def test_a_daemon_at_max_connections_is_reported_plainly(
     start_daemon: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from phpsess.server import ADMIN_RESERVED_CONNECTIONS
+
     daemon = start_daemon("--memory-only", "--max-connections", "2")
-    with Client(daemon.address), Client(daemon.address):
+    # Every slot held, the few kept for root and the daemon's user too.
+    with contextlib.ExitStack() as held:
+        for _ in range(2 + ADMIN_RESERVED_CONNECTIONS):
+            held.enter_context(Client(daemon.address))
         for json_flag in ((), ("--json",)):
             status, out, err = cli(capsys, "status", "--connect", daemon.address, *json_flag)
             assert status == 1 and out == ""

@@ -173,7 +173,10 @@ def test_1000_idle_connections_are_cut_off_while_a_client_is_served(start_daemon
 
 def test_connections_over_the_limit_get_busy(start_daemon: Any) -> None:
     daemon = start_daemon("--max-connections", "5")
-    held = [Client(daemon.address) for _ in range(5)]
+    # The test runs as root, who has a few slots more (for the admin CLI).
+    from phpsess.server import ADMIN_RESERVED_CONNECTIONS
+
+    held = [Client(daemon.address) for _ in range(5 + ADMIN_RESERVED_CONNECTIONS)]
     try:
         _refused_busy(daemon.sock_path)
     finally:
@@ -181,6 +184,44 @@ def test_connections_over_the_limit_get_busy(start_daemon: Any) -> None:
             c.close()
     time.sleep(0.2)
     _good_client_works(daemon.address, "room-again", b"yes")
+
+
+def test_at_max_connections_root_still_has_a_few_slots_for_admin(start_daemon: Any) -> None:
+    """PHP's workers holding every slot must not lock the operator out:
+    root and the daemon's user get ADMIN_RESERVED_CONNECTIONS more on a unix
+    socket, other users get BUSY."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from phpsess.server import ADMIN_RESERVED_CONNECTIONS
+    from tests.integration.test_admin import _AS_NOBODY
+
+    shared = tempfile.mkdtemp(prefix="phpsess-reserve-")
+    held: list[Client] = []
+    try:
+        os.chmod(shared, 0o755)
+        address = f"unix:{shared}/s.sock"
+        start_daemon("--max-connections", "3", "--listen", address, "--socket-mode", "0666")
+        held += [Client(address) for _ in range(3)]
+        as_nobody = subprocess.run(
+            ["/usr/bin/python3", "-c", _AS_NOBODY, "unix", f"{shared}/s.sock", r"PING\n"],
+            capture_output=True, text=True, timeout=30, user=65534, group=65534,
+            extra_groups=[], cwd="/",
+        )
+        assert as_nobody.stdout.startswith("ERR BUSY "), (as_nobody.stdout, as_nobody.stderr)
+        status = subprocess.run(
+            [sys.executable, "-m", "phpsess", "status", "--connect", address],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert status.returncode == 0, status.stdout + status.stderr
+        held += [Client(address) for _ in range(ADMIN_RESERVED_CONNECTIONS)]
+        _refused_busy(f"{shared}/s.sock")  # the reserve is bounded too
+    finally:
+        for c in held:
+            c.close()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_sigterm_lets_a_lock_holder_finish_then_exits_0(daemon: Any) -> None:
@@ -305,7 +346,9 @@ def test_warnings_a_client_causes_at_will_are_throttled_and_counted(
         for _ in range(150):
             assert isinstance(c.request(p.Create()), p.Ok)
             time.sleep(0.003)  # the lease of 1 ms runs out: revoked
-    held = [Client(daemon.address) for _ in range(3)]
+    from phpsess.server import ADMIN_RESERVED_CONNECTIONS
+
+    held = [Client(daemon.address) for _ in range(3 + ADMIN_RESERVED_CONNECTIONS)]
     try:
         for _ in range(150):
             _refused_busy(daemon.sock_path)

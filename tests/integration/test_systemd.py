@@ -213,9 +213,17 @@ def test_log_lines_carry_their_syslog_priority_when_stderr_is_the_journal(
         while "event=listening" not in log_path.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.02)
-        with socket.socket(socket.AF_UNIX) as first:
-            first.connect(sock_path)
+        from phpsess.server import ADMIN_RESERVED_CONNECTIONS
+
+        # Every slot, the few kept for root and the daemon's user too.
+        held = [socket.socket(socket.AF_UNIX) for _ in range(1 + ADMIN_RESERVED_CONNECTIONS)]
+        try:
+            for s in held:
+                s.connect(sock_path)
             assert _hello(sock_path).startswith(b"ERR BUSY ")  # a warning is logged
+        finally:
+            for s in held:
+                s.close()
         assert _stop(proc) == 0
     finally:
         _stop(proc)

@@ -79,10 +79,13 @@ namespace PhpSess;
  *   again). Never while a lock is held: a new connection would not have it.
  *   open() after close() in the same request reuses the connection if it
  *   is still open.
- * - A new session (create_sid) that is closed unwritten (read_and_close,
+ * - A new session that is closed unwritten (read_and_close,
  *   session_abort()) is stored empty by close(), with a WRITE sent ahead of
  *   its CLOSE without waiting, so with session.use_strict_mode its ID stays
- *   valid, as PHP's files handler creates the file at read.
+ *   valid, as PHP's files handler creates the file at read. New means made
+ *   by create_sid(), or, when locking, found missing by read(): PHP made the
+ *   ID itself (behind a wrapper that does not forward create_sid(), such as
+ *   Symfony's SessionHandlerProxy) or the visitor brought an unknown one.
  * - With `persistent=1` (the default) PHP keeps one connection per address
  *   per process (a php-fpm worker reuses it for every web request; a new
  *   connection per request costs the daemon twice the CPU),
@@ -154,8 +157,9 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     /** @var array<string, true> Session IDs whose lock this connection holds. */
     private array $locks = [];
     /**
-     * The ID create_sid() made in this session cycle and nobody has written:
-     * it has no data (locked by us if the daemon made it with a lock).
+     * The ID create_sid() made in this session cycle, or a locking read()
+     * found missing, and nobody has written: it has no data (locked by us,
+     * unless the daemon made it without a lock). close() stores it empty.
      */
     private ?string $newId = null;
     /** create_sid() failed and returned '': the read('') that follows fails, with the warning in $deferred. */
@@ -403,6 +407,18 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         }
         if ($this->locking) {
             $this->locks[$id] = true;
+            if ($line === "MISS\n") {
+                // A new session: PHP made the ID itself (a wrapper that does
+                // not forward create_sid(), such as Symfony's
+                // SessionHandlerProxy) or the visitor brought an unknown one
+                // (strict mode off). As with create_sid(), close() stores it
+                // empty if nothing writes it, as the files handler creates
+                // the file at read; we hold its lock, so nothing else wrote it
+                // meanwhile. A write or destroy in this cycle sends nothing
+                // more: no round trip is added.
+                $this->newId = $id;
+                $this->newIdRead = true;
+            }
         }
 
         return $data;
@@ -430,11 +446,26 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
         $this->unprepare();
         if ($line !== null) {
+            $this->disown($id, $line);
             $this->releaseIfEnding();
             $this->failed('write', $line);
         }
 
         return false;
+    }
+
+    /**
+     * A write or destroy of the new session was refused because its lock is
+     * no longer ours (the lease ran out, §6.3; LOCK_LOST is reported once,
+     * then the daemon forgets it): close() must not store it empty over what
+     * the request that got the lock since has written.
+     */
+    private function disown(string $id, string $line): void
+    {
+        if ($id === $this->newId && strncmp($line, 'ERR ', 4) === 0
+            && \in_array(strtok(substr($line, 4), " \n"), ['LOCK_LOST', 'LOCKED'], true)) {
+            $this->newId = null;
+        }
     }
 
     public function updateTimestamp(#[\SensitiveParameter] string $id, string $data): bool
@@ -523,6 +554,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
         $this->unprepare();
         if ($line !== null) {
+            $this->disown($id, $line);
             $this->releaseIfEnding();
             $this->failed('destroy', $line);
         }

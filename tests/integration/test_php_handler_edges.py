@@ -297,6 +297,165 @@ def test_strict_mode_a_new_id_is_valid_before_its_first_write(
     assert json.loads(got["session"]) == expected
 
 
+# -- 4b. the same behind a wrapper that does not forward create_sid()
+#
+# Symfony's SessionHandlerProxy, which Symfony puts around the handler
+# service, implements no SessionIdInterface: PHP makes new IDs itself and the
+# handler first sees them in read(). With files, read() creates the file.
+
+PROXY_PAGE = r"""<?php
+// php proxy.php <rac|abort|write|empty> [<sid>]
+declare(strict_types=1);
+ob_start(); // CLI output counts as headers sent
+// As Symfony's SessionHandlerProxy: no create_sid().
+final class Proxy implements SessionHandlerInterface, SessionUpdateTimestampHandlerInterface
+{
+    public function __construct(private SessionHandlerInterface $h) {}
+    public function open(string $p, string $n): bool { return $this->h->open($p, $n); }
+    public function close(): bool { return $this->h->close(); }
+    public function read(string $id): string|false { return $this->h->read($id); }
+    public function write(string $id, string $d): bool { return $this->h->write($id, $d); }
+    public function destroy(string $id): bool { return $this->h->destroy($id); }
+    public function gc(int $m): int|false { return $this->h->gc($m); }
+    public function validateId(string $id): bool
+    {
+        return !$this->h instanceof SessionUpdateTimestampHandlerInterface
+            || $this->h->validateId($id);
+    }
+    public function updateTimestamp(string $id, string $d): bool
+    {
+        return $this->h instanceof SessionUpdateTimestampHandlerInterface
+            ? $this->h->updateTimestamp($id, $d) : $this->write($id, $d);
+    }
+}
+if (class_exists(\PhpSess\SessionHandler::class, false)) { // prepend.php: phpsess, else files
+    session_set_save_handler(new Proxy(\PhpSess\SessionHandler::fromIni()), false);
+}
+$given = $argv[2] ?? '';
+if ($given !== '') {
+    session_id($given);
+}
+switch ($argv[1]) {
+    case 'rac': $ok = session_start(['read_and_close' => true]); break;
+    case 'abort': $ok = session_start(); $_SESSION['x'] = 1; session_abort(); break;
+    case 'empty': $ok = session_start(); break;
+    default: $ok = session_start(); $_SESSION['n'] = ($_SESSION['n'] ?? 0) + 1;
+}
+echo 'start: ', json_encode($ok), "\n", 'sid: ', session_id(), "\n",
+    'kept-given-id: ', json_encode(session_id() === $given), "\n";
+"""
+
+
+def _proxied(handler: str, address: str, tmp_path: Path, *args: str,
+             ini: dict[str, str] | None = None) -> dict[str, str]:
+    script = _write_script(tmp_path / "pages", "proxy.php", PROXY_PAGE)
+    files = tmp_path / "files"
+    files.mkdir(exist_ok=True)
+    proc = run_php(script, handler=handler, address=address, save_path=str(files),
+                   args=args, ini=ini, timeout=60)
+    assert proc.stderr == "", proc.stderr
+    return _lines(proc)
+
+
+@pytest.mark.parametrize("handler", ["files", "phpsess"])
+@pytest.mark.parametrize("how", ["rac", "abort"])
+def test_behind_a_wrapper_a_new_session_closed_unwritten_keeps_its_id_in_strict_mode(
+    how: str, handler: str, daemon: Any, tmp_path: Path
+) -> None:
+    # The handler stored only IDs it made (create_sid) when closed unwritten:
+    # behind the wrapper, strict mode handed out a new ID on every request.
+    ini = {"session.use_strict_mode": "1"}
+    first = _proxied(handler, daemon.php_address, tmp_path, how, ini=ini)
+    assert first["start"] == "true"
+    second = _proxied(handler, daemon.php_address, tmp_path, "write", first["sid"], ini=ini)
+    assert second["start"] == second["kept-given-id"] == "true", (first, second)
+    if handler == "phpsess":
+        assert _stored(daemon, first["sid"]) == b"n|i:1;"
+        assert _lock_is_free(daemon, first["sid"])
+
+
+@pytest.mark.parametrize("handler", ["files", "phpsess"])
+def test_an_unknown_id_read_and_closed_exists_afterwards_as_with_files(
+    handler: str, daemon: Any, tmp_path: Path
+) -> None:
+    # Strict mode off: the visitor's unknown ID is used; files creates its
+    # file at read, so a later strict-mode request accepts it.
+    sid = "clientchosen0123456789abcdef"
+    first = _proxied(handler, daemon.php_address, tmp_path, "rac", sid)
+    assert first["start"] == first["kept-given-id"] == "true"
+    second = _proxied(handler, daemon.php_address, tmp_path, "write", sid,
+                      ini={"session.use_strict_mode": "1"})
+    assert second["start"] == second["kept-given-id"] == "true", second
+
+
+def test_behind_a_wrapper_a_new_session_costs_a_read_and_a_write(
+    daemon: Any, tmp_path: Path
+) -> None:
+    # Storing a new session closed unwritten adds no round trip to the
+    # ordinary request, which writes it anyway (also when it stays empty).
+    verbs = ("READ", "WRITE", "TOUCH", "EXISTS", "CREATE", "CLOSE")
+
+    def count() -> dict[str, int]:
+        got = _stats(daemon)["verbs"]
+        return {verb: got.get(verb, 0) for verb in verbs}
+
+    for how in ("write", "empty"):
+        before = count()
+        got = _proxied("phpsess", daemon.php_address, tmp_path, how)
+        after = count()
+        assert {v: after[v] - before[v] for v in verbs} == {
+            "READ": 1, "WRITE": 1, "TOUCH": 0, "EXISTS": 0, "CREATE": 0, "CLOSE": 0,
+        }, how
+        assert _stored(daemon, got["sid"]) == (b"n|i:1;" if how == "write" else b"")
+
+
+LEASE_PAGE = r"""<?php
+// php lease.php <sid> <dir> <value>: start, wait for <dir>/go, store <value>
+declare(strict_types=1);
+session_id($argv[1]);
+echo 'start: ', json_encode(session_start()), "\n";
+touch("$argv[2]/ready");
+$deadline = microtime(true) + 30;
+while (!file_exists("$argv[2]/go") && microtime(true) < $deadline) {
+    usleep(10000);
+}
+$_SESSION['by'] = $argv[3];
+"""
+
+
+def test_a_new_session_whose_lease_ran_out_is_not_stored_empty_over_the_next_holder(
+    daemon: Any, tmp_path: Path
+) -> None:
+    # The first request reads a missing session (strict mode off, an unknown
+    # ID) and holds it past its lease; the second gets the lock and writes.
+    # The first one's write fails with LOCK_LOST, after which the daemon
+    # forgets the revocation: close() must not then store the "new" session
+    # empty over the second one's data.
+    script = _write_script(tmp_path / "pages", "lease.php", LEASE_PAGE)
+    sid = "leasenew0123456789abcdefghij"
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    (second_dir / "go").touch()
+
+    def page(directory: Path, value: str, query: str = "") -> subprocess.CompletedProcess[str]:
+        address = f'"{daemon.php_address}{query}"' if query else daemon.php_address
+        return run_php(script, handler="phpsess", address=address,
+                       args=(sid, str(directory), value), timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(page, first_dir, "first", "?lease=1")
+        try:
+            _until(lambda: (first_dir / "ready").exists() or first.done(), "the first request")
+            second = page(second_dir, "second")  # gets the lock when the lease runs out
+        finally:
+            (first_dir / "go").touch()
+        first_proc = first.result(60)
+    assert second.stderr == "" and _lines(second)["start"] == "true", second
+    assert "LOCK_LOST" in first_proc.stderr, first_proc.stderr
+    assert _stored(daemon, sid) == b'by|s:6:"second";'
+
+
 # -- guard: a daemon that cannot be asked never replaces the visitor's ID
 
 

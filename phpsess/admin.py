@@ -362,6 +362,9 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     for key in ("lock_timeouts_total", "lock_revoked_total", "errors_total"):
         if key in stats:
             rows.append((key.removesuffix("_total").replace("_", " "), str(stats[key])))
+    if stats.get("journal_failed"):
+        rows.append(("journal", f"FAILING, changes refused: {stats.get('journal_error')} "
+                                f"({stats.get('journal_unwritten_bytes')} bytes wait in memory)"))
     cluster = stats.get("cluster")
     if isinstance(cluster, dict):
         for key, value in cluster.items():

@@ -104,6 +104,12 @@ class _DaemonCollector(Collector):
             )
             yield GaugeMetricFamily("phpsess_journal_bytes", "Size of the current journal.",
                                     value=persister.journal_bytes)
+            yield GaugeMetricFamily(
+                "phpsess_journal_failed",
+                "1 while the journal cannot be written (changes are refused; see the log's "
+                "event=journal_write_failed).",
+                value=0.0 if persister.failure is None else 1.0,
+            )
         cluster = server.cluster
         if cluster is not None:
             up = GaugeMetricFamily("phpsess_peer_up", "1 if the peer is alive.", labels=["peer"])

@@ -34,7 +34,20 @@ Fsync policies (what an acknowledged write survives; README has the table):
   intervals, so any crash (the daemon's or the OS's) loses at most the
   changes acknowledged in the last two intervals (a daemon crash in practice
   the last 10 ms, an OS crash the last interval);
-- ``never``: as ``interval`` without the fsync: the OS flushes when it likes.
+- ``never``: as ``interval`` without the fsync: the OS flushes when it likes
+  (but a compaction fdatasyncs the new journal once before the snapshot
+  replaces the old generation: the records that stand for the sessions the
+  snapshot leaves out must not be lost with the files that held them).
+
+An append that fails (a full disk, EIO, EFBIG) is whole or nothing: the
+batch is kept in memory.  On a single node (``retry_failed_appends``) the
+daemon stays up: :attr:`Persister.failure` is set, the shell refuses every
+change before making it, reads go on, and the batch is tried again every
+``JOURNAL_RETRY_S`` until it is written.  In a cluster, or when no retry
+can tell what is on disk (the journal or lock file deleted, a failed fsync:
+Linux may have dropped the pages it could not write and report the next
+fsync as a success), the writer raises :class:`JournalFailed` and the
+daemon stops.
 
 Batching is what makes persistence cheap: per 10 ms the event loop pays one
 hand-over to the journal thread instead of one per request.  Disk I/O runs in
@@ -85,9 +98,13 @@ _SLICE_BYTES: Final = 32 * 1024
 BACKGROUND_NICE: Final = 10
 # With ``interval`` and ``never``, how long changes gather before one append.
 FLUSH_S: Final = 0.010
-# After the journal failed, how long the requests waiting on it have to
-# answer with the error before the daemon stops.
+# After the journal failed (and the daemon stops for it), how long the
+# requests waiting on it have to answer with the error before the stop.
 FAILED_GRACE_S: Final = 0.1
+# While appends fail (a full disk) on a single node, how often the batch
+# that failed is tried again, and how often a line says it still fails.
+JOURNAL_RETRY_S: Final = 1.0
+FAILING_LOG_S: Final = 60.0
 # After a compaction that could not start (the next journal could not be
 # made: EMFILE, EACCES, ENOSPC; or no room for the snapshot), how long
 # before the writer tries again.
@@ -276,15 +293,28 @@ def _read_through(fd: int, size: int, path: str) -> None:
         raise OSError(exc.errno, exc.strerror, path) from exc
 
 
-def _unusable(data_dir: str, exc: OSError) -> DataDirError:
-    """What to tell the operator when a file of ``data_dir`` cannot be used."""
-    what = exc.filename if exc.filename is not None else data_dir
-    return DataDirError(
-        f"cannot restore from {data_dir}: {what}: {exc.strerror or exc}. Check that "
-        "phpsess's user can read and write it and that the disk is healthy (dmesg); "
-        f"a file that is not phpsess's does not belong in {data_dir}: move it out, "
-        "then start again"
-    )
+def _unusable(data_dir: str, exc: OSError, path: str | None = None) -> DataDirError:
+    """What to tell the operator when a file of ``data_dir`` (``path``, if
+    the error does not name it) cannot be used."""
+    what = exc.filename if exc.filename is not None else (path or data_dir)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        advice = (
+            f"The disk (or phpsess's user's quota) is full: free space on the file "
+            f"system of {data_dir} (df -h {data_dir}), then start again"
+        )
+    elif exc.errno == errno.EROFS:
+        advice = (
+            f"The file system of {data_dir} is mounted read-only (after disk errors, "
+            "dmesg says so): make it writable again, or choose another --data-dir, "
+            "then start again"
+        )
+    else:
+        advice = (
+            "Check that phpsess's user can read and write it and that the disk is "
+            f"healthy (dmesg); a file that is not phpsess's does not belong in "
+            f"{data_dir}: move it out, then start again"
+        )
+    return DataDirError(f"cannot restore from {data_dir}: {what}: {exc.strerror or exc}. {advice}")
 
 
 def restore(data_dir: str, wall_now: float, mono_now: float = 0.0) -> tuple[Restored, int]:
@@ -350,10 +380,15 @@ def _restore(data_dir: str, wall_now: float, mono_now: float) -> tuple[Restored,
                 # Journal G+1 gets its header (fsynced) before anything is
                 # written to it or snapshot G+1 exists: a crash cannot cut the
                 # header of any journal but the newest, past the snapshot.
+                why = (
+                    "it is not the newest journal" if gen != journals[-1]
+                    else f"{snapshot_name(base)} exists, which is written only once "
+                    "its journal's header is on disk"
+                )
                 raise DataDirError(
-                    f"{path} has an incomplete header, but it is not the newest journal: "
-                    "it was cut short or emptied after it was written, and the changes "
-                    "it held are missing. " + _recovery_hint(data_dir)
+                    f"{path} has an incomplete header, but {why}: it was cut short or "
+                    "emptied after it was written, and the changes it held are missing. "
+                    + _recovery_hint(data_dir)
                 )
             _truncate(path, 0)
             result.torn.append(f"{path}: incomplete header, emptied")
@@ -495,9 +530,16 @@ def repair(data_dir: str) -> list[str]:
             _keep_original(path, os.path.join(keep, name), original)
             _fsync_dir(keep)
             os.replace(tmp, path)
+            fixed = []
+            if not start:
+                fixed.append("wrote its missing or damaged header anew")
+            if bad:
+                fixed.append(f"dropped damaged records at offsets {bad}")
+            if not complete:
+                fixed.append("wrote its missing or wrong trailer anew")
             done.append(
-                f"{name}: kept {len(kept)} intact records, dropped damaged records at "
-                f"offsets {bad or ['(missing trailer)']}; original in {keep}"
+                f"{name}: kept {len(kept)} intact records, {', '.join(fixed)}; "
+                f"original in {keep}"
                 + (
                     "; a dropped journal record may have been a destroy or a "
                     "newer write: those sessions may come back as they were before it"
@@ -618,8 +660,12 @@ class DataDirLock:
                 f"{os.path.dirname(self.path)} is in use by another phpsess daemon "
                 f"(pid {holder}); stop it, or give this one its own --data-dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:  # a full disk
+            os.close(fd)
+            raise
         self._fd = fd
 
     def check(self) -> None:
@@ -727,16 +773,32 @@ class _Done:
 
 
 class JournalFailed(OSError):
-    """The journal could not be written (its file named): the daemon stops
-    rather than acknowledge writes a restart could not find."""
+    """The journal could not be written (its file named): no change is
+    acknowledged, or taken, until it can be (module doc).  ``lost``: no
+    retry can mend it (the file deleted, a failed fsync): the daemon stops."""
+
+    lost = False
+
+
+class _Lost(OSError):
+    """A journal failure that a retry cannot mend (see :class:`JournalFailed`)."""
 
 
 def _journal_error(exc: OSError, path: str) -> JournalFailed:
     if isinstance(exc, JournalFailed):
         return exc
     failed = JournalFailed(exc.errno, exc.strerror or str(exc), exc.filename or path)
+    failed.lost = isinstance(exc, _Lost)
     failed.__cause__ = exc
     return failed
+
+
+def _sync(fd: int) -> None:
+    """fsync the journal open as ``fd``; a failure is :class:`_Lost`."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise _Lost(exc.errno, exc.strerror or str(exc), exc.filename) from exc
 
 
 class _NotCreated(Exception):
@@ -766,10 +828,16 @@ def _mib(size: int) -> str:
 
 class Persister:
     """The journal writer (see module doc).  Event-loop side: :meth:`submit`
-    and :meth:`wait_durable`; :meth:`run` is the writer task."""
+    and :meth:`wait_durable`; :meth:`run` is the writer task.
 
-    def __init__(self, config: PersistConfig) -> None:
+    ``retry_failed_appends``: when an append fails, stay up (changes
+    refused while :attr:`failure` is set) and try it again until it is
+    written, instead of stopping the daemon (a cluster's node stops: its
+    backups hold every acknowledged write and take over)."""
+
+    def __init__(self, config: PersistConfig, *, retry_failed_appends: bool = False) -> None:
         self.config = config
+        self.retry_failed_appends = retry_failed_appends
         self.always = config.fsync == "always"  # every reply waits for its fsync
         self.dir = config.data_dir
         self._lock = DataDirLock(self.dir)
@@ -792,9 +860,20 @@ class Persister:
         self._superseded = 0
         # A compaction waits for the journal's next fsync: do it now.
         self._sync_soon = False
-        self._failed: BaseException | None = None
+        # Why the journal cannot be written, while it cannot (else None):
+        # the shell refuses changes meanwhile (nothing is stored).
+        self.failure: JournalFailed | None = None
+        # ... and the daemon stops for it (no retry).
+        self._stopping = False
+        # The last change batch submitted before the failure: replies that
+        # wait for one up to it get the error (the change may or may not
+        # be stored); later ones are expiries only (changes are refused).
+        self._failed_upto = 0
+        self._failed_since = 0.0  # trio time
+        self._retry_at = 0.0  # trio time of the next retry
+        self._failing_logged_at = 0.0
         # The batch of an append that failed (not in the file: whole or
-        # nothing), for close() to try again.
+        # nothing), for the retries and close() to try again.
         self._unwritten = b""
         self.fsyncs_total = 0
         self.fsync_seconds_total = 0.0
@@ -806,6 +885,7 @@ class Persister:
         # The cluster's metadata of every session, for snapshots (or None).
         self.meta_source: Callable[[], dict[str, bytes]] | None = None
         self._snapshot_metas: dict[str, bytes] = {}
+        self._snapshot_sessions = 0  # in the copy when it was taken
         self._disk = _DiskThread("phpsess-journal", 0 if self.always else BACKGROUND_NICE)
         self._snapshot_disk = _DiskThread("phpsess-snapshot", BACKGROUND_NICE)
 
@@ -823,15 +903,15 @@ class Persister:
             ) from exc
         try:
             self._lock.acquire()
-        except OSError as exc:  # an unwritable or read-only directory
-            raise _unusable(self.dir, exc) from exc
+        except OSError as exc:  # an unwritable or read-only directory, a full disk
+            raise _unusable(self.dir, exc, self._lock.path) from exc
         try:
             self._check_writable()
             restored, self.gen = restore(self.dir, wall_now, mono_now)
             try:
                 self._open_journal(self.gen)
             except OSError as exc:
-                raise _unusable(self.dir, exc) from exc
+                raise _unusable(self.dir, exc, self._journal_path()) from exc
         except BaseException:
             self._lock.release()
             raise
@@ -846,6 +926,8 @@ class Persister:
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
             os.unlink(probe)
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # no inode left
+                raise _unusable(self.dir, exc, probe) from exc
             raise DataDirError(
                 f"cannot create files in data directory {self.dir}: "
                 f"{exc.strerror or exc}; phpsess makes a new journal and snapshot "
@@ -897,9 +979,21 @@ class Persister:
         is older than twice the interval (a slow or stalled disk; in steady
         state it is at most one interval and a flush old): then replies wait
         for the fsync, which keeps the loss window at two intervals and the
-        memory held for the journal bounded.  Raises once the journal failed."""
-        if self._failed is not None:
-            raise self._failed
+        memory held for the journal bounded.
+
+        While the journal fails, raises :attr:`failure` for a batch that is
+        not in it yet and was submitted before the failure (its change is
+        made in memory and will be written if the disk comes back: it may
+        or may not be stored), or for any such batch once the daemon stops
+        for it."""
+        if self.failure is not None:
+            done = self.written if self.config.fsync == "never" else self.synced
+            if seq > done:
+                if self._stopping or seq <= self._failed_upto:
+                    raise self.failure
+                # Submitted since the failure: expiries (the shell refuses
+                # changes), which no reply stands for.
+                return True
         policy = self.config.fsync
         if policy == "never" or self.synced >= seq:
             return True
@@ -914,9 +1008,44 @@ class Persister:
         if self.durable(seq):
             return
         while self.synced < seq:
-            if self._failed is not None:
-                raise self._failed
+            if self.failure is not None and self.durable(seq):  # raises, or expiries only
+                return
             await self._progress.wait()
+
+    def refusal(self) -> str | None:
+        """While the journal fails: why a change is refused (nothing is
+        stored), for the reply; else None."""
+        failure = self.failure
+        if failure is None:
+            return None
+        if self._stopping:
+            return (
+                f"the journal could not be written ({failure}); not stored; the daemon is "
+                "stopping"
+            )
+        return (
+            f"the journal cannot be written ({failure}); not stored: no change is taken "
+            f"until it can be (retried every {JOURNAL_RETRY_S:g} s), reads go on"
+        )
+
+    def in_doubt(self, failure: JournalFailed) -> str:
+        """The reply to a change made in memory whose journal write failed."""
+        then = (
+            "the daemon is stopping" if self._stopping
+            else "it is written if the disk recovers; no change is taken until then"
+        )
+        return f"the journal write failed ({failure}): this change may or may not be stored; {then}"
+
+    def statistics(self) -> dict[str, object]:
+        """STATS fields of the journal: ``journal_failed`` 0 or 1, and while
+        1, ``journal_error`` (why) and ``journal_unwritten_bytes``."""
+        if self.failure is None:
+            return {"journal_failed": 0}
+        return {
+            "journal_failed": 1,
+            "journal_error": str(self.failure),
+            "journal_unwritten_bytes": len(self._unwritten),
+        }
 
     # -- writer task
 
@@ -932,7 +1061,11 @@ class Persister:
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                if not self._pending:
+                if self.failure is not None:
+                    # The journal fails: the batch that failed (and the
+                    # expiries since) are tried again now and then.
+                    await trio.sleep_until(self._retry_at)
+                elif not self._pending:
                     deadline = math.inf
                     if policy == "interval" and self.synced < self.written:
                         deadline = self._last_sync + interval
@@ -946,6 +1079,8 @@ class Persister:
                 source: SnapshotSource | None = None
                 try:
                     await self._write_round(policy, interval)
+                    if self.failure is not None:
+                        self._recovered()
                     live = live_bytes()  # about the size of a snapshot
                     limit = max(self.config.min_compact_bytes, live)
                     if (self.journal_bytes > limit and not self._compacting
@@ -966,14 +1101,22 @@ class Persister:
                             )
                 except OSError as exc:
                     # A disk that fails is not a reason to lie to PHP: waiters
-                    # get the error, and the daemon stops (systemd restarts it).
-                    # Writing G's tail at a switch is an append too.
+                    # get the error, and changes are refused until the
+                    # journal takes them again (or the daemon stops; systemd
+                    # restarts it).  Writing G's tail at a switch is an
+                    # append too.
                     failed = _journal_error(exc, self._journal_path())
+                    if self.retry_failed_appends and not failed.lost:
+                        self._failing(failed)
+                        continue
                     log.critical("event=journal_write_failed error=%s", failed)
-                    self._failed = failed
+                    if self.failure is None:
+                        self._failed_upto = self.submitted
+                    self.failure = failed
+                    self._stopping = True
                     self._progress.set()
                     # The requests waiting on the journal answer with the
-                    # error (and new writes are refused) before the stop
+                    # error (and new changes are refused) before the stop
                     # cancels their connections.
                     with trio.CancelScope(shield=True):
                         await trio.sleep(FAILED_GRACE_S)
@@ -981,10 +1124,46 @@ class Persister:
                 if source is not None:
                     nursery.start_soon(self._write_snapshot, source, self.gen)
 
+    def _failing(self, failed: JournalFailed) -> None:
+        """An append failed (single node): refuse changes, retry later."""
+        now = trio.current_time()
+        self._retry_at = now + JOURNAL_RETRY_S
+        if self.failure is None:
+            self.failure = failed
+            self._failed_upto = self.submitted
+            self._failed_since = self._failing_logged_at = now
+            log.critical(
+                "event=journal_write_failed error=%s unwritten_bytes=%d detail=changes "
+                "are refused (nothing stored) and reads served until the journal can be "
+                "written; the changes acknowledged but not yet in it are kept in memory "
+                "and written then (retried every %g s)",
+                failed, len(self._unwritten), JOURNAL_RETRY_S,
+            )
+            # Replies waiting on the journal answer with the error.
+            self._progress.set()
+            self._progress = trio.Event()
+            return
+        self.failure = failed
+        if now - self._failing_logged_at >= FAILING_LOG_S:
+            self._failing_logged_at = now
+            log.error(
+                "event=journal_still_failing error=%s seconds=%.0f unwritten_bytes=%d",
+                failed, now - self._failed_since, len(self._unwritten),
+            )
+
+    def _recovered(self, then: str = "changes are taken again") -> None:
+        log.warning(
+            "event=journal_recovered seconds=%.1f detail=the changes kept in memory are "
+            "written; %s", trio.current_time() - self._failed_since, then,
+        )
+        self.failure = None
+
     async def _write_round(self, policy: str, interval: float) -> None:
         now = self._last_flush = trio.current_time()
-        if self._pending:
-            buf = j.encode_changes(self._pending)
+        if self._pending or self._unwritten:
+            # After a failed append, its batch goes first (whole or nothing).
+            buf = self._unwritten + j.encode_changes(self._pending)
+            self._unwritten = b""
             self._pending = []
             seq = self.submitted
             due = now - self._last_sync >= interval or self._sync_soon
@@ -1019,23 +1198,29 @@ class Persister:
 
     def _append(self, buf: bytes, sync: bool) -> None:
         # Files deleted from under us: appending to an unlinked journal
-        # would acknowledge writes that no restart can find.  Fail as a
-        # failed append does (the daemon stops; systemd restarts it).
+        # would acknowledge writes that no restart can find.  No retry can
+        # mend that: the daemon stops (systemd restarts it).
         st = os.fstat(self._fd)
         if st.st_nlink == 0:
-            raise OSError(
+            raise _Lost(
                 errno.ENOENT,
                 f"{os.path.join(self.dir, journal_name(self.gen))} was deleted while in use "
                 "(files removed from the data directory?)",
             )
-        self._lock.check()
+        try:
+            self._lock.check()
+        except OSError as exc:
+            raise _Lost(exc.errno, exc.strerror) from exc
         _append_whole(self._fd, buf, st.st_size)
         if sync:
             self._fsync()
 
     def _fsync(self) -> None:
         started = time.monotonic()
-        os.fdatasync(self._fd)
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise _Lost(exc.errno, exc.strerror or str(exc)) from exc
         self.fsyncs_total += 1
         self.fsync_seconds_total += time.monotonic() - started
 
@@ -1094,6 +1279,9 @@ class Persister:
         source = snapshot_source()
         self._superseded_from = source.entries
         self._superseded = 0
+        # Counted now: from here on submit() takes superseded sessions out
+        # of the copy (and counts them in _superseded).
+        self._snapshot_sessions = len(source.entries)
         metas = self.meta_source() if self.meta_source is not None else {}
         old_fd = self._fd
         self._fd = new_fd
@@ -1106,7 +1294,7 @@ class Persister:
         def finish_old() -> None:
             try:
                 _append_whole(old_fd, tail)
-                os.fsync(old_fd)
+                _sync(old_fd)
             except OSError as exc:
                 raise _journal_error(exc, old_path) from exc
             finally:
@@ -1120,9 +1308,12 @@ class Persister:
                 await trio.to_thread.run_sync(finish_old, abandon_on_cancel=False)
         except BaseException:
             # Not written to G (or not all of it, or not fsynced): back in
-            # the queue, ahead of what came since, for G+1 (close() flushes
-            # it there).  Replaying a change twice gives the same sessions.
+            # the queue, ahead of what came since, for G+1 (the retries or
+            # close() write it there).  Replaying a change twice gives the
+            # same sessions.  No snapshot follows.
             self._pending[:0] = taken
+            self._superseded_from = None
+            self._compacting = False
             raise
         self.written = max(self.written, seq)
         self._synced_to(seq, switched_at)
@@ -1143,6 +1334,7 @@ class Persister:
         every compaction.  Cancelled (the daemon stopping), it removes its
         temporary file; the previous generation still restores everything."""
         started = time.monotonic()
+        count = self._snapshot_sessions
         path = os.path.join(self.dir, snapshot_name(gen))
         tmp = path + ".tmp"
         fd = -1
@@ -1152,7 +1344,6 @@ class Persister:
             )
             parts = [j.SNAPSHOT_MAGIC]
             size = len(j.SNAPSHOT_MAGIC)
-            count = len(source.entries)
             slices = j.snapshot_chunks(
                 _emptied(source.entries), source.offset, self._snapshot_metas.items(), _SLICE_BYTES
             )
@@ -1172,6 +1363,12 @@ class Persister:
             superseded_up_to = self.submitted
             await self._write_out(fd, parts)
             await self._journaled(superseded_up_to)
+            if self.config.fsync == "never":
+                # Handed to the kernel is not enough here: once the old
+                # generation is deleted, a power loss that took those
+                # records would lose the whole sessions, not their last
+                # write.  One fdatasync per compaction.
+                await self._disk.run(self._fsync)
             out_fd, fd = fd, -1
             await self._snapshot_disk.run(lambda: self._finish_snapshot(out_fd, tmp, path, gen))
         except OSError as exc:
@@ -1206,8 +1403,8 @@ class Persister:
         handed to the kernel under ``never``."""
         never = self.config.fsync == "never"
         while (self.written if never else self.synced) < seq:
-            if self._failed is not None:
-                raise self._failed
+            if self.failure is not None:
+                raise self.failure
             self._sync_soon = not never
             self._work.set()
             await self._progress.wait()
@@ -1255,16 +1452,21 @@ class Persister:
                     await trio.to_thread.run_sync(final)
             except OSError as exc:
                 failed = _journal_error(exc, path)
-                if self._failed is None:
+                if self.failure is None:
                     log.critical("event=journal_write_failed error=%s", failed)
+                if buf:
+                    log.error(
+                        "event=journal_unwritten bytes=%d error=%s detail=changes acknowledged "
+                        "before the failure (with --fsync interval or never) are not in the "
+                        "journal", len(buf), failed,
+                    )
+                if not self._stopping:
                     raise failed from exc
-                # Stopping for that failure already: this was the retry.
-                log.error(
-                    "event=journal_unwritten bytes=%d error=%s detail=changes acknowledged "
-                    "before the failure (with --fsync interval or never) are not in the journal",
-                    len(buf), failed,
-                )
+                # Stopping for that failure already (run() raised it): this
+                # was the last try.
             else:
+                if self.failure is not None and not self._stopping:
+                    self._recovered("at the stop")  # the last try worked
                 self.written = self.synced = seq
                 self._progress.set()
             finally:

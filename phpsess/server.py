@@ -60,6 +60,10 @@ _INCOMING_UNCHECKED_BYTES: Final = 64 * 1024
 # PINGs (50,000 requests) would otherwise hold the event loop for 100 ms.
 # PHP sends 1 to 3 requests at a time; the admin commands, a few.
 _REQUESTS_PER_TURN: Final = 256
+# The requests refused while the journal cannot be written (README,
+# Durability): what changes sessions, and CREATE, whose session could not
+# be written either.  Reads (and the expiries) go on.
+_CHANGES: Final = frozenset({p.Write, p.Touch, p.Destroy, p.Create})
 
 
 @attrs.frozen
@@ -177,7 +181,12 @@ class Server:
         self.addresses: list[str] = []
         self.persister: Persister | None = None
         if config.persist is not None:
-            self.persister = Persister(config.persist)
+            # A single node stays up while its journal cannot be written
+            # (changes refused); a cluster's node stops: its backups hold
+            # every write it acknowledged, and take over.
+            self.persister = Persister(
+                config.persist, retry_failed_appends=config.cluster is None
+            )
             self.engine.changes = []
         self.cluster: Cluster | None = None
         if config.cluster is not None:
@@ -652,13 +661,13 @@ class Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; its locks go below
         except JournalFailed as exc:
-            # Its changes could not be journaled (the daemon is stopping, and
-            # logged why): not acknowledged.  This error instead of the
-            # replies that were waiting, then the connection closes.
-            reply = p.Error(
-                p.Code.UNAVAILABLE,
-                f"the journal could not be written ({exc}); not stored; the daemon is stopping",
-            )
+            # Its changes are made in memory but could not be journaled
+            # (logged why): not acknowledged, though they are written if
+            # the disk comes back (the retries, or at the stop).  This error
+            # instead of the replies that were waiting, then the connection
+            # closes.
+            assert self.persister is not None
+            reply = p.Error(p.Code.UNAVAILABLE, self.persister.in_doubt(exc))
             with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                 out: list[bytes] = []
                 netio.append_reply(out, reply)
@@ -770,6 +779,12 @@ class Server:
                             # The backup acknowledges under its own fsync policy,
                             # once for a whole pipelined batch (group commit).
                             durable_seq = self.persister.submitted
+                    if (
+                        reply_or_wait is None and persister is not None
+                        and persister.failure is not None and conn.hello is not None
+                        and type(event) in _CHANGES
+                    ):
+                        reply_or_wait = self._refuse_change(persister, event)
                     if reply_or_wait is None:
                         reply_or_wait = engine.handle(owner, event, now)
                         if isinstance(event, p.Hello) and reply_or_wait == _OK_1:
@@ -859,11 +874,12 @@ class Server:
                     now = trio.current_time()
             if (
                 persister is not None and out and persister.always
-                and persister.synced < persister.submitted
+                and persister.synced < persister.submitted and persister.failure is None
             ):
                 # fsync always: a reply must not report what a crash could
                 # still undo, though this batch changed nothing (a second
-                # DESTROY of a session, a READ of one just written).
+                # DESTROY of a session, a READ of one just written).  Not
+                # while the journal fails: reads go on then.
                 durable_seq = persister.submitted
             # The usual case (interval, never) costs a call, not a coroutine.
             if durable_seq and not (persister is not None and persister.durable(durable_seq)):
@@ -912,6 +928,8 @@ class Server:
             "incoming_refusals_total": self.incoming_refusals_total,
             "connection_refusals_total": self.busy_refusals_total,
         }
+        if self.persister is not None:
+            stats |= self.persister.statistics()
         if self.cluster is not None:
             stats |= self.cluster.statistics()
         return stats
@@ -977,7 +995,10 @@ class Server:
         With ``fsync always`` none of them may report what a crash could
         still undo, as at the end of a batch."""
         persister = self.persister
-        if persister is not None and persister.always and persister.synced < persister.submitted:
+        if (
+            persister is not None and persister.always
+            and persister.synced < persister.submitted and persister.failure is None
+        ):
             durable_seq = persister.submitted
         if durable_seq:
             await self._durable(durable_seq)  # at once when it already is
@@ -1036,6 +1057,16 @@ class Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return True  # reset by the client: gone, as with EOF
         return False
+
+    def _refuse_change(self, persister: Persister, event: p.Event) -> p.Error:
+        """A change asked for while the journal cannot be written: refused
+        before it is made, so nothing is stored (the connection's lock, if
+        it holds one, is kept, as after ``LOCKED``)."""
+        self.engine.count(event)
+        self.engine.errors_total += 1
+        message = persister.refusal()
+        assert message is not None
+        return p.Error(p.Code.UNAVAILABLE, message)
 
     async def _durable(self, seq: int) -> None:
         assert self.persister is not None

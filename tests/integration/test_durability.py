@@ -268,43 +268,64 @@ def test_a_data_dir_where_no_file_can_be_made_stops_the_start_not_the_first_comp
     assert sorted(f.name for f in data.iterdir()) == ["journal-000001.pjnl", "lock"]
 
 
-def test_a_journal_that_cannot_grow_stops_the_daemon_with_a_message_and_loses_nothing(
+def test_a_journal_that_cannot_grow_refuses_changes_and_loses_no_acknowledged_write(
     tmp_path: Path,
 ) -> None:
     # A file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG) is a
-    # disk that fills up, without a mount.  With --fsync always, every write
-    # acknowledged before the failure must be there after a restart.
+    # disk that fills up for good, without a mount.  With --fsync always,
+    # every write acknowledged before the failure must be there after a
+    # restart; the daemon serves reads until it is stopped.
     data, sock = tmp_path / "data", tmp_path / "s.sock"
     serve = [sys.executable, "-m", "phpsess", "serve", "--data-dir", str(data),
              "--listen", f"unix:{sock}", "--fsync", "always"]
     proc = subprocess.Popen(["prlimit", "--fsize=200000", "--", *serve],
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    journal = data / journal_name(1)
     try:
         deadline = time.monotonic() + 15
         while not sock.exists():
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
         acked: list[str] = []
-        refused = None
+        in_doubt = None
         with Client(f"unix:{sock}") as c:
             for i in range(100):  # 100 x 10 KiB: past the limit
                 reply = c.request(p.Write(f"full{i}", 600, bytes([i]) * 10000))
                 if reply != p.OK:
-                    refused = reply
+                    in_doubt = reply
                     break
                 acked.append(f"full{i}")
-        # The write that the journal could not take: an error, not OK.
-        assert isinstance(refused, p.Error) and refused.code is p.Code.UNAVAILABLE, refused
-        assert "the journal could not be written" in refused.message
+        # The write the journal could not take (made in memory, its append
+        # failed): an error saying so, not OK, and the connection closes.
+        assert isinstance(in_doubt, p.Error) and in_doubt.code is p.Code.UNAVAILABLE, in_doubt
+        assert in_doubt.message.startswith(
+            f"the journal write failed ([Errno 27] File too large: '{journal}'): this change "
+            "may or may not be stored"
+        ), in_doubt.message
         assert 5 < len(acked) < 20
+        with Client(f"unix:{sock}") as c:
+            # Changes are refused before they are made; reads go on.
+            refused = c.request(p.Write("late", 600, b"late"))
+            assert isinstance(refused, p.Error) and refused.code is p.Code.UNAVAILABLE
+            assert refused.message.startswith(
+                f"the journal cannot be written ([Errno 27] File too large: '{journal}'); "
+                "not stored"
+            ), refused.message
+            for i, sid in enumerate(acked):
+                assert c.request(p.Read(sid, lock=False)) == p.Data(bytes([i]) * 10000)
+        assert proc.poll() is None
+        # Stopped while it still fails: the last try fails too, and says what
+        # is lost (with always: only the change whose reply said so).
+        proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
     assert proc.returncode == 1, err
-    journal = data / journal_name(1)
-    assert "event=journal_write_failed" in err
+    assert "event=journal_write_failed" in err and "event=journal_unwritten" in err
     assert f"the journal could not be written ([Errno 27] File too large: '{journal}')" in err
     assert "Traceback" not in err
     # Restarted with room again: no repair needed, every acknowledged write there.
@@ -317,6 +338,7 @@ def test_a_journal_that_cannot_grow_stops_the_daemon_with_a_message_and_loses_no
         with Client(f"unix:{sock}") as c:
             for i, sid in enumerate(acked):
                 assert c.request(p.Read(sid, lock=False)) == p.Data(bytes([i]) * 10000)
+            assert c.request(p.Read("late", lock=False)) == p.MISS
     finally:
         restarted.send_signal(signal.SIGTERM)
         assert restarted.wait(30) == 0

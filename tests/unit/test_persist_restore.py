@@ -360,3 +360,59 @@ def test_the_newest_journal_cut_in_its_header_by_a_crash_is_emptied(tmp_path: Pa
     (tmp_path / journal_name(7)).write_bytes(j.JOURNAL_MAGIC[:5])
     restored, gen = restore(str(tmp_path), NOW)
     assert set(restored.sessions) == {"kept"} and gen == 7
+
+
+def test_the_snapshots_own_journal_emptied_is_named_as_such_not_as_an_older_journal(
+    tmp_path: Path,
+) -> None:
+    # The only journal: "it is not the newest journal" was wrong.
+    _snapshot(tmp_path, 6, {"kept": (b"x", NOW + 60, 60)}, {})
+    (tmp_path / journal_name(6)).write_bytes(b"")
+    with pytest.raises(DataDirError) as info:
+        restore(str(tmp_path), NOW)
+    message = str(info.value)
+    assert f"{tmp_path / journal_name(6)} has an incomplete header" in message
+    assert "not the newest journal" not in message
+    assert f"{snapshot_name(6)} exists, which is written only once its journal's header" \
+        in message
+
+
+def test_repair_of_a_journal_without_its_header_says_so_not_missing_trailer(
+    tmp_path: Path,
+) -> None:
+    # Journals have no trailer: the report said "(missing trailer)".
+    (tmp_path / journal_name(1)).write_bytes(j.JOURNAL_MAGIC[:5])
+    [done] = repair(str(tmp_path))
+    assert "trailer" not in done
+    assert f"{journal_name(1)}: kept 0 intact records, wrote its missing or damaged header " \
+        "anew; original in" in done
+    restored, _ = restore(str(tmp_path), NOW)
+    assert restored.sessions == {}
+
+
+@pytest.mark.parametrize(
+    ("error", "advice"),
+    [(28, "is full: free space on the file system of"),
+     (30, "is mounted read-only"),
+     (13, "move it out")],
+    ids=["ENOSPC", "EROFS", "EACCES"],
+)
+def test_a_file_that_cannot_be_used_gets_advice_that_fits_the_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int, advice: str
+) -> None:
+    # A full or read-only disk is no stray file to move out of the directory.
+    _journal(tmp_path, 1, [(j.Op.PUT, "s", NOW + 60, 60, b"x")])
+    real = os.readv
+
+    def failing(fd: int, buffers: list[bytearray]) -> int:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "readv", failing)
+    with pytest.raises(DataDirError) as info:
+        restore(str(tmp_path), NOW)
+    monkeypatch.setattr(os, "readv", real)
+    message = str(info.value)
+    assert str(tmp_path / journal_name(1)) in message and os.strerror(error) in message
+    assert advice in message
+    if error != 13:
+        assert "move it out" not in message

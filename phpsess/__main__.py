@@ -638,10 +638,10 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return EXIT_FAILURE
     if journal:
         logs.print_failure(
-            f"stopped: the journal could not be written ({journal[0]}), so no "
-            "write could be acknowledged any more; fix the disk (free space, the "
-            "files in the data directory), then start phpsess again: it restores "
-            "what the journal holds"
+            f"stopped: the journal could not be written ({journal[0]}); changes it "
+            "could not take are lost (event=journal_unwritten in the log says how "
+            "many bytes); fix the disk (free space, the files in the data "
+            "directory), then start phpsess again: it restores what the journal holds"
         )
         return EXIT_FAILURE
     log.info("event=stopped")

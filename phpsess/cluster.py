@@ -48,7 +48,12 @@ _MAX_LINE: Final = 512
 # secret cannot crowd out the peers' links by holding connections open; any
 # other source (a peer whose connections leave from another address) shares
 # the rest.  Each address has a cap of its own, so that one host (even a
-# peer's, running other programs) cannot take every slot.
+# peer's, running other programs) cannot take every slot.  At a cap the
+# oldest unauthenticated connection (of that address, else of the pool) is
+# closed to make room: a peer's daemon answers CHALLENGE within a round trip,
+# so its connection is never the oldest for long, while one that says nothing
+# is (a program on a peer's host holding connections open cannot keep the
+# daemon there out).
 HANDSHAKES_FROM_PEERS: Final = 64
 HANDSHAKES_PER_PEER_ADDRESS: Final = 16  # another program on a peer's host
 HANDSHAKES_FROM_OTHERS: Final = 16
@@ -80,7 +85,15 @@ class ClusterConfig:
 
 
 class LinkError(Exception):
-    """A peer could not be reached or broke the conversation."""
+    """A peer could not be reached or broke the conversation.  ``answered``:
+    yet its daemon showed it runs (CLUSTER.md §3): it closed or reset the
+    connection after accepting it, or sent bytes we could not use.  A
+    timeout never says so: the kernel accepts connections for a daemon that
+    is stopped (``SIGSTOP``) or hung as well."""
+
+    def __init__(self, message: str, *, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 class _Lines:
@@ -120,6 +133,7 @@ class PeerLink:
         address = cluster.peer_address.get(self.name)
         if address is None:
             raise LinkError(f"{self.name!r} is not a configured peer")
+        stream: trio.SocketStream | None = None
         try:
             with trio.fail_after(IO_TIMEOUT_S):
                 stream = await trio.open_tcp_stream(
@@ -139,7 +153,18 @@ class PeerLink:
                     raise peerauth.AuthError(f"expected {self.name}, {name} answered")
                 peerauth.verify_proof(cluster.config.secret, mine, name, tag)
         except (OSError, trio.TooSlowError, peerauth.AuthError, trio.BrokenResourceError) as exc:
-            raise LinkError(f"cannot reach peer {self.name} at {address}: {exc}") from exc
+            # Accepted, then closed, reset or answered wrongly: the daemon
+            # runs (a handshake slot may have been taken from it, §4).
+            answered = stream is not None and (
+                isinstance(exc, peerauth.AuthError) or _reset(exc)
+            )
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            why = f"no handshake within {IO_TIMEOUT_S:g} s" if isinstance(
+                exc, trio.TooSlowError) else str(exc) or type(exc).__name__
+            raise LinkError(
+                f"cannot reach peer {self.name} at {address}: {why}", answered=answered
+            ) from exc
         self.stream = stream
         self.parser = p.ReplyParser()
         self.parser.receive_data(bytes(lines.buf))
@@ -161,12 +186,17 @@ class PeerLink:
                             break
                         data = await netio.receive(fd)
                         if not data:
-                            raise LinkError(f"peer {self.name} closed the connection")
+                            raise LinkError(
+                                f"peer {self.name} closed the connection", answered=True
+                            )
                         self.parser.receive_data(data)
             except (OSError, trio.TooSlowError, trio.BrokenResourceError, p.ReplyError,
                     trio.ClosedResourceError) as exc:
                 await self.aclose()
-                raise LinkError(f"peer {self.name}: {exc or type(exc).__name__}") from exc
+                raise LinkError(
+                    f"peer {self.name}: {exc or type(exc).__name__}",
+                    answered=isinstance(exc, p.ReplyError) or _reset(exc),
+                ) from exc
             except LinkError:
                 await self.aclose()
                 raise
@@ -344,6 +374,8 @@ class Pipe:
                 slot = self._waiting.popleft()
                 slot.reply = reply
                 slot.done.set()
+                if self.cluster._unresponsive:
+                    self.cluster._answered(self.name)
             data = await netio.receive(fd)
             if not data:
                 raise LinkError("connection closed")
@@ -355,6 +387,15 @@ class Pipe:
             slot = self._waiting.popleft()
             slot.error = why
             slot.done.set()
+
+
+@attrs.define(eq=False)
+class _Handshake:
+    """An unauthenticated peer connection in its handshake (CLUSTER.md §4)."""
+
+    host: str
+    pool: dict[_Handshake, None]
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
 
 class _Unanswered(LinkError):
@@ -526,6 +567,23 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
+def _reset(exc: BaseException) -> bool:
+    """Whether the peer reset or closed the connection behind ``exc``."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return True
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return False
+
+
 _SID_REQUESTS: Final = (p.Read, p.Write, p.Touch, p.Exists, p.Destroy, p.Get)
 
 
@@ -550,6 +608,8 @@ class Cluster:
         self._replay_guard = peerauth.ReplayGuard()
         self._wake = trio.Event()
         self._probing: set[str] = set()
+        # Peers that left a WHERE unanswered, until they answer (_where_all).
+        self._unresponsive: set[str] = set()
         # Some session we master may have no backup (restored so, or its
         # backup died while no peer could take a copy): the heartbeat task
         # re-copies them once a peer can.  Set when that may be so.
@@ -561,14 +621,19 @@ class Cluster:
         self._verifying = False
         self._rehomed: set[str] = set()
         self._missing_logged: set[str] = set()
-        self._handshakes = trio.CapacityLimiter(HANDSHAKES_FROM_PEERS)
-        self._other_handshakes = trio.CapacityLimiter(HANDSHAKES_FROM_OTHERS)
-        self._handshakes_by_address: dict[str, int] = {}
+        # Unauthenticated handshakes in progress, oldest first (dicts keep
+        # their insertion order): from the peers' addresses, from others,
+        # and per address (CLUSTER.md §4).
+        self._from_peers: dict[_Handshake, None] = {}
+        self._from_others: dict[_Handshake, None] = {}
+        self._by_address: dict[str, dict[_Handshake, None]] = {}
         self._peer_hosts: frozenset[str] = frozenset()  # the peers' IP addresses
         # Refused and failed handshakes, per kind: logged rarely (_rare), as
         # rejected heartbeats are, so that a host without the secret cannot
         # flood the log.
         self._refusals: dict[str, int] = {}
+        # Copies a backup refused, per (backup, reply code): logged rarely.
+        self._copy_refusals: dict[tuple[str, str], int] = {}
         self._pipes: dict[str, Pipe] = {}
         self.started = trio.current_time()
         self._last_tick = trio.current_time()
@@ -941,8 +1006,13 @@ class Cluster:
                 # answer: no probe ever answered.)
                 await link.call(p.Hello(p.PROTOCOL_VERSION), timeout_s=self.config.probe_s)
                 answered = True
+                self._answered(name)
         except LinkError as exc:
             refused = _refused(exc)
+            # Closed or reset by the peer's daemon (one whose handshake slots
+            # a program on its host holds, §4): it runs, so it is not
+            # silent.  Only a timeout or a refused connection counts as none.
+            answered = exc.answered and not refused
         finally:
             await link.aclose()
             self._probing.discard(name)
@@ -1060,45 +1130,68 @@ class Cluster:
         if _rare(count):
             log.warning(message + " count=%d", *args, count)
 
+    def _admit(self, host: str) -> _Handshake:
+        """A slot for an unauthenticated handshake from ``host`` (CLUSTER.md
+        §4).  At a cap the oldest handshake of that address, else of its
+        pool, is closed to make room (see ``HANDSHAKES_FROM_PEERS``)."""
+        if host in self._peer_hosts:
+            pool, pool_cap, cap = (
+                self._from_peers, HANDSHAKES_FROM_PEERS, HANDSHAKES_PER_PEER_ADDRESS
+            )
+        else:
+            pool, pool_cap, cap = (
+                self._from_others, HANDSHAKES_FROM_OTHERS, HANDSHAKES_PER_OTHER_ADDRESS
+            )
+        mine = self._by_address.setdefault(host, {})
+        victim = None
+        if len(mine) >= cap:
+            victim = next(iter(mine))
+        elif len(pool) >= pool_cap:
+            victim = next(iter(pool))
+        if victim is not None:
+            self._release(victim)
+            victim.scope.cancel()
+            self._refused(
+                "event=peer_refused reason=too_many_handshakes peer=%s detail=its oldest "
+                "unauthenticated connection closed to make room for a new one", victim.host,
+            )
+        handshake = _Handshake(host, pool)
+        pool[handshake] = None
+        self._by_address.setdefault(host, {})[handshake] = None
+        return handshake
+
+    def _release(self, handshake: _Handshake) -> None:
+        handshake.pool.pop(handshake, None)
+        mine = self._by_address.get(handshake.host)
+        if mine is not None:
+            mine.pop(handshake, None)
+            if not mine:
+                del self._by_address[handshake.host]
+
     async def _peer_connection(self, stream: trio.SocketStream) -> None:
         lines = _Lines(stream)
         host = _peer(stream)
-        if host in self._peer_hosts:
-            limiter, cap = self._handshakes, HANDSHAKES_PER_PEER_ADDRESS
-        else:
-            limiter, cap = self._other_handshakes, HANDSHAKES_PER_OTHER_ADDRESS
-        now_from_host = self._handshakes_by_address.get(host, 0)
-        if limiter.borrowed_tokens >= limiter.total_tokens or now_from_host >= cap:
-            self._refused("event=peer_refused reason=too_many_handshakes peer=%s", host)
-            await trio.aclose_forcefully(stream)
-            return
-        self._handshakes_by_address[host] = now_from_host + 1
+        handshake = self._admit(host)
         try:
-            async with limiter:
-                with trio.fail_after(IO_TIMEOUT_S):
-                    mine = peerauth.new_challenge()
-                    await stream.send_all(peerauth.challenge_line(mine))
-                    name, incarnation, tag, theirs = peerauth.parse_auth_line(
-                        await lines.line()
-                    )
-                    if name not in self.peer_address:  # also refuses our own name
-                        raise peerauth.AuthError(f"unknown node {name!r}")
-                    if theirs == mine:
-                        raise peerauth.AuthError("a reflected challenge")
-                    peerauth.verify_proof(self.config.secret, mine, name, tag)
-                    await stream.send_all(
-                        peerauth.accept_line(self.me, theirs, self.config.secret)
-                    )
+            with handshake.scope, trio.fail_after(IO_TIMEOUT_S):
+                mine = peerauth.new_challenge()
+                await stream.send_all(peerauth.challenge_line(mine))
+                name, incarnation, tag, theirs = peerauth.parse_auth_line(await lines.line())
+                if name not in self.peer_address:  # also refuses our own name
+                    raise peerauth.AuthError(f"unknown node {name!r}")
+                if theirs == mine:
+                    raise peerauth.AuthError("a reflected challenge")
+                peerauth.verify_proof(self.config.secret, mine, name, tag)
+                await stream.send_all(peerauth.accept_line(self.me, theirs, self.config.secret))
         except (peerauth.AuthError, trio.TooSlowError, OSError, trio.BrokenResourceError) as exc:
             self._refused("event=peer_auth_failed peer=%s detail=%s", host, exc)
             await trio.aclose_forcefully(stream)
             return
         finally:
-            left = self._handshakes_by_address[host] - 1
-            if left:
-                self._handshakes_by_address[host] = left
-            else:
-                del self._handshakes_by_address[host]
+            self._release(handshake)
+        if handshake.scope.cancelled_caught:  # closed for a newer one (_admit)
+            await trio.aclose_forcefully(stream)
+            return
         for event in self.membership.connected(name, incarnation):
             self._on_event(event)
         await self.server.serve_peer(stream, name, bytes(lines.buf))
@@ -1261,13 +1354,24 @@ class Cluster:
 
     async def _where_all(self, sid: str) -> dict[str, tuple[str, int, int, int, bytes]]:
         """``WHERE sid`` of every live peer: node -> (role, epoch, version,
-        ttl_ms, data) for those that hold a copy."""
+        ttl_ms, data) for those that hold a copy.  No answer counts as no
+        copy there (CLUSTER.md §11.4).  A peer that left one unanswered (the
+        link failed or timed out) is suspected, and until it answers again
+        its answer is waited for ``probe_s`` only, not the link's 5 s: a peer
+        that heartbeats but never answers over TCP must not hold up every
+        new session and ``EXISTS`` (§5.4)."""
         answers: dict[str, tuple[str, int, int, int, bytes]] = {}
 
         async def ask(node: str) -> None:
+            wait_s = self.config.probe_s if node in self._unresponsive else math.inf
+            reply: p.Reply | None = None
             try:
-                reply = await self.call(node, p.Where(sid))
-            except LinkError:
+                with trio.move_on_after(wait_s):
+                    # Given up, the request stays on the pipe: its reply, if
+                    # one comes, is dropped (Pipe.call).
+                    reply = await self.call(node, p.Where(sid))
+            except LinkError as exc:
+                self._no_answer(node, exc)
                 return
             if isinstance(reply, p.Data):
                 parsed = _where_tokens(reply.tokens)
@@ -1278,6 +1382,25 @@ class Cluster:
             for node in self.membership.alive_peers():
                 nursery.start_soon(ask, node)
         return answers
+
+    def _no_answer(self, node: str, exc: LinkError) -> None:
+        """``node`` left a WHERE unanswered: suspect it (the probe decides),
+        and wait for it only briefly until it answers (:meth:`_where_all`)."""
+        if node not in self._unresponsive:
+            self._unresponsive.add(node)
+            log.warning(
+                "event=peer_unresponsive peer=%s detail=no answer to WHERE (%s); until it "
+                "answers, its answers are waited for %d ms only (probe_ms) and a missing "
+                "one counts as no copy there", node, exc, round(self.config.probe_s * 1000),
+            )
+        for event in self.membership.suspect(node):
+            self._on_event(event)
+
+    def _answered(self, node: str) -> None:
+        """A reply came from ``node`` over TCP: it answers again."""
+        if node in self._unresponsive:
+            self._unresponsive.discard(node)
+            log.info("event=peer_responsive peer=%s", node)
 
     def _drop_local(self, sid: str) -> None:
         """Our copy of ``sid`` is gone (stale, moved, deleted): so are the
@@ -1458,7 +1581,12 @@ class Cluster:
                 self.replication_failures_total += 1
                 log.info("event=replication_failed peer=%s detail=%s", backup, exc)
                 if trio.current_time() > deadline:
-                    return p.Error(p.Code.UNAVAILABLE, f"backup {backup} does not answer")
+                    return p.Error(
+                        p.Code.UNAVAILABLE,
+                        f"backup {backup} does not answer; this node keeps the change without "
+                        "a second copy, so its outcome is unknown (lost if this node fails "
+                        "before a later change is copied)",
+                    )
                 await self._wait_for_verdict(backup)
                 if self.membership.state(backup) == mb.DEAD:
                     if m is None:
@@ -1480,7 +1608,34 @@ class Cluster:
                     p.Code.UNAVAILABLE,
                     f"this node is no longer the session's master ({master} is); retry",
                 )
-            return p.Error(p.Code.UNAVAILABLE, f"backup {backup} refused the copy: {reply}")
+            return self._copy_refused(sid, backup, reply)
+
+    def _copy_refused(self, sid: str, backup: str, reply: p.Reply) -> p.Error:
+        """The backup answered a copy with something other than OK or STALE
+        (CLUSTER.md §6, §11.4): the change stays here, not acknowledged, its
+        outcome unknown to the client (PROTOCOL.md §9 ``UNAVAILABLE``)."""
+        self.replication_failures_total += 1
+        words = _reply_words(reply)
+        kind = reply.code.name if isinstance(reply, p.Error) else "unexpected"
+        count = self._copy_refusals[(backup, kind)] = self._copy_refusals.get((backup, kind), 0) + 1
+        if _rare(count):
+            detail = ""
+            if isinstance(reply, p.Error) and reply.code is p.Code.TOO_LARGE:
+                detail = (
+                    f" detail=the backup's max_session_bytes is smaller than this node's "
+                    f"({self.server.engine.limits.max_session_bytes}): set the same "
+                    "max_session_bytes on every node"
+                )
+            log.warning(
+                "event=replication_refused peer=%s session=%s count=%d reply=%s%s",
+                backup, sid_tag(sid), count, words, detail,
+            )
+        return p.Error(
+            p.Code.UNAVAILABLE,
+            f'backup {backup} refused the copy: "{words}"; this node keeps the change '
+            "without a second copy, so its outcome is unknown (lost if this node fails "
+            "before a later change is copied)",
+        )
 
     async def _rehome(self, sid: str, old_backup: str) -> None:
         """Copy to the new backup, then release the draining one's copy."""
@@ -1687,6 +1842,15 @@ class Cluster:
         return False
 
 
+def _reply_words(reply: p.Reply) -> str:
+    """A peer's reply as its line on the wire (without a DATA's data)."""
+    if isinstance(reply, p.Error):
+        return f"{reply.code.name} {reply.message}".rstrip()
+    if isinstance(reply, p.Data):
+        return p.data_header(reply).decode("ascii", "replace").rstrip()
+    return p.encode_reply(reply).decode("ascii", "replace").rstrip()
+
+
 def _stale_master(reply: p.Reply) -> tuple[str, int] | None:
     """``<master> <epoch>`` of a STALE refusal, or None."""
     if not (isinstance(reply, p.Error) and reply.code is p.Code.STALE):
@@ -1704,10 +1868,13 @@ def _where_tokens(tokens: tuple[str, ...]) -> tuple[str, int, int, int] | None:
     if not all(t.isascii() and t.isdigit() and len(t) < 20 for t in tokens[1:]):
         return None
     epoch, version, ttl_ms = int(tokens[1]), int(tokens[2]), int(tokens[3])
-    # In the ranges REPL takes: a peer that lies must not get an epoch that
-    # no REPL can carry (the session wedged) or a lifetime the journal
-    # cannot hold (the daemon stopped).
-    if epoch > p.MAX_COUNTER or version > p.MAX_COUNTER or ttl_ms > p.MAX_TTL_S * 1000:
+    # A node may take these as its own (a master copy's version, §7): with
+    # room left for the REPLs that carry them on (protocol.MAX_START_COUNTER),
+    # so that a peer that lies cannot wedge the session (every write
+    # UNAVAILABLE), nor give a lifetime the journal cannot hold (the daemon
+    # stopped).
+    top = p.MAX_START_COUNTER
+    if epoch > top or version > top or ttl_ms > p.MAX_TTL_S * 1000:
         return None
     return tokens[0], epoch, version, ttl_ms
 

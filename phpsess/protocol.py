@@ -447,10 +447,20 @@ def _parse_hello(args: list[bytes]) -> Hello:
     )
 
 
-# Epochs and versions (CLUSTER.md): the most a request's number carries
-# (18 digits, _NUMBER_RE), so that every counter a node accepts (also in
-# a WHERE reply) fits the REPL that has to carry it on.
+# Epochs and versions (CLUSTER.md §6, §11.4).  A number on the wire has at
+# most 18 digits (MAX_COUNTER, _NUMBER_RE).  A node counts on from what its
+# peers send it (one more per change, takeover or hand-over) and sends the
+# result on in REPLs, so it takes less than that from them, leaving room
+# for COUNTER_HEADROOM increments before the next hop's limit: a copy's
+# counters (REPL, REPLDEL) up to MAX_COPY_COUNTER, and what it takes as the
+# start of its own counting as master (HANDOFF, a WHERE answer) up to
+# MAX_START_COUNTER.  Taking MAX_COUNTER itself wedged the session: its next
+# write had a version no REPL can carry.  No honest cluster comes near
+# either bound (10^17 writes to one session).
 MAX_COUNTER: Final = 10**18 - 1
+COUNTER_HEADROOM: Final = 10**17
+MAX_COPY_COUNTER: Final = MAX_COUNTER - COUNTER_HEADROOM
+MAX_START_COUNTER: Final = MAX_COPY_COUNTER - COUNTER_HEADROOM
 
 
 def _node(token: bytes) -> str:
@@ -468,8 +478,8 @@ def _parse_peer(verb: bytes, args: list[bytes]) -> Request:
         return ReplDelete(
             _sid_arg(args[0]),
             _node(args[1]),
-            _number(args[2], "epoch", 0, MAX_COUNTER),
-            _number(args[3], "version", 0, MAX_COUNTER),
+            _number(args[2], "epoch", 0, MAX_COPY_COUNTER),
+            _number(args[3], "version", 0, MAX_COPY_COUNTER),
         )
     raise _BadRequest(Code.UNKNOWN_VERB, f"unknown verb {_show(verb)}; see PROTOCOL.md section 4")
 
@@ -548,16 +558,17 @@ def _write_args(args: list[bytes]) -> _Builder:
 def _repl_args(args: list[bytes]) -> _Builder:
     sid = _sid_arg(args[0])
     master = _node(args[1])
-    epoch = _number(args[2], "epoch", 0, MAX_COUNTER)
-    version = _number(args[3], "version", 0, MAX_COUNTER)
+    epoch = _number(args[2], "epoch", 0, MAX_COPY_COUNTER)
+    version = _number(args[3], "version", 0, MAX_COPY_COUNTER)
     ttl_s = _number(args[4], "ttl_s", 1, MAX_TTL_S)
     return lambda data: ReplPut(sid, master, epoch, version, ttl_s, data)
 
 
 def _handoff_args(args: list[bytes]) -> _Builder:
     sid = _sid_arg(args[0])
-    epoch = _number(args[1], "epoch", 0, MAX_COUNTER)
-    version = _number(args[2], "version", 0, MAX_COUNTER)
+    # The receiver masters the session from these on (CLUSTER.md §8).
+    epoch = _number(args[1], "epoch", 0, MAX_START_COUNTER)
+    version = _number(args[2], "version", 0, MAX_START_COUNTER)
     ttl_s = _number(args[3], "ttl_s", 1, MAX_TTL_S)
     return lambda data: Handoff(sid, epoch, version, ttl_s, data)
 

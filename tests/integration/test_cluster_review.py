@@ -424,20 +424,23 @@ def test_where_replies_out_of_range_are_ignored() -> None:
     # A lying peer's WHERE: a lifetime the journal cannot hold stopped the
     # daemon (struct.error), an epoch past what REPL carries wedged the
     # session (every write UNAVAILABLE).
-    top = str(p.MAX_COUNTER)
+    top = str(p.MAX_START_COUNTER)
     year_ms = str(p.MAX_TTL_S * 1000)
     assert cl._where_tokens(("master", top, top, year_ms)) == (
-        "master", p.MAX_COUNTER, p.MAX_COUNTER, p.MAX_TTL_S * 1000
+        "master", p.MAX_START_COUNTER, p.MAX_START_COUNTER, p.MAX_TTL_S * 1000
     )
-    # ... and the highest it takes still fits a REPL (it used to take up to
-    # 2^63 - 1, 19 digits, where a request's numbers have 18 at most).
+    # ... and the highest it takes leaves room for the REPLs that carry it
+    # on (it used to take up to 10^18 - 1, which the next write's REPL
+    # could no longer carry: CLUSTER.md §11.4).
+    after = p.MAX_START_COUNTER + p.COUNTER_HEADROOM
     parser = p.RequestParser(1024, peer=True)
-    parser.receive_data(f"REPL s1-a-b a {top} {top} 60 1\nx".encode())
-    assert parser.next_event() == p.ReplPut("s1-a-b", "a", p.MAX_COUNTER, p.MAX_COUNTER, 60, b"x")
+    parser.receive_data(f"REPL s1-a-b a {after} {after} 60 1\nx".encode())
+    assert parser.next_event() == p.ReplPut("s1-a-b", "a", after, after, 60, b"x")
     for tokens in (
         ("master", "1", "1", str(p.MAX_TTL_S * 1000 + 1)),
         ("backup", "1", "1", "1000000000000000000"),
-        ("master", str(p.MAX_COUNTER + 1), "1", "1"),
+        ("master", str(p.MAX_START_COUNTER + 1), "1", "1"),
+        ("backup", "1", str(p.MAX_COUNTER), "1"),
         ("master", "1", "9999999999999999999", "1"),
         ("master", "1", "1", "-1"),
         ("master", "1", "1", "١٢"),  # digits, but not ASCII

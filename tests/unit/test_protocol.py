@@ -585,3 +585,65 @@ def test_a_huge_numeric_write_length_is_too_large_not_a_framing_error() -> None:
     event = parser.next_event()
     assert isinstance(event, p.RequestError) and event.code is p.Code.TOO_LARGE
     assert not parser.broken
+
+
+# ---------------------------------------------------------------- peer counters (CLUSTER.md §11.4)
+
+_COPY = p.MAX_COPY_COUNTER
+_START = p.MAX_START_COUNTER
+
+
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [
+        # A copy's counters (REPL, REPLDEL): up to MAX_COPY_COUNTER, room
+        # left for the takeovers and writes that carry them on.
+        (f"REPL s1-a-b a {_COPY} {_COPY} 60 1\nx".encode(),
+         p.ReplPut("s1-a-b", "a", _COPY, _COPY, 60, b"x")),
+        (f"REPLDEL s1-a-b a {_COPY} {_COPY}\n".encode(),
+         p.ReplDelete("s1-a-b", "a", _COPY, _COPY)),
+        # What the receiver masters from (HANDOFF): up to MAX_START_COUNTER,
+        # so that its writes' REPLs stay within the copy's bound.
+        (f"HANDOFF s1-a-b {_START} {_START} 60 1\nx".encode(),
+         p.Handoff("s1-a-b", _START, _START, 60, b"x")),
+    ],
+)
+@pytest.mark.parametrize("bytewise", [False, True])
+def test_peer_counters_up_to_their_bound_are_taken(
+    wire: bytes, expected: p.Request, bytewise: bool
+) -> None:
+    parser = p.RequestParser(MAX, peer=True)
+    events: list[p.Event] = []
+    for chunk in [wire[i : i + 1] for i in range(len(wire))] if bytewise else [wire]:
+        parser.receive_data(chunk)
+        events += drain(parser)
+    assert events == [expected]
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        f"REPL s1-a-b a {_COPY + 1} 1 60 1\nx".encode(),
+        f"REPL s1-a-b a 1 {_COPY + 1} 60 1\nx".encode(),
+        f"REPL s1-a-b a 1 {p.MAX_COUNTER} 60 1\nx".encode(),
+        f"REPLDEL s1-a-b a {_COPY + 1} 1\n".encode(),
+        f"REPLDEL s1-a-b a 1 {_COPY + 1}\n".encode(),
+        f"HANDOFF s1-a-b {_START + 1} 1 60 1\nx".encode(),
+        f"HANDOFF s1-a-b 1 {_START + 1} 60 1\nx".encode(),
+        f"HANDOFF s1-a-b {p.MAX_COUNTER} {p.MAX_COUNTER} 600 1\nx".encode(),
+    ],
+)
+def test_peer_counters_past_their_bound_are_bad_requests(wire: bytes) -> None:
+    # Taken, the session's next write had a version no REPL may carry: the
+    # backup refused it, the client got UNAVAILABLE, a drain lost it.
+    parser = p.RequestParser(MAX, peer=True)
+    parser.receive_data(wire + b"PING\n")
+    event = parser.next_event()
+    assert isinstance(event, p.RequestError) and event.code is p.Code.BAD_REQUEST, event
+    assert "must be 0-" in event.message
+    assert parser.next_event() == p.Ping()  # the payload was read and dropped
+
+
+def test_the_counter_bounds_leave_headroom_within_the_wire_format() -> None:
+    assert _START + p.COUNTER_HEADROOM == _COPY
+    assert _COPY + p.COUNTER_HEADROOM == p.MAX_COUNTER == 10**18 - 1

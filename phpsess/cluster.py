@@ -1745,16 +1745,20 @@ class Cluster:
             # are handed over in turn, never left behind when we exit.
             while True:
                 masters = [s for s, m in self.replicas.meta.items() if m.role == MASTER]
-                if masters:
-                    if not self.membership.alive_peers():
-                        # Nobody to hand them to (every peer is dead): as
-                        # before the drain, ours is the only copy; waiting
-                        # cannot help.
+                backups = any(m.role == BACKUP for m in self.replicas.meta.values())
+                live = self.membership.alive_peers()
+                staying = [n for n in live if not self.membership.load(n)[2]]
+                if masters or (backups and not staying):
+                    if not staying:
+                        # Nobody to hand them to (every peer is dead, or is
+                        # draining too: the whole cluster stops): waiting
+                        # until the deadline cannot help.
                         log.warning(
-                            "event=drain_alone masters=%d detail=no live peer to hand "
-                            "sessions to; they stay in this node's data directory, if it "
-                            "has one",
-                            len(masters),
+                            "event=drain_alone masters=%d draining_peers=%d detail=no live "
+                            "peer that stays to hand sessions to%s; they stay in this "
+                            "node's data directory, if it has one",
+                            len(masters), len(live),
+                            " (every live peer is draining too)" if live else "",
                         )
                         break
                     for sid in masters:
@@ -1762,7 +1766,7 @@ class Cluster:
                     if any(m.role == MASTER for m in self.replicas.meta.values()):
                         await trio.sleep(0.1)  # a target failed: retry once decided
                     continue
-                if not any(m.role == BACKUP for m in self.replicas.meta.values()):
+                if not backups:
                     break
                 await trio.sleep(0.05)
             log.info("event=drained handed_over=%d", handed)
@@ -1779,8 +1783,10 @@ class Cluster:
                     "locked=%d detail=the drain deadline (--drain-timeout-s) passed with "
                     "sessions still mastered here (locked: a request still held the lock); "
                     "their backups take over the %d with a live backup once peers declare this "
-                    "node dead (CLUSTER.md §7); the other %d have no other copy and are lost",
+                    "node dead (CLUSTER.md §7); the other %d have no other copy %s",
                     len(left), handed, backed, locked, backed, len(left) - backed,
+                    "and stay in this node's data directory"
+                    if self.server.persister is not None else "and are lost (--memory-only)",
                 )
             log.warning("event=drain_timeout")
 

@@ -610,6 +610,9 @@ class Cluster:
         self._probing: set[str] = set()
         # Peers that left a WHERE unanswered, until they answer (_where_all).
         self._unresponsive: set[str] = set()
+        # Peers never heard whose daemon answered our probe's connection but
+        # did not complete the handshake: they do not take this node (§2).
+        self._refusing_us: set[str] = set()
         # Some session we master may have no backup (restored so, or its
         # backup died while no peer could take a copy): the heartbeat task
         # re-copies them once a peer can.  Set when that may be so.
@@ -724,6 +727,7 @@ class Cluster:
                 link.abort()
             self._pipes.pop(name, None)
         self.peer_address = wanted
+        self._refusing_us &= set(wanted)
         self.replicas.nodes = frozenset([self.me, *wanted])
         for name in removed:
             self._spawn(self._peer_dead, name)
@@ -755,11 +759,22 @@ class Cluster:
             "peers": members,
         }}
 
-    def _sid_suffix(self) -> str:
+    def _sid_suffix(self) -> str | p.Error:
         master = self.me
         if self.draining:
             master = self.membership.choose_backup() or self.me
         backup = self.membership.choose_backup(exclude={master})
+        if backup is None and self._refusing_us:
+            # Alone because the peers whose daemons run do not take us (not
+            # in their [cluster.peers], another secret): they would take
+            # this node's IDs for client-chosen ones and could start second
+            # copies of them, never reconciled (CLUSTER.md §2, §9).
+            return p.Error(
+                p.Code.UNAVAILABLE,
+                f"no peer takes this node ({', '.join(sorted(self._refusing_us))} "
+                "refuse its handshake: is it in their [cluster.peers], with the same "
+                "secret?); not creating a session with a single copy",
+            )
         return suffix(master, backup)
 
     def adopt_restored(self, sids: list[str], journaled: dict[str, bytes]) -> None:
@@ -914,6 +929,7 @@ class Cluster:
             log.info(
                 "event=peer_alive peer=%s rejoined=%s", event.name, event.rejoined
             )
+            self._refusing_us.discard(event.name)
             if not event.rejoined:
                 # First heard since our start: it may have been paused or cut
                 # off, and hold newer copies of what we master with it as
@@ -1013,6 +1029,15 @@ class Cluster:
             # a program on its host holds, §4): it runs, so it is not
             # silent.  Only a timeout or a refused connection counts as none.
             answered = exc.answered and not refused
+            if answered and self.membership.incarnation_of(name) is None:
+                if name not in self._refusing_us:
+                    log.warning(
+                        "event=peer_refuses_this_node peer=%s detail=its daemon runs but "
+                        "did not complete the handshake (%s): is this node in its "
+                        "[cluster.peers], with the same secret? Until a peer takes this "
+                        "node, new sessions are refused here", name, exc,
+                    )
+                self._refusing_us.add(name)
         finally:
             await link.aclose()
             self._probing.discard(name)

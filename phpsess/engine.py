@@ -159,7 +159,9 @@ class Engine:
         self.changes: list[tuple[Op, str, int, bytes]] | None = None
         # In a cluster, what create_sid appends to name master and backup
         # (CLUSTER.md §2); None on a single node.
-        self.sid_suffix: Callable[[], str] | None = None
+        # In a cluster: the suffix naming a new session's master and backup,
+        # or the error refusing to create one (CLUSTER.md §2).
+        self.sid_suffix: Callable[[], str | p.Error] | None = None
         # The daemon's process ID, set by the shell, for STATS (phpsess drain
         # --wait watches that process exit); 0 if unknown.
         self.pid = 0
@@ -398,6 +400,9 @@ class Engine:
         alphabet = _ALPHABETS[request.bits]
         mask = len(alphabet) - 1  # 16, 32 or 64 divide 256: every character is uniform
         suffix = "" if self.sid_suffix is None else self.sid_suffix()
+        if isinstance(suffix, p.Error):
+            self.errors_total += 1
+            return suffix
         # In a cluster the node names follow; the whole ID stays within 256
         # characters, so PHP and the protocol accept it (CLUSTER.md §2).
         length = min(request.length, p.MAX_SID_LENGTH - len(suffix))

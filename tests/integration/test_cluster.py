@@ -836,3 +836,40 @@ def test_a_whole_cluster_stopped_at_once_does_not_wait_out_the_drain_deadline(
     with Client(cluster.nodes["a"].address, timeout_s=30) as c:
         for sid, value in values.items():
             assert c.request(p.Read(sid, lock=False)) == p.Data(value), sid
+
+
+def test_a_node_its_running_peer_does_not_take_creates_no_single_copy_sessions(
+    workdir: Path,
+) -> None:
+    # web4 started before web1-3 were told of it (or with another secret):
+    # it heard nobody and created sessions alone, whose IDs the others took
+    # for client-chosen ones and served as new: two masters, never
+    # reconciled, acknowledged writes lost (DEPLOYMENT.md, section 4).
+    secret = workdir / "secret"
+    secret.write_bytes(os.urandom(32).hex().encode())
+    ports = {name: _free_port() for name in ("a", "b", "z")}
+    common = ["--cluster-secret-file", str(secret), "--dead-after-ms", str(DEAD_AFTER_MS),
+              "--heartbeat-ms", "250"]
+    dirs = {name: workdir / name for name in ("a", "b")}
+    for d in dirs.values():
+        d.mkdir()
+    # b's peer list lacks a (z is nobody, so that b is a cluster node).
+    b = Daemon(dirs["b"], "--node", "b", "--cluster-listen", f"127.0.0.1:{ports['b']}",
+               "--peer", f"z=127.0.0.1:{ports['z']}", *common)
+    a = Daemon(dirs["a"], "--node", "a", "--cluster-listen", f"127.0.0.1:{ports['a']}",
+               "--peer", f"b=127.0.0.1:{ports['b']}", *common)
+    try:
+        deadline = time.monotonic() + 20
+        while "event=peer_refuses_this_node peer=b" not in a.log():
+            assert time.monotonic() < deadline, a.log()
+            time.sleep(0.1)
+        with Client(a.address) as c:
+            reply = c.request(p.Create())
+            assert isinstance(reply, p.Error) and reply.code is p.Code.UNAVAILABLE, reply
+            assert "b refuse" in reply.message and "[cluster.peers]" in reply.message
+        assert b.proc is not None and b.proc.poll() is None
+    finally:
+        for d in (a, b):
+            if d.proc is not None and d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()

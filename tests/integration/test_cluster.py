@@ -869,7 +869,7 @@ def test_a_node_its_running_peer_does_not_take_creates_no_single_copy_sessions(
             assert "b refuse" in reply.message and "[cluster.peers]" in reply.message
         assert b.proc is not None and b.proc.poll() is None
     finally:
-        for d in (a, b):
-            if d.proc is not None and d.proc.poll() is None:
-                d.proc.kill()
-                d.proc.wait()
+        for daemon in (a, b):
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.proc.kill()
+                daemon.proc.wait()

@@ -550,8 +550,9 @@ def _source_host(listen_host: str) -> str | None:
     return None if ip.is_unspecified else listen_host
 
 
-def _refused(exc: BaseException) -> bool:
-    """Whether a connection refusal (nothing listening) is behind ``exc``."""
+def _caused_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """Whether an exception of ``kinds`` is behind ``exc`` (its causes,
+    contexts and exception groups)."""
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -559,29 +560,22 @@ def _refused(exc: BaseException) -> bool:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, ConnectionRefusedError):
+        if isinstance(e, kinds):
             return True
         if isinstance(e, BaseExceptionGroup):
             todo.extend(e.exceptions)
         todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
     return False
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connection refusal (nothing listening) is behind ``exc``."""
+    return _caused_by(exc, (ConnectionRefusedError,))
 
 
 def _reset(exc: BaseException) -> bool:
     """Whether the peer reset or closed the connection behind ``exc``."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        e = todo.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-            return True
-        if isinstance(e, BaseExceptionGroup):
-            todo.extend(e.exceptions)
-        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
-    return False
+    return _caused_by(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError))
 
 
 _SID_REQUESTS: Final = (p.Read, p.Write, p.Touch, p.Exists, p.Destroy, p.Get)

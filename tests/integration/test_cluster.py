@@ -779,6 +779,17 @@ def test_a_backup_drained_right_after_its_master_crashed_hands_over_what_it_took
             assert c.request(p.Read(sid, lock=False)) == p.Data(value), sid
 
 
+def _start_all_together(cluster: Cluster) -> None:
+    """Start every (stopped) node at once and wait until each hears the others."""
+    starts = [threading.Thread(target=d.start) for d in cluster.nodes.values()]
+    for thread in starts:
+        thread.start()
+    for thread in starts:
+        thread.join(30)
+    for name in NAMES:
+        _wait_alive(cluster, name, tuple(n for n in NAMES if n != name))
+
+
 def test_a_whole_cluster_restart_recopies_every_session_before_it_is_read(
     cluster: Cluster,
 ) -> None:
@@ -790,13 +801,7 @@ def test_a_whole_cluster_restart_recopies_every_session_before_it_is_read(
     time.sleep(0.5)  # past the --fsync interval window (README, Durability)
     for daemon in cluster.nodes.values():
         daemon.kill9()
-    starts = [threading.Thread(target=d.start) for d in cluster.nodes.values()]
-    for thread in starts:
-        thread.start()
-    for thread in starts:
-        thread.join(30)
-    for name in NAMES:
-        _wait_alive(cluster, name, tuple(n for n in NAMES if n != name))
+    _start_all_together(cluster)
     deadline = time.monotonic() + 8
     while _local_sessions(cluster, "b") + _local_sessions(cluster, "c") < len(values):
         assert time.monotonic() < deadline, cluster.nodes["a"].log()
@@ -826,13 +831,7 @@ def test_a_whole_cluster_stopped_at_once_does_not_wait_out_the_drain_deadline(
         log = daemon.log()
         assert "event=drain_incomplete" not in log, (name, log)
         assert "event=drain_timeout" not in log, (name, log)
-    starts = [threading.Thread(target=d.start) for d in cluster.nodes.values()]
-    for thread in starts:
-        thread.start()
-    for thread in starts:
-        thread.join(30)
-    for name in NAMES:
-        _wait_alive(cluster, name, tuple(n for n in NAMES if n != name))
+    _start_all_together(cluster)
     with Client(cluster.nodes["a"].address, timeout_s=30) as c:
         for sid, value in values.items():
             assert c.request(p.Read(sid, lock=False)) == p.Data(value), sid

@@ -751,6 +751,13 @@ def test_a_link_cut_between_master_and_backup_alone_makes_no_second_master(
         cluster.stop()
 
 
+def _assert_served(cluster: Cluster, via: str, values: dict[str, bytes]) -> None:
+    """Node ``via`` serves every session of ``values`` with its value."""
+    with Client(cluster.nodes[via].address, timeout_s=30) as c:
+        for sid, value in values.items():
+            assert c.request(p.Read(sid, lock=False)) == p.Data(value), sid
+
+
 def test_a_backup_drained_right_after_its_master_crashed_hands_over_what_it_took_over(
     cluster: Cluster,
 ) -> None:
@@ -774,9 +781,7 @@ def test_a_backup_drained_right_after_its_master_crashed_hands_over_what_it_took
     assert "event=takeover peer=a" in log, log
     assert f"event=drained handed_over={len(values)}" in log, log
     assert "event=drain_incomplete" not in log, log
-    with Client(cluster.nodes["c"].address, timeout_s=30) as c:
-        for sid, value in values.items():
-            assert c.request(p.Read(sid, lock=False)) == p.Data(value), sid
+    _assert_served(cluster, "c", values)
 
 
 def _start_all_together(cluster: Cluster) -> None:
@@ -807,9 +812,7 @@ def test_a_whole_cluster_restart_recopies_every_session_before_it_is_read(
         assert time.monotonic() < deadline, cluster.nodes["a"].log()
         time.sleep(0.1)
     cluster.nodes["a"].kill9()
-    with Client(cluster.nodes["b"].address, timeout_s=30) as c:
-        for sid, value in values.items():
-            assert c.request(p.Read(sid, lock=False)) == p.Data(value), sid
+    _assert_served(cluster, "b", values)
 
 
 def test_a_whole_cluster_stopped_at_once_does_not_wait_out_the_drain_deadline(
@@ -832,9 +835,7 @@ def test_a_whole_cluster_stopped_at_once_does_not_wait_out_the_drain_deadline(
         assert "event=drain_incomplete" not in log, (name, log)
         assert "event=drain_timeout" not in log, (name, log)
     _start_all_together(cluster)
-    with Client(cluster.nodes["a"].address, timeout_s=30) as c:
-        for sid, value in values.items():
-            assert c.request(p.Read(sid, lock=False)) == p.Data(value), sid
+    _assert_served(cluster, "a", values)
 
 
 def test_a_node_its_running_peer_does_not_take_creates_no_single_copy_sessions(

@@ -371,7 +371,9 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
             if key == "peers" and isinstance(value, dict):
                 for peer, info in sorted(value.items()):
                     if isinstance(info, dict):
-                        draining = ", draining" if info.get("draining") else ""
+                        # A peer that left drained first: saying so again is noise.
+                        draining = (", draining" if info.get("draining")
+                                    and info.get("state") != "left" else "")
                         shown = f"{info.get('state')}, {info.get('sessions')} sessions{draining}"
                     else:
                         shown = json.dumps(info)

@@ -61,6 +61,10 @@ HANDSHAKES_PER_OTHER_ADDRESS: Final = 4
 # Master copies checked at once in the background after a peer is first heard
 # (CLUSTER.md §7): a few WHEREs in flight, not one per session at once.
 BACKGROUND_VERIFIES: Final = 8
+# A completed drain announces that the node leaves (CLUSTER.md §8): so many
+# heartbeats, this far apart at most (a UDP datagram may be lost).
+LEAVE_ANNOUNCEMENTS: Final = 3
+LEAVE_ANNOUNCEMENT_GAP_S: Final = 0.05
 
 
 @attrs.frozen
@@ -952,6 +956,17 @@ class Cluster:
                 log.exception("event=cluster_task_failed task=_take_over peer=%s", event.name)
                 return
             self._spawn(self._send_copies, copies)
+        elif isinstance(event, mb.Left):
+            # It drained and holds nothing (CLUSTER.md §8): not a death.  What
+            # still names it (a copy whose release was lost) is handled as
+            # after a death, without counting a takeover.
+            log.info("event=peer_left peer=%s detail=drained, then stopped", event.name)
+            try:
+                copies = self._take_over(event.name, left=True)
+            except Exception:
+                log.exception("event=cluster_task_failed task=_take_over peer=%s", event.name)
+                return
+            self._spawn(self._send_copies, copies)
         elif isinstance(event, mb.Unreachable):
             log.warning(
                 "event=peer_unreachable peer=%s witness=%s detail=no answer from it, but "
@@ -1047,10 +1062,11 @@ class Cluster:
         for repl in copies:
             await self._send_copy(repl.sid)
 
-    def _take_over(self, name: str, never_heard: bool = False) -> list[Repl]:
-        """``name`` is dead: become master of what it mastered and we back
-        up, pick new backups for what it backed up; the copies to send."""
-        if not never_heard:
+    def _take_over(self, name: str, never_heard: bool = False, left: bool = False) -> list[Repl]:
+        """``name`` is dead (or ``left``): become master of what it mastered
+        and we back up, pick new backups for what it backed up; the copies
+        to send."""
+        if not never_heard and not left:
             log.warning("event=peer_dead peer=%s", name)
         for link in list(self.links.get(name, ())):
             link.abort()
@@ -1070,6 +1086,9 @@ class Cluster:
                 "started and its port refuses: treated as dead until it speaks",
                 name, len(copies),
             )
+        elif left:
+            if copies:
+                log.info("event=left_peer_rehomed peer=%s copies=%d", name, len(copies))
         else:
             self.takeovers_total += 1
             log.info("event=takeover peer=%s copies=%d", name, len(copies))
@@ -1525,7 +1544,10 @@ class Cluster:
             self._on_event(event)
         deadline = trio.current_time() + self.config.dead_after_s + self.config.probe_s + 1
         while trio.current_time() < deadline:
-            if self.membership.state(node) in (mb.DEAD, mb.ALIVE) and not self._suspected(node):
+            if (
+                (self.membership.gone(node) or self.membership.state(node) == mb.ALIVE)
+                and not self._suspected(node)
+            ):
                 return
             await trio.sleep(0.05)
 
@@ -1607,7 +1629,7 @@ class Cluster:
                         "before a later change is copied)",
                     )
                 await self._wait_for_verdict(backup)
-                if self.membership.state(backup) == mb.DEAD:
+                if self.membership.gone(backup):
                     if m is None:
                         return None  # a delete: the dead backup's copy is gone anyway
                     if m.backup == backup:
@@ -1794,7 +1816,7 @@ class Cluster:
             if left:
                 backed = sum(
                     1 for m in left.values()
-                    if m.backup is not None and self.membership.state(m.backup) != mb.DEAD
+                    if m.backup is not None and not self.membership.gone(m.backup)
                 )
                 locked = sum(1 for sid in left if self.server.engine.locks.holder(sid) is not None)
                 log.error(
@@ -1808,6 +1830,26 @@ class Cluster:
                     if self.server.persister is not None else "and are lost (--memory-only)",
                 )
             log.warning("event=drain_timeout")
+        if not self.replicas.meta:
+            # Nothing mastered or backed up here: no peer needs us any more.
+            await self._announce_leave()
+
+    async def _announce_leave(self) -> None:
+        """Our drain completed: nothing is mastered or backed up here.  Tell
+        the peers that this incarnation leaves, so that they record it
+        ``left`` rather than find it dead (CLUSTER.md §3, §8).  Every
+        heartbeat from now on says so; a few go out at once, a datagram
+        being lost now and then.  A peer that hears none of them finds us
+        dead once we are gone, as before."""
+        engine = self.server.engine
+        self.membership.set_load(len(engine.store), engine.connections, True)
+        self.membership.leave()
+        log.info("event=leaving sessions=%d detail=drain complete, announcing it to the peers",
+                 len(engine.store))
+        for attempt in range(LEAVE_ANNOUNCEMENTS):
+            if attempt:
+                await trio.sleep(min(LEAVE_ANNOUNCEMENT_GAP_S, self.config.heartbeat_s / 4))
+            await self._send_heartbeat()
 
     async def _hand_over(self, sid: str, refused: set[str]) -> bool:
         """One attempt to hand ``sid`` to another node (CLUSTER.md §8): to its
@@ -1825,7 +1867,7 @@ class Cluster:
             self.expired([sid])  # expired meanwhile: nothing left to hand over
             return False
         target = m.backup
-        if target is None or target in refused or self.membership.state(target) == mb.DEAD:
+        if target is None or target in refused or self.membership.gone(target):
             target = self.membership.choose_backup(exclude=refused)
             if target is None:
                 refused.clear()  # nobody left to try now: all again next round

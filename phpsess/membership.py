@@ -1,13 +1,15 @@
 """Cluster membership and failure detection (CLUSTER.md §3).  Pure: time is an
 argument, and sending, probing and logging are the shell's job.
 
-Theory of operation: every configured peer is in one of four states::
+Theory of operation: every configured peer is in one of five states::
 
     unknown --heartbeat--> alive --silent dead_after_s (tick)--> suspect
                            alive <--heartbeat / probe answered-- suspect
                                       suspect --probe failed--> dead
     dead --heartbeat from a *new* incarnation--> alive (rejoined)
     unknown --never heard for dead_after_s (tick)--> suspect --probe refused--> dead
+    unknown, alive, suspect --leave announcement--> left
+    left --heartbeat from a *new* incarnation--> alive (rejoined)
 
 A peer is *unknown* until its first heartbeat.  :meth:`Membership.tick` turns
 an alive peer that has been silent for ``dead_after_s`` into a *suspect* and
@@ -62,6 +64,19 @@ A heartbeat whose dead list holds our own current incarnation yields
 :class:`SelfDeclaredDead` (once per sender incarnation), even when we ignore
 everything else in it: after a partition heals, both sides may hold the other
 dead, and each must still learn that the others took over.
+
+Leaving (CLUSTER.md §3, §8): a node whose drain completed (it masters and
+backs up nothing any more) calls :meth:`Membership.leave`; from then on its
+heartbeats list its *own* current incarnation in their dead list (the
+datagram's format is unchanged, so a peer of the previous version still
+accepts them).  A peer that receives such a *leave announcement* records the
+sender *left*, not dead: :class:`Left` is returned once, the incarnation is
+finished (its later datagrams are ignored, as a dead one's), no probe is
+made and no tick suspects it.  Like a dead peer it is no longer alive and
+never chosen as a backup; a new incarnation of it rejoins.  A node killed
+during its drain never announces anything: its peers find it dead.  A left
+peer does not go into our dead list: the dead list says "declared dead",
+and makes peers that still take the incarnation for alive suspect it.
 """
 
 from __future__ import annotations
@@ -90,6 +105,7 @@ UNKNOWN: Final = "unknown"
 ALIVE: Final = "alive"
 SUSPECT: Final = "suspect"
 DEAD: Final = "dead"
+LEFT: Final = "left"
 
 
 def check_node_name(name: object) -> str:
@@ -167,11 +183,17 @@ class Heartbeat:
     # the peers this sender heard within its witness time, sorted
     hears: tuple[str, ...] = attrs.field(default=(), validator=_hears_validator)
 
+    @property
+    def leaving(self) -> bool:
+        """A leave announcement: the sender lists its own incarnation as
+        dead, saying it has drained and holds nothing (CLUSTER.md §3, §8)."""
+        return (self.name, self.incarnation) in self.dead
+
 
 @attrs.frozen
 class Alive:
     """First heartbeat of a peer, or (``rejoined``) a new incarnation of one
-    that was dead or restarted."""
+    that was dead, left or restarted."""
 
     name: str
     incarnation: int
@@ -195,6 +217,15 @@ class Dead:
 
 
 @attrs.frozen
+class Left:
+    """Incarnation ``incarnation`` of ``name`` announced that it left after a
+    completed drain: it holds no copy of anything (not a death)."""
+
+    name: str
+    incarnation: int
+
+
+@attrs.frozen
 class Unreachable:
     """``name`` did not answer our probe, but ``witness`` still hears it: not
     declared dead (see the module doc)."""
@@ -210,7 +241,7 @@ class SelfDeclaredDead:
     by: str
 
 
-Event = Alive | Suspect | Dead | Unreachable | SelfDeclaredDead
+Event = Alive | Suspect | Dead | Left | Unreachable | SelfDeclaredDead
 
 
 @attrs.define(slots=True)
@@ -265,6 +296,7 @@ class Membership:
         self._sessions = 0
         self._sockets = 0
         self._draining = False
+        self._left = False  # leave() called: our heartbeats announce it
         self.stalls_total = 0
 
     # -- what we send
@@ -284,15 +316,34 @@ class Membership:
         self._sockets = sockets
         self._draining = draining
 
+    def leave(self) -> None:
+        """Our drain completed (we master and back up nothing): every
+        heartbeat from now on announces that this incarnation left."""
+        self._left = True
+        self._draining = True
+
+    @property
+    def has_left(self) -> bool:
+        return self._left
+
     def heartbeat(self, now: float | None = None) -> Heartbeat:
         """Our heartbeat; ``now`` says whom we still hear (none without it)."""
+        dead = self._dead
+        if self._left:
+            others = sorted(dead.items())
+            # Within the bound an older peer checks too: with every peer in
+            # the dead list (it has no room for us), one of them is left
+            # out of our last heartbeats, for the announcement.
+            del others[MAX_DEAD_ENTRIES - 1:]
+            dead = dict(others)
+            dead[self._me] = self._incarnation
         return Heartbeat(
             name=self._me,
             incarnation=self._incarnation,
             sessions=self._sessions,
             sockets=self._sockets,
             draining=self._draining,
-            dead=tuple(sorted(self._dead.items())),
+            dead=tuple(sorted(dead.items())),
             hears=tuple(
                 name
                 for name, peer in self._peers.items()
@@ -321,12 +372,30 @@ class Membership:
             peer.told_self_dead = hb.incarnation
             events.append(SelfDeclaredDead(by=hb.name))
         if hb.incarnation in peer.dead_incarnations:
-            return events  # a dead incarnation (or its late datagrams)
+            return events  # a dead or left incarnation (or its late datagrams)
+        if hb.leaving:
+            if peer.state in (ALIVE, SUSPECT) and peer.incarnation not in (0, hb.incarnation):
+                # It restarted before we noticed, then left: the old
+                # incarnation is gone (it may have held copies).
+                events.append(self._declare_dead(hb.name, peer))
+            # Finished, like a dead incarnation: its repeats and late
+            # datagrams are ignored, a new incarnation rejoins.
+            peer.state = LEFT
+            peer.incarnation = hb.incarnation
+            peer.dead_incarnations.append(hb.incarnation)
+            peer.last_heard = peer.heard_at = now
+            peer.hears = ()
+            peer.witnessed = False
+            peer.sessions = hb.sessions
+            peer.sockets = hb.sockets
+            peer.draining = hb.draining
+            events.append(Left(hb.name, hb.incarnation))
+            return events
         if peer.state == UNKNOWN or (peer.state in (SUSPECT, DEAD) and not peer.incarnation):
             # Its first heartbeat (also after a failed probe declared it dead
             # unheard: it joins late rather than rejoins).
             events.append(Alive(hb.name, hb.incarnation, rejoined=False))
-        elif peer.state == DEAD:
+        elif peer.state in (DEAD, LEFT):
             events.append(Alive(hb.name, hb.incarnation, rejoined=True))
         elif hb.incarnation != peer.incarnation:
             # It restarted before we noticed: the old incarnation is gone.
@@ -402,6 +471,7 @@ class Membership:
         """Peers declared this incarnation dead and took over what we held:
         go on as a new one, so that they take us back (a rejoin)."""
         self._incarnation = check_incarnation(incarnation)
+        self._left = False  # the new incarnation has announced nothing
 
     def suspect(self, name: str) -> list[Event]:
         """Direct evidence that ``name`` may be gone (a refused connection, a
@@ -464,11 +534,15 @@ class Membership:
 
     def state(self, name: str) -> str:
         """``unknown`` (never heard, or not a configured peer), ``alive``,
-        ``suspect`` or ``dead``.  We are always ``alive``."""
+        ``suspect``, ``dead`` or ``left``.  We are always ``alive``."""
         if name == self._me:
             return ALIVE
         peer = self._peers.get(name)
         return UNKNOWN if peer is None else peer.state
+
+    def gone(self, name: str) -> bool:
+        """``name`` is dead or left: it holds nothing, and will not answer."""
+        return self.state(name) in (DEAD, LEFT)
 
     def incarnation_of(self, name: str) -> int | None:
         """The incarnation of ``name`` we last heard from, if any."""

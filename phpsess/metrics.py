@@ -21,6 +21,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from phpsess import membership as mb
 from phpsess.addresses import TcpAddress
 
 if TYPE_CHECKING:
@@ -112,10 +113,19 @@ class _DaemonCollector(Collector):
             )
         cluster = server.cluster
         if cluster is not None:
+            membership = cluster.membership
             up = GaugeMetricFamily("phpsess_peer_up", "1 if the peer is alive.", labels=["peer"])
+            left = GaugeMetricFamily(
+                "phpsess_peer_left",
+                "1 if the peer left after a completed drain (it holds no copy: its "
+                "phpsess_peer_up 0 is no failure).",
+                labels=["peer"],
+            )
             for peer in cluster.peer_address:
-                up.add_metric([peer], 1.0 if cluster.membership.is_alive(peer) else 0.0)
+                up.add_metric([peer], 1.0 if membership.is_alive(peer) else 0.0)
+                left.add_metric([peer], 1.0 if membership.state(peer) == mb.LEFT else 0.0)
             yield up
+            yield left
             yield GaugeMetricFamily(
                 "phpsess_cluster_degraded", "1 if no peer can hold backups.",
                 value=1.0 if cluster.membership.degraded else 0.0,

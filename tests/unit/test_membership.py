@@ -17,6 +17,7 @@ from phpsess.membership import (
     Dead,
     Event,
     Heartbeat,
+    Left,
     Membership,
     SelfDeclaredDead,
     Suspect,
@@ -581,7 +582,7 @@ def test_a_stale_witness_does_not_count() -> None:
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["tick", "hb", "hb_new", "probe_ok", "probe_fail"]),
+            st.sampled_from(["tick", "hb", "hb_new", "hb_leave", "probe_ok", "probe_fail"]),
             st.sampled_from(["b", "c"]),
             st.floats(min_value=0.0, max_value=2.0),
         ),
@@ -604,6 +605,11 @@ def test_invariants_under_arbitrary_schedules(ops: list[tuple[str, str, float]])
             events = m.receive(hb(name, incarnation=incarnations[name]), t)
             if events and isinstance(events[-1], Alive):
                 assert m.state(name) == "alive"
+        elif op == "hb_leave":
+            inc = incarnations[name]
+            events = m.receive(hb(name, incarnation=inc, dead=((name, inc),)), t)
+            assert m.state(name) in ("left", "dead")
+            assert events in ([], [Left(name, inc)], [Dead(name, inc - 1), Left(name, inc)])
         else:
             events = m.probe_result(name, op == "probe_ok", t)
             if before != "suspect":
@@ -680,3 +686,138 @@ def test_set_peers_adds_and_removes() -> None:
     assert m.state("c") == "unknown" and "c" not in m.alive_peers()
     assert m.receive(Heartbeat("c", 3, 0, 0, False, ()), 0.1) == []  # no longer a peer
     assert m.receive(Heartbeat("d", 4, 0, 0, False, ()), 0.1) == [Alive("d", 4, False)]
+
+
+# -- leaving after a completed drain (CLUSTER.md §3, §8)
+
+
+def test_a_leave_announcement_makes_a_peer_left_not_dead() -> None:
+    m = cluster(peers="bc")
+    m.receive(hb("b"), 0.0)
+    m.receive(hb("c"), 0.0)
+    m.receive(hb("b", draining=True), 0.5)
+    assert m.state("b") == "alive"  # draining is still alive
+    leaving = hb("b", draining=True, dead=(("b", 22),))
+    assert leaving.leaving and not hb("b").leaving
+    assert m.receive(leaving, 1.0) == [Left("b", 22)]
+    assert m.state("b") == "left"
+    assert m.gone("b") and not m.is_alive("b")
+    assert m.alive_peers() == ["c"]
+    assert m.choose_backup() == "c"
+    # Repeats of the announcement, and late datagrams of that incarnation,
+    # change nothing.
+    assert m.receive(leaving, 1.1) == []
+    assert m.receive(hb("b", draining=True), 1.2) == []
+    # Not in our dead list: it was not declared dead.
+    assert m.heartbeat().dead == ()
+    # Silence never makes it suspect, nor dead: no probe, no takeover.
+    assert run(m, 30.0, heard=("c",)) == []
+    assert m.state("b") == "left"
+    assert m.probe_result("b", answered=False, now=30.0, refused=True) == []
+    assert m.suspect("b") == []
+    assert m.connected("b", 22) == []
+    assert m.state("b") == "left"
+    assert m.next_deadline() <= 30.0 + DEAD_AFTER
+
+
+def test_a_peer_that_stops_without_announcing_is_still_dead() -> None:
+    """Killed during its drain: the draining flag alone is no announcement."""
+    m = cluster(peers="bc")
+    m.receive(hb("b", draining=True), 0.0)
+    m.receive(hb("c"), 0.0)
+    events = kill(m, "b", 3.0)
+    assert events[-1] == Dead("b", 22)
+    assert m.state("b") == "dead" and m.gone("b")
+    assert m.heartbeat().dead == (("b", 22),)
+
+
+def test_a_left_peer_that_starts_again_rejoins() -> None:
+    m = cluster(peers="bc")
+    m.receive(hb("b"), 0.0)
+    m.receive(hb("b", dead=(("b", 22),)), 0.5)
+    assert m.state("b") == "left"
+    assert m.receive(hb("b", incarnation=23, sessions=2), 5.0) == [Alive("b", 23, True)]
+    assert m.state("b") == "alive" and m.incarnation_of("b") == 23
+    assert m.load("b") == (2, 0, False)
+    assert m.choose_backup() == "b"
+    # The left incarnation stays finished.
+    assert m.receive(hb("b", dead=(("b", 22),)), 5.1) == []
+    assert m.state("b") == "alive"
+
+
+def test_a_leave_announcement_from_a_peer_never_heard_or_declared_dead() -> None:
+    m = cluster(peers="bc")
+    assert m.receive(hb("b", dead=(("b", 22),)), 0.0) == [Left("b", 22)]
+    assert m.state("b") == "left"
+    # A dead incarnation's announcement is ignored: it stays dead.
+    m.receive(hb("c"), 0.0)
+    kill(m, "c", 3.0)
+    assert m.receive(hb("c", dead=(("c", 33),)), 3.5) == []
+    assert m.state("c") == "dead"
+
+
+def test_a_leave_from_a_new_incarnation_declares_the_old_one_dead() -> None:
+    m = cluster(peers="bc")
+    m.receive(hb("b"), 0.0)
+    assert m.receive(hb("b", incarnation=23, dead=(("b", 23),)), 0.5) == [
+        Dead("b", 22), Left("b", 23)
+    ]
+    assert m.state("b") == "left"
+    assert m.heartbeat().dead == (("b", 22),)
+
+
+def test_leave_announces_our_own_incarnation_in_our_heartbeats() -> None:
+    b = Membership("b", ["a", "b", "c"], INC["b"], 0.0, heartbeat_s=HB, dead_after_s=DEAD_AFTER)
+    b.receive(hb("c"), 0.0)
+    kill(b, "c", 3.0)
+    assert not b.heartbeat().leaving
+    b.leave()
+    beat = b.heartbeat(3.0)
+    assert beat.leaving and beat.draining
+    assert beat.dead == (("b", 22), ("c", 33))  # sorted, others kept
+    a = cluster(peers="bc")
+    a.receive(hb("b"), 0.0)
+    assert a.receive(beat, 3.1) == [Left("b", 22)]
+    # A new incarnation (declared dead, say) has announced nothing.
+    b.reincarnate(99)
+    assert not b.heartbeat().leaving
+
+
+def test_a_leave_announcement_fits_a_full_dead_list() -> None:
+    names = [f"p{i}" for i in range(MAX_PEERS)]
+    me = Membership("me", ["me", *names], 5, 0.0, heartbeat_s=HB, dead_after_s=DEAD_AFTER)
+    t = 0.0
+    for i, name in enumerate(names):
+        me.receive(Heartbeat(name, 100 + i, 0, 0, False, ()), t)
+    t = DEAD_AFTER
+    assert len(run(me, t)) == MAX_PEERS  # each suspected
+    for name in names:
+        me.probe_result(name, answered=False, now=t, refused=True)
+    assert len(me.heartbeat().dead) == MAX_PEERS
+    me.leave()
+    beat = me.heartbeat()  # valid: within MAX_DEAD_ENTRIES
+    assert beat.leaving and len(beat.dead) == MAX_PEERS
+
+
+def test_an_old_peer_takes_a_leave_announcement_for_a_suspicion_only() -> None:
+    """What a peer of the previous version does with it: the sender's own
+    entry in the dead list makes it suspect the sender (then probe it), as
+    any dead-list entry of a node it takes for alive does.  Emulated here by
+    the third-party rule: ``c`` relays the announcement's dead entry."""
+    m = cluster(peers="bc")
+    m.receive(hb("b"), 0.0)
+    m.receive(hb("c"), 0.0)
+    assert m.receive(hb("c", dead=(("b", 22),)), 0.5) == [Suspect("b")]
+    assert m.state("b") == "suspect"
+
+
+def test_a_leave_announcement_keeps_the_datagram_format() -> None:
+    """The unchanged decoder (the previous version's) accepts it whole."""
+    from phpsess.peerauth import decode_heartbeat, encode_heartbeat
+
+    b = Membership("b", ["a", "b"], INC["b"], 0.0, heartbeat_s=HB, dead_after_s=DEAD_AFTER)
+    b.leave()
+    key = b"0123456789abcdef0123456789abcdef"
+    decoded = decode_heartbeat(encode_heartbeat(b.heartbeat(), key, 1.7e9), key, 1.7e9)
+    assert decoded == b.heartbeat() and decoded.leaving
+    assert cluster(peers="b").receive(decoded, 0.0) == [Left("b", 22)]

@@ -1,0 +1,162 @@
+"""The operator's view of a cluster, with real daemons on loopback: a
+drained node is shown ``left`` (not dead) and the documented peer alert
+stays quiet for it, while a node killed with ``kill -9`` is dead and the
+alert fires (CLUSTER.md §3, §8; DEPLOYMENT.md §6)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from phpsess import protocol as p
+from phpsess.client import Client
+from tests.conftest import Samples, free_tcp_port, scrape_metrics
+from tests.integration.test_cluster import Cluster, _create, _local_sessions
+
+pytestmark = pytest.mark.xdist_group("cluster")
+
+ROOT = Path(__file__).resolve().parents[2]
+# The alert of DEPLOYMENT.md §6, as documented (the test checks it is).
+PEER_ALERT = "phpsess_peer_up == 0 unless on(instance, peer) phpsess_peer_left == 1"
+
+
+def _firing(samples: Samples) -> set[str]:
+    """The peers for which PEER_ALERT fires on one daemon's /metrics: its
+    ``phpsess_peer_up`` samples at 0, less those whose ``phpsess_peer_left``
+    is 1 (``unless on(instance, peer)``: one instance here)."""
+    up = {dict(labels)["peer"]: value for (name, labels), value in samples.items()
+          if name == "phpsess_peer_up"}
+    left = {dict(labels)["peer"]: value for (name, labels), value in samples.items()
+            if name == "phpsess_peer_left"}
+    return {peer for peer, value in up.items() if value == 0 and left.get(peer) != 1}
+
+
+def _admin(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["timeout", "60", sys.executable, "-m", "phpsess", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=90,
+    )
+
+
+def _peer_states(address: str) -> dict[str, str]:
+    """The peers' states as ``phpsess status --json`` shows them."""
+    done = _admin("status", "--json", "--connect", address)
+    assert done.returncode == 0, done.stderr
+    peers = json.loads(done.stdout)["cluster"]["peers"]
+    return {name: info["state"] for name, info in peers.items()}
+
+
+def _wait_state(cluster: Cluster, on: str, peer: str, state: str) -> None:
+    deadline = time.monotonic() + 15
+    while (seen := _peer_states(cluster.nodes[on].address)[peer]) != state:
+        assert time.monotonic() < deadline, (on, peer, seen, cluster.nodes[on].log())
+        time.sleep(0.1)
+
+
+class _Metered(Cluster):
+    metrics_ports: dict[str, int]
+
+    def args(self, name: str, secret: Path) -> list[str]:
+        if name not in self.metrics_ports:
+            port = free_tcp_port()
+            while port in self.ports.values():  # a cluster port, not bound yet
+                port = free_tcp_port()
+            self.metrics_ports[name] = port
+        port = self.metrics_ports[name]
+        return [*super().args(name, secret), "--metrics-listen", f"127.0.0.1:{port}"]
+
+
+def test_a_drained_node_is_left_and_quiet_a_killed_one_dead_and_alerting(
+    workdir: Path,
+) -> None:
+    assert PEER_ALERT in (ROOT / "docs" / "DEPLOYMENT.md").read_text()
+    _Metered.metrics_ports = {}
+    cluster = _Metered(workdir)
+    try:
+        sids = [_create(cluster, on, b"n|i:1;") for on in ("a", "b", "c", "b")]
+        for name in ("a", "c"):
+            assert _firing(scrape_metrics(cluster.metrics_ports[name])) == set()
+        # phpsess drain --wait: b hands its sessions over and exits.
+        done = _admin("drain", "--wait", "--connect", cluster.nodes["b"].address)
+        assert done.returncode == 0, (done.stdout, done.stderr, cluster.nodes["b"].log())
+        assert cluster.nodes["b"].wait(30) == 0
+        assert "event=leaving" in cluster.nodes["b"].log()
+        for name in ("a", "c"):
+            _wait_state(cluster, name, "b", "left")
+        # Well past the detection time, it is still left, not dead.
+        time.sleep(3 * 1.5)
+        assert _peer_states(cluster.nodes["a"].address) == {"b": "left", "c": "alive"}
+        assert _peer_states(cluster.nodes["c"].address) == {"a": "alive", "b": "left"}
+        for name in ("a", "c"):
+            samples = scrape_metrics(cluster.metrics_ports[name])
+            assert samples[("phpsess_peer_up", (("peer", "b"),))] == 0.0  # not up: true
+            assert samples[("phpsess_peer_left", (("peer", "b"),))] == 1.0
+            assert _firing(samples) == set(), name
+            assert "event=peer_dead peer=b" not in cluster.nodes[name].log()
+        status = _admin("status", "--connect", cluster.nodes["a"].address)
+        assert re.search(r"^peer b +left, 0 sessions$", status.stdout, re.M), status.stdout
+        # Nothing has a single copy: a and c hold both copies of each.
+        assert _local_sessions(cluster, "a") == _local_sessions(cluster, "c") == len(sids)
+
+        # c dies without a drain: dead, and the alert fires for it alone.
+        cluster.nodes["c"].kill9()
+        _wait_state(cluster, "a", "c", "dead")
+        samples = scrape_metrics(cluster.metrics_ports["a"])
+        assert samples[("phpsess_peer_left", (("peer", "c"),))] == 0.0
+        assert _firing(samples) == {"c"}
+        assert _peer_states(cluster.nodes["a"].address) == {"b": "left", "c": "dead"}
+
+        # A left node that starts again rejoins.
+        cluster.nodes["b"].start()
+        _wait_state(cluster, "a", "b", "alive")
+        assert _firing(scrape_metrics(cluster.metrics_ports["a"])) == {"c"}
+    finally:
+        cluster.stop()
+
+
+class _SlowToStop(_Metered):
+    def args(self, name: str, secret: Path) -> list[str]:
+        # Requests holding locks get half a second before the cluster drain
+        # starts (the default 10 s would only slow the test down).
+        return [*super().args(name, secret), "--shutdown-timeout-s", "0.5"]
+
+
+def _draining(cluster: Cluster, on: str, peer: str) -> bool:
+    done = _admin("status", "--json", "--connect", cluster.nodes[on].address)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)["cluster"]["peers"][peer]
+    return bool(info["state"] == "alive" and info["draining"])
+
+
+def test_a_node_killed_in_the_middle_of_its_drain_is_dead(workdir: Path) -> None:
+    _Metered.metrics_ports = {}
+    cluster = _SlowToStop(workdir)
+    try:
+        a = cluster.nodes["a"]
+        sid = _create(cluster, "a", b"n|i:1;")
+        # A request holds the lock of a session a masters: a's drain waits
+        # for it before handing it over (CLUSTER.md §8), so a is killed
+        # while still draining, having announced nothing.
+        with Client(a.address) as holder:
+            assert isinstance(holder.request(p.Read(sid)), p.Data)
+            done = _admin("drain", "--connect", a.address)
+            assert done.returncode == 0, done.stderr
+            deadline = time.monotonic() + 15
+            while not (_draining(cluster, "b", "a") and _draining(cluster, "c", "a")):
+                assert time.monotonic() < deadline, cluster.nodes["b"].log()
+                time.sleep(0.1)
+            a.kill9()
+        for name in ("b", "c"):
+            _wait_state(cluster, name, "a", "dead")
+            samples = scrape_metrics(cluster.metrics_ports[name])
+            assert samples[("phpsess_peer_left", (("peer", "a"),))] == 0.0
+            assert _firing(samples) == {"a"}
+        assert "event=leaving" not in a.log()
+    finally:
+        cluster.stop()

@@ -158,7 +158,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                       help="write the stored bytes, undecoded, to stdout")
 
     export = command("export", "write every session as JSON Lines: "
-                     '{"id", "ttl_ms", "data_b64"}')
+                     '{"id", "ttl_ms", "expires_at_ms", "data_b64"} (expires_at_ms: '
+                     "Unix time in ms, so that an import later counts the time since)")
     export.add_argument("--output", "-o", default="-", metavar="FILE",
                         help="write here instead of stdout")
     export.add_argument("--page-size", type=_page_size, default=DEFAULT_PAGE_SIZE, metavar="N")
@@ -168,8 +169,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     export.add_argument("--to-table", default="session", metavar="NAME",
                         help="with --to-sql: the table, created if missing (default: session)")
 
-    imp = command("import", "write the sessions of an export into the daemon "
-                  "(expired ones are skipped, existing IDs overwritten)")
+    imp = command("import", "write the sessions of an export into the daemon, each with "
+                  "what is left of its lifetime by this machine's clock (expires_at_ms; "
+                  "ttl_ms in exports without it); expired ones are skipped, existing IDs "
+                  "overwritten")
     imp.add_argument("file", metavar="FILE", nargs="?",
                      help="an export file, or - for stdin (or --from-sql)")
     imp.add_argument("--from-sql", metavar="URL",
@@ -650,6 +653,9 @@ def _export_to(client: Client, args: argparse.Namespace, out: IO[str]) -> dict[s
                 data, ttl_ms, _ = got
                 out.write(json.dumps({
                     "id": entry.sid, "ttl_ms": ttl_ms,
+                    # An import later counts the time since (the wall clock:
+                    # the file may move to another machine).
+                    "expires_at_ms": _wall_ms() + ttl_ms,
                     "data_b64": base64.b64encode(data).decode("ascii"),
                 }) + "\n")
                 exported += 1
@@ -676,8 +682,23 @@ class BadLine(ValueError):
     pass
 
 
-def parse_export_line(line: str) -> tuple[str, int, bytes]:
-    """``(sid, ttl_ms, data)`` of one export line, or :class:`BadLine`."""
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _whole(obj: dict[str, Any], key: str) -> int:
+    value = obj[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BadLine(f"{key} {value!r} is not a whole number")
+    return value
+
+
+def parse_export_line(line: str, now_ms: int | None = None) -> tuple[str, int, bytes]:
+    """``(sid, ttl_ms, data)`` of one export line, or :class:`BadLine`.
+    With ``now_ms`` (Unix time in ms) and an ``expires_at_ms`` in the line,
+    ``ttl_ms`` is what is left of the lifetime at ``now_ms`` (0 or less:
+    expired); else the line's ``ttl_ms``, the lifetime left when it was
+    exported (an export of a version before ``expires_at_ms``)."""
     try:
         obj = json.loads(line)
     except ValueError as exc:
@@ -687,11 +708,14 @@ def parse_export_line(line: str) -> tuple[str, int, bytes]:
     missing = [k for k in ("id", "ttl_ms", "data_b64") if k not in obj]
     if missing:
         raise BadLine(f"missing {', '.join(missing)}")
-    sid, ttl_ms, data_b64 = obj["id"], obj["ttl_ms"], obj["data_b64"]
+    sid, data_b64 = obj["id"], obj["data_b64"]
     if not isinstance(sid, str) or not p.is_valid_sid(sid):
         raise BadLine(f"id {sid!r} is not a session ID")
-    if not isinstance(ttl_ms, int) or isinstance(ttl_ms, bool):
-        raise BadLine(f"ttl_ms {ttl_ms!r} is not a whole number")
+    ttl_ms = _whole(obj, "ttl_ms")
+    if "expires_at_ms" in obj:
+        expires_at_ms = _whole(obj, "expires_at_ms")
+        if now_ms is not None:
+            ttl_ms = expires_at_ms - now_ms
     if ttl_ms > p.MAX_TTL_S * 1000:
         raise BadLine(f"ttl_ms {ttl_ms} is over the maximum lifetime {p.MAX_TTL_S} s")
     if not isinstance(data_b64, str):
@@ -725,7 +749,7 @@ class _Importer:
             if not line.strip():
                 continue
             try:
-                sid, ttl_ms, data = parse_export_line(line)
+                sid, ttl_ms, data = parse_export_line(line, _wall_ms())
             except BadLine as exc:
                 self.counts["invalid"] += 1
                 self.complain(lineno, f"{exc}; line {'refused' if self.strict else 'skipped'}")

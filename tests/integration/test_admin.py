@@ -406,7 +406,10 @@ def test_export_import_round_trip(start_daemon: Any, tmp_path: Path,
     assert [f.name for f in tmp_path.iterdir() if f.name.endswith(".tmp")] == []
     lines = dump.read_text().splitlines()
     assert len(lines) == len(sessions)
-    assert set(json.loads(lines[0])) == {"id", "ttl_ms", "data_b64"}
+    first = json.loads(lines[0])
+    assert set(first) == {"id", "ttl_ms", "expires_at_ms", "data_b64"}
+    # The expiry as Unix time, so that an import later counts the time since.
+    assert abs(first["expires_at_ms"] - (time.time() * 1000 + first["ttl_ms"])) < 60_000
 
     status, out, err = cli(capsys, "import", str(dump), "--connect", target.address, "--json")
     assert status == 0, err
@@ -466,6 +469,33 @@ def test_import_bad_lines_and_expired(daemon: Any, tmp_path: Path,
     assert out == "imported 1, skipped 0 expired, 1 invalid lines, 0 refused (stopped: --strict)\n"
     assert "stdin:2: not JSON: " in err and "line refused" in err
     assert get(daemon.address, "j1") is not None
+
+
+def test_import_counts_the_time_since_the_export(daemon: Any, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # A session exported with 20 min left, imported an hour later, has
+    # expired: it is skipped, not brought back for another 20 min. One
+    # exported with an hour left, imported 59 min 30 s later, gets 30 s.
+    # An export without expires_at_ms (an older version) keeps its ttl_ms.
+    now_ms = int(time.time() * 1000)
+    lines = [
+        {"id": "gone", "ttl_ms": 1_200_000, "expires_at_ms": now_ms - 2_400_000},
+        {"id": "short", "ttl_ms": 3_600_000, "expires_at_ms": now_ms + 30_000},
+        {"id": "older", "ttl_ms": 90_000},
+        {"id": "bad", "ttl_ms": 1000, "expires_at_ms": "soon"},
+    ]
+    dump = tmp_path / "in.jsonl"
+    dump.write_text("".join(json.dumps({**line, "data_b64": "YXxpOjE7"}) + "\n"
+                            for line in lines))
+    status, out, err = cli(capsys, "import", str(dump), "--connect", daemon.address)
+    assert status == 1
+    assert out == "imported 2, skipped 1 expired, 1 invalid lines, 0 refused\n"
+    assert f"{dump}:4: expires_at_ms 'soon' is not a whole number" in err
+    assert get(daemon.address, "gone") is None
+    short = get(daemon.address, "short")
+    assert short is not None and 0 < short[1] <= 31_000
+    older = get(daemon.address, "older")
+    assert older is not None and 60_000 < older[1] <= 90_000
 
 
 def test_import_refused_write(daemon: Any, tmp_path: Path,

@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "request would go past it gets BUSY (default: 256 MiB)",
     )
     serve.add_argument(
+        "--max-outgoing-bytes", type=_positive_int, default=256 * 1024 * 1024, metavar="N",
+        help="bytes held for clients that do not read their replies, all clients together; "
+        "past it, those that have read nothing longest (half a second at least) are "
+        "closed (default: 256 MiB)",
+    )
+    serve.add_argument(
         "--idle-timeout-s", type=_seconds, default=300.0, metavar="S",
         help="close a connection that holds no lock and is silent this long (default: 300)",
     )
@@ -356,9 +362,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         raise UsageError(
             f"{_named('fsync')} must be one of {', '.join(FSYNC_POLICIES)}", "fsync"
         )
-    for name in ("max_session_bytes", "max_connections", "max_incoming_bytes", "fsync_interval_ms",
-                 "compact_min_bytes", "heartbeat_ms", "dead_after_ms", "probe_ms",
-                 "max_locks_per_connection"):
+    for name in ("max_session_bytes", "max_connections", "max_incoming_bytes",
+                 "max_outgoing_bytes", "fsync_interval_ms", "compact_min_bytes", "heartbeat_ms",
+                 "dead_after_ms", "probe_ms", "max_locks_per_connection"):
         if getattr(args, name) < 1:
             raise UsageError(f"{_named(name)} must be at least 1", name)
     for name in ("lock_wait_s", "shutdown_timeout_s", "drain_timeout_s"):
@@ -432,6 +438,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         socket_mode=args.socket_mode,
         max_connections=args.max_connections,
         max_incoming_bytes=args.max_incoming_bytes,
+        max_outgoing_bytes=args.max_outgoing_bytes,
         idle_timeout_s=args.idle_timeout_s,
         shutdown_timeout_s=args.shutdown_timeout_s,
         persist=persist,

@@ -68,6 +68,7 @@ SCHEMA: Final[dict[str, dict[str, tuple[str, Callable[[object], bool], str]]]] =
         "max_session_bytes": ("max_session_bytes", _int, "a whole number"),
         "max_connections": ("max_connections", _int, "a whole number"),
         "max_incoming_bytes": ("max_incoming_bytes", _int, "a whole number"),
+        "max_outgoing_bytes": ("max_outgoing_bytes", _int, "a whole number"),
         "idle_timeout_s": ("idle_timeout_s", _number, "a number of seconds"),
         "lock_wait_s": ("lock_wait_s", _number, "a number of seconds"),
         "lock_lease_s": ("lock_lease_s", _number, "a number of seconds"),

@@ -75,6 +75,8 @@ class _DaemonCollector(Collector):
             ("phpsess_locks_waiting", "Requests waiting for a lock now.", "locks_waiting"),
             ("phpsess_incoming_bytes", "Bytes of client requests still arriving "
              "(--max-incoming-bytes bounds them).", "incoming_bytes"),
+            ("phpsess_outgoing_bytes", "Bytes held for clients that have not read their "
+             "replies (--max-outgoing-bytes bounds them).", "outgoing_bytes"),
         ):
             if stats.get(key) is not None:  # the database's, when it did not answer
                 yield GaugeMetricFamily(name, doc, value=_number(stats[key]))
@@ -88,6 +90,8 @@ class _DaemonCollector(Collector):
              "incoming_refusals_total"),
             ("phpsess_connection_refusals", "Clients answered BUSY for --max-connections.",
              "connection_refusals_total"),
+            ("phpsess_outgoing_closes", "Connections closed for --max-outgoing-bytes.",
+             "outgoing_closes_total"),
         ):
             yield CounterMetricFamily(name, doc, value=_number(stats[key]))
         persister = server.persister

@@ -47,13 +47,24 @@ MAX_REPLY_BYTES_PER_WRITE: Final = 256 * 1024
 
 
 class Stalls(Protocol):
-    """Told since when a send has been waiting for the peer to read: set
-    when the send first has to wait, None once all is sent.  Progress does
-    not refresh it, so that a client reading a few bytes now and then
-    cannot keep a big reply (the store's object, pinned) going for ever:
-    the daemon gives the whole of it a deadline from then (PROTOCOL.md §10)."""
+    """Told about a send that has to wait for the peer to read (never about
+    one that completes at once: the usual reply costs no call).
 
-    sending_since: float | None
+    ``send_waits`` comes when the send first has to wait, with the bytes it
+    holds in memory until it ends (the buffers it writes from: all of them
+    stay pinned until the end); ``send_progress`` each time the peer took
+    some more of it; ``send_done`` once all is sent (not when the send
+    fails or is cancelled: the connection ends then).  The daemon gives the
+    whole send a deadline from ``send_waits`` (progress does not refresh it,
+    so that a client reading a few bytes now and then cannot keep a big
+    reply, the store's object, pinned for ever), and counts what it holds
+    against ``max_outgoing_bytes`` (PROTOCOL.md §10)."""
+
+    def send_waits(self, now: float, held_bytes: int) -> None: ...
+
+    def send_progress(self, now: float) -> None: ...
+
+    def send_done(self) -> None: ...
 
 
 def fileno(stream: trio.abc.Stream) -> int:
@@ -77,9 +88,9 @@ async def receive(fd: int, size: int = RECEIVE_BYTES) -> bytes:
 
 async def send(fd: int, data: bytes, stalls: Stalls | None = None) -> None:
     """Write all of ``data``.  Not a checkpoint when the write completes at
-    once: callers go on to :func:`receive` (or another checkpoint).  While it
-    has to wait, ``stalls.sending_since`` says since when (the daemon closes
-    a connection whose client has not read it all in time)."""
+    once: callers go on to :func:`receive` (or another checkpoint).  When it
+    has to wait, ``stalls`` is told (the daemon closes a connection whose
+    client has not read it all in time, and bounds what such sends hold)."""
     try:
         sent = os.write(fd, data)
     except BlockingIOError:
@@ -89,7 +100,7 @@ async def send(fd: int, data: bytes, stalls: Stalls | None = None) -> None:
     if sent == len(data):
         return
     if stalls is not None:
-        stalls.sending_since = trio.current_time()
+        stalls.send_waits(trio.current_time(), len(data))
     view = memoryview(data)
     while sent < len(view):
         await trio.lowlevel.wait_writable(fd)
@@ -99,8 +110,10 @@ async def send(fd: int, data: bytes, stalls: Stalls | None = None) -> None:
             continue
         except OSError as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
+        if stalls is not None:
+            stalls.send_progress(trio.current_time())
     if stalls is not None:
-        stalls.sending_since = None
+        stalls.send_done()
 
 
 # A part of the replies at least this big (a session's data) is written
@@ -126,12 +139,16 @@ def append_reply(out: list[bytes], reply: p.Reply) -> int:
 
 async def send_parts(fd: int, parts: list[bytes], stalls: Stalls | None = None) -> None:
     """:func:`send` of the concatenation of ``parts``, copying none of those
-    of ``BIG_PART_BYTES`` or more."""
+    of ``BIG_PART_BYTES`` or more.  Empties ``parts``: the small ones are
+    copied into one buffer, and a send that waits for its client holds that
+    copy only, not the originals too."""
     for part in parts:
         if len(part) >= BIG_PART_BYTES:
             break
     else:
-        await send(fd, parts[0] if len(parts) == 1 else b"".join(parts), stalls)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        await send(fd, data, stalls)
         return
     chunks: list[memoryview] = []
     small: list[bytes] = []
@@ -145,14 +162,16 @@ async def send_parts(fd: int, parts: list[bytes], stalls: Stalls | None = None) 
         chunks.append(memoryview(part))
     if small:
         chunks.append(memoryview(b"".join(small)))
+    parts.clear()
+    del small
     first = True
     while True:
         if not first:
             await trio.lowlevel.wait_writable(fd)
         try:
-            sent = os.writev(fd, chunks[:_IOV_MAX])
+            written = sent = os.writev(fd, chunks[:_IOV_MAX])
         except BlockingIOError:
-            sent = 0
+            written = sent = 0
         except OSError as exc:  # the peer went away
             raise trio.BrokenResourceError(str(exc)) from exc
         while chunks and sent >= len(chunks[0]):
@@ -161,11 +180,17 @@ async def send_parts(fd: int, parts: list[bytes], stalls: Stalls | None = None) 
             break
         if sent:
             chunks[0] = chunks[0][sent:]
-        if stalls is not None and first:
-            stalls.sending_since = trio.current_time()  # not refreshed: see Stalls
+        if stalls is not None:
+            now = trio.current_time()
+            if first:
+                # What stays pinned until the end: the whole of each buffer
+                # left (a big part is the store's object, or an old copy).
+                stalls.send_waits(now, sum(memoryview(chunk.obj).nbytes for chunk in chunks))
+            elif written:
+                stalls.send_progress(now)
         first = False
-    if stalls is not None:
-        stalls.sending_since = None
+    if stalls is not None and not first:
+        stalls.send_done()
 
 
 HANGUP_POLL_S: Final = 0.25

@@ -8,6 +8,15 @@ Trio I/O path (:mod:`phpsess.netio`): one scheduler pass per request.  A request
 for a lock parks the task on an event until the engine completes it; meanwhile
 the task keeps watching the socket so that a client that goes away leaves the
 lock queue at once.
+
+Memory held for clients that do not read (PROTOCOL.md §10): a send that has
+to wait for its client pins its replies, and the requests read ahead behind
+them wait with it.  Those bytes, all connections together, are kept near
+``max_outgoing_bytes`` (:meth:`Server.hold_outgoing`): past it, the
+connections whose clients have read nothing for longest (at least
+``_UNREAD_GRACE_S``) are closed, and every connection is served in smaller
+steps until the total is back under it.  A client that reads its replies
+is never closed for it: its sends make progress.
 """
 
 from __future__ import annotations
@@ -55,6 +64,17 @@ _MAX_BUFFER_WHILE_WAITING: Final = 64 * 1024
 # A request buffered up to this size is never refused for max_incoming_bytes:
 # the usual PHP write goes through whatever the others hold.
 _INCOMING_UNCHECKED_BYTES: Final = 64 * 1024
+# Past max_outgoing_bytes, replies go out once this much is ready (not
+# MAX_REPLY_BYTES_PER_WRITE) and a receive takes at most this much: a
+# client that stops reading then holds about one reply and this much
+# (about 1 MiB otherwise).  PHP's requests and replies are mostly smaller;
+# a big WRITE takes more receives.
+_PRESSED_BYTES: Final = 16 * 1024
+# A connection whose send has waited this long without its client taking
+# any of it may be closed for max_outgoing_bytes; one reading its replies
+# takes some every few milliseconds.  What clients that do not read can add
+# over the limit is what the daemon can serve them in this time.
+_UNREAD_GRACE_S: Final = 0.5
 # Requests of one batch handled before its replies so far go out and the
 # other connections get a turn: a client pipelining a 256 KiB receive of
 # PINGs (50,000 requests) would otherwise hold the event loop for 100 ms.
@@ -74,6 +94,9 @@ class ServerConfig:
     max_connections: int = 4096
     # Bytes of client requests still arriving, all connections together.
     max_incoming_bytes: int = 256 * 1024 * 1024
+    # Bytes held by replies waiting for their clients to read (and the
+    # requests read ahead behind them), all connections together.
+    max_outgoing_bytes: int = 256 * 1024 * 1024
     idle_timeout_s: float = 300.0
     # A client connection that has not said HELLO this long after it was
     # accepted is closed (PROTOCOL.md §10), so that connections that send
@@ -93,9 +116,9 @@ class StartupError(Exception):
 
 class _Conn:
     __slots__ = (
-        "admin", "busy", "event", "forwards", "hello", "idle_since", "incoming", "node",
-        "opened", "owner", "parser", "partial_since", "peer", "reply", "scope", "sending_since",
-        "stream", "uid",
+        "admin", "busy", "event", "forwards", "hello", "idle_since", "incoming", "meter", "node",
+        "opened", "outgoing", "owner", "parser", "partial_since", "peer", "read_at", "reply",
+        "scope", "sending_since", "stream", "uid",
     )
 
     def __init__(
@@ -117,8 +140,14 @@ class _Conn:
         # Server._idle_sweeper, which spares a lock holder not mid-request).
         self.idle_since: float | None = None
         # While a write of replies waits for the client to read: since when
-        # it first had to wait (progress does not move it: netio.Stalls).
+        # it first had to wait (progress does not move it: netio.Stalls),
+        # when the client last took some of it, and the bytes it holds
+        # (counted in Server.outgoing_bytes for a client connection, whose
+        # ``meter`` the server is; a peer's are not counted).
         self.sending_since: float | None = None
+        self.read_at = 0.0
+        self.outgoing = 0
+        self.meter: Server | None = None
         # The request parser (engine connections): a request half received
         # is in progress (PROTOCOL.md §10).
         self.parser: p.RequestParser | None = None
@@ -130,6 +159,21 @@ class _Conn:
         # Whether the client may use DRAIN and LIST; None until it asks.
         self.admin: bool | None = None
         self.uid: int | None = None  # the client's, once ``admin`` is known
+
+    # netio.Stalls: told only about a send that has to wait.
+
+    def send_waits(self, now: float, held_bytes: int) -> None:
+        self.sending_since = self.read_at = now
+        if self.meter is not None:
+            self.meter.hold_outgoing(self, held_bytes, now)
+
+    def send_progress(self, now: float) -> None:
+        self.read_at = now
+
+    def send_done(self) -> None:
+        self.sending_since = None
+        if self.meter is not None:
+            self.meter.release_outgoing(self)
 
     @property
     def mid_request(self) -> bool:
@@ -167,6 +211,12 @@ class Server:
         self.admin_denied_total = 0
         self.incoming_bytes = 0  # of client requests half received (count_incoming)
         self.incoming_refusals_total = 0
+        # Held by sends waiting for their clients (hold_outgoing), and the
+        # connections closed to keep it under max_outgoing_bytes.
+        self.outgoing_bytes = 0
+        self.outgoing_closes_total = 0
+        self._stalled: dict[int, _Conn] = {}  # the connections it counts
+        self._shed_at = -math.inf  # when shed_outgoing last looked at them
         self.fd_refusals_total = 0
         self.busy_refusals_total = 0  # clients answered BUSY for max_connections
         # Warnings any client can cause at will: a few lines a second.
@@ -174,6 +224,7 @@ class Server:
         self._refusal_throttle = Throttle()
         self._send_timeout_throttle = Throttle()
         self._handshake_throttle = Throttle()
+        self._outgoing_throttle = Throttle()
         self._uid_lookups = trio.CapacityLimiter(1)  # may_administer_tcp
         self.accept_failures_total = 0
         # Closed to make room for answering BUSY when out of descriptors.
@@ -319,8 +370,8 @@ class Server:
 
     # Settings a SIGHUP may change while serving; everything else needs a restart.
     _RELOADABLE: Final = (
-        "limits", "max_connections", "max_incoming_bytes", "idle_timeout_s",
-        "shutdown_timeout_s",
+        "limits", "max_connections", "max_incoming_bytes", "max_outgoing_bytes",
+        "idle_timeout_s", "shutdown_timeout_s",
     )
 
     def reload(self, fresh: ServerConfig, log_level: str) -> None:
@@ -650,6 +701,8 @@ class Server:
         owner = self._next_owner
         conn = _Conn(owner, stream, peer, trio.current_time())
         conn.node = node
+        if node is None:
+            conn.meter = self  # max_outgoing_bytes: client connections only
         self._conns[owner] = conn
         self.engine.connect(owner, peer=node is not None)
         try:
@@ -668,7 +721,10 @@ class Server:
             # closes.
             assert self.persister is not None
             reply = p.Error(p.Code.UNAVAILABLE, self.persister.in_doubt(exc))
-            with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            # Outside conn.scope, which the sweeper cancels: a deadline of its own.
+            with trio.move_on_after(self.config.idle_timeout_s), contextlib.suppress(
+                OSError, trio.BrokenResourceError, trio.ClosedResourceError
+            ):
                 out: list[bytes] = []
                 netio.append_reply(out, reply)
                 await netio.send_parts(netio.fileno(stream), out, conn)
@@ -678,6 +734,7 @@ class Server:
             await self._close_forwards(conn)  # the masters release its locks
             del self._conns[owner]
             self.incoming_bytes -= conn.incoming
+            self.release_outgoing(conn)  # a send cut short (timeout, closed for the bound)
             self.engine.disconnect(owner, trio.current_time())
             self._after_engine()
             if not self._conns:
@@ -750,6 +807,11 @@ class Server:
             out_bytes = 0
             durable_seq = 0
             handled = 0  # requests since the other connections last had a turn
+            # Past max_outgoing_bytes, in smaller steps (hold_outgoing).
+            flush_bytes = (
+                netio.MAX_REPLY_BYTES_PER_WRITE
+                if self.outgoing_bytes <= self.config.max_outgoing_bytes else _PRESSED_BYTES
+            )
             now = trio.current_time()
             while True:
                 event = parser.next_event()
@@ -858,7 +920,7 @@ class Server:
                         await self._durable(durable_seq)
                     await netio.send_parts(fd, out, conn)
                     return
-                if out_bytes >= netio.MAX_REPLY_BYTES_PER_WRITE or handled >= _REQUESTS_PER_TURN:
+                if out_bytes >= flush_bytes or handled >= _REQUESTS_PER_TURN:
                     await self._send_early(conn, fd, out, durable_seq)
                     out = []
                     out_bytes = 0
@@ -915,17 +977,25 @@ class Server:
             ):
                 return
             conn.idle_since = conn.waiting_since(trio.current_time())
-            data = await netio.receive(fd)
+            data = await netio.receive(
+                fd, netio.RECEIVE_BYTES
+                if self.outgoing_bytes <= self.config.max_outgoing_bytes else _PRESSED_BYTES
+            )
             conn.idle_since = None
             if not data:
                 return
             parser.receive_data(data)
+            # The parser has its own copy: not this one too while the
+            # batch's replies wait for a client that does not read.
+            del data
 
     def _extra_stats(self) -> dict[str, object]:
         """STATS fields of the I/O shell (and of the cluster)."""
         stats: dict[str, object] = {
             "incoming_bytes": self.incoming_bytes,
             "incoming_refusals_total": self.incoming_refusals_total,
+            "outgoing_bytes": self.outgoing_bytes,
+            "outgoing_closes_total": self.outgoing_closes_total,
             "connection_refusals_total": self.busy_refusals_total,
         }
         if self.persister is not None:
@@ -958,6 +1028,79 @@ class Server:
             and self.incoming_bytes > self.config.max_incoming_bytes
             and self.incoming_bytes > incoming
         )
+
+    def hold_outgoing(self, conn: _Conn, held_bytes: int, now: float) -> None:
+        """``conn``'s send has to wait for its client: count what it holds,
+        ``held_bytes`` and the requests read ahead behind it (those not
+        counted as incoming), until :meth:`release_outgoing`.  Past
+        ``max_outgoing_bytes``, close the connections that read nothing
+        (:meth:`shed_outgoing`)."""
+        parser = conn.parser
+        if parser is not None:
+            held_bytes += max(0, _buffered(parser) - conn.incoming)
+        self.outgoing_bytes += held_bytes - conn.outgoing
+        conn.outgoing = held_bytes
+        self._stalled[conn.owner] = conn
+        if (
+            self.outgoing_bytes > self.config.max_outgoing_bytes
+            and now - self._shed_at >= _UNREAD_GRACE_S / 8
+        ):
+            # Not at every stall: a look is a sort of them all.
+            self.shed_outgoing(now)
+
+    def release_outgoing(self, conn: _Conn) -> None:
+        """``conn``'s send is over (or the connection): its bytes are free."""
+        if self._stalled.pop(conn.owner, None) is not None:
+            self.outgoing_bytes -= conn.outgoing
+            conn.outgoing = 0
+
+    def flush_bytes(self) -> int:
+        """Replies of a batch held back for one write: fewer past
+        ``max_outgoing_bytes`` (for the SQL backend's loop; the engine's
+        has it inline)."""
+        if self.outgoing_bytes <= self.config.max_outgoing_bytes:
+            return netio.MAX_REPLY_BYTES_PER_WRITE
+        return _PRESSED_BYTES
+
+    def receive_bytes(self) -> int:
+        """The most a receive takes: less past ``max_outgoing_bytes``."""
+        if self.outgoing_bytes <= self.config.max_outgoing_bytes:
+            return netio.RECEIVE_BYTES
+        return _PRESSED_BYTES
+
+    def shed_outgoing(self, now: float) -> None:
+        """Keep the bytes held for clients that do not read under
+        ``max_outgoing_bytes`` (PROTOCOL.md §10): close connections, the one
+        whose client has gone longest without taking any of its replies
+        first, until the total is under it.  Only those that have read
+        nothing for ``_UNREAD_GRACE_S``: a client reading its replies is
+        never closed for another's backlog (the total may stay over the
+        limit for that long; meanwhile every connection is served in
+        smaller steps, so that little more is taken)."""
+        limit = self.config.max_outgoing_bytes
+        self._shed_at = now
+        candidates = sorted(
+            (c for c in self._stalled.values() if now - c.read_at >= _UNREAD_GRACE_S),
+            key=lambda c: c.read_at,
+        )
+        for conn in candidates:
+            if self.outgoing_bytes <= limit:
+                break
+            held = conn.outgoing
+            # Its task ends at its next checkpoint, freeing them.
+            self.release_outgoing(conn)
+            self.outgoing_closes_total += 1
+            suffix = self._outgoing_throttle.suffix(now)
+            if suffix is not None:
+                log.warning(
+                    "event=connection_closed reason=max_outgoing_bytes owner=%d peer=%s "
+                    "held_bytes=%d unread_s=%.1f outgoing_bytes=%d count=%d detail=the client "
+                    "did not read its replies while the daemon held max_outgoing_bytes=%d "
+                    "for such clients%s", conn.owner, conn.peer, held, now - conn.read_at,
+                    self.outgoing_bytes, self.outgoing_closes_total, limit, suffix,
+                )
+            if conn.scope is not None:
+                conn.scope.cancel()
 
     async def refuse_incoming(self, conn: _Conn, fd: int) -> None:
         """BUSY for a request over ``max_incoming_bytes``; the caller ends
@@ -1168,13 +1311,18 @@ class Server:
         One sweep every eighth of the timeout (at most a second) instead of
         a cancel scope around every receive and send, which cost every
         request a deadline registration: a connection is cut between 1 and
-        1.125 timeouts after it stalled."""
+        1.125 timeouts after it stalled.  Past ``max_outgoing_bytes``, also
+        :meth:`shed_outgoing`, as often as ``_UNREAD_GRACE_S`` (the new
+        sends that wait look too, but they may stop coming)."""
         engine = self.engine
         while True:
-            await trio.sleep(
-                min(1.0, self.config.idle_timeout_s / 8, self.config.handshake_timeout_s / 8)
-            )
+            pause = min(1.0, self.config.idle_timeout_s / 8, self.config.handshake_timeout_s / 8)
+            if self.outgoing_bytes > self.config.max_outgoing_bytes:
+                pause = min(pause, _UNREAD_GRACE_S)
+            await trio.sleep(pause)
             now = trio.current_time()
+            if self.outgoing_bytes > self.config.max_outgoing_bytes:
+                self.shed_outgoing(now)
             limit = self.config.idle_timeout_s
             handshake_limit = self.config.handshake_timeout_s
             for conn in list(self._conns.values()):

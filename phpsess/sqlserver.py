@@ -650,9 +650,12 @@ class SqlBackend:
         stream = conn.stream
         fd = netio.fileno(stream)
         metrics = self.server.metrics
+        server = self.server
         while True:
             out: list[bytes] = []
             out_bytes = 0
+            # Past max_outgoing_bytes, in smaller steps (Server.hold_outgoing).
+            flush_bytes = server.flush_bytes()
             if client.held:
                 await self._expire_leases(client)
             while True:
@@ -676,7 +679,7 @@ class SqlBackend:
                              conn.owner, conn.peer, reply.code.name)
                     await netio.send_parts(fd, out, conn)
                     return
-                if out_bytes >= netio.MAX_REPLY_BYTES_PER_WRITE:
+                if out_bytes >= flush_bytes:
                     # As in the engine's loop: a client that does not read
                     # is held back by its socket buffer, not our memory.
                     await netio.send_parts(fd, out, conn)
@@ -696,17 +699,19 @@ class SqlBackend:
             if client.held and not parser.mid_request:
                 # It may think as long as its lease; then the lock is revoked.
                 with trio.move_on_at(min(client.held.values())):
-                    data = await netio.receive(fd)
+                    data = await netio.receive(fd, server.receive_bytes())
                     if not data:
                         return
                     parser.receive_data(data)
+                    del data
                 continue
             conn.idle_since = conn.waiting_since(trio.current_time())  # see Server._idle_sweeper
-            data = await netio.receive(fd)
+            data = await netio.receive(fd, server.receive_bytes())
             conn.idle_since = None
             if not data:
                 return
             parser.receive_data(data)
+            del data  # the parser has its own copy (as in Server)
 
     def said_hello(self, owner: int) -> bool:
         """Whether connection ``owner`` had a HELLO accepted (its handshake
@@ -899,6 +904,8 @@ class SqlBackend:
             "connections": len(self._clients),
             "incoming_bytes": self.server.incoming_bytes,
             "incoming_refusals_total": self.server.incoming_refusals_total,
+            "outgoing_bytes": self.server.outgoing_bytes,
+            "outgoing_closes_total": self.server.outgoing_closes_total,
             "connection_refusals_total": self.server.busy_refusals_total,
             "locks_held": sum(len(c.held) for c in self._clients.values()),
             "locks_waiting": self.locks_waiting,

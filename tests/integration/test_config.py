@@ -99,6 +99,20 @@ def test_sighup_limits_apply_to_open_connections(start_daemon: Any, workdir: Pat
         assert isinstance(reply, p.Error) and reply.code is p.Code.LOCK_LOST, reply
 
 
+def test_sighup_applies_max_outgoing_bytes(start_daemon: Any, workdir: Path) -> None:
+    # The bound on what clients that do not read their replies hold
+    # (PROTOCOL.md §10) is read from the file and changes while running.
+    conf = workdir / "phpsess.toml"
+    _config(conf, 100, limits="max_outgoing_bytes = 1000000\n")
+    daemon = start_daemon("--config", str(conf))
+    _config(conf, 100, limits="max_outgoing_bytes = 2000000\n")
+    daemon.signal(signal.SIGHUP)
+    _wait_for(daemon, "event=reloaded log_level=info applied=max_outgoing_bytes\n")
+    with Client(daemon.address) as c:
+        stats = c.request(p.Stats())
+        assert isinstance(stats, p.Data) and b'"outgoing_bytes": 0' in stats.data, stats
+
+
 def test_sighup_names_the_keys_that_need_a_restart(start_daemon: Any, workdir: Path) -> None:
     conf = workdir / "phpsess.toml"
     conf.write_text('[storage]\nfsync = "interval"\n')
@@ -187,6 +201,8 @@ def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None
         ("[limits]\n\nmax_connections = 0\n", ":3: max_connections (--max-connections) must be"),
         ("[limits]\nmax_incoming_bytes = 1000\n",
          ":2: max_incoming_bytes (--max-incoming-bytes) must be at least max_session_bytes"),
+        ("[limits]\n\nmax_outgoing_bytes = 0\n",
+         ":3: max_outgoing_bytes (--max-outgoing-bytes) must be at least 1"),
         ("[limits]\nidle_timeout_s = 0\n", ":2: idle_timeout_s (--idle-timeout-s) must be "
          "positive"),
         ("[limits]\nidle_timeout_s = -1\n", ":2: idle_timeout_s (--idle-timeout-s) must be "

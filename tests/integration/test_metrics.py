@@ -56,6 +56,8 @@ def test_metrics_endpoint_is_scraped_and_parsed(
     assert samples[("phpsess_request_seconds_count", (("verb", "WRITE"),))] == 1
     assert samples[("phpsess_locks_held", ())] == 1
     assert samples[("phpsess_incoming_bytes", ())] == 0  # nothing half received
+    assert samples[("phpsess_outgoing_bytes", ())] == 0  # every reply was read
+    assert samples[("phpsess_outgoing_closes_total", ())] == 0
     # The standard process_* metrics describe the daemon, not the test.
     started = _start_time(daemon.pid)
     assert abs(samples[("process_start_time_seconds", ())] - started) < 1.0

@@ -19,6 +19,7 @@ metrics_listen = "127.0.0.1:9464"
 [limits]
 max_session_bytes = 1048576
 max_connections = 100
+max_outgoing_bytes = 8388608
 idle_timeout_s = 60
 lock_wait_s = 5.5
 lock_lease_s = 120
@@ -56,7 +57,8 @@ def test_every_setting_is_read_under_its_flag_name(tmp_path: Path) -> None:
     assert settings == {
         "listen": ["unix:/run/phpsess/phpsess.sock", "tcp:127.0.0.1:7700"],
         "socket_mode": 0o660, "log_level": "warning", "metrics_listen": "127.0.0.1:9464",
-        "max_session_bytes": 1048576, "max_connections": 100, "idle_timeout_s": 60,
+        "max_session_bytes": 1048576, "max_connections": 100,
+        "max_outgoing_bytes": 8388608, "idle_timeout_s": 60,
         "lock_wait_s": 5.5, "lock_lease_s": 120, "shutdown_timeout_s": 3,
         "data_dir": "/var/lib/phpsess", "fsync": "always", "fsync_interval_ms": 100,
         "compact_min_bytes": 1000000, "memory_only": False,

@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info",
+        help="the least important lines logged (default: info)",
     )
 
     check = commands.add_parser(
@@ -232,9 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
             check._add_action(action)
 
     repair = commands.add_parser(
-        "repair", help="rewrite a damaged data directory keeping every intact record"
+        "repair", help="rewrite a damaged data directory keeping every intact record",
+        description="Rewrite a data directory that the daemon refuses to start from "
+        "(a damaged journal or snapshot), keeping every intact record; the originals "
+        "are kept in its damaged-<time>/ directory. Stop the daemon first, and run "
+        "this as its user (runuser -u phpsess -- phpsess repair); run as root, what it "
+        "writes gets the owner and mode of the files it replaces.",
     )
-    repair.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR")
+    repair.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR",
+                        help=f"the daemon's data directory (default: {DEFAULT_DATA_DIR})")
     admin.add_commands(commands)
     return parser
 
@@ -477,6 +484,22 @@ def _listen_addresses(given: list[str] | None) -> tuple[Address, ...]:
     return tuple(listen)
 
 
+def _warn_if_readable(path: str) -> None:
+    """A config file holding the database password that users other than
+    its owner may read (www-data is in the daemon's group): a warning, not
+    a refusal, so that a working setup keeps starting."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077:
+        print(
+            f"phpsess: warning: {path} holds the database password ([storage] password) "
+            f"and users other than its owner may read it (mode {mode:04o}): chmod 0600 "
+            "it, or use [storage] password_file", file=sys.stderr,
+        )
+
+
 def _storage_config(args: argparse.Namespace) -> SqlConfig | None:
     """The SQL backend's settings, or None (memory + journal); UsageError
     names the setting (and _configure its file and line, if the file gave it)."""
@@ -493,6 +516,8 @@ def _storage_config(args: argparse.Namespace) -> SqlConfig | None:
             f"give the database password once: {_named('storage_password')} or "
             f"{_named('storage_password_file')}", "storage_password", "storage_password_file",
         )
+    if password is not None and getattr(args, "config", None):
+        _warn_if_readable(args.config)
     if password_file:
         try:
             with open(password_file, encoding="utf-8") as f:

@@ -416,7 +416,8 @@ class Server:
         if ignored:
             log.warning(
                 "event=reload_needs_restart changed=%s detail=%s", ",".join(ignored),
-                quoted("these settings apply only after a restart (drain first in a cluster)"),
+                quoted("these settings apply only after a restart (systemctl restart phpsess: "
+                       "in a cluster it drains first by itself)"),
             )
 
     def shutdown(self) -> None:
@@ -475,6 +476,18 @@ class Server:
             # The socket unit's ListenStream= lines replace --listen; those
             # socket files are systemd's, so they are never unlinked here.
             self.addresses.extend(address for address, _ in inherited)
+            served = {str(address) for address, _ in inherited}
+            ignored = [str(a) for a in self.config.listen if str(a) not in served]
+            if ignored:
+                # A TCP address in the config file would silently not be
+                # served: say so (DEPLOYMENT.md §2).
+                log.warning(
+                    "event=listen_ignored addresses=%s serving=%s detail=%s",
+                    ",".join(ignored), ",".join(sorted(served)),
+                    quoted("systemd passed this daemon its sockets (socket activation): it "
+                           "serves those only; add a ListenStream= line to the socket unit "
+                           "for each address to serve"),
+                )
             return [listener for _, listener in inherited]
         listeners: list[trio.SocketListener] = []
         try:

@@ -130,7 +130,8 @@ def test_sighup_names_the_keys_that_need_a_restart(start_daemon: Any, workdir: P
     daemon.signal(signal.SIGHUP)
     # The detail is one logfmt value: quoted, since it has spaces.
     _wait_for(daemon, "event=reload_needs_restart changed=memory_only detail=\"these settings "
-              'apply only after a restart (drain first in a cluster)"\n')
+              "apply only after a restart (systemctl restart phpsess: in a cluster it drains "
+              'first by itself)"\n')
 
 
 def test_sighup_applies_peers_when_other_cluster_keys_changed_and_names_log_level(
@@ -174,6 +175,23 @@ def test_sighup_refuses_a_zero_idle_timeout(start_daemon: Any, workdir: Path) ->
         assert f"{conf}:4: idle_timeout_s (--idle-timeout-s) must be positive" in daemon.log()
         time.sleep(0.5)
         assert c.request(p.Read("s", lock=False)) == p.MISS  # still connected
+
+
+def test_a_readable_config_file_holding_the_database_password_is_warned_about(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # www-data is in the daemon's group (DEPLOYMENT.md): a group-readable
+    # file with the password in it gives PHP the database password.
+    conf = workdir / "sql.toml"
+    conf.write_text('[storage]\nurl = "mysql://u@localhost/db"\npassword = "p"\n')
+    conf.chmod(0o640)
+    assert main(["check-config", str(conf)]) == 0
+    err = capsys.readouterr().err
+    assert f"phpsess: warning: {conf} holds the database password" in err
+    assert "(mode 0640): chmod 0600 it, or use [storage] password_file" in err
+    conf.chmod(0o600)
+    assert main(["check-config", str(conf)]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:

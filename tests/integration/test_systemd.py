@@ -187,6 +187,10 @@ def test_socket_activation_serves_the_inherited_socket(
         assert os.path.exists(sock_path)
         logged = log_path.read_text()
         assert "event=socket_inherited name=client fd=3" in logged, logged
+        # The --listen it does not serve is named in a warning, not dropped
+        # silently (a TCP address in the config file would be missed).
+        assert f"event=listen_ignored addresses=unix:{other} serving=unix:{sock_path}" \
+            in logged, logged
     finally:
         _stop(proc)
 

@@ -146,6 +146,8 @@ class _Client:
     # The request waiting for a lock, if any: a READ or a CREATE.
     pending: p.Read | p.Create | None = None
     pending_sid: str = ""
+    # Its last locking READ asked to be told ``MISS DESTROYED`` (§4.1).
+    tell_destroyed: bool = False
 
 
 class Engine:
@@ -311,15 +313,23 @@ class Engine:
         ):
             self.errors_total += 1
             return too_many_locks(self.limits)
-        if request.lock and not self.locks.acquire(sid, owner, now, client.lease_s, client.wait_s):
+        if not request.lock:
+            return self._read_reply(sid, now)
+        client.tell_destroyed = request.destroyed
+        if not self.locks.acquire(sid, owner, now, client.lease_s, client.wait_s):
             client.pending = request
             client.pending_sid = sid
             return WAIT
-        return self._read_reply(sid, now)
+        return self._read_reply(sid, now, request.destroyed)
 
-    def _read_reply(self, sid: str, now: float) -> p.Reply:
+    def _read_reply(self, sid: str, now: float, tell_destroyed: bool = False) -> p.Reply:
+        """What a READ of ``sid`` answers; with ``tell_destroyed``, by a
+        holder of its lock that asked (§4.1): ``MISS DESTROYED`` if the lock
+        was granted after the session was destroyed while it waited."""
         entry = self.store.get(sid, now)
         if entry is None:
+            if tell_destroyed and self.locks.destroyed(sid):
+                return p.MISS_DESTROYED
             return p.MISS
         return p.Data(entry.data)
 
@@ -380,6 +390,9 @@ class Engine:
             return error
         if self.store.delete(sid) and self.changes is not None:
             self.changes.append((Op.DELETE, sid, 0, b""))
+        # Those waiting for its lock learn it was destroyed (§4.1), as a
+        # file unlinked while they wait for its flock stays gone for them.
+        self.locks.mark_destroyed(sid)
         self._grants(self.locks.release(sid, owner, now), now)
         return p.OK
 
@@ -479,14 +492,18 @@ class Engine:
                 self._grants(self.locks.release(grant.sid, grant.owner, now), now)
                 continue
             client.pending = None
+            tell = isinstance(pending, p.Read) and pending.destroyed
             self.completions.append(
-                Completion(grant.owner, self._read_reply(grant.sid, now), grant.sid)
+                Completion(grant.owner, self._read_reply(grant.sid, now, tell), grant.sid)
             )
 
     def read_reply(self, sid: str, now: float) -> p.Reply:
-        """What a READ of ``sid`` answers now (the shell re-reads a grant's
-        session once it has checked it, CLUSTER.md §3)."""
-        return self._read_reply(sid, now)
+        """What a locking READ of ``sid`` by the holder of its lock answers
+        now (the shell re-reads a grant's session once it has checked it,
+        CLUSTER.md §3): ``MISS DESTROYED`` too if the holder asked (§4.1)."""
+        holder = self.locks.holder(sid)
+        client = None if holder is None else self._clients.get(holder)
+        return self._read_reply(sid, now, client is not None and client.tell_destroyed)
 
     def unlock(self, owner: Owner, sid: str, now: float) -> None:
         """Release ``owner``'s lock on ``sid`` (a grant the shell could not

@@ -11,6 +11,12 @@ those that have passed into :class:`Timeout` and :class:`Revoked` events (and
 the grants that revocations cause).  An owner whose lease was revoked is
 remembered until it asks about that session again (:meth:`take_revoked`), so
 its late write can be refused with ``LOCK_LOST``.
+
+A session destroyed while owners wait for its lock stays dead for them, as a
+file unlinked under a waiting ``flock`` does: :meth:`mark_destroyed` marks
+its waiters, a marked waiter's lock is granted marked (:meth:`destroyed`),
+and an owner that queues behind a marked lock is marked too, until the lock
+is free (then the session is simply missing, as if it had never existed).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class _Held:
     owner: Owner
     lease_deadline: float
     token: int
+    destroyed: bool = False  # granted after the session was destroyed
 
 
 @attrs.define(slots=True)
@@ -43,6 +50,7 @@ class _Waiter:
     deadline: float
     lease_s: float
     token: int
+    destroyed: bool = False  # the session was destroyed while it waited
 
 
 @attrs.frozen
@@ -114,6 +122,12 @@ class LockTable:
     def waiting_count(self) -> int:
         return len(self._waiting)
 
+    def destroyed(self, sid: str) -> bool:
+        """True if ``sid``'s lock was granted after the session was
+        destroyed while its holder waited (or queued behind such a holder)."""
+        held = self._held.get(sid)
+        return held is not None and held.destroyed
+
     def take_revoked(self, owner: Owner, sid: str) -> bool:
         """True (once) if ``owner`` lost its lock on ``sid`` to the lease."""
         revoked = self._revoked.get(owner)
@@ -142,7 +156,9 @@ class LockTable:
         assert owner not in self._waiting, "an owner waits for one lock at a time"
         token = next(self._tokens)
         deadline = now + wait_s
-        self._queues.setdefault(sid, deque()).append(_Waiter(owner, deadline, lease_s, token))
+        self._queues.setdefault(sid, deque()).append(
+            _Waiter(owner, deadline, lease_s, token, held.destroyed)
+        )
         self._waiting[owner] = sid
         self._push((deadline, token, _WAIT, sid))
         self.waits_total += 1
@@ -155,6 +171,12 @@ class LockTable:
             return []
         self._drop(sid, held)
         return self._hand_on(sid, now)
+
+    def mark_destroyed(self, sid: str) -> None:
+        """The session ``sid`` was destroyed: its waiters will be granted a
+        marked lock (:meth:`destroyed`)."""
+        for waiter in self._queues.get(sid, ()):
+            waiter.destroyed = True
 
     def release_all(self, owner: Owner, now: float) -> list[Grant]:
         grants: list[Grant] = []
@@ -238,10 +260,12 @@ class LockTable:
 
     # -- internals
 
-    def _grant(self, sid: str, owner: Owner, now: float, lease_s: float) -> None:
+    def _grant(
+        self, sid: str, owner: Owner, now: float, lease_s: float, destroyed: bool = False
+    ) -> None:
         token = next(self._tokens)
         deadline = now + lease_s
-        self._held[sid] = _Held(owner, deadline, token)
+        self._held[sid] = _Held(owner, deadline, token, destroyed)
         self._owned.setdefault(owner, set()).add(sid)
         self._push((deadline, token, _LEASE, sid))
 
@@ -274,7 +298,7 @@ class LockTable:
         if not queue:
             del self._queues[sid]
         del self._waiting[waiter.owner]
-        self._grant(sid, waiter.owner, now, waiter.lease_s)
+        self._grant(sid, waiter.owner, now, waiter.lease_s, waiter.destroyed)
         return [Grant(sid, waiter.owner)]
 
     def _forget_revoked(self, owner: Owner, sid: str) -> None:

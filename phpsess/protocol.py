@@ -51,7 +51,9 @@ _LINE_RE: Final = re.compile(rb"[\x21-\x7e]+(?: [\x21-\x7e]+)*\Z")
 # Fast paths for the requests of every web request, in the form PHP's handler
 # sends them (§4).  A line they do not match takes the general path, which
 # accepts the same lines and explains what is wrong with the others.
-_FAST_READ: Final = re.compile(rb"READ ([A-Za-z0-9,-]{1,256})(?: (LOCK|NOLOCK))?\Z")
+_FAST_READ: Final = re.compile(
+    rb"READ ([A-Za-z0-9,-]{1,256})(?: (LOCK|NOLOCK))?( DESTROYED)?\Z"
+)
 _FAST_WRITE: Final = re.compile(
     rb"WRITE ([A-Za-z0-9,-]{1,256}) ([1-9][0-9]{0,7}) (0|[1-9][0-9]{0,8})( KEEP)?\Z"
 )
@@ -125,6 +127,9 @@ class Hello:
 class Read:
     sid: str = attrs.field(validator=_check_sid)
     lock: bool = True
+    # The client understands ``MISS DESTROYED`` (§4.1): the session was
+    # destroyed while this locking READ waited for its lock.
+    destroyed: bool = False
 
 
 @attrs.frozen
@@ -291,7 +296,8 @@ class Data:
 
 @attrs.frozen
 class Miss:
-    pass
+    # ``MISS DESTROYED`` (§4.1), only ever sent to a READ that asked for it.
+    destroyed: bool = False
 
 
 @attrs.frozen
@@ -308,8 +314,10 @@ Reply = Ok | Data | Miss | Error
 
 OK: Final = Ok()
 MISS: Final = Miss()
+MISS_DESTROYED: Final = Miss(destroyed=True)
 _OK_LINE: Final = b"OK\n"
 _MISS_LINE: Final = b"MISS\n"
+_MISS_DESTROYED_LINE: Final = b"MISS DESTROYED\n"
 
 
 def encode_reply(reply: Reply) -> bytes:
@@ -321,7 +329,7 @@ def encode_reply(reply: Reply) -> bytes:
     if type(reply) is Data:
         return data_header(reply) + reply.data
     if type(reply) is Miss:
-        return _MISS_LINE
+        return _MISS_DESTROYED_LINE if reply.destroyed else _MISS_LINE
     assert isinstance(reply, Error)
     # The sentence must stay one printable line whatever went into it, and
     # within MAX_HEADER_BYTES (§2) however much of a request it quotes.
@@ -487,10 +495,14 @@ def _parse_peer(verb: bytes, args: list[bytes]) -> Request:
 def _parse_simple(verb: bytes, args: list[bytes], peer: bool = False) -> Request:
     """Parse a request that has no payload (everything but WRITE, REPL, HANDOFF)."""
     if verb == b"READ":
-        usage = "READ <sid> [LOCK|NOLOCK]"
+        usage = "READ <sid> [LOCK|NOLOCK] [DESTROYED]"
+        _arity(args, 1, 3, usage)
+        destroyed = len(args) > 1 and args[-1] == b"DESTROYED"
+        if destroyed:
+            args = args[:-1]
         _arity(args, 1, 2, usage)
         lock = _flag(args, 1, {b"LOCK": True, b"NOLOCK": False}, usage)
-        return Read(_sid_arg(args[0]), True if lock is None else lock)
+        return Read(_sid_arg(args[0]), True if lock is None else lock, destroyed)
     if verb == b"TOUCH":
         usage = "TOUCH <sid> <ttl_s> [KEEP]"
         _arity(args, 2, 3, usage)
@@ -689,7 +701,7 @@ class RequestParser:
         if first == b"R":
             m = _FAST_READ.match(line)
             if m is not None:  # stays in HEADER
-                return Read(m[1].decode("ascii"), m[2] != b"NOLOCK")
+                return Read(m[1].decode("ascii"), m[2] != b"NOLOCK", m[3] is not None)
         elif first == b"W":
             m = _FAST_WRITE.match(line)
             if m is not None:
@@ -786,7 +798,10 @@ def encode_request(request: Request) -> bytes:
             head += " KEEP"
         return head.encode("ascii") + b"\n" + request.data
     if isinstance(request, Read):
-        return f"READ {request.sid} {'LOCK' if request.lock else 'NOLOCK'}\n".encode("ascii")
+        told = " DESTROYED" if request.destroyed else ""
+        return f"READ {request.sid} {'LOCK' if request.lock else 'NOLOCK'}{told}\n".encode(
+            "ascii"
+        )
     if isinstance(request, Touch):
         keep = " KEEP" if request.keep else ""
         return f"TOUCH {request.sid} {request.ttl_s}{keep}\n".encode("ascii")
@@ -869,6 +884,8 @@ class ReplyParser:
                 return Ok(tuple(rest.split(" ")) if rest else ())
             if status == "MISS" and not rest:
                 return MISS
+            if status == "MISS" and rest == "DESTROYED":
+                return MISS_DESTROYED
             if status == "ERR":
                 name, _, sentence = rest.partition(" ")
                 try:

@@ -53,14 +53,22 @@ namespace PhpSess;
  *   leave it undefined; a daemon that cannot be reached (or a malformed
  *   address) fails the next call instead, as with phpredis, which connects
  *   lazily. session_start() then returns false and $_SESSION is [].
+ * - An unreachable daemon never changes the visitor's cookie. With
+ *   session.use_strict_mode, validateId() that cannot ask the daemon says
+ *   the ID is valid, so PHP keeps it and sends no Set-Cookie, and the
+ *   read() of that ID that follows fails (without asking again):
+ *   session_start() returns false. Saying it is invalid would make PHP send
+ *   the ID create_sid() makes (an empty one when the daemon is down) before
+ *   read() fails, logging the visitor out for good over a daemon restart;
+ *   the files handler, whose directory is unusable, does that: it replaces
+ *   the cookie with a new ID.
  * - create_sid() returns '' when the daemon cannot make the ID: the read('')
- *   PHP makes next fails and session_start() returns false (as it does
- *   after validateId() failed for want of the daemon, instead of replacing
- *   the visitor's session ID with an empty session). Neither raises its
- *   warning itself: PHP would replace an exception thrown there (an error
- *   handler's) with its own Error; read('') raises it, where the files
- *   handler raises its own. Only for session_create_id() inside a running
- *   session does it make the ID itself.
+ *   PHP makes next fails and session_start() returns false (a visitor
+ *   without a session gets an empty `Set-Cookie` from PHP). Neither it nor
+ *   validateId() raises its warning itself: PHP would replace an exception
+ *   thrown there (an error handler's) with its own Error; read() raises it,
+ *   where the files handler raises its own. Only for session_create_id()
+ *   inside a running session does it make the ID itself.
  * - session_regenerate_id(): write() or destroy() of the old session first
  *   has the daemon make (and lock) the new ID, on the same connection. A
  *   daemon that is stopping serves a connection only while it holds a lock
@@ -86,6 +94,15 @@ namespace PhpSess;
  *   by create_sid(), or, when locking, found missing by read(): PHP made the
  *   ID itself (behind a wrapper that does not forward create_sid(), such as
  *   Symfony's SessionHandlerProxy) or the visitor brought an unknown one.
+ * - A session destroyed by another request (session_destroy(),
+ *   session_regenerate_id(true)) while this one waited for its lock stays
+ *   destroyed, as with the files handler (whose flock is granted on the
+ *   unlinked file): read() returns '' (the daemon says `MISS DESTROYED`,
+ *   §4.1; the files handler reads the old data from the unlinked file),
+ *   and what this request writes to that ID is dropped, silently, as the
+ *   files handler writes it to the unlinked file; it is not stored empty
+ *   at close() either. Storing it would bring a logged-out (or
+ *   regenerated-away) ID back to life.
  * - With `persistent=1` (the default) PHP keeps one connection per address
  *   per process (a php-fpm worker reuses it for every web request; a new
  *   connection per request costs the daemon twice the CPU),
@@ -164,8 +181,33 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     private ?string $newId = null;
     /** create_sid() failed and returned '': the read('') that follows fails, with the warning in $deferred. */
     private bool $createFailed = false;
-    /** validateId() could not ask the daemon: create_sid() must not invent a new session. */
-    private bool $validateFailed = false;
+    /**
+     * The ID validateId() could not ask the daemon about (session_start() in
+     * strict mode) and let PHP keep, or null: read() of it fails with the
+     * warning validateId() kept. Saying false would make PHP replace the
+     * visitor's cookie with the ID create_sid() makes (or with an empty one,
+     * if the daemon cannot make one either) before read() fails: one
+     * unreachable moment (a restart) would log every visitor out for good.
+     * It is not read afterwards either: the daemon may be back by then, and
+     * an ID nobody vouched for must not start a session in strict mode.
+     */
+    private ?string $unvalidated = null;
+    /**
+     * The ID whose locking read() the daemon answered `MISS DESTROYED`
+     * (§4.1): another request destroyed the session (session_destroy(),
+     * session_regenerate_id(true)) while this one waited for its lock. It
+     * stays destroyed, as a file unlinked while PHP's files handler waited
+     * for its flock: what this request writes to it is dropped (write()
+     * sends DESTROY instead, which only releases the lock), and close() does
+     * not store it empty as a new session.
+     */
+    private ?string $deadId = null;
+    /**
+     * The daemon refused READ's DESTROYED token (one older than this
+     * handler, or a cluster node forwarding to one): read() sends plain
+     * READs on this handler from then on.
+     */
+    private bool $plainRead = false;
     /** A connection was dropped while it held locks: no new one (it would not hold them) until the next open(). */
     private bool $locksLost = false;
     /** While true, warn() is silent. */
@@ -258,7 +300,8 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
                 $this->unusable = $e->getMessage();
             }
         }
-        $this->validateFailed = false;
+        $this->unvalidated = null;
+        $this->deadId = null;
         $this->locksLost = false; // a new read takes the lock afresh
         // Reusing our own connection (open after close in this request). Unread
         // bytes or EOF mean it is out of step or gone: the next call makes a
@@ -275,7 +318,8 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         $newId = $this->newId;
         $this->newId = null;
         $this->createFailed = false;
-        $this->validateFailed = false;
+        $this->unvalidated = null;
+        $this->deadId = null;
         $this->deferred = '';
         $this->readDone = false;
         $this->newIdRead = false;
@@ -380,16 +424,33 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
             return false;
         }
-        // validateId() failed, and a wrapper without create_sid() had PHP make
-        // the new ID itself: no read('') comes, the warning is raised here.
+        $unvalidated = $this->unvalidated;
+        $this->unvalidated = null;
+        // validateId() failed (or could not ask the daemon), and a wrapper
+        // without create_sid() had PHP make the new ID itself: no read('')
+        // comes, the warning is raised here.
         $this->warnDeferred();
+        if ($id === $unvalidated) {
+            return false; // see $unvalidated: session_start() fails, the cookie stays
+        }
         $this->readDone = true;
         if ($id === $this->newId) {
             $this->newIdRead = true;
 
             return ''; // created and locked by CREATE: nothing to read (§4.8)
         }
-        $line = $this->exchange('READ ' . $id . ($this->locking ? " LOCK\n" : " NOLOCK\n"), 'read', $this->locking);
+        if (!$this->locking) {
+            $line = $this->exchange('READ ' . $id . " NOLOCK\n", 'read');
+        } elseif ($this->plainRead) {
+            $line = $this->exchange('READ ' . $id . " LOCK\n", 'read', true);
+        } else {
+            $line = $this->exchange('READ ' . $id . " LOCK DESTROYED\n", 'read', true);
+            if ($line !== null && strncmp($line, 'ERR BAD_REQUEST ', 16) === 0) {
+                // A daemon older than the DESTROYED token (§4.1): ask as before.
+                $this->plainRead = true;
+                $line = $this->exchange('READ ' . $id . " LOCK\n", 'read', true);
+            }
+        }
         if ($line === null) {
             return false;
         }
@@ -398,7 +459,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             if ($data === null) {
                 return false;
             }
-        } elseif ($line === "MISS\n") {
+        } elseif ($line === "MISS\n" || ($this->locking && $line === "MISS DESTROYED\n")) {
             $data = '';
         } else {
             $this->failed('read', $line);
@@ -407,7 +468,10 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         }
         if ($this->locking) {
             $this->locks[$id] = true;
-            if ($line === "MISS\n") {
+            if ($line === "MISS DESTROYED\n") {
+                // Destroyed while we waited for its lock: see $deadId.
+                $this->deadId = $id;
+            } elseif ($line === "MISS\n") {
                 // A new session: PHP made the ID itself (a wrapper that does
                 // not forward create_sid(), such as Symfony's
                 // SessionHandlerProxy) or the visitor brought an unknown one
@@ -434,9 +498,22 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         if (self::inRegenerate() && !$this->prepare()) {
             return false; // PHP: "Session write failed", regenerate returns false
         }
-        $line = $this->exchange('WRITE ' . $id . ' ' . self::ttl() . ' ' . \strlen($data) . "\n" . $data, 'write');
+        if ($id === $this->deadId) {
+            // Destroyed while we waited for its lock (see $deadId): the data
+            // is dropped, as the files handler writes it to the unlinked
+            // file. DESTROY costs the round trip the WRITE would have, and
+            // releases this lock only (CLOSE would release the new ID's of
+            // session_regenerate_id() too).
+            $request = 'DESTROY ' . $id . "\n";
+        } else {
+            $request = 'WRITE ' . $id . ' ' . self::ttl() . ' ' . \strlen($data) . "\n" . $data;
+        }
+        $line = $this->exchange($request, 'write');
         if ($line === "OK\n") {
-            unset($this->locks[$id]); // §4.2: WRITE releases the lock
+            unset($this->locks[$id]); // §4.2: WRITE releases the lock (DESTROY too, §4.5)
+            if ($id === $this->deadId) {
+                $this->deadId = null;
+            }
             if ($id === $this->newId) {
                 $this->newId = null;
             }
@@ -475,8 +552,8 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
 
             return false;
         }
-        if ($id === $this->newId) {
-            return $this->write($id, $data); // it has no data yet: TOUCH would say MISS
+        if ($id === $this->newId || $id === $this->deadId) {
+            return $this->write($id, $data); // it has no data: TOUCH would say MISS
         }
         $line = $this->exchange('TOUCH ' . $id . ' ' . self::ttl() . "\n", 'updateTimestamp');
         if ($line === "OK\n") {
@@ -507,9 +584,9 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             // strict mode, and the session exists, as its file would.
             return $this->newIdRead;
         }
-        // In session_start() (and session_reset()) PHP calls create_sid() and
-        // read('') after a failure: read('') raises the warning (see
-        // $deferring). In session_create_id() nothing follows: warn here.
+        // In session_start() (and session_reset()) PHP calls read() next,
+        // which raises the warning (see $deferring). In session_create_id()
+        // nothing follows: warn here.
         $this->deferring = !$this->readDone;
         try {
             $line = $this->exchange('EXISTS ' . $id . "\n", 'validateId');
@@ -526,7 +603,11 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             $this->deferring = false;
         }
         if (!$this->readDone) {
-            $this->validateFailed = true; // PHP calls create_sid() next
+            // session_start() (session_reset()): the visitor's ID stays, and
+            // read() of it fails (see $unvalidated), so PHP sends no cookie.
+            $this->unvalidated = $id;
+
+            return true;
         }
 
         return false;
@@ -547,6 +628,9 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             unset($this->locks[$id]);
             if ($id === $this->newId) {
                 $this->newId = null;
+            }
+            if ($id === $this->deadId) {
+                $this->deadId = null;
             }
 
             return true;
@@ -586,14 +670,6 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         // into an exception). '' makes the read('') PHP calls next fail with
         // the warning kept for it: session_start() returns false (inside
         // session_regenerate_id(), PHP throws an Error).
-        if ($this->validateFailed) {
-            // validateId() could not ask the daemon: a new ID would silently
-            // replace the visitor's session with an empty one.
-            $this->validateFailed = false;
-            $this->createFailed = true;
-
-            return '';
-        }
         [$length, $bits] = self::idShape();
         if ($this->readDone) {
             // session_create_id() inside a running session: an ID for the

@@ -1161,3 +1161,203 @@ def test_prepend_logs_that_upload_progress_never_reaches_phpsess(
     assert "set session.upload_progress.enabled = 0" in said[0]
     # where it went instead: PHP's files handler, in session.save_path
     assert [f.name for f in files_dir.iterdir()] == ["sess_upload0123456789abcdefghij"]
+
+
+# -- an unreachable daemon never changes or deletes the visitor's cookie
+
+COOKIE_PAGE = r"""<?php
+$started = session_start();
+$_SESSION['n'] = ($_SESSION['n'] ?? 0) + 1;
+echo json_encode(['start' => $started, 'id' => session_id(), 'n' => $_SESSION['n']]);
+"""
+
+
+def _get_with_cookie(port: int, path: str, cookie: str) -> tuple[int, list[str], dict[str, Any]]:
+    """A GET with ``cookie``: the status, the Set-Cookie headers, the JSON body."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path, headers={"Cookie": cookie})
+        response = conn.getresponse()
+        body = response.read().decode()
+        return response.status, response.headers.get_all("Set-Cookie") or [], json.loads(body)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("strict", ["1", "0"])
+def test_a_daemon_restart_never_changes_the_visitors_cookie(
+    strict: str, start_daemon: Any, tmp_path: Path
+) -> None:
+    # Strict mode: validateId() could not ask the daemon and said "invalid";
+    # PHP then sent the ID create_sid() made, '' with the daemon down
+    # ("Set-Cookie: PHPSESSID=; path=/") before read() failed, so a daemon
+    # restart logged every visitor out for good. The files handler (its
+    # directory unusable) replaces the cookie with a new ID, just as bad.
+    daemon = start_daemon()
+    sid = "cookie0123456789abcdefghijkl"
+    with Client(daemon.address) as c:
+        assert c.request(p.Write(sid, 1440, b"n|i:41;")) == p.OK
+    docroot = tmp_path / "www"
+    _write_script(docroot, "page.php", COOKIE_PAGE)
+    settings = {**_phpsess_web(daemon.php_address), "session.use_cookies": "1",
+                "session.use_only_cookies": "1", "session.use_strict_mode": strict}
+    with _web_server(docroot, settings) as (port, log):
+        daemon.stop()  # a restart: nothing listens for a moment
+        status, cookies, body = _get_with_cookie(port, "/page.php", f"PHPSESSID={sid}")
+        assert status == 200
+        assert cookies == []  # the visitor's cookie is neither replaced nor deleted
+        assert body["start"] is False and body["id"] == "", body
+        warnings = [line for line in _php_warnings(log) if "Warning" in line]
+        assert len(warnings) == 2, warnings
+        assert "phpsess: " in warnings[0] and "is the phpsess daemon running?" in warnings[0]
+        assert "Failed to read session data" in warnings[1]
+
+        daemon.start()  # back, with its sessions (--data-dir)
+        status, cookies, body = _get_with_cookie(port, "/page.php", f"PHPSESSID={sid}")
+    assert status == 200
+    assert cookies == []
+    assert body == {"start": True, "id": sid, "n": 42}
+    assert _stored(daemon, sid) == b"n|i:42;"
+
+
+# -- a session destroyed while another request waits for its lock stays dead
+
+HOLDER_SCRIPT = r"""<?php
+// holder.php <sid> <dir> <destroy|regenerate>: holds the session's lock
+// until the test says go, then destroys it or moves it to a new ID.
+ob_start();
+session_id($argv[1]);
+session_start();
+touch("$argv[2]/ready");
+$deadline = microtime(true) + 30;
+while (!file_exists("$argv[2]/go")) {
+    if (microtime(true) > $deadline) {
+        exit(3);
+    }
+    usleep(10000);
+}
+if ($argv[3] === 'destroy') {
+    $ok = session_destroy();
+} else {
+    $ok = session_regenerate_id(true);
+    $_SESSION['moved'] = 1;
+}
+echo json_encode(['ok' => $ok, 'id' => session_id()]), "\n";
+"""
+
+WAITER_SCRIPT = r"""<?php
+// waiter.php <sid> <plain|rac|write>: starts the session (waiting for its
+// lock), says what it found; write: puts something in it.
+ob_start();
+session_id($argv[1]);
+$ok = session_start($argv[2] === 'rac' ? ['read_and_close' => true] : []);
+$seen = $_SESSION;
+if ($argv[2] === 'write') {
+    $_SESSION['b'] = 'written by the waiter';
+}
+echo json_encode(['start' => $ok, 'seen' => $seen, 'id' => session_id()]), "\n";
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "rac", "write"])
+@pytest.mark.parametrize("action", ["destroy", "regenerate"])
+def test_a_session_destroyed_while_a_request_waits_for_its_lock_stays_dead(
+    action: str, mode: str, daemon: Any, tmp_path: Path
+) -> None:
+    # The waiter's READ was granted after the DESTROY and said MISS: the
+    # handler took the session for a new one and stored it at close (empty,
+    # or with what the waiter wrote), so a logged-out ID, or the old ID of
+    # session_regenerate_id(true), was valid again in strict mode. With
+    # files, the waiter's flock is granted on the unlinked file: it reads the
+    # old data (phpsess: nothing, see php-ext-shim/README.md), its write is
+    # lost, the ID stays dead.
+    sid = "doomed0123456789abcdefghijkl"
+    with Client(daemon.address) as c:
+        assert c.request(p.Write(sid, 1440, b'user|s:5:"alice";')) == p.OK
+    holder = _write_script(tmp_path / "php", "holder.php", HOLDER_SCRIPT)
+    waiter = _write_script(tmp_path / "php", "waiter.php", WAITER_SCRIPT)
+    ini = {"session.use_strict_mode": "1"}
+
+    def run(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_php(script, handler="phpsess", address=daemon.php_address, args=args,
+                       ini=ini, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        try:
+            held = pool.submit(run, holder, sid, str(tmp_path), action)
+            _until(lambda: (tmp_path / "ready").exists() or held.done(), "the lock holder")
+            waiting = pool.submit(run, waiter, sid, mode)
+            _until(lambda: _stats(daemon)["locks_waiting"] == 1 or waiting.done(),
+                   "the waiter to wait for the lock")
+        finally:
+            (tmp_path / "go").touch()
+        first, second = held.result(60), waiting.result(60)
+    assert first.returncode == second.returncode == 0, (first, second)
+    assert "Warning" not in first.stderr + second.stderr, (first.stderr, second.stderr)
+    a = json.loads(first.stdout)
+    b = json.loads(second.stdout)
+    assert a["ok"] is True
+    # As with files, the waiter keeps the ID it brought; the old data is gone.
+    assert b == {"start": True, "seen": [], "id": sid}, b
+    with Client(daemon.address) as c:
+        assert c.request(p.Exists(sid)) == p.Ok(("0",))  # dead: strict mode refuses it
+        assert c.request(p.Read(sid, lock=False)) == p.MISS
+    if action == "regenerate":
+        assert a["id"] != sid
+        assert _stored(daemon, a["id"]) == b'user|s:5:"alice";moved|i:1;'
+    # A later request with the old ID gets a new one (strict mode).
+    later = json.loads(run(waiter, sid, "plain").stdout)
+    assert later["start"] is True and later["seen"] == [] and later["id"] != sid, later
+    assert _lock_is_free(daemon, sid)
+
+
+@contextlib.contextmanager
+def _older_daemon(target: str, path: str) -> Iterator[str]:
+    """A unix socket at ``path`` in front of the daemon at ``target`` that
+    refuses READ's DESTROYED token with BAD_REQUEST, as a daemon older than
+    it does: the token becomes an unknown one, which the daemon refuses in
+    turn, in order with the other replies. Yields its PHP address."""
+    opened: list[socket.socket] = []
+
+    def pump(src: socket.socket, dst: socket.socket, rewrite: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if rewrite:
+                    data = data.replace(b" LOCK DESTROYED\n", b" LOCK UNKNOWN\n")
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def connect(client: socket.socket) -> None:
+        upstream = socket.socket(socket.AF_UNIX)
+        upstream.connect(target)
+        opened.extend((client, upstream))
+        for src, dst, rewrite in ((client, upstream, True), (upstream, client, False)):
+            threading.Thread(target=pump, args=(src, dst, rewrite), daemon=True).start()
+
+    try:
+        with _unix_server(path, connect) as address:
+            yield address
+    finally:
+        for s in opened:
+            s.close()
+
+
+@pytest.mark.parametrize("query", ["", "?persistent=0"])
+def test_a_daemon_older_than_the_destroyed_token_still_serves_sessions(
+    query: str, daemon: Any, workdir: Path
+) -> None:
+    # A handler upgraded before its daemon (or a cluster node forwarding to
+    # an older master) must not fail every session_start().
+    sid = "olderdaemon0123456789abcdef"
+    with Client(daemon.address) as c:
+        assert c.request(p.Write(sid, 1440, b"n|i:4;")) == p.OK
+    with _older_daemon(daemon.sock_path, str(workdir / "older.sock")) as address:
+        proc = _php(address, "counter", sid, "0", query=query)
+    got = _lines(proc)
+    assert got["start"] == got["write-close"] == got["restart"] == "true", got
+    assert got["n"] == "5"
+    assert "Warning" not in proc.stderr, proc.stderr
+    assert read_counter(daemon.address, sid) == 5

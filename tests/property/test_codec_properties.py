@@ -32,7 +32,7 @@ requests: st.SearchStrategy[p.Request] = st.one_of(
         lease_ms=st.none() | st.integers(1, p.MAX_LEASE_MS),
         client=st.none() | tokens,
     ),
-    st.builds(p.Read, sid=sids, lock=st.booleans()),
+    st.builds(p.Read, sid=sids, lock=st.booleans(), destroyed=st.booleans()),
     st.builds(p.Write, sid=sids, ttl_s=ttls, data=payloads, keep=st.booleans()),
     st.builds(p.Touch, sid=sids, ttl_s=ttls, keep=st.booleans()),
     st.builds(p.Exists, sid=sids),
@@ -264,6 +264,7 @@ replies: st.SearchStrategy[p.Reply] = st.one_of(
         tokens=st.lists(reply_tokens, max_size=3).map(tuple),
     ),
     st.just(p.MISS),
+    st.just(p.MISS_DESTROYED),
     st.builds(
         p.Error,
         code=st.sampled_from(list(p.Code)),

@@ -746,3 +746,86 @@ def test_invalid_requests_of_both_kinds_add_up_in_verbs(engine: Engine) -> None:
     assert isinstance(verbs, dict)
     assert verbs["INVALID"] == 4
     assert verbs["HELLO"] == before["HELLO"]
+
+
+# ---------------------------------------------------------------- destroyed while waiting (§4.1)
+
+ASK = p.Read("s1", destroyed=True)
+
+
+def test_a_waiter_that_asked_learns_the_session_was_destroyed_while_it_waited(
+    engine: Engine,
+) -> None:
+    hello(engine, "d")
+    engine.handle("a", p.Write("s1", 100, b"old"), 0.0)
+    assert engine.handle("a", p.Read("s1"), 0.0) == p.Data(b"old")
+    assert engine.handle("b", ASK, 1.0) is WAIT
+    assert engine.handle("c", p.Read("s1"), 1.0) is WAIT  # did not ask
+    assert engine.handle("a", p.Destroy("s1"), 2.0) == p.OK
+    assert take(engine) == [Completion("b", p.MISS_DESTROYED)]
+    # b holds the lock of a destroyed session: asking again, it is told again.
+    assert engine.handle("b", ASK, 3.0) == p.MISS_DESTROYED
+    assert engine.read_reply("s1", 3.0) == p.MISS_DESTROYED  # the shell's re-read of a grant
+    assert engine.handle("b", p.Read("s1"), 3.0) == p.MISS  # without the token: as before
+    assert engine.read_reply("s1", 3.0) == p.MISS
+    assert engine.handle("d", p.Exists("s1"), 3.0) == OK_1  # EXISTS is unchanged
+    assert engine.handle("d", p.Read("s1", lock=False, destroyed=True), 3.0) == p.MISS
+    assert engine.handle("b", p.Close(), 4.0) == p.OK
+    assert take(engine) == [Completion("c", p.MISS)]  # c did not ask: the reply of old
+
+
+def test_a_destroyed_session_stays_destroyed_while_its_lock_passes_on(engine: Engine) -> None:
+    hello(engine, "d")
+    engine.handle("a", p.Write("s1", 100, b"old"), 0.0)
+    engine.handle("a", p.Read("s1"), 0.0)
+    assert engine.handle("b", ASK, 1.0) is WAIT
+    assert engine.handle("a", p.Destroy("s1"), 2.0) == p.OK
+    assert take(engine) == [Completion("b", p.MISS_DESTROYED)]
+    # c queues behind b, which holds the lock of the destroyed session: the
+    # file is still unlinked for it too.
+    assert engine.handle("c", ASK, 3.0) is WAIT
+    assert engine.handle("b", p.Destroy("s1"), 4.0) == p.OK  # the PHP handler's "write"
+    assert take(engine) == [Completion("c", p.MISS_DESTROYED)]
+    assert engine.handle("c", p.Close(), 5.0) == p.OK
+    assert take(engine) == []
+    # The lock is free: the session is simply missing now, as if it never existed.
+    assert engine.handle("d", ASK, 6.0) == p.MISS
+    assert engine.handle("d", p.Exists("s1"), 6.0) == OK_1  # being started (§4.4)
+
+
+def test_a_session_that_never_existed_is_a_plain_miss_for_waiters_that_ask(
+    engine: Engine,
+) -> None:
+    assert engine.handle("a", ASK, 0.0) == p.MISS
+    assert engine.handle("b", ASK, 1.0) is WAIT
+    assert engine.handle("a", p.Close(), 2.0) == p.OK
+    assert take(engine) == [Completion("b", p.MISS)]
+    # A new ID CREATE made and its waiter: the same.
+    created = engine.handle("a", p.Create(), 3.0)
+    assert isinstance(created, p.Ok)
+    assert engine.handle("c", p.Read(created.tokens[0], destroyed=True), 3.0) is WAIT
+    assert engine.handle("a", p.Close(), 4.0) == p.OK
+    assert take(engine) == [Completion("c", p.MISS)]
+
+
+def test_a_destroyed_session_written_again_reads_its_new_data(engine: Engine) -> None:
+    engine.handle("a", p.Write("s1", 100, b"old"), 0.0)
+    engine.handle("a", p.Read("s1"), 0.0)
+    assert engine.handle("b", ASK, 1.0) is WAIT
+    assert engine.handle("c", ASK, 1.0) is WAIT
+    assert engine.handle("a", p.Destroy("s1"), 2.0) == p.OK
+    assert take(engine) == [Completion("b", p.MISS_DESTROYED)]
+    # A client that writes it anyway (one that did not ask, or without locks)
+    # brings it back: who comes next reads that.
+    assert engine.handle("b", p.Write("s1", 100, b"new"), 3.0) == p.OK
+    assert take(engine) == [Completion("c", p.Data(b"new"))]
+
+
+def test_a_destroy_with_nobody_waiting_leaves_no_mark(engine: Engine) -> None:
+    engine.handle("a", p.Write("s1", 100, b"old"), 0.0)
+    engine.handle("a", p.Read("s1"), 0.0)
+    assert engine.handle("a", p.Destroy("s1"), 1.0) == p.OK
+    assert engine.handle("b", ASK, 2.0) == p.MISS
+    assert engine.handle("c", ASK, 3.0) is WAIT
+    assert engine.handle("b", p.Close(), 4.0) == p.OK
+    assert take(engine) == [Completion("c", p.MISS)]

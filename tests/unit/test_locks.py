@@ -287,3 +287,34 @@ def test_compaction_keeps_live_deadlines() -> None:
     assert locks.expire(39_999.0) == []
     assert locks.expire(40_000.0) == [Timeout("keep", "y")]
     assert locks.expire(50_000.0) == [Revoked("keep", "x")]
+
+
+def test_waiters_of_a_destroyed_session_are_granted_marked_locks() -> None:
+    locks = LockTable()
+    assert locks.acquire("s1", "a", 0.0, LEASE, WAIT)
+    assert not locks.destroyed("s1")
+    assert not locks.acquire("s1", "b", 1.0, LEASE, WAIT)
+    locks.mark_destroyed("s1")
+    locks.mark_destroyed("s2")  # nobody waits: nothing to mark
+    assert not locks.destroyed("s1")  # the holder's own lock is not marked
+    assert locks.release("s1", "a", 2.0) == [Grant("s1", "b")]
+    assert locks.destroyed("s1")
+    # Whoever queues behind a marked lock gets a marked one.
+    assert not locks.acquire("s1", "c", 3.0, LEASE, WAIT)
+    assert locks.release("s1", "b", 4.0) == [Grant("s1", "c")]
+    assert locks.destroyed("s1")
+    # Free again: no mark is left.
+    assert locks.release("s1", "c", 5.0) == []
+    assert locks.acquire("s1", "d", 6.0, LEASE, WAIT)
+    assert not locks.destroyed("s1")
+    assert not locks.destroyed("s2")
+
+
+def test_a_lock_handed_on_by_its_lease_keeps_the_waiters_mark() -> None:
+    locks = LockTable()
+    assert locks.acquire("s1", "a", 0.0, 10.0, WAIT)
+    assert not locks.acquire("s1", "b", 1.0, LEASE, WAIT)
+    locks.mark_destroyed("s1")
+    events = locks.expire(10.0)
+    assert events == [Revoked("s1", "a"), Grant("s1", "b")]
+    assert locks.destroyed("s1")

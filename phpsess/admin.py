@@ -131,7 +131,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     command("status", "the daemon's version, uptime, sessions, connections, locks, requests")
 
-    ls = command("ls", "list sessions: ID, size, remaining lifetime, locked")
+    ls = command("ls", "list sessions: ID, size, remaining lifetime, locked (on a cluster "
+                 "node, also whether it holds each as master or backup, and where the other "
+                 "copy is)")
     ls.add_argument("--prefix", type=_prefix, default="", metavar="STR",
                     help="only IDs starting with STR")
     ls.add_argument("--min-bytes", type=_count, default=0, metavar="N",
@@ -282,18 +284,37 @@ def _emit(obj: object) -> None:
 
 @attrs.frozen
 class Entry:
-    """One line of a LIST page (§4.9)."""
+    """One line of a LIST page (§4.9).  On a cluster node the line also says
+    how the node holds the copy (CLUSTER.md §1): ``role`` is ``master`` or
+    ``backup`` (``-``: no record yet, a session being started) and ``other``
+    the node holding the other copy (``-``: none, the only copy).  Both are
+    None from a single daemon, or one that does not send them."""
 
     sid: str
     bytes: int
     ttl_ms: int
     locked: bool
+    role: str | None = None
+    other: str | None = None
 
 
 def _parse_list(payload: bytes) -> Iterator[Entry]:
     for line in payload.decode("ascii").splitlines():
-        sid, size, ttl_ms, locked = line.split(" ")
-        yield Entry(sid, int(size), int(ttl_ms), locked == "1")
+        fields = line.split(" ")
+        sid, size, ttl_ms, locked = fields[:4]
+        # A cluster node's two more fields (LIST ... ROLES); any after them
+        # are left for later versions.
+        role, other = (fields[4], fields[5]) if len(fields) >= 6 else (None, None)
+        yield Entry(sid, int(size), int(ttl_ms), locked == "1", role, other)
+
+
+def _copies(entry: Entry) -> str:
+    """``ls``'s COPIES column: how this node holds the session."""
+    if entry.role in ("master", "backup"):
+        if entry.other is None or entry.other == "-":
+            return f"{entry.role}, single copy"
+        return f"{entry.role}, other on {entry.other}"
+    return "-"  # no record here yet (a session being started)
 
 
 def _seek_before(prefix: str) -> str | None:
@@ -313,12 +334,16 @@ def _seek_before(prefix: str) -> str | None:
 
 
 def iter_sessions(client: Client, *, page_size: int = DEFAULT_PAGE_SIZE,
-                  prefix: str = "") -> Iterator[Entry]:
+                  prefix: str = "", roles: bool = False) -> Iterator[Entry]:
     """Every session (with IDs starting with ``prefix``), in ID order, one
-    LIST page at a time."""
+    LIST page at a time; with ``roles``, how a cluster node holds each
+    (``LIST ... ROLES``; a daemon older than it is asked without)."""
     after = _seek_before(prefix)
     while True:
-        reply = client.request(p.List(after, page_size))
+        reply = client.request(p.List(after, page_size, roles))
+        if roles and isinstance(reply, p.Error) and reply.code == p.Code.BAD_REQUEST:
+            roles = False  # a daemon that does not know ROLES (§4.9)
+            reply = client.request(p.List(after, page_size))
         if not isinstance(reply, p.Data) or len(reply.tokens) != 1:
             raise _refused("LIST", reply)
         for entry in _parse_list(reply.data):
@@ -416,7 +441,8 @@ def _listed(client: Client, args: argparse.Namespace) -> Iterator[Entry]:
     if args.limit == 0:
         return
     shown = 0
-    for entry in iter_sessions(client, page_size=args.page_size, prefix=args.prefix):
+    for entry in iter_sessions(client, page_size=args.page_size, prefix=args.prefix,
+                               roles=True):
         if entry.bytes < args.min_bytes or (args.locked and not entry.locked):
             continue
         yield entry
@@ -441,6 +467,7 @@ class _LsTable:
         self.held = held
         self.pending: list[Entry] = []
         self.id_width: int | None = None
+        self.cluster = False
 
     def add(self, entry: Entry) -> None:
         self.pending.append(entry)
@@ -450,10 +477,19 @@ class _LsTable:
     def flush(self) -> None:
         if self.id_width is None:
             self.id_width = max([len("ID"), *(len(e.sid) for e in self.pending)])
-            print(f"{'ID':<{self.id_width}}  {'BYTES':>10}  {'TTL':>{_TTL_WIDTH}}  LOCKED")
+            # A cluster node says how it holds each copy: one more column.
+            self.cluster = any(e.role is not None for e in self.pending)
+            print(f"{'ID':<{self.id_width}}  {'BYTES':>10}  {'TTL':>{_TTL_WIDTH}}  LOCKED"
+                  + ("  COPIES" if self.cluster else ""))
         for e in self.pending:
-            print(f"{e.sid:<{self.id_width}}  {e.bytes:>10}  "
-                  f"{_duration(e.ttl_ms):>{_TTL_WIDTH}}  {'yes' if e.locked else 'no'}")
+            locked = "yes" if e.locked else "no"
+            line = (f"{e.sid:<{self.id_width}}  {e.bytes:>10}  "
+                    f"{_duration(e.ttl_ms):>{_TTL_WIDTH}}  ")
+            if self.cluster:
+                line += f"{locked:<{len('LOCKED')}}  {_copies(e)}"
+            else:
+                line += locked
+            print(line)
         self.pending.clear()
 
 
@@ -461,8 +497,14 @@ def cmd_ls(client: Client, args: argparse.Namespace) -> int:
     shown = 0
     if args.json:
         for entry in _listed(client, args):
-            _emit({"id": entry.sid, "bytes": entry.bytes, "ttl_ms": entry.ttl_ms,
-                   "locked": entry.locked})
+            row: dict[str, object] = {"id": entry.sid, "bytes": entry.bytes,
+                                      "ttl_ms": entry.ttl_ms, "locked": entry.locked}
+            if entry.role is not None:
+                # A cluster node: how it holds the copy, and who holds the
+                # other (null: the only copy).
+                row["role"] = entry.role if entry.role != "-" else None
+                row["other"] = entry.other if entry.other != "-" else None
+            _emit(row)
             shown += 1
         return EXIT_OK
     table = _LsTable(args.page_size)

@@ -646,6 +646,7 @@ class Cluster:
         self.takeovers_total = 0
         self.replication_failures_total = 0
         server.engine.sid_suffix = self._sid_suffix
+        server.engine.list_fields = self.list_fields
         if server.persister is not None:
             server.persister.meta_source = self.meta_snapshot
         if server.engine.changes is None:
@@ -756,6 +757,17 @@ class Cluster:
             "replication_failures_total": self.replication_failures_total,
             "peers": members,
         }}
+
+    def list_fields(self, sid: str) -> str:
+        """The two fields a cluster node's ``LIST`` line carries after
+        ``<locked>`` (``phpsess ls``): ``master <backup>`` (``master -``:
+        the only copy), ``backup <master>``, or ``- -`` for a copy without
+        a record (a session being started)."""
+        held = self.replicas.holding(sid)
+        if held is None:
+            return "- -"
+        role, other = held
+        return f"{role} {other or '-'}"
 
     def _sid_suffix(self) -> str | p.Error:
         master = self.me

@@ -159,11 +159,13 @@ class Engine:
         # Changes to persist, when persistence is on (phpsess.persist): tuples
         # (Op, sid, ttl_s, data).  None means "not persisting".
         self.changes: list[tuple[Op, str, int, bytes]] | None = None
-        # In a cluster, what create_sid appends to name master and backup
-        # (CLUSTER.md §2); None on a single node.
         # In a cluster: the suffix naming a new session's master and backup,
-        # or the error refusing to create one (CLUSTER.md §2).
+        # or the error refusing to create one (CLUSTER.md §2); None on a
+        # single node.
         self.sid_suffix: Callable[[], str | p.Error] | None = None
+        # In a cluster: the two fields a LIST ... ROLES line adds, how this
+        # node holds the copy (§4.9); None on a single node.
+        self.list_fields: Callable[[str], str] | None = None
         # The daemon's process ID, set by the shell, for STATS (phpsess drain
         # --wait watches that process exit); 0 if unknown.
         self.pid = 0
@@ -471,13 +473,15 @@ class Engine:
         more = len(page) > request.limit
         page = page[: request.limit]
         lines = []
+        roles = self.list_fields if request.roles else None
         for sid in page:
             entry = store.get(sid, now)
             if entry is None:
                 continue
             ttl_ms = max(0, int((entry.expires_at - now) * 1000))
             locked = 1 if self.locks.holder(sid) is not None else 0
-            lines.append(f"{sid} {len(entry.data)} {ttl_ms} {locked}\n")
+            extra = "" if roles is None else " " + roles(sid)
+            lines.append(f"{sid} {len(entry.data)} {ttl_ms} {locked}{extra}\n")
         next_token = page[-1] if more and page else "*"
         return p.Data("".join(lines).encode("ascii"), (next_token,))
 

@@ -204,6 +204,8 @@ class Get:
 class List:
     after: str | None
     limit: int
+    # Each line also says how a cluster node holds the copy (§4.9).
+    roles: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.after is not None:
@@ -549,9 +551,11 @@ def _parse_simple(verb: bytes, args: list[bytes], peer: bool = False) -> Request
         _arity(args, 1, 1, "GET <sid>")
         return Get(_sid_arg(args[0]))
     if verb == b"LIST":
-        _arity(args, 2, 2, "LIST <after|*> <limit>")
+        usage = "LIST <after|*> <limit> [ROLES]"
+        _arity(args, 2, 3, usage)
+        roles = _flag(args, 2, {b"ROLES": True}, usage)
         after = None if args[0] == b"*" else _sid_arg(args[0])
-        return List(after, _number(args[1], "limit", 1, MAX_LIST_LIMIT))
+        return List(after, _number(args[1], "limit", 1, MAX_LIST_LIMIT), bool(roles))
     if peer:
         return _parse_peer(verb, args)
     raise _BadRequest(Code.UNKNOWN_VERB, f"unknown verb {_show(verb)}; see PROTOCOL.md section 4")
@@ -852,7 +856,8 @@ def encode_request(request: Request) -> bytes:
     if isinstance(request, Get):
         return f"GET {request.sid}\n".encode("ascii")
     assert isinstance(request, List)
-    return f"LIST {request.after or '*'} {request.limit}\n".encode("ascii")
+    roles = " ROLES" if request.roles else ""
+    return f"LIST {request.after or '*'} {request.limit}{roles}\n".encode("ascii")
 
 
 class ReplyError(Exception):

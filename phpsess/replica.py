@@ -286,5 +286,14 @@ class Replicas:
             m.version = max(m.version, version)
         self.unverified.discard(sid)
 
+    def holding(self, sid: str) -> tuple[str, str | None] | None:
+        """How this node holds ``sid``, for ``phpsess ls``: ``(MASTER,
+        backup)`` (backup None: the only copy) or ``(BACKUP, master)``;
+        None without a record."""
+        m = self.meta.get(sid)
+        if m is None:
+            return None
+        return (MASTER, m.backup) if m.role == MASTER else (BACKUP, m.master)
+
     def master_count(self) -> int:
         return sum(1 for m in self.meta.values() if m.role == MASTER)

@@ -772,3 +772,36 @@ def test_drain_wait_default_covers_the_daemons_timeouts(tmp_path: Path) -> None:
     config.write_text("[limits]\nshutdown_timeout_s = 100\n[cluster]\ndrain_timeout_s = 50\n")
     assert wait_s("--config", str(config)) == 170
     assert wait_s("--config", str(config), "--wait-s", "3") == 3
+
+
+def test_ls_reads_a_cluster_nodes_list_lines_and_shows_how_it_holds_each(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A cluster node's LIST lines carry two more fields, role and the other
+    # copy's holder (CLUSTER.md §1); a single daemon's have four.  ls reads
+    # both (an older parser failed on the longer lines: too many values to
+    # unpack) and shows a COPIES column only for the former.
+    from phpsess.admin import Entry, _LsTable, _parse_list
+
+    lines = (b"s1-a-b 6 1000 0 master b\n"
+             b"s2-b-a 7 1000 1 backup b\n"
+             b"s3-a-a 8 1000 0 master -\n"
+             b"s4-a-b 0 1000 1 - - later fields\n")
+    entries = list(_parse_list(lines))
+    assert [(e.role, e.other) for e in entries] == [
+        ("master", "b"), ("backup", "b"), ("master", "-"), ("-", "-"),
+    ]
+    table = _LsTable(10)
+    for entry in entries:
+        table.add(entry)
+    table.flush()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["ID", "BYTES", "TTL", "LOCKED", "COPIES"]
+    assert [line.split("  ")[-1].strip() for line in out[1:]] == [
+        "master, other on b", "backup, other on b", "master, single copy", "-",
+    ]
+    assert list(_parse_list(b"plain 1 1000 0\n")) == [Entry("plain", 1, 1000, False)]
+    table = _LsTable(10)
+    table.add(Entry("plain", 1, 1000, False))
+    table.flush()
+    assert capsys.readouterr().out.splitlines()[0].split() == ["ID", "BYTES", "TTL", "LOCKED"]

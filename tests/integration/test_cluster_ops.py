@@ -16,7 +16,7 @@ import pytest
 
 from phpsess import protocol as p
 from phpsess.client import Client
-from tests.conftest import Samples, free_tcp_port, scrape_metrics
+from tests.conftest import Daemon, Samples, free_tcp_port, scrape_metrics
 from tests.integration.test_cluster import Cluster, _create, _local_sessions
 
 pytestmark = pytest.mark.xdist_group("cluster")
@@ -160,3 +160,63 @@ def test_a_node_killed_in_the_middle_of_its_drain_is_dead(workdir: Path) -> None
         assert "event=leaving" not in a.log()
     finally:
         cluster.stop()
+
+
+
+# -- phpsess ls on a cluster node: master or backup, and the other holder
+
+
+def _ls(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    done = _admin("ls", "--connect", address, *args)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def _ls_json(address: str) -> dict[str, dict[str, object]]:
+    rows = [json.loads(line) for line in _ls(address, "--json").stdout.splitlines()]
+    return {str(row.pop("id")): row for row in rows}
+
+
+def test_ls_says_master_or_backup_and_where_the_other_copy_is(workdir: Path) -> None:
+    for sub in ("pair", "single"):
+        (workdir / sub).mkdir()
+    pair = Cluster(workdir / "pair", ("a", "b"))
+    single = Daemon(workdir / "single", "--memory-only")
+    try:
+        on_a = _create(pair, "a", b"n|i:1;")  # master a, backup b
+        on_b = _create(pair, "b", b"n|i:22;")  # master b, backup a
+        a = pair.nodes["a"].address
+        rows = _ls_json(a)
+        assert rows == {
+            on_a: {"bytes": 6, "ttl_ms": rows[on_a]["ttl_ms"], "locked": False,
+                   "role": "master", "other": "b"},
+            on_b: {"bytes": 7, "ttl_ms": rows[on_b]["ttl_ms"], "locked": False,
+                   "role": "backup", "other": "b"},
+        }
+        assert _ls_json(pair.nodes["b"].address)[on_a]["role"] == "backup"
+        table = _ls(a).stdout.splitlines()
+        assert table[0].split() == ["ID", "BYTES", "TTL", "LOCKED", "COPIES"]
+        assert table[1 + sorted([on_a, on_b]).index(on_a)].endswith("no      master, other on b")
+        assert table[1 + sorted([on_a, on_b]).index(on_b)].endswith("no      backup, other on b")
+        # b dies: a masters both, alone, whatever their IDs name.
+        pair.nodes["b"].kill9()
+        deadline = time.monotonic() + 15
+        while _peer_states(a)["b"] != "dead":
+            assert time.monotonic() < deadline, pair.nodes["a"].log()
+            time.sleep(0.1)
+        rows = _ls_json(a)
+        assert {sid: (row["role"], row["other"]) for sid, row in rows.items()} == {
+            on_a: ("master", None), on_b: ("master", None),
+        }
+        assert "master, single copy" in _ls(a).stdout
+        # A single daemon: the output is what it was, nothing new.
+        with Client(single.address) as c:
+            assert c.request(p.Write("plain", 60, b"x")) == p.OK
+        plain = _ls_json(single.address)
+        assert list(plain) == ["plain"]
+        assert sorted(plain["plain"]) == ["bytes", "locked", "ttl_ms"]
+        assert _ls(single.address).stdout.splitlines()[0].split() == [
+            "ID", "BYTES", "TTL", "LOCKED"]
+    finally:
+        pair.stop()
+        single.stop()

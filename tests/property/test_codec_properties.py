@@ -52,6 +52,7 @@ requests: st.SearchStrategy[p.Request] = st.one_of(
         p.List,
         after=st.none() | sids | st.just("-"),
         limit=st.integers(1, p.MAX_LIST_LIMIT),
+        roles=st.booleans(),
     ),
 )
 

@@ -94,6 +94,7 @@ REQUESTS: list[tuple[bytes, p.Request]] = [
     (b"LIST - 5\n", p.List("-", 5)),  # "-" is a valid session id
     (b"LIST s1 10000\n", p.List("s1", 10_000)),
     (b"LIST abc 1\n", p.List("abc", 1)),
+    (b"LIST * 100 ROLES\n", p.List(None, 100, roles=True)),
 ]
 
 
@@ -196,6 +197,8 @@ ERRORS: list[tuple[bytes, p.Code]] = [
     (b"LIST * 0\n", p.Code.BAD_REQUEST),
     (b"LIST * 10001\n", p.Code.BAD_REQUEST),
     (b"LIST * x\n", p.Code.BAD_REQUEST),
+    (b"LIST * 10 ROLE\n", p.Code.BAD_REQUEST),
+    (b"LIST * 10 ROLES ROLES\n", p.Code.BAD_REQUEST),
     (b"HELLO x\n", p.Code.BAD_REQUEST),
     (b"HELLO 01\n", p.Code.BAD_REQUEST),
     (b"HELLO 1 wait_ms=3600001\n", p.Code.BAD_REQUEST),

@@ -565,3 +565,21 @@ def test_a_session_recreated_after_delete_is_not_taken_for_a_duplicate() -> None
     assert backup.apply(SID, "a", recreate.epoch, recreate.version, False).verdict is (
         Verdict.ACCEPT
     ), "an acknowledged write was not stored on the backup"
+
+
+# -- how a copy is held, for `phpsess ls`
+
+
+def test_holding_says_the_role_and_the_other_holder() -> None:
+    r = replicas("c", {
+        "m-x-c-d": Meta(MASTER, "c", "d", 1, 1),
+        "alone-x-c-c": Meta(MASTER, "c", None, 1, 1),
+        "b-x-a-c": Meta(BACKUP, "a", "c", 2, 5),
+    })
+    assert r.holding("m-x-c-d") == (MASTER, "d")
+    assert r.holding("alone-x-c-c") == (MASTER, None)
+    assert r.holding("b-x-a-c") == (BACKUP, "a")
+    assert r.holding("none-x-a-b") is None
+    # A takeover changes what the ID names: the record, not the ID, says it.
+    r.node_dead("a", chooser("d"))
+    assert r.holding("b-x-a-c") == (MASTER, "d")

@@ -739,8 +739,10 @@ def parse_export_line(line: str, now_ms: int | None = None) -> tuple[str, int, b
     """``(sid, ttl_ms, data)`` of one export line, or :class:`BadLine`.
     With ``now_ms`` (Unix time in ms) and an ``expires_at_ms`` in the line,
     ``ttl_ms`` is what is left of the lifetime at ``now_ms`` (0 or less:
-    expired); else the line's ``ttl_ms``, the lifetime left when it was
-    exported (an export of a version before ``expires_at_ms``)."""
+    expired), never more than the line's ``ttl_ms`` (a lifetime does not
+    grow after the export: an importing clock behind the exporting one);
+    else the line's ``ttl_ms``, the lifetime left when it was exported (an
+    export of a version before ``expires_at_ms``)."""
     try:
         obj = json.loads(line)
     except ValueError as exc:
@@ -757,7 +759,7 @@ def parse_export_line(line: str, now_ms: int | None = None) -> tuple[str, int, b
     if "expires_at_ms" in obj:
         expires_at_ms = _whole(obj, "expires_at_ms")
         if now_ms is not None:
-            ttl_ms = expires_at_ms - now_ms
+            ttl_ms = min(ttl_ms, expires_at_ms - now_ms)
     if ttl_ms > p.MAX_TTL_S * 1000:
         raise BadLine(f"ttl_ms {ttl_ms} is over the maximum lifetime {p.MAX_TTL_S} s")
     if not isinstance(data_b64, str):

@@ -380,8 +380,13 @@ class Engine:
         # files handler creates the file when it opens it, so with strict
         # mode a request that comes with a new ID before its first write
         # waits for the lock instead of being handed another, empty session.
+        # Not one whose lock is held only to release it after it was
+        # destroyed (§4.1): with strict mode a request that comes with it
+        # then gets a new ID, as the files handler finds no file.
         sid = request.sid
-        if self.store.get(sid, now) is not None or self.locks.holder(sid) is not None:
+        if self.store.get(sid, now) is not None or (
+            self.locks.holder(sid) is not None and not self.locks.destroyed(sid)
+        ):
             return _OK_1
         return _OK_0
 
@@ -394,7 +399,11 @@ class Engine:
             self.changes.append((Op.DELETE, sid, 0, b""))
         # Those waiting for its lock learn it was destroyed (§4.1), as a
         # file unlinked while they wait for its flock stays gone for them.
-        self.locks.mark_destroyed(sid)
+        # Not when the holder is one of those itself, releasing the dead ID
+        # (the PHP handler's dropped write): who waits behind it came after
+        # the destroy, and finds no session, as it would find no file.
+        if not self.locks.destroyed(sid):
+            self.locks.mark_destroyed(sid)
         self._grants(self.locks.release(sid, owner, now), now)
         return p.OK
 

@@ -14,9 +14,10 @@ its late write can be refused with ``LOCK_LOST``.
 
 A session destroyed while owners wait for its lock stays dead for them, as a
 file unlinked under a waiting ``flock`` does: :meth:`mark_destroyed` marks
-its waiters, a marked waiter's lock is granted marked (:meth:`destroyed`),
-and an owner that queues behind a marked lock is marked too, until the lock
-is free (then the session is simply missing, as if it had never existed).
+the owners waiting at that moment, and a marked waiter's lock is granted
+marked (:meth:`destroyed`).  An owner that queues later is not marked: for
+it the session is simply missing, as if it had never existed (a request
+that opens the file after its unlink gets a new file).
 """
 
 from __future__ import annotations
@@ -156,9 +157,10 @@ class LockTable:
         assert owner not in self._waiting, "an owner waits for one lock at a time"
         token = next(self._tokens)
         deadline = now + wait_s
-        self._queues.setdefault(sid, deque()).append(
-            _Waiter(owner, deadline, lease_s, token, held.destroyed)
-        )
+        # Not marked, even behind a marked holder: it came after the
+        # destroy, as a request that opens a file after its unlink finds no
+        # file (a new session), not the unlinked one.
+        self._queues.setdefault(sid, deque()).append(_Waiter(owner, deadline, lease_s, token))
         self._waiting[owner] = sid
         self._push((deadline, token, _WAIT, sid))
         self.waits_total += 1

@@ -203,11 +203,17 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
      */
     private ?string $deadId = null;
     /**
-     * The daemon refused READ's DESTROYED token (one older than this
-     * handler, or a cluster node forwarding to one): read() sends plain
-     * READs on this handler from then on.
+     * Per address, when its daemon refused READ's DESTROYED token (one older
+     * than this handler, or a cluster node forwarding to one): read() sends
+     * plain READs there for PLAIN_READ_S from then on, in every request this
+     * process serves (prepend.php makes a handler per request: one extra
+     * round trip a minute, not one a request), and asks with the token
+     * again after that (the daemon may have been upgraded).
+     *
+     * @var array<string, int>
      */
-    private bool $plainRead = false;
+    private static array $plainRead = [];
+    private const PLAIN_READ_S = 60;
     /** A connection was dropped while it held locks: no new one (it would not hold them) until the next open(). */
     private bool $locksLost = false;
     /** While true, warn() is silent. */
@@ -441,13 +447,13 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         }
         if (!$this->locking) {
             $line = $this->exchange('READ ' . $id . " NOLOCK\n", 'read');
-        } elseif ($this->plainRead) {
+        } elseif (time() - (self::$plainRead[$this->address] ?? -self::PLAIN_READ_S) < self::PLAIN_READ_S) {
             $line = $this->exchange('READ ' . $id . " LOCK\n", 'read', true);
         } else {
             $line = $this->exchange('READ ' . $id . " LOCK DESTROYED\n", 'read', true);
             if ($line !== null && strncmp($line, 'ERR BAD_REQUEST ', 16) === 0) {
                 // A daemon older than the DESTROYED token (§4.1): ask as before.
-                $this->plainRead = true;
+                self::$plainRead[$this->address] = time();
                 $line = $this->exchange('READ ' . $id . " LOCK\n", 'read', true);
             }
         }

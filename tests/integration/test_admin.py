@@ -482,6 +482,9 @@ def test_import_counts_the_time_since_the_export(daemon: Any, tmp_path: Path,
         {"id": "gone", "ttl_ms": 1_200_000, "expires_at_ms": now_ms - 2_400_000},
         {"id": "short", "ttl_ms": 3_600_000, "expires_at_ms": now_ms + 30_000},
         {"id": "older", "ttl_ms": 90_000},
+        # Exported with the longest lifetime on a clock 2 s ahead of ours:
+        # it keeps that lifetime, not a longer one the daemon would refuse.
+        {"id": "ahead", "ttl_ms": 31_536_000_000, "expires_at_ms": now_ms + 31_536_002_000},
         {"id": "bad", "ttl_ms": 1000, "expires_at_ms": "soon"},
     ]
     dump = tmp_path / "in.jsonl"
@@ -489,13 +492,15 @@ def test_import_counts_the_time_since_the_export(daemon: Any, tmp_path: Path,
                             for line in lines))
     status, out, err = cli(capsys, "import", str(dump), "--connect", daemon.address)
     assert status == 1
-    assert out == "imported 2, skipped 1 expired, 1 invalid lines, 0 refused\n"
-    assert f"{dump}:4: expires_at_ms 'soon' is not a whole number" in err
+    assert out == "imported 3, skipped 1 expired, 1 invalid lines, 0 refused\n"
+    assert f"{dump}:5: expires_at_ms 'soon' is not a whole number" in err
     assert get(daemon.address, "gone") is None
     short = get(daemon.address, "short")
     assert short is not None and 0 < short[1] <= 31_000
     older = get(daemon.address, "older")
     assert older is not None and 60_000 < older[1] <= 90_000
+    ahead = get(daemon.address, "ahead")
+    assert ahead is not None and ahead[1] > 31_535_000_000
 
 
 def test_import_refused_write(daemon: Any, tmp_path: Path,

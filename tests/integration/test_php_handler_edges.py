@@ -1361,3 +1361,29 @@ def test_a_daemon_older_than_the_destroyed_token_still_serves_sessions(
     assert got["n"] == "5"
     assert "Warning" not in proc.stderr, proc.stderr
     assert read_counter(daemon.address, sid) == 5
+
+
+def test_an_older_daemon_costs_one_refused_read_a_minute_not_one_a_request(
+    daemon: Any, workdir: Path
+) -> None:
+    # prepend.php makes a handler per web request: the fallback to a plain
+    # READ is remembered per process and address, not per handler, or every
+    # request against an older daemon would cost two round trips.
+    sid = "olderdaemonmanyrequests0123"
+    script = workdir / "three.php"
+    script.write_text(
+        "<?php\n"
+        "for ($i = 0; $i < 3; $i++) {\n"
+        "    session_set_save_handler(\\PhpSess\\SessionHandler::fromIni(), false);\n"
+        "    session_id($argv[1]);\n"
+        "    session_start();\n"
+        "    $_SESSION['n'] = ($_SESSION['n'] ?? 0) + 1;\n"
+        "    session_write_close();\n"
+        "}\n"
+        "echo $_SESSION['n'], \"\\n\";\n"
+    )
+    before = _stats(daemon)["errors_total"]
+    with _older_daemon(daemon.sock_path, str(workdir / "older.sock")) as address:
+        proc = run_php(script, handler="phpsess", address=address, args=(sid,), timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "3\n", (proc.stdout, proc.stderr)
+    assert _stats(daemon)["errors_total"] - before == 1  # the first READ only

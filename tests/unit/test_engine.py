@@ -768,29 +768,39 @@ def test_a_waiter_that_asked_learns_the_session_was_destroyed_while_it_waited(
     assert engine.read_reply("s1", 3.0) == p.MISS_DESTROYED  # the shell's re-read of a grant
     assert engine.handle("b", p.Read("s1"), 3.0) == p.MISS  # without the token: as before
     assert engine.read_reply("s1", 3.0) == p.MISS
-    assert engine.handle("d", p.Exists("s1"), 3.0) == OK_1  # EXISTS is unchanged
+    # Its lock is held only to be released: with strict mode a new request
+    # gets a new ID (files: no file).
+    assert engine.handle("d", p.Exists("s1"), 3.0) == OK_0
     assert engine.handle("d", p.Read("s1", lock=False, destroyed=True), 3.0) == p.MISS
     assert engine.handle("b", p.Close(), 4.0) == p.OK
     assert take(engine) == [Completion("c", p.MISS)]  # c did not ask: the reply of old
 
 
-def test_a_destroyed_session_stays_destroyed_while_its_lock_passes_on(engine: Engine) -> None:
+def test_who_comes_after_the_destroy_finds_no_session_not_a_destroyed_one(
+    engine: Engine,
+) -> None:
+    # A request that arrives after the destroy (the page a logout redirects
+    # to) opens no unlinked file with files: its session is new, and what
+    # it writes is kept.  Neither the marked holder nor that holder's
+    # release of the dead ID (the PHP handler's dropped write) marks it.
     hello(engine, "d")
+    hello(engine, "e")
     engine.handle("a", p.Write("s1", 100, b"old"), 0.0)
     engine.handle("a", p.Read("s1"), 0.0)
     assert engine.handle("b", ASK, 1.0) is WAIT
+    assert engine.handle("c", ASK, 1.0) is WAIT
     assert engine.handle("a", p.Destroy("s1"), 2.0) == p.OK
     assert take(engine) == [Completion("b", p.MISS_DESTROYED)]
-    # c queues behind b, which holds the lock of the destroyed session: the
-    # file is still unlinked for it too.
-    assert engine.handle("c", ASK, 3.0) is WAIT
+    assert engine.handle("d", p.Exists("s1"), 3.0) == OK_0  # strict mode: a new ID
+    assert engine.handle("e", ASK, 3.0) is WAIT  # not strict: it keeps the ID
     assert engine.handle("b", p.Destroy("s1"), 4.0) == p.OK  # the PHP handler's "write"
-    assert take(engine) == [Completion("c", p.MISS_DESTROYED)]
-    assert engine.handle("c", p.Close(), 5.0) == p.OK
+    assert take(engine) == [Completion("c", p.MISS_DESTROYED)]  # waited through the destroy
+    assert engine.handle("c", p.Destroy("s1"), 5.0) == p.OK
+    assert take(engine) == [Completion("e", p.MISS)]  # a new session
+    assert engine.handle("e", p.Write("s1", 100, b"new"), 6.0) == p.OK
+    assert engine.handle("d", p.Read("s1"), 7.0) == p.Data(b"new")
+    assert engine.handle("d", p.Close(), 8.0) == p.OK
     assert take(engine) == []
-    # The lock is free: the session is simply missing now, as if it never existed.
-    assert engine.handle("d", ASK, 6.0) == p.MISS
-    assert engine.handle("d", p.Exists("s1"), 6.0) == OK_1  # being started (§4.4)
 
 
 def test_a_session_that_never_existed_is_a_plain_miss_for_waiters_that_ask(

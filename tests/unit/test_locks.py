@@ -299,10 +299,11 @@ def test_waiters_of_a_destroyed_session_are_granted_marked_locks() -> None:
     assert not locks.destroyed("s1")  # the holder's own lock is not marked
     assert locks.release("s1", "a", 2.0) == [Grant("s1", "b")]
     assert locks.destroyed("s1")
-    # Whoever queues behind a marked lock gets a marked one.
+    # Whoever queues later, behind a marked lock, came after the destroy:
+    # its lock is not marked.
     assert not locks.acquire("s1", "c", 3.0, LEASE, WAIT)
     assert locks.release("s1", "b", 4.0) == [Grant("s1", "c")]
-    assert locks.destroyed("s1")
+    assert not locks.destroyed("s1")
     # Free again: no mark is left.
     assert locks.release("s1", "c", 5.0) == []
     assert locks.acquire("s1", "d", 6.0, LEASE, WAIT)

@@ -91,6 +91,11 @@ class _Client:
     pinned: Connection | None = None  # holds this client's named locks
     held: dict[str, float] = attrs.field(factory=dict)  # sid -> lease deadline
     revoked: set[str] = attrs.field(factory=set)
+    # Held locks granted after the session was destroyed while this client
+    # waited for them (PROTOCOL.md §4.1 MISS DESTROYED while no live row is
+    # there; sqlstore's module doc), as the engine's marked locks: sid -> the
+    # tombstone's expires (its stamp).  Keys are a subset of held's.
+    destroyed: dict[str, object] = attrs.field(factory=dict)
 
 
 class Pool:
@@ -342,13 +347,19 @@ class SqlBackend:
             self.pool.close()
 
     async def purge(self) -> int:
-        """Delete expired rows (reads already ignore them), in batches."""
+        """Delete expired rows (reads already ignore them), in batches, and
+        old tombstones of destroyed sessions (not counted: they had ended)."""
         total = 0
         while True:
             n = await self._pooled(_count(self.sql.purge, ()))
             total += n
             if n < sq.PURGE_BATCH:
                 break
+        keep_s = math.ceil(self.server.config.limits.lock_wait_s) + sq.TOMBSTONE_KEEP_S
+        while await self._pooled(
+            _count(self.sql.purge_tombstones, (keep_s,))
+        ) >= sq.PURGE_BATCH:
+            pass
         self.expired_total += total
         if total:
             log.debug("event=purged rows=%d", total)
@@ -478,6 +489,7 @@ class SqlBackend:
         """The pinned connection broke: the database released its locks."""
         conn = client.pinned
         client.pinned = None
+        client.destroyed.clear()
         if client.held:
             self.lock_revoked_total += len(client.held)
             client.revoked.update(client.held)
@@ -502,6 +514,9 @@ class SqlBackend:
         if client.held.pop(sid, None) is None:
             return
         with contextlib.suppress(Unavailable):  # a broken connection took the lock
+            if client.destroyed.pop(sid, None) is not None:
+                # It held the dead ID: EXISTS no longer sees it as held so.
+                await self._pinned(client, _count(self.sql.unclaim, (sq.sid_bytes(sid),)))
             await self._pinned(client, _count(sq.RELEASE_LOCK, (self._name(sid),)))
         self._unpin_if_idle(client)
 
@@ -511,9 +526,11 @@ class SqlBackend:
         self._unpin_if_idle(client)
 
     async def _lock(self, conn: _Conn, client: _Client, parser: p.RequestParser,
-                    sid: str) -> p.Error | None:
+                    sid: str) -> p.Error | object:
         """Take the lock on ``sid`` for ``client`` (re-entrant); an error
-        reply, or None once held.  Raises _Gone if the client vanished."""
+        reply, or once held, the database's time when this request began to
+        wait for it (None if it did not wait).  Raises _Gone if the client
+        vanished."""
         if sid in client.held:
             return None
         limits = self.server.config.limits
@@ -523,7 +540,11 @@ class SqlBackend:
         client.revoked.discard(sid)  # PROTOCOL.md §6.3: a new locking READ
         name = self._name(sid)
         pinned = await self._pin(client)
-        got = await self._pinned(client, _scalar(sq.GET_LOCK, (name, 0)))
+        first = await self._pinned(client, _row(sq.GET_LOCK_AT, (name, 0)))
+        assert first is not None
+        got, since = first
+        if got == 1:
+            since = None
         if got != 1 and client.wait_s > 0:
             self.lock_waits_total += 1
             self.locks_waiting += 1
@@ -540,7 +561,7 @@ class SqlBackend:
                 f"{client.wait_s:g} s (wait_ms); the lock holder may be slow or stuck",
             )
         client.held[sid] = trio.current_time() + client.lease_s
-        return None
+        return since
 
     async def _wait_lock(self, conn: _Conn, client: _Client, parser: p.RequestParser,
                          pinned: Connection, name: str) -> object:
@@ -748,7 +769,8 @@ class SqlBackend:
                 return await self._touch(client, event)
             if isinstance(event, p.Exists):
                 found = await self._pooled(_scalar(
-                    self.sql.exists, (sq.sid_bytes(event.sid), self._name(event.sid))
+                    self.sql.exists, (sq.sid_bytes(event.sid), self._name(event.sid),
+                                      sq.sid_bytes(event.sid), self._name(event.sid))
                 ))
                 return _OK_1 if found is not None else _OK_0
             if isinstance(event, p.Destroy):
@@ -796,12 +818,27 @@ class SqlBackend:
     async def _read(self, conn: _Conn, client: _Client, parser: p.RequestParser,
                     event: p.Read) -> p.Reply:
         sid = event.sid
+        since: object = None
         if event.lock:
-            error = await self._lock(conn, client, parser, sid)
-            if error is not None:
-                return error
-        data = await self._on_holder(client, sid, _scalar(self.sql.read, (sq.sid_bytes(sid),)))
+            since = await self._lock(conn, client, parser, sid)
+            if isinstance(since, p.Error):
+                return since
+        if since is None:
+            data = await self._on_holder(
+                client, sid, _scalar(self.sql.read, (sq.sid_bytes(sid),))
+            )
+        else:
+            # Granted after a wait: was it destroyed meanwhile (§4.1)?
+            row = await self._pinned(client, _row(
+                self.sql.read_waited, (since, sq.sid_bytes(sid))
+            ))
+            data = None if row is None else row[0]
+            if data is None and row is not None and row[1] is not None:
+                client.destroyed[sid] = row[1]
+                await self._pinned(client, _count(self.sql.claim, (sq.sid_bytes(sid),)))
         if data is None:
+            if event.lock and event.destroyed and sid in client.destroyed:
+                return p.MISS_DESTROYED
             return p.MISS
         assert isinstance(data, bytes)
         return p.Data(data)
@@ -837,7 +874,14 @@ class SqlBackend:
         error = self._lock_error(client, sid) or await self._locked_by_other(client, sid)
         if error is not None:
             return error
-        await self._on_holder(client, sid, _count(self.sql.delete, (sq.sid_bytes(sid),)))
+        # A tombstone, not a DELETE: those waiting for its lock learn it was
+        # destroyed (§4.1, sqlstore's module doc); by a holder told so, the
+        # one it found, which tells nobody new.
+        stamp = client.destroyed.pop(sid, None)
+        if stamp is None:
+            await self._on_holder(client, sid, _count(self.sql.destroy, (sq.sid_bytes(sid),)))
+        else:
+            await self._pinned(client, _count(self.sql.redestroy, (sq.sid_bytes(sid), stamp)))
         await self._release(client, sid)
         return p.OK
 

@@ -14,6 +14,23 @@ releases them when PHP disconnects, and its lease timer releases them
 daemon hangs).  Every value travels as a statement parameter; the only
 text put into statements is the table name and engine, validated here as
 plain identifiers.
+
+A session destroyed (``DESTROY``) leaves a *tombstone*: its row, emptied,
+with ``expires`` set to the moment of the destroy moved
+:data:`TOMBSTONE_DAYS` back (400 years: before any real expiry, so every
+statement that looks for live rows ignores it).  It tells a locking
+``READ`` that was waiting for the lock at that moment, on any daemon, that
+the session was destroyed while it waited (PROTOCOL.md §4.1
+``MISS DESTROYED``): the waiter notes the database's time when it began to
+wait (:data:`GET_LOCK_AT`) and, once granted, finds a tombstone at least
+that recent (:attr:`Statements.read_waited`); one that began to wait later
+is not told.  The holder granted that way writes its database connection's
+ID into the tombstone (:attr:`Statements.claim`) and clears it as it lets
+go, so ``EXISTS`` says 0 while the lock is held only to release the dead
+ID (:attr:`Statements.exists`).  Its own ``DESTROY`` keeps the stamp it
+found (it tells nobody new).  A write replaces the tombstone; the purge
+deletes tombstones once their stamp is older than the longest lock wait
+and :data:`TOMBSTONE_KEEP_S` more.
 """
 
 from __future__ import annotations
@@ -38,6 +55,13 @@ PURGE_BATCH: Final = 1000
 # that hangs is noticed within the driver's read timeout, and a waiter whose
 # PHP client vanished stops within one slice even if KILL cannot reach it.
 LOCK_SLICE_S: Final = 5.0
+# A destroyed session's row is dated this far back (400 Gregorian years,
+# exactly, in days: no calendar arithmetic): earlier than any real expiry,
+# so it is never live, and its own date tells when it was destroyed.
+TOMBSTONE_DAYS: Final = 146097
+# Tombstones are purged once their stamp is older than the lock wait and
+# this: every request waiting at the destroy has read it by then.
+TOMBSTONE_KEEP_S: Final = 60
 # Named locks are limited to 64 characters: "phpsess:" + 40 hex digits.
 _LOCK_PREFIX: Final = "phpsess:"
 
@@ -170,14 +194,54 @@ class Statements:
             f"WHERE id = %s AND {live}"
         )
         self.stored = f"SELECT 1 FROM {t} WHERE id = %s AND {live}"
+        tomb = f"UTC_TIMESTAMP(6) - INTERVAL {TOMBSTONE_DAYS} DAY"
         # EXISTS: a session being started (its named lock held, no row yet)
-        # exists too (PROTOCOL.md §4.4).
+        # exists too (PROTOCOL.md §4.4), unless the lock is held by a
+        # request told MISS DESTROYED (its connection's ID is in the
+        # tombstone, §4.1).  Parameters: the ID, the lock name, the ID, the
+        # lock name.
         self.exists = (
             f"SELECT 1 FROM DUAL WHERE EXISTS (SELECT 1 FROM {t} WHERE id = %s AND {live}) "
-            "OR IS_USED_LOCK(%s) IS NOT NULL"
+            "OR IS_USED_LOCK(%s) IS NOT NULL AND NOT EXISTS "
+            f"(SELECT 1 FROM {t} WHERE id = %s AND expires <= {tomb} "
+            "AND data = CAST(IS_USED_LOCK(%s) AS BINARY))"
         )
-        self.delete = f"DELETE FROM {t} WHERE id = %s"
-        self.purge = f"DELETE FROM {t} WHERE expires <= UTC_TIMESTAMP(6) LIMIT {PURGE_BATCH}"
+        # DESTROY: the row becomes a tombstone (module doc), found or not.
+        self.destroy = (
+            f"INSERT INTO {t} (id, data, expires) VALUES (%s, '', {tomb}) "
+            "ON DUPLICATE KEY UPDATE data = VALUES(data), expires = VALUES(expires)"
+        )
+        # DESTROY by a holder told MISS DESTROYED: the tombstone it found
+        # (its expires, a parameter), whatever it wrote since.
+        self.redestroy = (
+            f"INSERT INTO {t} (id, data, expires) VALUES (%s, '', %s) "
+            "ON DUPLICATE KEY UPDATE data = VALUES(data), expires = VALUES(expires)"
+        )
+        # A locking READ granted after a wait that began at %s (the
+        # database's time): the data if live, and the tombstone's expires if
+        # the session was destroyed since then (one at least that recent).
+        self.read_waited = (
+            f"SELECT IF({live}, data, NULL), IF(expires <= {tomb} AND "
+            f"expires >= CAST(%s AS DATETIME(6)) - INTERVAL {TOMBSTONE_DAYS} DAY, "
+            f"expires, NULL) FROM {t} WHERE id = %s"
+        )
+        # The holder told MISS DESTROYED claims the tombstone (for EXISTS),
+        # on its pinned connection, and clears it as it lets go.
+        self.claim = (
+            f"UPDATE {t} SET data = CAST(CONNECTION_ID() AS BINARY) "
+            f"WHERE id = %s AND expires <= {tomb}"
+        )
+        self.unclaim = f"UPDATE {t} SET data = '' WHERE id = %s AND expires <= {tomb}"
+        # Expired sessions (the count GC reports), then old tombstones.
+        self.purge = (
+            f"DELETE FROM {t} WHERE expires <= UTC_TIMESTAMP(6) AND expires > {tomb} "
+            f"LIMIT {PURGE_BATCH}"
+        )
+        # Parameter: the seconds a tombstone is kept.
+        self.purge_tombstones = (
+            f"DELETE FROM {t} WHERE expires <= {tomb} - INTERVAL %s SECOND "
+            f"LIMIT {PURGE_BATCH}"
+        )
         self.get = (
             "SELECT data, TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), expires) DIV 1000, "
             f"IS_USED_LOCK(%s) IS NOT NULL FROM {t} WHERE id = %s AND {live}"
@@ -197,6 +261,9 @@ class Statements:
 
 # Named locks (MariaDB and MySQL): 1 granted, 0 timed out, NULL error.
 GET_LOCK: Final = "SELECT GET_LOCK(%s, %s)"
+# The same, and the database's time as it began (a statement's
+# UTC_TIMESTAMP is its start): when a READ that must wait began to.
+GET_LOCK_AT: Final = "SELECT GET_LOCK(%s, %s), UTC_TIMESTAMP(6)"
 RELEASE_LOCK: Final = "DO RELEASE_LOCK(%s)"
 IS_USED_LOCK: Final = "SELECT IS_USED_LOCK(%s)"
 

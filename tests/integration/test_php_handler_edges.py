@@ -1264,7 +1264,7 @@ echo json_encode(['start' => $ok, 'seen' => $seen, 'id' => session_id()]), "\n";
 @pytest.mark.parametrize("mode", ["plain", "rac", "write"])
 @pytest.mark.parametrize("action", ["destroy", "regenerate"])
 def test_a_session_destroyed_while_a_request_waits_for_its_lock_stays_dead(
-    action: str, mode: str, daemon: Any, tmp_path: Path
+    action: str, mode: str, storage_args: list[str], start_daemon: Any, tmp_path: Path
 ) -> None:
     # The waiter's READ was granted after the DESTROY and said MISS: the
     # handler took the session for a new one and stored it at close (empty,
@@ -1272,7 +1272,9 @@ def test_a_session_destroyed_while_a_request_waits_for_its_lock_stays_dead(
     # session_regenerate_id(true), was valid again in strict mode. With
     # files, the waiter's flock is granted on the unlinked file: it reads the
     # old data (phpsess: nothing, see php-ext-shim/README.md), its write is
-    # lost, the ID stays dead.
+    # lost, the ID stays dead. The SQL storage said MISS too (its waiter may
+    # be on another daemon: the destroy is marked in the table).
+    daemon = start_daemon(*storage_args)
     sid = "doomed0123456789abcdefghijkl"
     with Client(daemon.address) as c:
         assert c.request(p.Write(sid, 1440, b'user|s:5:"alice";')) == p.OK

@@ -409,3 +409,141 @@ def test_a_hung_database_costs_a_scrape_and_stats_2_s_and_nothing_after(
         assert up[("phpsess_storage_up", ())] == 1 and up[("phpsess_sessions", ())] == 1
         with Client(d.address) as c:
             assert c.request(p.Read("h1", lock=False)) == p.Data(b"x" * 10)
+
+
+# -- MISS DESTROYED (PROTOCOL.md §4.1): a session destroyed while a READ
+# waited for its lock, told to the waiter on any daemon sharing the table
+
+
+def _waiting(daemon: Any) -> int:
+    with Client(daemon.address) as c:
+        stats = c.request(p.Stats())
+    assert isinstance(stats, p.Data)
+    waiting: int = json.loads(stats.data)["locks_waiting"]
+    return waiting
+
+
+def _until_waiting(daemons: dict[Any, int]) -> None:
+    deadline = time.monotonic() + 15
+    while any(_waiting(d) != n for d, n in daemons.items()):
+        assert time.monotonic() < deadline, "the READs did not wait for the lock"
+        time.sleep(0.01)
+
+
+def _granted(waiters: dict[str, Client]) -> str:
+    """The waiter whose reply came first (the database picks the order)."""
+    import select
+
+    by_socket = {c._sock: name for name, c in waiters.items()}
+    ready, _, _ = select.select(list(by_socket), [], [], 15)
+    assert ready, "no waiter was granted the lock"
+    return by_socket[ready[0]]
+
+
+def test_a_session_destroyed_while_reads_wait_for_its_lock_is_dead_for_each_on_any_daemon(
+    mariadb: MariaDB, start_daemon: Any
+) -> None:
+    # The SQL storage accepted the token and said MISS: PHP's handler took
+    # the destroyed session for a new one and stored the logged-out ID again.
+    table = fresh_table()
+    one, two = (start_daemon(*mariadb.daemon_args(table)) for _ in range(2))
+    sid = "doomedsql0123456789abcdefgh"
+    holder = Client(one.address)
+    assert holder.request(p.Read(sid)) == p.MISS
+    assert holder.request(p.Write(sid, 1440, b'user|s:5:"alice";', keep=True)) == p.OK
+    # Queued on the same daemon and on the other, two asking to be told, one
+    # not (an older handler): it gets MISS, as before.
+    on = {"same": one, "other": two, "plain": two, "late": one}
+    waiters = {name: Client(on[name].address) for name in ("same", "other", "plain")}
+    waiters["same"].send_raw(b"READ " + sid.encode() + b" LOCK DESTROYED\n")
+    waiters["other"].send_raw(b"READ " + sid.encode() + b" LOCK DESTROYED\n")
+    waiters["plain"].send_raw(p.encode_request(p.Read(sid)))
+    _until_waiting({one: 1, two: 2})
+    assert holder.request(p.Destroy(sid)) == p.OK
+    holder.close()
+    # Each is granted in turn, the previous one letting go unwritten (as
+    # PHP's handler does: DESTROY instead of its write, or CLOSE): the
+    # session stays dead for each that waited at the destroy. One that
+    # queued after it, behind the first granted, is not told (a new
+    # session for it); the DESTROYs of the dead ID tell nobody new.
+    told: dict[str, p.Reply] = {}
+    while waiters:
+        name = _granted(waiters)
+        c = waiters.pop(name)
+        if not told:  # the first granted holds it: one more queues behind it
+            waiters["late"] = Client(one.address)
+            waiters["late"].send_raw(b"READ " + sid.encode() + b" LOCK DESTROYED\n")
+            _until_waiting({d: sum(on[w] is d for w in waiters) for d in (one, two)})
+        told[name] = c.read_reply()
+        again = c.request(p.Read(sid, lock=True, destroyed=name != "plain"))  # re-entrant
+        assert again == told[name], (name, again)
+        # Held only to release the dead ID: strict mode must not keep it (it
+        # is being started for one that came after the destroy, §4.4).
+        seen = "1" if name == "late" else "0"
+        for d in (one, two):
+            with Client(d.address) as look:
+                assert look.request(p.Exists(sid)) == p.Ok((seen,)), (name, d)
+        done = p.Destroy(sid) if told[name] == p.MISS_DESTROYED else p.Close()
+        assert c.request(done) == p.OK
+        c.close()
+    assert told == {"same": p.MISS_DESTROYED, "other": p.MISS_DESTROYED, "plain": p.MISS,
+                    "late": p.MISS}
+    # Once the lock is free, the ID is simply unknown.
+    for d in (one, two):
+        with Client(d.address) as c:
+            assert c.request(p.Exists(sid)) == p.Ok(("0",))
+            assert c.request(p.Read(sid, lock=True, destroyed=True)) == p.MISS
+            assert c.request(p.Close()) == p.OK
+
+
+def test_a_waiter_is_told_destroyed_only_if_the_session_was_destroyed_unwritten_since(
+    mariadb: MariaDB, start_daemon: Any
+) -> None:
+    table = fresh_table()
+    one, two = (start_daemon(*mariadb.daemon_args(table)) for _ in range(2))
+
+    def wait_on(d: Any, sid: str) -> Client:
+        c = Client(d.address)
+        c.send_raw(b"READ " + sid.encode() + b" LOCK DESTROYED\n")
+        return c
+
+    # Written by the first granted after the destroy: the next reads it.
+    sid = "rewritten0123456789abcdefgh"
+    with Client(one.address) as holder:
+        assert holder.request(p.Read(sid)) == p.MISS
+        assert holder.request(p.Write(sid, 1440, b"old", keep=True)) == p.OK
+        waiters = {"a": wait_on(one, sid), "b": wait_on(two, sid)}
+        _until_waiting({one: 1, two: 1})
+        assert holder.request(p.Destroy(sid)) == p.OK
+    first = waiters.pop(_granted(waiters))
+    assert first.read_reply() == p.MISS_DESTROYED
+    assert first.request(p.Write(sid, 1440, b"new")) == p.OK
+    (second,) = waiters.values()
+    assert second.read_reply() == p.Data(b"new")
+    assert second.request(p.Close()) == p.OK
+    first.close()
+    second.close()
+
+    # Never existed (the holder started it and let go): MISS.
+    sid = "neverwas0123456789abcdefghi"
+    with Client(one.address) as holder:
+        assert holder.request(p.Read(sid)) == p.MISS
+        waiter = wait_on(two, sid)
+        _until_waiting({two: 1})
+        assert holder.request(p.Close()) == p.OK
+    assert waiter.read_reply() == p.MISS
+    assert waiter.request(p.Close()) == p.OK
+    waiter.close()
+
+    # Expired while the READ waited, not destroyed: MISS (a destroy leaves
+    # no mark that an expiry could be taken for, nor the other way round).
+    sid = "expiredwait0123456789abcdef"
+    with Client(one.address) as holder:
+        assert holder.request(p.Read(sid)) == p.MISS
+        assert holder.request(p.Write(sid, 1, b"short", keep=True)) == p.OK
+        waiter = wait_on(two, sid)
+        _until_waiting({two: 1})
+        time.sleep(1.2)
+        assert holder.request(p.Close()) == p.OK
+    assert waiter.read_reply() == p.MISS
+    waiter.close()

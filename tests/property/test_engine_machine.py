@@ -7,6 +7,15 @@ revoked leases are remembered per owner.  Deadlines run only when the engine
 is ticked (its contract: the shell calls ``tick`` at ``next_deadline``), in
 time order; deadlines that fall at the same instant run in the order they
 were set.  Time advances in quarter seconds so all sums are exact.
+
+``MISS DESTROYED`` (§4.1): a DESTROY marks the owners waiting for the
+session's lock at that moment, unless its holder is marked itself (it
+releases the dead ID); a marked waiter is granted the lock marked; one that
+queues later is not marked, even behind a marked holder.  A locking READ
+that carries the token gets ``MISS DESTROYED`` when the session is missing
+and its holder is marked (a session written since reads as DATA while it
+lives).  EXISTS says 0 while the lock's holder is marked and the session
+is missing.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ class Held:
     owner: Owner
     deadline: float
     seq: int
+    destroyed: bool = False  # granted after a destroy, unwritten since
 
 
 @attrs.define
@@ -61,6 +71,8 @@ class Waiter:
     deadline: float
     lease_s: float
     seq: int
+    tell: bool = False  # its READ carries the DESTROYED token
+    destroyed: bool = False  # destroyed while it waited, unwritten since
 
 
 class EngineMachine(RuleBasedStateMachine):
@@ -91,15 +103,20 @@ class EngineMachine(RuleBasedStateMachine):
             return None
         return entry[0]
 
-    def read_reply(self, sid: str) -> p.Reply:
+    def read_reply(self, sid: str, tell: bool = False) -> p.Reply:
+        """A READ's reply; ``tell``: a locking one with the DESTROYED token
+        by the holder of the lock."""
         value = self.live(sid)
-        return p.MISS if value is None else p.Data(value)
+        if value is not None:
+            return p.Data(value)
+        held = self.held.get(sid)
+        return p.MISS_DESTROYED if tell and held is not None and held.destroyed else p.MISS
 
-    def grant(self, sid: str, owner: Owner, lease_s: float) -> None:
+    def grant(self, sid: str, owner: Owner, lease_s: float, destroyed: bool = False) -> None:
         self.seq += 1
-        self.held[sid] = Held(owner, self.now + lease_s, self.seq)
+        self.held[sid] = Held(owner, self.now + lease_s, self.seq, destroyed)
 
-    def acquire(self, owner: Owner, sid: str) -> bool:
+    def acquire(self, owner: Owner, sid: str, tell: bool = False) -> bool:
         client = self.clients[owner]
         self.revoked.get(owner, set()).discard(sid)
         held = self.held.get(sid)
@@ -110,7 +127,7 @@ class EngineMachine(RuleBasedStateMachine):
             return True
         self.seq += 1
         self.queues.setdefault(sid, []).append(
-            Waiter(owner, self.now + client.wait_s, client.lease_s, self.seq)
+            Waiter(owner, self.now + client.wait_s, client.lease_s, self.seq, tell)
         )
         client.waiting = sid
         return False
@@ -123,8 +140,8 @@ class EngineMachine(RuleBasedStateMachine):
         if not queue:
             del self.queues[sid]
         self.clients[waiter.owner].waiting = None
-        self.grant(sid, waiter.owner, waiter.lease_s)
-        self.complete(waiter.owner, self.read_reply(sid))
+        self.grant(sid, waiter.owner, waiter.lease_s, waiter.destroyed)
+        self.complete(waiter.owner, self.read_reply(sid, waiter.tell))
 
     def complete(self, owner: Owner, reply: p.Reply) -> None:
         assert owner not in self.expected, "two completions for one wait"
@@ -276,21 +293,21 @@ class EngineMachine(RuleBasedStateMachine):
         self.check_completions()
 
     @precondition(lambda self: self.idle_owners())
-    @rule(data=st.data(), sid=sid_st)
-    def read_lock(self, data: st.DataObject, sid: str) -> None:
+    @rule(data=st.data(), sid=sid_st, tell=st.booleans())
+    def read_lock(self, data: st.DataObject, sid: str, tell: bool) -> None:
         """READ LOCK again: locks are taken by one rule but released by many."""
-        self.read(data, sid, True)
+        self.read(data, sid, True, tell)
 
     @precondition(lambda self: self.idle_owners())
-    @rule(data=st.data(), sid=sid_st, lock=st.booleans())
-    def read(self, data: st.DataObject, sid: str, lock: bool) -> None:
+    @rule(data=st.data(), sid=sid_st, lock=st.booleans(), tell=st.booleans())
+    def read(self, data: st.DataObject, sid: str, lock: bool, tell: bool) -> None:
         owner = data.draw(st.sampled_from(sorted(self.idle_owners())))
-        reply = self.call(owner, p.Read(sid, lock))
+        reply = self.call(owner, p.Read(sid, lock, tell))
         if self.clients[owner].hello:
-            if lock and not self.acquire(owner, sid):
+            if lock and not self.acquire(owner, sid, tell):
                 assert reply is None, "should have waited"
             else:
-                assert reply == self.read_reply(sid)
+                assert reply == self.read_reply(sid, lock and tell)
         self.check_completions()
 
     @precondition(lambda self: self.idle_owners())
@@ -340,6 +357,10 @@ class EngineMachine(RuleBasedStateMachine):
             else:
                 assert reply == p.OK
                 self.data.pop(sid, None)
+                held = self.held.get(sid)
+                if held is None or not held.destroyed:
+                    for waiter in self.queues.get(sid, ()):
+                        waiter.destroyed = True  # destroyed while they wait (§4.1)
                 self.release(owner, sid)
         self.check_completions()
 
@@ -361,8 +382,10 @@ class EngineMachine(RuleBasedStateMachine):
         get = self.call(owner, p.Get(sid))
         if self.clients[owner].hello:
             value = self.live(sid)
-            # A session being started exists before its first write (§4.4).
-            found = value is not None or sid in self.held
+            # A session being started exists before its first write (§4.4),
+            # not one whose lock is held only to release it (§4.1).
+            held = self.held.get(sid)
+            found = value is not None or (held is not None and not held.destroyed)
             assert exists == p.Ok(("1" if found else "0",))
             if value is None:
                 assert get == p.MISS

@@ -65,6 +65,15 @@ BACKGROUND_VERIFIES: Final = 8
 # heartbeats, this far apart at most (a UDP datagram may be lost).
 LEAVE_ANNOUNCEMENTS: Final = 3
 LEAVE_ANNOUNCEMENT_GAP_S: Final = 0.05
+# HANDOFFs a drain has in flight at once (CLUSTER.md §8): one after another,
+# a round trip each (and the receiver's copy to its new backup), 100,000
+# sessions took longer than the drain deadline.
+HANDOFFS_IN_FLIGHT: Final = 64
+# Connections per peer those HANDOFFs share (each pipelined, as a Pipe): the
+# receiver serves one connection's requests in order, each HANDOFF only
+# once its new backup has the copy (CLUSTER.md §11.4), so that one
+# connection would serialize those copies.
+HANDOFF_LANES: Final = 8
 
 
 @attrs.frozen
@@ -228,10 +237,11 @@ class PeerLink:
 
 
 class _Slot:
-    __slots__ = ("deadline", "done", "error", "reply")
+    __slots__ = ("deadline", "done", "error", "reply", "sid")
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, sid: str | None) -> None:
         self.deadline = deadline
+        self.sid = sid
         self.done = trio.Event()
         self.reply: p.Reply | None = None
         self.error: str | None = None
@@ -264,6 +274,9 @@ class Pipe:
         # the writer (a scheduler pass per write); -1 otherwise.
         self._direct_fd = -1
         self._used = False  # a request went out since the writer last looked
+        # Sessions with a request on this connection still unanswered, and
+        # how many (a drain's HANDOFF must not overtake them: _call_handoff).
+        self.unanswered: dict[str, int] = {}
 
     async def call(self, request: p.Request, timeout_s: float = IO_TIMEOUT_S) -> p.Reply:
         """The peer's reply; LinkError if the link fails or no reply comes
@@ -273,7 +286,10 @@ class Pipe:
         if not self._running:
             self._running = True
             self.cluster._spawn(self._run)
-        slot = _Slot(trio.current_time() + timeout_s)
+        sid: str | None = getattr(request, "sid", None)
+        slot = _Slot(trio.current_time() + timeout_s, sid)
+        if sid is not None:
+            self.unanswered[sid] = self.unanswered.get(sid, 0) + 1
         data = p.encode_request(request)
         self._waiting.append(slot)
         self._used = True
@@ -296,6 +312,19 @@ class Pipe:
         if slot.error is not None or slot.reply is None:
             raise LinkError(f"peer {self.name}: {slot.error or 'no reply'}")
         return slot.reply
+
+    @property
+    def waiting(self) -> int:
+        """Requests sent or queued, not answered yet."""
+        return len(self._waiting)
+
+    def _settle(self, slot: _Slot) -> None:
+        sid = slot.sid
+        if sid is not None:
+            left = self.unanswered.pop(sid) - 1
+            if left:
+                self.unanswered[sid] = left
+        slot.done.set()
 
     def abort(self) -> None:
         link = getattr(self, "_link", None)
@@ -377,7 +406,7 @@ class Pipe:
                     raise LinkError("a reply nobody asked for")
                 slot = self._waiting.popleft()
                 slot.reply = reply
-                slot.done.set()
+                self._settle(slot)
                 if self.cluster._unresponsive:
                     self.cluster._answered(self.name)
             data = await netio.receive(fd)
@@ -390,7 +419,7 @@ class Pipe:
         while self._waiting:
             slot = self._waiting.popleft()
             slot.error = why
-            slot.done.set()
+            self._settle(slot)
 
 
 @attrs.define(eq=False)
@@ -636,6 +665,7 @@ class Cluster:
         # Copies a backup refused, per (backup, reply code): logged rarely.
         self._copy_refusals: dict[tuple[str, str], int] = {}
         self._pipes: dict[str, Pipe] = {}
+        self._lanes: dict[str, list[Pipe]] = {}  # a drain's HANDOFFs, per peer
         self.started = trio.current_time()
         self._last_tick = trio.current_time()
         # How long a request may wait for a failover to complete.
@@ -725,6 +755,7 @@ class Cluster:
             for link in list(self.links.get(name, ())):
                 link.abort()
             self._pipes.pop(name, None)
+            self._lanes.pop(name, None)
         self.peer_address = wanted
         self._refusing_us &= set(wanted)
         self.replicas.nodes = frozenset([self.me, *wanted])
@@ -1716,6 +1747,25 @@ class Cluster:
             pipe = self._pipes[node] = Pipe(self, node)
         return await pipe.call(request)
 
+    async def _call_handoff(self, node: str, handoff: p.Handoff) -> p.Reply:
+        """A drain's HANDOFF to ``node`` (CLUSTER.md §8), on the least busy of
+        up to HANDOFF_LANES connections of its own, so that the receiver
+        serves several at once.  Not while a copy of the session (REPL,
+        REPLDEL) is unanswered on the replication pipe: the HANDOFF could
+        overtake it, the receiver would refuse that copy as stale and the
+        write behind it, applied and handed over, would be reported
+        UNAVAILABLE.  Then it goes on that pipe, in order behind the copy."""
+        if node not in self.peer_address:
+            raise LinkError(f"{node!r} is not a configured peer")
+        pipe = self._pipes.get(node)
+        if pipe is None or handoff.sid not in pipe.unanswered:
+            lanes = self._lanes.setdefault(node, [])
+            pipe = min(lanes, key=lambda lane: lane.waiting, default=None)
+            if pipe is None or (pipe.waiting and len(lanes) < HANDOFF_LANES):
+                pipe = Pipe(self, node)
+                lanes.append(pipe)
+        return await pipe.call(handoff)
+
     # -- the peer's side of replication
 
     def handle_peer(self, peer: str, request: p.Request, now: float) -> p.Reply:
@@ -1786,11 +1836,25 @@ class Cluster:
         self.draining = True
         self.membership.set_load(len(self.server.engine.store), 0, True)
         await self._send_heartbeat()
+        started = trio.current_time()
         handed = 0
+        # Sessions whose hand-over is under way: left here when the deadline
+        # cuts it short, a HANDOFF sent and not answered (the peer may have
+        # taken the session).
+        under_way: set[str] = set()
         with trio.move_on_after(self.config.drain_timeout_s) as scope:
             # Let peers see that we are draining before we hand sessions over.
             await trio.sleep(self.config.heartbeat_s)
             refused: dict[str, set[str]] = {}
+
+            async def hand_over(sid: str) -> None:
+                nonlocal handed
+                under_way.add(sid)
+                moved = await self._hand_over(sid, refused.setdefault(sid, set()))
+                under_way.discard(sid)
+                if moved:
+                    handed += 1  # counted as each one goes (the deadline may cut a round)
+
             # Until nothing is mastered or backed up here (§8 step 4).  The
             # masters of the copies we back up re-home them once they see us
             # draining (_rehome_from_drainers); but one that dies meanwhile
@@ -1814,15 +1878,16 @@ class Cluster:
                             " (every live peer is draining too)" if live else "",
                         )
                         break
-                    for sid in masters:
-                        handed += await self._hand_over(sid, refused.setdefault(sid, set()))
+                    # Each one as before, up to HANDOFFS_IN_FLIGHT at once.
+                    await _for_each(masters, hand_over, HANDOFFS_IN_FLIGHT)
                     if any(m.role == MASTER for m in self.replicas.meta.values()):
                         await trio.sleep(0.1)  # a target failed: retry once decided
                     continue
                 if not backups:
                     break
                 await trio.sleep(0.05)
-            log.info("event=drained handed_over=%d", handed)
+            log.info("event=drained handed_over=%d seconds=%.2f", handed,
+                     trio.current_time() - started)
         if scope.cancelled_caught:
             left = {sid: m for sid, m in self.replicas.meta.items() if m.role == MASTER}
             if left:
@@ -1833,11 +1898,14 @@ class Cluster:
                 locked = sum(1 for sid in left if self.server.engine.locks.holder(sid) is not None)
                 log.error(
                     "event=drain_incomplete masters=%d handed_over=%d with_live_backup=%d "
-                    "locked=%d detail=the drain deadline (--drain-timeout-s) passed with "
-                    "sessions still mastered here (locked: a request still held the lock); "
-                    "their backups take over the %d with a live backup once peers declare this "
-                    "node dead (CLUSTER.md §7); the other %d have no other copy %s",
-                    len(left), handed, backed, locked, backed, len(left) - backed,
+                    "locked=%d unanswered=%d detail=the drain deadline (--drain-timeout-s) "
+                    "passed with sessions still mastered here (locked: a request still held "
+                    "the lock; unanswered: a HANDOFF of it was sent, its answer had not come, "
+                    "the peer may master it already); their backups take over the %d with a "
+                    "live backup once peers declare this node dead (CLUSTER.md §7); the other "
+                    "%d have no other copy %s",
+                    len(left), handed, backed, locked, len(under_way & left.keys()), backed,
+                    len(left) - backed,
                     "and stay in this node's data directory"
                     if self.server.persister is not None else "and are lost (--memory-only)",
                 )
@@ -1889,7 +1957,7 @@ class Cluster:
         handoff = p.Handoff(sid, epoch + 1, m.version, ttl_s, entry.data)
         self._handing_over.add(sid)  # no lock is taken on it until the answer (resolve_lock)
         try:
-            reply: p.Reply | LinkError = await self.call(target, handoff)
+            reply: p.Reply | LinkError = await self._call_handoff(target, handoff)
         except LinkError as exc:
             reply = exc
         finally:
@@ -1919,6 +1987,19 @@ class Cluster:
                     target, sid_tag(sid), reply)
         refused.add(target)
         return False
+
+
+async def _for_each(items: list[str], fn: Callable[[str], Awaitable[None]], limit: int) -> None:
+    """``fn`` on every item, at most ``limit`` at once, each item once."""
+    todo = iter(items)
+
+    async def worker() -> None:
+        for item in todo:  # shared: each worker takes the next one left
+            await fn(item)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(limit, len(items))):
+            nursery.start_soon(worker)
 
 
 def _reply_words(reply: p.Reply) -> str:

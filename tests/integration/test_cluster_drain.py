@@ -1,0 +1,266 @@
+"""Drains of thousands of sessions, which a node hands over many at once
+(CLUSTER.md §8), with real daemons on loopback: nothing may be lost or left
+with one copy, whatever happens meanwhile."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from phpsess import protocol as p
+from phpsess.client import Client
+from tests.integration.test_cluster import Cluster
+from tests.integration.test_cluster import cluster as cluster  # the fixture
+
+pytestmark = pytest.mark.xdist_group("cluster")
+
+_BATCH = 60  # CREATEs at once: max_locks_per_connection is 64
+
+
+def _value(i: int) -> bytes:
+    """A 1 KiB value, different per session."""
+    return (b"n|i:%d;blob|s:" % i + b"%07d." % i * 128)[:1024]
+
+
+def _fill(cluster: Cluster, on: str, count: int) -> dict[str, bytes]:
+    """``count`` sessions created and written on ``on`` (their master),
+    pipelined as many PHP requests at once would."""
+    values: dict[str, bytes] = {}
+    with Client(cluster.nodes[on].address, timeout_s=60) as c:
+        while len(values) < count:
+            created = c.pipeline([p.Create(26, 5)] * min(_BATCH, count - len(values)))
+            batch: dict[str, bytes] = {}
+            for reply in created:
+                assert isinstance(reply, p.Ok), reply
+                batch[reply.tokens[0]] = _value(len(values) + len(batch))
+            writes = c.pipeline([p.Write(sid, 1440, v) for sid, v in batch.items()])
+            assert writes == [p.OK] * len(batch), writes
+            values.update(batch)
+    return values
+
+
+def _unreadable(cluster: Cluster, via: str, values: dict[str, bytes]) -> dict[str, p.Reply]:
+    """The sessions that do not read back with their value through ``via``."""
+    wrong: dict[str, p.Reply] = {}
+    sids = list(values)
+    with Client(cluster.nodes[via].address, timeout_s=60) as c:
+        for start in range(0, len(sids), 500):
+            chunk = sids[start:start + 500]
+            for sid, reply in zip(chunk, c.pipeline([p.Read(s, lock=False) for s in chunk]),
+                                  strict=True):
+                if reply != p.Data(values[sid]):
+                    wrong[sid] = reply
+    return wrong
+
+
+def _stored(cluster: Cluster, name: str) -> int:
+    sessions: int = cluster.stats(name)["sessions"]
+    return sessions
+
+
+def _wait_log(cluster: Cluster, name: str, text: str, limit_s: float = 15) -> None:
+    deadline = time.monotonic() + limit_s
+    while text not in cluster.nodes[name].log():
+        assert time.monotonic() < deadline, cluster.nodes[name].log()
+        time.sleep(0.02)
+
+
+def test_a_drain_of_thousands_of_sessions_leaves_each_with_two_copies(
+    cluster: Cluster,
+) -> None:
+    values = _fill(cluster, "a", 3000)
+    a = cluster.nodes["a"]
+    a.signal(signal.SIGTERM)
+    assert a.wait(30) == 0
+    log = a.log()
+    assert "event=drained handed_over=3000 " in log, log
+    assert "event=drain_incomplete" not in log and "event=handoff_refused" not in log, log
+    for name in ("b", "c"):
+        assert _unreadable(cluster, name, values) == {}, name
+    # Each of the two that remain holds every session: a master and a backup
+    # copy of each (only these sessions exist), none lost or left alone.
+    assert (_stored(cluster, "b"), _stored(cluster, "c")) == (3000, 3000)
+
+
+def test_writes_under_a_lock_while_thousands_are_handed_over_are_not_lost(
+    cluster: Cluster,
+) -> None:
+    # PHP requests through b on sessions a masters (forwarded to a) lock,
+    # read, write and release them over and over while a drains.  A write's
+    # copy to the backup is still unanswered when the lock is free again: the
+    # session's HANDOFF must not overtake it (it goes on another connection
+    # than the copies, CLUSTER.md §8), or the backup, master by then, refuses
+    # the copy as stale, and the write, stored and handed over, is answered
+    # UNAVAILABLE (its outcome unknown).  Every read must find the last
+    # acknowledged write; a write may only fail LOCK_LOST (nothing changed).
+    values = _fill(cluster, "a", 2000)
+    hot = list(values)[::100]  # 20 sessions written throughout the drain
+    acked = dict.fromkeys(hot, 0)
+    failed: list[str] = []
+    stop = threading.Event()
+
+    def writer(sid: str) -> None:
+        expected = values[sid]
+        with Client(cluster.nodes["b"].address, timeout_s=30) as c:
+            while not stop.is_set():
+                got = c.request(p.Read(sid))
+                if isinstance(got, p.Error) and got.code is p.Code.UNAVAILABLE:
+                    time.sleep(0.01)  # where it is cannot be told yet (§5.5): retry
+                    continue
+                if got != p.Data(expected):
+                    failed.append(f"READ {sid} #{acked[sid]}: {got}")
+                    return
+                written = c.request(p.Write(sid, 1440, b"n|i:%d;" % (acked[sid] + 1)))
+                if isinstance(written, p.Error) and written.code is p.Code.LOCK_LOST:
+                    continue  # refused, nothing written: the next request retries
+                if written != p.OK:
+                    failed.append(f"WRITE {sid} #{acked[sid] + 1}: {written}")
+                    return
+                acked[sid] += 1
+                expected = b"n|i:%d;" % acked[sid]
+
+    threads = [threading.Thread(target=writer, args=(sid,)) for sid in hot]
+    for thread in threads:
+        thread.start()
+    a = cluster.nodes["a"]
+    try:
+        time.sleep(0.5)
+        a.signal(signal.SIGTERM)
+        assert a.wait(30) == 0
+        time.sleep(0.5)  # writes go on through b, to the new masters
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert failed == [], failed
+    log = a.log()
+    assert "event=drained handed_over=2000 " in log, log
+    for sid in hot:
+        assert acked[sid] > 0
+        values[sid] = b"n|i:%d;" % acked[sid]
+    for name in ("b", "c"):
+        assert _unreadable(cluster, name, values) == {}, name
+    assert (_stored(cluster, "b"), _stored(cluster, "c")) == (2000, 2000)
+
+
+class _QuickStopCluster(Cluster):
+    """Nodes that wait 1 s, not 10, for their own connections holding locks
+    before the cluster drain begins (--shutdown-timeout-s)."""
+
+    def args(self, name: str, secret: Path) -> list[str]:
+        return [*super().args(name, secret), "--shutdown-timeout-s", "1"]
+
+
+def test_its_own_clients_writes_under_a_lock_during_a_concurrent_drain_all_succeed(
+    workdir: Path,
+) -> None:
+    # Clients of a itself, still open when it drains (each holds the lock
+    # of one session, CLUSTER.md §8 step 2), lock and write sessions a
+    # masters over and over.  When a write releases its lock, its copy to
+    # the backup is still on the way: a HANDOFF sent then on a connection of
+    # its own could overtake it, the backup (master by then) refuse the copy
+    # as stale, and the write, stored and handed over, be answered
+    # UNAVAILABLE.  It goes behind the copy instead: every write succeeds.
+    cluster = _QuickStopCluster(workdir)
+    try:
+        values = _fill(cluster, "a", 2000)
+        sids = list(values)
+        anchors, hot = sids[:10], sids[10:20]
+        acked = dict.fromkeys(hot, 0)
+        last = {sid: values[sid] for sid in hot}  # the last write acknowledged
+        failed: list[str] = []
+        stop = threading.Event()
+        clients = [Client(cluster.nodes["a"].address, timeout_s=30) for _ in hot]
+        for c, anchor in zip(clients, anchors, strict=True):
+            assert c.request(p.Read(anchor)) == p.Data(values[anchor])  # held throughout
+
+        def writer(c: Client, sid: str) -> None:
+            # Pipelined cycles: the next READ comes as soon as a WRITE is
+            # answered, so the lock is free while the copy is on its way.
+            expected = values[sid]
+            while not stop.is_set():
+                n = acked[sid]
+                cycles = [(p.Read(sid), p.Write(sid, 1440, b"n|i:%d;" % (n + k))) for k in
+                          range(1, 6)]
+                replies = c.pipeline([r for cycle in cycles for r in cycle])
+                for (_, write), got, written in zip(cycles, replies[::2], replies[1::2],
+                                                    strict=True):
+                    if isinstance(got, p.Error) and got.code is p.Code.UNAVAILABLE:
+                        # Where it is could not be told yet (§5.5): its WRITE
+                        # went without the lock, whatever it says.
+                        if written == p.OK:
+                            expected = write.data
+                        continue
+                    if got != p.Data(expected):
+                        failed.append(f"READ {sid}: {got}, not {expected!r}")
+                        return
+                    if written != p.OK:
+                        failed.append(f"WRITE {sid} {write.data!r} under the lock: {written}")
+                        return
+                    expected = write.data
+                acked[sid] = n + 5
+                last[sid] = expected
+
+        threads = [threading.Thread(target=writer, args=pair) for pair in zip(clients, hot,
+                                                                              strict=True)]
+        for thread in threads:
+            thread.start()
+        a = cluster.nodes["a"]
+        try:
+            time.sleep(0.3)
+            a.signal(signal.SIGTERM)
+            _wait_log(cluster, "a", "event=shutdown_timeout")  # its cluster drain begins
+            time.sleep(2)  # everything but the anchors is handed over meanwhile
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+        for c, anchor in zip(clients, anchors, strict=True):
+            assert c.request(p.Write(anchor, 1440, values[anchor])) == p.OK
+            c.close()
+        assert a.wait(30) == 0
+        assert failed == [], failed
+        log = a.log()
+        assert "event=drained handed_over=2000 " in log, log
+        for sid in hot:
+            assert acked[sid] > 0
+        values.update(last)
+        for name in ("b", "c"):
+            assert _unreadable(cluster, name, values) == {}, name
+        assert (_stored(cluster, "b"), _stored(cluster, "c")) == (2000, 2000)
+    finally:
+        cluster.stop()
+
+
+def test_a_peer_killed_in_the_middle_of_a_concurrent_drain_loses_no_session(
+    cluster: Cluster,
+) -> None:
+    # a hands its sessions to b and c, many at once; c is killed while they
+    # go.  The HANDOFFs in flight to c fail together (some may have been
+    # taken, their answer lost); a must wait for c to be declared dead and
+    # hand what is left to b, every session once, none lost: those c took
+    # are b's after its takeover, the others come from a.
+    values = _fill(cluster, "a", 4000)
+    on_b = _stored(cluster, "b")
+    a, c = cluster.nodes["a"], cluster.nodes["c"]
+    a.signal(signal.SIGTERM)
+    # c backs up on b what it was handed: b's count grows as c takes them.
+    deadline = time.monotonic() + 15
+    while _stored(cluster, "b") < on_b + 100:
+        assert time.monotonic() < deadline, a.log()
+        time.sleep(0.005)
+    c.kill9()
+    assert a.wait(30) == 0
+    log = a.log()
+    # Not all counted as handed over: c may have taken some whose answer
+    # was lost; a finds them b's (after its takeover from c) and drops them.
+    assert "event=drained handed_over=" in log, log
+    assert "event=drain_incomplete" not in log, log
+    assert "event=handoff_failed peer=c" in log, "c was killed after the drain: " + log
+    _wait_log(cluster, "b", "event=peer_dead peer=c")
+    assert _unreadable(cluster, "b", values) == {}
+    assert _stored(cluster, "b") == 4000

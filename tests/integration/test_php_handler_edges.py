@@ -899,17 +899,21 @@ def test_session_changes_made_by_destructors_are_saved_as_with_files(
 
 
 @contextlib.contextmanager
-def _lagging_proxy(target: str, path: str, lag_s: float) -> Iterator[str]:
-    """A unix socket at ``path`` that forwards to the unix socket ``target``,
-    holding every reply back ``lag_s`` (a daemon whose replies are in flight
-    a long time). Yields the PHP address of the proxy."""
+def _relay(
+    target: str, path: str, *, lag_s: float = 0.0,
+    requests: Callable[[bytes], bytes] = lambda data: data,
+) -> Iterator[str]:
+    """A unix socket at ``path`` that forwards to the unix socket ``target``:
+    each chunk of requests passed through ``requests``, each chunk of
+    replies held back ``lag_s``. Yields the PHP address of the relay."""
     opened: list[socket.socket] = []
 
-    def pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
+    def pump(src: socket.socket, dst: socket.socket, delay: float,
+             change: Callable[[bytes], bytes]) -> None:
         with contextlib.suppress(OSError):
             while data := src.recv(65536):
                 time.sleep(delay)
-                dst.sendall(data)
+                dst.sendall(change(data))
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
 
@@ -917,8 +921,9 @@ def _lagging_proxy(target: str, path: str, lag_s: float) -> Iterator[str]:
         upstream = socket.socket(socket.AF_UNIX)
         upstream.connect(target)
         opened.extend((client, upstream))
-        for src, dst, delay in ((client, upstream, 0.0), (upstream, client, lag_s)):
-            threading.Thread(target=pump, args=(src, dst, delay), daemon=True).start()
+        for args in ((client, upstream, 0.0, requests),
+                     (upstream, client, lag_s, lambda data: data)):
+            threading.Thread(target=pump, args=args, daemon=True).start()
 
     try:
         with _unix_server(path, connect) as address:
@@ -926,6 +931,11 @@ def _lagging_proxy(target: str, path: str, lag_s: float) -> Iterator[str]:
     finally:
         for s in opened:
             s.close()
+
+
+def _lagging_proxy(target: str, path: str, lag_s: float) -> contextlib.AbstractContextManager[str]:
+    """A daemon whose replies are in flight ``lag_s`` (a long time)."""
+    return _relay(target, path, lag_s=lag_s)
 
 
 STALE_REPLY_PAGE = r"""<?php
@@ -1315,36 +1325,13 @@ def test_a_session_destroyed_while_a_request_waits_for_its_lock_stays_dead(
     assert _lock_is_free(daemon, sid)
 
 
-@contextlib.contextmanager
-def _older_daemon(target: str, path: str) -> Iterator[str]:
+def _older_daemon(target: str, path: str) -> contextlib.AbstractContextManager[str]:
     """A unix socket at ``path`` in front of the daemon at ``target`` that
     refuses READ's DESTROYED token with BAD_REQUEST, as a daemon older than
     it does: the token becomes an unknown one, which the daemon refuses in
     turn, in order with the other replies. Yields its PHP address."""
-    opened: list[socket.socket] = []
-
-    def pump(src: socket.socket, dst: socket.socket, rewrite: bool) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                if rewrite:
-                    data = data.replace(b" LOCK DESTROYED\n", b" LOCK UNKNOWN\n")
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    def connect(client: socket.socket) -> None:
-        upstream = socket.socket(socket.AF_UNIX)
-        upstream.connect(target)
-        opened.extend((client, upstream))
-        for src, dst, rewrite in ((client, upstream, True), (upstream, client, False)):
-            threading.Thread(target=pump, args=(src, dst, rewrite), daemon=True).start()
-
-    try:
-        with _unix_server(path, connect) as address:
-            yield address
-    finally:
-        for s in opened:
-            s.close()
+    return _relay(target, path, requests=lambda data: data.replace(
+        b" LOCK DESTROYED\n", b" LOCK UNKNOWN\n"))
 
 
 @pytest.mark.parametrize("query", ["", "?persistent=0"])

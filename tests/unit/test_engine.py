@@ -753,6 +753,17 @@ def test_invalid_requests_of_both_kinds_add_up_in_verbs(engine: Engine) -> None:
 ASK = p.Read("s1", destroyed=True)
 
 
+def _destroyed_under_two_waiters(engine: Engine) -> None:
+    """a holds s1 (with data) and destroys it while b and c wait, asking:
+    b is granted the lock and told MISS DESTROYED; c still waits."""
+    engine.handle("a", p.Write("s1", 100, b"old"), 0.0)
+    engine.handle("a", p.Read("s1"), 0.0)
+    assert engine.handle("b", ASK, 1.0) is WAIT
+    assert engine.handle("c", ASK, 1.0) is WAIT
+    assert engine.handle("a", p.Destroy("s1"), 2.0) == p.OK
+    assert take(engine) == [Completion("b", p.MISS_DESTROYED)]
+
+
 def test_a_waiter_that_asked_learns_the_session_was_destroyed_while_it_waited(
     engine: Engine,
 ) -> None:
@@ -785,12 +796,7 @@ def test_who_comes_after_the_destroy_finds_no_session_not_a_destroyed_one(
     # release of the dead ID (the PHP handler's dropped write) marks it.
     hello(engine, "d")
     hello(engine, "e")
-    engine.handle("a", p.Write("s1", 100, b"old"), 0.0)
-    engine.handle("a", p.Read("s1"), 0.0)
-    assert engine.handle("b", ASK, 1.0) is WAIT
-    assert engine.handle("c", ASK, 1.0) is WAIT
-    assert engine.handle("a", p.Destroy("s1"), 2.0) == p.OK
-    assert take(engine) == [Completion("b", p.MISS_DESTROYED)]
+    _destroyed_under_two_waiters(engine)
     assert engine.handle("d", p.Exists("s1"), 3.0) == OK_0  # strict mode: a new ID
     assert engine.handle("e", ASK, 3.0) is WAIT  # not strict: it keeps the ID
     assert engine.handle("b", p.Destroy("s1"), 4.0) == p.OK  # the PHP handler's "write"
@@ -819,12 +825,7 @@ def test_a_session_that_never_existed_is_a_plain_miss_for_waiters_that_ask(
 
 
 def test_a_destroyed_session_written_again_reads_its_new_data(engine: Engine) -> None:
-    engine.handle("a", p.Write("s1", 100, b"old"), 0.0)
-    engine.handle("a", p.Read("s1"), 0.0)
-    assert engine.handle("b", ASK, 1.0) is WAIT
-    assert engine.handle("c", ASK, 1.0) is WAIT
-    assert engine.handle("a", p.Destroy("s1"), 2.0) == p.OK
-    assert take(engine) == [Completion("b", p.MISS_DESTROYED)]
+    _destroyed_under_two_waiters(engine)
     # A client that writes it anyway (one that did not ask, or without locks)
     # brings it back: who comes next reads that.
     assert engine.handle("b", p.Write("s1", 100, b"new"), 3.0) == p.OK

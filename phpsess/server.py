@@ -436,16 +436,24 @@ class Server:
         )
 
     async def _drain(self) -> None:
+        """Client connections end once idle; those holding locks or in
+        mid-request are waited for, up to ``shutdown_timeout_s``.  Peer
+        connections stay: the cluster's drain needs them (HANDOFF, the
+        masters releasing the copies we back up), and a peer's forwarded
+        requests go on until it ends (CLUSTER.md §8).  Cutting an idle one
+        raced the next request its peer sent on it: the lock that request
+        took was lost with the connection (LOCK_LOST)."""
         with trio.move_on_after(self.config.shutdown_timeout_s) as scope:
             while True:
-                for conn in list(self._conns.values()):
+                clients = [conn for conn in self._conns.values() if conn.node is None]
+                for conn in clients:
                     idle = (
                         not conn.busy and not conn.mid_request
                         and not self.engine.holds_locks(conn.owner)
                     )
                     if idle and conn.scope is not None:
                         conn.scope.cancel()
-                if not self._conns:
+                if not clients:
                     break
                 self._no_conns = trio.Event()
                 with trio.move_on_after(0.05):
@@ -460,7 +468,7 @@ class Server:
             )
             log.warning(
                 "event=shutdown_timeout connections=%d detail=%s",
-                len(self._conns),
+                sum(1 for conn in self._conns.values() if conn.node is None),
                 f"connections still holding locks or in mid-request {fate}",
             )
 

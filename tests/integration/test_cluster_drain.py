@@ -96,7 +96,10 @@ def test_writes_under_a_lock_while_thousands_are_handed_over_are_not_lost(
     # than the copies, CLUSTER.md §8), or the backup, master by then, refuses
     # the copy as stale, and the write, stored and handed over, is answered
     # UNAVAILABLE (its outcome unknown).  Every read must find the last
-    # acknowledged write; a write may only fail LOCK_LOST (nothing changed).
+    # acknowledged write, and every write must succeed: the draining node
+    # keeps its peers' connections (their forwarded locks) open while it
+    # lets its own clients finish; closing an idle one raced the next
+    # request on it, whose lock was then lost (LOCK_LOST).
     values = _fill(cluster, "a", 2000)
     hot = list(values)[::100]  # 20 sessions written throughout the drain
     acked = dict.fromkeys(hot, 0)
@@ -115,8 +118,6 @@ def test_writes_under_a_lock_while_thousands_are_handed_over_are_not_lost(
                     failed.append(f"READ {sid} #{acked[sid]}: {got}")
                     return
                 written = c.request(p.Write(sid, 1440, b"n|i:%d;" % (acked[sid] + 1)))
-                if isinstance(written, p.Error) and written.code is p.Code.LOCK_LOST:
-                    continue  # refused, nothing written: the next request retries
                 if written != p.OK:
                     failed.append(f"WRITE {sid} #{acked[sid] + 1}: {written}")
                     return

@@ -629,6 +629,12 @@ class Cluster:
         self.ready = trio.Event()
         self.draining = False
         self._handing_over: set[str] = set()  # HANDOFFs in flight (CLUSTER.md §8)
+        # The drain (CLUSTER.md §8): its deadline; whether nobody stays to
+        # take the sessions; how many went; hand-overs under way.
+        self._drain_started = self._drain_deadline = 0.0
+        self._drain_alone = False
+        self._handed = 0
+        self._unanswered: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._udp: trio.socket.SocketType | None = None
         self._heartbeat_ms = 0  # the timestamp of our last heartbeat
@@ -1832,70 +1838,41 @@ class Cluster:
     async def drain(self) -> None:
         """Hand every session we master over and wait until the masters of
         those we back up have moved them (CLUSTER.md §8), within the drain
-        deadline."""
+        deadline.  The node's own clients are served meanwhile: a locking
+        ``READ`` of a session already handed over goes to its new master,
+        one of a session not yet handed over takes the lock here, and the
+        session goes once it is free (:meth:`resolve_lock`)."""
         self.draining = True
         self.membership.set_load(len(self.server.engine.store), 0, True)
         await self._send_heartbeat()
-        started = trio.current_time()
-        handed = 0
-        # Sessions whose hand-over is under way: left here when the deadline
-        # cuts it short, a HANDOFF sent and not answered (the peer may have
-        # taken the session).
-        under_way: set[str] = set()
-        with trio.move_on_after(self.config.drain_timeout_s) as scope:
+        self._drain_started = trio.current_time()
+        self._drain_deadline = self._drain_started + self.config.drain_timeout_s
+        with trio.move_on_at(self._drain_deadline):
             # Let peers see that we are draining before we hand sessions over.
             await trio.sleep(self.config.heartbeat_s)
-            refused: dict[str, set[str]] = {}
+            await self._hand_over_all()
 
-            async def hand_over(sid: str) -> None:
-                nonlocal handed
-                under_way.add(sid)
-                moved = await self._hand_over(sid, refused.setdefault(sid, set()))
-                under_way.discard(sid)
-                if moved:
-                    handed += 1  # counted as each one goes (the deadline may cut a round)
-
-            # Until nothing is mastered or backed up here (§8 step 4).  The
-            # masters of the copies we back up re-home them once they see us
-            # draining (_rehome_from_drainers); but one that dies meanwhile
-            # makes us master of them (a takeover during the drain): those
-            # are handed over in turn, never left behind when we exit.
-            while True:
-                masters = [s for s, m in self.replicas.meta.items() if m.role == MASTER]
-                backups = any(m.role == BACKUP for m in self.replicas.meta.values())
-                live = self.membership.alive_peers()
-                staying = [n for n in live if not self.membership.load(n)[2]]
-                if masters or (backups and not staying):
-                    if not staying:
-                        # Nobody to hand them to (every peer is dead, or is
-                        # draining too: the whole cluster stops): waiting
-                        # until the deadline cannot help.
-                        log.warning(
-                            "event=drain_alone masters=%d draining_peers=%d detail=no live "
-                            "peer that stays to hand sessions to%s; they stay in this "
-                            "node's data directory, if it has one",
-                            len(masters), len(live),
-                            " (every live peer is draining too)" if live else "",
-                        )
-                        break
-                    # Each one as before, up to HANDOFFS_IN_FLIGHT at once.
-                    await _for_each(masters, hand_over, HANDOFFS_IN_FLIGHT)
-                    if any(m.role == MASTER for m in self.replicas.meta.values()):
-                        await trio.sleep(0.1)  # a target failed: retry once decided
-                    continue
-                if not backups:
-                    break
-                await trio.sleep(0.05)
-            log.info("event=drained handed_over=%d seconds=%.2f", handed,
-                     trio.current_time() - started)
-        if scope.cancelled_caught:
-            left = {sid: m for sid, m in self.replicas.meta.items() if m.role == MASTER}
-            if left:
+    async def finish_drain(self) -> None:
+        """Once the node's own clients have ended (their last locks released
+        here or through peers): hand over what their requests kept here,
+        within what is left of the deadline; say how the drain ended; if
+        nothing is mastered or backed up here any more, announce that we
+        leave (CLUSTER.md §8)."""
+        if not self._drain_alone:
+            with trio.move_on_at(self._drain_deadline):
+                await self._hand_over_all()
+        if self._drain_alone or not self.replicas.meta:
+            log.info("event=drained handed_over=%d seconds=%.2f", self._handed,
+                     trio.current_time() - self._drain_started)
+        else:  # the deadline passed first
+            masters = {sid: m for sid, m in self.replicas.meta.items() if m.role == MASTER}
+            if masters:
                 backed = sum(
-                    1 for m in left.values()
+                    1 for m in masters.values()
                     if m.backup is not None and not self.membership.gone(m.backup)
                 )
-                locked = sum(1 for sid in left if self.server.engine.locks.holder(sid) is not None)
+                locks = self.server.engine.locks
+                locked = sum(1 for sid in masters if locks.holder(sid) is not None)
                 log.error(
                     "event=drain_incomplete masters=%d handed_over=%d with_live_backup=%d "
                     "locked=%d unanswered=%d detail=the drain deadline (--drain-timeout-s) "
@@ -1904,8 +1881,8 @@ class Cluster:
                     "the peer may master it already); their backups take over the %d with a "
                     "live backup once peers declare this node dead (CLUSTER.md §7); the other "
                     "%d have no other copy %s",
-                    len(left), handed, backed, locked, len(under_way & left.keys()), backed,
-                    len(left) - backed,
+                    len(masters), self._handed, backed, locked,
+                    len(self._unanswered & masters.keys()), backed, len(masters) - backed,
                     "and stay in this node's data directory"
                     if self.server.persister is not None else "and are lost (--memory-only)",
                 )
@@ -1913,6 +1890,57 @@ class Cluster:
         if not self.replicas.meta:
             # Nothing mastered or backed up here: no peer needs us any more.
             await self._announce_leave()
+
+    async def _hand_over_all(self) -> None:
+        """Hand over what we master, round after round, until nothing is
+        mastered or backed up here (§8 step 4), or nobody stays to take it.
+        The masters of the copies we back up re-home them once they see us
+        draining (_rehome_from_drainers); but one that dies meanwhile makes
+        us master of them (a takeover during the drain): those are handed
+        over in turn, never left behind when we exit."""
+        refused: dict[str, set[str]] = {}
+
+        async def hand_over(sid: str) -> None:
+            await self._hand_over_counted(sid, refused.setdefault(sid, set()))
+
+        while True:
+            masters = [s for s, m in self.replicas.meta.items() if m.role == MASTER]
+            backups = any(m.role == BACKUP for m in self.replicas.meta.values())
+            live = self.membership.alive_peers()
+            staying = [n for n in live if not self.membership.load(n)[2]]
+            if masters or (backups and not staying):
+                if not staying:
+                    # Nobody to hand them to (every peer is dead, or is
+                    # draining too: the whole cluster stops): waiting
+                    # until the deadline cannot help.
+                    log.warning(
+                        "event=drain_alone masters=%d draining_peers=%d detail=no live "
+                        "peer that stays to hand sessions to%s; they stay in this "
+                        "node's data directory, if it has one",
+                        len(masters), len(live),
+                        " (every live peer is draining too)" if live else "",
+                    )
+                    self._drain_alone = True
+                    return
+                # Each one as before, up to HANDOFFS_IN_FLIGHT at once.
+                await _for_each(masters, hand_over, HANDOFFS_IN_FLIGHT)
+                if any(m.role == MASTER for m in self.replicas.meta.values()):
+                    await trio.sleep(0.1)  # a target failed, or a lock: retry
+                continue
+            if not backups:
+                return
+            await trio.sleep(0.05)
+
+    async def _hand_over_counted(self, sid: str, refused: set[str]) -> bool:
+        """:meth:`_hand_over`, counted; a session whose ``HANDOFF`` was sent
+        and not answered is remembered as such until it is (the deadline may
+        cut it short: the peer may have taken the session)."""
+        self._unanswered.add(sid)
+        moved = await self._hand_over(sid, refused)
+        self._unanswered.discard(sid)  # not when cancelled: unanswered then
+        if moved:
+            self._handed += 1  # counted as each one goes (the deadline may cut a round)
+        return moved
 
     async def _announce_leave(self) -> None:
         """Our drain completed: nothing is mastered or backed up here.  Tell

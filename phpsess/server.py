@@ -205,6 +205,7 @@ class Server:
         self._wake = trio.Event()
         self._timer_at = math.inf
         self._stopping = trio.Event()
+        self._ending_clients = False  # see _end_clients
         self._no_conns = trio.Event()
         self._unix_paths: list[str] = []
         self._inherited = False  # listening on sockets systemd passed us
@@ -339,6 +340,11 @@ class Server:
                     log.info("event=listening addresses=%s", ",".join(self.addresses))
                     systemd.notify(f"READY=1\nSTATUS=serving on {', '.join(self.addresses)}")
                     await self._stopping.wait()
+                    if self.cluster is not None:
+                        # The node's own clients, old and new, are served on
+                        # while it hands its sessions over: their requests
+                        # go to the new masters (CLUSTER.md §8).
+                        await self.cluster.drain()
                     accept_nursery.cancel_scope.cancel()
                 # Our own sockets close now, so that clients are refused at
                 # once instead of queueing unanswered until we exit; systemd's
@@ -349,9 +355,10 @@ class Server:
                         with trio.CancelScope(shield=True):
                             await listener.aclose()
                     self._unlink_sockets()
+                self._end_clients()
                 await self._drain()
                 if self.cluster is not None:
-                    await self.cluster.drain()
+                    await self.cluster.finish_drain()
                 conn_nursery.cancel_scope.cancel()
         finally:
             for listener in listeners:
@@ -429,28 +436,50 @@ class Server:
             len(self._conns),
             self.engine.locks.held_count,
         )
-        self.engine.shutting_down = True
         self._stopping.set()
+        if self.cluster is None:
+            self._end_clients()
         systemd.notify(
-            f"STOPPING=1\nSTATUS=stopping: finishing {len(self._conns)} connections"
+            "STOPPING=1\nSTATUS=stopping: "
+            + (f"finishing {len(self._conns)} connections" if self.cluster is None
+               else "handing sessions over to the peers")
+        )
+
+    def _end_clients(self) -> None:
+        """From now on client connections end once they hold no lock (here
+        or through a peer) and have nothing in progress, and new ones are
+        refused (PROTOCOL.md §10).  At the stop, or in a cluster once the
+        drain has handed the sessions over (CLUSTER.md §8)."""
+        if self.cluster is not None and not self._ending_clients:
+            log.info(
+                "event=ending_clients connections=%d locks_held=%d detail=the hand-over is done; "
+                "client connections end as they go idle, new ones are refused",
+                sum(1 for conn in self._conns.values() if conn.node is None),
+                self.engine.locks.held_count,
+            )
+        self.engine.shutting_down = True
+        self._ending_clients = True
+
+    def _holds_locks(self, conn: _Conn) -> bool:
+        """Whether ``conn`` holds a lock: here, or on another node through
+        the connection this node opened for it there (CLUSTER.md §5.3)."""
+        return self.engine.holds_locks(conn.owner) or bool(
+            conn.forwards is not None and conn.forwards.locked
         )
 
     async def _drain(self) -> None:
-        """Client connections end once idle; those holding locks or in
-        mid-request are waited for, up to ``shutdown_timeout_s``.  Peer
-        connections stay: the cluster's drain needs them (HANDOFF, the
-        masters releasing the copies we back up), and a peer's forwarded
-        requests go on until it ends (CLUSTER.md §8).  Cutting an idle one
-        raced the next request its peer sent on it: the lock that request
-        took was lost with the connection (LOCK_LOST)."""
+        """Client connections end once idle; those holding locks (here or
+        through a peer) or in mid-request are waited for, up to
+        ``shutdown_timeout_s``.  Peer connections stay: the cluster's drain
+        needs them (the masters releasing the copies we back up), and a
+        peer's forwarded requests go on until it ends (CLUSTER.md §8).
+        Cutting an idle one raced the next request its peer sent on it: the
+        lock that request took was lost with the connection (LOCK_LOST)."""
         with trio.move_on_after(self.config.shutdown_timeout_s) as scope:
             while True:
                 clients = [conn for conn in self._conns.values() if conn.node is None]
                 for conn in clients:
-                    idle = (
-                        not conn.busy and not conn.mid_request
-                        and not self.engine.holds_locks(conn.owner)
-                    )
+                    idle = not conn.busy and not conn.mid_request and not self._holds_locks(conn)
                     if idle and conn.scope is not None:
                         conn.scope.cancel()
                 if not clients:
@@ -462,7 +491,7 @@ class Server:
             # In a cluster they run on through its drain (CLUSTER.md §8),
             # which closes them when it ends.
             fate = (
-                "stay open while the cluster drain hands sessions over"
+                "are closed once the cluster drain ends"
                 if self.cluster is not None
                 else "were closed"
             )
@@ -977,13 +1006,14 @@ class Server:
             if out:
                 await netio.send_parts(fd, out, conn)
             conn.busy = False
-            # Stopping: client connections end once they hold no lock and
-            # have no request half received (§10).  Peer connections stay:
-            # the drain needs them (probes, HANDOFF, the masters releasing
-            # the copies we back up: CLUSTER.md §8).
+            # Stopping (in a cluster: once the drain has handed the sessions
+            # over): client connections end once they hold no lock and have
+            # no request half received (§10).  Peer connections stay: the
+            # drain needs them (probes, the masters releasing the copies we
+            # back up: CLUSTER.md §8).
             if (
-                self._stopping.is_set() and conn.node is None
-                and not engine.holds_locks(owner) and not parser.mid_request
+                self._ending_clients and conn.node is None
+                and not parser.mid_request and not self._holds_locks(conn)
             ):
                 return
             # Not a cancel scope per request: _idle_sweeper cuts off a silent

@@ -13,7 +13,7 @@ import pytest
 
 from phpsess import protocol as p
 from phpsess.client import Client
-from tests.integration.test_cluster import Cluster
+from tests.integration.test_cluster import Cluster, _create, _php
 from tests.integration.test_cluster import cluster as cluster  # the fixture
 
 pytestmark = pytest.mark.xdist_group("cluster")
@@ -148,25 +148,17 @@ def test_writes_under_a_lock_while_thousands_are_handed_over_are_not_lost(
     assert (_stored(cluster, "b"), _stored(cluster, "c")) == (2000, 2000)
 
 
-class _QuickStopCluster(Cluster):
-    """Nodes that wait 1 s, not 10, for their own connections holding locks
-    before the cluster drain begins (--shutdown-timeout-s)."""
-
-    def args(self, name: str, secret: Path) -> list[str]:
-        return [*super().args(name, secret), "--shutdown-timeout-s", "1"]
-
-
 def test_its_own_clients_writes_under_a_lock_during_a_concurrent_drain_all_succeed(
     workdir: Path,
 ) -> None:
-    # Clients of a itself, still open when it drains (each holds the lock
-    # of one session, CLUSTER.md §8 step 2), lock and write sessions a
-    # masters over and over.  When a write releases its lock, its copy to
+    # Clients of a itself, served through its drain (CLUSTER.md §8 step 2;
+    # each holds the lock of one more session, which keeps the drain from
+    # ending), lock and write sessions a masters over and over.  When a write releases its lock, its copy to
     # the backup is still on the way: a HANDOFF sent then on a connection of
     # its own could overtake it, the backup (master by then) refuse the copy
     # as stale, and the write, stored and handed over, be answered
     # UNAVAILABLE.  It goes behind the copy instead: every write succeeds.
-    cluster = _QuickStopCluster(workdir)
+    cluster = Cluster(workdir)
     try:
         values = _fill(cluster, "a", 2000)
         sids = list(values)
@@ -214,7 +206,7 @@ def test_its_own_clients_writes_under_a_lock_during_a_concurrent_drain_all_succe
         try:
             time.sleep(0.3)
             a.signal(signal.SIGTERM)
-            _wait_log(cluster, "a", "event=shutdown_timeout")  # its cluster drain begins
+            _wait_log(cluster, "b", "event=peer_draining peer=a")  # its drain begins
             time.sleep(2)  # everything but the anchors is handed over meanwhile
         finally:
             stop.set()
@@ -265,3 +257,65 @@ def test_a_peer_killed_in_the_middle_of_a_concurrent_drain_loses_no_session(
     _wait_log(cluster, "b", "event=peer_dead peer=c")
     assert _unreadable(cluster, "b", values) == {}
     assert _stored(cluster, "b") == 4000
+
+
+def test_its_own_clients_new_and_php_alike_are_served_through_its_drain(
+    cluster: Cluster,
+) -> None:
+    # A restart drains first.  Its clients used to be refused (or, with the
+    # socket unit, to wait for the next daemon) from the moment it got
+    # SIGTERM, for the whole hand-over.  Now they are served on meanwhile,
+    # new connections too: the sessions it masters are handed over as they
+    # are asked for, and their requests go to the new masters (CLUSTER.md §8).
+    values = _fill(cluster, "a", 200)
+    held, *others = list(values)
+    on_a = _create(cluster, "a", b"n|i:0;")
+    on_b = _create(cluster, "b", b"n|i:0;")
+    a = cluster.nodes["a"]
+    with Client(a.address, timeout_s=30) as holder:
+        # A slow request on a session a masters keeps the drain from ending.
+        assert holder.request(p.Read(held)) == p.Data(values[held])
+        a.signal(signal.SIGTERM)
+        _wait_log(cluster, "b", "event=peer_draining peer=a")
+        php = [_php(sid, 30, [a.address]) for sid in (on_a, on_b)]
+        for sid in others[:20]:
+            with Client(a.address, timeout_s=30) as c:  # a new connection each
+                assert c.request(p.Read(sid)) == p.Data(values[sid]), a.log()
+                values[sid] = b"n|i:%d;" % len(sid)
+                assert c.request(p.Write(sid, 1440, values[sid])) == p.OK
+        with Client(a.address, timeout_s=30) as c:
+            created = c.request(p.Create(26, 5))
+            assert isinstance(created, p.Ok), created
+            new = created.tokens[0]
+            assert c.request(p.Write(new, 1440, b"new")) == p.OK
+        for proc in php:
+            out, err = proc.communicate(timeout=60)
+            assert (out.splitlines(), err) == ([f"ack {n}" for n in range(1, 31)], ""), a.log()
+        assert a.proc is not None and a.proc.poll() is None, "the drain waits for the holder"
+        assert holder.request(p.Write(held, 1440, b"held")) == p.OK
+        values[held] = b"held"
+    assert a.wait(30) == 0
+    log = a.log()
+    assert "event=drained handed_over=201 " in log, log
+    assert "event=drain_incomplete" not in log, log
+    assert _unreadable(cluster, "b", values) == {}
+    assert _unreadable(cluster, "c", {on_a: b"n|i:30;", on_b: b"n|i:30;", new: b"new"}) == {}
+
+
+def test_a_lock_its_client_holds_through_a_peer_outlasts_the_hand_over(
+    cluster: Cluster,
+) -> None:
+    # A request on a holds the lock of a session b masters (through a's
+    # connection to b, CLUSTER.md §5.3) when a is stopped.  a used to count
+    # only the locks held on itself: it found the client idle and closed it,
+    # the lock on b went with it, and the request's write was lost.
+    sid = _create(cluster, "b", b"v1")
+    a = cluster.nodes["a"]
+    with Client(a.address, timeout_s=30) as c:
+        assert c.request(p.Read(sid)) == p.Data(b"v1")
+        a.signal(signal.SIGTERM)
+        _wait_log(cluster, "a", "event=ending_clients connections=1 ")
+        time.sleep(0.5)  # a closes idle clients every 50 ms
+        assert c.request(p.Write(sid, 1440, b"v2")) == p.OK
+    assert a.wait(30) == 0
+    assert _unreadable(cluster, "c", {sid: b"v2"}) == {}

@@ -122,8 +122,8 @@ def test_a_drained_node_is_left_and_quiet_a_killed_one_dead_and_alerting(
 
 class _SlowToStop(_Metered):
     def args(self, name: str, secret: Path) -> list[str]:
-        # Requests holding locks get half a second before the cluster drain
-        # starts (the default 10 s would only slow the test down).
+        # Requests holding locks get half a second once the drain's
+        # hand-over ends (the default 10 s would only slow the test down).
         return [*super().args(name, secret), "--shutdown-timeout-s", "0.5"]
 
 

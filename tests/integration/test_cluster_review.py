@@ -149,7 +149,7 @@ def test_drain_with_every_peer_dead_ends_at_once_and_keeps_the_sessions_on_disk(
 
 class _QuickStopCluster(Cluster):
     """Nodes that wait 1 s, not 10, for their own connections holding locks
-    before the cluster drain begins (--shutdown-timeout-s)."""
+    once the drain's hand-over ends (--shutdown-timeout-s)."""
 
     def args(self, name: str, secret: Path) -> list[str]:
         return [*super().args(name, secret), "--shutdown-timeout-s", "1"]
@@ -181,8 +181,8 @@ def test_a_lock_held_through_a_peer_while_its_master_drains_is_honoured(
                 time.sleep(0.01)
             if taken == "just_after_sigterm":
                 assert first.request(p.Read(sid, lock=True)) == p.Data(b"v1")
-            # Past the point where b, its own connections' time up, began the
-            # cluster drain and would have handed X over.
+            # Past the point where b began the hand-over and would have
+            # handed X over.
             while "event=peer_draining peer=b" not in cluster.nodes[backup].log():
                 assert time.monotonic() < deadline, cluster.nodes[backup].log()
                 time.sleep(0.01)

@@ -153,11 +153,12 @@ def test_its_own_clients_writes_under_a_lock_during_a_concurrent_drain_all_succe
 ) -> None:
     # Clients of a itself, served through its drain (CLUSTER.md §8 step 2;
     # each holds the lock of one more session, which keeps the drain from
-    # ending), lock and write sessions a masters over and over.  When a write releases its lock, its copy to
-    # the backup is still on the way: a HANDOFF sent then on a connection of
-    # its own could overtake it, the backup (master by then) refuse the copy
-    # as stale, and the write, stored and handed over, be answered
-    # UNAVAILABLE.  It goes behind the copy instead: every write succeeds.
+    # ending), lock and write sessions a masters over and over.  When a
+    # write releases its lock, its copy to the backup is still on the way:
+    # a HANDOFF sent then on a connection of its own could overtake it, the
+    # backup (master by then) refuse the copy as stale, and the write,
+    # stored and handed over, be answered UNAVAILABLE.  It goes behind the
+    # copy instead: every write succeeds.
     cluster = Cluster(workdir)
     try:
         values = _fill(cluster, "a", 2000)

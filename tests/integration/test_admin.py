@@ -276,6 +276,31 @@ def test_ls_refused_prints_no_header(daemon: Any, monkeypatch: pytest.MonkeyPatc
     assert "LIST: the daemon refused: DENIED" in err
 
 
+def test_ls_asks_an_older_daemon_without_roles(daemon: Any, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # A daemon older than LIST ... ROLES answers it BAD_REQUEST (an unknown
+    # token, PROTOCOL.md §4.9): ls asks again without, and lists as before.
+    put(daemon.address, {f"s{i}": (b"x" * i, 60) for i in range(5)})
+    real_request = Client.request
+    asked: list[bool] = []
+
+    def older_daemon(self: Client, request: p.Request) -> p.Reply:
+        if isinstance(request, p.List):
+            asked.append(request.roles)
+            if request.roles:
+                return p.Error(p.Code.BAD_REQUEST, "LIST takes 2 arguments")
+        return real_request(self, request)
+
+    monkeypatch.setattr(Client, "request", older_daemon)
+    status, out, err = cli(capsys, "ls", "--connect", daemon.address, "--page-size", "2")
+    assert (status, err) == (0, "")
+    header, *rows, count = out.splitlines()
+    assert header.split() == ["ID", "BYTES", "TTL", "LOCKED"]
+    assert [row.split()[:2] for row in rows] == [[f"s{i}", str(i)] for i in range(5)]
+    assert count == "5 sessions"
+    assert asked == [True, False, False, False]  # once with ROLES, then never again
+
+
 def test_ls_prefix_seek_is_exact(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
     # IDs around the prefix boundary, including the prefix itself and IDs
     # using ',' and '-' (the lowest characters of the alphabet).

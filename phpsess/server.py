@@ -452,7 +452,7 @@ class Server:
         drain has handed the sessions over (CLUSTER.md §8)."""
         if self.cluster is not None and not self._ending_clients:
             log.info(
-                "event=ending_clients connections=%d locks_held=%d detail=the hand-over is done; "
+                "event=ending_clients connections=%d locks_held=%d detail=the hand-over ended; "
                 "client connections end as they go idle, new ones are refused",
                 sum(1 for conn in self._conns.values() if conn.node is None),
                 self.engine.locks.held_count,
@@ -488,8 +488,8 @@ class Server:
                 with trio.move_on_after(0.05):
                     await self._no_conns.wait()
         if scope.cancelled_caught:
-            # In a cluster they run on through its drain (CLUSTER.md §8),
-            # which closes them when it ends.
+            # In a cluster they run on through the rest of its drain
+            # (finish_drain, CLUSTER.md §8), which closes them when it ends.
             fate = (
                 "are closed once the cluster drain ends"
                 if self.cluster is not None

@@ -891,8 +891,8 @@ def cmd_drain(client: Client, args: argparse.Namespace) -> int:
         if process is None:
             raise AdminError(
                 f"{client.address} is draining, but --wait can only watch a daemon on this "
-                "machine (its STATS named no process here); it accepts no connections "
-                "while draining: watch its service or its log for its exit"
+                "machine (its STATS named no process here): watch its service or its "
+                "log for its exit (it stops accepting connections as it finishes)"
             )
         wait_s = _drain_wait_s(args)
         deadline = time.monotonic() + wait_s
@@ -903,7 +903,7 @@ def cmd_drain(client: Client, args: argparse.Namespace) -> int:
                 f"{client.address} is still draining after {wait_s:g} s (pid "
                 f"{process[0]}); it stops on its own within its shutdown_timeout_s + "
                 "drain_timeout_s: wait longer with --wait-s, or watch that process or "
-                "its service's log (it accepts no connections while draining)"
+                "its service's log (it stops accepting connections as it finishes)"
             )
     if args.json:
         _emit({"address": str(client.address), "draining": True, "exited": gone})

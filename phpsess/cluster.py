@@ -501,6 +501,10 @@ class Forwards:
 
     def note(self, link: PeerLink | None, request: p.Request, reply: p.Reply) -> None:
         """Keep :attr:`locked` up to date with ``reply`` to ``request``."""
+        if isinstance(request, p.Create):
+            if request.lock and link is not None and isinstance(reply, p.Ok) and reply.tokens:
+                self.locked[reply.tokens[0]] = link  # made and locked there
+            return
         sid = getattr(request, "sid", None)
         if sid is None or link is None:
             return
@@ -635,6 +639,9 @@ class Cluster:
         self._drain_alone = False
         self._handed = 0
         self._unanswered: set[str] = set()
+        # Sessions the drain found locked: new locks on them wait for the
+        # hand-over (resolve_lock), so that a busy session goes too.
+        self._pending: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._udp: trio.socket.SocketType | None = None
         self._heartbeat_ms = 0  # the timestamp of our last heartbeat
@@ -807,9 +814,11 @@ class Cluster:
         return f"{role} {other or '-'}"
 
     def _sid_suffix(self) -> str | p.Error:
+        # This node masters what it creates: its CREATE takes the lock here.
+        # While it drains, its clients' CREATEs are made on a peer that
+        # stays instead (create_elsewhere), and one made here all the same
+        # (no such peer answered) is handed over like the others.
         master = self.me
-        if self.draining:
-            master = self.membership.choose_backup() or self.me
         backup = self.membership.choose_backup(exclude={master})
         if backup is None and self._refusing_us:
             # Alone because the peers whose daemons run do not take us (not
@@ -1329,6 +1338,22 @@ class Cluster:
                 )
         return node
 
+    async def create_elsewhere(self, forwards: Forwards, request: p.Create) -> p.Reply | None:
+        """While we drain, a client's ``CREATE`` is made on a peer that stays,
+        through this node's link for the client (CLUSTER.md §8): the session
+        never starts here, and its lock is held where it is mastered, as for
+        any session mastered elsewhere (§5.3).  None: there is no such peer,
+        or it could not be reached: it is made here, and handed over in turn."""
+        target = self.membership.choose_backup()
+        if target is None:
+            return None
+        try:
+            return await forwards.call(target, request, 0)
+        except LinkError as exc:
+            log.info("event=forward_failed peer=%s detail=%s", target, exc)
+            forwards.broken(target)  # a lock it may have taken goes with the link
+            return None
+
     async def resolve_lock(self, sid: str, *, peer: bool) -> str | p.Error:
         """Where a new lock on ``sid``, which :meth:`resolve` says we serve,
         is taken.  While we drain, not on a session about to be handed over
@@ -1337,7 +1362,13 @@ class Cluster:
         ``NOT_MASTER``: its node looks again and retries (§5.4) until the
         session, free, has been handed over.  Our own clients still open
         (they hold locks: PROTOCOL.md §10) wait only while a HANDOFF of it
-        is in flight, then go where it went."""
+        is in flight, or while the drain waits for the lock to be free to hand
+        the session over (it found it locked: without this, requests taking
+        turns on its lock would keep it here until the deadline), then go
+        where it went.  A change without the lock (``WRITE``, ``TOUCH``,
+        ``DESTROY`` of a client that does not lock) is held back the same
+        way: made during a ``HANDOFF``, its copy could reach the old backup
+        after the snapshot the new master starts from."""
         node: str | p.Error = self.me
         while self.draining and node == self.me:
             m = self.replicas.meta.get(sid)
@@ -1345,7 +1376,7 @@ class Cluster:
                 break  # not one the drain hands over (a session being started)
             if peer:
                 return p.Error(p.Code.NOT_MASTER, m.backup or "-")
-            if sid not in self._handing_over:
+            if sid not in self._handing_over and sid not in self._pending:
                 break
             await trio.sleep(0.01)
             node = await self.resolve(sid)
@@ -1847,20 +1878,27 @@ class Cluster:
         await self._send_heartbeat()
         self._drain_started = trio.current_time()
         self._drain_deadline = self._drain_started + self.config.drain_timeout_s
-        with trio.move_on_at(self._drain_deadline):
-            # Let peers see that we are draining before we hand sessions over.
-            await trio.sleep(self.config.heartbeat_s)
-            await self._hand_over_all()
-
-    async def finish_drain(self) -> None:
-        """Once the node's own clients have ended (their last locks released
-        here or through peers): hand over what their requests kept here,
-        within what is left of the deadline; say how the drain ended; if
-        nothing is mastered or backed up here any more, announce that we
-        leave (CLUSTER.md §8)."""
-        if not self._drain_alone:
+        try:
             with trio.move_on_at(self._drain_deadline):
+                # Let peers see that we are draining before we hand sessions over.
+                await trio.sleep(self.config.heartbeat_s)
                 await self._hand_over_all()
+        finally:
+            self._pending.clear()  # nothing waits for a hand-over that has ended
+
+    async def finish_drain(self, grace_s: float) -> None:
+        """Once the node's own clients have ended (their last locks released
+        here or through peers, within ``grace_s``: shutdown_timeout_s): hand
+        over what their requests kept here, up to ``grace_s`` past the drain
+        deadline; say how the drain ended; if nothing is mastered or backed
+        up here any more, announce that we leave (CLUSTER.md §8)."""
+        deadline = self._drain_deadline + grace_s
+        if not self._drain_alone and trio.current_time() < deadline:
+            try:
+                with trio.move_on_at(deadline):
+                    await self._hand_over_all()
+            finally:
+                self._pending.clear()
         if self._drain_alone or not self.replicas.meta:
             log.info("event=drained handed_over=%d seconds=%.2f", self._handed,
                      trio.current_time() - self._drain_started)
@@ -1968,8 +2006,11 @@ class Cluster:
             return False
         if self.server.engine.locks.holder(sid) is not None:
             # A request holding its lock (here or through a peer's forwarded
-            # connection, §5.3) finishes first: the next round hands it over.
+            # connection, §5.3) finishes first: the next round hands it over,
+            # and meanwhile no new lock is taken on it (resolve_lock).
+            self._pending.add(sid)
             return False
+        await trio.lowlevel.checkpoint_if_cancelled()  # not past the deadline
         entry = self.server.engine.store.get(sid, trio.current_time())
         if entry is None:
             self.expired([sid])  # expired meanwhile: nothing left to hand over
@@ -1997,6 +2038,7 @@ class Cluster:
             await self._wait_for_verdict(target)
             return False
         if reply == p.OK:
+            self._pending.discard(sid)
             self.replicas.stale(sid, target)
             self._drop_local(sid)  # a restart must not take it back
             if old_backup not in (None, target) and self.membership.is_alive(old_backup):

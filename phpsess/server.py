@@ -358,7 +358,7 @@ class Server:
                 self._end_clients()
                 await self._drain()
                 if self.cluster is not None:
-                    await self.cluster.finish_drain()
+                    await self.cluster.finish_drain(self.config.shutdown_timeout_s)
                 conn_nursery.cancel_scope.cancel()
         finally:
             for listener in listeners:
@@ -809,6 +809,11 @@ class Server:
             if isinstance(event, p.Handoff) and reply == p.OK:
                 await cluster.after_handoff(event.sid)
             return reply
+        if (
+            isinstance(event, p.Create) and cluster.draining and conn.node is None
+            and conn.hello is not None
+        ):
+            return await cluster.create_elsewhere(self._forwards(conn), event)
         if conn.hello is None or not cluster.is_sid_request(event):
             return None
         sid: str = event.sid  # type: ignore[union-attr]
@@ -819,10 +824,15 @@ class Server:
             await cluster.ready.wait()
         node = await cluster.resolve(sid)
         if (
-            cluster.draining and node == cluster.me and isinstance(event, p.Read)
-            and event.lock and not self.engine.locks.holds(conn.owner, sid)
+            cluster.draining and node == cluster.me
+            and (
+                (isinstance(event, p.Read) and event.lock)
+                or isinstance(event, (p.Write, p.Touch, p.Destroy))
+            )
+            and not self.engine.locks.holds(conn.owner, sid)
         ):
-            # Not on a session a drain is about to hand over (CLUSTER.md §8).
+            # No new lock on a session a drain is about to hand over, nor a
+            # change without its lock while it goes (CLUSTER.md §8).
             node = await cluster.resolve_lock(sid, peer=conn.node is not None)
         if isinstance(node, p.Error):
             return node
@@ -834,14 +844,20 @@ class Server:
             return None
         if conn.node is not None:
             return p.Error(p.Code.NOT_MASTER, node)  # no second hop
-        if conn.forwards is None:
-            conn.forwards = Forwards(cluster)
-            conn.forwards.hello = conn.hello
+        forwards = self._forwards(conn)
         wait_s = self.engine.limits.lock_wait_s
         if conn.hello.wait_ms is not None:
             wait_s = conn.hello.wait_ms / 1000
         assert isinstance(event, p.Request)
-        return await cluster.forward(conn.forwards, node, event, wait_s)
+        return await cluster.forward(forwards, node, event, wait_s)
+
+    def _forwards(self, conn: _Conn) -> Forwards:
+        """The links through which ``conn``'s requests go to other masters."""
+        if conn.forwards is None:
+            assert self.cluster is not None
+            conn.forwards = Forwards(self.cluster)
+            conn.forwards.hello = conn.hello
+        return conn.forwards
 
     async def _serve_connection(self, conn: _Conn, leftover: bytes = b"") -> None:
         engine = self.engine
@@ -1578,8 +1594,8 @@ async def run_until_signal(
                         # it and kill the daemon as it finishes its stop.
                         log.info(
                             "event=signal_ignored signal=%s detail=already stopping, within "
-                            "shutdown_timeout_s (a cluster: drain_timeout_s); SIGKILL ends "
-                            "it at once", name,
+                            "shutdown_timeout_s (a cluster: drain_timeout_s + "
+                            "shutdown_timeout_s); SIGKILL ends it at once", name,
                         )
                         continue
                     log.info("event=signal signal=%s", name)

@@ -4,6 +4,7 @@ with one copy, whatever happens meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from phpsess import protocol as p
-from phpsess.client import Client
+from phpsess.client import Client, ClientError
 from tests.integration.test_cluster import Cluster, _acks, _counter, _create, _php
 from tests.integration.test_cluster import cluster as cluster  # the fixture
 
@@ -369,3 +370,170 @@ def test_a_rolling_restart_under_php_load_loses_no_acknowledged_write(
             # The last request may have been stored, its reply cut off.
             assert acks[-1] <= stored <= acks[-1] + 1, (sid, via, acks[-1], stored)
     assert sum(_stored(cluster, name) for name in cluster.nodes) == 2 * len(sids)
+
+
+def _master_of(sid: str) -> str:
+    """The master a session's ID names (``<random>-<master>-<backup>``)."""
+    return sid.rsplit("-", 2)[1]
+
+
+def test_a_session_created_through_a_draining_node_is_made_and_locked_on_a_peer(
+    cluster: Cluster,
+) -> None:
+    # A new visitor on the draining server: its CREATE named another node
+    # as master but took the lock on the draining one, where it protected
+    # nothing.  A request elsewhere got the same session's lock at once, and
+    # the creator's write then failed LOCKED.  Now the CREATE is made on a
+    # peer that stays, through a (CLUSTER.md §8), and its lock holds there.
+    a = cluster.nodes["a"]
+    held = _create(cluster, "a", b"x")
+    with Client(a.address, timeout_s=30) as holder:
+        assert holder.request(p.Read(held)) == p.Data(b"x")  # the drain goes on
+        a.signal(signal.SIGTERM)
+        _wait_log(cluster, "b", "event=peer_draining peer=a")
+        _wait_log(cluster, "c", "event=peer_draining peer=a")
+        with Client(a.address, timeout_s=30) as creator:
+            created = creator.request(p.Create(26, 5))
+            assert isinstance(created, p.Ok), created
+            sid = created.tokens[0]
+            assert _master_of(sid) != "a", sid
+            for name in ("a", "b", "c"):
+                with Client(cluster.nodes[name].address) as c:
+                    assert c.request(p.Exists(sid)) == p.Ok(("1",)), name
+            got: list[p.Reply] = []
+            with Client(cluster.nodes["c"].address, timeout_s=30) as other:
+                waiter = threading.Thread(target=lambda: got.append(other.request(p.Read(sid))))
+                waiter.start()
+                waiter.join(1)
+                assert got == [], "another request got the lock the creator holds"
+                assert creator.request(p.Write(sid, 1440, b"creator")) == p.OK
+                waiter.join(10)
+                assert got == [p.Data(b"creator")]
+                assert other.request(p.Write(sid, 1440, b"other")) == p.OK
+        assert holder.request(p.Write(held, 1440, b"y")) == p.OK
+    assert a.wait(30) == 0
+    log = a.log()
+    assert "event=leaving" in log and "event=shutdown_timeout" not in log, log
+    assert _unreadable(cluster, "b", {sid: b"other", held: b"y"}) == {}
+
+
+def test_a_busy_session_is_handed_over_though_its_own_clients_take_turns_on_its_lock(
+    cluster: Cluster,
+) -> None:
+    # Two clients of the draining node take turns on one session's lock, as
+    # concurrent requests of one user do: the lock went from one to the
+    # other, the drain never found it free, and another node's request for
+    # it got UNAVAILABLE until the drain deadline.  Now new locks wait for
+    # the hand-over once the drain has found the session locked.
+    a = cluster.nodes["a"]
+    sid = _create(cluster, "a", b"0")
+    stop = threading.Event()
+    failed: list[str] = []
+
+    def take_turns() -> None:
+        # Until a ends its clients, once the hand-over is done.
+        with contextlib.suppress(ClientError), Client(a.address, timeout_s=30) as c:
+            while not stop.is_set():
+                got = c.request(p.Read(sid))
+                if not isinstance(got, p.Data):
+                    failed.append(f"READ: {got}")
+                    return
+                time.sleep(0.05)
+                written = c.request(p.Write(sid, 1440, b"%d" % (int(got.data) + 1)))
+                if written != p.OK:
+                    failed.append(f"WRITE: {written}")
+                    return
+
+    turns = [threading.Thread(target=take_turns) for _ in range(2)]
+    for thread in turns:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        a.signal(signal.SIGTERM)
+        _wait_log(cluster, "b", "event=peer_draining peer=a")
+        with Client(cluster.nodes["b"].address, timeout_s=30) as c:
+            got = c.request(p.Read(sid))
+            assert isinstance(got, p.Data), (got, a.log())
+            assert c.request(p.Write(sid, 1440, b"%d" % (int(got.data) + 1))) == p.OK
+    finally:
+        stop.set()
+        for thread in turns:
+            thread.join(30)
+    assert failed == [], failed
+    assert a.wait(30) == 0
+    log = a.log()
+    assert "event=drained handed_over=1 " in log and "event=drain_incomplete" not in log, log
+
+
+def test_writes_without_the_lock_during_the_hand_over_are_all_kept(cluster: Cluster) -> None:
+    # Clients that do not lock (PROTOCOL.md §4.2; the PHP handler's
+    # locking=0) write a's sessions while a hands them over.  A write made
+    # while a HANDOFF was in flight was copied to the old backup after the
+    # snapshot the new master started from: refused UNAVAILABLE, or
+    # acknowledged and then lost.  Now such a change waits for the
+    # hand-over and goes to the new master (CLUSTER.md §8).
+    values = _fill(cluster, "a", 100)
+    sids = list(values)
+    a = cluster.nodes["a"]
+    written: dict[str, list[tuple[bytes, p.Reply]]] = {sid: [] for sid in sids}
+    stop = threading.Event()
+
+    def write_unlocked(mine: list[str]) -> None:
+        n = 0
+        with contextlib.suppress(ClientError), Client(a.address, timeout_s=30) as c:
+            while not stop.is_set():
+                for sid in mine:
+                    n += 1
+                    value = b"v%08d" % n
+                    written[sid].append((value, c.request(p.Write(sid, 1440, value))))
+
+    writers = [threading.Thread(target=write_unlocked, args=(sids[i::4],)) for i in range(4)]
+    for thread in writers:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        a.signal(signal.SIGTERM)
+        _wait_log(cluster, "a", "event=ending_clients", 60)
+    finally:
+        stop.set()
+        for thread in writers:
+            thread.join(30)
+    assert a.wait(30) == 0
+    refused = [(sid, reply) for sid in sids for _, reply in written[sid] if reply != p.OK]
+    assert refused == [], refused[:5]
+    last = {sid: written[sid][-1][0] for sid in sids if written[sid]}
+    assert len(last) == len(sids)
+    assert _unreadable(cluster, "b", last) == {}
+
+
+class _ShortDrainCluster(Cluster):
+    def args(self, name: str, secret: Path) -> list[str]:
+        return [*super().args(name, secret), "--drain-timeout-s", "3",
+                "--shutdown-timeout-s", "4"]
+
+
+def test_a_lock_released_after_the_drain_deadline_within_the_shutdown_timeout_is_handed_over(
+    workdir: Path,
+) -> None:
+    # A request holds a's session past the drain deadline (3 s) and writes
+    # within the shutdown timeout (4 s more).  The session is handed over
+    # then (the old order waited for such requests before the hand-over
+    # began); it used to be left on a, its HANDOFF sent after the deadline
+    # and its answer ignored: drain_incomplete, and no leave announced.
+    cluster = _ShortDrainCluster(workdir)
+    try:
+        a = cluster.nodes["a"]
+        sid = _create(cluster, "a", b"v1")
+        with Client(a.address, timeout_s=30) as holder:
+            assert holder.request(p.Read(sid)) == p.Data(b"v1")
+            a.signal(signal.SIGTERM)
+            _wait_log(cluster, "a", "event=ending_clients")
+            time.sleep(1)
+            assert holder.request(p.Write(sid, 1440, b"v2")) == p.OK
+        assert a.wait(30) == 0
+        log = a.log()
+        assert "event=drained handed_over=1 " in log and "event=leaving" in log, log
+        assert "event=drain_incomplete" not in log, log
+        assert _unreadable(cluster, "c", {sid: b"v2"}) == {}
+    finally:
+        cluster.stop()

@@ -105,10 +105,11 @@ namespace PhpSess;
  *   regenerated-away) ID back to life.
  * - With `persistent=1` (the default) PHP keeps one connection per address
  *   per process (a php-fpm worker reuses it for every web request; a new
- *   connection per request costs the daemon twice the CPU),
- *   shared by every handler object for that address. Use one handler per
- *   address: each handler starts the connection afresh with `HELLO`, which
- *   releases the locks the connection holds (§3.2). A shutdown function
+ *   connection per request costs the daemon twice the CPU). One handler
+ *   object at a time uses it: a second one for the same address (say the
+ *   application's own, after prepend.php's touched the session) opens a
+ *   connection of its own while the first holds the pooled one, and that
+ *   connection ends with the request. A shutdown function
  *   (it runs after fatal errors too, unlike destructors) and the destructor
  *   collect the replies to requests close() sent without waiting and
  *   release locks left behind, so the next web request finds the
@@ -155,6 +156,8 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     private bool $locking = true;
     private float $lockWait = 30.0;
     private bool $persistent = false;
+    /** Whether the connection is PHP's pooled one for the address: see connect(). */
+    private bool $pooled = false;
     private ?float $lease = null;
 
     /** @var resource|null */
@@ -213,6 +216,8 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
      * @var array<string, int>
      */
     private static array $plainRead = [];
+    /** @var array<string, \WeakReference<self>> the handler using each address's pooled connection */
+    private static array $poolUsers = [];
     private const PLAIN_READ_S = 60;
     /** A connection was dropped while it held locks: no new one (it would not hold them) until the next open(). */
     private bool $locksLost = false;
@@ -361,7 +366,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
             // Closing the connection releases its locks (§6.1) at no cost.
             $this->locks = [];
             $this->discard();
-        } elseif (!$this->persistent) {
+        } elseif (!$this->pooled) {
             if ($write !== '') {
                 // One round trip: the connection ends with the request, and an
                 // unanswered request might not be carried out. A failure costs
@@ -409,7 +414,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
      */
     private function releaseIfEnding(): void
     {
-        if ($this->ending && $this->persistent && $this->locks !== [] && !$this->busy) {
+        if ($this->ending && $this->pooled && $this->locks !== [] && !$this->busy) {
             $this->release(null);
         }
     }
@@ -845,7 +850,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     private function settle(): void
     {
         $this->ending = true;
-        if (!$this->persistent || $this->sock === null) {
+        if (!$this->pooled || $this->sock === null) {
             return; // non-persistent connections end with the request
         }
         if (session_status() === \PHP_SESSION_ACTIVE) {
@@ -1084,8 +1089,22 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
     {
         $flags = \STREAM_CLIENT_CONNECT;
         $context = null;
-        if ($this->persistent) {
-            // PHP keys persistent sockets by address, so each address has its own.
+        $this->pooled = $this->persistent;
+        if ($this->pooled) {
+            // PHP keys persistent sockets by address, so each address has one
+            // per process. A second handler object for the address (the
+            // application's own, after prepend.php's touched the session)
+            // would share it and read the other's replies: while another one
+            // uses it, this one opens a connection of its own, which ends
+            // with the request.
+            $user = (self::$poolUsers[$this->address] ?? null)?->get();
+            if ($user !== null && $user !== $this && $user->sock !== null) {
+                $this->pooled = false;
+            } else {
+                self::$poolUsers[$this->address] = \WeakReference::create($this);
+            }
+        }
+        if ($this->pooled) {
             $flags |= \STREAM_CLIENT_PERSISTENT;
         }
         if ($this->tcp) {
@@ -1095,7 +1114,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         $errno = 0;
         $errstr = '';
         $sock = @stream_socket_client($this->address, $errno, $errstr, $this->timeout, $flags, $context);
-        if ($sock !== false && $this->persistent && !self::isQuiet($sock)) {
+        if ($sock !== false && $this->pooled && !self::isQuiet($sock)) {
             // A pooled connection with unread bytes or EOF: the previous web request
             // left it mid-conversation or the daemon closed it. fclose() ends it.
             @fclose($sock);
@@ -1120,7 +1139,7 @@ final class SessionHandler implements \SessionHandlerInterface, \SessionIdInterf
         $this->pending = [];
         $this->locks = [];
         $this->hello = $this->helloLine();
-        if ($this->persistent && !$this->settling) {
+        if ($this->pooled && !$this->settling) {
             // Shutdown functions run after fatal errors too, destructors do not.
             $this->settling = true;
             register_shutdown_function(function (): void {

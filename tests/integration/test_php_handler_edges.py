@@ -1376,3 +1376,39 @@ def test_an_older_daemon_costs_one_refused_read_a_minute_not_one_a_request(
         proc = run_php(script, handler="phpsess", address=address, args=(sid,), timeout=60)
     assert proc.returncode == 0 and proc.stdout == "3\n", (proc.stdout, proc.stderr)
     assert _stats(daemon)["errors_total"] - before == 1  # the first READ only
+
+
+SECOND_HANDLER_PAGE = r"""<?php
+// prepend.php's handler looks at the session first (legacy bootstrap code),
+// then the application registers a handler of its own for the same
+// address (Symfony's SessionHandler::fromIni(), php-ext-shim/README.md).
+session_id($argv[1]);
+if ($argv[2] === 'abort') {
+    session_start();
+    session_abort();
+} else {
+    session_start(['read_and_close' => true]);
+}
+session_set_save_handler(\PhpSess\SessionHandler::fromIni(), false);
+$ok = session_start();
+$_SESSION['n'] = ($_SESSION['n'] ?? 0) + 1;
+echo json_encode($ok), ' ', $_SESSION['n'], "\n";
+"""
+
+
+@pytest.mark.parametrize("first", ["abort", "rac"])
+def test_a_second_handler_object_for_the_address_saves_the_session(
+    first: str, daemon: Any, tmp_path: Path
+) -> None:
+    # Both objects used PHP's one pooled connection for the address: the
+    # second read the first's pending reply, the first then waited 5 s for
+    # it, closed the shared connection, and a TypeError ended the request
+    # unsaved. Now the second opens a connection of its own.
+    script = _write_script(tmp_path / "pages", "second.php", SECOND_HANDLER_PAGE)
+    sid = "secondhandler0123456789abc"
+    for n in (1, 2, 3):
+        proc = run_php(script, handler="phpsess", address=daemon.php_address,
+                       args=(sid, first), timeout=60)
+        assert (proc.stdout, proc.stderr) == (f"true {n}\n", ""), n
+    assert _stored(daemon, sid) == b"n|i:3;"
+    assert _lock_is_free(daemon, sid)

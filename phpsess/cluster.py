@@ -1354,7 +1354,8 @@ class Cluster:
             forwards.broken(target)  # a lock it may have taken goes with the link
             return None
 
-    async def resolve_lock(self, sid: str, *, peer: bool) -> str | p.Error:
+    async def resolve_lock(self, sid: str, *, peer: bool, change: bool = False,
+                           wait_s: float = math.inf) -> str | p.Error:
         """Where a new lock on ``sid``, which :meth:`resolve` says we serve,
         is taken.  While we drain, not on a session about to be handed over
         (CLUSTER.md §8): the HANDOFF would go out under the lock and the new
@@ -1365,19 +1366,29 @@ class Cluster:
         is in flight, or while the drain waits for the lock to be free to hand
         the session over (it found it locked: without this, requests taking
         turns on its lock would keep it here until the deadline), then go
-        where it went.  A change without the lock (``WRITE``, ``TOUCH``,
-        ``DESTROY`` of a client that does not lock) is held back the same
-        way: made during a ``HANDOFF``, its copy could reach the old backup
-        after the snapshot the new master starts from."""
+        where it went, within the request's lock wait ``wait_s``
+        (``LOCK_TIMEOUT`` after it, as the engine's own wait).  A ``change``
+        without the lock (``WRITE``, ``TOUCH``, ``DESTROY`` of a client that
+        does not lock) waits only while a ``HANDOFF`` is in flight: made
+        then, its copy could reach the old backup after the snapshot the
+        new master starts from.  A session locked by another request is the
+        engine's to refuse (``LOCKED``)."""
         node: str | p.Error = self.me
+        deadline = trio.current_time() + wait_s
         while self.draining and node == self.me:
             m = self.replicas.meta.get(sid)
             if m is None or m.role != MASTER:
                 break  # not one the drain hands over (a session being started)
             if peer:
                 return p.Error(p.Code.NOT_MASTER, m.backup or "-")
-            if sid not in self._handing_over and sid not in self._pending:
+            if sid not in self._handing_over and (change or sid not in self._pending):
                 break
+            if trio.current_time() >= deadline:
+                return p.Error(
+                    p.Code.LOCK_TIMEOUT,
+                    f"session is locked by another request; gave up after waiting {wait_s:g} s "
+                    "(wait_ms) while this node hands it over (it drains)",
+                )
             await trio.sleep(0.01)
             node = await self.resolve(sid)
         return node
@@ -1599,6 +1610,20 @@ class Cluster:
                 if not (isinstance(reply, p.Error) and reply.code is p.Code.NOT_MASTER):
                     return reply
                 found = await self._locate(sid)
+                if found is None and self.replicas.where(sid) is None:
+                    # Nobody masters it, and we hold no copy: whether it
+                    # exists anywhere (a destroyed session sent back and
+                    # forth between the named master and a hint, say, for
+                    # the rest of a drain), as for one we are asked first.
+                    elsewhere = await self._find_elsewhere(
+                        sid, *named_nodes(sid, self.replicas.nodes)
+                    )
+                    if elsewhere is None:
+                        self.replicas.forget_hint(sid)
+                        return None  # exists nowhere: served here (new)
+                    if isinstance(elsewhere, p.Error):
+                        return elsewhere
+                    found = elsewhere
                 if found is not None and found != node:
                     if found == self.me:
                         return None

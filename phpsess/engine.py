@@ -335,13 +335,21 @@ class Engine:
             return p.MISS
         return p.Data(entry.data)
 
-    def _lock_error(self, owner: Owner, sid: str) -> p.Error | None:
+    def lease_lost(self, owner: Owner, sid: str) -> p.Error | None:
+        """``LOCK_LOST`` (once) if ``owner``'s lock on ``sid`` ran past its
+        lease and was revoked (PROTOCOL.md §6.3)."""
         if self.locks.take_revoked(owner, sid):
             return self._error(
                 p.Code.LOCK_LOST,
                 "this request held the session lock longer than its lease and lost it; "
                 "nothing was changed",
             )
+        return None
+
+    def _lock_error(self, owner: Owner, sid: str) -> p.Error | None:
+        lost = self.lease_lost(owner, sid)
+        if lost is not None:
+            return lost
         holder = self.locks.holder(sid)
         if holder is not None and holder != owner:
             return self._error(

@@ -810,7 +810,7 @@ class Server:
                 await cluster.after_handoff(event.sid)
             return reply
         if (
-            isinstance(event, p.Create) and cluster.draining and conn.node is None
+            cluster.draining and isinstance(event, p.Create) and conn.node is None
             and conn.hello is not None
         ):
             return await cluster.create_elsewhere(self._forwards(conn), event)
@@ -823,6 +823,9 @@ class Server:
             # nobody and served stale.  PHP's clients wait for it too (run).
             await cluster.ready.wait()
         node = await cluster.resolve(sid)
+        wait_s = self.engine.limits.lock_wait_s
+        if conn.hello.wait_ms is not None:
+            wait_s = conn.hello.wait_ms / 1000
         if (
             cluster.draining and node == cluster.me
             and (
@@ -833,7 +836,12 @@ class Server:
         ):
             # No new lock on a session a drain is about to hand over, nor a
             # change without its lock while it goes (CLUSTER.md §8).
-            node = await cluster.resolve_lock(sid, peer=conn.node is not None)
+            waited = trio.current_time()
+            node = await cluster.resolve_lock(
+                sid, peer=conn.node is not None, change=not isinstance(event, p.Read),
+                wait_s=wait_s,
+            )
+            wait_s = max(0.0, wait_s - (trio.current_time() - waited))
         if isinstance(node, p.Error):
             return node
         if node == cluster.me:
@@ -844,10 +852,14 @@ class Server:
             return None
         if conn.node is not None:
             return p.Error(p.Code.NOT_MASTER, node)  # no second hop
+        if isinstance(event, (p.Write, p.Touch, p.Destroy)):
+            # Its lock here ran past its lease (PROTOCOL.md §6.3) and the
+            # session moved since (a drain handed it over): the master it
+            # goes to would take it for a change without the lock.
+            lost = self.engine.lease_lost(conn.owner, sid)
+            if lost is not None:
+                return lost
         forwards = self._forwards(conn)
-        wait_s = self.engine.limits.lock_wait_s
-        if conn.hello.wait_ms is not None:
-            wait_s = conn.hello.wait_ms / 1000
         assert isinstance(event, p.Request)
         return await cluster.forward(forwards, node, event, wait_s)
 

@@ -537,3 +537,89 @@ def test_a_lock_released_after_the_drain_deadline_within_the_shutdown_timeout_is
         assert _unreadable(cluster, "c", {sid: b"v2"}) == {}
     finally:
         cluster.stop()
+
+
+def _drain_held_open(cluster: Cluster) -> Client:
+    """a drains, kept from ending by a client of its own holding the lock
+    of one more session a masters; a has found that one locked (pending).
+    The caller closes the returned holder (its lock released unwritten)."""
+    a = cluster.nodes["a"]
+    keep = _create(cluster, "a", b"k")
+    holder = Client(a.address, timeout_s=60)
+    assert holder.request(p.Read(keep)) == p.Data(b"k")
+    a.signal(signal.SIGTERM)
+    _wait_log(cluster, "b", "event=peer_draining peer=a")
+    time.sleep(1)  # past the drain's first rounds: the rest is handed over
+    return holder
+
+
+def test_during_the_drain_a_locked_session_refuses_an_unlocked_change_and_times_out_a_lock(
+    cluster: Cluster,
+) -> None:
+    # A client of a holds a session a masters while a drains.  A WRITE or
+    # DESTROY without the lock waited for the hand-over, then landed on
+    # top of the holder's write (LOCKED at once when a does not drain);
+    # a locking READ waited past its wait_ms until the hand-over.
+    a = cluster.nodes["a"]
+    sid = _create(cluster, "a", b"v0")
+    with Client(a.address, timeout_s=60) as holder:
+        assert holder.request(p.Read(sid)) == p.Data(b"v0")
+        keep = _drain_held_open(cluster)
+        with Client(a.address, timeout_s=60) as c:
+            for change in (p.Write(sid, 1440, b"unlocked"), p.Destroy(sid)):
+                refused = c.request(change)
+                assert isinstance(refused, p.Error) and refused.code is p.Code.LOCKED, refused
+        # As the PHP handler does, the client gives up on a reply well past
+        # its lock wait (its timeout, 5 s by default): a wait until the
+        # hand-over lasted until the drain deadline (20 s here).
+        with Client(a.address, wait_ms=300, timeout_s=5) as c:
+            waited = c.request(p.Read(sid))
+            assert isinstance(waited, p.Error) and waited.code is p.Code.LOCK_TIMEOUT, waited
+        assert holder.request(p.Write(sid, 1440, b"holder")) == p.OK
+    keep.close()
+    assert a.wait(30) == 0
+    assert _unreadable(cluster, "b", {sid: b"holder"}) == {}
+
+
+def test_a_lock_lost_to_its_lease_before_the_hand_over_is_still_lost_after_it(
+    cluster: Cluster,
+) -> None:
+    # A client of a overruns its lock's lease on a session a masters; a
+    # drains and hands the session over; another request locks and writes
+    # it.  The first client's late WRITE went to the new master, which had
+    # no lock for anyone by then, and overwrote the other's write.  It gets
+    # LOCK_LOST (PROTOCOL.md §6.3), as when a does not drain.
+    a = cluster.nodes["a"]
+    sid = _create(cluster, "a", b"v0")
+    with Client(a.address, timeout_s=30, lease_ms=1000) as late:
+        assert late.request(p.Read(sid)) == p.Data(b"v0")
+        keep = _drain_held_open(cluster)
+        time.sleep(1)  # past the lease: revoked, then handed over
+        with Client(cluster.nodes["b"].address, timeout_s=30) as other:
+            assert other.request(p.Read(sid)) == p.Data(b"v0")
+            assert other.request(p.Write(sid, 1440, b"other")) == p.OK
+        lost = late.request(p.Write(sid, 1440, b"late"))
+        assert isinstance(lost, p.Error) and lost.code is p.Code.LOCK_LOST, lost
+    keep.close()
+    assert a.wait(30) == 0
+    assert _unreadable(cluster, "c", {sid: b"other"}) == {}
+
+
+def test_a_session_destroyed_after_its_hand_over_reads_as_unknown_everywhere(
+    cluster: Cluster,
+) -> None:
+    # Destroyed after a handed it over, during a's drain: a's hint sent
+    # requests to the new master, which sent them back to a, the master
+    # the ID names, each answering NOT_MASTER, until UNAVAILABLE.  Nobody
+    # holds it: it reads as unknown, as any destroyed session.
+    a = cluster.nodes["a"]
+    sid = _create(cluster, "a", b"v0")
+    keep = _drain_held_open(cluster)
+    with Client(cluster.nodes["b"].address, timeout_s=30) as c:
+        assert c.request(p.Destroy(sid)) == p.OK
+    for name in ("a", "b", "c"):
+        with Client(cluster.nodes[name].address, wait_ms=1000, timeout_s=30) as c:
+            assert c.request(p.Exists(sid)) == p.Ok(("0",)), name
+            assert c.request(p.Read(sid)) == p.MISS, name
+    keep.close()
+    assert a.wait(30) == 0

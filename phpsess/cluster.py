@@ -1338,6 +1338,22 @@ class Cluster:
                 )
         return node
 
+    async def check_hint(self, sid: str, node: str) -> str | p.Error:
+        """A peer asks us for ``sid``, which :meth:`resolve` sends to ``node``
+        by a hint alone (we hold no copy): the hint may be stale (the session
+        was destroyed or expired there since).  Answered ``NOT_MASTER
+        <node>`` unchecked, the asker, finding no master, came back here
+        until the failover time.  So check, as for a session we are asked
+        first (:meth:`_find_elsewhere`): nobody has it, and we are the node
+        that starts it (§5 item 5), or its master, or UNAVAILABLE."""
+        if sid in self.replicas.meta or self.replicas.hinted(sid) != node:
+            return node
+        found = await self._find_elsewhere(sid, *named_nodes(sid, self.replicas.nodes))
+        if found is not None:
+            return found
+        self.replicas.forget_hint(sid)
+        return self.replicas.route(sid, self.membership.is_alive)
+
     async def create_elsewhere(self, forwards: Forwards, request: p.Create) -> p.Reply | None:
         """While we drain, a client's ``CREATE`` is made on a peer that stays,
         through this node's link for the client (CLUSTER.md §8): the session
@@ -1611,19 +1627,25 @@ class Cluster:
                     return reply
                 found = await self._locate(sid)
                 if found is None and self.replicas.where(sid) is None:
-                    # Nobody masters it, and we hold no copy: whether it
-                    # exists anywhere (a destroyed session sent back and
-                    # forth between the named master and a hint, say, for
-                    # the rest of a drain), as for one we are asked first.
+                    # Nobody masters it and we hold no copy: whether it exists
+                    # anywhere, as for one we are asked first (a destroyed
+                    # session was sent back and forth between its named
+                    # master and a stale hint until the failover time).
                     elsewhere = await self._find_elsewhere(
                         sid, *named_nodes(sid, self.replicas.nodes)
                     )
-                    if elsewhere is None:
-                        self.replicas.forget_hint(sid)
-                        return None  # exists nowhere: served here (new)
                     if isinstance(elsewhere, p.Error):
                         return elsewhere
-                    found = elsewhere
+                    if elsewhere is None:
+                        # It exists nowhere: the node route() names without
+                        # hints starts it (§5 item 5), the same for every
+                        # asker, never each one its own.
+                        self.replicas.forget_hint(sid)
+                        found = self.replicas.route(sid, self.membership.is_alive)
+                        if found == self.me:
+                            return None
+                    else:
+                        found = elsewhere
                 if found is not None and found != node:
                     if found == self.me:
                         return None

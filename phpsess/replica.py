@@ -121,6 +121,10 @@ class Replicas:
         if len(self._hints) > _HINTS_MAX:
             self._hints.popitem(last=False)
 
+    def hinted(self, sid: str) -> str | None:
+        """Where another node last told us ``sid``'s master is, if anywhere."""
+        return self._hints.get(sid)
+
     def forget_hint(self, sid: str) -> None:
         self._hints.pop(sid, None)
 

@@ -823,6 +823,8 @@ class Server:
             # nobody and served stale.  PHP's clients wait for it too (run).
             await cluster.ready.wait()
         node = await cluster.resolve(sid)
+        if conn.node is not None and isinstance(node, str) and node != cluster.me:
+            node = await cluster.check_hint(sid, node)
         wait_s = self.engine.limits.lock_wait_s
         if conn.hello.wait_ms is not None:
             wait_s = conn.hello.wait_ms / 1000
@@ -859,6 +861,10 @@ class Server:
             lost = self.engine.lease_lost(conn.owner, sid)
             if lost is not None:
                 return lost
+        elif isinstance(event, p.Read) and event.lock:
+            # A new lock: a lease lost on it here is forgotten (§6.3), as
+            # a locking READ served here would.
+            self.engine.locks.take_revoked(conn.owner, sid)
         forwards = self._forwards(conn)
         assert isinstance(event, p.Request)
         return await cluster.forward(forwards, node, event, wait_s)

@@ -605,6 +605,27 @@ def test_a_lock_lost_to_its_lease_before_the_hand_over_is_still_lost_after_it(
     assert _unreadable(cluster, "c", {sid: b"other"}) == {}
 
 
+def test_a_new_lock_after_one_lost_to_its_lease_holds_through_the_hand_over(
+    cluster: Cluster,
+) -> None:
+    # As above, but the client, without writing, gives the session up
+    # (session_abort(): CLOSE) and starts it again: a new lock forgets the
+    # lost one (PROTOCOL.md §6.3).  Taken on the new master, it did not:
+    # its WRITE got LOCK_LOST from the old one's mark left on a.
+    a = cluster.nodes["a"]
+    sid = _create(cluster, "a", b"v0")
+    with Client(a.address, timeout_s=30, lease_ms=1000) as late:
+        assert late.request(p.Read(sid)) == p.Data(b"v0")
+        keep = _drain_held_open(cluster)
+        time.sleep(1)  # past the lease: revoked, then handed over
+        assert late.request(p.Close()) == p.OK
+        assert late.request(p.Read(sid)) == p.Data(b"v0")
+        assert late.request(p.Write(sid, 1440, b"relocked")) == p.OK
+    keep.close()
+    assert a.wait(30) == 0
+    assert _unreadable(cluster, "c", {sid: b"relocked"}) == {}
+
+
 def test_a_session_destroyed_after_its_hand_over_reads_as_unknown_everywhere(
     cluster: Cluster,
 ) -> None:
@@ -623,3 +644,37 @@ def test_a_session_destroyed_after_its_hand_over_reads_as_unknown_everywhere(
             assert c.request(p.Read(sid)) == p.MISS, name
     keep.close()
     assert a.wait(30) == 0
+
+
+def test_a_destroyed_id_asked_on_two_nodes_after_a_restart_is_locked_once(
+    cluster: Cluster,
+) -> None:
+    # After the upgrade of DEPLOYMENT.md §5 (a drains, then starts again), a
+    # request through a finds S on b, and a keeps b as a hint.  S is then
+    # destroyed (a logout).  Its old ID comes back in two parallel requests,
+    # on c and on b: a answered NOT_MASTER b by its stale hint, b sent it
+    # back to a, the master the ID names, until the failover time; and a
+    # shortcut for that let each asker start S itself: two holders of one
+    # lock, one's acknowledged write overwritten.  Now a, asked by a hint
+    # alone, checks; S exists nowhere; the one node that starts it is the
+    # one the ID names (CLUSTER.md §5).
+    a = cluster.nodes["a"]
+    sid = "y" * 26 + "-a-b"
+    with Client(a.address) as c:
+        assert c.request(p.Write(sid, 1440, b"v0")) == p.OK
+    a.signal(signal.SIGTERM)
+    assert a.wait(30) == 0
+    a.start()
+    _all_alive(cluster)
+    with Client(a.address, timeout_s=30) as c:
+        assert c.request(p.Read(sid, lock=False)) == p.Data(b"v0")  # found on b
+    with Client(cluster.nodes["b"].address) as c:
+        assert c.request(p.Destroy(sid)) == p.OK
+    with Client(cluster.nodes["c"].address, wait_ms=2000, timeout_s=30) as first, \
+            Client(cluster.nodes["b"].address, wait_ms=500, timeout_s=30) as second:
+        assert first.request(p.Read(sid)) == p.MISS
+        waited = second.request(p.Read(sid))
+        assert isinstance(waited, p.Error) and waited.code is p.Code.LOCK_TIMEOUT, waited
+        assert first.request(p.Write(sid, 1440, b"first")) == p.OK
+    for name in ("a", "b", "c"):
+        assert _unreadable(cluster, name, {sid: b"first"}) == {}, name

@@ -1345,9 +1345,22 @@ class Cluster:
         <node>`` unchecked, the asker, finding no master, came back here
         until the failover time.  So check, as for a session we are asked
         first (:meth:`_find_elsewhere`): nobody has it, and we are the node
-        that starts it (§5 item 5), or its master, or UNAVAILABLE."""
+        that starts it (§5 item 5), or its master, or UNAVAILABLE.  The
+        hinted node is asked first, alone, for ``probe_s`` at most: if it
+        masters the session, or does not answer (cut off from us, not
+        necessarily from the asker), the hint is passed on unchecked, as
+        before; only if it holds no master's copy are all peers asked."""
         if sid in self.replicas.meta or self.replicas.hinted(sid) != node:
             return node
+        reply: p.Reply | None = None
+        with contextlib.suppress(LinkError), trio.move_on_after(self.config.probe_s):
+            reply = await self.call(node, p.Where(sid))
+        if reply is None:
+            return node
+        if isinstance(reply, p.Data):
+            parsed = _where_tokens(reply.tokens)
+            if parsed is None or parsed[0] == MASTER:
+                return node
         found = await self._find_elsewhere(sid, *named_nodes(sid, self.replicas.nodes))
         if found is not None:
             return found

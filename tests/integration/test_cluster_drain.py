@@ -14,7 +14,7 @@ import pytest
 
 from phpsess import protocol as p
 from phpsess.client import Client, ClientError
-from tests.integration.test_cluster import Cluster, _acks, _counter, _create, _php
+from tests.integration.test_cluster import Cluster, _acks, _counter, _create, _Nft, _php
 from tests.integration.test_cluster import cluster as cluster  # the fixture
 
 pytestmark = pytest.mark.xdist_group("cluster")
@@ -678,3 +678,42 @@ def test_a_destroyed_id_asked_on_two_nodes_after_a_restart_is_locked_once(
         assert first.request(p.Write(sid, 1440, b"first")) == p.OK
     for name in ("a", "b", "c"):
         assert _unreadable(cluster, name, {sid: b"first"}) == {}, name
+
+
+def test_a_named_master_cut_off_from_its_hint_passes_the_hint_on(workdir: Path) -> None:
+    # Four nodes.  S (named a-b) went to b in a's drain; a, restarted, found
+    # it there and keeps b as a hint.  Then the link a-b alone is cut (the
+    # others hear both: nobody is declared dead).  d holds no copy and asks
+    # a, the named master.  Checking its hint, a got no answer from b and
+    # a backup's copy from c: it waited the failover time and answered
+    # UNAVAILABLE, on every request while the cut lasted, where d could
+    # reach b itself.  a now passes the hint on when b does not answer.
+    hosts = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4", "d": "127.0.0.5"}
+    cluster = Cluster(workdir, names=tuple(hosts), hosts=hosts)
+    nft: _Nft | None = None
+    try:
+        a = cluster.nodes["a"]
+        sid = "y" * 26 + "-a-b"
+        with Client(a.address) as c:
+            assert c.request(p.Write(sid, 1440, b"v0")) == p.OK
+        a.signal(signal.SIGTERM)
+        assert a.wait(30) == 0
+        a.start()
+        _all_alive(cluster)
+        with Client(a.address, timeout_s=30) as c:
+            assert c.request(p.Read(sid, lock=False)) == p.Data(b"v0")  # found on b
+        asker = next(n for n in ("c", "d") if _stored(cluster, n) == 0)
+        nft = _Nft()
+        nft.cut(hosts["a"], hosts["b"])
+        deadline = time.monotonic() + 15
+        while cluster.stats("b")["cluster"]["peers"]["a"]["state"] != "suspect":
+            assert time.monotonic() < deadline, cluster.nodes["b"].log()
+            time.sleep(0.1)
+        for n in range(1, 4):
+            with Client(cluster.nodes[asker].address, wait_ms=1000, timeout_s=60) as c:
+                assert c.request(p.Read(sid)) == p.Data(b"v%d" % (n - 1)), n
+                assert c.request(p.Write(sid, 1440, b"v%d" % n)) == p.OK
+    finally:
+        if nft is not None:
+            nft.close()
+        cluster.stop()

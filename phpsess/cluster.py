@@ -1390,9 +1390,9 @@ class Cluster:
         (CLUSTER.md §8): the HANDOFF would go out under the lock and the new
         master grant it a second time.  A peer's forwarded request gets
         ``NOT_MASTER``: its node looks again and retries (§5.4) until the
-        session, free, has been handed over.  Our own clients still open
-        (they hold locks: PROTOCOL.md §10) wait only while a HANDOFF of it
-        is in flight, or while the drain waits for the lock to be free to hand
+        session, free, has been handed over.  Our own clients (served
+        through the drain) wait only while a HANDOFF of it is in flight, or
+        while the drain waits for the lock to be free to hand
         the session over (it found it locked: without this, requests taking
         turns on its lock would keep it here until the deadline), then go
         where it went, within the request's lock wait ``wait_s``

@@ -8,6 +8,7 @@ import contextlib
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -581,6 +582,23 @@ def test_during_the_drain_a_locked_session_refuses_an_unlocked_change_and_times_
     assert _unreadable(cluster, "b", {sid: b"holder"}) == {}
 
 
+@contextlib.contextmanager
+def _lease_run_out_and_handed_over(cluster: Cluster) -> Iterator[tuple[str, Client]]:
+    """A client of a locks a session a masters with a 1 s lease and
+    overruns it while a drains (held open: :func:`_drain_held_open`) and
+    hands the session over.  Yields the session and that client; after
+    the block, a must exit 0."""
+    a = cluster.nodes["a"]
+    sid = _create(cluster, "a", b"v0")
+    with Client(a.address, timeout_s=30, lease_ms=1000) as late:
+        assert late.request(p.Read(sid)) == p.Data(b"v0")
+        keep = _drain_held_open(cluster)
+        time.sleep(1)  # past the lease: revoked, then handed over
+        yield sid, late
+    keep.close()
+    assert a.wait(30) == 0
+
+
 def test_a_lock_lost_to_its_lease_before_the_hand_over_is_still_lost_after_it(
     cluster: Cluster,
 ) -> None:
@@ -589,19 +607,12 @@ def test_a_lock_lost_to_its_lease_before_the_hand_over_is_still_lost_after_it(
     # it.  The first client's late WRITE went to the new master, which had
     # no lock for anyone by then, and overwrote the other's write.  It gets
     # LOCK_LOST (PROTOCOL.md §6.3), as when a does not drain.
-    a = cluster.nodes["a"]
-    sid = _create(cluster, "a", b"v0")
-    with Client(a.address, timeout_s=30, lease_ms=1000) as late:
-        assert late.request(p.Read(sid)) == p.Data(b"v0")
-        keep = _drain_held_open(cluster)
-        time.sleep(1)  # past the lease: revoked, then handed over
+    with _lease_run_out_and_handed_over(cluster) as (sid, late):
         with Client(cluster.nodes["b"].address, timeout_s=30) as other:
             assert other.request(p.Read(sid)) == p.Data(b"v0")
             assert other.request(p.Write(sid, 1440, b"other")) == p.OK
         lost = late.request(p.Write(sid, 1440, b"late"))
         assert isinstance(lost, p.Error) and lost.code is p.Code.LOCK_LOST, lost
-    keep.close()
-    assert a.wait(30) == 0
     assert _unreadable(cluster, "c", {sid: b"other"}) == {}
 
 
@@ -612,17 +623,10 @@ def test_a_new_lock_after_one_lost_to_its_lease_holds_through_the_hand_over(
     # (session_abort(): CLOSE) and starts it again: a new lock forgets the
     # lost one (PROTOCOL.md §6.3).  Taken on the new master, it did not:
     # its WRITE got LOCK_LOST from the old one's mark left on a.
-    a = cluster.nodes["a"]
-    sid = _create(cluster, "a", b"v0")
-    with Client(a.address, timeout_s=30, lease_ms=1000) as late:
-        assert late.request(p.Read(sid)) == p.Data(b"v0")
-        keep = _drain_held_open(cluster)
-        time.sleep(1)  # past the lease: revoked, then handed over
+    with _lease_run_out_and_handed_over(cluster) as (sid, late):
         assert late.request(p.Close()) == p.OK
         assert late.request(p.Read(sid)) == p.Data(b"v0")
         assert late.request(p.Write(sid, 1440, b"relocked")) == p.OK
-    keep.close()
-    assert a.wait(30) == 0
     assert _unreadable(cluster, "c", {sid: b"relocked"}) == {}
 
 

@@ -1361,6 +1361,14 @@ class Cluster:
             parsed = _where_tokens(reply.tokens)
             if parsed is None or parsed[0] == MASTER:
                 return node
+        return await self._master_or_starter(sid)
+
+    async def _master_or_starter(self, sid: str) -> str | p.Error:
+        """For a session we hold no copy of and no master claimed: its master
+        after all (:meth:`_find_elsewhere`), ``UNAVAILABLE`` while that cannot
+        be told, else (it exists nowhere) the node that starts it: the one
+        :meth:`Replicas.route` names without hints (§5 item 5), the same for
+        every asker, never each one its own."""
         found = await self._find_elsewhere(sid, *named_nodes(sid, self.replicas.nodes))
         if found is not None:
             return found
@@ -1644,21 +1652,12 @@ class Cluster:
                     # anywhere, as for one we are asked first (a destroyed
                     # session was sent back and forth between its named
                     # master and a stale hint until the failover time).
-                    elsewhere = await self._find_elsewhere(
-                        sid, *named_nodes(sid, self.replicas.nodes)
-                    )
-                    if isinstance(elsewhere, p.Error):
-                        return elsewhere
-                    if elsewhere is None:
-                        # It exists nowhere: the node route() names without
-                        # hints starts it (§5 item 5), the same for every
-                        # asker, never each one its own.
-                        self.replicas.forget_hint(sid)
-                        found = self.replicas.route(sid, self.membership.is_alive)
-                        if found == self.me:
-                            return None
-                    else:
-                        found = elsewhere
+                    where = await self._master_or_starter(sid)
+                    if isinstance(where, p.Error):
+                        return where
+                    if where == self.me:
+                        return None
+                    found = where
                 if found is not None and found != node:
                     if found == self.me:
                         return None

@@ -40,7 +40,7 @@ from phpsess import journal as j
 from phpsess import netio, peeruid, systemd
 from phpsess import protocol as p
 from phpsess.addresses import Address, TcpAddress, UnixAddress
-from phpsess.cluster import Cluster, ClusterConfig, Forwards, _rare
+from phpsess.cluster import _GUARDED, Cluster, ClusterConfig, Forwards, _rare
 from phpsess.engine import VERB_NAMES, WAIT, Completion, Engine, Limits, _Wait
 from phpsess.logs import Throttle, quoted, sid_tag
 from phpsess.metrics import Metrics
@@ -825,20 +825,18 @@ class Server:
         node = await cluster.resolve(sid)
         if conn.node is not None and isinstance(node, str) and node != cluster.me:
             node = await cluster.check_hint(sid, node)
-        wait_s = self.engine.limits.lock_wait_s
-        if conn.hello.wait_ms is not None:
-            wait_s = conn.hello.wait_ms / 1000
+        wait_s: float | None = None  # the lock wait: only when it is needed
         if (
             cluster.draining and node == cluster.me
             and (
-                (isinstance(event, p.Read) and event.lock)
-                or isinstance(event, (p.Write, p.Touch, p.Destroy))
+                (isinstance(event, p.Read) and event.lock) or isinstance(event, _GUARDED)
             )
             and not self.engine.locks.holds(conn.owner, sid)
         ):
             # No new lock on a session a drain is about to hand over, nor a
             # change without its lock while it goes (CLUSTER.md §8).
             waited = trio.current_time()
+            wait_s = self._lock_wait_s(conn)
             node = await cluster.resolve_lock(
                 sid, peer=conn.node is not None, change=not isinstance(event, p.Read),
                 wait_s=wait_s,
@@ -854,7 +852,7 @@ class Server:
             return None
         if conn.node is not None:
             return p.Error(p.Code.NOT_MASTER, node)  # no second hop
-        if isinstance(event, (p.Write, p.Touch, p.Destroy)):
+        if isinstance(event, _GUARDED):
             # Its lock here ran past its lease (PROTOCOL.md §6.3) and the
             # session moved since (a drain handed it over): the master it
             # goes to would take it for a change without the lock.
@@ -867,7 +865,16 @@ class Server:
             self.engine.locks.take_revoked(conn.owner, sid)
         forwards = self._forwards(conn)
         assert isinstance(event, p.Request)
+        if wait_s is None:
+            wait_s = self._lock_wait_s(conn)
         return await cluster.forward(forwards, node, event, wait_s)
+
+    def _lock_wait_s(self, conn: _Conn) -> float:
+        """How long ``conn``'s requests wait for a lock: its HELLO's
+        ``wait_ms``, else the daemon's ``lock_wait_s``."""
+        if conn.hello is not None and conn.hello.wait_ms is not None:
+            return conn.hello.wait_ms / 1000
+        return self.engine.limits.lock_wait_s
 
     def _forwards(self, conn: _Conn) -> Forwards:
         """The links through which ``conn``'s requests go to other masters."""

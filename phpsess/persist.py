@@ -293,6 +293,15 @@ def _read_through(fd: int, size: int, path: str) -> None:
         raise OSError(exc.errno, exc.strerror, path) from exc
 
 
+def _user_name() -> str:
+    """This process's user, by name when it has one."""
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def _unusable(data_dir: str, exc: OSError, path: str | None = None) -> DataDirError:
     """What to tell the operator when a file of ``data_dir`` (``path``, if
     the error does not name it) cannot be used."""
@@ -308,11 +317,26 @@ def _unusable(data_dir: str, exc: OSError, path: str | None = None) -> DataDirEr
             "dmesg says so): make it writable again, or choose another --data-dir, "
             "then start again"
         )
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        # Never "move it out": a journal or snapshot holds the sessions
+        # (one left owned by root by a repair run as root, say).
+        user = _user_name()
+        advice = (
+            f"phpsess runs as user {user}, which cannot use it: make {data_dir} and "
+            f"every file in it that user's (chown -R {user}: {data_dir}), keeping the "
+            "files where they are (the journals and snapshots hold the sessions), "
+            "then start again"
+        )
+    elif exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENXIO):
+        advice = (
+            f"It is not a file phpsess wrote (not a regular file): move it out of "
+            f"{data_dir}, then start again"
+        )
     else:
         advice = (
-            "Check that phpsess's user can read and write it and that the disk is "
-            f"healthy (dmesg); a file that is not phpsess's does not belong in "
-            f"{data_dir}: move it out, then start again"
+            "Check that the disk is healthy (dmesg) and that phpsess's user can read "
+            f"and write it; keep the files of {data_dir} where they are (the journals "
+            "and snapshots hold the sessions), then start again"
         )
     return DataDirError(f"cannot restore from {data_dir}: {what}: {exc.strerror or exc}. {advice}")
 

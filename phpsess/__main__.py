@@ -295,6 +295,12 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
         ) from exc
     with _about("cluster_secret_file"):
         check_secret(secret)
+    # Whoever holds it can act as a peer: list, read, write and drain every
+    # session (DEPLOYMENT.md §4).
+    _warn_if_readable(
+        args.cluster_secret_file, "the cluster secret (whoever has it can act as a peer)",
+        "chmod 0400 it (owned by the daemon's user)",
+    )
     with _about("peer"):
         peers = tuple(parse_peer(peer) for peer in args.peer)
         return ClusterConfig(
@@ -484,19 +490,22 @@ def _listen_addresses(given: list[str] | None) -> tuple[Address, ...]:
     return tuple(listen)
 
 
-def _warn_if_readable(path: str) -> None:
-    """A config file holding the database password that users other than
-    its owner may read (www-data is in the daemon's group): a warning, not
-    a refusal, so that a working setup keeps starting."""
+def _warn_if_readable(
+    path: str,
+    holds: str = "the database password ([storage] password)",
+    fix: str = "chmod 0600 it, or use [storage] password_file",
+) -> None:
+    """A file holding a secret (``holds``) that users other than its owner
+    may read (www-data is in the daemon's group): a warning, not a refusal,
+    so that a working setup keeps starting."""
     try:
         mode = os.stat(path).st_mode & 0o777
     except OSError:
         return
     if mode & 0o077:
         print(
-            f"phpsess: warning: {path} holds the database password ([storage] password) "
-            f"and users other than its owner may read it (mode {mode:04o}): chmod 0600 "
-            "it, or use [storage] password_file", file=sys.stderr,
+            f"phpsess: warning: {path} holds {holds} and users other than its owner may "
+            f"read it (mode {mode:04o}): {fix}", file=sys.stderr,
         )
 
 
@@ -519,6 +528,7 @@ def _storage_config(args: argparse.Namespace) -> SqlConfig | None:
     if password is not None and getattr(args, "config", None):
         _warn_if_readable(args.config)
     if password_file:
+        _warn_if_readable(password_file, "the database password", "chmod 0400 it")
         try:
             with open(password_file, encoding="utf-8") as f:
                 password = f.read().rstrip("\r\n")

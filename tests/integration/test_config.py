@@ -194,6 +194,37 @@ def test_a_readable_config_file_holding_the_database_password_is_warned_about(
     assert capsys.readouterr().err == ""
 
 
+def test_a_readable_cluster_secret_or_password_file_is_warned_about(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Whoever reads the cluster secret can act as a peer and read every
+    # session (DEPLOYMENT.md §4); www-data is in the daemon's group.  It
+    # was read without a look at its mode, as was the password file.
+    secret = workdir / "cluster.secret"
+    secret.write_text("s" * 32)
+    conf = workdir / "cluster.toml"
+    conf.write_text(
+        f'[cluster]\nnode = "a"\nlisten = "127.0.0.1:1"\nsecret_file = "{secret}"\n'
+        '[cluster.peers]\nb = "127.0.0.1:2"\n'
+    )
+    password = workdir / "db.password"
+    password.write_text("p\n")
+    sql = workdir / "sql.toml"
+    sql.write_text(
+        f'[storage]\nurl = "mysql://u@localhost/db"\npassword_file = "{password}"\n'
+    )
+    for path, config, holds in ((secret, conf, "the cluster secret"),
+                                (password, sql, "the database password")):
+        path.chmod(0o644)
+        assert main(["check-config", str(config)]) == 0
+        err = capsys.readouterr().err
+        assert f"phpsess: warning: {path} holds {holds}" in err
+        assert "(mode 0644): chmod 0400 it" in err
+        path.chmod(0o400)
+        assert main(["check-config", str(config)]) == 0
+        assert capsys.readouterr().err == ""
+
+
 def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = workdir / "good.toml"
     _config(good, 1000)

@@ -584,6 +584,19 @@ def _configure(
     line, like the file's other mistakes (ConfigError)."""
     merged, where = _merged(args, argv)
     try:
+        if merged.memory_only:
+            # Durability asked for and not had: refused, not ignored.
+            given = sorted(
+                (_given_dests(argv, args.command) | set(where)) & set(_ON_DISK),
+                key=_ON_DISK.index,
+            )
+            if given:
+                raise UsageError(
+                    f"{_named('memory_only')} keeps nothing on disk, so "
+                    f"{' and '.join(map(_named, given))} would do nothing: remove "
+                    f"{'them' if len(given) > 1 else 'it'}, or {_named('memory_only')}",
+                    "memory_only", *given,
+                )
         return merged, server_config(merged)
     except UsageError as exc:
         for dest in exc.dests:
@@ -593,6 +606,8 @@ def _configure(
 
 
 _UNSET: Final = object()
+# The settings of the data directory, which --memory-only does without.
+_ON_DISK: Final = ("data_dir", "fsync", "fsync_interval_ms", "compact_min_bytes")
 
 
 def _given_dests(argv: Sequence[str], command: str) -> set[str]:

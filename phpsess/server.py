@@ -259,6 +259,13 @@ class Server:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         if self.persister is not None:
             await self._restore(self.persister)
+        elif self.sql is None:
+            log.info(
+                "event=memory_only detail=no data directory (--memory-only): %s",
+                "after a restart, the sessions this daemon holds live on only as their "
+                "copies on its peers" if self.cluster is not None
+                else "a restart of the daemon loses every session it holds",
+            )
         try:
             await self._serve(task_status)
         finally:
@@ -1090,8 +1097,14 @@ class Server:
             "outgoing_closes_total": self.outgoing_closes_total,
             "connection_refusals_total": self.busy_refusals_total,
         }
-        if self.persister is not None:
-            stats |= self.persister.statistics()
+        persister = self.persister
+        if persister is not None:
+            stats["storage"] = f"journal in {persister.dir}, fsync {persister.config.fsync}"
+            stats |= persister.statistics()
+        elif self.sql is None:
+            stats["storage"] = "memory only (a restart loses every session{})".format(
+                " but the copies on peers" if self.cluster is not None else ""
+            )
         if self.cluster is not None:
             stats |= self.cluster.statistics()
         return stats

@@ -24,6 +24,18 @@ ROOT = Path(__file__).resolve().parent.parent
 PREPEND = ROOT / "php-ext-shim" / "prepend.php"
 
 
+def _file_has_storage(args: tuple[str, ...]) -> bool:
+    """Whether ``--config FILE`` in ``args`` gives ``memory_only = true`` or
+    a ``data_dir``: no ``--data-dir`` of the test's own then (serve refuses
+    it beside memory_only)."""
+    from phpsess import config as config_file
+
+    if "--config" not in args:
+        return False
+    settings = dict(config_file.load(args[args.index("--config") + 1]).items())
+    return bool(settings.get("memory_only")) or "data_dir" in settings
+
+
 class Daemon:
     """A ``phpsess serve`` process on a unix socket in a private directory."""
 
@@ -34,7 +46,7 @@ class Daemon:
         self.php_address = f"unix://{self.sock_path}"
         self.stderr_path = workdir / "daemon.log"
         self.data_dir = workdir / "data"
-        if "--memory-only" not in args and "--data-dir" not in args:
+        if "--memory-only" not in args and "--data-dir" not in args and not _file_has_storage(args):
             args = (*args, "--data-dir", str(self.data_dir))
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None

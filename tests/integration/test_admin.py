@@ -99,12 +99,28 @@ def test_status(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
     assert "sessions 2 (30 B)" in lines
     assert "locks 0 held, 0 waiting" in lines
     assert "phpsess 0.1.0" in out
+    assert f"storage journal in {daemon.data_dir}, fsync interval" in lines
 
     status, out, _ = cli(capsys, "status", "--connect", daemon.address, "--json")
     stats = json.loads(out)
     assert status == 0
     assert stats["sessions"] == 2 and stats["bytes"] == 30
     assert stats["address"] == daemon.address
+
+
+def test_status_and_the_log_say_when_nothing_is_kept_on_disk(
+    start_daemon: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Nothing said that a daemon kept its sessions in memory only: not
+    # status, not a line of the log (a config with memory_only = true and
+    # a data_dir seemed durable).
+    daemon = start_daemon("--memory-only")
+    status, out, err = cli(capsys, "status", "--connect", daemon.address)
+    assert status == 0, err
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    assert "storage memory only (a restart loses every session)" in lines
+    assert ("event=memory_only detail=no data directory (--memory-only): a restart of the "
+            "daemon loses every session it holds") in daemon.log()
 
 
 def test_status_shows_the_sql_storage_and_its_error(

@@ -115,11 +115,13 @@ def test_sighup_applies_max_outgoing_bytes(start_daemon: Any, workdir: Path) -> 
 
 def test_sighup_names_the_keys_that_need_a_restart(start_daemon: Any, workdir: Path) -> None:
     conf = workdir / "phpsess.toml"
-    conf.write_text('[storage]\nfsync = "interval"\n')
-    daemon = start_daemon("--config", str(conf))  # with a --data-dir flag
+    data_dir = f'data_dir = "{workdir}/data"\n'
+    conf.write_text('[storage]\nfsync = "interval"\n' + data_dir)
+    daemon = start_daemon("--config", str(conf))
     conf.write_text(
         '[daemon]\nmetrics_listen = "127.0.0.1:1"\n'
         '[storage]\nfsync = "never"\nfsync_interval_ms = 50\ncompact_min_bytes = 1000\n'
+        + data_dir
     )
     daemon.signal(signal.SIGHUP)
     _wait_for(
@@ -223,6 +225,29 @@ def test_a_readable_cluster_secret_or_password_file_is_warned_about(
         path.chmod(0o400)
         assert main(["check-config", str(config)]) == 0
         assert capsys.readouterr().err == ""
+
+
+def test_memory_only_with_settings_of_a_data_directory_is_refused(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # memory_only = true beside data_dir and fsync = "always" was taken
+    # silently: the operator believed every write was on disk.
+    conf = workdir / "mo.toml"
+    conf.write_text(
+        f'[storage]\nmemory_only = true\ndata_dir = "{workdir}/d"\nfsync = "always"\n'
+    )
+    assert main(["check-config", str(conf)]) == 2
+    assert capsys.readouterr().err == (
+        f"phpsess: {conf}:2: memory_only (--memory-only) keeps nothing on disk, so "
+        "data_dir (--data-dir) and fsync (--fsync) would do nothing: remove them, or "
+        "memory_only (--memory-only)\n"
+    )
+    assert main(["serve", "--memory-only", "--fsync-interval-ms", "50"]) == 2
+    assert ("memory_only (--memory-only) keeps nothing on disk, so fsync_interval_ms "
+            "(--fsync-interval-ms) would do nothing: remove it") in capsys.readouterr().err
+    conf.write_text("[storage]\nmemory_only = true\n")
+    assert main(["check-config", str(conf)]) == 0
+    assert not (workdir / "d").exists()
 
 
 def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -303,6 +303,12 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
     )
     with _about("peer"):
         peers = tuple(parse_peer(peer) for peer in args.peer)
+        if not peers:
+            print(
+                "phpsess: warning: a cluster node with no peers ([cluster.peers] or --peer) "
+                "keeps a single copy of every session: name the other nodes",
+                file=sys.stderr,
+            )
         return ClusterConfig(
             node=args.node,
             listen=listen,

@@ -94,6 +94,17 @@ class ClusterConfig:
             check_node_name(name)
         if self.node in names or len(set(names)) != len(names):
             raise ValueError("peer names must be unique and differ from --node")
+        seen: dict[TcpAddress, str] = {}
+        for name, address in self.peers:
+            if address == self.listen:
+                raise ValueError(
+                    f"peer {name}'s address {address} is this node's own cluster listen "
+                    "address: a node is not its own peer (a copied config?)"
+                )
+            if address in seen:
+                raise ValueError(f"peers {seen[address]} and {name} have the same address "
+                                 f"{address}")
+            seen[address] = name
         peerauth.check_secret(self.secret)
 
 

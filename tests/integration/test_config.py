@@ -286,6 +286,12 @@ def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None
         (f"{cluster}probe_ms = 3000\n", ":5: probe_ms (--probe-ms), 3000, must be less "
          "than dead_after_ms (--dead-after-ms), 3000"),
         (f'{cluster}[cluster.peers]\na = "127.0.0.1:2"\n', ":5: peer names must be unique"),
+        # A copied config: the node itself as a peer, or two peers at one place.
+        (f'{cluster}[cluster.peers]\nb = "127.0.0.1:1"\n', ":5: peer b's address "
+         "tcp:127.0.0.1:1 is this node's own cluster listen address: a node is not its own "
+         "peer"),
+        (f'{cluster}[cluster.peers]\nb = "127.0.0.1:2"\nc = "127.0.0.1:2"\n',
+         ":5: peers b and c have the same address tcp:127.0.0.1:2"),
         ('[cluster]\nnode = "a-b"\nlisten = "127.0.0.1:1"\nsecret_file = "/x"\n',
          ":2: node name 'a-b' must be"),
     ):
@@ -301,6 +307,14 @@ def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None
     bad.write_text("[limits]\nidle_timeout_s = 0\n")
     assert main(["check-config", str(bad), "--idle-timeout-s", "5"]) == 0
     capsys.readouterr()
+    # No peers: allowed (a first node, peers added by reload), not silently.
+    bad.write_text(cluster)
+    (workdir / "secret").chmod(0o400)
+    assert main(["check-config", str(bad)]) == 0
+    assert capsys.readouterr().err == (
+        "phpsess: warning: a cluster node with no peers ([cluster.peers] or --peer) keeps a "
+        "single copy of every session: name the other nodes\n"
+    )
 
 
 def _refused_at_start(bad: Path, text: str, message: str,

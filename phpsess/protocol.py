@@ -44,6 +44,7 @@ MAX_SID_LENGTH: Final = 256  # §5
 
 _SID_RE: Final = re.compile(rb"[A-Za-z0-9,-]{1,256}\Z")
 _NUMBER_RE: Final = re.compile(rb"(0|[1-9][0-9]{0,17})\Z")
+_LONG_NUMBER_RE: Final = re.compile(rb"[1-9][0-9]{18,}\Z")
 # A payload length: any decimal (a huge one is TOO_LARGE, not a framing error).
 _LENGTH_RE: Final = re.compile(rb"(0|[1-9][0-9]{0,39})\Z")
 # A whole header line: printable ASCII tokens separated by single spaces.
@@ -389,6 +390,8 @@ class _BadRequest(Exception):
 
 def _number(token: bytes, what: str, low: int, high: int) -> int:
     if _NUMBER_RE.match(token) is None:
+        if _LONG_NUMBER_RE.match(token) is not None:  # well formed, only too big
+            raise _BadRequest(Code.BAD_REQUEST, f"{what} must be {low}-{high}, not {_show(token)}")
         raise _BadRequest(Code.BAD_REQUEST, f"{what} must be a decimal number, not {_show(token)}")
     value = int(token)
     if not low <= value <= high:

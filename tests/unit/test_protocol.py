@@ -261,6 +261,19 @@ def test_bad_id_message_does_not_echo_the_id() -> None:
     assert "passwd" not in error.message
 
 
+def test_a_well_formed_number_out_of_range_is_called_so_whatever_its_length() -> None:
+    # 19 digits and more were "not a decimal number".
+    for line, message in (
+        (b"TOUCH s1 9999999999999999999\n", "ttl_s must be 1-31536000, not '9999999999999999999'"),
+        (b"TOUCH s1 31536001\n", "ttl_s must be 1-31536000, not 31536001"),
+        (b"TOUCH s1 1e3\n", "ttl_s must be a decimal number, not '1e3'"),
+        (b"TOUCH s1 0999\n", "ttl_s must be a decimal number, not '0999'"),
+    ):
+        [error] = feed_whole(line)
+        assert isinstance(error, p.RequestError) and error.code is p.Code.BAD_REQUEST
+        assert error.message == message, line
+
+
 def test_unknown_hello_option_is_named() -> None:
     [error] = feed_whole(b"HELLO 1 colour=blue\n")
     assert isinstance(error, p.RequestError)

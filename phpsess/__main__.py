@@ -21,6 +21,7 @@ from phpsess.addresses import (
     TcpAddress,
     UnixAddress,
     parse_address,
+    parse_tcp_address,
 )
 from phpsess.argtypes import whole_number
 from phpsess.engine import VERSION, Limits
@@ -247,7 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
-    from phpsess.addresses import TcpAddress
     from phpsess.cluster import ClusterConfig, parse_peer
     from phpsess.peerauth import check_secret
     from phpsess.placement import check_node_name
@@ -278,12 +278,7 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
         )
     with _about("node"):
         check_node_name(args.node)
-    with _about("cluster_listen"):
-        listen = parse_address(
-            args.cluster_listen if args.cluster_listen.startswith("tcp:")
-            else f"tcp:{args.cluster_listen}"
-        )
-    assert isinstance(listen, TcpAddress)
+    listen = _tcp(args.cluster_listen, "cluster_listen")
     try:
         with open(args.cluster_secret_file, "rb") as f:
             secret = f.read().strip()
@@ -342,11 +337,9 @@ def _about(*dests: str) -> Iterator[None]:
 
 def _tcp(text: str, dest: str) -> TcpAddress:
     try:
-        parsed = parse_address(text if text.startswith("tcp:") else f"tcp:{text}")
+        return parse_tcp_address(text)
     except AddressError as exc:
         raise UsageError(f"{_named(dest)}: {exc}", dest) from exc
-    assert isinstance(parsed, TcpAddress)
-    return parsed
 
 
 # argparse destination -> (table, key) in the configuration file.

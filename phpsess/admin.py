@@ -115,7 +115,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
         sub.add_argument(
             "--connect", default=DEFAULT_LISTEN, metavar="ADDRESS",
-            help=f"the daemon: unix:/abs/path.sock or tcp:HOST:PORT (default: {DEFAULT_LISTEN})",
+            help=f"the daemon: unix:/abs/path.sock or [tcp:]HOST:PORT (default: {DEFAULT_LISTEN})",
         )
         sub.add_argument(
             "--config", metavar="PATH",
@@ -225,7 +225,11 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         args.connect = listen[0]
     try:
-        address = parse_address(args.connect)
+        connect = args.connect
+        if not connect.startswith(("unix:", "tcp:", "/")) and ":" in connect:
+            # HOST:PORT, as cluster_listen and metrics_listen take it.
+            connect = f"tcp:{connect}"
+        address = parse_address(connect)
     except AddressError as exc:
         print(f"phpsess: --connect: {exc}", file=sys.stderr)
         return EXIT_USAGE

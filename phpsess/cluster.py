@@ -2199,13 +2199,15 @@ def _rare(count: int) -> bool:
 
 
 def parse_peer(text: str) -> tuple[str, TcpAddress]:
-    from phpsess.addresses import parse_address
+    from phpsess.addresses import AddressError, parse_tcp_address
 
     name, sep, address = text.partition("=")
     if not sep:
         raise ValueError(f"--peer {text!r}: expected NAME=HOST:PORT")
-    parsed = parse_address(address if address.startswith("tcp:") else f"tcp:{address}")
-    assert isinstance(parsed, TcpAddress)
+    try:
+        parsed = parse_tcp_address(address)
+    except AddressError as exc:
+        raise ValueError(f"--peer {text!r}: {exc}") from None
     if _is_ipv6(parsed.host):
         raise ValueError(f"--peer {text!r}: cluster addresses are IPv4 in this version "
                          "(CLUSTER.md §10)")

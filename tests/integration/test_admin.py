@@ -108,6 +108,17 @@ def test_status(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
     assert stats["address"] == daemon.address
 
 
+def test_connect_takes_host_port_as_the_tcp_settings_do(
+    start_daemon: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # cluster_listen and metrics_listen take HOST:PORT; --connect refused it.
+    port = free_tcp_port()
+    start_daemon("--memory-only", "--listen", f"tcp:127.0.0.1:{port}")
+    status, out, err = cli(capsys, "status", "--connect", f"127.0.0.1:{port}", "--json")
+    assert status == 0, err
+    assert json.loads(out)["address"] == f"tcp:127.0.0.1:{port}"
+
+
 def test_status_and_the_log_say_when_nothing_is_kept_on_disk(
     start_daemon: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

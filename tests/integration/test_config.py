@@ -286,6 +286,12 @@ def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None
         (f"{cluster}probe_ms = 3000\n", ":5: probe_ms (--probe-ms), 3000, must be less "
          "than dead_after_ms (--dead-after-ms), 3000"),
         (f'{cluster}[cluster.peers]\na = "127.0.0.1:2"\n', ":5: peer names must be unique"),
+        # TCP-only settings: named, quoted as written, no unix: advice.
+        (f'{cluster}[cluster.peers]\nb = "db.example:7701"\n', ":5: --peer "
+         "'b=db.example:7701': 'db.example:7701': give an IP address (or localhost), not a "
+         "host name"),
+        ('[daemon]\nmetrics_listen = "9464"\n', ":2: metrics_listen (--metrics-listen): "
+         "'9464': expected HOST:PORT (an IP address or localhost, and a port)"),
         # A copied config: the node itself as a peer, or two peers at one place.
         (f'{cluster}[cluster.peers]\nb = "127.0.0.1:1"\n', ":5: peer b's address "
          "tcp:127.0.0.1:1 is this node's own cluster listen address: a node is not its own "

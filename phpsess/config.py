@@ -11,6 +11,7 @@ library's ``tomllib``.  Pure apart from reading the file.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Callable
@@ -101,6 +102,10 @@ SCHEMA: Final[dict[str, dict[str, tuple[str, Callable[[object], bool], str]]]] =
     },
 }
 
+
+# Settings that name a file or directory: a relative one is taken relative
+# to the configuration file's directory.
+_PATHS: Final = frozenset({"data_dir", "storage_password_file", "cluster_secret_file"})
 
 # A key (bare, "basic" or 'literal'), and dotted keys made of them.
 _KEY: Final = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
@@ -234,6 +239,10 @@ def load(path: str) -> Settings:
                     settings[dest] = int(value, 8)
                 except ValueError:
                     raise ConfigError(f"{where}: [{table}] {key} must be {expected}") from None
+            elif dest in _PATHS and isinstance(value, str) and value:
+                # Relative to the file, not to whatever directory the daemon
+                # was started in (systemd starts it in /).
+                settings[dest] = os.path.join(os.path.dirname(os.path.abspath(path)), value)
             else:
                 settings[dest] = value
     return settings

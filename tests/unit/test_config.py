@@ -69,6 +69,22 @@ def test_every_setting_is_read_under_its_flag_name(tmp_path: Path) -> None:
     }
 
 
+def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    # They were relative to the directory the daemon started in: / under
+    # systemd, another one in a shell, for the same file.
+    (tmp_path / "etc").mkdir()
+    path = _write(
+        tmp_path / "etc",
+        '[storage]\ndata_dir = "data"\npassword_file = "../db.password"\n'
+        '[cluster]\nsecret_file = "/abs/cluster.secret"\n',
+    )
+    settings = load(path)
+    here = str(tmp_path / "etc")
+    assert settings["data_dir"] == f"{here}/data"
+    assert settings["storage_password_file"] == f"{here}/../db.password"
+    assert settings["cluster_secret_file"] == "/abs/cluster.secret"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -226,7 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     check = commands.add_parser(
-        "check-config", help="validate a configuration file without starting the daemon"
+        "check-config", help="validate a configuration file without starting the daemon",
+        description="Read a configuration file as serve --config would, with any serve "
+        "flags given after it (flags win over the file), and say 'PATH: ok' (exit 0), or "
+        "what is wrong with its file and line (exit 2). Warnings (a secret others may "
+        "read, a cluster node with no peers) go to stderr and do not fail the check.",
     )
     check.add_argument("config", metavar="PATH")
     for action in serve._actions:

@@ -412,7 +412,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
                     rows.append((f"peer {peer}", shown))
                 continue
             shown = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-            rows.append((f"cluster {key}", shown))
+            rows.append((f"cluster {key.removesuffix('_total').replace('_', ' ')}", shown))
     elif cluster is not None:
         rows.append(("cluster", json.dumps(cluster, sort_keys=True)))
     width = max(len(name) for name, _ in rows)

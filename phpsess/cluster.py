@@ -836,11 +836,13 @@ class Cluster:
             # in their [cluster.peers], another secret): they would take
             # this node's IDs for client-chosen ones and could start second
             # copies of them, never reconciled (CLUSTER.md §2, §9).
+            refusing = sorted(self._refusing_us)
             return p.Error(
                 p.Code.UNAVAILABLE,
-                f"no peer takes this node ({', '.join(sorted(self._refusing_us))} "
-                "refuse its handshake: is it in their [cluster.peers], with the same "
-                "secret?); not creating a session with a single copy",
+                f"no peer takes this node ({', '.join(refusing)} "
+                f"refuse{'s' if len(refusing) == 1 else ''} its handshake: is it in "
+                f"{'its' if len(refusing) == 1 else 'their'} [cluster.peers], with the "
+                "same secret?); not creating a session with a single copy",
             )
         return suffix(master, backup)
 

@@ -183,7 +183,11 @@ def load(path: str) -> Settings:
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        hint = ""
+        unquoted = re.search(r"^\s*socket_mode\s*=\s*(0[0-7]+)\s*(?:#.*)?$", text, re.MULTILINE)
+        if unquoted:
+            hint = f' (write socket_mode quoted: socket_mode = "{unquoted.group(1)}")'
+        raise ConfigError(f"{path}: not valid TOML: {exc}{hint}") from exc
     paths = _paths(text)
     settings = Settings()
     for table, values in document.items():

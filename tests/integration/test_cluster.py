@@ -546,6 +546,8 @@ def test_status_shows_the_cluster_members(cluster: Cluster,
     out = capsys.readouterr().out
     assert "cluster node" in out and "peer b" in out and "peer c" in out
     assert out.count("alive") == 2
+    # Rows for people, as the others: no raw STATS keys.
+    assert "cluster takeovers " in out and "_total" not in out
     cluster.nodes["c"].kill9()
     deadline = time.monotonic() + 15
     while cluster.stats("a")["cluster"]["peers"]["c"]["state"] != "dead":

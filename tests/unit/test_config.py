@@ -96,6 +96,10 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         ("[daemon]\nsocket_mode = \"rw\"\n", ":2: [daemon] socket_mode must be an octal"),
         ("[cluster.peers]\nweb2 = 7\n", ":2: peer web2 must be"),
         ("[limits\n", "not valid TOML"),
+        # TOML reads 0660 as a bad number: its own message gave no hint.
+        ("[daemon]\nsocket_mode = 0660\n",
+         'not valid TOML: Expected newline or end of document after a statement (at line 2, '
+         'column 16) (write socket_mode quoted: socket_mode = "0660")'),
     ],
 )
 def test_mistakes_are_named_with_file_and_line(tmp_path: Path, text: str, message: str) -> None:

@@ -138,7 +138,6 @@ class _Client:
     hello: bool = False
     wait_s: float = 30.0
     lease_s: float = 300.0
-    label: str = ""
     # A cluster peer's connection (its requests for sessions we master, and
     # its probes): served while we shut down, for the drain hands sessions
     # over one by one and masters each until then (CLUSTER.md §8).
@@ -303,7 +302,6 @@ class Engine:
         self._grants(self.locks.reset(owner, now), now)
         client.hello = True
         client.wait_s, client.lease_s = hello_wait_and_lease(request, self.limits)
-        client.label = request.client or ""
         return _OK_1
 
     def _read(self, owner: Owner, client: _Client, request: p.Read, now: float) -> p.Reply | _Wait:

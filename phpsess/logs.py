@@ -31,28 +31,53 @@ def quoted(value: object) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def clipped(value: object, max_chars: int) -> str:
+    """``value`` as text of at most ``max_chars`` characters: cut, and
+    ``...`` at its end, when it is longer (for a log line, which a client's
+    text must not make long)."""
+    text = str(value)
+    if len(text) <= max_chars:
+        return text
+    return text[: max(0, max_chars - 3)] + "..."
+
+
 class Throttle:
     """At most ``per_s`` lines a second of one kind of event that clients
     can cause at will (a revoked lock, a refused connection): the rest are
-    left out, and the next line logged says how many (STATS and the metrics
-    count revoked locks and refused connections whether logged or not).
-    Pure: the caller passes the time in."""
+    left out, and counted twice over, so that no count is lost:
 
-    __slots__ = ("_skipped", "_used", "_window", "per_s")
+    - the next line logged of the kind says how many were left out since
+      the previous one (:meth:`allow`, :meth:`suffix`:
+      ``not_logged_before=N``);
+    - once the second in which some were left out is over, :meth:`left_out`
+      gives their number, for a line of its own (the daemon's
+      ``event=<kind>_not_logged count=N``): the count of a burst that ends
+      is logged though no line of the kind follows it.  Each line left out
+      is in exactly one such count.
+
+    (STATS and the metrics count revoked locks and refused connections
+    whether logged or not.)  Pure: the caller passes the time in."""
+
+    __slots__ = ("_closed", "_open", "_skipped", "_used", "_window", "per_s")
 
     def __init__(self, per_s: int = 10) -> None:
         self.per_s = per_s
         self._window = float("-inf")
         self._used = 0
-        self._skipped = 0
+        self._skipped = 0  # left out since the last line allowed
+        self._open = 0  # left out in the window now open
+        self._closed = 0  # left out in windows over, not yet given by left_out
 
     def allow(self, now: float) -> int | None:
         """None if this line is left out; else how many were since the last."""
         if now >= self._window + 1.0:
             self._window = now
             self._used = 0
+            self._closed += self._open
+            self._open = 0
         if self._used >= self.per_s:
             self._skipped += 1
+            self._open += 1
             return None
         self._used += 1
         skipped, self._skipped = self._skipped, 0
@@ -65,6 +90,17 @@ class Throttle:
         if skipped is None:
             return None
         return f" not_logged_before={skipped}" if skipped else ""
+
+    def left_out(self, now: float) -> int:
+        """How many lines were left out in the windows (seconds) over by
+        ``now`` that an earlier call has not counted already: 0 while a
+        burst goes on in the window still open.  ``now=math.inf`` (at the
+        stop) counts the open window too."""
+        if now >= self._window + 1.0:
+            self._closed += self._open
+            self._open = 0
+        count, self._closed = self._closed, 0
+        return count
 
 
 # sd-daemon(3) prefixes: the syslog priority of a Python level.

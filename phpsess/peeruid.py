@@ -2,10 +2,11 @@
 verbs that stop the daemon or list every session ID (DRAIN, LIST) are
 checked against (PROTOCOL.md §4.9).
 
-On a unix socket the kernel says (``SO_PEERCRED``).  A TCP client on this
-machine owns a socket listed in ``/proc/net/tcp`` (or ``tcp6``) with its
-local and remote ends swapped; its owner's uid is in that line.  A client on
-another machine is not listed: no uid, so not an administrator.
+On a unix socket the kernel says (``SO_PEERCRED``, which gives the process
+ID too: the daemon's log lines about a connection name both).  A TCP client
+on this machine owns a socket listed in ``/proc/net/tcp`` (or ``tcp6``) with
+its local and remote ends swapped; its owner's uid is in that line.  A
+client on another machine is not listed: no uid, so not an administrator.
 """
 
 from __future__ import annotations
@@ -19,14 +20,27 @@ from typing import Final
 _UCRED: Final = struct.Struct("3i")  # pid, uid, gid
 
 
+def unix_peer(sock: socket.socket) -> tuple[int, int] | None:
+    """The uid and pid of the process at the other end of a unix socket (as
+    the kernel recorded them when it connected: one system call), or None
+    for another socket or if the kernel does not say."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    try:
+        pid, uid, _ = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+    except OSError:
+        return None
+    return int(uid), int(pid)
+
+
 def peer_uid(sock: socket.socket) -> int | None:
     """The uid of the process that owns the other end, or None if unknown."""
     try:
         if sock.family == socket.AF_UNIX:
-            _, uid, _ = _UCRED.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-            )
-            return int(uid)
+            peer = unix_peer(sock)
+            return None if peer is None else peer[0]
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             return _tcp_owner(sock.getpeername()[:2], sock.getsockname()[:2])
     except OSError:

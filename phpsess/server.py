@@ -42,7 +42,7 @@ from phpsess import protocol as p
 from phpsess.addresses import Address, TcpAddress, UnixAddress
 from phpsess.cluster import _GUARDED, Cluster, ClusterConfig, Forwards, _rare
 from phpsess.engine import VERB_NAMES, WAIT, Completion, Engine, Limits, _Wait
-from phpsess.logs import Throttle, quoted, sid_tag
+from phpsess.logs import Throttle, clipped, quoted, sid_tag
 from phpsess.metrics import Metrics
 from phpsess.persist import (
     DataDirError,
@@ -84,6 +84,10 @@ _REQUESTS_PER_TURN: Final = 256
 # Durability): what changes sessions, and CREATE, whose session could not
 # be written either.  Reads (and the expiries) go on.
 _CHANGES: Final = frozenset({p.Write, p.Touch, p.Destroy, p.Create})
+# The most of the sentence a fatal error sent its client (``reason=``) and
+# of the client's HELLO label (``client=``) that a log line quotes.
+_REASON_CHARS: Final = 100
+_LABEL_CHARS: Final = 64
 
 
 @attrs.frozen
@@ -116,9 +120,9 @@ class StartupError(Exception):
 
 class _Conn:
     __slots__ = (
-        "admin", "busy", "event", "forwards", "hello", "idle_since", "incoming", "meter", "node",
-        "opened", "outgoing", "owner", "parser", "partial_since", "peer", "read_at", "reply",
-        "scope", "sending_since", "stream", "uid",
+        "admin", "busy", "event", "forwards", "hello", "idle_since", "incoming", "label", "meter",
+        "node", "opened", "outgoing", "owner", "parser", "partial_since", "peer", "peer_ids",
+        "read_at", "reply", "scope", "sending_since", "stream", "uid",
     )
 
     def __init__(
@@ -159,6 +163,24 @@ class _Conn:
         # Whether the client may use DRAIN and LIST; None until it asks.
         self.admin: bool | None = None
         self.uid: int | None = None  # the client's, once ``admin`` is known
+        # For the log lines about the connection (who): the ``client=``
+        # label of its accepted HELLO (PROTOCOL.md §3.2), and a unix
+        # client's " uid=U pid=P", read at the first such line (None
+        # until then; "" when there are none to read).
+        self.label = ""
+        self.peer_ids: str | None = None
+
+    def who(self) -> str:
+        """The fields saying who is at the other end, for a log line:
+        ``peer=``, for a unix client ``uid=`` and ``pid=`` (SO_PEERCRED,
+        read once, when a line first needs them: never on the request
+        path), and ``client=`` when its HELLO gave a label."""
+        if self.peer_ids is None:
+            self.peer_ids = _peer_ids(self.stream)
+        fields = f"peer={self.peer}{self.peer_ids}"
+        if self.label:
+            fields += f" client={quoted(clipped(self.label, _LABEL_CHARS))}"
+        return fields
 
     # netio.Stalls: told only about a send that has to wait.
 
@@ -220,12 +242,28 @@ class Server:
         self._shed_at = -math.inf  # when shed_outgoing last looked at them
         self.fd_refusals_total = 0
         self.busy_refusals_total = 0  # clients answered BUSY for max_connections
-        # Warnings any client can cause at will: a few lines a second.
+        # Lines any client can cause at will: a few a second of each kind.
         self.notice_throttle = Throttle()
         self._refusal_throttle = Throttle()
         self._send_timeout_throttle = Throttle()
         self._handshake_throttle = Throttle()
         self._outgoing_throttle = Throttle()
+        self._idle_throttle = Throttle()
+        self._protocol_error_throttle = Throttle()
+        # How the count of the lines each leaves out is logged once the
+        # second they were left out in is over (_log_left_out): the level
+        # and the start of the line, ``event=<kind>_not_logged``.
+        self._throttles: tuple[tuple[Throttle, int, str], ...] = (
+            (self.notice_throttle, logging.WARNING, "event=lock_revoked_not_logged"),
+            (self._refusal_throttle, logging.WARNING,
+             "event=connection_refused_not_logged reason=max_connections"),
+            (self._send_timeout_throttle, logging.INFO, "event=send_timeout_not_logged"),
+            (self._handshake_throttle, logging.INFO, "event=handshake_timeout_not_logged"),
+            (self._outgoing_throttle, logging.WARNING,
+             "event=connection_closed_not_logged reason=max_outgoing_bytes"),
+            (self._idle_throttle, logging.INFO, "event=idle_timeout_not_logged"),
+            (self._protocol_error_throttle, logging.INFO, "event=protocol_error_not_logged"),
+        )
         self._uid_lookups = trio.CapacityLimiter(1)  # may_administer_tcp
         self.accept_failures_total = 0
         # Closed to make room for answering BUSY when out of descriptors.
@@ -288,11 +326,14 @@ class Server:
         self.engine.store.load(restored.sessions)
         if self.cluster is not None:
             self.cluster.adopt_restored(sids, restored.meta)
+        # sessions=: read from the data directory; kept=: those this node
+        # serves, in a cluster once the backup copies are dropped (their
+        # masters copy them anew: event=cluster_restored says how many).
         log.info(
-            "event=restored sessions=%d expired_while_down=%d files=%d seconds=%.3f "
+            "event=restored sessions=%d kept=%d expired_while_down=%d files=%d seconds=%.3f "
             "data_dir=%s generation=%d",
-            count, restored.expired, restored.files, restored.seconds,
-            persister.dir, persister.gen,
+            count, len(self.engine.store), restored.expired, restored.files,
+            restored.seconds, persister.dir, persister.gen,
         )
 
     def _snapshot_source(self) -> SnapshotSource:
@@ -368,6 +409,7 @@ class Server:
                     await self.cluster.finish_drain(self.config.shutdown_timeout_s)
                 conn_nursery.cancel_scope.cancel()
         finally:
+            self._log_left_out(math.inf)  # what the last second left out
             for listener in listeners:
                 with trio.CancelScope(shield=True):
                     await listener.aclose()
@@ -703,10 +745,12 @@ class Server:
         self.admin_denied_total += 1
         if _rare(self.admin_denied_total):
             uid = conn.uid  # known: every caller asked may_administer_tcp first
+            who = conn.who()
+            if not conn.peer_ids:  # not a unix client, whose who() says its uid
+                who += f" uid={'?' if uid is None else uid}"
             log.warning(
-                "event=admin_denied owner=%d peer=%s uid=%s verb=%s count=%d",
-                conn.owner, conn.peer, "?" if uid is None else uid, verb,
-                self.admin_denied_total,
+                "event=admin_denied owner=%d %s verb=%s count=%d",
+                conn.owner, who, verb, self.admin_denied_total,
             )
         return p.Error(
             p.Code.DENIED,
@@ -723,8 +767,9 @@ class Server:
             suffix = self._refusal_throttle.suffix(trio.current_time())
             if suffix is not None:
                 log.warning(
-                    "event=connection_refused reason=max_connections connections=%d "
-                    "refused_total=%d%s", len(self._conns), self.busy_refusals_total, suffix,
+                    "event=connection_refused reason=max_connections peer=%s%s connections=%d "
+                    "refused_total=%d%s", _peer_name(stream), _peer_ids(stream),
+                    len(self._conns), self.busy_refusals_total, suffix,
                 )
             with trio.move_on_after(1):
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -786,7 +831,7 @@ class Server:
                 netio.append_reply(out, reply)
                 await netio.send_parts(netio.fileno(stream), out, conn)
         except Exception:
-            log.exception("event=connection_crashed owner=%d peer=%s", owner, peer)
+            log.exception("event=connection_crashed owner=%d %s", owner, conn.who())
         finally:
             await self._close_forwards(conn)  # the masters release its locks
             del self._conns[owner]
@@ -949,6 +994,7 @@ class Server:
                         reply_or_wait = engine.handle(owner, event, now)
                         if isinstance(event, p.Hello) and reply_or_wait == _OK_1:
                             conn.hello = event
+                            conn.label = event.client or ""
                             if conn.forwards is not None:
                                 # Links to masters opened from now on say
                                 # this HELLO (the open ones get it below).
@@ -973,7 +1019,7 @@ class Server:
                     # A bug: PROTOCOL.md §9 INTERNAL (fatal).  The replies to the
                     # requests before it still go out, then the connection closes.
                     log.exception(
-                        "event=internal_error owner=%d peer=%s verb=%s", owner, conn.peer,
+                        "event=internal_error owner=%d %s verb=%s", owner, conn.who(),
                         VERB_NAMES.get(type(event), "INVALID"),
                     )
                     reply_or_wait = p.Error(
@@ -1008,12 +1054,7 @@ class Server:
                         VERB_NAMES.get(type(event), "INVALID"), trio.current_time() - started
                     )
                 if isinstance(reply, p.Error) and (reply.fatal or isinstance(event, p.FatalError)):
-                    log.info(
-                        "event=protocol_error owner=%d peer=%s code=%s",
-                        owner,
-                        conn.peer,
-                        reply.code.name,
-                    )
+                    self.log_protocol_error(conn, reply)
                     if durable_seq:
                         await self._durable(durable_seq)
                     await netio.send_parts(fd, out, conn)
@@ -1045,7 +1086,7 @@ class Server:
             if durable_seq and not (persister is not None and persister.durable(durable_seq)):
                 await self._durable(durable_seq)
             if engine.drain_requested and not self._stopping.is_set():
-                log.info("event=drain_requested owner=%d", owner)
+                log.info("event=drain_requested owner=%d %s", owner, conn.who())
                 self.shutdown()
             if engine.completions or engine.notices:
                 self._after_engine()
@@ -1087,6 +1128,29 @@ class Server:
             # The parser has its own copy: not this one too while the
             # batch's replies wait for a client that does not read.
             del data
+
+    def log_protocol_error(self, conn: _Conn, reply: p.Error) -> None:
+        """Log the fatal error ``reply`` that ends ``conn`` (both storage
+        loops): its code, the start of the sentence its client got, and
+        who the client is; a few lines a second (a client may send bad
+        frames at will), the count of the rest once their second is over."""
+        suffix = self._protocol_error_throttle.suffix(trio.current_time())
+        if suffix is not None:
+            log.info(
+                "event=protocol_error owner=%d %s code=%s reason=%s%s", conn.owner,
+                conn.who(), reply.code.name, quoted(clipped(reply.message, _REASON_CHARS)),
+                suffix,
+            )
+
+    def _log_left_out(self, now: float) -> None:
+        """Log how many lines each throttle left out in the seconds over by
+        ``now`` (``math.inf``: at the stop, all), so that the count of a
+        burst is logged though no line of its kind follows it.  (The next
+        line of the kind says so too: ``not_logged_before=N``, as before.)"""
+        for throttle, level, line in self._throttles:
+            count = throttle.left_out(now)
+            if count:
+                log.log(level, "%s count=%d per_s=%d", line, count, throttle.per_s)
 
     def _extra_stats(self) -> dict[str, object]:
         """STATS fields of the I/O shell (and of the cluster)."""
@@ -1198,10 +1262,10 @@ class Server:
             suffix = self._outgoing_throttle.suffix(now)
             if suffix is not None:
                 log.warning(
-                    "event=connection_closed reason=max_outgoing_bytes owner=%d peer=%s "
+                    "event=connection_closed reason=max_outgoing_bytes owner=%d %s "
                     "held_bytes=%d unread_s=%.1f outgoing_bytes=%d count=%d detail=the client "
                     "did not read its replies while the daemon held max_outgoing_bytes=%d "
-                    "for such clients%s", conn.owner, conn.peer, held, now - conn.read_at,
+                    "for such clients%s", conn.owner, conn.who(), held, now - conn.read_at,
                     self.outgoing_bytes, self.outgoing_closes_total, limit, suffix,
                 )
             if conn.scope is not None:
@@ -1213,8 +1277,8 @@ class Server:
         self.incoming_refusals_total += 1
         if _rare(self.incoming_refusals_total):
             log.warning(
-                "event=connection_refused reason=max_incoming_bytes owner=%d peer=%s "
-                "incoming_bytes=%d count=%d", conn.owner, conn.peer, self.incoming_bytes,
+                "event=connection_refused reason=max_incoming_bytes owner=%d %s "
+                "incoming_bytes=%d count=%d", conn.owner, conn.who(), self.incoming_bytes,
                 self.incoming_refusals_total,
             )
         reply = p.Error(
@@ -1351,9 +1415,10 @@ class Server:
             for notice in engine.notices:
                 suffix = self.notice_throttle.suffix(now)
                 if suffix is not None:
+                    holder = self._conns.get(notice.owner)  # type: ignore[call-overload]
                     log.warning(
-                        "event=%s session=%s owner=%s%s", notice.event, sid_tag(notice.sid),
-                        notice.owner, suffix,
+                        "event=%s session=%s owner=%s%s%s", notice.event, sid_tag(notice.sid),
+                        notice.owner, "" if holder is None else " " + holder.who(), suffix,
                     )
             engine.notices = []
         if engine.next_deadline_hint < self._timer_at:
@@ -1418,7 +1483,9 @@ class Server:
         request a deadline registration: a connection is cut between 1 and
         1.125 timeouts after it stalled.  Past ``max_outgoing_bytes``, also
         :meth:`shed_outgoing`, as often as ``_UNREAD_GRACE_S`` (the new
-        sends that wait look too, but they may stop coming)."""
+        sends that wait look too, but they may stop coming).  As it wakes at
+        least once a second, it also logs the count of the lines the
+        throttles left out (:meth:`_log_left_out`): no task of its own."""
         engine = self.engine
         while True:
             pause = min(1.0, self.config.idle_timeout_s / 8, self.config.handshake_timeout_s / 8)
@@ -1426,6 +1493,7 @@ class Server:
                 pause = min(pause, _UNREAD_GRACE_S)
             await trio.sleep(pause)
             now = trio.current_time()
+            self._log_left_out(now)
             if self.outgoing_bytes > self.config.max_outgoing_bytes:
                 self.shed_outgoing(now)
             limit = self.config.idle_timeout_s
@@ -1440,8 +1508,8 @@ class Server:
                     suffix = self._handshake_throttle.suffix(now)
                     if suffix is not None:
                         log.info(
-                            "event=handshake_timeout owner=%d peer=%s open_s=%.1f detail=no "
-                            "HELLO within %gs of connecting%s", conn.owner, conn.peer,
+                            "event=handshake_timeout owner=%d %s open_s=%.1f detail=no "
+                            "HELLO within %gs of connecting%s", conn.owner, conn.who(),
                             now - conn.opened, handshake_limit, suffix,
                         )
                     conn.scope.cancel()
@@ -1453,12 +1521,12 @@ class Server:
                     if engine.holds_locks(conn.owner) and not conn.mid_request:
                         continue
                     conn.idle_since = None
-                    log.info(
-                        "event=idle_timeout owner=%d peer=%s silent_s=%.1f",
-                        conn.owner,
-                        conn.peer,
-                        now - since,
-                    )
+                    suffix = self._idle_throttle.suffix(now)
+                    if suffix is not None:
+                        log.info(
+                            "event=idle_timeout owner=%d %s silent_s=%.1f%s",
+                            conn.owner, conn.who(), now - since, suffix,
+                        )
                     conn.scope.cancel()
                     continue
                 since = conn.sending_since
@@ -1469,9 +1537,9 @@ class Server:
                     suffix = self._send_timeout_throttle.suffix(now)
                     if suffix is not None:
                         log.info(
-                            "event=send_timeout owner=%d peer=%s stalled_s=%.1f detail=the "
+                            "event=send_timeout owner=%d %s stalled_s=%.1f detail=the "
                             "client did not read its replies within idle_timeout_s%s",
-                            conn.owner, conn.peer, now - since, suffix,
+                            conn.owner, conn.who(), now - since, suffix,
                         )
                     conn.scope.cancel()
 
@@ -1521,6 +1589,14 @@ def _spare_descriptor() -> int:
 
 def _buffered(parser: p.RequestParser) -> int:
     return len(parser._buf)
+
+
+def _peer_ids(stream: trio.abc.Stream) -> str:
+    """`` uid=U pid=P`` of a unix client (SO_PEERCRED), else ""."""
+    if not isinstance(stream, trio.SocketStream):
+        return ""
+    ids = peeruid.unix_peer(stream.socket)  # type: ignore[arg-type]
+    return "" if ids is None else f" uid={ids[0]} pid={ids[1]}"
 
 
 def _peer_uid(conn: _Conn) -> int | None:

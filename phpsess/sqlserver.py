@@ -639,7 +639,7 @@ class SqlBackend:
             return await self._pinned(client, fn)
         return await self._pooled(fn)
 
-    async def _expire_leases(self, client: _Client) -> None:
+    async def _expire_leases(self, conn: _Conn, client: _Client) -> None:
         now = trio.current_time()
         for sid, until in list(client.held.items()):
             if until <= now:
@@ -648,7 +648,8 @@ class SqlBackend:
                 self.lock_revoked_total += 1
                 suffix = self.server.notice_throttle.suffix(now)
                 if suffix is not None:
-                    log.warning("event=lock_revoked session=%s%s", sid_tag(sid), suffix)
+                    log.warning("event=lock_revoked session=%s owner=%d %s%s", sid_tag(sid),
+                                conn.owner, conn.who(), suffix)
 
     # -- connections
 
@@ -678,7 +679,7 @@ class SqlBackend:
             # Past max_outgoing_bytes, in smaller steps (Server.hold_outgoing).
             flush_bytes = server.flush_bytes()
             if client.held:
-                await self._expire_leases(client)
+                await self._expire_leases(conn, client)
             while True:
                 event = parser.next_event()
                 if event is p.NEED_DATA:
@@ -696,8 +697,7 @@ class SqlBackend:
                     )
                 out_bytes += netio.append_reply(out, reply)
                 if isinstance(reply, p.Error) and (reply.fatal or isinstance(event, p.FatalError)):
-                    log.info("event=protocol_error owner=%d peer=%s code=%s",
-                             conn.owner, conn.peer, reply.code.name)
+                    server.log_protocol_error(conn, reply)  # throttled, as the engine's
                     await netio.send_parts(fd, out, conn)
                     return
                 if out_bytes >= flush_bytes:
@@ -752,7 +752,7 @@ class SqlBackend:
         if isinstance(event, (p.RequestError, p.FatalError)):
             return self._error(event.code, event.message)
         if isinstance(event, p.Hello):
-            return await self._hello(client, event)
+            return await self._hello(conn, client, event)
         if not client.hello:
             return self._error(
                 p.Code.NEED_HELLO, "the first request on a connection must be HELLO 1"
@@ -787,7 +787,7 @@ class SqlBackend:
             if isinstance(event, p.Ping):
                 return p.OK
             if isinstance(event, p.Drain):
-                log.info("event=drain_requested owner=%d", conn.owner)
+                log.info("event=drain_requested owner=%d %s", conn.owner, conn.who())
                 self.server.shutdown()
                 return p.OK
             if isinstance(event, p.Stats):
@@ -804,7 +804,7 @@ class SqlBackend:
         return self._error(p.Code.UNKNOWN_VERB, f"{VERB_NAMES.get(kind, kind.__name__)} "
                            "is not served with SQL storage")
 
-    async def _hello(self, client: _Client, event: p.Hello) -> p.Reply:
+    async def _hello(self, conn: _Conn, client: _Client, event: p.Hello) -> p.Reply:
         refused = hello_refusal(event, self.server.engine.shutting_down)
         if refused is not None:
             return self._error(*refused)
@@ -812,6 +812,7 @@ class SqlBackend:
         await self._release_all(client)
         client.revoked.clear()
         client.hello = True
+        conn.label = event.client or ""  # for the log lines about it (client=)
         client.wait_s, client.lease_s = hello_wait_and_lease(event, self.server.config.limits)
         return _OK_1
 

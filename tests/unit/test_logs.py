@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 
 import pytest
 
-from phpsess.logs import Throttle, _Formatter, quoted
+from phpsess.logs import Throttle, _Formatter, clipped, quoted
 
 
 def test_a_throttle_lets_per_s_lines_a_second_through_and_counts_the_rest() -> None:
@@ -20,6 +21,54 @@ def test_a_throttle_lets_per_s_lines_a_second_through_and_counts_the_rest() -> N
     assert t.allow(11.6) == 0
     assert t.allow(11.7) is None
     assert t.allow(20.0) == 1
+
+
+def test_the_count_of_a_burst_is_given_once_its_second_is_over() -> None:
+    # A burst with no line of its kind after it: its count used to be lost.
+    t = Throttle(per_s=2)
+    assert [t.allow(10.0), t.allow(10.1), t.allow(10.2), t.allow(10.3)] == [0, 0, None, None]
+    assert t.left_out(10.9) == 0  # the second is not over: more may come
+    assert t.allow(10.95) is None
+    assert t.left_out(11.0) == 3
+    assert t.left_out(12.0) == 0  # given once
+    # The next line of the kind still says how many were left out before it.
+    assert t.allow(30.0) == 3
+    assert t.left_out(40.0) == 0
+
+
+def test_every_line_left_out_is_in_exactly_one_count() -> None:
+    t = Throttle(per_s=1)
+    counted = 0
+    left_out = 0
+    now = 0.0
+    for step in range(1000):
+        now += 0.01 * (1 + step % 7)
+        if t.allow(now) is None:
+            left_out += 1
+        if step % 13 == 0:
+            counted += t.left_out(now)
+    counted += t.left_out(now + 1.0)
+    assert counted == left_out > 0
+
+
+def test_at_the_stop_the_open_second_is_counted_too() -> None:
+    t = Throttle(per_s=1)
+    assert [t.allow(5.0), t.allow(5.1), t.allow(5.2)] == [0, None, None]
+    assert t.left_out(5.3) == 0
+    assert t.left_out(math.inf) == 2
+    assert t.left_out(math.inf) == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "max_chars", "shown"),
+    [
+        ("short", 10, "short"),
+        ("exactly10!", 10, "exactly10!"),
+        ("a bit too long", 10, "a bit t..."),
+    ],
+)
+def test_text_for_a_log_line_is_cut_to_its_length(text: str, max_chars: int, shown: str) -> None:
+    assert clipped(text, max_chars) == shown
 
 
 @pytest.mark.parametrize(

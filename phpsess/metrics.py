@@ -92,8 +92,18 @@ class _DaemonCollector(Collector):
              "connection_refusals_total"),
             ("phpsess_outgoing_closes", "Connections closed for --max-outgoing-bytes.",
              "outgoing_closes_total"),
+            ("phpsess_protocol_errors", "Connections closed for a fatal protocol error "
+             "(a malformed request).", "protocol_errors_total"),
         ):
             yield CounterMetricFamily(name, doc, value=_number(stats[key]))
+        closes = CounterMetricFamily(
+            "phpsess_timeout_closes", "Connections closed by a timeout: no HELLO in time "
+            "(handshake), silent for --idle-timeout-s (idle), replies unread (send).",
+            labels=["reason"],
+        )
+        for reason, count in dict(stats["timeout_closes"]).items():  # type: ignore[call-overload]
+            closes.add_metric([reason], count)
+        yield closes
         persister = server.persister
         if persister is not None:
             yield CounterMetricFamily("phpsess_fsyncs", "Journal fsyncs.",

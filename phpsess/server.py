@@ -250,6 +250,9 @@ class Server:
         self._outgoing_throttle = Throttle()
         self._idle_throttle = Throttle()
         self._protocol_error_throttle = Throttle()
+        # Counted whether logged or not (STATS, metrics).
+        self.protocol_errors_total = 0
+        self.timeout_closes: dict[str, int] = {"handshake": 0, "idle": 0, "send": 0}
         # How the count of the lines each leaves out is logged once the
         # second they were left out in is over (_log_left_out): the level
         # and the start of the line, ``event=<kind>_not_logged``.
@@ -1134,6 +1137,7 @@ class Server:
         loops): its code, the start of the sentence its client got, and
         who the client is; a few lines a second (a client may send bad
         frames at will), the count of the rest once their second is over."""
+        self.protocol_errors_total += 1
         suffix = self._protocol_error_throttle.suffix(trio.current_time())
         if suffix is not None:
             log.info(
@@ -1160,6 +1164,8 @@ class Server:
             "outgoing_bytes": self.outgoing_bytes,
             "outgoing_closes_total": self.outgoing_closes_total,
             "connection_refusals_total": self.busy_refusals_total,
+            "protocol_errors_total": self.protocol_errors_total,
+            "timeout_closes": dict(self.timeout_closes),
         }
         persister = self.persister
         if persister is not None:
@@ -1505,6 +1511,7 @@ class Server:
                     conn.hello is None and now - conn.opened >= handshake_limit
                     and conn.node is None and not self._said_hello(conn)
                 ):
+                    self.timeout_closes["handshake"] += 1
                     suffix = self._handshake_throttle.suffix(now)
                     if suffix is not None:
                         log.info(
@@ -1521,6 +1528,7 @@ class Server:
                     if engine.holds_locks(conn.owner) and not conn.mid_request:
                         continue
                     conn.idle_since = None
+                    self.timeout_closes["idle"] += 1
                     suffix = self._idle_throttle.suffix(now)
                     if suffix is not None:
                         log.info(
@@ -1534,6 +1542,7 @@ class Server:
                     # Since the send first had to wait, however much the
                     # client read since: the reply it pins has a deadline.
                     conn.sending_since = None
+                    self.timeout_closes["send"] += 1
                     suffix = self._send_timeout_throttle.suffix(now)
                     if suffix is not None:
                         log.info(

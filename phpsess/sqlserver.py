@@ -952,6 +952,8 @@ class SqlBackend:
             "outgoing_bytes": self.server.outgoing_bytes,
             "outgoing_closes_total": self.server.outgoing_closes_total,
             "connection_refusals_total": self.server.busy_refusals_total,
+            "protocol_errors_total": self.server.protocol_errors_total,
+            "timeout_closes": dict(self.server.timeout_closes),
             "locks_held": sum(len(c.held) for c in self._clients.values()),
             "locks_waiting": self.locks_waiting,
             "lock_waits_total": self.lock_waits_total,

@@ -3,6 +3,7 @@ the daemon prints when it cannot serve it."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -46,6 +47,11 @@ def test_metrics_endpoint_is_scraped_and_parsed(
         assert c.request(p.Read("m1")) == p.Data(b"x" * 100)
         reply = other.request(p.Read("m1"))  # locked: times out at once
         assert isinstance(reply, p.Error)
+        with socket.socket(socket.AF_UNIX) as bad:  # a malformed frame: fatal
+            bad.connect(daemon.sock_path)
+            bad.sendall(b"\x00\n")
+            assert bad.recv(4096).startswith(b"ERR BAD_FRAME")
+            assert bad.recv(4096) == b""  # closed
         samples = scrape_metrics(port)
     assert samples[("phpsess_requests_total", (("verb", "WRITE"),))] == 1
     assert samples[("phpsess_requests_total", (("verb", "READ"),))] == 2
@@ -58,6 +64,9 @@ def test_metrics_endpoint_is_scraped_and_parsed(
     assert samples[("phpsess_incoming_bytes", ())] == 0  # nothing half received
     assert samples[("phpsess_outgoing_bytes", ())] == 0  # every reply was read
     assert samples[("phpsess_outgoing_closes_total", ())] == 0
+    assert samples[("phpsess_protocol_errors_total", ())] == 1
+    for reason in ("handshake", "idle", "send"):
+        assert samples[("phpsess_timeout_closes_total", (("reason", reason),))] == 0
     # The standard process_* metrics describe the daemon, not the test.
     started = _start_time(daemon.pid)
     assert abs(samples[("process_start_time_seconds", ())] - started) < 1.0
@@ -91,6 +100,29 @@ def _exchange(port: int, request: bytes) -> tuple[bytes, dict[str, str], bytes]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return status.encode(), headers, body
+
+
+def test_connections_closed_by_a_timeout_are_counted(start_daemon: Any) -> None:
+    # Their log lines are a few a second at most: STATS and the metrics
+    # count every one.
+    port = free_tcp_port()
+    daemon = start_daemon("--memory-only", "--idle-timeout-s", "1",
+                          "--metrics-listen", f"127.0.0.1:{port}")
+    with Client(daemon.address) as c:
+        assert c.request(p.Ping()) == p.OK
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.connect(daemon.sock_path)
+            raw.sendall(b"HELLO 1\n")
+            assert raw.recv(4096) == b"OK 1\n"
+            raw.settimeout(30)
+            assert raw.recv(4096) == b""  # closed for being silent
+    samples = scrape_metrics(port)
+    assert samples[("phpsess_timeout_closes_total", (("reason", "idle"),))] >= 1
+    with Client(daemon.address) as c:
+        reply = c.request(p.Stats())
+    assert isinstance(reply, p.Data)
+    stats = json.loads(reply.data)
+    assert stats["timeout_closes"]["idle"] >= 1 and stats["protocol_errors_total"] == 0
 
 
 @pytest.fixture

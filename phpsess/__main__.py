@@ -303,10 +303,9 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
     with _about("peer"):
         peers = tuple(parse_peer(peer) for peer in args.peer)
         if not peers:
-            print(
-                "phpsess: warning: a cluster node with no peers ([cluster.peers] or --peer) "
-                "keeps a single copy of every session: name the other nodes",
-                file=sys.stderr,
+            _warn(
+                "a cluster node with no peers ([cluster.peers] or --peer) keeps a single "
+                "copy of every session: name the other nodes"
             )
         return ClusterConfig(
             node=args.node,
@@ -506,10 +505,29 @@ def _warn_if_readable(
     except OSError:
         return
     if mode & 0o077:
-        print(
-            f"phpsess: warning: {path} holds {holds} and users other than its owner may "
-            f"read it (mode {mode:04o}): {fix}", file=sys.stderr,
+        _warn(
+            f"{path} holds {holds} and users other than its owner may read it "
+            f"(mode {mode:04o}): {fix}"
         )
+
+
+# What the last _configure found worth a warning but not a refusal: printed
+# by check-config, logged by serve (once its log is set up, and at reloads).
+_warnings: list[str] = []
+
+
+def _warn(text: str) -> None:
+    _warnings.append(text)
+
+
+def _print_warnings() -> None:
+    for text in _warnings:
+        print(f"phpsess: warning: {text}", file=sys.stderr)
+
+
+def _log_warnings() -> None:
+    for text in _warnings:
+        log.warning("event=config_warning detail=%s", logs.quoted(text))
 
 
 def _storage_config(args: argparse.Namespace) -> SqlConfig | None:
@@ -585,14 +603,23 @@ def _configure(
     """The settings (file and flags merged) and the daemon's configuration.
     A value the file gave that is out of range is named with its file and
     line, like the file's other mistakes (ConfigError)."""
+    _warnings.clear()
     merged, where = _merged(args, argv)
     try:
         if merged.memory_only:
-            # Durability asked for and not had: refused, not ignored.
-            given = sorted(
-                (_given_dests(argv, args.command) | set(where)) & set(_ON_DISK),
-                key=_ON_DISK.index,
-            )
+            # Durability asked for and not had: refused, not ignored.  A
+            # file's key at its default (the shipped template lists every
+            # one) asks for nothing, and a --memory-only flag wins over the
+            # file's keys, as flags do.
+            flags = _given_dests(argv, args.command)
+            command = _subcommands(build_parser())[args.command]
+            given = [
+                dest for dest in _ON_DISK
+                if dest in flags or (
+                    dest in where and "memory_only" not in flags
+                    and getattr(merged, dest) != command.get_default(dest)
+                )
+            ]
             if given:
                 raise UsageError(
                     f"{_named('memory_only')} keeps nothing on disk, so "
@@ -638,8 +665,10 @@ def _check_config(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         _configure(args, argv)
     except (config_file.ConfigError, UsageError) as exc:
+        _print_warnings()
         print(f"phpsess: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    _print_warnings()
     print(f"{args.config}: ok")
     return EXIT_OK
 
@@ -658,6 +687,7 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
         logs.print_failure(str(exc))
         return EXIT_USAGE
     logs.setup(args.log_level)
+    _log_warnings()  # with the log's priority: journalctl -p warning shows them
     # Every PHP worker holds a connection: allow as many descriptors as we may.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else 1 << 20
@@ -667,6 +697,7 @@ def _serve(args: argparse.Namespace, argv: Sequence[str]) -> int:
     def reload() -> tuple[ServerConfig, str]:
         """SIGHUP: the configuration as the file says now."""
         fresh, config = _configure(build_parser().parse_args(argv), argv)
+        _log_warnings()
         return config, fresh.log_level
 
     # Threads (journal appends, snapshots) and the event loop hand the GIL to

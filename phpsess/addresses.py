@@ -41,11 +41,11 @@ def parse_tcp_address(text: str) -> TcpAddress:
     """A setting that takes TCP only (cluster addresses, the metrics
     endpoint): ``HOST:PORT``, also written ``tcp:HOST:PORT`` or
     ``tcp://HOST:PORT``.  Errors quote ``text`` as given."""
-    rest = text.removeprefix("tcp:").removeprefix("//")
+    given = f"tcp:{text.removeprefix('tcp:').removeprefix('//')}"
     try:
-        parsed = parse_address(f"tcp:{rest}")
+        parsed = parse_address(given)
     except AddressError as exc:
-        why = str(exc).split(": ", 1)[1]  # after parse_address's own quote
+        why = str(exc).removeprefix(f"{given!r}: ")  # parse_address's own quote
         if why.startswith("expected tcp:HOST:PORT"):
             why = "expected HOST:PORT (an IP address or localhost, and a port)"
         raise AddressError(f"{text!r}: {why}") from None

@@ -27,7 +27,14 @@ from typing import IO, Any, Final
 import attrs
 
 from phpsess import protocol as p
-from phpsess.addresses import DEFAULT_LISTEN, AddressError, TcpAddress, parse_address
+from phpsess.addresses import (
+    DEFAULT_LISTEN,
+    Address,
+    AddressError,
+    TcpAddress,
+    parse_address,
+    parse_tcp_address,
+)
 from phpsess.argtypes import whole_number
 from phpsess.client import Client, ClientError, describe
 from phpsess.decode import FORMATS, DecodeError, decode_session
@@ -228,8 +235,9 @@ def run(args: argparse.Namespace) -> int:
         connect = args.connect
         if not connect.startswith(("unix:", "tcp:", "/")) and ":" in connect:
             # HOST:PORT, as cluster_listen and metrics_listen take it.
-            connect = f"tcp:{connect}"
-        address = parse_address(connect)
+            address: Address = parse_tcp_address(connect)
+        else:
+            address = parse_address(connect)
     except AddressError as exc:
         print(f"phpsess: --connect: {exc}", file=sys.stderr)
         return EXIT_USAGE

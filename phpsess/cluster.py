@@ -94,16 +94,21 @@ class ClusterConfig:
             check_node_name(name)
         if self.node in names or len(set(names)) != len(names):
             raise ValueError("peer names must be unique and differ from --node")
+        def same(address: TcpAddress) -> TcpAddress:  # localhost is 127.0.0.1
+            return TcpAddress("127.0.0.1", address.port) if address.host == "localhost" \
+                else address
+
         seen: dict[TcpAddress, str] = {}
-        for name, address in self.peers:
-            if address == self.listen:
+        for name, given in self.peers:
+            address = same(given)
+            if address == same(self.listen):
                 raise ValueError(
-                    f"peer {name}'s address {address} is this node's own cluster listen "
+                    f"peer {name}'s address {given} is this node's own cluster listen "
                     "address: a node is not its own peer (a copied config?)"
                 )
             if address in seen:
                 raise ValueError(f"peers {seen[address]} and {name} have the same address "
-                                 f"{address}")
+                                 f"{given}")
             seen[address] = name
         peerauth.check_secret(self.secret)
 

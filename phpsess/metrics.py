@@ -92,8 +92,8 @@ class _DaemonCollector(Collector):
              "connection_refusals_total"),
             ("phpsess_outgoing_closes", "Connections closed for --max-outgoing-bytes.",
              "outgoing_closes_total"),
-            ("phpsess_protocol_errors", "Connections closed for a fatal protocol error "
-             "(a malformed request).", "protocol_errors_total"),
+            ("phpsess_protocol_errors", "Connections closed for a malformed request "
+             "(BAD_FRAME, HEADER_TOO_LONG).", "protocol_errors_total"),
         ):
             yield CounterMetricFamily(name, doc, value=_number(stats[key]))
         closes = CounterMetricFamily(

@@ -87,6 +87,8 @@ _CHANGES: Final = frozenset({p.Write, p.Touch, p.Destroy, p.Create})
 # The most of the sentence a fatal error sent its client (``reason=``) and
 # of the client's HELLO label (``client=``) that a log line quotes.
 _REASON_CHARS: Final = 100
+# The fatal errors that are a client's malformed request (protocol_errors_total).
+_MALFORMED: Final = frozenset({p.Code.BAD_FRAME, p.Code.HEADER_TOO_LONG})
 _LABEL_CHARS: Final = 64
 
 
@@ -1137,7 +1139,8 @@ class Server:
         loops): its code, the start of the sentence its client got, and
         who the client is; a few lines a second (a client may send bad
         frames at will), the count of the rest once their second is over."""
-        self.protocol_errors_total += 1
+        if reply.code in _MALFORMED:  # not BUSY, SHUTTING_DOWN, INTERNAL
+            self.protocol_errors_total += 1
         suffix = self._protocol_error_throttle.suffix(trio.current_time())
         if suffix is not None:
             log.info(

@@ -178,6 +178,10 @@ def test_unreachable_and_bad_address(tmp_path: Path, capsys: pytest.CaptureFixtu
     status, _, err = cli(capsys, "ls", "--connect", "relative.sock")
     assert status == 2
     assert "--connect" in err
+    status, _, err = cli(capsys, "status", "--connect", "127.0.0.1: 5")
+    assert status == 2
+    assert err == ("phpsess: --connect: '127.0.0.1: 5': expected HOST:PORT (an IP address "
+                   "or localhost, and a port)\n")
     with pytest.raises(SystemExit) as info:
         main(["show", "../etc/passwd"])
     assert info.value.code == 2

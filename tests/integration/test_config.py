@@ -95,6 +95,8 @@ def test_sighup_limits_apply_to_open_connections(start_daemon: Any, workdir: Pat
         assert time.monotonic() - started < 5
         assert c.request(p.Read("t")) == p.MISS
         time.sleep(1.5)  # past the new 0.5 s lease, far from the old 300 s
+        # Revoked once another request asks for the lock (PROTOCOL.md §6.3).
+        assert b.request(p.Read("t")) == p.MISS
         reply = c.request(p.Write("t", 60, b"late"))
         assert isinstance(reply, p.Error) and reply.code is p.Code.LOCK_LOST, reply
 
@@ -227,6 +229,21 @@ def test_a_readable_cluster_secret_or_password_file_is_warned_about(
         assert capsys.readouterr().err == ""
 
 
+def test_serve_logs_its_configuration_warnings_with_the_warning_priority(
+    start_daemon: Any, workdir: Path
+) -> None:
+    # They were printed, not logged: no level, no priority prefix, so
+    # journalctl -p warning (DEPLOYMENT.md §6) hid them.
+    password = workdir / "db.password"
+    password.write_text("p\n")
+    password.chmod(0o644)
+    url = f"mysql://u@127.0.0.1:{free_tcp_port()}/db"  # nothing listens: served UNAVAILABLE
+    daemon = start_daemon("--storage", url, "--storage-password-file", str(password))
+    _wait_for(daemon, "level=warning event=config_warning detail=")
+    assert f"{password} holds the database password" in daemon.log()
+    assert "phpsess: warning:" not in daemon.log()
+
+
 def test_memory_only_with_settings_of_a_data_directory_is_refused(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -248,6 +265,18 @@ def test_memory_only_with_settings_of_a_data_directory_is_refused(
     conf.write_text("[storage]\nmemory_only = true\n")
     assert main(["check-config", str(conf)]) == 0
     assert not (workdir / "d").exists()
+    # The shipped template lists every key at its default: that asks for
+    # nothing, with memory_only set in it or given as a flag (which wins
+    # over the file's keys, as flags do).
+    template = (ROOT / "deploy" / "phpsess.toml").read_text()
+    assert "\nmemory_only = false" in template and '\nfsync = "interval" ' in template
+    memory_only = template.replace("\nmemory_only = false", "\nmemory_only = true")
+    conf.write_text(memory_only)
+    assert main(["check-config", str(conf)]) == 0
+    assert main(["check-config", str(ROOT / "deploy" / "phpsess.toml"), "--memory-only"]) == 0
+    conf.write_text(memory_only.replace('\nfsync = "interval" ', '\nfsync = "always" '))
+    assert main(["check-config", str(conf)]) == 2
+    assert "so fsync (--fsync) would do nothing" in capsys.readouterr().err
 
 
 def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -292,10 +321,15 @@ def test_check_config(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None
          "host name"),
         ('[daemon]\nmetrics_listen = "9464"\n', ":2: metrics_listen (--metrics-listen): "
          "'9464': expected HOST:PORT (an IP address or localhost, and a port)"),
+        ('[daemon]\nmetrics_listen = "127.0.0.1: 9"\n', ":2: metrics_listen "
+         "(--metrics-listen): '127.0.0.1: 9': expected HOST:PORT (an IP address or "
+         "localhost, and a port)"),
         # A copied config: the node itself as a peer, or two peers at one place.
         (f'{cluster}[cluster.peers]\nb = "127.0.0.1:1"\n', ":5: peer b's address "
          "tcp:127.0.0.1:1 is this node's own cluster listen address: a node is not its own "
          "peer"),
+        (f'{cluster}[cluster.peers]\nb = "localhost:1"\n', ":5: peer b's address "
+         "tcp:localhost:1 is this node's own cluster listen address"),
         (f'{cluster}[cluster.peers]\nb = "127.0.0.1:2"\nc = "127.0.0.1:2"\n',
          ":5: peers b and c have the same address tcp:127.0.0.1:2"),
         ('[cluster]\nnode = "a-b"\nlisten = "127.0.0.1:1"\nsecret_file = "/x"\n',

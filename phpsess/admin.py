@@ -881,7 +881,8 @@ def cmd_kick(client: Client, args: argparse.Namespace) -> int:
                    "message": reply.message})
         raise AdminError(
             f"{args.sid} is locked by a request in progress and was not destroyed; "
-            "try again once that request ends (or its lock lease runs out)"
+            "try again once that request ends (or, past its lock lease, once another "
+            "request takes the session)"
         )
     if not isinstance(reply, p.Ok):
         raise _refused(f"DESTROY {args.sid}", reply)

@@ -2081,12 +2081,28 @@ class Cluster:
         m = self.replicas.meta.get(sid)
         if m is None or m.role != MASTER:
             return False
-        if self.server.engine.locks.holder(sid) is not None:
-            # A request holding its lock (here or through a peer's forwarded
-            # connection, §5.3) finishes first: the next round hands it over,
-            # and meanwhile no new lock is taken on it (resolve_lock).
-            self._pending.add(sid)
-            return False
+        engine = self.server.engine
+        if engine.locks.holder(sid) is not None:
+            now = trio.current_time()
+            if not engine.locks.preemptible(sid, now):
+                # A request holding its lock (here or through a peer's
+                # forwarded connection, §5.3) finishes first: the next round
+                # hands it over, and meanwhile no new lock is taken on it
+                # (resolve_lock).
+                self._pending.add(sid)
+                return False
+            # Held past its lease: nobody asked for it when the lease ran
+            # out (PROTOCOL.md §6.3), but the drain asks now, as a waiting
+            # request would (the requests that want it wait in resolve_lock,
+            # not in its queue).  The holder's next change gets LOCK_LOST.
+            engine.revoke_session(
+                sid, now,
+                p.Error(p.Code.UNAVAILABLE, "the session moved to another node while this "
+                        "request waited for its lock; retry"),
+                p.Error(p.Code.NOT_MASTER, "-"),
+            )
+            self.server._after_engine()
+            self._pending.discard(sid)
         await trio.lowlevel.checkpoint_if_cancelled()  # not past the deadline
         entry = self.server.engine.store.get(sid, trio.current_time())
         if entry is None:

@@ -2,15 +2,25 @@
 connection, with a first-come first-served wait queue, wait deadlines and
 leases (PROTOCOL.md §6).  Pure: time is an argument.
 
-Theory of operation: a lock is *held* by one owner until it is released or its
-lease deadline passes.  Owners that ask for a held lock queue behind it with a
-wait deadline.  Every release hands the lock to the first waiter still in the
-queue and returns that :class:`Grant` so the caller can wake it.  Deadlines
-(wait and lease) live on one heap with lazy deletion; :meth:`expire` turns
-those that have passed into :class:`Timeout` and :class:`Revoked` events (and
-the grants that revocations cause).  An owner whose lease was revoked is
-remembered until it asks about that session again (:meth:`take_revoked`), so
-its late write can be refused with ``LOCK_LOST``.
+Theory of operation: a lock is *held* by one owner until it is released, or
+until its lease deadline has passed *and* another owner asks for it.  Owners
+that ask for a held lock queue behind it with a wait deadline.  Every release
+hands the lock to the first waiter still in the queue and returns that
+:class:`Grant` so the caller can wake it.  Deadlines (wait and lease) live on
+one heap with lazy deletion; :meth:`expire` turns those that have passed into
+:class:`Timeout` and :class:`Revoked` events (and the grants that revocations
+cause).  An owner whose lease was revoked is remembered until it asks about
+that session again (:meth:`take_revoked`), so its late write can be refused
+with ``LOCK_LOST``.
+
+A lease bounds how long a holder keeps *others* waiting, nothing more: when
+it runs out while nobody waits, the lock stays held (a long request nobody
+competes with keeps its write, as under PHP's files handler, whose ``flock``
+has no lease) and becomes :meth:`preemptible`.  The first owner to queue for
+it then puts its lease back on the heap, due at once, so the next
+:meth:`expire` revokes it and grants it to that owner (a wait of 0 included:
+the lease item sorts before the wait item of the same instant, its token
+being older).
 
 A session destroyed while owners wait for its lock stays dead for them, as a
 file unlinked under a waiting ``flock`` does: :meth:`mark_destroyed` marks
@@ -40,7 +50,7 @@ _LEASE: Final = 1
 @attrs.define(slots=True)
 class _Held:
     owner: Owner
-    lease_deadline: float
+    lease_deadline: float  # in the past: preemptible (nobody waited then)
     token: int
     destroyed: bool = False  # granted after the session was destroyed
 
@@ -72,7 +82,8 @@ class Timeout:
 
 @attrs.frozen
 class Revoked:
-    """``owner`` held ``sid`` past its lease; the lock was taken away."""
+    """``owner`` held ``sid`` past its lease while another owner waited for
+    it; the lock was taken away (and granted to that owner)."""
 
     sid: str
     owner: Owner
@@ -129,6 +140,12 @@ class LockTable:
         held = self._held.get(sid)
         return held is not None and held.destroyed
 
+    def preemptible(self, sid: str, now: float) -> bool:
+        """True if ``sid`` is held past its lease: nobody asked for it when the
+        lease ran out, and the next owner to ask for it takes it."""
+        held = self._held.get(sid)
+        return held is not None and held.lease_deadline <= now
+
     def take_revoked(self, owner: Owner, sid: str) -> bool:
         """True (once) if ``owner`` lost its lock on ``sid`` to the lease."""
         revoked = self._revoked.get(owner)
@@ -145,7 +162,9 @@ class LockTable:
         """Take the lock (True), or queue for it (False) until ``now + wait_s``.
 
         With ``wait_s == 0`` a held lock yields a :class:`Timeout` from the
-        next :meth:`expire` call at ``now``.
+        next :meth:`expire` call at ``now``, unless its lease has passed
+        (:meth:`preemptible`): that call revokes it and grants it to
+        ``owner`` instead.
         """
         self._forget_revoked(owner, sid)
         held = self._held.get(sid)
@@ -162,6 +181,11 @@ class LockTable:
         # file (a new session), not the unlinked one.
         self._queues.setdefault(sid, deque()).append(_Waiter(owner, deadline, lease_s, token))
         self._waiting[owner] = sid
+        if held.lease_deadline <= now:
+            # Its lease ran out while nobody waited (expire kept it): due
+            # now.  Before the wait item even with a wait of 0: the holder's
+            # token is older than the waiter's.
+            self._push((now, held.token, _LEASE, sid))
         self._push((deadline, token, _WAIT, sid))
         self.waits_total += 1
         return False
@@ -237,6 +261,10 @@ class LockTable:
                 held = self._held.get(sid)
                 if held is None or held.token != token:
                     continue  # released before its lease ran out
+                if not self._queues.get(sid):
+                    # Nobody waits: revoking would gain nothing.  It stays
+                    # held, preemptible; acquire puts it back on the heap.
+                    continue
                 self._drop(sid, held)
                 self._revoked.setdefault(held.owner, set()).add(sid)
                 self.revoked_total += 1
@@ -274,7 +302,10 @@ class LockTable:
     def _push(self, item: tuple[float, int, int, str]) -> None:
         heapq.heappush(self._heap, item)
         # Released locks leave their lease deadline behind; rebuild from the
-        # live locks and waiters before those pile up.
+        # live locks and waiters before those pile up.  A held lock whose
+        # lease has passed comes back with its deadline in the past: the
+        # next expire revokes it if someone waits for it, else drops the
+        # item again (kept held, as when its lease first ran out).
         if len(self._heap) > 2 * (len(self._held) + len(self._waiting)) + _HEAP_SLACK:
             live = [(h.lease_deadline, h.token, _LEASE, sid) for sid, h in self._held.items()]
             live += [

@@ -1111,10 +1111,10 @@ class Server:
             ):
                 return
             # Not a cancel scope per request: _idle_sweeper cuts off a silent
-            # connection, sparing one that holds a lock (it may think for as
-            # long as its lease) unless it stalls mid-request.  Whether it
-            # holds one is decided at sweep time: a lease may run out while
-            # it waits here.
+            # connection, sparing one that holds a lock (it may think as long
+            # as nobody else needs the lock, and for its lease when someone
+            # does) unless it stalls mid-request.  Whether it holds one is
+            # decided at sweep time: it may be revoked while it waits here.
             incoming = _buffered(parser)
             if (
                 incoming != conn.incoming and conn.node is None
@@ -1526,8 +1526,9 @@ class Server:
                     continue
                 since = conn.idle_since
                 if since is not None and now - since >= limit:
-                    # Held now, not when it fell silent: a lease may have
-                    # run out since (the lock is revoked, the wait is not).
+                    # Held now, not when it fell silent: it may have been
+                    # revoked since (past its lease, for a request that
+                    # asked for it; the wait is not).
                     if engine.holds_locks(conn.owner) and not conn.mid_request:
                         continue
                     conn.idle_since = None

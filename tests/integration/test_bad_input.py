@@ -342,10 +342,14 @@ def test_warnings_a_client_causes_at_will_are_throttled_and_counted(
     # a client could write megabytes of log a second (and stall the daemon
     # writing them).  A few lines a second now; the counters count all.
     daemon = start_daemon(*storage_args, "--max-connections", "3")
-    with Client(daemon.address, lease_ms=1) as c:
+    with Client(daemon.address, lease_ms=1) as c, Client(daemon.address) as other:
         for _ in range(150):
-            assert isinstance(c.request(p.Create()), p.Ok)
-            time.sleep(0.003)  # the lease of 1 ms runs out: revoked
+            created = c.request(p.Create())
+            assert isinstance(created, p.Ok)
+            time.sleep(0.003)  # the lease of 1 ms runs out ...
+            # ... and another request asks for the lock: revoked (§6.3).
+            assert other.request(p.Read(created.tokens[0])) == p.MISS
+            assert other.request(p.Close()) == p.OK
     from phpsess.server import ADMIN_RESERVED_CONNECTIONS
 
     held = [Client(daemon.address) for _ in range(3 + ADMIN_RESERVED_CONNECTIONS)]

@@ -87,17 +87,63 @@ def test_a_request_slower_than_max_execution_time_keeps_its_lock(daemon: Any) ->
     assert read_counter(daemon.address, sid) == 1
 
 
-def test_the_lease_option_and_the_daemons_lease_still_apply(start_daemon: Any) -> None:
-    short = start_daemon("--memory-only", "--lock-lease-s", "1")
-    proc = _php(short.php_address, "counter", "leasedaemon0123456789abcdef", "2")
-    assert "LOCK_LOST" in proc.stderr, proc.stderr
-    assert _lines(proc)["n"] == "null"
+def _short_lease(start_daemon: Any, how: str) -> tuple[Any, str]:
+    """A daemon and a save_path query that give a request a 1 s lease: the
+    daemon's ``--lock-lease-s``, or the handler's ``lease`` option."""
+    if how == "daemon":
+        return start_daemon("--memory-only", "--lock-lease-s", "1"), ""
+    return start_daemon("--memory-only"), "?lease=1"
 
-    normal = start_daemon("--memory-only")
-    proc = _php(normal.php_address, "counter", "leaseoption0123456789abcdef", "2",
-                query="?lease=1")
-    assert "LOCK_LOST" in proc.stderr, proc.stderr
-    assert _lines(proc)["n"] == "null"
+
+@pytest.mark.parametrize("how", ["daemon", "option"])
+def test_a_request_past_its_lease_that_nobody_waits_for_keeps_its_write(
+    how: str, start_daemon: Any, tmp_path: Path
+) -> None:
+    # A long request (a report, an import, set_time_limit(0)) that no other
+    # request competes with: the files handler's flock has no lease and its
+    # write is saved.  The lease only bounds how long a request keeps others
+    # waiting (PROTOCOL.md §6.3); it used to cost this write LOCK_LOST.
+    daemon, query = _short_lease(start_daemon, how)
+    sid = f"leasealone{how}0123456789abcdef"
+    expected = {"start": "true", "write-close": "true", "restart": "true", "n": "1"}
+    proc = _php(daemon.php_address, "counter", sid, "2.5", query=query)
+    assert proc.stderr == "", proc.stderr
+    assert _lines(proc) == expected
+    assert read_counter(daemon.address, sid) == 1
+    assert _stats(daemon)["lock_revoked_total"] == 0
+    # PHP's files handler, everything else equal.
+    files = tmp_path / "files"
+    files.mkdir()
+    proc = run_php(SCRIPT, handler="files", save_path=str(files), args=("counter", sid, "2.5"))
+    assert proc.stderr == "", proc.stderr
+    assert _lines(proc) == expected
+
+
+@pytest.mark.parametrize("how", ["daemon", "option"])
+def test_a_request_past_its_lease_loses_its_write_to_the_next_request_that_asks(
+    how: str, start_daemon: Any, tmp_path: Path
+) -> None:
+    # The lease ran out while nobody waited: the lock stays held until a
+    # second request asks for it; that one gets it at once, and the first
+    # one's write fails with LOCK_LOST (nothing changed), as it always did.
+    daemon, query = _short_lease(start_daemon, how)
+    sid = f"leaselost{how}0123456789abcdef"
+    with _in_background(tmp_path, daemon.php_address, "counter", sid, str(tmp_path),
+                        query=query) as first:
+        time.sleep(1.5)  # its 1 s lease runs out; nobody waits
+        stats = _stats(daemon)
+        assert (stats["locks_held"], stats["lock_revoked_total"]) == (1, 0), stats
+        second = _php(daemon.php_address, "counter", sid, "0")
+        assert second.stderr == "", second.stderr
+        assert _lines(second)["n"] == "1"  # the first's n += 1 is not there
+        stats = _stats(daemon)
+        assert (stats["lock_waits_total"], stats["lock_revoked_total"]) == (1, 1), stats
+        (tmp_path / "go").touch()
+        first_proc = first.result(60)
+    assert "LOCK_LOST" in first_proc.stderr, first_proc.stderr
+    assert "Failed to write session data" in first_proc.stderr, first_proc.stderr
+    assert _lines(first_proc)["n"] == "1"  # what the second one wrote
+    assert read_counter(daemon.address, sid) == 1
 
 
 # -- 2. session_regenerate_id() while the daemon shuts down

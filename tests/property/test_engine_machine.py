@@ -6,7 +6,10 @@ holder with a lease deadline plus a FIFO list of waiters with wait deadlines;
 revoked leases are remembered per owner.  Deadlines run only when the engine
 is ticked (its contract: the shell calls ``tick`` at ``next_deadline``), in
 time order; deadlines that fall at the same instant run in the order they
-were set.  Time advances in quarter seconds so all sums are exact.
+were set.  Time advances in quarter seconds so all sums are exact.  A lease
+that has run out revokes its lock only while someone waits for it (§6.3):
+until then the lock stays held, and the first tick after a waiter queues
+revokes it and grants it to that waiter.
 
 ``MISS DESTROYED`` (§4.1): a DESTROY marks the owners waiting for the
 session's lock at that moment, unless its holder is marked itself (it
@@ -174,8 +177,10 @@ class EngineMachine(RuleBasedStateMachine):
                 del self.data[sid]
                 self.expired_total += 1
         while True:
+            # A lease past its deadline is due only while someone waits.
             due: list[tuple[float, int, str, Waiter | None]] = [
                 (h.deadline, h.seq, sid, None) for sid, h in self.held.items()
+                if self.queues.get(sid)
             ]
             due += [(w.deadline, w.seq, sid, w) for sid, q in self.queues.items() for w in q]
             due = [d for d in due if d[0] <= self.now]
@@ -488,15 +493,19 @@ class EngineMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         # Every wait ends: far in the future all wait deadlines have passed.
         # (A revocation in that tick may grant a waiter a fresh lease, which
-        # the second tick revokes.)
+        # runs out in the second.)  The locks nobody waits for stay held,
+        # past their leases.
+        locks = self.engine.locks
         for _ in range(2):
             self.now += 1000.0
             self.engine.tick(self.now)
             self.model_tick()
             self.check_completions()
             assert not self.outstanding, self.outstanding
-            assert self.engine.locks.waiting_count == 0
-        assert self.engine.locks.held_count == 0
+            assert locks.waiting_count == 0
+        assert locks.held_count == len(self.held)
+        assert all(locks.preemptible(sid, self.now) for sid in self.held)
+        assert locks.next_deadline() is None
 
 
 def same_reply(got: p.Reply, expected: p.Reply) -> bool:

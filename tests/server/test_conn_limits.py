@@ -241,11 +241,16 @@ def test_a_connection_whose_lease_ran_out_is_idle_closed(start_daemon: Any) -> N
     # Whether the idle timeout applied was decided when the connection fell
     # silent: it held a lock then, so it was never closed once the lease
     # revoked the lock.
+    # A lease that runs out while nobody waits keeps the lock (PROTOCOL.md
+    # §6.3): the connection is closed once another request takes it.
     daemon = start_daemon("--memory-only", "--idle-timeout-s", "1")
     with _connect(daemon) as a:
         a.sendall(b"HELLO 1 lease_ms=500\nREAD s1 LOCK\n")
         _receive_exactly(a, b"OK 1\nMISS\n")
-        assert _closed_within(a, 5)
+        assert not _closed_within(a, 2)  # past lease and idle time, still holding
+        with Client(daemon.address) as b:
+            assert b.request(p.Read("s1")) == p.MISS  # takes the lock
+            assert _closed_within(a, 5)
     log = daemon.log()
     assert "event=lock_revoked" in log
     assert "event=idle_timeout" in log

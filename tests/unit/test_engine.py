@@ -112,6 +112,7 @@ def test_hello_options_set_wait_and_lease() -> None:
     e = make_engine(lock_wait_s=30.0, lock_lease_s=5.0)
     hello(e, "a", lease_ms=60_000)  # clamped to the daemon's 5 s
     hello(e, "b", wait_ms=1500)
+    hello(e, "c")
     assert e.handle("a", p.Read("s1"), 0.0) == p.MISS
     assert e.handle("b", p.Read("s1"), 0.0) is WAIT
     e.tick(1.499)
@@ -119,10 +120,11 @@ def test_hello_options_set_wait_and_lease() -> None:
     e.tick(1.5)
     [completion] = take(e)
     assert completion.owner == "b" and code_of(completion.reply) is p.Code.LOCK_TIMEOUT
+    assert e.handle("c", p.Read("s1"), 2.0) is WAIT  # the lease is revoked for c
     e.tick(4.999)
     assert e.locks.holder("s1") == "a"
     e.tick(5.0)
-    assert e.locks.holder("s1") is None
+    assert e.locks.holder("s1") == "c"
     assert e.notices == [Notice("lock_revoked", "s1", "a")]
 
 
@@ -362,23 +364,27 @@ def test_timed_out_client_can_use_its_connection_again() -> None:
 # ---------------------------------------------------------------- leases (§6.3)
 
 
-def revoked_engine(waiter: bool) -> Engine:
+def revoked_engine(b_keeps: bool) -> Engine:
+    """a's 1 s lease runs out while b waits: revoked, b granted; b keeps
+    the lock or (``b_keeps=False``) releases it at once."""
     e = make_engine(lock_lease_s=300.0)
     hello(e, "a", lease_ms=1000)
     hello(e, "b")
     e.handle("a", p.Write("s1", 100, b"old"), 0.0)
     assert e.handle("a", p.Read("s1"), 0.0) == p.Data(b"old")
-    if waiter:
-        assert e.handle("b", p.Read("s1"), 0.5) is WAIT
+    assert e.handle("b", p.Read("s1"), 0.5) is WAIT
     e.tick(0.999)
     assert e.locks.holder("s1") == "a"
     e.tick(1.0)
     assert e.notices == [Notice("lock_revoked", "s1", "a")]
+    assert take(e) == [Completion("b", p.Data(b"old"))]
+    if not b_keeps:
+        assert e.handle("b", p.Close(), 1.0) == p.OK
     return e
 
 
 def test_lock_lost_then_forgotten() -> None:
-    e = revoked_engine(waiter=False)
+    e = revoked_engine(b_keeps=False)
     assert e.locks.holder("s1") is None
     assert code_of(e.handle("a", p.Write("s1", 100, b"late"), 2.0)) is p.Code.LOCK_LOST
     assert e.handle("a", p.Read("s1", lock=False), 2.0) == p.Data(b"old")  # not executed
@@ -392,8 +398,7 @@ def test_lock_lost_then_forgotten() -> None:
     ids=["WRITE", "TOUCH", "DESTROY"],
 )
 def test_lock_lost_then_locked_when_lock_was_handed_on(request_: p.Request) -> None:
-    e = revoked_engine(waiter=True)
-    assert take(e) == [Completion("b", p.Data(b"old"))]
+    e = revoked_engine(b_keeps=True)
     assert e.locks.holder("s1") == "b"
     assert code_of(e.handle("a", request_, 2.0)) is p.Code.LOCK_LOST
     assert code_of(e.handle("a", request_, 2.0)) is p.Code.LOCKED
@@ -402,7 +407,7 @@ def test_lock_lost_then_locked_when_lock_was_handed_on(request_: p.Request) -> N
 
 
 def test_hello_forgets_revocations() -> None:
-    e = revoked_engine(waiter=False)
+    e = revoked_engine(b_keeps=False)
     assert e.handle("a", p.Hello(1), 2.0) == OK_1
     assert e.handle("a", p.Write("s1", 100, b"new"), 2.0) == p.OK
 
@@ -411,14 +416,77 @@ def test_lease_of_granted_waiter_counts_from_grant() -> None:
     e = make_engine(lock_lease_s=10.0)
     hello(e, "a")
     hello(e, "b", lease_ms=4000)
+    hello(e, "c")
     e.handle("a", p.Read("s1"), 0.0)
     e.handle("b", p.Read("s1"), 0.0)
     e.handle("a", p.Close(), 3.0)
     assert take(e) == [Completion("b", p.MISS)]
+    assert e.handle("c", p.Read("s1"), 5.0) is WAIT
     e.tick(6.999)
     assert e.locks.holder("s1") == "b"
     e.tick(7.0)
+    assert e.locks.holder("s1") == "c"
+
+
+def lease_over_engine() -> Engine:
+    """a holds s1 (data "old") 4 s past its 1 s lease; nobody asked for it."""
+    e = make_engine(lock_lease_s=300.0)
+    hello(e, "a", lease_ms=1000)
+    hello(e, "b")
+    hello(e, "z", wait_ms=0)
+    assert e.handle("a", p.Write("s1", 100, b"old"), 0.0) == p.OK
+    assert e.handle("a", p.Read("s1"), 0.0) == p.Data(b"old")
+    assert e.next_deadline() == 1.0
+    e.tick(1.0)
+    e.tick(5.0)
+    assert e.notices == [] and take(e) == []
+    assert e.locks.holder("s1") == "a"
+    return e
+
+
+@pytest.mark.parametrize(
+    ("request_", "stored"),
+    [
+        (p.Write("s1", 100, b"new"), b"new"),
+        (p.Touch("s1", 100), b"old"),
+        (p.Destroy("s1"), None),
+    ],
+    ids=["WRITE", "TOUCH", "DESTROY"],
+)
+def test_a_lease_that_runs_out_while_nobody_waits_leaves_the_change_to_its_holder(
+    request_: p.Request, stored: bytes | None
+) -> None:
+    # PHP's files handler has no lease: a long request nobody competes with
+    # (a report, an import) keeps its write (§6.3).
+    e = lease_over_engine()
+    assert e.next_deadline() == 100.0  # the session's lifetime; no lease left
+    assert e.handle("a", p.Read("s1"), 5.0) == p.Data(b"old")  # re-entrant
+    # A change without the lock does not ask for it: still LOCKED.
+    assert code_of(e.handle("b", p.Write("s1", 100, b"evil"), 5.0)) is p.Code.LOCKED
+    assert e.handle("a", request_, 5.0) == p.OK
+    entry = e.store.get("s1", 5.0)
+    assert (None if entry is None else entry.data) == stored
     assert e.locks.holder("s1") is None
+    assert e.statistics(5.0)["lock_revoked_total"] == 0
+    assert e.notices == []
+
+
+@pytest.mark.parametrize("owner", ["b", "z"], ids=["wait", "wait_ms=0"])
+def test_a_lock_past_its_lease_goes_at_once_to_the_first_request_that_asks(owner: str) -> None:
+    e = lease_over_engine()
+    assert e.handle(owner, p.Read("s1"), 6.0) is WAIT
+    assert e.next_deadline() == 6.0  # the shell's timer runs at once
+    e.tick(6.0)
+    assert take(e) == [Completion(owner, p.Data(b"old"))]  # not LOCK_TIMEOUT
+    assert e.notices == [Notice("lock_revoked", "s1", "a")]
+    assert e.locks.holder("s1") == owner
+    assert e.statistics(6.0)["lock_revoked_total"] == 1
+    # The holder's change is refused and changes nothing.
+    assert code_of(e.handle("a", p.Write("s1", 100, b"late"), 7.0)) is p.Code.LOCK_LOST
+    assert code_of(e.handle("a", p.Write("s1", 100, b"late"), 7.0)) is p.Code.LOCKED
+    assert e.handle(owner, p.Write("s1", 100, b"next"), 7.0) == p.OK
+    entry = e.store.get("s1", 7.0)
+    assert entry is not None and entry.data == b"next"
 
 
 # ---------------------------------------------------------------- LOCKED (§4.2, §4.3, §4.5)
@@ -725,7 +793,10 @@ def test_close_does_not_hide_a_lost_lease_from_the_late_write() -> None:
         engine.connect(owner)
         assert engine.handle(owner, p.Hello(1), 0.0) == p.Ok(("1",))
     assert engine.handle("a", p.Read("s1"), 0.0) == p.MISS
-    engine.tick(2.0)  # the lease ran out
+    assert engine.handle("b", p.Read("s1"), 0.5) is WAIT
+    engine.tick(2.0)  # the lease ran out while b waited: revoked, b granted
+    assert engine.completions == [Completion("b", p.MISS)]
+    assert engine.handle("b", p.Close(), 2.0) == p.OK
     assert engine.handle("a", p.Close(), 2.0) == p.OK
     reply = engine.handle("a", p.Write("s1", 60, b"late"), 2.0)
     assert isinstance(reply, p.Error) and reply.code is p.Code.LOCK_LOST

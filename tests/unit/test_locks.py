@@ -1,5 +1,6 @@
 """The lock table (PROTOCOL.md §6): FIFO waiters, re-entrancy, wait deadlines,
-leases, and owners that go away."""
+leases, and owners that go away.  A lease is revoked only when someone waits
+for the lock (§6.3): the tests of revocation queue a waiter."""
 
 from __future__ import annotations
 
@@ -131,16 +132,21 @@ def test_lease_revocation_hands_lock_on() -> None:
     assert locks.holder("s1") == "b"
     assert not locks.holds_any("a")
     # b's lease runs from the grant (10), with b's own lease_s.
+    assert not locks.acquire("s1", "c", 11.0, LEASE, WAIT)
     assert locks.expire(14.9) == []
-    assert locks.expire(15.0) == [Revoked("s1", "b")]
-    assert locks.holder("s1") is None
+    assert locks.expire(15.0) == [Revoked("s1", "b"), Grant("s1", "c")]
+    assert locks.holder("s1") == "c"
 
 
 def test_revocation_is_remembered_once() -> None:
     locks = LockTable()
     locks.acquire("s1", "a", 0.0, lease_s=1.0, wait_s=WAIT)
     locks.acquire("s2", "a", 0.0, lease_s=1.0, wait_s=WAIT)
-    assert set(locks.expire(1.0)) == {Revoked("s1", "a"), Revoked("s2", "a")}
+    locks.acquire("s1", "b", 0.5, LEASE, WAIT)
+    locks.acquire("s2", "c", 0.5, LEASE, WAIT)
+    assert set(locks.expire(1.0)) == {
+        Revoked("s1", "a"), Grant("s1", "b"), Revoked("s2", "a"), Grant("s2", "c")
+    }
     assert not locks.take_revoked("b", "s1")
     assert locks.take_revoked("a", "s1")
     assert not locks.take_revoked("a", "s1")  # forgotten after the one error
@@ -151,7 +157,9 @@ def test_revocation_is_remembered_once() -> None:
 def test_acquiring_again_forgets_revocation() -> None:
     locks = LockTable()
     locks.acquire("s1", "a", 0.0, lease_s=1.0, wait_s=WAIT)
-    locks.expire(1.0)
+    locks.acquire("s1", "b", 0.5, LEASE, WAIT)
+    assert locks.expire(1.0) == [Revoked("s1", "a"), Grant("s1", "b")]
+    locks.release("s1", "b", 1.5)
     assert locks.acquire("s1", "a", 2.0, LEASE, WAIT)
     assert not locks.take_revoked("a", "s1")
 
@@ -161,11 +169,13 @@ def test_release_all_keeps_revocations_and_reset_forgets_them() -> None:
     # HELLO (reset) starts the connection afresh (PROTOCOL.md §6.3, §3.2).
     locks = LockTable()
     locks.acquire("s1", "a", 0.0, lease_s=1.0, wait_s=WAIT)
-    locks.expire(1.0)
+    locks.acquire("s1", "b", 0.5, LEASE, WAIT)
+    assert locks.expire(1.0) == [Revoked("s1", "a"), Grant("s1", "b")]
     locks.release_all("a", 2.0)
     assert locks.take_revoked("a", "s1")
     locks.acquire("s2", "a", 3.0, lease_s=1.0, wait_s=WAIT)
-    locks.expire(4.0)
+    locks.acquire("s2", "b", 3.5, LEASE, WAIT)
+    assert locks.expire(4.0) == [Revoked("s2", "a"), Grant("s2", "b")]
     locks.reset("a", 5.0)
     assert not locks.take_revoked("a", "s2")
 
@@ -187,8 +197,9 @@ def test_reacquire_same_owner_after_release_gets_fresh_lease() -> None:
     locks.acquire("s1", "a", 0.0, lease_s=10.0, wait_s=WAIT)
     locks.release("s1", "a", 5.0)
     locks.acquire("s1", "a", 6.0, lease_s=10.0, wait_s=WAIT)
+    locks.acquire("s1", "b", 7.0, LEASE, wait_s=100.0)
     assert locks.expire(10.0) == []  # the first lease is over, not the second
-    assert locks.expire(16.0) == [Revoked("s1", "a")]
+    assert locks.expire(16.0) == [Revoked("s1", "a"), Grant("s1", "b")]
 
 
 def test_forget_hands_lock_on_and_drops_waits() -> None:
@@ -209,7 +220,9 @@ def test_forget_hands_lock_on_and_drops_waits() -> None:
     assert locks.waiting_count == 0
     assert locks.release("s3", "d", 2.0) == []
     assert locks.holder("s3") is None
-    assert set(locks.expire(1000.0)) == {Revoked("s1", "b"), Revoked("s2", "c")}
+    # Nobody waits for s1 or s2: their leases run out, the locks stay held.
+    assert locks.expire(1000.0) == []
+    assert (locks.holder("s1"), locks.holder("s2")) == ("b", "c")
 
 
 def test_forget_middle_waiter_keeps_fifo_order_of_the_rest() -> None:
@@ -226,7 +239,8 @@ def test_forget_middle_waiter_keeps_fifo_order_of_the_rest() -> None:
 def test_forget_forgets_revocations() -> None:
     locks = LockTable()
     locks.acquire("s1", "a", 0.0, lease_s=1.0, wait_s=WAIT)
-    locks.expire(1.0)
+    locks.acquire("s1", "b", 0.5, LEASE, WAIT)
+    assert locks.expire(1.0) == [Revoked("s1", "a"), Grant("s1", "b")]
     locks.forget("a", 2.0)
     assert not locks.take_revoked("a", "s1")
 
@@ -245,8 +259,9 @@ def test_waiter_timeout_and_revocation_in_one_expire_call() -> None:
     # A late timer at 20: b's wait (5) ran out before a's lease (10).
     assert locks.expire(20.0) == [Timeout("s1", "b"), Revoked("s1", "a"), Grant("s1", "c")]
     assert locks.holder("s1") == "c"
+    assert not locks.acquire("s1", "d", 21.0, LEASE, WAIT)
     assert locks.expire(22.9) == []
-    assert locks.expire(23.0) == [Revoked("s1", "c")]
+    assert locks.expire(23.0) == [Revoked("s1", "c"), Grant("s1", "d")]
 
 
 def test_next_deadline() -> None:
@@ -280,13 +295,14 @@ def test_compaction_keeps_live_deadlines() -> None:
     locks = LockTable()
     locks.acquire("keep", "x", 0.0, lease_s=50_000.0, wait_s=WAIT)
     locks.acquire("keep", "y", 0.0, LEASE, wait_s=40_000.0)
+    locks.acquire("keep", "w", 0.0, LEASE, wait_s=60_000.0)
     for i in range(5_000):
         locks.acquire(f"t{i}", "z", float(i), LEASE, WAIT)
         locks.release(f"t{i}", "z", float(i))
     assert len(locks._heap) < 2000
     assert locks.expire(39_999.0) == []
     assert locks.expire(40_000.0) == [Timeout("keep", "y")]
-    assert locks.expire(50_000.0) == [Revoked("keep", "x")]
+    assert locks.expire(50_000.0) == [Revoked("keep", "x"), Grant("keep", "w")]
 
 
 def test_waiters_of_a_destroyed_session_are_granted_marked_locks() -> None:
@@ -319,3 +335,96 @@ def test_a_lock_handed_on_by_its_lease_keeps_the_waiters_mark() -> None:
     events = locks.expire(10.0)
     assert events == [Revoked("s1", "a"), Grant("s1", "b")]
     assert locks.destroyed("s1")
+
+
+# -- a lease that runs out while nobody waits (PROTOCOL.md §6.3)
+
+
+def test_a_lease_that_runs_out_while_nobody_waits_keeps_the_lock() -> None:
+    # A long request nobody competes with keeps its lock past the lease, as
+    # PHP's files handler keeps its flock: its write is not lost.
+    locks = LockTable()
+    assert locks.acquire("s1", "a", 0.0, lease_s=10.0, wait_s=WAIT)
+    assert not locks.preemptible("s1", 9.9)
+    assert locks.expire(10.0) == []
+    assert locks.holder("s1") == "a"
+    assert locks.preemptible("s1", 10.0)
+    assert locks.revoked_total == 0
+    assert locks.next_deadline() is None  # nothing left for the timer
+    # Re-entrant: still a no-op, the lease is not renewed.
+    assert locks.acquire("s1", "a", 11.0, LEASE, WAIT)
+    assert locks.waits_total == 0
+    assert locks.next_deadline() is None
+    assert locks.preemptible("s1", 11.0)
+    # Its release (the WRITE that ends the request) is an ordinary one.
+    assert locks.release("s1", "a", 12.0) == []
+    assert not locks.take_revoked("a", "s1")
+    assert locks.holder("s1") is None
+    assert not locks.preemptible("s1", 12.0)
+    assert locks.revoked_total == 0
+
+
+def test_a_lock_past_its_lease_is_revoked_as_soon_as_someone_waits() -> None:
+    locks = LockTable()
+    assert locks.acquire("s1", "a", 0.0, lease_s=10.0, wait_s=WAIT)
+    assert locks.expire(50.0) == []  # nobody waits: kept
+    assert not locks.acquire("s1", "b", 60.0, lease_s=5.0, wait_s=WAIT)
+    assert locks.next_deadline() == 60.0  # the timer runs at once
+    assert locks.expire(60.0) == [Revoked("s1", "a"), Grant("s1", "b")]
+    assert locks.revoked_total == 1
+    assert locks.timeouts_total == 0
+    assert locks.holder("s1") == "b"
+    assert not locks.preemptible("s1", 60.0)
+    # The holder's late change is refused (LOCK_LOST), once.
+    assert locks.take_revoked("a", "s1")
+    assert not locks.take_revoked("a", "s1")
+    assert locks.release("s1", "a", 61.0) == []  # not its lock any more
+    assert locks.holder("s1") == "b"
+    # b's lease runs from its grant; nobody waits when it ends: kept too.
+    assert locks.expire(65.0) == []
+    assert locks.holder("s1") == "b"
+
+
+def test_a_zero_wait_behind_a_lock_past_its_lease_gets_the_lock() -> None:
+    locks = LockTable()
+    assert locks.acquire("s1", "a", 0.0, lease_s=1.0, wait_s=WAIT)
+    assert locks.expire(1.0) == []
+    assert not locks.acquire("s1", "b", 2.0, LEASE, 0.0)
+    # Both items are due at 2: the lease's comes first (older token).
+    assert locks.expire(2.0) == [Revoked("s1", "a"), Grant("s1", "b")]
+    assert locks.timeouts_total == 0
+    assert locks.holder("s1") == "b"
+    assert locks.waiting_count == 0
+    assert locks.expire(3.0) == []  # the wait item is stale
+
+
+def test_a_waiter_that_leaves_before_the_timer_runs_revokes_nothing() -> None:
+    locks = LockTable()
+    assert locks.acquire("s1", "a", 0.0, lease_s=1.0, wait_s=WAIT)
+    assert locks.expire(1.0) == []
+    assert not locks.acquire("s1", "b", 2.0, LEASE, WAIT)
+    assert locks.forget("b", 2.0) == []  # its connection closed
+    assert locks.expire(2.0) == []
+    assert locks.holder("s1") == "a"
+    assert locks.revoked_total == 0
+    # The next one that asks takes it.
+    assert not locks.acquire("s1", "c", 3.0, LEASE, WAIT)
+    assert locks.expire(3.0) == [Revoked("s1", "a"), Grant("s1", "c")]
+
+
+def test_compaction_keeps_a_lock_past_its_lease_preemptible() -> None:
+    locks = LockTable()
+    assert locks.acquire("keep", "x", 0.0, lease_s=1.0, wait_s=WAIT)
+    assert locks.expire(1.0) == []
+    for i in range(5_000):
+        locks.acquire(f"t{i}", "z", float(i), LEASE, WAIT)
+        locks.release(f"t{i}", "z", float(i))
+    assert len(locks._heap) < 2000
+    assert locks.expire(10_000.0) == []  # rebuilt with its old deadline: still kept
+    assert locks.holder("keep") == "x"
+    assert not locks.acquire("keep", "y", 10_001.0, LEASE, 0.0)
+    for i in range(5_000):  # and rebuilt again while y waits
+        locks.acquire(f"u{i}", "z", 10_001.0, LEASE, WAIT)
+        locks.release(f"u{i}", "z", 10_001.0)
+    assert locks.expire(10_001.0) == [Revoked("keep", "x"), Grant("keep", "y")]
+    assert locks.timeouts_total == 0

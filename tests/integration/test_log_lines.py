@@ -19,6 +19,7 @@ import pytest
 from phpsess.server import ADMIN_RESERVED_CONNECTIONS
 from tests.conftest import Daemon
 from tests.integration.test_cluster import Cluster, _create
+from tests.server.test_conn_limits import _receive_exactly
 
 
 def _connect(daemon: Daemon) -> socket.socket:
@@ -39,15 +40,6 @@ def _recv_all(s: socket.socket) -> bytes:
         if not chunk:
             return got
         got += chunk
-
-
-def _receive_exactly(s: socket.socket, expected: bytes) -> None:
-    got = b""
-    while len(got) < len(expected):
-        chunk = s.recv(len(expected) - len(got))
-        assert chunk, f"closed after {got!r}, expected {expected!r}"
-        got += chunk
-    assert got == expected
 
 
 def _events(log: str, event: str) -> list[dict[str, str]]:

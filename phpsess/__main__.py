@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--lock-lease-s", type=_seconds, default=Limits().lock_lease_s, metavar="S",
-        help="a lock held longer than this is revoked (default: 300)",
+        help="a lock held longer than this is revoked once another request asks for it "
+        "(SQL storage: when it runs out) (default: 300)",
     )
     serve.add_argument(
         "--shutdown-timeout-s", type=_seconds, default=10.0, metavar="S",

@@ -873,7 +873,14 @@ def cmd_import(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_kick(client: Client, args: argparse.Namespace) -> int:
     # GET first only to tell the user whether there was anything to destroy.
-    get_reply, reply = client.pipeline([p.Get(args.sid), p.Destroy(args.sid)])
+    # Then its lock, not waiting: a request in progress keeps it (LOCKED
+    # below), but one held past its lease goes to whoever asks for it
+    # (PROTOCOL.md §6.3): a hung worker must not keep a session an
+    # operator removes.
+    get_reply, _, _, reply = client.pipeline([
+        p.Get(args.sid), p.Hello(p.PROTOCOL_VERSION, wait_ms=0), p.Read(args.sid, lock=True),
+        p.Destroy(args.sid),
+    ])
     existed = _get_reply(args.sid, get_reply) is not None
     if isinstance(reply, p.Error) and reply.code is p.Code.LOCKED:
         if args.json:
@@ -881,8 +888,7 @@ def cmd_kick(client: Client, args: argparse.Namespace) -> int:
                    "message": reply.message})
         raise AdminError(
             f"{args.sid} is locked by a request in progress and was not destroyed; "
-            "try again once that request ends (or, past its lock lease, once another "
-            "request takes the session)"
+            "try again once that request ends (or its lock lease runs out)"
         )
     if not isinstance(reply, p.Ok):
         raise _refused(f"DESTROY {args.sid}", reply)

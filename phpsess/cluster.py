@@ -2082,9 +2082,9 @@ class Cluster:
         if m is None or m.role != MASTER:
             return False
         engine = self.server.engine
+        preempt = False
         if engine.locks.holder(sid) is not None:
-            now = trio.current_time()
-            if not engine.locks.preemptible(sid, now):
+            if not engine.locks.preemptible(sid, trio.current_time()):
                 # A request holding its lock (here or through a peer's
                 # forwarded connection, §5.3) finishes first: the next round
                 # hands it over, and meanwhile no new lock is taken on it
@@ -2094,15 +2094,9 @@ class Cluster:
             # Held past its lease: nobody asked for it when the lease ran
             # out (PROTOCOL.md §6.3), but the drain asks now, as a waiting
             # request would (the requests that want it wait in resolve_lock,
-            # not in its queue).  The holder's next change gets LOCK_LOST.
-            engine.revoke_session(
-                sid, now,
-                p.Error(p.Code.UNAVAILABLE, "the session moved to another node while this "
-                        "request waited for its lock; retry"),
-                p.Error(p.Code.NOT_MASTER, "-"),
-            )
-            self.server._after_engine()
-            self._pending.discard(sid)
+            # not in its queue): revoked below, once there is somewhere to
+            # hand it (no await in between).
+            preempt = True
         await trio.lowlevel.checkpoint_if_cancelled()  # not past the deadline
         entry = self.server.engine.store.get(sid, trio.current_time())
         if entry is None:
@@ -2117,6 +2111,16 @@ class Cluster:
         epoch, old_backup = m.epoch, m.backup
         ttl_s = max(1, math.ceil(entry.expires_at - trio.current_time()))
         handoff = p.Handoff(sid, epoch + 1, m.version, ttl_s, entry.data)
+        if preempt:
+            # The holder's next change gets LOCK_LOST.
+            engine.revoke_session(
+                sid, trio.current_time(),
+                p.Error(p.Code.UNAVAILABLE, "the session moved to another node while this "
+                        "request waited for its lock; retry"),
+                p.Error(p.Code.NOT_MASTER, "-"),
+            )
+            self.server._after_engine()
+            self._pending.discard(sid)
         self._handing_over.add(sid)  # no lock is taken on it until the answer (resolve_lock)
         try:
             reply: p.Reply | LinkError = await self._call_handoff(target, handoff)

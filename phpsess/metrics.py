@@ -84,7 +84,8 @@ class _DaemonCollector(Collector):
             ("phpsess_lock_waits", "Requests that had to wait for a lock.", "lock_waits_total"),
             ("phpsess_lock_timeouts", "Lock waits that gave up.", "lock_timeouts_total"),
             ("phpsess_lock_revocations",
-             "Locks revoked past their lease, for a request that asked for them.",
+             "Locks revoked past their lease (for a request that asked for them; SQL "
+             "storage: when it ran out), or because their session moved to another node.",
              "lock_revoked_total"),
             ("phpsess_expired_sessions", "Sessions expired on their TTL.", "expired_total"),
             ("phpsess_incoming_refusals", "Clients answered BUSY for --max-incoming-bytes.",

@@ -1495,7 +1495,6 @@ class Server:
         sends that wait look too, but they may stop coming).  As it wakes at
         least once a second, it also logs the count of the lines the
         throttles left out (:meth:`_log_left_out`): no task of its own."""
-        engine = self.engine
         while True:
             pause = min(1.0, self.config.idle_timeout_s / 8, self.config.handshake_timeout_s / 8)
             if self.outgoing_bytes > self.config.max_outgoing_bytes:
@@ -1529,7 +1528,10 @@ class Server:
                     # Held now, not when it fell silent: it may have been
                     # revoked since (past its lease, for a request that
                     # asked for it; the wait is not).
-                    if engine.holds_locks(conn.owner) and not conn.mid_request:
+                    # Its locks through other nodes too (§5.3): a long
+                    # request on a session mastered elsewhere keeps its
+                    # connection, and so its lock and its write.
+                    if self._holds_locks(conn) and not conn.mid_request:
                         continue
                     conn.idle_since = None
                     self.timeout_closes["idle"] += 1

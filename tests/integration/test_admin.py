@@ -441,6 +441,23 @@ def test_kick(daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
     assert get(daemon.address, "k2") is not None
 
 
+def test_kick_takes_a_session_whose_lock_is_past_its_lease(
+    daemon: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Past its lease a lock goes to whoever asks for it (PROTOCOL.md
+    # §6.3); kick did not ask, so a hung worker's session could not be
+    # removed once leases stopped revoking uncontended locks.
+    put(daemon.address, {"k3": (b"a|i:3;", 60)})
+    with Client(daemon.address, lease_ms=300) as holder:
+        assert isinstance(holder.request(p.Read("k3")), p.Data)
+        time.sleep(0.6)
+        status, out, err = cli(capsys, "kick", "k3", "--connect", daemon.address)
+        assert (status, out) == (0, "destroyed k3\n"), err
+        reply = holder.request(p.Write("k3", 60, b"late"))
+        assert isinstance(reply, p.Error) and reply.code is p.Code.LOCK_LOST
+    assert get(daemon.address, "k3") is None
+
+
 # ---------------------------------------------------------------- export/import
 
 

@@ -875,3 +875,25 @@ def test_a_node_its_running_peer_does_not_take_creates_no_single_copy_sessions(
             if daemon.proc is not None and daemon.proc.poll() is None:
                 daemon.proc.kill()
                 daemon.proc.wait()
+
+
+def test_a_silent_request_holding_a_lock_through_another_node_keeps_its_connection(
+    workdir: Path,
+) -> None:
+    # The idle timeout spares a connection holding a lock: it looked only
+    # at the locks held on the client's own node, so a long request on a
+    # session mastered elsewhere (§5.3) was cut off and lost its write.
+    class QuickIdle(Cluster):
+        def args(self, name: str, secret: Path) -> list[str]:
+            return [*super().args(name, secret), "--idle-timeout-s", "1"]
+
+    pair = QuickIdle(workdir, ("a", "b"))
+    try:
+        sid = _create(pair, "a", b"n|i:1;")  # mastered by a
+        with Client(pair.nodes["b"].address) as c:  # its lock taken on a, through b
+            assert c.request(p.Read(sid)) == p.Data(b"n|i:1;")
+            time.sleep(2.5)  # silent past the idle timeout, holding the lock
+            assert c.request(p.Write(sid, 60, b"n|i:2;")) == p.OK
+        assert _counter(pair, "a", sid) == 2
+    finally:
+        pair.stop()

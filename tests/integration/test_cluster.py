@@ -384,11 +384,30 @@ def test_a_node_that_learns_of_a_death_first_waits_for_the_takeover(cluster: Clu
         assert _read(cluster, "a", sid) == p.Data(b"v1"), a.log()
 
 
-def test_a_staggered_whole_cluster_restart_serves_no_session_as_new(cluster: Cluster) -> None:
+class _FsyncAlways(Cluster):
+    """Every acknowledged write on disk: a kill -9 right after one keeps it
+    (with the default interval policy the last few ms may be lost, README
+    Durability, which a test about routing must not depend on)."""
+
+    def args(self, name: str, secret: Path) -> list[str]:
+        return [*super().args(name, secret), "--fsync", "always"]
+
+
+@pytest.fixture
+def cluster_fsync_always(workdir: Path) -> Iterator[Cluster]:
+    c = _FsyncAlways(workdir)
+    yield c
+    c.stop()
+
+
+def test_a_staggered_whole_cluster_restart_serves_no_session_as_new(
+    cluster_fsync_always: Cluster,
+) -> None:
     # Every daemon killed; c starts alone, a and b later than the detection
     # time.  c declared them absent (their ports refused) and read their
     # sessions as missing: a write on c was acknowledged, and one of the two
     # copies lost when a came back with its journaled master copy (§3, §5.5).
+    cluster = cluster_fsync_always
     sid = _create(cluster, "a", b"v1")
     for name in NAMES:
         cluster.nodes[name].kill9()

@@ -14,11 +14,23 @@ The threads are limited to the pool's size, so the database sees at most
 Failures: any driver error discards that connection and becomes
 ``ERR UNAVAILABLE`` for the request (PHP's session_start() or write then fails
 cleanly; the daemon keeps serving).  A write is acknowledged only after the
-database committed it (autocommit).  Pooled connections are re-made on
-demand, so service resumes by itself once the database is back.  Locks held
-on a pinned connection that broke are gone (the database released them with
-the session): their holders' later writes get ``ERR LOCK_LOST``, never a
-silent overwrite.
+database committed it (autocommit), in a strict session (``sql_mode``), so a
+value too long for its column is an error, never a truncation.  Pooled
+connections are re-made on demand, so service resumes by itself once the
+database is back; a reused one found dead (the database restarted) drops
+the idle ones and the statement is retried once on a new one, for a lock
+request too as long as no lock is held on it.  Locks held on a pinned
+connection that broke are gone (the database released them with the
+session): the request that finds it broken gets ``ERR UNAVAILABLE``, later
+writes under those locks ``ERR LOCK_LOST``, never a silent overwrite.
+
+At start the table is created if missing and checked (its columns, by
+:func:`phpsess.sqlstore.schema_problems`): one that cannot hold the sessions,
+or an engine that cannot hold the table, stops the daemon with a message
+saying what to do.  The database's ``max_allowed_packet`` is read then too:
+a WRITE whose statement would exceed it is refused with ``ERR TOO_LARGE``
+before it is sent (sent, the database would drop the connection and the
+locks on it).
 """
 
 from __future__ import annotations
@@ -70,6 +82,14 @@ _SPARE_THREADS: Final = 4
 # Access denied (database, user), unknown database, command denied, unknown
 # storage engine, unix-socket authentication refused.
 _FATAL_AT_START: Final = frozenset({1044, 1045, 1049, 1142, 1286, 1698})
+# Errors that mean the table cannot be used as it is (met at start: fatal;
+# the same table would fail every request).  Can't create table, the
+# engine lacks an option, unknown column, key too long, row size too large,
+# unknown table, the engine cannot hold BLOBs, BLOB in a key, field without
+# default, data too long, the engine refuses a create option.
+_SCHEMA_ERRORS: Final = frozenset(
+    {1005, 1031, 1054, 1071, 1118, 1146, 1163, 1170, 1364, 1406, 1478}
+)
 # STATS and a metrics scrape wait this long for the count of sessions
 # (README "SQL storage": "given 2 s"); then they answer without it.
 STATS_TIMEOUT_S: Final = 2.0
@@ -81,6 +101,10 @@ class Unavailable(Exception):
 
 class _Gone(Exception):
     """The PHP client disconnected while its request waited for a lock."""
+
+
+class _Refused(Exception):
+    """The table cannot hold the sessions; the message says why and what to do."""
 
 
 @attrs.define(slots=True, eq=False)
@@ -276,8 +300,12 @@ def connect_function(config: sq.SqlConfig, wait_timeout_s: int) -> Callable[[], 
             connect_timeout=config.connect_timeout_s,
             read_timeout=config.read_timeout_s, write_timeout=config.read_timeout_s,
             # A daemon that hangs holding locks: the database ends the idle
-            # pinned session after the lease (and releases its locks).
-            init_command=f"SET SESSION wait_timeout = {int(wait_timeout_s)}",
+            # pinned session after the lease (and releases its locks).  And
+            # strict, whatever the global sql_mode: a value too long for its
+            # column is an error, never silently truncated.
+            init_command=(
+                f"SET SESSION wait_timeout = {int(wait_timeout_s)}, {sq.STRICT_SQL_MODE}"
+            ),
         )
 
     return connect
@@ -308,6 +336,11 @@ class SqlBackend:
         self.errors_total = 0
         self._verb_counts: dict[type, int] = {}
         self._abandoned: _Handoff | None = None  # the last call _bounded gave up on
+        # Why the table cannot be used, found once the database answered
+        # after a start without it (at start it is fatal).
+        self._refused: str | None = None
+        # The database's, once read (None: not yet, WRITEs are not checked).
+        self.max_allowed_packet: int | None = None
 
     # -- lifecycle
 
@@ -317,10 +350,10 @@ class SqlBackend:
 
         schema_ok = False
         try:
-            await self._pooled(_count(self.sql.create, ()))
+            await self._prepare()
             schema_ok = True
-            log.info("event=storage_ready storage=%s table=%s engine=%s",
-                     quoted(self.config.url), self.config.table, self.config.engine)
+        except _Refused as exc:
+            raise StartupError(str(exc)) from exc
         except Unavailable as exc:
             cause = exc.__cause__
             code = cause.args[0] if cause is not None and cause.args else None
@@ -338,13 +371,61 @@ class SqlBackend:
                 await trio.sleep(self.config.purge_interval_s)
                 try:
                     if not schema_ok:
-                        await self._pooled(_count(self.sql.create, ()))
+                        # The database was unreachable at start: check now.
+                        try:
+                            await self._prepare()
+                        except _Refused as exc:
+                            if self._refused is None:
+                                log.error("event=storage_refused storage=%s detail=%s",
+                                          quoted(self.config.url), quoted(str(exc)))
+                            self._refused = str(exc)
+                            continue
+                        self._refused = None
                         schema_ok = True
                     await self.purge()
                 except Unavailable:
                     pass  # logged once by _call; retried next interval
         finally:
             self.pool.close()
+
+    async def _prepare(self) -> None:
+        """Create the table if missing and check that it can hold the
+        sessions (else :class:`_Refused`, saying what to do); read the
+        database's max_allowed_packet, which bounds a WRITE's size."""
+        table = f"{self.config.database}.{self.config.table}"
+        try:
+            await self._pooled(_count(self.sql.create, ()))
+            rows = await self._pooled(_rows(self.sql.columns, (self.config.table,)))
+        except Unavailable as exc:
+            cause = exc.__cause__
+            code = cause.args[0] if cause is not None and cause.args else None
+            if code not in _SCHEMA_ERRORS:
+                raise
+            raise _Refused(
+                f"storage table {table} (engine {self.config.engine} if created here) cannot "
+                f"be used: {describe(cause) if cause is not None else exc}. Use an engine that "
+                "holds BLOBs in a table of the shape README \"SQL storage\" shows (InnoDB, or "
+                "ndbcluster): give --storage-table a new name (it is created) or fix the table"
+            ) from exc
+        max_session_bytes = self.server.config.limits.max_session_bytes
+        problems = sq.schema_problems(rows, max_session_bytes)
+        if problems:
+            raise _Refused(sq.schema_refusal(self.config, problems))
+        packet = await self._pooled(_scalar("SELECT @@max_allowed_packet", ()))
+        self.max_allowed_packet = int(str(packet))
+        if sq.write_packet_bytes(max_session_bytes) > self.max_allowed_packet:
+            log.warning(
+                "event=storage_packet_small storage=%s max_allowed_packet=%d "
+                "max_session_bytes=%d detail=%s", quoted(self.config.url),
+                self.max_allowed_packet, max_session_bytes,
+                quoted(f"a session is sent as twice its size, so sessions over "
+                       f"{sq.largest_write(self.max_allowed_packet)} bytes are refused "
+                       f"(TOO_LARGE): raise the database's max_allowed_packet to at least "
+                       f"{sq.write_packet_bytes(max_session_bytes)} or lower "
+                       f"--max-session-bytes to "
+                       f"{sq.largest_write(self.max_allowed_packet)}"))
+        log.info("event=storage_ready storage=%s table=%s engine=%s",
+                 quoted(self.config.url), self.config.table, self.config.engine)
 
     async def purge(self) -> int:
         """Delete expired rows (reads already ignore them), in batches, and
@@ -479,11 +560,28 @@ class SqlBackend:
             self._lose_pinned(client)
             raise
 
-    async def _pin(self, client: _Client) -> Connection:
-        if client.pinned is None:
-            conn, _ = await self.pool.acquire(self.config.read_timeout_s)
+    async def _pin_and_run(self, client: _Client, fn: Callable[[Connection], T]) -> T:
+        """``fn`` on the client's pinned connection, pinning a pooled one if
+        it has none.  A reused one that turns out dead (the database
+        restarted) is replaced once, as in :meth:`_pooled`: no lock is held
+        on a connection just pinned, so nothing is lost by retrying."""
+        if client.pinned is not None:
+            return await self._pinned(client, fn)
+        for attempt in (1, 2):
+            try:
+                conn, fresh = await self.pool.acquire(self.config.read_timeout_s)
+            except Unavailable as exc:
+                self._note_unreachable(exc)
+                raise
             client.pinned = conn
-        return client.pinned
+            try:
+                return await self._pinned(client, fn)
+            except Unavailable:
+                # _pinned released it as broken; the others idle are as stale.
+                self.pool.discard_idle()
+                if fresh or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def _lose_pinned(self, client: _Client, *, in_use: bool = False) -> None:
         """The pinned connection broke: the database released its locks."""
@@ -539,9 +637,10 @@ class SqlBackend:
             return too_many_locks(limits)
         client.revoked.discard(sid)  # PROTOCOL.md §6.3: a new locking READ
         name = self._name(sid)
-        pinned = await self._pin(client)
-        first = await self._pinned(client, _row(sq.GET_LOCK_AT, (name, 0)))
+        first = await self._pin_and_run(client, _row(sq.GET_LOCK_AT, (name, 0)))
         assert first is not None
+        pinned = client.pinned
+        assert pinned is not None
         got, since = first
         if got == 1:
             since = None
@@ -760,6 +859,8 @@ class SqlBackend:
         if kind in p.ADMIN_ONLY and not await self.server.may_administer_tcp(conn):
             self.errors_total += 1
             return self.server.denied(conn, event)
+        if self._refused is not None and isinstance(event, _TABLE_VERBS):
+            return self._error(p.Code.UNAVAILABLE, self._refused)
         try:
             if isinstance(event, p.Read):
                 return await self._read(conn, client, parser, event)
@@ -846,6 +947,16 @@ class SqlBackend:
 
     async def _write(self, client: _Client, event: p.Write) -> p.Reply:
         sid = event.sid
+        packet = self.max_allowed_packet
+        if packet is not None and sq.write_packet_bytes(len(event.data)) > packet:
+            # Sent, it would be refused and its connection dropped (with
+            # the lock held on it): refused here, the lock is kept.
+            return self._error(
+                p.Code.TOO_LARGE,
+                f"a session of {len(event.data)} bytes is over the {sq.largest_write(packet)} "
+                f"the session database takes: its max_allowed_packet is {packet} and a "
+                "session is sent as twice its size; nothing was changed",
+            )
         error = self._lock_error(client, sid) or await self._locked_by_other(client, sid)
         if error is not None:
             return error
@@ -901,8 +1012,7 @@ class SqlBackend:
             sid = "".join([alphabet[b & mask] for b in raw])
             name = self._name(sid)
             if event.lock:
-                await self._pin(client)
-                got = await self._pinned(client, _scalar(sq.GET_LOCK, (name, 0)))
+                got = await self._pin_and_run(client, _scalar(sq.GET_LOCK, (name, 0)))
                 if got != 1:
                     continue  # someone holds this very ID: draw again
                 client.held[sid] = trio.current_time() + client.lease_s
@@ -966,5 +1076,7 @@ class SqlBackend:
         }
 
 
+# The requests that use the table (refused while it cannot be used).
+_TABLE_VERBS: Final = (p.Read, p.Write, p.Touch, p.Exists, p.Destroy, p.Create, p.Get, p.List)
 _OK_1: Final = p.Ok(("1",))
 _OK_0: Final = p.Ok(("0",))

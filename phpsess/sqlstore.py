@@ -64,6 +64,17 @@ TOMBSTONE_DAYS: Final = 146097
 TOMBSTONE_KEEP_S: Final = 60
 # Named locks are limited to 64 characters: "phpsess:" + 40 hex digits.
 _LOCK_PREFIX: Final = "phpsess:"
+# PyMySQL sends bytes as X'hex' in the statement text: a WRITE's statement
+# is twice the session's size and at most this much more (the statement,
+# the ID, the TTL).  The database refuses (and drops the connection of) a
+# statement over its max_allowed_packet.
+PACKET_MARGIN: Final = 4096
+# Every connection makes its session strict, whatever the server's global
+# sql_mode: a value that does not fit is an error, never truncated (and
+# acknowledged).  The modes the server has otherwise stay.
+STRICT_SQL_MODE: Final = (
+    "sql_mode = CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), 'STRICT_ALL_TABLES')"
+)
 
 _IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _USER: Final = re.compile(r"[A-Za-z0-9_.\-]{1,80}")
@@ -182,6 +193,12 @@ class Statements:
             "  KEY expires (expires)\n"
             f") ENGINE={engine}"
         )
+        # The table's columns (schema_problems); parameter: the table name.
+        self.columns = (
+            "SELECT COLUMN_NAME, DATA_TYPE, CHARACTER_OCTET_LENGTH, DATETIME_PRECISION, "
+            "COLUMN_KEY, IS_NULLABLE, COLUMN_DEFAULT, EXTRA FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION"
+        )
         live = "expires > UTC_TIMESTAMP(6)"
         self.read = f"SELECT data FROM {t} WHERE id = %s AND {live}"
         self.upsert = (
@@ -266,6 +283,94 @@ GET_LOCK: Final = "SELECT GET_LOCK(%s, %s)"
 GET_LOCK_AT: Final = "SELECT GET_LOCK(%s, %s), UTC_TIMESTAMP(6)"
 RELEASE_LOCK: Final = "DO RELEASE_LOCK(%s)"
 IS_USED_LOCK: Final = "SELECT IS_USED_LOCK(%s)"
+
+
+def write_packet_bytes(size: int) -> int:
+    """The largest statement a WRITE of ``size`` bytes of data sends."""
+    return 2 * size + PACKET_MARGIN
+
+
+def largest_write(max_allowed_packet: int) -> int:
+    """The largest session a statement within ``max_allowed_packet`` carries."""
+    return max(0, (max_allowed_packet - PACKET_MARGIN) // 2)
+
+
+# The table's columns as the backend needs them (information_schema.COLUMNS
+# of the table, :attr:`Statements.columns`): sizes in bytes.
+_DATA_TYPES: Final = frozenset({"tinyblob", "blob", "mediumblob", "longblob", "varbinary"})
+_GENERATED: Final = ("auto_increment", "generated", "virtual", "persistent", "stored")
+
+
+def schema_problems(rows: list[tuple[object, ...]], max_session_bytes: int) -> list[str]:
+    """What is wrong with a table whose columns are ``rows`` (name, type,
+    octet length, datetime precision, key, nullable, default, extra) for
+    sessions of up to ``max_session_bytes``; empty if nothing."""
+
+    def text(value: object) -> str:
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value).decode("utf-8", "replace")
+        return "" if value is None else str(value)
+
+    def number(value: object) -> int:
+        return int(text(value)) if text(value).isdigit() else 0
+
+    columns = {text(r[0]).lower(): r for r in rows}
+    problems = []
+    missing = [name for name in ("id", "data", "expires") if name not in columns]
+    if missing:
+        problems.append(
+            f"it has no column {', '.join(missing)} (its columns: "
+            f"{', '.join(text(r[0]) for r in rows) or 'none'})"
+        )
+    if "id" in columns:
+        _, kind, octets, _, key, *_ = columns["id"]
+        if text(kind).lower() != "varbinary" or number(octets) < p.MAX_SID_LENGTH:
+            problems.append(
+                f"id is {text(kind).upper()}({number(octets)}), not VARBINARY of at least "
+                f"{p.MAX_SID_LENGTH} bytes (session IDs are bytewise and up to "
+                f"{p.MAX_SID_LENGTH} characters)"
+            )
+        if text(key).upper() != "PRI":
+            problems.append("id is not its primary key")
+    if "data" in columns:
+        _, kind, octets, *_ = columns["data"]
+        if text(kind).lower() not in _DATA_TYPES:
+            problems.append(
+                f"data is {text(kind).upper()}, not a binary type (LONGBLOB): session data "
+                "is bytes, a character type would mangle it"
+            )
+        elif number(octets) < max_session_bytes:
+            problems.append(
+                f"data is {text(kind).upper()}, which holds {number(octets)} bytes, less than "
+                f"--max-session-bytes {max_session_bytes}"
+            )
+    if "expires" in columns:
+        _, kind, _, precision, *_ = columns["expires"]
+        if text(kind).lower() != "datetime" or number(precision) != 6:
+            problems.append(f"expires is {text(kind).upper()}"
+                            f"{f'({number(precision)})' if number(precision) else ''}, "
+                            "not DATETIME(6)")
+    for name, row in columns.items():
+        if name in ("id", "data", "expires"):
+            continue
+        _, _, _, _, _, nullable, default, extra = row
+        if (text(nullable).upper() == "NO" and default is None
+                and not any(g in text(extra).lower() for g in _GENERATED)):
+            problems.append(f"column {text(row[0])} is NOT NULL without a default, and "
+                            "the daemon does not write it")
+    return problems
+
+
+def schema_refusal(config: SqlConfig, problems: list[str]) -> str:
+    """Why the daemon does not use table ``config.table``, and what to do."""
+    return (
+        f"storage table {config.database}.{config.table} cannot hold the sessions: "
+        f"{'; '.join(problems)}. The daemon needs (id VARBINARY(256) PRIMARY KEY, data "
+        "LONGBLOB, expires DATETIME(6)) as README \"SQL storage\" shows: give "
+        "--storage-table a new name (it is created) or ALTER the table to match; sessions "
+        "of a classic PHP session table (id, data, usetime) are moved with "
+        "phpsess import --from-sql"
+    )
 
 
 def sid_bytes(sid: str) -> bytes:

@@ -229,10 +229,10 @@ def test_database_killed_and_restarted_under_load_loses_no_acknowledged_write(
     assert proc.returncode == 0 and err == "" and "n=1" in out, err
 
 
-def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+def _serve(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "phpsess", "serve", "--listen", "unix:/tmp/never.sock", *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=timeout_s,
     )
 
 
@@ -547,3 +547,162 @@ def test_a_waiter_is_told_destroyed_only_if_the_session_was_destroyed_unwritten_
         assert holder.request(p.Close()) == p.OK
     assert waiter.read_reply() == p.MISS
     waiter.close()
+
+
+# -- the table as the backend needs it, the database's limits, its restarts
+
+
+def _serve_storage(db: MariaDB, table: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``phpsess serve`` on ``table``, expected to refuse to start (bounded:
+    a daemon that starts instead is stopped after 20 s and fails the test)."""
+    try:
+        return _serve(*db.daemon_args(table), *args, timeout_s=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the daemon started on table {table} instead of refusing it")
+
+
+def test_a_table_that_cannot_hold_the_sessions_is_refused_at_start(
+    mariadb: MariaDB, start_daemon: Any
+) -> None:
+    # A narrower data column (a session over 64 KiB was cut to 65,535 bytes
+    # and acknowledged under a non-strict sql_mode).
+    legacy = fresh_table()
+    mariadb.sql(
+        f"CREATE TABLE {legacy} (id VARBINARY(256) PRIMARY KEY, data BLOB NOT NULL, "
+        "expires DATETIME(6) NOT NULL, KEY expires(expires))", "phpsess")
+    done = _serve_storage(mariadb, legacy)
+    assert done.returncode == 1, done.stderr
+    assert f"storage table phpsess.{legacy} cannot hold the sessions" in done.stderr
+    assert "data is BLOB, which holds 65535 bytes, less than --max-session-bytes 16777216" in (
+        done.stderr)
+    assert "give --storage-table a new name" in done.stderr
+    # Wide enough for the sessions it is allowed: used.
+    d = start_daemon(*mariadb.daemon_args(legacy), "--max-session-bytes", "65535")
+    with Client(d.address) as c:
+        assert c.request(p.Write("legacy0123456789abcdefghij", 60, b"\xfe" * 65535)) == p.OK
+        assert c.request(p.Read("legacy0123456789abcdefghij", lock=False)) == p.Data(
+            b"\xfe" * 65535)
+    # The classic PHP session table: every request failed with 1054
+    # Unknown column, for ever, after event=storage_ready.
+    classic = fresh_table()
+    mariadb.sql(f"CREATE TABLE {classic} (id VARCHAR(128) PRIMARY KEY, data TEXT, "
+                "usetime TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)", "phpsess")
+    done = _serve_storage(mariadb, classic)
+    assert done.returncode == 1, done.stderr
+    assert "it has no column expires (its columns: id, data, usetime)" in done.stderr
+    assert "id is VARCHAR(" in done.stderr and "data is TEXT, not a binary type" in done.stderr
+    assert "phpsess import --from-sql" in done.stderr
+    # An engine that cannot hold the table: every request failed with 1163.
+    done = _serve_storage(mariadb, fresh_table(), "--storage-engine", "MEMORY")
+    assert done.returncode == 1, done.stderr
+    assert "1163" in done.stderr and "engine MEMORY" in done.stderr, done.stderr
+    assert "give --storage-table a new name" in done.stderr
+
+
+def test_a_value_too_long_for_its_column_is_an_error_never_truncated(
+    own_mariadb: MariaDB, start_daemon: Any
+) -> None:
+    # A column narrowed while the daemon runs, on a server whose sql_mode is
+    # not strict: the write was acknowledged and 65,535 bytes came back.
+    own_mariadb.sql("SET GLOBAL sql_mode = 'NO_ENGINE_SUBSTITUTION'")
+    table = fresh_table()
+    d = start_daemon(*own_mariadb.daemon_args(table))
+    blob = bytes(range(256)) * 390 + b"end of it!!!!!"  # 100,014 bytes
+    with Client(d.address) as c:
+        assert c.request(p.Write("narrow0123456789abcdefghij", 600, b"small")) == p.OK
+        own_mariadb.sql(f"ALTER TABLE {table} MODIFY data BLOB NOT NULL", "phpsess")
+        reply = c.request(p.Write("narrow0123456789abcdefghij", 600, blob))
+        assert isinstance(reply, p.Error) and reply.code == p.Code.UNAVAILABLE, reply
+        assert "1406" in reply.message and "Data too long" in reply.message
+        assert c.request(p.Read("narrow0123456789abcdefghij", lock=False)) == p.Data(b"small")
+
+
+def test_a_session_over_max_allowed_packet_is_refused_and_its_lock_kept(
+    own_mariadb: MariaDB, start_daemon: Any
+) -> None:
+    # PyMySQL sends bytes as hex: a session over half of max_allowed_packet
+    # failed with UNAVAILABLE (1153 or 2006) and its connection, lock and
+    # all, was dropped.
+    own_mariadb.sql("SET GLOBAL max_allowed_packet = 1048576")
+    d = start_daemon(*own_mariadb.daemon_args(fresh_table()))
+    assert "event=storage_packet_small" in d.log()
+    assert "max_allowed_packet=1048576 max_session_bytes=16777216" in d.log()
+    assert "raise the database's max_allowed_packet to at least 33558528" in d.log()
+    sid = "packet0123456789abcdefghijk"
+    with Client(d.address) as holder:
+        assert holder.request(p.Read(sid)) == p.MISS
+        big = holder.request(p.Write(sid, 600, b"\x00" * 600_000, keep=True))
+        assert isinstance(big, p.Error) and big.code == p.Code.TOO_LARGE, big
+        assert "max_allowed_packet is 1048576" in big.message
+        with Client(d.address) as other:  # still locked
+            locked = other.request(p.Write(sid, 600, b"other"))
+            assert isinstance(locked, p.Error) and locked.code == p.Code.LOCKED, locked
+        fits = b"\xff" * 520_000
+        assert holder.request(p.Write(sid, 600, fits)) == p.OK  # the lock was kept
+    with Client(d.address) as c:
+        assert c.request(p.Read(sid, lock=False)) == p.Data(fits)
+
+
+def test_after_a_database_restart_no_request_fails_on_a_stale_pooled_connection(
+    own_mariadb: MariaDB, start_daemon: Any
+) -> None:
+    table = fresh_table()
+    d = start_daemon(*own_mariadb.daemon_args(table), "--log-level", "debug")
+    # The purge (every 10 s) would also clear the stale connections: right
+    # after one, the test has 10 s to itself.
+    own_mariadb.sql(f"INSERT INTO {table} VALUES ('old', '', UTC_TIMESTAMP(6))", "phpsess")
+    deadline = time.monotonic() + 15
+    while "event=purged rows=1" not in d.log():
+        assert time.monotonic() < deadline, d.log()
+        time.sleep(0.05)
+    # One more to purge: the next purge says so in the log.
+    own_mariadb.sql(f"INSERT INTO {table} VALUES ('old2', '', UTC_TIMESTAMP(6))", "phpsess")
+    # Six lock holders at once: six pinned connections, then idle in the pool.
+    holders = [Client(d.address) for _ in range(6)]
+    for i, c in enumerate(holders):
+        assert c.request(p.Read(f"warm{i}0123456789abcdefghij")) == p.MISS
+    for i, c in enumerate(holders):
+        assert c.request(p.Write(f"warm{i}0123456789abcdefghij", 600, b"w")) == p.OK
+        c.close()
+    own_mariadb.kill9()
+    own_mariadb.start()
+    sid = "restart0123456789abcdefghij"
+    # Ten PHP requests in turn: session_start() (a locking READ), and only
+    # if it worked, the write.  Each stale connection failed one of them.
+    reads: list[p.Reply] = []
+    written = 0
+    for _ in range(10):
+        with Client(d.address) as c:
+            reads.append(c.request(p.Read(sid)))
+            if isinstance(reads[-1], (p.Data, p.Miss)):
+                assert c.request(p.Write(sid, 600, str(written).encode())) == p.OK
+                written += 1
+    # (Else the purge may have cleared the stale connections first.)
+    assert d.log().count("event=purged") == 1, "a purge ran meanwhile: the machine is too slow"
+    assert reads == [p.MISS] + [p.Data(str(n).encode()) for n in range(9)], reads
+
+
+def test_a_table_found_wrong_once_the_database_is_back_is_refused_clearly(
+    own_mariadb: MariaDB, start_daemon: Any
+) -> None:
+    # Started while the database was down, the daemon cannot check the
+    # table at start: once it answers, requests get the reason, not 1054.
+    classic = fresh_table()
+    own_mariadb.sql(f"CREATE TABLE {classic} (id VARCHAR(128) PRIMARY KEY, data TEXT, "
+                    "usetime TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)", "phpsess")
+    own_mariadb.kill9()
+    d = start_daemon(*own_mariadb.daemon_args(classic))
+    assert "event=storage_unreachable" in d.log()
+    own_mariadb.start()
+    deadline = time.monotonic() + 30
+    while "event=storage_refused" not in d.log():
+        assert time.monotonic() < deadline, d.log()
+        time.sleep(0.1)
+    assert f"storage table phpsess.{classic} cannot hold the sessions" in d.log()
+    sid = "wrong0123456789abcdefghijk"
+    with Client(d.address) as c:
+        for request in (p.Read(sid), p.Exists(sid), p.Write(sid, 60, b"x")):
+            reply = c.request(request)
+            assert isinstance(reply, p.Error) and reply.code == p.Code.UNAVAILABLE, reply
+            assert "it has no column expires" in reply.message, reply
+        assert c.request(p.Ping()) == p.OK

@@ -368,9 +368,15 @@ class SqlBackend:
         task_status.started()
         try:
             while True:
-                await trio.sleep(self.config.purge_interval_s)
+                # Until the table has been checked (the database was down at
+                # start): every second, so that requests meet its refusal or
+                # its max_allowed_packet soon after it is back.
+                await trio.sleep(self.config.purge_interval_s if schema_ok else 1.0)
                 try:
-                    if not schema_ok:
+                    if schema_ok:
+                        # An operator may change it (as the warning advises).
+                        await self._read_packet_limit()
+                    else:
                         # The database was unreachable at start: check now.
                         try:
                             await self._prepare()
@@ -411,9 +417,27 @@ class SqlBackend:
         problems = sq.schema_problems(rows, max_session_bytes)
         if problems:
             raise _Refused(sq.schema_refusal(self.config, problems))
-        packet = await self._pooled(_scalar("SELECT @@max_allowed_packet", ()))
-        self.max_allowed_packet = int(str(packet))
-        if sq.write_packet_bytes(max_session_bytes) > self.max_allowed_packet:
+        await self._read_packet_limit()
+        log.info("event=storage_ready storage=%s table=%s engine=%s",
+                 quoted(self.config.url), self.config.table, self.config.engine)
+
+    async def _read_packet_limit(self) -> None:
+        """Read the database's max_allowed_packet (at start, then at every
+        purge: it may be raised as the warning advises, or lowered); warn
+        when a session of --max-session-bytes does not fit in it, once per
+        value."""
+        max_session_bytes = self.server.config.limits.max_session_bytes
+        # The global value: a connection keeps the one it started with, so
+        # the idle ones are renewed when it changed (those holding locks
+        # keep theirs until their request ends).
+        packet = await self._pooled(_scalar("SELECT @@GLOBAL.max_allowed_packet", ()))
+        before, self.max_allowed_packet = self.max_allowed_packet, int(str(packet))
+        if before is not None and self.max_allowed_packet != before:
+            self.pool.discard_idle()
+            log.info("event=storage_packet_changed storage=%s max_allowed_packet=%d was=%d",
+                     quoted(self.config.url), self.max_allowed_packet, before)
+        if (self.max_allowed_packet != before
+                and sq.write_packet_bytes(max_session_bytes) > self.max_allowed_packet):
             log.warning(
                 "event=storage_packet_small storage=%s max_allowed_packet=%d "
                 "max_session_bytes=%d detail=%s", quoted(self.config.url),
@@ -423,9 +447,8 @@ class SqlBackend:
                        f"(TOO_LARGE): raise the database's max_allowed_packet to at least "
                        f"{sq.write_packet_bytes(max_session_bytes)} or lower "
                        f"--max-session-bytes to "
-                       f"{sq.largest_write(self.max_allowed_packet)}"))
-        log.info("event=storage_ready storage=%s table=%s engine=%s",
-                 quoted(self.config.url), self.config.table, self.config.engine)
+                       f"{sq.largest_write(self.max_allowed_packet)} (read again every "
+                       f"{self.config.purge_interval_s:g} s)"))
 
     async def purge(self) -> int:
         """Delete expired rows (reads already ignore them), in batches, and
@@ -1038,6 +1061,8 @@ class SqlBackend:
     async def statistics(self, timeout_s: float = STATS_TIMEOUT_S) -> dict[str, object]:
         """STATS: the counters, and the sessions counted in the database
         within ``timeout_s`` (else ``storage_error`` says why not)."""
+        if self._refused is not None:  # reachable, but the table cannot be used
+            return {"storage_error": self._refused} | self.counters()
         try:
             row = await self._bounded(_row(self.sql.count, ()), timeout_s)
             assert row is not None

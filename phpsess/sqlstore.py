@@ -69,12 +69,13 @@ _LOCK_PREFIX: Final = "phpsess:"
 # the ID, the TTL).  The database refuses (and drops the connection of) a
 # statement over its max_allowed_packet.
 PACKET_MARGIN: Final = 4096
-# Every connection makes its session strict, whatever the server's global
-# sql_mode: a value that does not fit is an error, never truncated (and
-# acknowledged).  The modes the server has otherwise stay.
-STRICT_SQL_MODE: Final = (
-    "sql_mode = CONCAT_WS(',', NULLIF(@@SESSION.sql_mode, ''), 'STRICT_ALL_TABLES')"
-)
+# Every connection sets its session's sql_mode, whatever the server's
+# global one: strict, so a value that does not fit is an error, never
+# truncated (and acknowledged); and nothing else that changes what the
+# statements mean (MariaDB's EMPTY_STRING_IS_NULL made DESTROY's '' a NULL
+# and the destroy fail, ANSI quotes, PIPES_AS_CONCAT...).  PyMySQL escapes
+# as for the default mode.
+STRICT_SQL_MODE: Final = "sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'"
 
 _IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _USER: Final = re.compile(r"[A-Za-z0-9_.\-]{1,80}")

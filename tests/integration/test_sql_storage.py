@@ -706,3 +706,44 @@ def test_a_table_found_wrong_once_the_database_is_back_is_refused_clearly(
             assert isinstance(reply, p.Error) and reply.code == p.Code.UNAVAILABLE, reply
             assert "it has no column expires" in reply.message, reply
         assert c.request(p.Ping()) == p.OK
+        # Monitoring sees it: the storage is reachable but cannot be used.
+        stats = c.request(p.Stats())
+    assert isinstance(stats, p.Data)
+    assert "it has no column expires" in json.loads(stats.data)["storage_error"]
+
+
+def test_a_destroy_works_whatever_the_servers_sql_mode(
+    own_mariadb: MariaDB, start_daemon: Any
+) -> None:
+    # Each connection added strict to the server's modes and kept the rest:
+    # under MariaDB's EMPTY_STRING_IS_NULL a DESTROY's '' became NULL, the
+    # DESTROY failed (1048) and the session outlived session_destroy().
+    own_mariadb.sql("SET GLOBAL sql_mode = 'STRICT_TRANS_TABLES,EMPTY_STRING_IS_NULL,ANSI'")
+    d = start_daemon(*own_mariadb.daemon_args(fresh_table()))
+    sid = "modes0123456789abcdefghijk"
+    with Client(d.address) as c:
+        assert c.request(p.Read(sid)) == p.MISS
+        assert c.request(p.Write(sid, 600, b"", keep=True)) == p.OK
+        assert c.request(p.Destroy(sid)) == p.OK
+        assert c.request(p.Exists(sid)) == p.Ok(("0",))
+        assert c.request(p.Read(sid, lock=False)) == p.MISS
+
+
+def test_a_raised_max_allowed_packet_is_taken_without_a_restart(
+    own_mariadb: MariaDB, start_daemon: Any
+) -> None:
+    # Read once at start: after the operator raised it, as the warning
+    # advises, the daemon went on refusing until it was restarted.
+    own_mariadb.sql("SET GLOBAL max_allowed_packet = 1048576")
+    d = start_daemon(*own_mariadb.daemon_args(fresh_table()))
+    assert "event=storage_packet_small" in d.log()
+    own_mariadb.sql("SET GLOBAL max_allowed_packet = 67108864")
+    sid = "raised0123456789abcdefghij"
+    big = b"\x01" * 600_000
+    deadline = time.monotonic() + 30  # read again at every purge (10 s)
+    with Client(d.address) as c:
+        while (reply := c.request(p.Write(sid, 600, big))) != p.OK:
+            assert isinstance(reply, p.Error) and reply.code == p.Code.TOO_LARGE, reply
+            assert time.monotonic() < deadline, reply
+            time.sleep(0.5)
+        assert c.request(p.Read(sid, lock=False)) == p.Data(big)

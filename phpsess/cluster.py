@@ -495,6 +495,17 @@ class Forwards:
                 del self.locked[sid]
                 self.lost.add(sid)
 
+    def holds_any(self) -> bool:
+        """Whether a lock this client took through a link may still hold:
+        that link is still the one to its node, and neither side closed it
+        (its master died, or was declared dead).  Not whether the master
+        revoked it meanwhile (its lease, for another request): that is
+        learnt at the client's next change (LOCK_LOST)."""
+        return any(
+            held is self.links.get(held.name) and not _peer_closed(held)
+            for held in self.locked.values()
+        )
+
     def lock_lost(self, request: object, node: str) -> p.Error | None:
         """``ERR LOCK_LOST`` if ``request`` is a change of a session whose lock
         this client lost, before it goes to ``node`` (this node: served here).

@@ -517,8 +517,8 @@ class Server:
     def _holds_locks(self, conn: _Conn) -> bool:
         """Whether ``conn`` holds a lock: here, or on another node through
         the connection this node opened for it there (CLUSTER.md §5.3)."""
-        return self.engine.holds_locks(conn.owner) or bool(
-            conn.forwards is not None and conn.forwards.locked
+        return self.engine.holds_locks(conn.owner) or (
+            conn.forwards is not None and conn.forwards.holds_any()
         )
 
     async def _drain(self) -> None:

@@ -916,3 +916,31 @@ def test_a_silent_request_holding_a_lock_through_another_node_keeps_its_connecti
         assert _counter(pair, "a", sid) == 2
     finally:
         pair.stop()
+
+
+def test_a_silent_client_whose_lock_went_with_its_master_is_idle_closed(
+    workdir: Path,
+) -> None:
+    # Sparing connections that hold a lock through another node must not
+    # spare one whose lock is gone with its master: a hung worker would
+    # keep its connection, and its slot, for ever.
+    class QuickIdle(Cluster):
+        def args(self, name: str, secret: Path) -> list[str]:
+            return [*super().args(name, secret), "--idle-timeout-s", "1"]
+
+    pair = QuickIdle(workdir, ("a", "b"))
+    try:
+        sid = _create(pair, "a", b"n|i:1;")  # mastered by a
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.connect(pair.nodes["b"].sock_path)
+            raw.settimeout(30)
+            raw.sendall(b"HELLO 1\nREAD " + sid.encode() + b" LOCK\n")
+            got = b""
+            while not got.endswith(b"n|i:1;"):
+                chunk = raw.recv(4096)
+                assert chunk, got
+                got += chunk
+            pair.nodes["a"].kill9()
+            assert raw.recv(4096) == b""  # closed once idle: the lock is gone
+    finally:
+        pair.stop()

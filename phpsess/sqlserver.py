@@ -549,11 +549,7 @@ class SqlBackend:
         dead (the database restarted) is replaced once (every statement
         run this way is idempotent)."""
         for attempt in (1, 2):
-            try:
-                conn, fresh = await self.pool.acquire(self.config.read_timeout_s)
-            except Unavailable as exc:
-                self._note_unreachable(exc)
-                raise
+            conn, fresh = await self._acquire()
             try:
                 result = await self._call(conn, fn)
             except Unavailable:
@@ -565,6 +561,14 @@ class SqlBackend:
             self.pool.release(conn)
             return result
         raise AssertionError("unreachable")
+
+    async def _acquire(self) -> tuple[Connection, bool]:
+        """A pooled connection and whether it is new (else reused)."""
+        try:
+            return await self.pool.acquire(self.config.read_timeout_s)
+        except Unavailable as exc:
+            self._note_unreachable(exc)
+            raise
 
     def _note_unreachable(self, exc: Unavailable) -> None:
         why = str(exc)
@@ -591,11 +595,7 @@ class SqlBackend:
         if client.pinned is not None:
             return await self._pinned(client, fn)
         for attempt in (1, 2):
-            try:
-                conn, fresh = await self.pool.acquire(self.config.read_timeout_s)
-            except Unavailable as exc:
-                self._note_unreachable(exc)
-                raise
+            conn, fresh = await self._acquire()
             client.pinned = conn
             try:
                 return await self._pinned(client, fn)

@@ -896,17 +896,20 @@ def test_a_node_its_running_peer_does_not_take_creates_no_single_copy_sessions(
                 daemon.proc.wait()
 
 
+class _QuickIdle(Cluster):
+    """Connections silent for 1 s are idle."""
+
+    def args(self, name: str, secret: Path) -> list[str]:
+        return [*super().args(name, secret), "--idle-timeout-s", "1"]
+
+
 def test_a_silent_request_holding_a_lock_through_another_node_keeps_its_connection(
     workdir: Path,
 ) -> None:
     # The idle timeout spares a connection holding a lock: it looked only
     # at the locks held on the client's own node, so a long request on a
     # session mastered elsewhere (§5.3) was cut off and lost its write.
-    class QuickIdle(Cluster):
-        def args(self, name: str, secret: Path) -> list[str]:
-            return [*super().args(name, secret), "--idle-timeout-s", "1"]
-
-    pair = QuickIdle(workdir, ("a", "b"))
+    pair = _QuickIdle(workdir, ("a", "b"))
     try:
         sid = _create(pair, "a", b"n|i:1;")  # mastered by a
         with Client(pair.nodes["b"].address) as c:  # its lock taken on a, through b
@@ -924,11 +927,7 @@ def test_a_silent_client_whose_lock_went_with_its_master_is_idle_closed(
     # Sparing connections that hold a lock through another node must not
     # spare one whose lock is gone with its master: a hung worker would
     # keep its connection, and its slot, for ever.
-    class QuickIdle(Cluster):
-        def args(self, name: str, secret: Path) -> list[str]:
-            return [*super().args(name, secret), "--idle-timeout-s", "1"]
-
-    pair = QuickIdle(workdir, ("a", "b"))
+    pair = _QuickIdle(workdir, ("a", "b"))
     try:
         sid = _create(pair, "a", b"n|i:1;")  # mastered by a
         with socket.socket(socket.AF_UNIX) as raw:

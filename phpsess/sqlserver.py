@@ -82,6 +82,7 @@ _SPARE_THREADS: Final = 4
 # Access denied (database, user), unknown database, command denied, unknown
 # storage engine, unix-socket authentication refused.
 _FATAL_AT_START: Final = frozenset({1044, 1045, 1049, 1142, 1286, 1698})
+_UNKNOWN_ENGINE: Final = 1286  # its own message: not a matter of users and grants
 # Errors that mean the table cannot be used as it is (met at start: fatal;
 # the same table would fail every request).  Can't create table, the
 # engine lacks an option, unknown column, key too long, row size too large,
@@ -357,6 +358,12 @@ class SqlBackend:
         except Unavailable as exc:
             cause = exc.__cause__
             code = cause.args[0] if cause is not None and cause.args else None
+            if code == _UNKNOWN_ENGINE:
+                raise StartupError(
+                    f"storage {self.config.url}: the database has no storage engine "
+                    f"{self.config.engine} ({describe(cause) if cause is not None else exc}): "
+                    "give --storage-engine one it has (InnoDB), or use a server that has it"
+                ) from exc
             if code in _FATAL_AT_START:
                 raise StartupError(
                     f"storage {self.config.url}: {exc} (check the user, its password, the "

@@ -357,7 +357,7 @@ class SqlBackend:
             raise StartupError(str(exc)) from exc
         except Unavailable as exc:
             cause = exc.__cause__
-            code = cause.args[0] if cause is not None and cause.args else None
+            code = _driver_code(exc)
             if code == _UNKNOWN_ENGINE:
                 raise StartupError(
                     f"storage {self.config.url}: the database has no storage engine "
@@ -411,8 +411,7 @@ class SqlBackend:
             rows = await self._pooled(_rows(self.sql.columns, (self.config.table,)))
         except Unavailable as exc:
             cause = exc.__cause__
-            code = cause.args[0] if cause is not None and cause.args else None
-            if code not in _SCHEMA_ERRORS:
+            if _driver_code(exc) not in _SCHEMA_ERRORS:
                 raise
             raise _Refused(
                 f"storage table {table} (engine {self.config.engine} if created here) cannot "
@@ -1106,6 +1105,13 @@ class SqlBackend:
             "errors_total": self.errors_total,
             "verbs": verb_breakdown(self._verb_counts),
         }
+
+
+def _driver_code(exc: Unavailable) -> object:
+    """The database's error number behind ``exc`` (its driver error's first
+    argument), or None."""
+    cause = exc.__cause__
+    return cause.args[0] if cause is not None and cause.args else None
 
 
 # The requests that use the table (refused while it cannot be used).

@@ -903,43 +903,44 @@ class _QuickIdle(Cluster):
         return [*super().args(name, secret), "--idle-timeout-s", "1"]
 
 
+@pytest.fixture
+def quick_idle_pair(workdir: Path) -> Iterator[Cluster]:
+    pair = _QuickIdle(workdir, ("a", "b"))
+    yield pair
+    pair.stop()
+
+
 def test_a_silent_request_holding_a_lock_through_another_node_keeps_its_connection(
-    workdir: Path,
+    quick_idle_pair: Cluster,
 ) -> None:
     # The idle timeout spares a connection holding a lock: it looked only
     # at the locks held on the client's own node, so a long request on a
     # session mastered elsewhere (§5.3) was cut off and lost its write.
-    pair = _QuickIdle(workdir, ("a", "b"))
-    try:
-        sid = _create(pair, "a", b"n|i:1;")  # mastered by a
-        with Client(pair.nodes["b"].address) as c:  # its lock taken on a, through b
-            assert c.request(p.Read(sid)) == p.Data(b"n|i:1;")
-            time.sleep(2.5)  # silent past the idle timeout, holding the lock
-            assert c.request(p.Write(sid, 60, b"n|i:2;")) == p.OK
-        assert _counter(pair, "a", sid) == 2
-    finally:
-        pair.stop()
+    pair = quick_idle_pair
+    sid = _create(pair, "a", b"n|i:1;")  # mastered by a
+    with Client(pair.nodes["b"].address) as c:  # its lock taken on a, through b
+        assert c.request(p.Read(sid)) == p.Data(b"n|i:1;")
+        time.sleep(2.5)  # silent past the idle timeout, holding the lock
+        assert c.request(p.Write(sid, 60, b"n|i:2;")) == p.OK
+    assert _counter(pair, "a", sid) == 2
 
 
 def test_a_silent_client_whose_lock_went_with_its_master_is_idle_closed(
-    workdir: Path,
+    quick_idle_pair: Cluster,
 ) -> None:
     # Sparing connections that hold a lock through another node must not
     # spare one whose lock is gone with its master: a hung worker would
     # keep its connection, and its slot, for ever.
-    pair = _QuickIdle(workdir, ("a", "b"))
-    try:
-        sid = _create(pair, "a", b"n|i:1;")  # mastered by a
-        with socket.socket(socket.AF_UNIX) as raw:
-            raw.connect(pair.nodes["b"].sock_path)
-            raw.settimeout(30)
-            raw.sendall(b"HELLO 1\nREAD " + sid.encode() + b" LOCK\n")
-            got = b""
-            while not got.endswith(b"n|i:1;"):
-                chunk = raw.recv(4096)
-                assert chunk, got
-                got += chunk
-            pair.nodes["a"].kill9()
-            assert raw.recv(4096) == b""  # closed once idle: the lock is gone
-    finally:
-        pair.stop()
+    pair = quick_idle_pair
+    sid = _create(pair, "a", b"n|i:1;")  # mastered by a
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.connect(pair.nodes["b"].sock_path)
+        raw.settimeout(30)
+        raw.sendall(b"HELLO 1\nREAD " + sid.encode() + b" LOCK\n")
+        got = b""
+        while not got.endswith(b"n|i:1;"):
+            chunk = raw.recv(4096)
+            assert chunk, got
+            got += chunk
+        pair.nodes["a"].kill9()
+        assert raw.recv(4096) == b""  # closed once idle: the lock is gone

@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
-    from phpsess.cluster import ClusterConfig, parse_peer
+    from phpsess.cluster import ClusterConfig, check_listen, parse_peer
     from phpsess.peerauth import check_secret
     from phpsess.placement import check_node_name
 
@@ -284,6 +284,11 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
     with _about("node"):
         check_node_name(args.node)
     listen = _tcp(args.cluster_listen, "cluster_listen")
+    try:
+        check_listen(listen)
+    except ValueError as exc:
+        raise UsageError(f"{_named('cluster_listen')}, {args.cluster_listen}: {exc}",
+                         "cluster_listen") from None
     try:
         with open(args.cluster_secret_file, "rb") as f:
             secret = f.read().strip()

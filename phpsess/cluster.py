@@ -728,11 +728,10 @@ class Cluster:
         from phpsess.server import StartupError
 
         address = self.config.listen
-        if _is_ipv6(address.host):
-            raise StartupError(
-                f"cannot listen for peers on {address}: cluster addresses are IPv4 in "
-                "this version (CLUSTER.md §10); use the server's IPv4 address"
-            )
+        try:
+            check_listen(address)
+        except ValueError as exc:
+            raise StartupError(f"cannot listen for peers on {address}: {exc}") from None
         udp = trio.socket.socket(stdsocket.AF_INET, stdsocket.SOCK_DGRAM)
         try:
             await udp.bind((address.host, address.port))
@@ -2250,6 +2249,15 @@ def parse_peer(text: str) -> tuple[str, TcpAddress]:
         raise ValueError(f"--peer {text!r}: cluster addresses are IPv4 in this version "
                          "(CLUSTER.md §10)")
     return check_node_name(name), parsed
+
+
+def check_listen(address: TcpAddress) -> TcpAddress:
+    """``address`` if this version can listen for peers there: ValueError
+    for an IPv6 one (the heartbeat socket is IPv4)."""
+    if _is_ipv6(address.host):
+        raise ValueError("cluster addresses are IPv4 in this version (CLUSTER.md §10); "
+                         "use the server's IPv4 address")
+    return address
 
 
 def _is_ipv6(host: str) -> bool:

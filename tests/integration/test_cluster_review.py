@@ -515,7 +515,19 @@ def test_ipv6_cluster_addresses_are_refused_in_words(workdir: Path) -> None:
          "--peer", "b=127.0.0.1:7798", "--cluster-secret-file", str(secret)],
         capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=30,
     )
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "[cluster] listen (--cluster-listen), [::1]:7799: cluster addresses are IPv4 " \
+        "in this version" in proc.stderr, proc.stderr
+    # check-config says so too, rather than "ok" for a file that serve
+    # refuses (it checked peers only).
+    conf = workdir / "v6.toml"
+    conf.write_text(f'[cluster]\nnode = "a"\nlisten = "[::1]:7799"\nsecret_file = "{secret}"\n'
+                    '[cluster.peers]\nb = "127.0.0.1:7798"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "phpsess", "check-config", str(conf)],
+        capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=30,
+    )
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert "cluster addresses are IPv4 in this version" in proc.stderr, proc.stderr
 
 

@@ -131,7 +131,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         )
         sub.add_argument(
             "--timeout-s", type=_seconds, default=10.0, metavar="S",
-            help="seconds for connecting and for each reply (default: 10)",
+            help=f"seconds for connecting and for each reply, at most {MAX_SECONDS:g} "
+            "(default: 10)",
         )
         sub.add_argument("--json", action="store_true", help="machine-readable output")
         return sub
@@ -149,7 +150,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     ls.add_argument("--limit", type=_count, default=None, metavar="N",
                     help="list at most N sessions")
     ls.add_argument("--page-size", type=_page_size, default=DEFAULT_PAGE_SIZE, metavar="N",
-                    help=f"sessions per LIST request (default: {DEFAULT_PAGE_SIZE})")
+                    help=f"sessions per LIST request, 1-{p.MAX_LIST_LIMIT} "
+                    f"(default: {DEFAULT_PAGE_SIZE})")
 
     show = command("show", "one session's data, decoded from PHP's serialize format")
     show.epilog = (
@@ -171,7 +173,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                      "Unix time in ms, so that an import later counts the time since)")
     export.add_argument("--output", "-o", default="-", metavar="FILE",
                         help="write here instead of stdout")
-    export.add_argument("--page-size", type=_page_size, default=DEFAULT_PAGE_SIZE, metavar="N")
+    export.add_argument("--page-size", type=_page_size, default=DEFAULT_PAGE_SIZE, metavar="N",
+                        help=f"sessions per LIST request, 1-{p.MAX_LIST_LIMIT} "
+                        f"(default: {DEFAULT_PAGE_SIZE})")
     export.add_argument("--to-sql", metavar="URL",
                         help="instead, upsert every session into the classic PHP session table "
                         "(id, data, usetime) at mysql://USER@HOST:PORT/DB (sqlmigrate.py)")
@@ -213,9 +217,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     drain.add_argument(
         "--wait-s", type=_seconds, default=None, metavar="S",
         help="with --wait, how long the daemon may take to exit (default: as long as a "
-        "drain may take: with --config, its shutdown_timeout_s + drain_timeout_s + "
-        f"{DRAIN_WAIT_MARGIN_S:g}; else {DRAIN_WAIT_S:g}, enough for the default 10 + 30 "
-        "s; never less than --timeout-s)",
+        f"drain may take: the largest of {DRAIN_WAIT_S:g} (the default 10 + 30 s, plus "
+        f"{DRAIN_WAIT_MARGIN_S:g}), with --config its shutdown_timeout_s + drain_timeout_s "
+        f"+ {DRAIN_WAIT_MARGIN_S:g}, and --timeout-s)",
     )
 
 

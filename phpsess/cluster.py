@@ -1316,7 +1316,7 @@ class Cluster:
         if handshake.scope.cancelled_caught:  # closed for a newer one (_admit)
             await trio.aclose_forcefully(stream)
             return
-        for event in self.membership.connected(name, incarnation):
+        for event in self.membership.connected(name, incarnation, trio.current_time()):
             self._on_event(event)
         await self.server.serve_peer(stream, name, bytes(lines.buf))
 

@@ -419,24 +419,41 @@ class Membership:
                 events.append(Suspect(name))
         return events
 
-    def connected(self, name: str, incarnation: int) -> list[Event]:
+    def connected(self, name: str, incarnation: int, now: float) -> list[Event]:
         """An authenticated TCP connection from incarnation ``incarnation`` of
-        ``name``.  If we still take an earlier incarnation of it for alive,
-        that one is gone (it restarted before we noticed, and its heartbeats
-        may not have reached us yet): it is declared dead now, before we
-        answer anything on the connection, so that the restarted node
-        verifying its copies learns of our takeover (CLUSTER.md §3, §7).
-        The new incarnation becomes alive with its first heartbeat."""
+        ``name``: a new incarnation of a known peer is alive from now, as its
+        first heartbeat would make it (CLUSTER.md §3).  If we still take an
+        earlier incarnation of it for alive, that one is gone (it restarted
+        before we noticed, and its heartbeats may not have reached us yet):
+        it is declared dead first, before we answer anything on the
+        connection, so that the restarted node verifying its copies learns
+        of our takeover (§7).  A dead or left peer rejoins: what it sends on
+        this connection (the copy of a session it masters, §6) must not be
+        taken for a dead master's, which this node would take over, a
+        second master of it (a node resumed from a pause learns that it was
+        declared dead, and masters new sessions at once)."""
         peer = self._peers.get(name)
         if (
             peer is None
-            or peer.state not in (ALIVE, SUSPECT)
-            or not peer.incarnation
+            or not peer.incarnation  # never heard: its heartbeat will say
             or incarnation == peer.incarnation
             or incarnation in peer.dead_incarnations
         ):
             return []
-        return [self._declare_dead(name, peer)]
+        events: list[Event] = []
+        if peer.state in (ALIVE, SUSPECT):
+            events.append(self._declare_dead(name, peer))
+        events.append(Alive(name, incarnation, rejoined=True))
+        peer.state = ALIVE
+        peer.incarnation = incarnation
+        peer.last_heard = now  # as an answered probe: not a heartbeat (heard_at)
+        peer.hears = ()
+        peer.witnessed = False
+        # Until its heartbeat says: a new incarnation starts with nothing
+        # (what it restored from disk, it verifies before serving, §7).
+        peer.sessions = peer.sockets = 0
+        peer.draining = False
+        return events
 
     def tick(self, now: float) -> list[Event]:
         """Run at :meth:`next_deadline` (or later): suspect silent peers."""

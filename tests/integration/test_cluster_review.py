@@ -681,3 +681,45 @@ def test_a_lock_held_across_a_pause_does_not_make_the_resumed_node_serve_it_empt
         y.close()
     for name in ("a", "b", "c"):
         assert _read(cluster, name, sid) == p.Data(b"n|i:2;"), name
+
+
+def test_a_session_created_right_after_a_resume_from_a_pause_has_one_master(
+    cluster: Cluster,
+) -> None:
+    # A node resumed from a pause longer than detection learns that it was
+    # declared dead, rejoins as a new incarnation and masters new sessions
+    # at once.  The first copy of one reached its backup before a's new
+    # heartbeat did: the backup, still taking a for dead, stored the copy
+    # as a dead master's and served the session itself.  Two masters: a
+    # write through b and c was acknowledged, a's copy never saw it, and a
+    # locked READ through a missed it, for as long as nobody wrote through
+    # a (nemesis review, repro_resume_create.py).  A connection from a new
+    # incarnation is now its rejoin (CLUSTER.md §3).
+    a = cluster.nodes["a"]
+    a.signal(signal.SIGSTOP)
+    try:
+        time.sleep(DEAD_AFTER_MS / 1000 + 2.0)  # declared dead by b and c
+    finally:
+        a.signal(signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while "event=declared_dead_by_peers" not in a.log():
+        assert time.monotonic() < deadline, a.log()
+        time.sleep(0.01)
+    sid = _create(cluster, "a", b"a")
+    for via, add in (("b", b",b"), ("c", b",c")):
+        with Client(cluster.nodes[via].address, timeout_s=20) as c:
+            got = c.request(p.Read(sid, lock=True))
+            assert isinstance(got, p.Data), got
+            assert c.request(p.Write(sid, 1440, got.data + add)) == p.OK
+    for via in ("a", "b", "c"):
+        with Client(cluster.nodes[via].address, timeout_s=20) as c:
+            got = c.request(p.Read(sid, lock=False))
+            assert got == p.Data(b"a,b,c"), (via, got)
+    masters = []
+    for name, node in cluster.nodes.items():
+        with Client(node.address) as c:
+            listed = c.request(p.List(None, 100, roles=True))
+            assert isinstance(listed, p.Data), listed
+            masters += [name for line in listed.data.decode().splitlines()
+                        if line.startswith(f"{sid} ") and line.split()[4] == "master"]
+    assert masters == ["a"], masters

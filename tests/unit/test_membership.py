@@ -234,16 +234,39 @@ def test_probe_result_for_non_suspect_is_ignored() -> None:
 def test_a_connection_from_a_new_incarnation_declares_the_old_one_dead() -> None:
     m = cluster(peers="bc")
     m.receive(hb("b"), 0.0)
-    assert m.connected("b", 22) == []  # the incarnation we know
-    assert m.connected("c", 5) == []  # never heard: its heartbeat will say
-    assert m.connected("zed", 5) == []
-    # b restarted before we noticed, and its heartbeats have not come yet.
-    assert m.connected("b", 23) == [Dead("b", 22)]
-    assert m.state("b") == "dead" and m.heartbeat().dead == (("b", 22),)
-    assert m.connected("b", 23) == []  # once
-    assert m.connected("b", 22) == []  # a late connection of the dead one
-    assert m.receive(hb("b", 23), 0.5) == [Alive("b", 23, True)]
-    assert m.connected("b", 22) == []  # a dead incarnation changes nothing
+    assert m.connected("b", 22, 0.1) == []  # the incarnation we know
+    assert m.connected("c", 5, 0.1) == []  # never heard: its heartbeat will say
+    assert m.connected("zed", 5, 0.1) == []
+    # b restarted before we noticed, and its heartbeats have not come yet:
+    # the old incarnation is dead, the new one alive.
+    assert m.connected("b", 23, 0.2) == [Dead("b", 22), Alive("b", 23, True)]
+    assert m.state("b") == "alive" and m.heartbeat().dead == (("b", 22),)
+    assert m.connected("b", 23, 0.3) == []  # once
+    assert m.connected("b", 22, 0.3) == []  # a late connection of the dead one
+    assert m.state("b") == "alive"
+    assert m.receive(hb("b", 23), 0.5) == []  # already alive
+    assert m.connected("b", 22, 0.6) == []  # a dead incarnation changes nothing
+
+
+def test_a_connection_from_a_new_incarnation_of_a_dead_peer_is_its_rejoin() -> None:
+    # A node resumed from a pause longer than detection learns it was
+    # declared dead, rejoins as a new incarnation and masters new sessions
+    # at once: its copy of one reaches its backup before its first
+    # heartbeat does.  While the backup took the sender for dead, it took
+    # the copy for a dead master's and served the session itself: two
+    # masters, and locked reads that missed acknowledged writes (nemesis
+    # review, repro_resume_create.py).
+    m = cluster(peers="bc")
+    m.receive(hb("b"), 0.0)
+    assert run(m, 10.0, heard=("c",)) == [Alive("c", INC["c"], False), Suspect("b")]
+    assert m.probe_result("b", answered=False, now=10.0) == [Dead("b", 22)]
+    assert not m.is_alive("b")
+    assert m.connected("b", 22, 10.1) == []  # the dead incarnation
+    assert not m.is_alive("b")
+    assert m.connected("b", 23, 10.2) == [Alive("b", 23, True)]
+    assert m.is_alive("b") and m.choose_backup() in ("b", "c")
+    assert m.receive(hb("b", 23), 10.5) == []
+    assert m.state("b") == "alive"
 
 
 def test_restart_before_detection_declares_old_incarnation_dead() -> None:
@@ -715,8 +738,11 @@ def test_a_leave_announcement_makes_a_peer_left_not_dead() -> None:
     assert m.state("b") == "left"
     assert m.probe_result("b", answered=False, now=30.0, refused=True) == []
     assert m.suspect("b") == []
-    assert m.connected("b", 22) == []
+    assert m.connected("b", 22, 30.0) == []
     assert m.state("b") == "left"
+    # A new incarnation rejoins, as its heartbeat would make it.
+    assert m.connected("b", 23, 30.1) == [Alive("b", 23, True)]
+    assert m.state("b") == "alive"
     assert m.next_deadline() <= 30.0 + DEAD_AFTER
 
 

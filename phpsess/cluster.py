@@ -33,7 +33,16 @@ from phpsess.addresses import TcpAddress
 from phpsess.journal import Op
 from phpsess.logs import sid_tag
 from phpsess.placement import check_node_name, named_nodes, suffix
-from phpsess.replica import BACKUP, MASTER, Repl, Replicas, Verdict, decode_meta, encode_meta
+from phpsess.replica import (
+    BACKUP,
+    MASTER,
+    NOBODY,
+    Repl,
+    Replicas,
+    Verdict,
+    decode_meta,
+    encode_meta,
+)
 
 if TYPE_CHECKING:
     from phpsess.server import Server
@@ -1755,14 +1764,18 @@ class Cluster:
                 self._maybe_degraded = self._maybe_degraded or op is not Op.DELETE
                 continue
             error = await self._send_until_acknowledged(
-                sid, deleted=op is Op.DELETE, version=repl.version, epoch=repl.epoch, to=repl.to
+                sid, deleted=op is Op.DELETE, version=repl.version, epoch=repl.epoch, to=repl.to,
+                change=True,
             )
             if error is not None:
                 return error
         return None
 
     async def _send_until_acknowledged(self, sid: str, *, deleted: bool, version: int,
-                                       epoch: int, to: str | None = None) -> p.Error | None:
+                                       epoch: int, to: str | None = None,
+                                       change: bool = False) -> p.Error | None:
+        """Send ``sid``'s change (``change``: a client's) or whole copy to its
+        backup until it is acknowledged; the error for the client if not."""
         backup_of_deleted = to
         deadline = trio.current_time() + 2 * (self.config.dead_after_s + self.config.probe_s) + 2
         while True:
@@ -1806,12 +1819,23 @@ class Cluster:
             if reply == p.OK:
                 return None
             if isinstance(reply, p.Error) and reply.code is p.Code.STALE:
-                master = reply.message.split(" ", 1)[0] if reply.message else ""
+                master, epoch = _stale_master(reply) or ("", 0)
+                if master == NOBODY and change and self.replicas.restart_above(sid, epoch):
+                    # Destroyed at that epoch, and this write of a client
+                    # makes it again: sent again above it (CLUSTER.md §11.4).
+                    self._journal_meta(sid)
+                    continue
                 log.warning(
                     "event=write_refused_stale session=%s new_master=%s", sid_tag(sid), master
                 )
-                self.replicas.stale(sid, master)
+                self.replicas.stale(sid, master, epoch)
                 self._drop_local(sid)
+                if master == NOBODY:
+                    return p.Error(
+                        p.Code.UNAVAILABLE,
+                        f"this node's copy is older than the session's destroy on {backup}; "
+                        "retry",
+                    )
                 return p.Error(
                     p.Code.UNAVAILABLE,
                     f"this node is no longer the session's master ({master} is); retry",

@@ -28,6 +28,9 @@ from phpsess.placement import named_nodes
 
 MASTER: Final = "master"
 BACKUP: Final = "backup"
+# The node a STALE refusal names for a session that was destroyed at its
+# epoch: nobody masters it (CLUSTER.md §11.4, REPL rule 1).
+NOBODY: Final = "-"
 _HINTS_MAX: Final = 100_000
 
 
@@ -87,10 +90,14 @@ class Replicas:
         self.me = me
         self.nodes = frozenset(nodes)
         self.meta: dict[str, Meta] = {}
-        # (epoch, version) of recently deleted sessions: a late update must not
-        # bring a destroyed session back, and a session made again carries on
-        # from there, so its new versions are newer than the delete.
-        self._tombstones: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        # (epoch, version, master) of recently deleted sessions: a late update
+        # must not bring a destroyed session back, and a session made again
+        # carries on from there, so its new versions are newer than the
+        # delete.
+        self._tombstones: OrderedDict[str, tuple[int, int, str]] = OrderedDict()
+        # Sessions a backup refused our copy of (STALE): the lowest epoch
+        # they may start at here again (:meth:`stale`).
+        self._floors: OrderedDict[str, int] = OrderedDict()
         self.unverified: set[str] = set()
         # Where other nodes told us a session's master is (NOT_MASTER, WHERE).
         self._hints: OrderedDict[str, str] = OrderedDict()
@@ -138,7 +145,10 @@ class Replicas:
         if m is None or m.role != MASTER:
             # First change here: we are its master now.
             _, named_backup = named_nodes(sid, self.nodes)
-            epoch, version = self._tombstones.pop(sid, (0, 0))
+            epoch, version, _ = self._tombstones.pop(sid, (0, 0, ""))
+            floor = self._floors.pop(sid, 0)
+            if floor > epoch:
+                epoch, version = floor, 0
             if m is not None:
                 epoch, version = max((epoch, version), (m.epoch, m.version))
             m = Meta(MASTER, self.me, None, max(1, epoch + (m is not None)), version)
@@ -157,7 +167,7 @@ class Replicas:
         backup = m.backup
         if deleted:
             del self.meta[sid]
-            self._bury(sid, m.epoch, m.version)
+            self._bury(sid, m.epoch, m.version, self.me)
         if backup is None:
             return None  # degraded: the only copy
         return Repl(backup, sid, self.me, m.epoch, m.version, deleted)
@@ -172,13 +182,21 @@ class Replicas:
             return None
         return Repl(m.backup, sid, self.me, m.epoch, m.version, False)
 
-    def stale(self, sid: str, master: str) -> None:
-        """Our backup told us ``master`` is the session's master now: we are
-        not, and our copy is out of date."""
+    def stale(self, sid: str, master: str, epoch: int = 0) -> None:
+        """Our backup told us ``master`` is the session's master now, at
+        ``epoch`` (or :data:`NOBODY`: it was destroyed at that epoch): we
+        are not, and our copy is out of date.  Should the session start here
+        again, it starts above that epoch: a copy at or below it would be
+        refused again."""
         self.meta.pop(sid, None)
         self.unverified.discard(sid)
-        if master and master != self.me:
+        if master and master not in (self.me, NOBODY):
             self.hint(sid, master)
+        if epoch:
+            self._floors[sid] = max(self._floors.get(sid, 0), epoch + 1)
+            self._floors.move_to_end(sid)
+            if len(self._floors) > _HINTS_MAX:
+                self._floors.popitem(last=False)
 
     # -- the backup's side
 
@@ -187,8 +205,21 @@ class Replicas:
         m = self.meta.get(sid)
         if m is None:
             buried = self._tombstones.get(sid)
-            if buried is not None and (epoch, version) <= buried:
-                return Applied(Verdict.DUPLICATE)  # older than its deletion
+            if buried is not None:
+                buried_epoch, buried_version, deleter = buried
+                if not deleted and (
+                    epoch < buried_epoch or (epoch == buried_epoch and master != deleter)
+                ):
+                    # A copy from another master than the one that destroyed
+                    # the session, at or below that epoch: its old master
+                    # (restarted with the copy it journaled, or drained and
+                    # restarted) making it again.  "OK" here acknowledged a
+                    # write that nothing stored: one kill -9 of that master
+                    # lost it.  Refused naming nobody, the master starts the
+                    # session again above this epoch (CLUSTER.md §11.4).
+                    return Applied(Verdict.STALE, NOBODY, buried_epoch)
+                if (epoch, version) <= (buried_epoch, buried_version):
+                    return Applied(Verdict.DUPLICATE)  # older than its deletion
         if m is not None and m.role == MASTER and master != self.me and epoch <= m.epoch:
             return Applied(Verdict.STALE, self.me, m.epoch)
         if m is not None and m.role == BACKUP:
@@ -206,17 +237,28 @@ class Replicas:
         self._hints.pop(sid, None)
         if deleted:
             self.meta.pop(sid, None)
-            self._bury(sid, epoch, version)
+            self._bury(sid, epoch, version, master)
         else:
             self._tombstones.pop(sid, None)
             self.meta[sid] = Meta(BACKUP, master, self.me, epoch, version)
         return Applied(Verdict.ACCEPT)
 
-    def _bury(self, sid: str, epoch: int, version: int) -> None:
-        self._tombstones[sid] = (epoch, version)
+    def _bury(self, sid: str, epoch: int, version: int, master: str) -> None:
+        self._tombstones[sid] = (epoch, version, master)
         self._tombstones.move_to_end(sid)
         if len(self._tombstones) > _HINTS_MAX:
             self._tombstones.popitem(last=False)
+
+    def restart_above(self, sid: str, epoch: int) -> bool:
+        """Our backup refused our copy of ``sid``: it was destroyed at
+        ``epoch`` (STALE naming :data:`NOBODY`), and this change of ours
+        makes it again.  Whether we master it and moved it above that epoch
+        (its copy is then sent again)."""
+        m = self.meta.get(sid)
+        if m is None or m.role != MASTER or m.epoch > epoch:
+            return False
+        m.epoch = epoch + 1
+        return True
 
     def handoff(self, sid: str, epoch: int, version: int) -> None:
         """A draining master handed ``sid`` to us (CLUSTER.md §8)."""

@@ -682,6 +682,12 @@ def test_a_destroyed_id_asked_on_two_nodes_after_a_restart_is_locked_once(
         assert first.request(p.Write(sid, 1440, b"first")) == p.OK
     for name in ("a", "b", "c"):
         assert _unreadable(cluster, name, {sid: b"first"}) == {}, name
+    # And it was acknowledged with two copies: b, holding the destroy's
+    # tombstone (epoch 2), took a's new copy (epoch 1) for a late update
+    # and answered "OK" without storing it; a kill -9 of a lost the write.
+    a.kill9()
+    with Client(cluster.nodes["c"].address, timeout_s=30) as c:
+        assert c.request(p.Read(sid, lock=False)) == p.Data(b"first")
 
 
 def test_a_named_master_cut_off_from_its_hint_passes_the_hint_on(workdir: Path) -> None:

@@ -27,6 +27,7 @@ from phpsess.server import Server, ServerConfig
 from tests.conftest import Daemon
 from tests.integration.test_cluster import DEAD_AFTER_MS, Cluster, _create, _Nft
 from tests.integration.test_cluster import cluster as cluster  # the fixture
+from tests.integration.test_cluster import cluster_fsync_always as cluster_fsync_always
 
 # Their daemons time failure detection: one worker runs them one after
 # another (scripts/test runs the rest on two).
@@ -723,3 +724,37 @@ def test_a_session_created_right_after_a_resume_from_a_pause_has_one_master(
             masters += [name for line in listed.data.decode().splitlines()
                         if line.startswith(f"{sid} ") and line.split()[4] == "master"]
     assert masters == ["a"], masters
+
+
+def test_a_session_destroyed_while_its_master_was_down_is_never_acknowledged_once(
+    cluster_fsync_always: Cluster,
+) -> None:
+    # a masters the session; it is killed, its backup takes it over and the
+    # session is destroyed there.  a restarts with its journaled copy.  Its
+    # copies to the backup, which holds a tombstone of a later epoch, were
+    # answered "OK" as duplicates and not stored: a write through a was
+    # acknowledged with one copy, and the next kill -9 of a lost it (nemesis
+    # review, repro_tombstone_ack.py).  Now the backup refuses them STALE,
+    # a drops its copy, and the session made again is stored twice.
+    cluster = cluster_fsync_always
+    sid = _create(cluster, "a", b"v1")
+    other = "c" if sid.endswith("-a-b") else "b"  # neither a nor its backup
+    cluster.nodes["a"].kill9()
+    with Client(cluster.nodes[other].address, timeout_s=20) as c:
+        assert c.request(p.Read(sid, lock=True)) == p.Data(b"v1")
+        assert c.request(p.Destroy(sid)) == p.OK
+    cluster.nodes["a"].start()
+    cluster.wait_formed()
+    acknowledged = None
+    for attempt in range(5):
+        with Client(cluster.nodes[other].address, timeout_s=20) as c:
+            got = c.request(p.Read(sid, lock=True))
+            assert isinstance(got, (p.Data, p.Miss)), got
+            value = f"after-{attempt}".encode()
+            if c.request(p.Write(sid, 1440, value)) == p.OK:
+                acknowledged = value
+                break
+    assert acknowledged is not None
+    cluster.nodes["a"].kill9()
+    with Client(cluster.nodes[other].address, timeout_s=20) as c:
+        assert c.request(p.Read(sid, lock=False)) == p.Data(acknowledged)

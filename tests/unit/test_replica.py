@@ -13,6 +13,7 @@ from phpsess.replica import (
     _HINTS_MAX,
     BACKUP,
     MASTER,
+    NOBODY,
     Applied,
     Meta,
     Repl,
@@ -583,3 +584,64 @@ def test_holding_says_the_role_and_the_other_holder() -> None:
     # A takeover changes what the ID names: the record, not the ID, says it.
     r.node_dead("a", chooser("d"))
     assert r.holding("b-x-a-c") == (MASTER, "d")
+
+
+def test_a_copy_from_an_older_epoch_than_a_deletion_is_stale_not_acknowledged() -> None:
+    """a mastered the session (epoch 1); b took it over (epoch 2) and it was
+    destroyed there; a restarted with its journaled copy and wrote it.  b
+    answered that REPL "OK" as a duplicate older than the deletion, without
+    storing it: the write was acknowledged with one copy, and a kill -9 of a
+    lost it (nemesis review, repro_tombstone_ack.py)."""
+    a, b = replicas("a"), replicas("b")
+    for repl in (a.local_change(SID, False, no_choice) for _ in range(3)):
+        assert repl is not None
+        assert b.apply(SID, "a", repl.epoch, repl.version, False).verdict is Verdict.ACCEPT
+    b.node_dead("a", chooser(None))  # b masters it at epoch 2, alone
+    assert b.local_change(SID, True, no_choice) is None and b.where(SID) is None
+    late = a.local_change(SID, False, no_choice)  # a's restored copy, written
+    assert late is not None and (late.epoch, late.version) == (1, 4)
+    assert b.apply(SID, "a", 1, 4, False) == Applied(Verdict.STALE, NOBODY, 2)
+    assert b.where(SID) is None
+    # A late delete from the old master changes nothing, and is acknowledged.
+    assert b.apply(SID, "a", 1, 9, True).verdict is Verdict.DUPLICATE
+    # A client's write makes the session again: above the destroy's epoch.
+    assert a.restart_above(SID, 2) and a.where(SID) == (MASTER, 3, 4)
+    assert b.apply(SID, "a", 3, 4, False).verdict is Verdict.ACCEPT
+    assert b.where(SID) == (BACKUP, 3, 4)
+
+
+def test_a_session_destroyed_by_another_master_and_made_again_is_not_a_duplicate() -> None:
+    """After a drain a's session S went to b (epoch 2), and was destroyed
+    there.  Asked for S again, a (the master its ID names) made it anew at
+    (1, 1); b took that copy for a late update older than the destroy and
+    answered "OK" without storing it (test_cluster_drain.py's destroyed-ID
+    test).  Also at the destroy's own epoch: another master's copy is no
+    late update of the one that destroyed it."""
+    b = replicas("b")
+    b.handoff(SID, 2, 5)
+    b.local_change(SID, True, chooser(None))  # destroyed at (2, 6), alone
+    assert b.apply(SID, "a", 1, 1, False) == Applied(Verdict.STALE, NOBODY, 2)
+    assert b.apply(SID, "c", 2, 9, False) == Applied(Verdict.STALE, NOBODY, 2)
+    # Its own master's late update is older than the destroy: a duplicate.
+    c = replicas("c")
+    puts = [b.local_change("s2", False, chooser("c")) for _ in range(2)]
+    delete = b.local_change("s2", True, chooser("c"))
+    assert delete is not None
+    for repl in (puts[0], delete, puts[1]):
+        assert repl is not None
+        c.apply("s2", "b", repl.epoch, repl.version, repl.deleted)
+    assert c.apply("s2", "b", 1, 1, False).verdict is Verdict.DUPLICATE
+    assert c.where("s2") is None
+
+
+def test_a_master_refused_by_a_destroy_drops_its_copy_and_starts_above_it() -> None:
+    """A whole copy sent in the background (not a client's change) refused
+    STALE naming nobody: the copy is dropped, not revived; made again later,
+    the session starts above the destroy's epoch."""
+    a = replicas("a")
+    assert a.local_change(SID, False, no_choice) is not None
+    a.stale(SID, NOBODY, 2)
+    assert a.where(SID) is None and a.hinted(SID) is None
+    again = a.local_change(SID, False, no_choice)
+    assert again is not None and (again.epoch, again.version) == (3, 1)
+    assert not a.restart_above(SID, 2)  # already above

@@ -1523,7 +1523,7 @@ class Cluster:
             node = max(masters)[2]
             self.replicas.stale(sid, node)
             self._drop_local(sid)
-            log.info("event=stale_copy_dropped session=%s master=%s", sid_tag(sid), node)
+            self._log_stale_copy(sid, node)
             return
         if any(e > m.epoch for _, e, _, _, _ in answers.values()):
             # A copy at a newer epoch: another node took the session over
@@ -1531,7 +1531,7 @@ class Cluster:
             # Ours is stale; the master is found again (resolve).
             self.replicas.stale(sid, "")
             self._drop_local(sid)
-            log.info("event=stale_copy_dropped session=%s master=-", sid_tag(sid))
+            self._log_stale_copy(sid, "-")
             return
         newest = max(
             ((e, v, ttl_ms, data) for role, e, v, ttl_ms, data in answers.values()
@@ -1554,6 +1554,12 @@ class Cluster:
             # alive (never heard since our start): the read would wait for it
             # in vain; our next write to the session copies it whole.
             await self._send_copy(sid)
+
+    def _log_stale_copy(self, sid: str, master: str) -> None:
+        suffix = self.server.stale_copy_throttle.suffix(trio.current_time())
+        if suffix is not None:
+            log.info("event=stale_copy_dropped session=%s master=%s%s", sid_tag(sid), master,
+                     suffix)
 
     async def _where_all(self, sid: str) -> dict[str, tuple[str, int, int, int, bytes]]:
         """``WHERE sid`` of every live peer: node -> (role, epoch, version,

@@ -252,6 +252,9 @@ class Server:
         self._outgoing_throttle = Throttle()
         self._idle_throttle = Throttle()
         self._protocol_error_throttle = Throttle()
+        # One line per copy a restarted cluster node finds stale: a node that
+        # mastered a million sessions would log a million (cluster.py).
+        self.stale_copy_throttle = Throttle()
         # Counted whether logged or not (STATS, metrics).
         self.protocol_errors_total = 0
         self.timeout_closes: dict[str, int] = {"handshake": 0, "idle": 0, "send": 0}
@@ -268,6 +271,7 @@ class Server:
              "event=connection_closed_not_logged reason=max_outgoing_bytes"),
             (self._idle_throttle, logging.INFO, "event=idle_timeout_not_logged"),
             (self._protocol_error_throttle, logging.INFO, "event=protocol_error_not_logged"),
+            (self.stale_copy_throttle, logging.INFO, "event=stale_copy_dropped_not_logged"),
         )
         self._uid_lookups = trio.CapacityLimiter(1)  # may_administer_tcp
         self.accept_failures_total = 0

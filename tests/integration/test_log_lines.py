@@ -227,3 +227,28 @@ def test_a_restart_in_a_cluster_says_how_many_restored_sessions_are_kept(
         assert _events(b.log(), "cluster_restored")[-1]["dropped_backup_copies"] == "3"
     finally:
         cluster.stop()
+
+
+def test_a_restarted_node_finding_its_copies_stale_logs_a_few_lines_and_counts_the_rest(
+    workdir: Path,
+) -> None:
+    # A restarted node whose sessions were taken over logged one
+    # `stale_copy_dropped` line per session it had mastered (soak review):
+    # a million lines for a million sessions.  Three nodes: the takeover
+    # finds a new backup at once, so nothing is re-copied to a when it
+    # rejoins, and a's own check finds every copy stale.
+    cluster = _AlwaysFsyncCluster(workdir, names=("a", "b", "c"))
+    try:
+        for i in range(30):
+            _create(cluster, "a", b"n|i:%d;" % i)  # a masters them
+        a = cluster.nodes["a"]
+        a.kill9()
+        deadline = time.monotonic() + 20
+        while not all("event=takeover peer=a" in cluster.nodes[n].log() for n in "bc"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        a.start()
+        logged, counted = _wait_accounted(a, "stale_copy_dropped", 30)
+        assert logged <= 20 and counted >= 10, (logged, counted)
+    finally:
+        cluster.stop()

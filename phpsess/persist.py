@@ -84,8 +84,15 @@ log = logging.getLogger("phpsess")
 
 FSYNC_POLICIES: Final = ("always", "interval", "never")
 DEFAULT_DATA_DIR: Final = "/var/lib/phpsess"
-# Compact when the journal is larger than the live data, but not for less.
+# Compact when the journal is larger than the live data, but not for less;
+# or when the snapshot and journals together are larger than twice the live
+# data plus this (sessions destroyed or expired since the snapshot): see
+# compaction_due.
 MIN_COMPACT_BYTES: Final = 8 * 1024 * 1024
+# While no change comes, how often the writer checks whether to compact: an
+# idle server (or one restarted after its sessions expired) journals nothing,
+# and without this kept its dead sessions on disk for ever.
+IDLE_COMPACT_CHECK_S: Final = 60.0
 _WRITE_CHUNK: Final = 1 << 20
 # Compaction encodes about this much between two checkpoints of the event
 # loop (some 50 us of work for 1 KiB sessions).
@@ -110,6 +117,26 @@ FAILING_LOG_S: Final = 60.0
 # before the writer tries again.
 COMPACT_RETRY_S: Final = 30.0
 _NAME_RE: Final = re.compile(r"(snapshot|journal)-(\d{6,})\.(psnap|pjnl)\Z")
+
+
+def compaction_due(
+    journal_bytes: int, older_bytes: int, live_bytes: int, min_bytes: int, stale: bool
+) -> bool:
+    """Whether to compact, by the data directory's sizes: the journal being
+    appended, the other files (the snapshot; the journals of an unfinished
+    compaction) and the estimate of a new snapshot (``live_bytes``).
+
+    The journal outgrew the live data; or the files hold more than twice
+    the live data plus ``min_bytes``, which happens when sessions go (the
+    snapshot still holds them) and keeps disk use following the live data
+    down.  That needs ``stale``: something journaled or expired since the
+    snapshot was taken, else a compaction would write the same snapshot
+    again (a live estimate too low can then not make it loop).  Right after
+    a compaction the snapshot is about the live data and the journal empty:
+    false."""
+    if journal_bytes > max(min_bytes, live_bytes):
+        return True
+    return stale and journal_bytes + older_bytes > 2 * live_bytes + min_bytes
 
 
 @attrs.frozen
@@ -874,6 +901,12 @@ class Persister:
         self._fd = -1
         self.gen = 0
         self.journal_bytes = 0
+        # The data directory's other files (the snapshot; after an
+        # unfinished compaction older journals too), for compaction_due.
+        self.older_bytes = 0
+        # Something was journaled, or expired while the daemon was down,
+        # since the snapshot was taken (compaction_due).
+        self._stale = False
         self._last_sync = 0.0
         self._last_flush = -math.inf
         # When the oldest change not yet fsynced was submitted (or None).
@@ -933,6 +966,10 @@ class Persister:
             self._check_writable()
             restored, self.gen = restore(self.dir, wall_now, mono_now)
             try:
+                self._measure(restored)
+            except OSError as exc:
+                raise _unusable(self.dir, exc) from exc
+            try:
                 self._open_journal(self.gen)
             except OSError as exc:
                 raise _unusable(self.dir, exc, self._journal_path()) from exc
@@ -960,6 +997,22 @@ class Persister:
                 "read-only), or choose another with --data-dir"
             ) from exc
 
+    def _measure(self, restored: Restored) -> None:
+        """Size the files restore() kept besides the journal to append to
+        (it deleted older generations'), for compaction_due."""
+        snapshots, journals = _generations(self.dir)
+        older = [snapshot_name(g) for g in snapshots]
+        older += [journal_name(g) for g in journals if g != self.gen]
+        self.older_bytes = sum(os.stat(os.path.join(self.dir, name)).st_size for name in older)
+        journaled = self.gen in journals and (
+            os.stat(self._journal_path()).st_size > len(j.JOURNAL_MAGIC)
+        )
+        # A snapshot alone holds exactly the sessions restored, unless some
+        # expired while the daemon was down.
+        self._stale = (
+            restored.expired > 0 or journaled or any(g != self.gen for g in journals)
+        )
+
     def _open_journal(self, gen: int) -> None:
         path = os.path.join(self.dir, journal_name(gen))
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -979,6 +1032,7 @@ class Persister:
         flush); returns their sequence number.  ``changes`` is kept: the
         caller hands it over."""
         self._pending.append((wall_now, changes))
+        self._stale = True
         copy = self._superseded_from
         if copy is not None:
             # A compaction is encoding the store as it was at its switch:
@@ -1090,9 +1144,11 @@ class Persister:
                     # expiries since) are tried again now and then.
                     await trio.sleep_until(self._retry_at)
                 elif not self._pending:
-                    deadline = math.inf
+                    # Idle: wake now and then to check for compaction all
+                    # the same (IDLE_COMPACT_CHECK_S).
+                    deadline = trio.current_time() + IDLE_COMPACT_CHECK_S
                     if policy == "interval" and self.synced < self.written:
-                        deadline = self._last_sync + interval
+                        deadline = min(deadline, self._last_sync + interval)
                     with trio.move_on_at(deadline):
                         await self._work.wait()
                     self._work = trio.Event()
@@ -1106,8 +1162,11 @@ class Persister:
                     if self.failure is not None:
                         self._recovered()
                     live = live_bytes()  # about the size of a snapshot
-                    limit = max(self.config.min_compact_bytes, live)
-                    if (self.journal_bytes > limit and not self._compacting
+                    due = compaction_due(
+                        self.journal_bytes, self.older_bytes, live,
+                        self.config.min_compact_bytes, self._stale,
+                    )
+                    if (due and not self._compacting
                             and trio.current_time() >= self._compact_after):
                         self._compacting = True
                         try:
@@ -1310,7 +1369,9 @@ class Persister:
         old_fd = self._fd
         self._fd = new_fd
         self.gen = new_gen
+        self.older_bytes += self.journal_bytes + len(tail)
         self.journal_bytes = len(j.JOURNAL_MAGIC)
+        self._stale = False  # the copy is the store as of now
         # --
 
         old_path = self._journal_path(new_gen - 1)
@@ -1338,6 +1399,7 @@ class Persister:
             self._pending[:0] = taken
             self._superseded_from = None
             self._compacting = False
+            self._stale = True
             raise
         self.written = max(self.written, seq)
         self._synced_to(seq, switched_at)
@@ -1367,13 +1429,14 @@ class Persister:
                 lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             )
             parts = [j.SNAPSHOT_MAGIC]
-            size = len(j.SNAPSHOT_MAGIC)
+            size = total = len(j.SNAPSHOT_MAGIC)
             slices = j.snapshot_chunks(
                 _emptied(source.entries), source.offset, self._snapshot_metas.items(), _SLICE_BYTES
             )
             for piece in slices:
                 parts.append(piece)
                 size += len(piece)
+                total += len(piece)
                 if size >= _WRITE_CHUNK:
                     await self._write_out(fd, parts)
                     parts = []
@@ -1409,6 +1472,8 @@ class Persister:
                 os.close(fd)
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+        # Generation gen's snapshot is all that is left beside its journal.
+        self.older_bytes = total
         self.compactions_total += 1
         log.info(
             "event=compacted generation=%d sessions=%d superseded=%d seconds=%.3f",
@@ -1420,6 +1485,7 @@ class Persister:
 
     def _compaction_failed(self) -> None:
         self.compaction_failures_total += 1
+        self._stale = True  # the files it was to replace are all still there
         self._compact_after = trio.current_time() + COMPACT_RETRY_S
 
     async def _journaled(self, seq: int) -> None:

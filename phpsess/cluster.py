@@ -35,6 +35,7 @@ from phpsess.logs import sid_tag
 from phpsess.placement import check_node_name, named_nodes, suffix
 from phpsess.replica import (
     BACKUP,
+    DELETED,
     MASTER,
     NOBODY,
     Repl,
@@ -1518,6 +1519,14 @@ class Cluster:
             self.replicas.unverified.discard(sid)
             return
         answers = await self._where_all(sid)
+        deletions = [(e, v) for role, e, v, _, _ in answers.values() if role == DELETED]
+        if deletions and max(deletions) >= (m.epoch, m.version):
+            # Destroyed since our copy was made (we were down, or it was
+            # taken over, then destroyed): never served again (§7).
+            self.replicas.stale(sid, NOBODY, max(deletions)[0])
+            self._drop_local(sid)
+            self._log_stale_copy(sid, NOBODY)
+            return
         masters = [(e, v, node) for node, (role, e, v, _, _) in answers.items() if role == MASTER]
         if masters and max(masters)[:2] >= (m.epoch, m.version):
             node = max(masters)[2]
@@ -1547,7 +1556,8 @@ class Cluster:
         self.replicas.verified(sid, m.epoch, m.version)
         backup = m.backup
         if (
-            m.role == MASTER and backup is not None and backup not in answers
+            m.role == MASTER and backup is not None
+            and answers.get(backup, (DELETED,))[0] == DELETED  # no copy (an older tombstone)
             and self.membership.is_alive(backup)
         ):
             # The backup lost its copy: restore it.  Not to one that is not
@@ -1746,7 +1756,7 @@ class Cluster:
         that is not a master's (a backup's)."""
         answers = await self._where_all(sid)
         masters = [(e, v, node) for node, (role, e, v, _, _) in answers.items() if role == MASTER]
-        copies = sorted(node for node, (role, *_) in answers.items() if role != MASTER)
+        copies = sorted(node for node, (role, *_) in answers.items() if role == BACKUP)
         mine = self.replicas.where(sid)
         best = max(masters) if masters else None
         if mine is not None and mine[0] == MASTER and (best is None or mine[1:] > best[:2]):
@@ -1929,6 +1939,11 @@ class Cluster:
             held = self.replicas.where(request.sid)
             entry = store.get(request.sid, now)
             if held is None or entry is None:
+                buried = self.replicas.deleted(request.sid)
+                if buried is not None:
+                    # So that a node restarted with a copy of it, journaled
+                    # before the destroy, drops it (_verify, §11.4).
+                    return p.Data(b"", (DELETED, str(buried[0]), str(buried[1]), "0"))
                 return p.MISS
             role, epoch, version = held
             ttl_ms = max(0, int((entry.expires_at - now) * 1000))
@@ -2230,7 +2245,7 @@ def _stale_master(reply: p.Reply) -> tuple[str, int] | None:
 def _where_tokens(tokens: tuple[str, ...]) -> tuple[str, int, int, int] | None:
     """``<role> <epoch> <version> <ttl_ms>`` of a WHERE reply, or None if a
     peer sent something else."""
-    if len(tokens) != 4 or tokens[0] not in (MASTER, BACKUP):
+    if len(tokens) != 4 or tokens[0] not in (MASTER, BACKUP, DELETED):
         return None
     if not all(t.isascii() and t.isdigit() and len(t) < 20 for t in tokens[1:]):
         return None

@@ -31,6 +31,9 @@ BACKUP: Final = "backup"
 # The node a STALE refusal names for a session that was destroyed at its
 # epoch: nobody masters it (CLUSTER.md §11.4, REPL rule 1).
 NOBODY: Final = "-"
+# The role a WHERE reply gives for a session deleted here (a tombstone, no
+# copy): CLUSTER.md §11.4.
+DELETED: Final = "deleted"
 _HINTS_MAX: Final = 100_000
 
 
@@ -301,6 +304,14 @@ class Replicas:
 
     def mark_unverified(self, sids: Iterable[str]) -> None:
         self.unverified.update(sids)
+
+    def deleted(self, sid: str) -> tuple[int, int] | None:
+        """(epoch, version) at which ``sid`` was deleted here, if we hold no
+        record of it but its tombstone."""
+        if sid in self.meta:
+            return None
+        buried = self._tombstones.get(sid)
+        return None if buried is None else buried[:2]
 
     def where(self, sid: str) -> tuple[str, int, int] | None:
         """What we hold of ``sid``: (role, epoch, version)."""

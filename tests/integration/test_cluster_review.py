@@ -758,3 +758,41 @@ def test_a_session_destroyed_while_its_master_was_down_is_never_acknowledged_onc
     cluster.nodes["a"].kill9()
     with Client(cluster.nodes[other].address, timeout_s=20) as c:
         assert c.request(p.Read(sid, lock=False)) == p.Data(acknowledged)
+
+
+async def test_a_restored_copy_of_a_session_destroyed_since_is_dropped_not_served(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path,
+) -> None:
+    # In-process and deterministic: a restarted with its journaled master
+    # copy (1, 3) of a session that b took over meanwhile and destroyed at
+    # (2, 4).  b holds no copy, only its tombstone, and answered WHERE
+    # "MISS": a's check found nothing newer and served the destroyed
+    # session (a logout undone), until its background re-copy was refused
+    # (nemesis review).  b now says where it was deleted.
+    cluster = _in_process_cluster(tmp_path)
+    server = cluster.server
+    now = trio.current_time()
+    for peer in ("b", "c"):
+        cluster.membership.receive(Heartbeat(peer, 1, 0, 0, False, ()), now)
+    sid = "abcdefghijklmnopqrstu-a-b"
+    server.engine.store.put(sid, b"v=1;", 1440, now)
+    cluster.replicas.adopt_restored(sid, Meta(MASTER, "a", "b", 1, 3))
+
+    b = _in_process_cluster(tmp_path / "b")
+    b.replicas.handoff(sid, 2, 3)
+    b.replicas.local_change(sid, True, lambda: None)  # destroyed at (2, 4)
+    deleted = b.handle_peer("c", p.Where(sid), now)
+    assert deleted == p.Data(b"", ("deleted", "2", "4", "0"))
+
+    async def call(node: str, request: p.Request) -> p.Reply:
+        if node == "b" and isinstance(request, p.Where):
+            return deleted
+        return p.MISS
+
+    cluster.call = call  # type: ignore[method-assign]
+    await cluster.resolve(sid)
+    assert server.engine.store.get(sid, trio.current_time()) is None
+    assert cluster.replicas.where(sid) is None
+    # Made again here, it starts above the destroy's epoch.
+    repl = cluster.replicas.local_change(sid, False, lambda: None)
+    assert repl is not None and repl.epoch == 3

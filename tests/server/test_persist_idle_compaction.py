@@ -87,6 +87,25 @@ async def _fill(persister: Persister, model: Model) -> None:
     assert persister.compactions_total == 1
 
 
+async def _compacts_once_then_rests(persister: Persister, compactions: int) -> None:
+    """Idle: one compaction comes within two idle checks (``compactions``
+    in all), then no other over ten more."""
+    await _idle(persister, 2 * persist.IDLE_COMPACT_CHECK_S)
+    assert persister.compactions_total == compactions
+    await _idle(persister, 10 * persist.IDLE_COMPACT_CHECK_S)
+    assert persister.compactions_total == compactions
+
+
+async def _filled(tmp_path: Path, nursery: trio.Nursery) -> tuple[Persister, Model]:
+    """A persister running in ``nursery`` with every session written and
+    compacted once (:func:`_fill`)."""
+    persister = await _opened(tmp_path, WALL)
+    model = Model()
+    await nursery.start(persister.run, model.source, model.live_bytes)
+    await _fill(persister, model)
+    return persister, model
+
+
 def _assert_dead_sessions_gone(tmp_path: Path) -> None:
     files = [p for p in tmp_path.iterdir() if p.name != "lock"]
     total = sum(p.stat().st_size for p in files)
@@ -100,21 +119,15 @@ def _assert_dead_sessions_gone(tmp_path: Path) -> None:
 async def test_destroyed_sessions_leave_the_data_directory(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    persister = await _opened(tmp_path, WALL)
-    model = Model()
     async with trio.open_nursery() as nursery:
-        await nursery.start(persister.run, model.source, model.live_bytes)
-        await _fill(persister, model)
+        persister, model = await _filled(tmp_path, nursery)
         assert persister.older_bytes > SESSIONS * 8000  # the snapshot
         # Every user logs out; then nothing more comes.
         model.entries.clear()
         for i in range(SESSIONS):
             persister.submit([(j.Op.DELETE, f"s{i}", 0, b"")], WALL + trio.current_time())
-        await _idle(persister, 2 * persist.IDLE_COMPACT_CHECK_S)
-        assert persister.compactions_total == 2
         # Compacted to an empty snapshot, and then not again.
-        await _idle(persister, 10 * persist.IDLE_COMPACT_CHECK_S)
-        assert persister.compactions_total == 2
+        await _compacts_once_then_rests(persister, 2)
         nursery.cancel_scope.cancel()
     await persister.close()
     _assert_dead_sessions_gone(tmp_path)
@@ -123,11 +136,8 @@ async def test_destroyed_sessions_leave_the_data_directory(
 async def test_sessions_expired_while_down_leave_the_data_directory_of_an_idle_server(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    persister = await _opened(tmp_path, WALL)
-    model = Model()
     async with trio.open_nursery() as nursery:
-        await nursery.start(persister.run, model.source, model.live_bytes)
-        await _fill(persister, model)
+        persister, _ = await _filled(tmp_path, nursery)
         nursery.cancel_scope.cancel()
     await persister.close()
     # Restarted after the TTL: every session expired meanwhile, none is
@@ -137,10 +147,7 @@ async def test_sessions_expired_while_down_leave_the_data_directory_of_an_idle_s
     model = Model()
     async with trio.open_nursery() as nursery:
         await nursery.start(persister.run, model.source, model.live_bytes)
-        await _idle(persister, 2 * persist.IDLE_COMPACT_CHECK_S)
-        assert persister.compactions_total == 1
-        await _idle(persister, 10 * persist.IDLE_COMPACT_CHECK_S)
-        assert persister.compactions_total == 1
+        await _compacts_once_then_rests(persister, 1)
         nursery.cancel_scope.cancel()
     await persister.close()
     _assert_dead_sessions_gone(tmp_path)

@@ -1836,7 +1836,12 @@ class Cluster:
                 return None
             if isinstance(reply, p.Error) and reply.code is p.Code.STALE:
                 master, epoch = _stale_master(reply) or ("", 0)
-                if master == NOBODY and change and self.replicas.restart_above(sid, epoch):
+                if epoch > p.MAX_START_COUNTER:
+                    # A peer that lies: an epoch the REPLs could not carry
+                    # would wedge the session (as _where_tokens).
+                    epoch = 0
+                if (master == NOBODY and change and epoch
+                        and self.replicas.restart_above(sid, epoch)):
                     # Destroyed at that epoch, and this write of a client
                     # makes it again: sent again above it (CLUSTER.md §11.4).
                     self._journal_meta(sid)

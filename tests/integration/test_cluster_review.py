@@ -796,3 +796,29 @@ async def test_a_restored_copy_of_a_session_destroyed_since_is_dropped_not_serve
     # Made again here, it starts above the destroy's epoch.
     repl = cluster.replicas.local_change(sid, False, lambda: None)
     assert repl is not None and repl.epoch == 3
+
+
+async def test_a_backup_that_lies_about_a_destroy_cannot_wedge_a_session(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path,
+) -> None:
+    # `ERR STALE - <epoch>` moves a client's write above that epoch
+    # (CLUSTER.md §11.4).  From a peer that lies, an epoch the REPLs could
+    # not carry would make every later write of the session fail: such a
+    # reply is taken as a plain refusal, as a WHERE with such numbers is.
+    cluster = _in_process_cluster(tmp_path)
+    now = trio.current_time()
+    for peer in ("b", "c"):
+        cluster.membership.receive(Heartbeat(peer, 1, 0, 0, False, ()), now)
+    sid = "abcdefghijklmnopqrstu-a-b"
+    lie = p.Error(p.Code.STALE, f"- {p.MAX_START_COUNTER + 1}")
+
+    async def call(node: str, request: p.Request) -> p.Reply:
+        return lie
+
+    cluster.call = call  # type: ignore[method-assign]
+    cluster.server.engine.store.put(sid, b"v=1;", 1440, now)
+    refused = await cluster.replicate([(Op.PUT, sid, 1440, b"v=1;")])
+    assert isinstance(refused, p.Error) and refused.code is p.Code.UNAVAILABLE, refused
+    assert cluster.replicas.where(sid) is None
+    repl = cluster.replicas.local_change(sid, False, lambda: None)
+    assert repl is not None and repl.epoch == 1

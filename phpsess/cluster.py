@@ -273,6 +273,9 @@ class _Slot:
         self.error: str | None = None
 
 
+# Times one send moves a session above a destroy's epoch (STALE -): once
+# answers an honest peer, twice a second change racing the first.
+_MAX_MOVES_UP: Final = 4
 # How often a pipe's watchdog looks for a reply that is overdue.
 _WATCHDOG_S: Final = 0.25
 # How a peer link fails (each ends the link; the requests on it fail).
@@ -1519,6 +1522,11 @@ class Cluster:
             self.replicas.unverified.discard(sid)
             return
         answers = await self._where_all(sid)
+        if self.replicas.meta.get(sid) is not m:
+            # Changed while we asked: a copy from its new master made ours a
+            # backup's, say (a takeover right after our restart); what we
+            # were checking is gone, and dropping now would drop that.
+            return
         deletions = [(e, v) for role, e, v, _, _ in answers.values() if role == DELETED]
         if deletions and max(deletions) >= (m.epoch, m.version):
             # Destroyed since our copy was made (we were down, or it was
@@ -1780,19 +1788,18 @@ class Cluster:
                 self._maybe_degraded = self._maybe_degraded or op is not Op.DELETE
                 continue
             error = await self._send_until_acknowledged(
-                sid, deleted=op is Op.DELETE, version=repl.version, epoch=repl.epoch, to=repl.to,
-                change=True,
+                sid, deleted=op is Op.DELETE, version=repl.version, epoch=repl.epoch, to=repl.to
             )
             if error is not None:
                 return error
         return None
 
     async def _send_until_acknowledged(self, sid: str, *, deleted: bool, version: int,
-                                       epoch: int, to: str | None = None,
-                                       change: bool = False) -> p.Error | None:
-        """Send ``sid``'s change (``change``: a client's) or whole copy to its
-        backup until it is acknowledged; the error for the client if not."""
+                                       epoch: int, to: str | None = None) -> p.Error | None:
+        """Send ``sid``'s change or whole copy to its backup until it is
+        acknowledged; the error for the client if not."""
         backup_of_deleted = to
+        moved_up = 0  # times a STALE - moved the session up (a peer that lies: bounded)
         deadline = trio.current_time() + 2 * (self.config.dead_after_s + self.config.probe_s) + 2
         while True:
             m = self.replicas.meta.get(sid)
@@ -1840,10 +1847,14 @@ class Cluster:
                     # A peer that lies: an epoch the REPLs could not carry
                     # would wedge the session (as _where_tokens).
                     epoch = 0
-                if (master == NOBODY and change and epoch
+                if (master == NOBODY and epoch and moved_up < _MAX_MOVES_UP
                         and self.replicas.restart_above(sid, epoch)):
-                    # Destroyed at that epoch, and this write of a client
-                    # makes it again: sent again above it (CLUSTER.md §11.4).
+                    # Destroyed there at that epoch, by a node that holds no
+                    # copy, and live here: sent again above it (CLUSTER.md
+                    # §11.4).  Dropping it lost a session made again since,
+                    # whose copy went to a node that kept an old tombstone
+                    # (second nemesis review).
+                    moved_up += 1
                     self._journal_meta(sid)
                     continue
                 log.warning(

@@ -449,9 +449,9 @@ class Membership:
         peer.last_heard = now  # as an answered probe: not a heartbeat (heard_at)
         peer.hears = ()
         peer.witnessed = False
-        # Until its heartbeat says: a new incarnation starts with nothing
-        # (what it restored from disk, it verifies before serving, §7).
-        peer.sessions = peer.sockets = 0
+        # Its load stays as last heard until its heartbeat says (a zero would
+        # make it every takeover's choice of backup); a new incarnation is
+        # not draining.
         peer.draining = False
         return events
 

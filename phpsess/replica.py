@@ -254,13 +254,15 @@ class Replicas:
 
     def restart_above(self, sid: str, epoch: int) -> bool:
         """Our backup refused our copy of ``sid``: it was destroyed at
-        ``epoch`` (STALE naming :data:`NOBODY`), and this change of ours
-        makes it again.  Whether we master it and moved it above that epoch
-        (its copy is then sent again)."""
+        ``epoch`` (STALE naming :data:`NOBODY`) by a node that holds no copy.
+        We master a live session of that ID (made again since, or a copy
+        it was refused before, sent at a lower epoch): it moves above that
+        epoch, if not there already.  Whether we master it (its copy is
+        then sent again)."""
         m = self.meta.get(sid)
-        if m is None or m.role != MASTER or m.epoch > epoch:
+        if m is None or m.role != MASTER:
             return False
-        m.epoch = epoch + 1
+        m.epoch = max(m.epoch, epoch + 1)
         return True
 
     def handoff(self, sid: str, epoch: int, version: int) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -822,3 +823,89 @@ async def test_a_backup_that_lies_about_a_destroy_cannot_wedge_a_session(
     assert cluster.replicas.where(sid) is None
     repl = cluster.replicas.local_change(sid, False, lambda: None)
     assert repl is not None and repl.epoch == 1
+
+
+def test_a_session_made_again_over_an_old_tombstone_survives_its_backups_death(
+    cluster_fsync_always: Cluster,
+) -> None:
+    # S, created on a, is taken over by its backup when a dies with its data;
+    # then destroyed: its master and backup keep tombstones.  The master
+    # restarts (its tombstone, in memory, goes) and so does a: S is made
+    # again through a, below the destroy's epoch, and its backup, holding no
+    # tombstone any more, stores it: acknowledged twice.  When that backup
+    # dies, a's copy to a new backup, the node that kept its old tombstone,
+    # was refused STALE -, and a dropped the live session and the write
+    # with it (second nemesis review, repro_stale_tomb_recopy.py).
+    cluster = cluster_fsync_always
+    sid = _create(cluster, "a", b"v1")
+    backup = sid.rsplit("-", 1)[1]
+    third = ({"b", "c"} - {backup}).pop()
+    a = cluster.nodes["a"]
+    a.kill9()
+    shutil.rmtree(a.data_dir)
+    deadline = time.monotonic() + 20
+    while _roles(cluster, sid, (backup, third)) != {backup: "master", third: "backup"}:
+        assert time.monotonic() < deadline, _roles(cluster, sid, (backup, third))
+        time.sleep(0.1)
+    with Client(cluster.nodes[third].address, timeout_s=20) as c:
+        assert c.request(p.Destroy(sid)) == p.OK
+    cluster.nodes[backup].kill9()
+    cluster.nodes[backup].start()
+    a.start()
+    cluster.wait_formed()
+    with Client(a.address, timeout_s=20) as c:
+        assert c.request(p.Write(sid, 1440, b"important")) == p.OK
+    assert _roles(cluster, sid, ("a", backup)) == {"a": "master", backup: "backup"}
+    cluster.nodes[backup].kill9()
+    deadline = time.monotonic() + 20
+    while _roles(cluster, sid, ("a", third)) != {"a": "master", third: "backup"}:
+        assert time.monotonic() < deadline, _roles(cluster, sid, ("a", third))
+        time.sleep(0.1)
+    for via in ("a", third):
+        with Client(cluster.nodes[via].address, timeout_s=20) as c:
+            assert c.request(p.Read(sid, lock=False)) == p.Data(b"important"), via
+
+
+def _roles(cluster: Cluster, sid: str, names: tuple[str, ...]) -> dict[str, str]:
+    """How each of ``names`` holds ``sid`` (LIST ... ROLES)."""
+    held = {}
+    for name in names:
+        with Client(cluster.nodes[name].address) as c:
+            listed = c.request(p.List(None, 10000, roles=True))
+            assert isinstance(listed, p.Data), listed
+            for line in listed.data.decode().splitlines():
+                fields = line.split()
+                if fields[0] == sid:
+                    held[name] = fields[4]
+    return held
+
+
+async def test_a_copy_that_arrives_while_a_restored_one_is_checked_is_kept(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path,
+) -> None:
+    # a restarted with a master copy of S, unverified; b took S over while a
+    # was down.  While a asks its peers about S, b's copy arrives (b picked
+    # a as S's new backup): a holds S as b's backup now.  The check, going
+    # on with what it had read before, dropped that copy as stale: S was
+    # left with one (second nemesis review, suspected by reading).
+    cluster = _in_process_cluster(tmp_path)
+    now = trio.current_time()
+    for peer in ("b", "c"):
+        cluster.membership.receive(Heartbeat(peer, 1, 0, 0, False, ()), now)
+    sid = "abcdefghijklmnopqrstu-a-b"
+    cluster.server.engine.store.put(sid, b"v=1;", 1440, now)
+    cluster.replicas.adopt_restored(sid, Meta(MASTER, "a", "b", 1, 3))
+
+    async def call(node: str, request: p.Request) -> p.Reply:
+        if node == "b" and isinstance(request, p.Where):
+            # b's REPL of S, on its own connection, is served meanwhile.
+            assert cluster.handle_peer(
+                "b", p.ReplPut(sid, "b", 2, 1, 1440, b"v=2;"), trio.current_time()
+            ) == p.OK
+            return p.Data(b"v=2;", ("master", "2", "1", "1440000"))
+        return p.MISS
+
+    cluster.call = call  # type: ignore[method-assign]
+    assert await cluster.resolve(sid) == "b"
+    assert cluster.replicas.where(sid) == ("backup", 2, 1)
+    assert cluster.server.engine.store.get(sid, trio.current_time()) is not None

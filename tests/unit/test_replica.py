@@ -644,4 +644,9 @@ def test_a_master_refused_by_a_destroy_drops_its_copy_and_starts_above_it() -> N
     assert a.where(SID) is None and a.hinted(SID) is None
     again = a.local_change(SID, False, no_choice)
     assert again is not None and (again.epoch, again.version) == (3, 1)
-    assert not a.restart_above(SID, 2)  # already above
+    # Refused again for a change sent before it moved up (two changes at
+    # once): it masters the session above that epoch already, and sends the
+    # copy again as it is (second nemesis review, repro_stale_race.py).
+    assert a.restart_above(SID, 2) and a.where(SID) == (MASTER, 3, 1)
+    assert a.restart_above(SID, 5) and a.where(SID) == (MASTER, 6, 1)
+    assert not replicas("c").restart_above(SID, 2)  # not ours: dropped

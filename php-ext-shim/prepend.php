@@ -105,5 +105,20 @@ declare(strict_types=1);
     // (true would register session_write_close() as a shutdown function,
     // which runs before them). The handler stays usable until then, and
     // releases its lock after fatal errors and exit() too.
-    \session_set_save_handler($handler, false);
+    try {
+        \session_set_save_handler($handler, false);
+    } catch (\Error $e) {
+        // PHP 8.2.36 refuses every session handler but its own, and any
+        // session ini_set(), while session.upload_progress.enabled is On
+        // (the Error's message says so; that PHP's default is Off). Thrown
+        // from here, it made every page of the site a fatal error, sessions
+        // or not. Sessions stay with PHP's files handler: said in the log on
+        // every request (not displayed: output would stop the session
+        // cookie), and with a phpsess address in session.save_path the files
+        // handler fails at session_start() rather than keep them locally.
+        if (!\ini_get('session.upload_progress.enabled')) {
+            throw $e;
+        }
+        \error_log('phpsess: not in use: this PHP refuses session handlers while session.upload_progress.enabled is On ("' . $e->getMessage() . '"), so sessions stay with the files handler; set session.upload_progress.enabled = 0 (see php-ext-shim/README.md)');
+    }
 })();

@@ -246,13 +246,18 @@ def test_a_node_restarted_while_its_peer_stays_down_serves_its_sessions_degraded
 
 
 def _in_process_cluster(tmp_path: Path) -> cl.Cluster:
+    """Node a of a, b, c, in this process (no sockets: a test replaces
+    ``call``), having heard a heartbeat from b and c."""
     server = Server(ServerConfig(listen=(UnixAddress(str(tmp_path / "s.sock")),)))
     config = cl.ClusterConfig(
         "a", TcpAddress("127.0.0.1", 1),
         (("b", TcpAddress("127.0.0.1", 2)), ("c", TcpAddress("127.0.0.1", 3))),
         secret=b"s" * 32, heartbeat_s=0.25, dead_after_s=1.5,
     )
-    return cl.Cluster(config, server)
+    cluster = cl.Cluster(config, server)
+    for peer in ("b", "c"):
+        cluster.membership.receive(Heartbeat(peer, 1, 0, 0, False, ()), trio.current_time())
+    return cluster
 
 
 async def test_a_request_served_first_after_a_stall_is_verified_not_served_stale(
@@ -266,8 +271,6 @@ async def test_a_request_served_first_after_a_stall_is_verified_not_served_stale
     cluster = _in_process_cluster(tmp_path)
     server, config = cluster.server, cluster.config
     now = trio.current_time()
-    for peer in ("b", "c"):
-        cluster.membership.receive(Heartbeat(peer, 1, 0, 0, False, ()), now)
     sid = "abcdefghijklmnopqrstu-a-b"
     server.engine.store.put(sid, b"v=1;", 1440, now)
     cluster.replicas.meta[sid] = Meta(MASTER, "a", "b", 1, 1)
@@ -462,8 +465,6 @@ async def test_a_session_left_alone_while_its_only_peer_was_suspect_is_copied_ag
     cluster = _in_process_cluster(tmp_path)
     store, membership = cluster.server.engine.store, cluster.membership
     now = trio.current_time()
-    for peer in ("b", "c"):
-        membership.receive(Heartbeat(peer, 1, 0, 0, False, ()), now)
     sid = "abcdefghijklmnopqrstu-a-b"
     store.put(sid, b"v=1;", 1440, now)
     cluster.replicas.meta[sid] = Meta(MASTER, "a", "b", 1, 1)
@@ -773,8 +774,6 @@ async def test_a_restored_copy_of_a_session_destroyed_since_is_dropped_not_serve
     cluster = _in_process_cluster(tmp_path)
     server = cluster.server
     now = trio.current_time()
-    for peer in ("b", "c"):
-        cluster.membership.receive(Heartbeat(peer, 1, 0, 0, False, ()), now)
     sid = "abcdefghijklmnopqrstu-a-b"
     server.engine.store.put(sid, b"v=1;", 1440, now)
     cluster.replicas.adopt_restored(sid, Meta(MASTER, "a", "b", 1, 3))
@@ -808,8 +807,6 @@ async def test_a_backup_that_lies_about_a_destroy_cannot_wedge_a_session(
     # reply is taken as a plain refusal, as a WHERE with such numbers is.
     cluster = _in_process_cluster(tmp_path)
     now = trio.current_time()
-    for peer in ("b", "c"):
-        cluster.membership.receive(Heartbeat(peer, 1, 0, 0, False, ()), now)
     sid = "abcdefghijklmnopqrstu-a-b"
     lie = p.Error(p.Code.STALE, f"- {p.MAX_START_COUNTER + 1}")
 
@@ -890,8 +887,6 @@ async def test_a_copy_that_arrives_while_a_restored_one_is_checked_is_kept(
     # left with one (second nemesis review, suspected by reading).
     cluster = _in_process_cluster(tmp_path)
     now = trio.current_time()
-    for peer in ("b", "c"):
-        cluster.membership.receive(Heartbeat(peer, 1, 0, 0, False, ()), now)
     sid = "abcdefghijklmnopqrstu-a-b"
     cluster.server.engine.store.put(sid, b"v=1;", 1440, now)
     cluster.replicas.adopt_restored(sid, Meta(MASTER, "a", "b", 1, 3))

@@ -718,13 +718,8 @@ def test_a_session_created_right_after_a_resume_from_a_pause_has_one_master(
         with Client(cluster.nodes[via].address, timeout_s=20) as c:
             got = c.request(p.Read(sid, lock=False))
             assert got == p.Data(b"a,b,c"), (via, got)
-    masters = []
-    for name, node in cluster.nodes.items():
-        with Client(node.address) as c:
-            listed = c.request(p.List(None, 100, roles=True))
-            assert isinstance(listed, p.Data), listed
-            masters += [name for line in listed.data.decode().splitlines()
-                        if line.startswith(f"{sid} ") and line.split()[4] == "master"]
+    held = _roles(cluster, sid, tuple(cluster.nodes))
+    masters = [name for name, role in held.items() if role == "master"]
     assert masters == ["a"], masters
 
 

@@ -609,6 +609,7 @@ class Bench:
         self.fpm: Proc | None = None
         self.nginx: Proc | None = None
         self.tmpdirs: list[Path] = []
+        # Looked up again once run() has installed what is missing.
         self.fpm_binary = php_fpm_binary() or "php-fpm"
         self.root_user = os.geteuid() == 0
         self.ids: dict[str, Path] = {}
@@ -1134,6 +1135,9 @@ class Bench:
 
     def run(self) -> tuple[dict[str, str], list[HandlerResult]]:
         ensure_packages()
+        # Debian's package installs php-fpm as /usr/sbin/php-fpmX.Y, which
+        # was not there when this object was made on a fresh machine.
+        self.fpm_binary = php_fpm_binary() or "php-fpm"
         chosen = self.setup()
         log(f"nginx on 127.0.0.1:{self.port}, work directory {self.run_dir}; handlers: "
             + ", ".join(h.key for h in chosen))

@@ -7,6 +7,7 @@ placeholders (ID1, ID2, ... in order of appearance)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,11 @@ def test_invalid_ids_fail_like_files_and_store_nothing(
     with Client(daemon.address) as c:
         listing = c.request(p.List(None, 10))
         assert listing == p.Data(b"", ("*",))
+        # The handler refused the ID itself: nothing was sent for it.
+        stats = c.request(p.Stats())
+        assert isinstance(stats, p.Data)
+        verbs = json.loads(stats.data)["verbs"]
+        assert set(verbs) <= {"HELLO", "LIST", "STATS"}, verbs
     assert list((tmp_path / "files").iterdir()) == []
 
 

@@ -92,6 +92,9 @@ class _DaemonCollector(Collector):
              "incoming_refusals_total"),
             ("phpsess_connection_refusals", "Clients answered BUSY for --max-connections.",
              "connection_refusals_total"),
+            ("phpsess_fd_refusals", "Clients answered BUSY because the daemon was out of "
+             "file descriptors (raise LimitNOFILE or lower --max-connections).",
+             "fd_refusals_total"),
             ("phpsess_outgoing_closes", "Connections closed for --max-outgoing-bytes.",
              "outgoing_closes_total"),
             ("phpsess_protocol_errors", "Connections closed for a malformed request "

@@ -1171,6 +1171,7 @@ class Server:
             "outgoing_bytes": self.outgoing_bytes,
             "outgoing_closes_total": self.outgoing_closes_total,
             "connection_refusals_total": self.busy_refusals_total,
+            "fd_refusals_total": self.fd_refusals_total,
             "protocol_errors_total": self.protocol_errors_total,
             "timeout_closes": dict(self.timeout_closes),
         }

@@ -1093,6 +1093,7 @@ class SqlBackend:
             "outgoing_bytes": self.server.outgoing_bytes,
             "outgoing_closes_total": self.server.outgoing_closes_total,
             "connection_refusals_total": self.server.busy_refusals_total,
+            "fd_refusals_total": self.server.fd_refusals_total,
             "protocol_errors_total": self.server.protocol_errors_total,
             "timeout_closes": dict(self.server.timeout_closes),
             "locks_held": sum(len(c.held) for c in self._clients.values()),

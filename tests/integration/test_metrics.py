@@ -64,6 +64,7 @@ def test_metrics_endpoint_is_scraped_and_parsed(
     assert samples[("phpsess_incoming_bytes", ())] == 0  # nothing half received
     assert samples[("phpsess_outgoing_bytes", ())] == 0  # every reply was read
     assert samples[("phpsess_outgoing_closes_total", ())] == 0
+    assert samples[("phpsess_fd_refusals_total", ())] == 0
     assert samples[("phpsess_protocol_errors_total", ())] == 1
     for reason in ("handshake", "idle", "send"):
         assert samples[("phpsess_timeout_closes_total", (("reason", reason),))] == 0

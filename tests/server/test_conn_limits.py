@@ -550,3 +550,5 @@ def test_out_of_file_descriptors_new_clients_get_busy_not_a_hang(start_daemon: A
     assert daemon.proc.poll() is None
     assert daemon.log().count("event=out_of_file_descriptors") == 1  # rare: 1st, 10th...
     assert "refused=1 " in daemon.log()
+    # Every refusal is counted, logged or not (STATS, the metric).
+    assert _stats(daemon)["fd_refusals_total"] == refused

@@ -77,19 +77,20 @@ def bench_restore(workdir: Path, sessions: int,
     value = os.urandom(1024)
     expires = time.time() + 86400
     t = time.monotonic()
+    salt = int.from_bytes(os.urandom(4), "little")
     with open(data / snapshot_name(1), "wb") as f:
-        f.write(j.SNAPSHOT_MAGIC)
+        f.write(j.header(j.SNAPSHOT, salt))
         entries = ((f"{i:026d}", (value, expires, 86400)) for i in range(sessions))
-        for chunk in j.snapshot_chunks(entries):
+        for chunk in j.snapshot_chunks(entries, salt=salt):
             f.write(chunk)
     # Every snapshot has its journal (phpsess.persist), empty or not.
     with open(data / journal_name(1), "wb") as f:
-        f.write(j.JOURNAL_MAGIC)
+        f.write(j.header(j.JOURNAL, salt ^ 1))
         for start_at in range(0, journaled, 10_000):
             writes = range(start_at, min(journaled, start_at + 10_000))
             f.write(j.encode_changes(
                 [(time.time(), [(j.Op.PUT, f"{i % sessions:026d}", 86400, value)
-                                for i in writes])]))
+                                for i in writes])], salt ^ 1))
     made = time.monotonic() - t
     size = (data / snapshot_name(1)).stat().st_size
     journal_size = (data / journal_name(1)).stat().st_size

@@ -3,9 +3,28 @@ records out; the files are opened, written and fsynced by ``phpsess.persist``.
 
 Theory of operation.  Both file kinds are a header line followed by records:
 
-    file    = MAGIC-LINE record*
-    record  = body_len:u32le  crc32(body):u32le  body
+    file    = HEADER record*
+    HEADER  = "PHPSESS-JOURNAL 2 " salt "\n"  |  "PHPSESS-SNAPSHOT 2 " salt "\n"
+    salt    = 8 lowercase hex digits (32 random bits, new for every file)
+    record  = body_len:u32le  crc32(body, salt):u32le  body
     body    = op:u8  sid_len:u16le  sid  [expires_at:f64le  ttl_s:u32le  [data]]
+
+``crc32(body, salt)`` is zlib's CRC-32 started from ``salt`` instead of 0.
+Why a secret salt: a session's data is whatever the PHP application stores,
+so a client can store data that is itself a complete record (a PUT of
+another session's ID, a DELETE).  Scanning a good file never looks inside a
+record, but the damage paths do: after a torn or bad record,
+:func:`_untrusted_length` and :func:`resync` look for the next intact
+record byte by byte, and an embedded record with a plain CRC-32 passes:
+unsalted, a crash that tore such a record after the embedded one read as
+damage in the middle (the daemon refused to start), and repair applied the
+forged record to the other session.  The salt is in no reply and differs
+per file, so embedded data fails its checksum but for a 1 in 2**32 guess
+per embedded record.
+
+Version 1 files (``PHPSESS-JOURNAL 1\n``, ``PHPSESS-SNAPSHOT 1\n``, written
+by phpsess before the salt) are read with salt 0, i.e. plain
+``crc32(body)``; nothing writes them any more.
 
 ``op`` is PUT (data and lifetime), TOUCH (lifetime only), DELETE (destroy or
 expiry), END (snapshot trailer; its "sid" is the decimal record count) or
@@ -48,8 +67,13 @@ from typing import Final
 
 import attrs
 
-JOURNAL_MAGIC: Final = b"PHPSESS-JOURNAL 1\n"
-SNAPSHOT_MAGIC: Final = b"PHPSESS-SNAPSHOT 1\n"
+JOURNAL: Final = "journal"
+SNAPSHOT: Final = "snapshot"
+_NAMES: Final = {JOURNAL: b"PHPSESS-JOURNAL", SNAPSHOT: b"PHPSESS-SNAPSHOT"}
+VERSION: Final = 2  # what header() writes; version 1 is read as salt 0
+_V2: Final = re.compile(rb"(PHPSESS-JOURNAL|PHPSESS-SNAPSHOT) 2 ([0-9a-f]{8})\n")
+_HEX: Final = frozenset(b"0123456789abcdef")
+MAX_HEADER_BYTES: Final = len(b"PHPSESS-SNAPSHOT 2 00000000\n")
 MAX_BODY_BYTES: Final = 1 << 30  # far above any session; a bigger length is damage
 
 _HEAD: Final = struct.Struct("<II")
@@ -89,6 +113,54 @@ class Op(enum.IntEnum):
 _OPS: Final = {op.value: op for op in Op}
 
 
+def header(kind: str, salt: int) -> bytes:
+    """The header line of a new ``kind`` file (:data:`JOURNAL` or
+    :data:`SNAPSHOT`) whose records are checksummed with ``salt``."""
+    return b"%s %d %08x\n" % (_NAMES[kind], VERSION, salt)
+
+
+def header_size(kind: str) -> int:
+    """The size of what :func:`header` writes for ``kind``."""
+    return len(header(kind, 0))
+
+
+@attrs.frozen
+class Header:
+    version: int
+    salt: int
+    size: int  # records start here
+
+
+def parse_header(buf: bytes | memoryview, kind: str) -> Header | None:
+    """The header ``buf`` starts with, for a ``kind`` file; None if it does
+    not start with one (a file cut short in its header is :func:`cut_header`)."""
+    head = bytes(buf[:MAX_HEADER_BYTES])
+    name = _NAMES[kind]
+    v1 = name + b" 1\n"
+    if head.startswith(v1):
+        return Header(1, 0, len(v1))
+    match = _V2.match(head)
+    if match is None or match.group(1) != name:
+        return None
+    return Header(2, int(match.group(2), 16), match.end())
+
+
+def cut_header(buf: bytes | memoryview, kind: str) -> bool:
+    """Whether ``buf``, a whole file, is the beginning of a ``kind`` header
+    and nothing else: what a crash while the file was created leaves."""
+    if len(buf) >= MAX_HEADER_BYTES:
+        return False
+    head = bytes(buf)
+    name = _NAMES[kind]
+    if (name + b" 1\n").startswith(head):
+        return True
+    fixed = name + b" 2 "
+    if len(head) <= len(fixed):
+        return fixed.startswith(head)
+    salt = head[len(fixed) :]
+    return head.startswith(fixed) and len(salt) <= 8 and set(salt) <= _HEX
+
+
 @attrs.frozen
 class Record:
     op: Op
@@ -98,23 +170,27 @@ class Record:
     data: bytes = b""
 
 
-def encode(op: Op, sid: str, expires_at: float = 0.0, ttl_s: int = 0, data: bytes = b"") -> bytes:
+def encode(
+    op: Op, sid: str, expires_at: float = 0.0, ttl_s: int = 0, data: bytes = b"", *, salt: int
+) -> bytes:
+    """One record, checksummed with its file's ``salt``."""
     raw_sid = sid.encode("ascii")
     body = _OP_SID.pack(op, len(raw_sid)) + raw_sid
     if op is Op.PUT or op is Op.TOUCH or op is Op.META:
         body += _LIFE.pack(expires_at, ttl_s) + data
-    return _HEAD.pack(len(body), zlib.crc32(body)) + body
+    return _HEAD.pack(len(body), zlib.crc32(body, salt)) + body
 
 
 Change = tuple[Op, str, int, bytes]
 
 
-def encode_changes(batches: Iterable[tuple[float, Iterable[Change]]]) -> bytes:
+def encode_changes(batches: Iterable[tuple[float, Iterable[Change]]], salt: int) -> bytes:
     """The journal records of ``batches`` of changes ``(op, sid, ttl_s,
-    data)``, each batch made at its wall-clock time: PUT and TOUCH expire
-    ``ttl_s`` after it.  Byte for byte what :func:`encode` makes, in one
-    tight loop: the journal encodes a batch every flush, not a record per
-    request (a PUT of 1 KiB: 0.6 us instead of 1.0)."""
+    data)``, for a journal whose header has ``salt``, each batch made at
+    its wall-clock time: PUT and TOUCH expire ``ttl_s`` after it.  Byte for
+    byte what :func:`encode` makes, in one tight loop: the journal encodes
+    a batch every flush, not a record per request (a PUT of 1 KiB: 0.6 us
+    instead of 1.0)."""
     pack_head = _HEAD.pack
     pack_op_sid = _OP_SID.pack
     pack_life = _LIFE.pack
@@ -126,14 +202,15 @@ def encode_changes(batches: Iterable[tuple[float, Iterable[Change]]]) -> bytes:
             raw_sid = sid.encode("ascii")
             if op is put:
                 fixed = pack_op_sid(op, len(raw_sid)) + raw_sid + pack_life(wall_now + ttl_s, ttl_s)
-                parts += (pack_head(len(fixed) + len(data), crc32(data, crc32(fixed))), fixed, data)
+                crc = crc32(data, crc32(fixed, salt))
+                parts += (pack_head(len(fixed) + len(data), crc), fixed, data)
             elif op is touch:
                 fixed = pack_op_sid(op, len(raw_sid)) + raw_sid + pack_life(wall_now + ttl_s, ttl_s)
-                parts += (pack_head(len(fixed), crc32(fixed)), fixed)
+                parts += (pack_head(len(fixed), crc32(fixed, salt)), fixed)
             elif op is meta:
-                parts.append(encode(op, sid, data=data))
+                parts.append(encode(op, sid, data=data, salt=salt))
             else:
-                parts.append(encode(op, sid))
+                parts.append(encode(op, sid, salt=salt))
     return b"".join(parts)
 
 
@@ -186,8 +263,9 @@ def _decode_body(body: bytes) -> Record:
 Emit = Callable[[Op, str, float, int, bytes], None]
 
 
-def scan(buf: bytes | memoryview, start: int, emit: Emit) -> ScanResult:
-    """Decode records from ``buf[start:]``, passing each to
+def scan(buf: bytes | memoryview, start: int, emit: Emit, salt: int) -> ScanResult:
+    """Decode records from ``buf[start:]`` (a file whose header has
+    ``salt``), passing each to
     ``emit(op, sid, expires_at, ttl_s, data)``, until the end or the first
     bad record, and say which it was (see module doc).  The hot loop of a
     restart: it allocates nothing per record but the session ID and data."""
@@ -211,12 +289,12 @@ def scan(buf: bytes | memoryview, start: int, emit: Emit) -> ScanResult:
             reason = f"impossible record length {length}"
             return ScanResult(Damage.CORRUPT, pos, pos, reason)
         if length < op_sid:
-            return _untrusted_length(view, pos, end, f"impossible record length {length}")
+            return _untrusted_length(view, pos, end, f"impossible record length {length}", salt)
         body_start = pos + head
         body_end = body_start + length
         if body_end > end:
-            return _untrusted_length(view, pos, end, "record cut short")
-        if crc32(view[body_start:body_end]) != crc:
+            return _untrusted_length(view, pos, end, "record cut short", salt)
+        if crc32(view[body_start:body_end], salt) != crc:
             return _tail_or_corrupt(view, pos, end, "checksum mismatch", body_end)
         op_value, sid_len = unpack_op(view, body_start)
         sid_end = body_start + op_sid + sid_len
@@ -247,20 +325,26 @@ def _tail_or_corrupt(
     return ScanResult(Damage.CORRUPT, pos, pos, reason)
 
 
-def _untrusted_length(view: memoryview, pos: int, end: int, reason: str) -> ScanResult:
+def _untrusted_length(
+    view: memoryview, pos: int, end: int, reason: str, salt: int
+) -> ScanResult:
     # Where the record at pos ends is unknown, so "only zeros follow it"
     # cannot be checked: any intact record further on proves that the damage
     # is in the middle (a crash while appending leaves nothing intact after
     # the record it cut).  Only on this error path: one look per offset.
-    if _next_intact(view, pos + 1, end) is None:
+    # Records inside the cut one's data (a client's bytes) fail the salted
+    # checksum: they cannot make a torn append look like damage.
+    if _next_intact(view, pos + 1, end, salt) is None:
         return ScanResult(Damage.TORN_TAIL, pos, pos, reason)
     return ScanResult(Damage.CORRUPT, pos, pos, reason)
 
 
 def resync(
-    buf: bytes | memoryview, start: int, emit: Callable[[Record], None]
+    buf: bytes | memoryview, start: int, emit: Callable[[Record], None], salt: int
 ) -> tuple[int, list[int]]:
-    """Recovery scan: keep every record whose checksum holds.  After a bad one
+    """Recovery scan: keep every record whose checksum (with ``salt``, the
+    file's) holds: records a client stored inside its session's data do
+    not (module doc).  After a bad one
     (a wrong checksum, or a length field that is itself damaged) it looks for
     the next intact record byte by byte, so damage costs only the records it
     touches.  Returns (end offset, offsets where damage starts)."""
@@ -269,18 +353,18 @@ def resync(
     pos = start
     bad: list[int] = []
     while pos + _HEAD.size <= end:
-        found = _intact_at(view, pos, end)
+        found = _intact_at(view, pos, end, salt)
         if found is not None:
             record, pos = found
             emit(record)
             continue
         bad.append(pos)
-        after = _next_intact(view, pos + 1, end)
+        after = _next_intact(view, pos + 1, end, salt)
         pos = end if after is None else after
     return min(pos, end), bad
 
 
-def _next_intact(view: memoryview, pos: int, end: int) -> int | None:
+def _next_intact(view: memoryview, pos: int, end: int, salt: int) -> int | None:
     """The offset of the first intact record at or after ``pos``, or None."""
     last = end - _HEAD.size
     while pos <= last:
@@ -294,13 +378,15 @@ def _next_intact(view: memoryview, pos: int, end: int) -> int | None:
             pos = max(pos, found.start() - 3)
             if pos > last:
                 return None
-        if _intact_at(view, pos, end) is not None:
+        if _intact_at(view, pos, end, salt) is not None:
             return pos
         pos += 1
     return None
 
 
-def _intact_at(view: memoryview, pos: int, end: int) -> tuple[Record, int] | None:
+def _intact_at(
+    view: memoryview, pos: int, end: int, salt: int
+) -> tuple[Record, int] | None:
     """The intact record at ``pos`` and the offset after it, or None."""
     length, crc = _HEAD.unpack_from(view, pos)
     body_start = pos + _HEAD.size
@@ -311,7 +397,7 @@ def _intact_at(view: memoryview, pos: int, end: int) -> tuple[Record, int] | Non
     op_value, sid_len = _OP_SID.unpack_from(view, body_start)
     if op_value not in _OPS or _OP_SID.size + sid_len > length:
         return None
-    if zlib.crc32(view[body_start:body_end]) != crc:
+    if zlib.crc32(view[body_start:body_end], salt) != crc:
         return None
     body = bytes(view[body_start:body_end])
     try:
@@ -325,8 +411,11 @@ def snapshot_chunks(
     offset: float = 0.0,
     metas: Iterable[tuple[str, bytes]] = (),
     chunk_bytes: int = 1 << 20,
+    *,
+    salt: int,
 ) -> Iterator[bytes]:
-    """The records of a snapshot, joined into chunks of about ``chunk_bytes``.
+    """The records of a snapshot whose header has ``salt``, joined into
+    chunks of about ``chunk_bytes``.
 
     ``entries`` are ``(sid, (data, expires_at, ttl_s))`` as the store holds
     them; ``expires_at + offset`` is written as the wall-clock expiry.  Then
@@ -345,7 +434,7 @@ def snapshot_chunks(
     for sid, (data, expires_at, ttl_s) in entries:
         raw_sid = sid.encode("ascii")
         fixed = pack_op_sid(put, len(raw_sid)) + raw_sid + pack_life(expires_at + offset, ttl_s)
-        parts += (pack_head(len(fixed) + len(data), crc32(data, crc32(fixed))), fixed, data)
+        parts += (pack_head(len(fixed) + len(data), crc32(data, crc32(fixed, salt))), fixed, data)
         size += len(data) + 64
         count += 1
         if size >= chunk_bytes:
@@ -353,8 +442,8 @@ def snapshot_chunks(
             parts = []
             size = 0
     for sid, encoded in metas:
-        parts.append(encode(Op.META, sid, data=encoded))
-    parts.append(encode(Op.END, str(count)))
+        parts.append(encode(Op.META, sid, data=encoded, salt=salt))
+    parts.append(encode(Op.END, str(count), salt=salt))
     yield b"".join(parts)
 
 

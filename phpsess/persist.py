@@ -8,6 +8,12 @@ Files in the data directory (``G`` is a generation number, six digits):
 - ``journal-G.pjnl``: every change (write, touch, destroy, expiry) since then;
 - ``*.tmp``: a snapshot being written; ignored and removed on start.
 
+Each journal and snapshot checksums its records with a salt of its own,
+kept in its header (``phpsess.journal``): records are appended to a
+journal only with its salt.  Files of format 1 (unsalted, from an older
+phpsess) are restored but never appended to: the start opens the next
+journal instead, and a compaction at once replaces them.
+
 Restore = the newest snapshot S, then journals S, S+1, ... in order.
 Compaction starts only if the disk has room for the snapshot and a margin
 (``journal.snapshot_fits``: a snapshot that filled the disk would fail the
@@ -67,6 +73,7 @@ import os
 import pwd
 import queue
 import re
+import secrets
 import shutil
 import stat
 import threading
@@ -167,6 +174,8 @@ class Restored:
     files: int = 0
     torn: list[str] = attrs.Factory(list)
     seconds: float = 0.0
+    # Files restored that an older phpsess wrote (format version 1, unsalted).
+    old_format: int = 0
 
 
 def snapshot_name(gen: int) -> str:
@@ -393,12 +402,14 @@ def _restore(data_dir: str, wall_now: float, mono_now: float) -> tuple[Restored,
     if snapshots:
         path = os.path.join(data_dir, snapshot_name(base))
         with _mapped(path) as buf:
-            if buf[: len(j.SNAPSHOT_MAGIC)] != j.SNAPSHOT_MAGIC:
+            header = j.parse_header(memoryview(buf), j.SNAPSHOT)
+            if header is None:
                 raise DataDirError(
                     f"{path} is not a phpsess snapshot (bad header at offset 0). "
                     + _recovery_hint(data_dir)
                 )
-            scanned = j.scan(memoryview(buf), len(j.SNAPSHOT_MAGIC), apply)
+            scanned = j.scan(memoryview(buf), header.size, apply, header.salt)
+        result.old_format += header.version == 1
         if scanned.damage is not j.Damage.NONE:
             raise DataDirError(
                 f"snapshot {path} is damaged at offset {scanned.damage_at} "
@@ -416,16 +427,17 @@ def _restore(data_dir: str, wall_now: float, mono_now: float) -> tuple[Restored,
         path = os.path.join(data_dir, journal_name(gen))
         with _mapped(path) as buf:
             size = len(buf)
-            head = bytes(buf[: len(j.JOURNAL_MAGIC)])
-            if size < len(j.JOURNAL_MAGIC) and j.JOURNAL_MAGIC.startswith(head):
+            header = j.parse_header(memoryview(buf), j.JOURNAL)
+            if header is None and j.cut_header(memoryview(buf), j.JOURNAL):
                 found = None  # crashed while creating it: nothing journaled
-            elif head != j.JOURNAL_MAGIC:
+            elif header is None:
                 raise DataDirError(
                     f"{path} is not a phpsess journal (bad header at offset 0). "
                     + _recovery_hint(data_dir)
                 )
             else:
-                found = j.scan(memoryview(buf), len(j.JOURNAL_MAGIC), apply)
+                found = j.scan(memoryview(buf), header.size, apply, header.salt)
+                result.old_format += header.version == 1
         if found is None:
             if gen != journals[-1] or (snapshots and gen <= base):
                 # Journal G+1 gets its header (fsynced) before anything is
@@ -492,8 +504,18 @@ def _may_be_torn(data_dir: str, gen: int, journals: list[int]) -> bool:
         return True
     if gen != journals[-2]:
         return False
-    newest = os.path.join(data_dir, journal_name(journals[-1]))
-    return os.stat(newest).st_size <= len(j.JOURNAL_MAGIC)
+    # O_NONBLOCK: a FIFO with a journal's name must not hang the start
+    # (restore names it when it gets to it).
+    fd = os.open(os.path.join(data_dir, journal_name(journals[-1])), os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return info.st_size <= j.header_size(j.JOURNAL)
+        head = os.pread(fd, j.MAX_HEADER_BYTES + 1, 0)
+    finally:
+        os.close(fd)
+    header = j.parse_header(head, j.JOURNAL)
+    return j.cut_header(head, j.JOURNAL) or (header is not None and len(head) == header.size)
 
 
 def _check_generations(
@@ -547,34 +569,39 @@ def repair(data_dir: str) -> list[str]:
     directory = os.stat(data_dir)
     snapshots, journals = _generations(data_dir)
     keep = os.path.join(data_dir, f"damaged-{int(time.time())}")
-    for kind, gens in (("snapshot", snapshots), ("journal", journals)):
+    for kind, gens in ((j.SNAPSHOT, snapshots), (j.JOURNAL, journals)):
         for gen in gens:
-            name = snapshot_name(gen) if kind == "snapshot" else journal_name(gen)
+            name = snapshot_name(gen) if kind == j.SNAPSHOT else journal_name(gen)
             path = os.path.join(data_dir, name)
             with _mapped(path) as mapped:  # a FIFO or directory: a clear error
                 original = os.stat(path)
                 buf = bytes(mapped)
-            magic = j.SNAPSHOT_MAGIC if kind == "snapshot" else j.JOURNAL_MAGIC
+            header = j.parse_header(buf, kind)
+            # A damaged header: records are looked for from offset 0 with
+            # salt 0, so only a version 1 file's are found (a version 2
+            # file's salt went with its header).
+            start, salt = (0, 0) if header is None else (header.size, header.salt)
             records: list[j.Record] = []
-            start = len(magic) if buf.startswith(magic) else 0
-            _, bad = j.resync(buf, start, records.append)
+            _, bad = j.resync(buf, start, records.append, salt)
             kept = [r for r in records if r.op is not j.Op.END]
             ends = [r for r in records if r.op is j.Op.END]
             # A snapshot's END counts its PUT records only (restore checks
             # it so): its META records are kept but not counted.
             puts = sum(1 for r in kept if r.op is j.Op.PUT)
-            complete = kind == "journal" or (
+            complete = kind == j.JOURNAL or (
                 len(ends) == 1 and ends[0].sid.isdigit() and int(ends[0].sid) == puts
             )
             if not bad and start and complete:
                 continue
             tmp = path + ".repair.tmp"  # restore removes what a crash left
+            # Rewritten in the current format, with a new salt.
+            new_salt = _new_salt()
             with os.fdopen(_create_like(tmp, original), "wb") as out:
-                out.write(magic)
+                out.write(j.header(kind, new_salt))
                 for r in kept:
-                    out.write(j.encode(r.op, r.sid, r.expires_at, r.ttl_s, r.data))
-                if kind == "snapshot":
-                    out.write(j.encode(j.Op.END, str(puts)))
+                    out.write(j.encode(r.op, r.sid, r.expires_at, r.ttl_s, r.data, salt=new_salt))
+                if kind == j.SNAPSHOT:
+                    out.write(j.encode(j.Op.END, str(puts), salt=new_salt))
                 out.flush()
                 os.fsync(out.fileno())
             _make_keep(keep, directory)
@@ -594,13 +621,19 @@ def repair(data_dir: str) -> list[str]:
                 + (
                     "; a dropped journal record may have been a destroy or a "
                     "newer write: those sessions may come back as they were before it"
-                    if kind == "journal" and bad else ""
+                    if kind == j.JOURNAL and bad else ""
                 )
             )
     _return_lock(data_dir, directory)
     if done:
         _fsync_dir(data_dir)
     return done
+
+
+def _new_salt() -> int:
+    """The checksum salt of a new journal or snapshot (journal module doc):
+    32 bits no client can know."""
+    return secrets.randbits(32)
 
 
 def _give(fd: int, path: str, uid: int, gid: int, mode: int) -> None:
@@ -900,6 +933,10 @@ class Persister:
         self._progress = trio.Event()
         self._fd = -1
         self.gen = 0
+        self.salt = 0  # of the journal being appended to (journal module doc)
+        # Restored from files an older phpsess wrote (format 1): compact
+        # once at the start, so that none is left (phpsess.journal).
+        self._old_format = False
         self.journal_bytes = 0
         # The data directory's other files (the snapshot; after an
         # unfinished compaction older journals too), for compaction_due.
@@ -966,16 +1003,23 @@ class Persister:
             self._check_writable()
             restored, self.gen = restore(self.dir, wall_now, mono_now)
             try:
-                self._measure(restored)
-            except OSError as exc:
-                raise _unusable(self.dir, exc) from exc
-            try:
                 self._open_journal(self.gen)
             except OSError as exc:
                 raise _unusable(self.dir, exc, self._journal_path()) from exc
+            try:
+                self._measure(restored)
+            except OSError as exc:
+                raise _unusable(self.dir, exc) from exc
         except BaseException:
             self._lock.release()
             raise
+        if restored.old_format:
+            log.info(
+                "event=old_format_files files=%d detail=written by an older phpsess "
+                "(format 1, unsalted checksums): new files are in format 2, which older "
+                "versions cannot read, and a compaction now rewrites the sessions into "
+                "them", restored.old_format,
+            )
         return restored
 
     def _check_writable(self) -> None:
@@ -1004,25 +1048,49 @@ class Persister:
         older = [snapshot_name(g) for g in snapshots]
         older += [journal_name(g) for g in journals if g != self.gen]
         self.older_bytes = sum(os.stat(os.path.join(self.dir, name)).st_size for name in older)
-        journaled = self.gen in journals and (
-            os.stat(self._journal_path()).st_size > len(j.JOURNAL_MAGIC)
-        )
+        journaled = self.journal_bytes > j.header_size(j.JOURNAL)
         # A snapshot alone holds exactly the sessions restored, unless some
         # expired while the daemon was down.
         self._stale = (
             restored.expired > 0 or journaled or any(g != self.gen for g in journals)
         )
+        if restored.old_format:
+            # Compacted at once (run()): no file of the old format is left.
+            self._old_format = self._stale = True
 
     def _open_journal(self, gen: int) -> None:
+        """Open journal ``gen`` (restore() checked it) to append to it with
+        its own salt; a new one if it is empty.  One an older phpsess wrote
+        (format 1) takes no more records: journal ``gen + 1`` is started,
+        as a compaction would (restore reads both)."""
         path = os.path.join(self.dir, journal_name(gen))
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        size = os.fstat(fd).st_size
-        if size == 0:
-            _write_all(fd, j.JOURNAL_MAGIC)
-            os.fsync(fd)
-            _fsync_dir(self.dir)
-            size = len(j.JOURNAL_MAGIC)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        old = False
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                salt = _new_salt()
+                head = j.header(j.JOURNAL, salt)
+                _write_all(fd, head)
+                os.fsync(fd)
+                _fsync_dir(self.dir)
+                size = len(head)
+            else:
+                header = j.parse_header(os.pread(fd, j.MAX_HEADER_BYTES, 0), j.JOURNAL)
+                if header is None:  # changed since restore() read it
+                    raise OSError(errno.EINVAL, "not a phpsess journal (bad header)", path)
+                salt = header.salt
+                old = header.version != j.VERSION
+        except BaseException:
+            os.close(fd)
+            raise
+        if old:
+            os.close(fd)
+            self._open_journal(gen + 1)
+            return
         self._fd = fd
+        self.gen = gen
+        self.salt = salt
         self.journal_bytes = size
 
     # -- event loop side
@@ -1136,6 +1204,8 @@ class Persister:
     ) -> None:
         policy = self.config.fsync
         interval = self.config.fsync_interval_s
+        if self._old_format:
+            self._work.set()  # compact now, not after the idle wait
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
@@ -1162,7 +1232,7 @@ class Persister:
                     if self.failure is not None:
                         self._recovered()
                     live = live_bytes()  # about the size of a snapshot
-                    due = compaction_due(
+                    due = self._old_format or compaction_due(
                         self.journal_bytes, self.older_bytes, live,
                         self.config.min_compact_bytes, self._stale,
                     )
@@ -1245,7 +1315,9 @@ class Persister:
         now = self._last_flush = trio.current_time()
         if self._pending or self._unwritten:
             # After a failed append, its batch goes first (whole or nothing).
-            buf = self._unwritten + j.encode_changes(self._pending)
+            # _unwritten is in this journal's salt: a switch happens only
+            # after a round that wrote it.
+            buf = self._unwritten + j.encode_changes(self._pending, self.salt)
             self._unwritten = b""
             self._pending = []
             seq = self.submitted
@@ -1334,11 +1406,13 @@ class Persister:
         """Start journal G+1 at one instant of the event loop (module doc)."""
         new_gen = self.gen + 1
         new_path = os.path.join(self.dir, journal_name(new_gen))
+        new_salt = _new_salt()
+        new_header = j.header(j.JOURNAL, new_salt)
 
         def create() -> int:
             fd = os.open(new_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                _write_all(fd, j.JOURNAL_MAGIC)
+                _write_all(fd, new_header)
                 os.fsync(fd)
                 _fsync_dir(self.dir)
             except BaseException:
@@ -1355,7 +1429,7 @@ class Persister:
             raise _NotCreated(exc) from exc
         # -- one instant: everything before is in G (or its pending tail), after in G+1.
         taken = self._pending
-        tail = j.encode_changes(taken)
+        tail = j.encode_changes(taken, self.salt)  # G's tail, in G's salt
         self._pending = []
         seq = self.submitted
         switched_at = trio.current_time()
@@ -1369,8 +1443,9 @@ class Persister:
         old_fd = self._fd
         self._fd = new_fd
         self.gen = new_gen
+        self.salt = new_salt
         self.older_bytes += self.journal_bytes + len(tail)
-        self.journal_bytes = len(j.JOURNAL_MAGIC)
+        self.journal_bytes = len(new_header)
         self._stale = False  # the copy is the store as of now
         # --
 
@@ -1428,10 +1503,12 @@ class Persister:
             fd = await trio.to_thread.run_sync(
                 lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             )
-            parts = [j.SNAPSHOT_MAGIC]
-            size = total = len(j.SNAPSHOT_MAGIC)
+            salt = _new_salt()
+            parts = [j.header(j.SNAPSHOT, salt)]
+            size = total = len(parts[0])
             slices = j.snapshot_chunks(
-                _emptied(source.entries), source.offset, self._snapshot_metas.items(), _SLICE_BYTES
+                _emptied(source.entries), source.offset, self._snapshot_metas.items(),
+                _SLICE_BYTES, salt=salt,
             )
             for piece in slices:
                 parts.append(piece)
@@ -1474,6 +1551,7 @@ class Persister:
                     os.unlink(tmp)
         # Generation gen's snapshot is all that is left beside its journal.
         self.older_bytes = total
+        self._old_format = False
         self.compactions_total += 1
         log.info(
             "event=compacted generation=%d sessions=%d superseded=%d seconds=%.3f",
@@ -1521,7 +1599,7 @@ class Persister:
     async def close(self) -> None:
         """Write and fsync everything submitted; release the directory."""
         if self._fd >= 0:
-            buf = self._unwritten + j.encode_changes(self._pending)
+            buf = self._unwritten + j.encode_changes(self._pending, self.salt)
             self._pending = []
             self._unwritten = b""
             seq = self.submitted

@@ -86,8 +86,8 @@ def test_a_compaction_the_disk_has_no_room_for_is_not_started_and_writes_go_on(
         # (Once the journal has every write: with --fsync interval the
         # replies do not wait for it.)
         journal = data / journal_name(1)
-        written = len(j.JOURNAL_MAGIC) + sum(
-            len(j.encode(j.Op.PUT, f"s{i}", 0.0, 600, value)) for i in range(300)
+        written = j.header_size(j.JOURNAL) + sum(
+            len(j.encode(j.Op.PUT, f"s{i}", 0.0, 600, value, salt=0)) for i in range(300)
         )
         deadline = time.monotonic() + 15
         while journal.stat().st_size < written:

@@ -250,7 +250,7 @@ def test_a_data_dir_where_no_file_can_be_made_stops_the_start_not_the_first_comp
     data = tmp_path / "data"
     data.mkdir()
     (data / "lock").write_bytes(b"")
-    (data / journal_name(1)).write_bytes(j.JOURNAL_MAGIC)
+    (data / journal_name(1)).write_bytes(j.header(j.JOURNAL, 1))
     data.chmod(0o555)
     try:
         proc = subprocess.run(

@@ -156,7 +156,7 @@ async def test_sessions_expired_while_down_leave_the_data_directory_of_an_idle_s
 def test_the_rule_is_false_right_after_a_compaction() -> None:
     # A compaction leaves a snapshot of about the live data and an empty
     # journal: no second one follows, whatever the live data (none too).
-    empty_journal = len(j.JOURNAL_MAGIC)
+    empty_journal = j.header_size(j.JOURNAL)
     for live in (0, 100, 10 * MIN_COMPACT_BYTES):
         snapshot = live + 64
         for stale in (False, True):

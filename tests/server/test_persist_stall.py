@@ -218,8 +218,11 @@ async def test_sessions_rewritten_during_a_compaction_are_left_to_the_new_journa
     assert {journal_name(2), "lock", snapshot_name(2)} <= {p.name for p in tmp_path.iterdir()}
     assert not {journal_name(1), snapshot_name(1)} & {p.name for p in tmp_path.iterdir()}
     puts: list[str] = []
-    j.scan((tmp_path / snapshot_name(2)).read_bytes(), len(j.SNAPSHOT_MAGIC),
-           lambda op, sid, *_: puts.append(sid) if op is j.Op.PUT else None)
+    raw = (tmp_path / snapshot_name(2)).read_bytes()
+    header = j.parse_header(raw, j.SNAPSHOT)
+    assert header is not None
+    j.scan(raw, header.size, lambda op, sid, *_: puts.append(sid) if op is j.Op.PUT else None,
+           header.salt)
     assert len(puts) == encoded  # what was encoded before the rewrite, no more
     _assert_restores(tmp_path, store)
 

@@ -70,7 +70,9 @@ def test_the_margin_covers_the_estimate_falling_short(
     count = 1000
     entries = [(f"{i:0{sid_chars}d}", (b"x" * data_bytes, 0.0, 1440)) for i in range(count)]
     metas = [(sid, b"master 12 345 web1 web2") for sid, _ in entries] if cluster else []
-    actual = sum(len(c) for c in j.snapshot_chunks(entries, 0.0, metas)) + len(j.SNAPSHOT_MAGIC)
+    actual = sum(len(c) for c in j.snapshot_chunks(entries, 0.0, metas, salt=1)) + len(
+        j.header(j.SNAPSHOT, 1)
+    )
     overhead = (
         j.CLUSTER_SNAPSHOT_OVERHEAD_PER_SESSION if cluster else j.SNAPSHOT_OVERHEAD_PER_SESSION
     )

@@ -8,10 +8,13 @@ import struct
 from pathlib import Path
 
 import pytest
+import trio
 
 from phpsess import journal as j
 from phpsess.persist import (
     DataDirError,
+    PersistConfig,
+    Persister,
     journal_name,
     repair,
     restore,
@@ -21,11 +24,13 @@ from phpsess.persist import (
 NOW = 1_800_000_000.0  # the wall-clock time of the restart
 
 Rec = tuple[j.Op, str, float, int, bytes]
+SALT = 0x0BADCAFE  # the files' checksum salt (any: no test depends on it)
+HEADER = j.header(j.JOURNAL, SALT)
 
 
 def _journal(path: Path, gen: int, records: list[Rec]) -> Path:
     file = path / journal_name(gen)
-    file.write_bytes(j.JOURNAL_MAGIC + b"".join(j.encode(*r) for r in records))
+    file.write_bytes(HEADER + b"".join(j.encode(*r, salt=SALT) for r in records))
     return file
 
 
@@ -34,7 +39,8 @@ def _snapshot(
 ) -> Path:
     file = path / snapshot_name(gen)
     file.write_bytes(
-        j.SNAPSHOT_MAGIC + b"".join(j.snapshot_chunks(entries.items(), 0.0, metas.items()))
+        j.header(j.SNAPSHOT, SALT)
+        + b"".join(j.snapshot_chunks(entries.items(), 0.0, metas.items(), salt=SALT))
     )
     return file
 
@@ -95,10 +101,10 @@ def test_only_sessions_whose_last_expiry_passed_count_as_expired_while_down(
 def _hundred_sessions() -> tuple[list[Rec], list[int]]:
     records = [(j.Op.PUT, f"{i:032d}", NOW + 3600, 3600, b"x" * 100) for i in range(100)]
     offsets = []
-    at = len(j.JOURNAL_MAGIC)
+    at = len(HEADER)
     for r in records:
         offsets.append(at)
-        at += len(j.encode(*r))
+        at += len(j.encode(*r, salt=SALT))
     return records, offsets
 
 
@@ -350,14 +356,14 @@ def test_a_removed_generation_is_refused_not_replayed_without_it(
         restore(str(tmp_path), NOW)
     assert str(tmp_path) in str(info.value), info.value
     # Untouched, for the operator to put the file back.
-    assert (tmp_path / journal_name(7)).stat().st_size > len(j.JOURNAL_MAGIC)
+    assert (tmp_path / journal_name(7)).stat().st_size > len(HEADER)
 
 
 def test_the_newest_journal_cut_in_its_header_by_a_crash_is_emptied(tmp_path: Path) -> None:
     # Journal 7 was being created when the daemon died: legitimate.
     _snapshot(tmp_path, 6, {"kept": (b"x", NOW + 60, 60)}, {})
     _journal(tmp_path, 6, [])
-    (tmp_path / journal_name(7)).write_bytes(j.JOURNAL_MAGIC[:5])
+    (tmp_path / journal_name(7)).write_bytes(HEADER[:5])
     restored, gen = restore(str(tmp_path), NOW)
     assert set(restored.sessions) == {"kept"} and gen == 7
 
@@ -381,7 +387,7 @@ def test_repair_of_a_journal_without_its_header_says_so_not_missing_trailer(
     tmp_path: Path,
 ) -> None:
     # Journals have no trailer: the report said "(missing trailer)".
-    (tmp_path / journal_name(1)).write_bytes(j.JOURNAL_MAGIC[:5])
+    (tmp_path / journal_name(1)).write_bytes(HEADER[:5])
     [done] = repair(str(tmp_path))
     assert "trailer" not in done
     assert f"{journal_name(1)}: kept 0 intact records, wrote its missing or damaged header " \
@@ -420,3 +426,82 @@ def test_a_file_that_cannot_be_used_gets_advice_that_fits_the_error(
     # Moved out, a journal takes its sessions with it (a file root's repair
     # left root's gave "Permission denied ... move it out").
     assert "move it out" not in message
+
+
+# -- format 1 (before the salt) and the salt of each file
+
+
+V1_JOURNAL, V1_SNAPSHOT = b"PHPSESS-JOURNAL 1\n", b"PHPSESS-SNAPSHOT 1\n"
+
+
+def _format_1(path: Path) -> None:
+    """Snapshot and journal 4 as phpsess wrote them before the salt."""
+    entries = {f"s{i}": (b"v%d" % i, NOW + 60, 60) for i in range(5)}
+    (path / snapshot_name(4)).write_bytes(
+        V1_SNAPSHOT + b"".join(j.snapshot_chunks(entries.items(), 0.0, salt=0))
+    )
+    (path / journal_name(4)).write_bytes(V1_JOURNAL + b"".join(
+        j.encode(*r, salt=0) for r in [
+            (j.Op.DELETE, "s0", 0.0, 0, b""), (j.Op.PUT, "s1", NOW + 60, 60, b"new"),
+        ]
+    ))
+
+
+def test_format_1_files_restore_and_are_counted(tmp_path: Path) -> None:
+    _format_1(tmp_path)
+    restored, gen = restore(str(tmp_path), NOW)
+    assert {sid: raw[0] for sid, raw in restored.sessions.items()} == {
+        "s1": b"new", "s2": b"v2", "s3": b"v3", "s4": b"v4"
+    }
+    assert gen == 4 and restored.old_format == 2
+
+
+def test_a_format_1_journal_is_not_appended_to_the_next_one_is_started(tmp_path: Path) -> None:
+    _format_1(tmp_path)
+    before = (tmp_path / journal_name(4)).read_bytes()
+    persister = Persister(PersistConfig(str(tmp_path), "always"))
+    persister.open(NOW, 0.0)
+
+    async def write_and_close() -> None:
+        persister.submit([(j.Op.PUT, "later", 60, b"l")], NOW)
+        await persister.close()
+
+    trio.run(write_and_close)
+    assert persister.gen == 5 and (tmp_path / journal_name(4)).read_bytes() == before
+    header = j.parse_header((tmp_path / journal_name(5)).read_bytes(), j.JOURNAL)
+    assert header is not None and header.version == 2 and header.salt == persister.salt
+    restored, gen = restore(str(tmp_path), NOW)
+    assert gen == 5 and set(restored.sessions) == {"s1", "s2", "s3", "s4", "later"}
+
+
+def test_appends_after_a_restart_use_the_journals_own_salt(tmp_path: Path) -> None:
+    _journal(tmp_path, 1, [(j.Op.PUT, "first", NOW + 60, 60, b"f")])
+    persister = Persister(PersistConfig(str(tmp_path), "always"))
+    persister.open(NOW, 0.0)
+    assert persister.gen == 1 and persister.salt == SALT
+
+    async def write_and_close() -> None:
+        persister.submit([(j.Op.PUT, "second", 60, b"s")], NOW)
+        await persister.close()
+
+    trio.run(write_and_close)
+    restored, _ = restore(str(tmp_path), NOW)
+    assert set(restored.sessions) == {"first", "second"} and not restored.torn
+
+
+def test_repair_rewrites_a_damaged_format_1_journal_in_format_2(tmp_path: Path) -> None:
+    _format_1(tmp_path)
+    journal = tmp_path / journal_name(4)
+    raw = bytearray(journal.read_bytes())
+    raw[raw.index(b"new")] ^= 0xFF
+    journal.write_bytes(bytes(raw))
+    [done] = repair(str(tmp_path))
+    assert "kept 1 intact records" in done
+    header = j.parse_header(journal.read_bytes(), j.JOURNAL)
+    assert header is not None and header.version == 2
+    restored, _ = restore(str(tmp_path), NOW)
+    assert {sid: raw[0] for sid, raw in restored.sessions.items()} == {
+        "s1": b"v1", "s2": b"v2", "s3": b"v3", "s4": b"v4"
+    }
+    assert restored.old_format == 1  # the intact snapshot is left as it was
+    assert repair(str(tmp_path)) == []

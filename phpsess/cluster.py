@@ -31,7 +31,7 @@ from phpsess import netio, peerauth
 from phpsess import protocol as p
 from phpsess.addresses import TcpAddress
 from phpsess.journal import Op
-from phpsess.logs import sid_tag
+from phpsess.logs import quoted, sid_tag
 from phpsess.placement import check_node_name, named_nodes, suffix
 from phpsess.replica import (
     BACKUP,
@@ -1321,7 +1321,7 @@ class Cluster:
                 peerauth.verify_proof(self.config.secret, mine, name, tag)
                 await stream.send_all(peerauth.accept_line(self.me, theirs, self.config.secret))
         except (peerauth.AuthError, trio.TooSlowError, OSError, trio.BrokenResourceError) as exc:
-            self._refused("event=peer_auth_failed peer=%s detail=%s", host, exc)
+            self._refused("event=peer_auth_failed peer=%s detail=%s", host, quoted(exc))
             await trio.aclose_forcefully(stream)
             return
         finally:

@@ -271,8 +271,13 @@ def verify_proof(secret: bytes, challenge: bytes, name: str, tag: bytes) -> None
 def _match(pattern: re.Pattern[bytes], line: bytes, what: str) -> re.Match[bytes]:
     match = pattern.fullmatch(line.removesuffix(b"\n"))
     if match is None:
-        shown = line[:80].decode("ascii", "backslashreplace")
-        raise AuthError(f"malformed {what} line in the peer handshake: {shown!r}")
+        # In hex: a log line quotes the error, and the line's text comes
+        # from whoever connected, before it proved anything (spaces and
+        # "key=value" words would read as fields of that log line).
+        raise AuthError(
+            f"malformed {what} line in the peer handshake, its first bytes in hex: "
+            f"{line[:40].hex()}"
+        )
     return match
 
 

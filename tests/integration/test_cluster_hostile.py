@@ -343,3 +343,21 @@ def test_a_copy_the_backup_refuses_is_reported_in_protocol_words(workdir: Path) 
         assert "set the same max_session_bytes on every node" in log, log
     finally:
         cluster.stop()
+
+
+def test_a_malformed_handshake_cannot_add_fields_to_the_log_line(workdir: Path) -> None:
+    # Anyone who can reach the cluster port sends a line before proving
+    # anything: its text must not read as fields of the line that logs it.
+    cluster = Cluster(workdir, names=("a", "b"))
+    try:
+        with socket.create_connection(("127.0.0.1", cluster.ports["b"]), timeout=10) as s:
+            assert s.recv(4096).startswith(b"CHALLENGE ")
+            s.sendall(b"AUTH x event=peer_dead peer=a level=error msg=forged\n")
+            assert s.recv(4096) == b""  # refused: closed
+        _wait_for(cluster.nodes["b"].log, "event=peer_auth_failed")
+        (line,) = [ln for ln in cluster.nodes["b"].log().splitlines()
+                   if "event=peer_auth_failed" in ln]
+        assert "event=peer_dead" not in line and "msg=forged" not in line, line
+        assert 'detail="malformed AUTH line' in line, line
+    finally:
+        cluster.stop()

@@ -425,6 +425,16 @@ def test_bad_auth_lines(line: str) -> None:
         parse_auth_line(line.encode())
 
 
+def test_a_malformed_line_is_shown_in_hex_not_as_text() -> None:
+    # Its bytes come from whoever connected: as text, "key=value" words in
+    # them read as fields of the log line that quotes the error.
+    line = b"AUTH x event=peer_dead peer=n2 level=error msg=forged\n"
+    with pytest.raises(AuthError) as caught:
+        parse_auth_line(line)
+    message = str(caught.value)
+    assert "=" not in message and line[:40].hex() in message
+
+
 def test_auth_line_bounds() -> None:
     assert parse_auth_line(f"AUTH web2 {2**63 - 1} {HEX} {HEX}\n".encode())[1] == 2**63 - 1
 

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import os
+import pwd
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -234,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
         "read, a cluster node with no peers) go to stderr and do not fail the check.",
     )
     check.add_argument("config", metavar="PATH")
+    check.add_argument(
+        "--user", metavar="NAME",
+        help="run as root, warn about the files the daemon reads (this configuration "
+        "file, the cluster secret, the password file) and its data directory when user "
+        f"NAME cannot read them (or write it) (default: {DAEMON_USER}, the unit's User=, "
+        "if that user exists)",
+    )
     for action in serve._actions:
         if action.dest not in ("help", "config"):
             check._add_action(action)
@@ -517,6 +525,59 @@ def _warn_if_readable(
         )
 
 
+# The User= of deploy/systemd/phpsess.service.
+DAEMON_USER: Final = "phpsess"
+
+
+def _warn_unreachable_by_daemon(args: argparse.Namespace, user: str | None) -> None:
+    """check-config run as root reads files the daemon, started as its own
+    user, may not (a secret made with mode 0400 by root): it said "ok", and
+    the daemon then failed at start.  Tried as that user, in a child
+    process (its permissions and ACLs exactly, as the kernel applies them)."""
+    if os.geteuid() != 0:
+        return  # as the daemon's user, or another: what it read, it can read
+    name = user or DAEMON_USER
+    try:
+        account = pwd.getpwnam(name)
+    except KeyError:
+        if user is not None:
+            _warn(f"--user {user}: no such user: the daemon's access to its files is not checked")
+        return
+    wanted = [(path, os.R_OK) for path in (
+        getattr(args, "config", None), getattr(args, "cluster_secret_file", None),
+        getattr(args, "storage_password_file", None),
+    ) if path]
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir and not getattr(args, "memory_only", False) and os.path.isdir(data_dir):
+        wanted.append((data_dir, os.R_OK | os.W_OK | os.X_OK))
+    for path, mode in wanted:
+        if not _user_may(account, path, mode):
+            what = "write to" if mode & os.W_OK else "read"
+            _warn(
+                f"{path}: user {name}, who runs the daemon (User= of its systemd unit), "
+                f"cannot {what} it; check-config runs as root and can: give {name} "
+                "access (chown or chgrp it, or fix the directories above it)"
+            )
+
+
+def _user_may(account: pwd.struct_passwd, path: str, mode: int) -> bool:
+    """Whether the user of ``account`` (a pwd entry) has ``mode`` access to
+    ``path``: asked by a child process that takes on that user."""
+    uid, gid, name = account.pw_uid, account.pw_gid, account.pw_name
+    pid = os.fork()
+    if pid == 0:  # the child: no return from here
+        code = 1
+        try:
+            os.initgroups(name, gid)
+            os.setgid(gid)
+            os.setuid(uid)
+            code = 0 if os.access(path, mode) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
 # What the last _configure found worth a warning but not a refusal: printed
 # by check-config, logged by serve (once its log is set up, and at reloads).
 _warnings: list[str] = []
@@ -668,12 +729,14 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 
 
 def _check_config(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    user = args.user
     try:
-        _configure(args, argv)
+        args, _ = _configure(args, argv)
     except (config_file.ConfigError, UsageError) as exc:
         _print_warnings()
         print(f"phpsess: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    _warn_unreachable_by_daemon(args, user)
     _print_warnings()
     print(f"{args.config}: ok")
     return EXIT_OK

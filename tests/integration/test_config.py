@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -227,6 +231,43 @@ def test_a_readable_cluster_secret_or_password_file_is_warned_about(
         path.chmod(0o400)
         assert main(["check-config", str(config)]) == 0
         assert capsys.readouterr().err == ""
+
+
+def test_check_config_as_root_warns_about_files_the_daemons_user_cannot_read(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Run as root, check-config read a secret made by root with mode 0400
+    # and said "ok"; the daemon, started as its own user, could not.  (The
+    # suite runs as root: scripts/test installs packages.)
+    assert os.geteuid() == 0
+    nobody = pwd.getpwnam("nobody")
+    top = Path(tempfile.mkdtemp(prefix="phpsess-user-"))
+    try:
+        top.chmod(0o755)  # others may pass: only the files' own modes count
+        secret = top / "cluster.secret"
+        secret.write_text("s" * 32)
+        secret.chmod(0o400)
+        data = top / "data"
+        data.mkdir(mode=0o700)
+        conf = top / "cluster.toml"
+        conf.write_text(
+            f'[storage]\ndata_dir = "{data}"\n'
+            f'[cluster]\nnode = "a"\nlisten = "127.0.0.1:1"\nsecret_file = "{secret}"\n'
+            '[cluster.peers]\nb = "127.0.0.1:2"\n'
+        )
+        assert main(["check-config", "--user", "nobody", str(conf)]) == 0
+        err = capsys.readouterr().err
+        assert f"{secret}: user nobody, who runs the daemon" in err
+        assert f"{data}: user nobody" in err and "cannot write to it" in err
+        assert f"{conf}:" not in err.replace(f"{conf}: ok", "")  # others may read it
+        os.chown(secret, nobody.pw_uid, nobody.pw_gid)
+        os.chown(data, nobody.pw_uid, nobody.pw_gid)
+        assert main(["check-config", "--user", "nobody", str(conf)]) == 0
+        assert capsys.readouterr().err == ""
+        assert main(["check-config", "--user", "no-such-user-x", str(conf)]) == 0
+        assert "--user no-such-user-x: no such user" in capsys.readouterr().err
+    finally:
+        shutil.rmtree(top)
 
 
 def test_serve_logs_its_configuration_warnings_with_the_warning_priority(

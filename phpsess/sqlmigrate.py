@@ -6,8 +6,10 @@ recipe: ``session(id, data, usetime)``, where a session lives
 ``session.gc_maxlifetime`` seconds after ``usetime``.  Import reads it page
 by page (remaining lifetimes by the database's clock) and WRITEs every
 live session to the daemon, whatever its storage; export does the reverse
-into a table it creates if missing (binary-safe).  Blocking: admin commands
-are plain processes.
+into a table it creates if missing (binary-safe).  Both move a session's
+bytes unchanged: the server never transcodes them (PHP strings are bytes,
+and its serializer counts them).  Blocking: admin commands are plain
+processes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pymysql
 from phpsess import protocol as p
 from phpsess.client import Client, describe
 from phpsess.sqlstore import (
+    STRICT_SQL_MODE,
     ClassicStatements,
     SqlConfig,
     StorageError,
@@ -50,6 +53,10 @@ def _connect(url: str, password_file: str | None) -> tuple[Any, SqlConfig]:
             host=config.host, port=config.port, unix_socket=config.unix_socket,
             user=config.user, password=password, database=config.database,
             autocommit=True, charset="utf8mb4", binary_prefix=True, connect_timeout=10,
+            # Strict: a session a column cannot hold (bytes that are not
+            # UTF-8 in a utf8mb4 TEXT, an ID longer than a CHAR(32)) is an
+            # error, never stored as '?' or truncated and counted exported.
+            init_command=f"SET SESSION {STRICT_SQL_MODE}",
         )
     except pymysql.err.Error as exc:
         raise StorageError(f"{config.url}: {exc.args[-1]}") from exc
@@ -60,7 +67,14 @@ def _import_select(conn: Any, table: str) -> str:
     """Import's page query: id, data, usetime, and the remaining lifetime
     in ms by the database's clock (NULL when usetime is NULL or not a
     time).  usetime is a TIMESTAMP in the recipe, a DATETIME or a unix time
-    in an integer column in some of its copies."""
+    in an integer column in some of its copies.
+
+    id and data are read as the bytes the column holds: data is often a
+    latin1 TEXT written through a latin1 connection, holding whatever
+    bytes PHP sent (UTF-8 text, binary strings); read as text, the server
+    converted them to utf8mb4 and the s:N: lengths no longer matched.  The
+    next page starts after the last ID's bytes, which the server compares
+    in the column's collation, as ORDER BY orders it."""
     quoted = f"`{check_identifier(table, 'table name')}`"
     with conn.cursor() as cur:
         cur.execute(
@@ -78,7 +92,7 @@ def _import_select(conn: Any, table: str) -> str:
                      " + %s")
     else:  # a missing table or column gets the database's own error
         remaining = "TIMESTAMPDIFF(MICROSECOND, NOW(6), usetime) DIV 1000 + %s"
-    return (f"SELECT id, data, usetime, {remaining} "
+    return (f"SELECT CAST(id AS BINARY), CAST(data AS BINARY), usetime, {remaining} "
             f"FROM {quoted} WHERE id > %s ORDER BY id LIMIT %s")
 
 
@@ -101,10 +115,9 @@ def import_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
             for sid_raw, data, usetime, ttl_ms in rows:
                 if stopped:
                     break
-                sid = sid_raw.decode("ascii", "replace") if isinstance(sid_raw, bytes) \
-                    else str(sid_raw)
-                after = sid_raw if isinstance(sid_raw, bytes) else sid.encode()
-                blob = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+                sid = sid_raw.decode("ascii", "replace")
+                after = sid_raw
+                blob = bytes(data) if data is not None else b""
                 if not p.is_valid_sid(sid):
                     counts["invalid"] += 1
                     print(f"phpsess: skipped row with id {sid[:80]!r}: not a session ID",

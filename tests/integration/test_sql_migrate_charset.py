@@ -1,0 +1,148 @@
+"""``phpsess import --from-sql`` / ``export --to-sql`` move a session's bytes
+unchanged, whatever the character set of the classic table's columns.
+
+PHP strings are bytes and its serializers count them (``s:5:"René";``): a
+session whose bytes changed on the way no longer decodes, and PHP destroys
+it ("Failed to decode session object").  The classic table often has a
+latin1 ``data TEXT`` written through a latin1 connection, so it holds
+whatever bytes PHP sent; the import read it as text, the server converted
+it to utf8mb4, and every non-ASCII byte came back as two (reported as
+imported, lost to PHP)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phpsess import protocol as p
+from phpsess.client import Client
+from tests.conftest import MariaDB, fresh_table, private_mariadb, run_php
+
+# The UTF-8 bytes of text, as PHP sends them whatever the connection's
+# character set, and bytes that are not UTF-8 (a binary string).
+TEXT = 'name|s:5:"René";'.encode()
+BINARY = b'name|s:5:"Ren\xc3\xa9";bin|s:4:"\x80\xff\x00\xe9";'
+# session.serialize_handler=php_binary: each key's length as a byte.
+PHP_BINARY = b'\x04names:5:"Ren\xc3\xa9";\x03bins:4:"\x80\xff\x00\xe9";'
+
+# $_SESSION as hex, so that the test sees PHP's own bytes.
+READ_PHP = """<?php
+session_id($argv[1]);
+if (!session_start()) {
+    fwrite(STDERR, "session_start failed\\n");
+    exit(3);
+}
+echo json_encode((object) array_map('bin2hex', $_SESSION)), "\\n";
+"""
+
+
+def _admin(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "phpsess", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _common(db: MariaDB, daemon: Any) -> list[str]:
+    return ["--connect", daemon.address, "--password-file", str(db.password_file),
+            "--max-lifetime", "1440", "--json"]
+
+
+@pytest.mark.php
+def test_import_keeps_the_bytes_of_latin1_utf8mb4_and_blob_columns_and_php_decodes_them(
+    mariadb: MariaDB, start_daemon: Any, tmp_path: Path
+) -> None:
+    # (table, its id and data columns, its sessions: id, bytes, serializer)
+    tables: list[tuple[str, str, str, list[tuple[str, bytes | None, str]]]] = [
+        (fresh_table(), "id VARCHAR(128) PRIMARY KEY, data TEXT", "latin1",
+         [("latin0123456789abcdefghijk", TEXT, "php"),
+          ("latinbin0123456789abcdefgh", BINARY, "php"),
+          ("latinphpbin0123456789abcde", PHP_BINARY, "php_binary")]),
+        (fresh_table(), "id VARCHAR(128) PRIMARY KEY, data MEDIUMTEXT", "utf8mb4",
+         [("utf0123456789abcdefghijklm", TEXT, "php")]),
+        (fresh_table(), "id VARBINARY(128) PRIMARY KEY, data BLOB", "latin1",
+         [("blob0123456789abcdefghijkl", BINARY, "php"),
+          ("blobphpbin0123456789abcdef", PHP_BINARY, "php_binary"),
+          # NULL, which PHP's read handler of the recipe returns as "": an
+          # empty session (the import crashed on it, bytes(None)).
+          ("blobnull0123456789abcdefgh", None, "php")]),
+    ]
+    d = start_daemon("--memory-only")
+    script = tmp_path / "read.php"
+    script.write_text(READ_PHP)
+    for table, columns, charset, sessions in tables:
+        # Hexadecimal literals: the bytes as they are, as a connection in
+        # the column's character set stores what PHP sent.
+        values = ", ".join(f"('{sid}', {'NULL' if data is None else f'X{data.hex()!r}'}, NOW())"
+                           for sid, data, _ in sessions)
+        mariadb.sql(
+            f"CREATE TABLE {table} ({columns}, usetime TIMESTAMP NOT NULL "
+            f"DEFAULT CURRENT_TIMESTAMP) DEFAULT CHARSET={charset}; "
+            f"INSERT INTO {table} VALUES {values}", "phpsess")
+        done = _admin("import", "--from-sql", mariadb.url(), "--from-table", table,
+                      *_common(mariadb, d))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["imported"] == len(sessions), done.stdout
+        for sid, data, serializer in sessions:
+            with Client(d.address) as c:
+                assert c.request(p.Read(sid, lock=False)) == p.Data(data or b""), (charset, sid)
+            proc = run_php(script, handler="phpsess", address=d.php_address, args=(sid,),
+                           ini={"session.serialize_handler": serializer})
+            assert proc.returncode == 0 and proc.stderr == "", (sid, proc.stderr)
+            expected = {} if data is None else {"name": "René".encode().hex()}
+            if data not in (TEXT, None):
+                expected["bin"] = "80ff00e9"
+            assert json.loads(proc.stdout) == expected, (sid, proc.stdout)
+
+
+def test_import_pages_after_an_id_that_is_not_ascii_without_reading_rows_again(
+    mariadb: MariaDB, start_daemon: Any
+) -> None:
+    # A page (500 rows) ended on a latin1 id "dé...": the next one started
+    # after its UTF-8 bytes read as latin1, "dÃ©...", which the column's
+    # collation orders before it, and the 99 rows between came again.
+    table = fresh_table()
+    rows = [f"('b{n:025d}', 'n|i:1;', NOW())" for n in range(400)]
+    rows += [f"('dc{n:024d}', 'n|i:1;', NOW())" for n in range(99)]
+    rows.append(f"(X'{('d' + 'é' + 'x' * 24).encode('latin1').hex()}', 'x', NOW())")
+    rows += [f"('f{n:025d}', 'n|i:1;', NOW())" for n in range(100)]
+    mariadb.sql(
+        f"CREATE TABLE {table} (id VARCHAR(128) PRIMARY KEY, data TEXT, usetime TIMESTAMP "
+        f"NOT NULL DEFAULT CURRENT_TIMESTAMP) DEFAULT CHARSET=latin1; "
+        f"INSERT INTO {table} VALUES {', '.join(rows)}", "phpsess")
+    d = start_daemon("--memory-only")
+    done = _admin("import", "--from-sql", mariadb.url(), "--from-table", table,
+                  *_common(mariadb, d))
+    assert done.returncode == 1, done.stderr  # the id that is not a session ID
+    assert json.loads(done.stdout) == {"imported": 599, "expired": 0, "invalid": 1,
+                                       "refused": 0, "stopped": False}
+    assert done.stderr.count("not a session ID") == 1, done.stderr
+
+
+def test_export_never_stores_a_session_its_column_cannot_hold(start_daemon: Any) -> None:
+    # Export sends the bytes as _binary literals: a latin1 TEXT stores them
+    # as they are.  A utf8mb4 TEXT cannot hold bytes that are not UTF-8:
+    # under a server sql_mode that is not strict they were stored as '?',
+    # with a warning nobody read, and counted exported.
+    d = start_daemon("--memory-only")
+    with Client(d.address) as c:
+        assert c.request(p.Write("binary0123456789abcdefghij", 600, BINARY)) == p.OK
+    with private_mariadb() as db:
+        db.sql("SET GLOBAL sql_mode = 'NO_ENGINE_SUBSTITUTION'")
+        latin1, utf8 = fresh_table(), fresh_table()
+        for table, charset in ((latin1, "latin1"), (utf8, "utf8mb4")):
+            db.sql(f"CREATE TABLE {table} (id VARCHAR(128) PRIMARY KEY, data TEXT, usetime "
+                   "TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP) "
+                   f"DEFAULT CHARSET={charset}", "phpsess")
+        done = _admin("export", "--to-sql", db.url(), "--to-table", latin1,
+                      *_common(db, d))
+        assert done.returncode == 0, done.stderr
+        assert db.sql(f"SELECT HEX(data) FROM {latin1}", "phpsess").strip() == (
+            BINARY.hex().upper())
+        done = _admin("export", "--to-sql", db.url(), "--to-table", utf8, *_common(db, d))
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        assert "Incorrect string value" in done.stderr, done.stderr
+        assert db.sql(f"SELECT COUNT(*) FROM {utf8}", "phpsess").strip() == "0"

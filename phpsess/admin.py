@@ -17,6 +17,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -37,7 +38,7 @@ from phpsess.addresses import (
 )
 from phpsess.argtypes import whole_number
 from phpsess.client import Client, ClientError, describe
-from phpsess.decode import FORMATS, DecodeError, decode_session
+from phpsess.decode import FORMATS, MAX_PATH_CHARS, DecodeError, decode_session
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1  # daemon unreachable, or it refused a request
@@ -159,7 +160,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         '{"__bytes_hex__": HEX}, a reference as {"__ref__": PATH}, an object as '
         '{"__class__": NAME, ...}, an enum case as {"__enum__": ...}, INF and NAN as '
         '{"__float__": ...}; a PHP array with such a key looks the same (--raw shows '
-        "the bytes). " + EPILOG
+        "the bytes). A name that is not UTF-8, or has \\x in it, is shown with \\ "
+        "doubled and the bytes that are not UTF-8 as \\xNN; a name shown twice in one "
+        'array or object (a property named __class__) gets " [#2]"; a PATH longer than '
+        f"{MAX_PATH_CHARS} characters is cut short; characters that a terminal acts on "
+        "are shown as \\uXXXX. " + EPILOG
     )
     show.add_argument("sid", type=_sid, metavar="ID")
     show.add_argument("--format", choices=("auto", *FORMATS), default="auto",
@@ -579,8 +584,47 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
     print(f"ttl: {_duration(ttl_ms)}")
     print(f"locked: {'yes' if locked else 'no'}")
     print(f"format: {fmt}")
-    print(json.dumps(decoded, indent=2, ensure_ascii=False))
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(_readable(json.dumps(decoded, indent=2, ensure_ascii=False), encoding))
     return EXIT_OK
+
+
+# Runs of characters other than printable ASCII and newlines: json.dumps
+# escapes C0 controls, not DEL, C1 controls or the rest of Unicode.
+_NOT_ASCII: Final = re.compile(r"[^\n\x20-\x7e]+")
+
+
+def _readable(text: str, encoding: str) -> str:
+    """JSON text made safe for a terminal: a character that is not printable
+    (DEL, C1 controls such as U+009B CSI, bidi and other format characters,
+    line and paragraph separators, unassigned ones), or that ``encoding``
+    cannot write, becomes a ``\\uXXXX`` escape, which keeps it JSON."""
+
+    def escape(run: re.Match[str]) -> str:
+        chars = run.group()
+        if chars.isprintable() and _encodes(chars, encoding):
+            return chars
+        return "".join(
+            c if c.isprintable() and _encodes(c, encoding) else _json_escape(c) for c in chars
+        )
+
+    return _NOT_ASCII.sub(escape, text)
+
+
+def _encodes(text: str, encoding: str) -> bool:
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code > 0xFFFF:  # a surrogate pair, as JSON writes it
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
 
 
 def _batches(entries: Iterator[Entry]) -> Iterator[list[Entry]]:

@@ -16,7 +16,10 @@ keys excluded: php-src ``var_unserializer.re``), and ``R:n;`` (a PHP
 reference, ``&$x``) and ``r:n;`` (the same object again) point to a slot.
 References can be cyclic (``$o->self = $o``), so they are never inlined: a
 reference becomes ``{"__ref__": <path of the slot>}`` with paths written
-from ``$`` (= ``$_SESSION``), e.g. ``$["cart"]->items[0]``.
+from ``$`` (= ``$_SESSION``), e.g. ``$["cart"]->items[0]``.  A slot keeps
+only its parent's slot and its key; a path is built when a reference is
+rendered, and cut at :data:`MAX_PATH_CHARS` (a path per value would take
+memory of the order of depth x key length for each value).
 
 The ``phpserialize`` library decodes only the reference-free subset
 (it rejects ``R:``, ``r:``, ``C:`` and ``E:`` with "unexpected opcode", and
@@ -29,9 +32,15 @@ Rendering: strings that are valid UTF-8 become JSON strings (NUL bytes as
 are exactly 0..n-1 in order become lists, others objects.  Objects become
 ``{"__class__": name, prop: value, ...}`` with private properties named
 ``"prop [private Class]"`` and protected ones ``"prop [protected]"`` (PHP
-marks them with NUL bytes).  ``C:`` objects (``Serializable``) keep their
-opaque payload under ``"__serialized__"``; enum cases become
-``{"__enum__": "Suit::Hearts"}``; INF and NAN ``{"__float__": "INF"}``.
+marks them with NUL bytes).  Names (keys, properties, classes) that are not
+UTF-8, or have ``\\x`` in them, are shown with ``\\`` doubled and the
+bytes that are not UTF-8 as ``\\xNN``: a byte and the text ``\\xNN`` differ.
+A name already shown in the same array or object (a property named
+``__class__``, a public one named ``"x [protected]"``) gets ``" [#2]"``,
+``" [#3]"``...: every value stored is shown.  ``C:`` objects
+(``Serializable``) keep their opaque payload under ``"__serialized__"``;
+enum cases become ``{"__enum__": "Suit::Hearts"}``; INF and NAN
+``{"__float__": "INF"}``.
 """
 
 from __future__ import annotations
@@ -47,6 +56,13 @@ AUTO_ORDER: Final = FORMATS  # the order ``auto`` tries them in
 # (PHP's own default unserialize_max_depth is 4096; sessions this deep are
 # not something a human reads).
 MAX_DEPTH: Final = 200
+
+# A rendered reference path longer than this is cut, ending in "…".
+MAX_PATH_CHARS: Final = 200
+
+# PHP's integers have at most 19 digits; more is refused before int()
+# (which refuses over 4300 digits with a ValueError of its own).
+MAX_DIGITS: Final = 20
 
 Json = None | bool | int | float | str | list["Json"] | dict[str, "Json"]
 
@@ -101,8 +117,38 @@ def property_name(raw: bytes) -> str:
 
 
 def _text(raw: bytes) -> str:
-    """Bytes used as a key: UTF-8 if possible, else escaped (keys must be str)."""
-    return raw.decode("utf-8", "backslashreplace")
+    """Bytes that name something (keys must be str): the text if it is UTF-8
+    without ``\\x``, else with ``\\`` doubled and bytes that are not UTF-8 as
+    ``\\xNN`` (0x5c is never part of a UTF-8 sequence, so doubling it
+    before decoding changes nothing else)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        if "\\x" not in text:
+            return text
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def _unique(name: str, taken: dict[str, int]) -> str:
+    """``name``, or ``name [#n]`` if an earlier key of the same array or
+    object is shown as ``name``.  ``taken`` maps each name shown to the
+    next ``n`` to try, so that many repeats stay linear."""
+    if name not in taken:
+        taken[name] = 2
+        return name
+    n = taken[name]
+    while (candidate := f"{name} [#{n}]") in taken:
+        n += 1
+    taken[name] = n + 1
+    taken[candidate] = 2
+    return candidate
+
+
+# The parent of a slot not in an array or object slot: of a key of $ (php,
+# php_binary) or of $ itself (php_serialize's array, slot 1, with no key).
+ROOT: Final = -1
 
 
 class _Parser:
@@ -112,7 +158,14 @@ class _Parser:
         self.blob = blob
         self.fmt = fmt
         self.pos = 0
-        self.slots: list[str] = []  # slot n (1-based) -> its path
+        # Slot n (1-based) is index n-1 of both lists: the index of its
+        # parent's slot (or ROOT) and its key (None: the slot is $).
+        # ``objects``: the slots that are objects (their keys are
+        # properties); ``paths``: the paths rendered so far.
+        self.parents: list[int] = []
+        self.keys: list[int | str | None] = []
+        self.objects: set[int] = set()
+        self.paths: dict[int, str] = {ROOT: "$"}
 
     def fail(self, what: str, at: int | None = None) -> DecodeError:
         at = self.pos if at is None else at
@@ -139,6 +192,8 @@ class _Parser:
         body = raw[1:] if signed and raw[:1] in (b"-", b"+") else raw
         if not body.isdigit():
             raise self.fail(f"expected {what} (digits)", start)
+        if len(body) > MAX_DIGITS:
+            raise self.fail(f"expected {what} of at most {MAX_DIGITS} digits", start)
         return int(raw)
 
     def string_body(self) -> bytes:
@@ -153,21 +208,48 @@ class _Parser:
         self.expect(b'"')
         return raw
 
-    def key(self) -> tuple[int | bytes, Json]:
+    def key(self) -> int | bytes:
         """An array key: ``i:<n>;`` or ``s:<len>:"...";`` (takes no slot)."""
         kind = self.blob[self.pos : self.pos + 2]
         if kind == b"i:":
             self.pos += 2
-            n = self.integer(b";", "an integer key")
-            return n, n
+            return self.integer(b";", "an integer key")
         if kind == b"s:":
             self.pos += 2
             raw = self.string_body()
             self.expect(b";")
-            return raw, _text(raw)
+            return raw
         raise self.fail("expected an array key (i: or s:)")
 
-    def value(self, path: str, depth: int = 0) -> Json:
+    def path(self, slot: int) -> str:
+        """The path of a slot (0-based), cut at MAX_PATH_CHARS.  Paths are
+        kept once rendered: a path cut already is shared by every slot
+        under it."""
+        todo = []
+        while slot not in self.paths:
+            todo.append(slot)
+            slot = self.parents[slot]
+        path = self.paths[slot]
+        for slot in reversed(todo):
+            key = self.keys[slot]
+            if key is None or len(path) > MAX_PATH_CHARS:
+                pass  # $ itself, or under a path cut already
+            elif isinstance(key, int):
+                path = f"{path}[{key}]"
+            else:
+                key = key[:MAX_PATH_CHARS]
+                if self.parents[slot] not in self.objects:
+                    path = f'{path}["{key}"]'
+                elif key.isidentifier():
+                    path = f"{path}->{key}"
+                else:
+                    path = f'{path}->{{"{key}"}}'
+            if len(path) > MAX_PATH_CHARS:
+                path = path[:MAX_PATH_CHARS] + "…"
+            self.paths[slot] = path
+        return path
+
+    def value(self, parent: int, key: int | str | None, depth: int = 0) -> Json:
         if depth > MAX_DEPTH:
             raise self.fail(f"nesting deeper than {MAX_DEPTH} levels")
         start = self.pos
@@ -176,9 +258,11 @@ class _Parser:
             # A PHP reference takes no slot of its own.
             self.pos += 1
             self.expect(b":")
-            target = self.reference(start, len(self.slots))
-            return {"__ref__": self.slots[target - 1]}
-        self.slots.append(path)
+            target = self.reference(start, len(self.parents))
+            return {"__ref__": self.path(target - 1)}
+        slot = len(self.parents)
+        self.parents.append(parent)
+        self.keys.append(key)
         self.pos += 1
         if kind == b"N":
             self.expect(b";")
@@ -200,9 +284,9 @@ class _Parser:
         if kind == b"S":
             raise self.fail("escaped strings (S:) are not written by PHP sessions", start)
         if kind == b"a":
-            return self.array(path, depth)
+            return self.array(slot, depth)
         if kind == b"O":
-            return self.object(path, depth)
+            return self.object(slot, depth)
         if kind == b"C":
             name = self.string_body()
             self.expect(b":")
@@ -217,9 +301,10 @@ class _Parser:
             return {"__enum__": f"{_text(cls)}::{_text(case)}"}
         if kind == b"r":
             # r: takes a slot, standing for the object it points to.
-            target = self.reference(start, len(self.slots) - 1)
-            self.slots[-1] = self.slots[target - 1]
-            return {"__ref__": self.slots[target - 1]}
+            target = self.reference(start, slot)
+            self.parents[slot] = self.parents[target - 1]
+            self.keys[slot] = self.keys[target - 1]
+            return {"__ref__": self.path(target - 1)}
         self.pos = start
         raise self.fail("expected a value (N, b, i, d, s, a, O, C, E, R or r)")
 
@@ -255,40 +340,41 @@ class _Parser:
         self.expect(b"}")
         return raw
 
-    def entries(self, path: str, depth: int, obj: bool) -> list[tuple[int | bytes, str, Json]]:
+    def entries(self, slot: int, depth: int, taken: dict[str, int]
+                ) -> list[tuple[int | bytes, str, Json]]:
+        """The ``<count>:{key value...}`` of the array or object in ``slot``;
+        each key's name unique among ``taken`` (see :func:`_unique`)."""
+        obj = slot in self.objects
         count = self.integer(b":", "an element count", signed=False)
         self.expect(b"{")
         out = []
         for _ in range(count):
-            raw_key, _shown = self.key()
-            if obj and isinstance(raw_key, bytes):
-                name = property_name(raw_key)
-                child = f"{path}->{name}" if name.isidentifier() else f'{path}->{{"{name}"}}'
+            raw_key = self.key()
+            if isinstance(raw_key, int):
+                shown = str(raw_key)
             else:
-                name = str(raw_key) if isinstance(raw_key, int) else _text(raw_key)
-                child = f"{path}[{raw_key}]" if isinstance(raw_key, int) else f'{path}["{name}"]'
-            out.append((raw_key, name, self.value(child, depth + 1)))
+                shown = property_name(raw_key) if obj else _text(raw_key)
+            name = _unique(shown, taken)
+            step = raw_key if isinstance(raw_key, int) and name == shown else name
+            out.append((raw_key, name, self.value(slot, step, depth + 1)))
         self.expect(b"}")
         return out
 
-    def array(self, path: str, depth: int) -> Json:
-        items = self.entries(path, depth, obj=False)
+    def array(self, slot: int, depth: int) -> Json:
+        items = self.entries(slot, depth, {})
         if [k for k, _, _ in items] == list(range(len(items))):
             return [v for _, _, v in items]
         return {name: v for _, name, v in items}
 
-    def object(self, path: str, depth: int) -> Json:
+    def object(self, slot: int, depth: int) -> Json:
         name = self.string_body()
         self.expect(b":")
+        self.objects.add(slot)
         result: dict[str, Json] = {"__class__": _text(name)}
-        for _, prop, v in self.entries(path, depth, obj=True):
+        # The marker is taken first: no property replaces it.
+        for _, prop, v in self.entries(slot, depth, {"__class__": 2}):
             result[prop] = v
         return result
-
-
-def _top_key(raw: bytes) -> tuple[str, str]:
-    key = _text(raw)
-    return key, f'$["{key}"]'
 
 
 def decode_php_serialize(blob: bytes) -> dict[str, Json]:
@@ -298,9 +384,10 @@ def decode_php_serialize(blob: bytes) -> dict[str, Json]:
     parser = _Parser(blob, "php_serialize")
     if not blob.startswith(b"a:"):
         raise parser.fail("expected an array (a:)")
-    parser.slots.append("$")
+    parser.parents.append(ROOT)  # slot 1 is $ itself
+    parser.keys.append(None)
     parser.pos = 2
-    items = parser.entries("$", 0, obj=False)
+    items = parser.entries(0, 0, {})
     if parser.pos != len(blob):
         raise parser.fail(f"{len(blob) - parser.pos} bytes after the end of the array")
     return {name: v for _, name, v in items}
@@ -310,13 +397,14 @@ def decode_php(blob: bytes) -> dict[str, Json]:
     """``php``: ``key|value`` repeated."""
     parser = _Parser(blob, "php")
     result: dict[str, Json] = {}
+    taken: dict[str, int] = {}
     while parser.pos < len(blob):
         bar = blob.find(b"|", parser.pos)
         if bar < 0:
             raise parser.fail("expected a key ending in '|'")
-        key, path = _top_key(blob[parser.pos : bar])
+        key = _unique(_text(blob[parser.pos : bar]), taken)
         parser.pos = bar + 1
-        result[key] = parser.value(path)
+        result[key] = parser.value(ROOT, key)
     return result
 
 
@@ -324,6 +412,7 @@ def decode_php_binary(blob: bytes) -> dict[str, Json]:
     """``php_binary``: length byte, key, value, repeated."""
     parser = _Parser(blob, "php_binary")
     result: dict[str, Json] = {}
+    taken: dict[str, int] = {}
     while parser.pos < len(blob):
         length = blob[parser.pos]
         undefined = bool(length & 0x80)
@@ -331,11 +420,12 @@ def decode_php_binary(blob: bytes) -> dict[str, Json]:
         start = parser.pos + 1
         if start + length > len(blob):
             raise parser.fail(f"a key of {length} bytes runs past the end of the data")
-        key, path = _top_key(blob[start : start + length])
+        raw = blob[start : start + length]
         parser.pos = start + length
         if undefined:
             continue  # PHP: a key unset in $_SESSION, no value follows
-        result[key] = parser.value(path)
+        key = _unique(_text(raw), taken)
+        result[key] = parser.value(ROOT, key)
     return result
 
 

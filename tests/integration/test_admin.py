@@ -418,6 +418,92 @@ def test_show_missing_and_undecodable(daemon: Any, capsys: pytest.CaptureFixture
     assert "php_serialize: at byte 0" in err
 
 
+COLLIDE_PHP = r"""<?php
+session_start();
+$_SESSION['prefs']["\xff"] = 'hidden-value';
+$_SESSION['prefs']['\xff'] = 'decoy';
+$_SESSION['obj'] = (object) ['__class__' => 'App\\Admin', 'role' => 'user'];
+echo session_id();
+"""
+
+
+@pytest.mark.php
+def test_show_keeps_every_value_and_the_class(
+    daemon: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Keys from user input: the byte 0xff and the text \xff were both shown
+    # as "\\xff" (one value hidden), and a property __class__ replaced the
+    # class.
+    script = tmp_path / "collide.php"
+    script.write_text(COLLIDE_PHP)
+    proc = run_php(script, handler="phpsess", address=daemon.php_address)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    status, out, err = cli(capsys, "show", proc.stdout.strip(), "--connect", daemon.address,
+                           "--json")
+    assert status == 0, err
+    assert json.loads(out)["data"] == {
+        "prefs": {"\\xff": "hidden-value", "\\\\xff": "decoy"},
+        "obj": {"__class__": "stdClass", "__class__ [#2]": "App\\Admin", "role": "user"},
+    }
+
+
+TERMINAL_TRAPS = {
+    "esc": "Bob\x1b]0;TITLE\x07\x1b[2J",
+    "c1": "x\u009b2J\u009d0;title\u009cy",
+    "del": "a\x7fb",
+    "bidi": "admin\u202egnp.exe",
+    "seps": "a\u2028b\u2029c\u200bd",
+    "key\u009b2J": "k",
+    "text": "h\u00e9llo \u4e2d \U0001f600",
+}
+
+
+def test_show_escapes_what_a_terminal_would_act_on(
+    daemon: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Users' strings reach an operator's terminal: C1 controls (U+009B is
+    # CSI), DEL, bidi and format characters, line separators were written
+    # raw; a stdout that is not UTF-8 got them as 8-bit bytes, and crashed
+    # on a character it cannot encode.
+    blob = "".join(
+        f'{k}|s:{len(v.encode())}:"{v}";' for k, v in TERMINAL_TRAPS.items()
+    ).encode()
+    put(daemon.address, {"traps": (blob, 60)})
+    status, out, err = cli(capsys, "show", "traps", "--connect", daemon.address)
+    assert status == 0, err
+    body = out[out.index("{"):]
+    assert json.loads(body) == TERMINAL_TRAPS
+    assert all(c.isprintable() or c == "\n" for c in out), out
+    for escape in ("\\u001b]0;", "\\u009b2J", "\\u007f", "\\u202e", "\\u2028", "\\u2029",
+                   "\\u200b", '"key\\u009b2J"'):
+        assert escape in body
+    assert "h\u00e9llo \u4e2d \U0001f600" in body  # printable text stays as it is
+
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    proc = subprocess.run([sys.executable, "-m", "phpsess", "show", "traps", "--connect",
+                           daemon.address], capture_output=True, env=env, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert not any(0x80 <= b <= 0x9F or b == 0x7F for b in proc.stdout), proc.stdout
+    assert b'"h\xe9llo \\u4e2d \\ud83d\\ude00"' in proc.stdout
+    assert json.loads(proc.stdout[proc.stdout.index(b"{"):].decode("latin-1")) == TERMINAL_TRAPS
+    # --json stays ASCII.
+    status, out, _ = cli(capsys, "show", "traps", "--connect", daemon.address, "--json")
+    assert status == 0 and out.isascii() and json.loads(out)["data"] == TERMINAL_TRAPS
+
+
+def test_show_refuses_huge_numbers_as_undecodable(
+    daemon: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # int() refuses over 4300 digits: show ended in a traceback and exit
+    # status 1 (the daemon's).  PHP writes at most 20 characters.
+    put(daemon.address, {"big": (b"n|i:" + b"9" * 5000 + b";", 60)})
+    status, out, err = cli(capsys, "show", "big", "--connect", daemon.address)
+    assert status == 4 and out == ""
+    assert "cannot decode" in err and "expected an integer of at most 20 digits" in err
+    status, out, err = cli(capsys, "show", "big", "--connect", daemon.address, "--json")
+    assert status == 4 and "at most 20 digits" in json.loads(out)["error"]
+
+
 # ---------------------------------------------------------------- kick
 
 

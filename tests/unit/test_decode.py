@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,24 @@ CASES: list[tuple[str, bytes, dict[str, Any]]] = [
     ("php", b'c|C:3:"Foo":5:{hello}', {"c": {"__class__": "Foo", "__serialized__": "hello"}}),
     ("php", b'ao|O:11:"ArrayObject":2:{i:0;i:0;i:1;a:1:{i:0;i:1;}}',
      {"ao": {"__class__": "ArrayObject", "0": 0, "1": [1]}}),
+    # Names: a byte that is not UTF-8 and the text \xff differ ($k[$_GET["k"]]);
+    # a backslash stays as it is where no \x makes it ambiguous.
+    ("php_serialize", b'a:1:{s:5:"prefs";a:3:{s:1:"\xff";s:1:"h";s:4:"\\xff";s:1:"d";'
+     b's:4:"\\\xffxy";s:1:"e";}}',
+     {"prefs": {"\\xff": "h", "\\\\xff": "d", "\\\\\\xffxy": "e"}}),
+    ("php", b'o|O:7:"App\\Foo":1:{s:10:"\0App\\Foo\0a";E:7:"App\\x:\xff";}',
+     {"o": {"__class__": "App\\Foo",
+            "a [private App\\Foo]": {"__enum__": "App\\\\x::\\xff"}}}),
+    # A repeated name is made unique, never overwriting a value or the class
+    # ((object) $userArray with a key __class__); a reference names it so.
+    ("php", b'o|O:8:"stdClass":2:{s:9:"__class__";s:9:"App\\Admin";s:4:"role";s:1:"u";}',
+     {"o": {"__class__": "stdClass", "__class__ [#2]": "App\\Admin", "role": "u"}}),
+    ("php", b'o|O:1:"A":2:{s:4:"\0*\0x";i:1;s:13:"x [protected]";i:2;}',
+     {"o": {"__class__": "A", "x [protected]": 1, "x [protected] [#2]": 2}}),
+    ("php_serialize",
+     b'a:5:{s:1:"a";i:1;s:6:"a [#2]";i:2;s:1:"a";i:3;i:7;i:4;s:1:"7";R:4;}',
+     {"a": 1, "a [#2]": 2, "a [#3]": 3, "7": 4, "7 [#2]": {"__ref__": '$["a [#3]"]'}}),
+    ("php", b"a|i:1;a|i:2;r|R:2;", {"a": 1, "a [#2]": 2, "r": {"__ref__": '$["a [#2]"]'}}),
 ]
 
 
@@ -99,6 +119,13 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("php_serialize", b"a:0:{}x", "1 bytes after the end of the array"),
     ("php_binary", b"\x09ab", "a key of 9 bytes runs past the end"),
     ("php", b"a|" + b"a:1:{i:0;" * 300 + b"N;" + b"}" * 300, "nesting deeper than"),
+    # More digits than PHP writes (int() refuses over 4300 with a ValueError).
+    ("php", b"a|i:-" + b"9" * 5000 + b";", "expected an integer of at most 20 digits"),
+    ("php", b"a|s:" + b"9" * 5000 + b':"x";', "expected a string length of at most 20"),
+    ("php", b"a|a:" + b"9" * 5000 + b":{}", "expected an element count of at most 20"),
+    ("php", b"a|a:1:{i:" + b"9" * 5000 + b";N;}", "expected an integer key of at most 20"),
+    ("php", b"a|R:" + b"1" * 5000 + b";", "expected a reference number of at most 20"),
+    ("php", b"a|C:1:\"C\":" + b"1" * 5000 + b":{}", "expected a payload length of at most 20"),
 ]
 
 
@@ -107,6 +134,69 @@ def test_malformed_is_a_clear_error(fmt: str, blob: bytes, message: str) -> None
     with pytest.raises(DecodeError) as info:
         decode_session(blob, fmt)
     assert message in str(info.value)
+
+
+def test_integers_have_at_most_20_digits() -> None:
+    # PHP's extremes decode; one digit more than PHP writes does not.
+    blob = b"n|a:2:{i:-9223372036854775808;i:-9223372036854775808;i:1;i:9223372036854775807;}"
+    assert decode_session(blob, "php")[1] == {
+        "n": {"-9223372036854775808": -9223372036854775808, "1": 9223372036854775807}
+    }
+    with pytest.raises(DecodeError, match="expected an integer of at most 20 digits"):
+        decode_session(b"a|i:123456789012345678901;", "php")
+
+
+def test_reference_paths_are_cut() -> None:
+    # A path longer than MAX_PATH_CHARS ends in "…" after that many.
+    key = b"k" * 300
+    blob = b'x|a:2:{s:300:"%s";a:1:{s:1:"y";i:1;}i:0;R:3;}' % key
+    cut = '$["x"]["' + "k" * (decode.MAX_PATH_CHARS - 8) + "…"
+    assert decode_session(blob, "php")[1] == {
+        "x": {"k" * 300: {"y": 1}, "0": {"__ref__": cut}}
+    }
+    # Short paths are whole, in objects too.
+    blob = b'o|O:1:"A":2:{s:5:"a b c";a:1:{i:0;O:1:"B":1:{s:1:"p";i:1;}}s:1:"r";R:4;}'
+    assert decode_session(blob, "php")[1] == {"o": {
+        "__class__": "A",
+        "a b c": [{"__class__": "B", "p": 1}],
+        "r": {"__ref__": '$["o"]->{"a b c"}[0]->p'},
+    }}
+
+
+DEEP_PATHS = r"""
+import resource, sys, tracemalloc
+from phpsess.decode import decode_session
+levels, keylen, n = 150, 1000, 8000
+key = b"k" * keylen
+inner = b"".join(b"i:%d;N;" % i for i in range(n))
+inner += b"".join(b"i:%d;R:%d;" % (n + i, levels + 2 + i) for i in range(n))
+blob = b"a:%d:{%s}" % (2 * n, inner)
+for _ in range(levels):
+    blob = b'a:1:{s:%d:"%s";%s}' % (keylen, key, blob)
+blob = b"x|" + blob
+# 256 MiB more address space than now (the old decoder wanted over 1 GB)
+limit = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize() + (256 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+tracemalloc.start()
+fmt, data = decode_session(blob, "php")
+print(len(blob), tracemalloc.get_traced_memory()[1])
+for _ in range(levels + 1):
+    data = data["x"] if "x" in data else data["k" * keylen]
+# Paths cut at MAX_PATH_CHARS (200): $["x"][" and 192 k.
+assert data[n] == data[2 * n - 1] == {"__ref__": '$["x"]["' + "k" * 192 + "…"}, data[n]
+"""
+
+
+def test_memory_stays_proportional_to_the_session() -> None:
+    # An API app storing json_decode($body, true): deep objects with long
+    # keys, many values under them, references to them.  A path per value
+    # took ~150 KB each (over 1 GB for this 340 KB session); the decoder now
+    # needs memory of the order of the session's size (address space capped).
+    proc = subprocess.run([sys.executable, "-c", DEEP_PATHS], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    size, peak = map(int, proc.stdout.split())
+    assert peak < 50 * size, (size, peak)
 
 
 def test_auto_names_every_failure() -> None:
@@ -154,7 +244,7 @@ def _from_phpserialize(value: Any) -> Any:
         if keys == list(range(len(keys))):
             return [_from_phpserialize(v) for v in value.values()]
         return {
-            (k.decode() if isinstance(k, bytes) else str(k)): _from_phpserialize(v)
+            (decode._text(k) if isinstance(k, bytes) else str(k)): _from_phpserialize(v)
             for k, v in value.items()
         }
     return value

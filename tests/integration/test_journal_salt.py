@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -19,7 +17,8 @@ from typing import Any
 
 from phpsess import protocol as p
 from phpsess.client import Client
-from tests.conftest import ROOT, Daemon
+from tests.conftest import Daemon
+from tests.integration.test_durability import _repair
 
 PUT, TOUCH, DELETE, END, META = 1, 2, 3, 4, 5
 V2_HEADER = re.compile(rb"PHPSESS-(JOURNAL|SNAPSHOT) 2 [0-9a-f]{8}\n")
@@ -76,15 +75,6 @@ def _assert_victims_untouched(daemon: Daemon) -> None:
         assert c.request(p.Read(VICTIM, lock=False)) == p.Data(ORIGINAL)
         assert c.request(p.Read(VICTIM2, lock=False)) == p.Data(ORIGINAL)
         assert c.request(p.Read(ATTACKER, lock=False)) == p.MISS  # its write was torn
-
-
-def _repair(daemon: Daemon) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "phpsess", "repair", "--data-dir", str(daemon.data_dir)],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 def test_a_torn_record_holding_forged_records_is_a_torn_tail(start_daemon: Any) -> None:

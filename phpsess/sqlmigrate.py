@@ -6,10 +6,25 @@ recipe: ``session(id, data, usetime)``, where a session lives
 ``session.gc_maxlifetime`` seconds after ``usetime``.  Import reads it page
 by page (remaining lifetimes by the database's clock) and WRITEs every
 live session to the daemon, whatever its storage; export does the reverse
-into a table it creates if missing (binary-safe).  Both move a session's
-bytes unchanged: the server never transcodes them (PHP strings are bytes,
-and its serializer counts them).  Blocking: admin commands are plain
-processes.
+into a table it creates if missing (binary-safe).  Blocking: admin
+commands are plain processes.
+
+PHP strings are bytes and its serializers count them (``s:5:"René";``): a
+session whose bytes changed no longer decodes, and PHP destroys it.  Export
+writes a session's bytes unchanged.  Import takes, for each row, the bytes
+that decode as a session, since which bytes PHP read depends on its
+connection's character set, which the table does not say:
+
+- the bytes stored, if they decode (a BLOB; a TEXT written through a
+  connection in the column's character set, e.g. a latin1 TEXT holding
+  PHP's UTF-8 bytes); an empty session decodes;
+- else the text as a utf8mb4 connection reads it, if it differs and decodes
+  (a latin1 TEXT written through a utf8mb4 connection holds ``Ren\xe9``,
+  converted, and PHP reads ``René`` back);
+- else the bytes stored, counted as ``undecodable`` and named on stderr.
+
+When both decode (non-ASCII text only in the keys of the ``php`` format),
+the bytes stored win.
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ import pymysql
 
 from phpsess import protocol as p
 from phpsess.client import Client, describe
+from phpsess.decode import DecodeError, decode_session
 from phpsess.sqlstore import (
     STRICT_SQL_MODE,
     ClassicStatements,
@@ -37,6 +53,9 @@ PAGE: int = 500
 _UNIX_TIME_TYPES = frozenset(
     {"tinyint", "smallint", "mediumint", "int", "bigint", "decimal", "float", "double"}
 )
+# Rows whose data decodes neither way are each named on stderr up to this
+# many times per import; the count has them all.
+MAX_UNDECODABLE_WARNINGS: int = 20
 
 
 def _connect(url: str, password_file: str | None) -> tuple[Any, SqlConfig]:
@@ -63,43 +82,66 @@ def _connect(url: str, password_file: str | None) -> tuple[Any, SqlConfig]:
     return conn, config
 
 
-def _import_select(conn: Any, table: str) -> str:
-    """Import's page query: id, data, usetime, and the remaining lifetime
-    in ms by the database's clock (NULL when usetime is NULL or not a
-    time).  usetime is a TIMESTAMP in the recipe, a DATETIME or a unix time
-    in an integer column in some of its copies.
+def _text(value: Any) -> str:
+    """An information_schema value (bytes under some servers) as text."""
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return "" if value is None else str(value)
 
-    id and data are read as the bytes the column holds: data is often a
-    latin1 TEXT written through a latin1 connection, holding whatever
-    bytes PHP sent (UTF-8 text, binary strings); read as text, the server
-    converted them to utf8mb4 and the s:N: lengths no longer matched.  The
-    next page starts after the last ID's bytes, which the server compares
-    in the column's collation, as ORDER BY orders it."""
+
+def _import_select(conn: Any, table: str) -> str:
+    """Import's page query: id, data, data as a utf8mb4 connection reads it
+    (NULL where that is the same), usetime, and the remaining lifetime in
+    ms by the database's clock (NULL when usetime is NULL or not a time).
+    usetime is a TIMESTAMP in the recipe, a DATETIME or a unix time in an
+    integer column in some of its copies.
+
+    id and data are read as the bytes the column holds: read as text, the
+    server would convert a latin1 TEXT to utf8mb4, and the UTF-8 bytes a
+    latin1 connection stored would become two bytes each.  The utf8mb4 reading is what PHP
+    reads through a utf8mb4 connection; it is left out for a binary column
+    (CONVERT would turn bytes that are not UTF-8 into '?') and a UTF-8 one
+    (the same bytes).  The next page starts after the last ID's bytes,
+    which the server compares in the column's collation, as ORDER BY
+    orders it."""
     quoted = f"`{check_identifier(table, 'table name')}`"
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT DATA_TYPE FROM information_schema.COLUMNS "
-            "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s AND COLUMN_NAME = 'usetime'",
+            "SELECT COLUMN_NAME, DATA_TYPE, CHARACTER_SET_NAME FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s "
+            "AND COLUMN_NAME IN ('usetime', 'data')",
             (table,),
         )
-        row = cur.fetchone()
-    kind = row[0] if row else ""
-    if isinstance(kind, bytes):
-        kind = kind.decode("ascii", "replace")
-    if str(kind).lower() in _UNIX_TIME_TYPES:
+        columns = {_text(name).lower(): (_text(kind).lower(), _text(charset).lower())
+                   for name, kind, charset in cur.fetchall()}
+    if columns.get("usetime", ("", ""))[0] in _UNIX_TIME_TYPES:
         # As DECIMAL: an UNSIGNED column would refuse to go below 0.
         remaining = ("FLOOR((CAST(usetime AS DECIMAL(30, 6)) - UNIX_TIMESTAMP(NOW(6))) * 1000)"
                      " + %s")
     else:  # a missing table or column gets the database's own error
         remaining = "TIMESTAMPDIFF(MICROSECOND, NOW(6), usetime) DIV 1000 + %s"
-    return (f"SELECT CAST(id AS BINARY), CAST(data AS BINARY), usetime, {remaining} "
-            f"FROM {quoted} WHERE id > %s ORDER BY id LIMIT %s")
+    charset = columns.get("data", ("", ""))[1]
+    if charset in ("", "binary") or charset.startswith("utf8"):
+        as_utf8 = "NULL"
+    else:
+        as_utf8 = "CAST(CONVERT(data USING utf8mb4) AS BINARY)"
+    return (f"SELECT CAST(id AS BINARY), CAST(data AS BINARY), {as_utf8}, usetime, "
+            f"{remaining} FROM {quoted} WHERE id > %s ORDER BY id LIMIT %s")
+
+
+def _decodes(blob: bytes) -> bool:
+    try:
+        decode_session(blob, "auto")
+    except DecodeError:
+        return False
+    return True
 
 
 def import_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
     """WRITE every live session of the classic table to the daemon."""
     conn, _ = _connect(args.from_sql, args.password_file)
     counts = {"imported": 0, "expired": 0, "invalid": 0, "refused": 0}
+    undecodable = 0
     strict = bool(getattr(args, "strict", False))
     stopped = False
     after = b""
@@ -112,7 +154,7 @@ def import_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
             if not rows:
                 break
             writes = []
-            for sid_raw, data, usetime, ttl_ms in rows:
+            for sid_raw, data, as_utf8, usetime, ttl_ms in rows:
                 if stopped:
                     break
                 sid = sid_raw.decode("ascii", "replace")
@@ -136,6 +178,16 @@ def import_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
                 if ttl_s <= 0:
                     counts["expired"] += 1
                     continue
+                if not _decodes(blob):
+                    if as_utf8 is not None and bytes(as_utf8) != blob \
+                            and _decodes(bytes(as_utf8)):
+                        blob = bytes(as_utf8)
+                    else:
+                        undecodable += 1
+                        if undecodable <= MAX_UNDECODABLE_WARNINGS:
+                            print(f"phpsess: row with id {sid[:80]!r}: data does not decode "
+                                  "as a PHP session, neither as stored nor as utf8mb4 text; "
+                                  "imported as stored", file=sys.stderr)
                 writes.append(p.Write(sid, min(ttl_s, p.MAX_TTL_S), blob))
             # --strict: the rows before an invalid one are written; one
             # WRITE at a time, so that none after a refused one is.
@@ -156,6 +208,11 @@ def import_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
         raise StorageError(f"reading table {args.from_table}: {exc.args[-1]}") from exc
     finally:
         conn.close()
+    if undecodable > MAX_UNDECODABLE_WARNINGS:
+        print(f"phpsess: {undecodable - MAX_UNDECODABLE_WARNINGS} more rows do not decode "
+              "as a PHP session (imported as stored)", file=sys.stderr)
+    if undecodable:  # absent when none, so the report of a table that decodes is unchanged
+        counts["undecodable"] = undecodable
     if stopped:
         counts["stopped"] = 1
     return counts

@@ -1,13 +1,15 @@
-"""``phpsess import --from-sql`` / ``export --to-sql`` move a session's bytes
-unchanged, whatever the character set of the classic table's columns.
+"""``phpsess import --from-sql`` / ``export --to-sql`` and the character
+set of the classic table's columns.
 
 PHP strings are bytes and its serializers count them (``s:5:"René";``): a
 session whose bytes changed on the way no longer decodes, and PHP destroys
-it ("Failed to decode session object").  The classic table often has a
-latin1 ``data TEXT`` written through a latin1 connection, so it holds
-whatever bytes PHP sent; the import read it as text, the server converted
-it to utf8mb4, and every non-ASCII byte came back as two (reported as
-imported, lost to PHP)."""
+it ("Failed to decode session object").  A latin1 ``data TEXT`` written
+through a latin1 connection holds whatever bytes PHP sent; the import read
+it as text, the server converted it to utf8mb4, and every non-ASCII byte
+came back as two (reported as imported, lost to PHP).  The same column
+written through a utf8mb4 connection holds converted bytes (``Ren\xe9``)
+and PHP reads UTF-8 back; the import then copied the bytes stored, which
+PHP no longer decoded.  Import takes whichever of the two decodes."""
 
 from __future__ import annotations
 
@@ -146,3 +148,92 @@ def test_export_never_stores_a_session_its_column_cannot_hold(start_daemon: Any)
         assert done.returncode == 1, (done.stdout, done.stderr)
         assert "Incorrect string value" in done.stderr, done.stderr
         assert db.sql(f"SELECT COUNT(*) FROM {utf8}", "phpsess").strip() == "0"
+
+
+@pytest.mark.php
+def test_import_reads_a_column_written_through_a_utf8mb4_connection_as_php_does(
+    mariadb: MariaDB, start_daemon: Any, tmp_path: Path
+) -> None:
+    # PDO charset=utf8mb4 (MySQL 8's default) writing a legacy latin1 or
+    # cp1251 TEXT: the server stores 'Ren\xe9' for PHP's 'René' and converts
+    # it back when PHP reads.  The import copied 'Ren\xe9', 4 bytes under
+    # s:5:, and PHP destroyed the session.
+    cyrillic = "Привет"
+    tables = [
+        ("latin1", [("utf8conn0123456789abcdefgh", 'name|s:5:"René";', "php",
+                     "Ren\xe9"),
+                    ("utf8serial0123456789abcdef", 'a:1:{s:4:"name";s:5:"René";}',
+                     "php_serialize", "Ren\xe9")]),
+        ("cp1251", [("cp1251conn0123456789abcdef", f'name|s:12:"{cyrillic}";', "php",
+                     cyrillic.encode("cp1251").decode("latin1"))]),
+    ]
+    d = start_daemon("--memory-only")
+    script = tmp_path / "read.php"
+    script.write_text(READ_PHP)
+    for charset, sessions in tables:
+        table = fresh_table()
+        values = ", ".join(f"('{sid}', '{text}', NOW())" for sid, text, _, _ in sessions)
+        mariadb.sql(
+            f"CREATE TABLE {table} (id VARCHAR(128) PRIMARY KEY, data TEXT, usetime TIMESTAMP "
+            f"NOT NULL DEFAULT CURRENT_TIMESTAMP) DEFAULT CHARSET={charset}; "
+            f"SET NAMES utf8mb4; INSERT INTO {table} VALUES {values}", "phpsess")
+        for sid, _, _, stored in sessions:  # the column holds converted bytes
+            assert stored.encode("latin1").hex().upper() in mariadb.sql(
+                f"SELECT HEX(data) FROM {table} WHERE id = '{sid}'", "phpsess")
+        done = _admin("import", "--from-sql", mariadb.url(), "--from-table", table,
+                      *_common(mariadb, d))
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert json.loads(done.stdout) == {"imported": len(sessions), "expired": 0,
+                                           "invalid": 0, "refused": 0, "stopped": False}
+        for sid, text, serializer, _ in sessions:
+            with Client(d.address) as c:
+                assert c.request(p.Read(sid, lock=False)) == p.Data(text.encode()), sid
+            proc = run_php(script, handler="phpsess", address=d.php_address, args=(sid,),
+                           ini={"session.serialize_handler": serializer})
+            assert proc.returncode == 0 and proc.stderr == "", (sid, proc.stderr)
+            word = "René" if charset == "latin1" else cyrillic
+            assert json.loads(proc.stdout) == {"name": word.encode().hex()}, (sid, proc.stdout)
+
+
+def test_import_copies_data_that_decodes_neither_way_and_counts_it(
+    mariadb: MariaDB, start_daemon: Any
+) -> None:
+    # s:9: fits neither 'Ren\xe9' (4 bytes) nor 'René' (5): imported as
+    # stored, counted and named (the first 20), never dropped or changed.
+    bad = b'name|s:9:"Ren\xe9";'
+    latin1, blob = fresh_table(), fresh_table()
+    rows = [("ok0123456789abcdefghijklmn", b"n|i:1;")]
+    rows += [(f"bad{n:02d}0123456789abcdefghijk", bad) for n in range(22)]
+    # A BLOB is bytes to every connection: never read through CONVERT,
+    # which would make this one (php_binary, a key of 127 bytes) '?' and
+    # 63 'k', a key of 63 bytes and a session.
+    blob_rows = [("blobbad0123456789abcdefghi", b"\xff" + b"k" * 63 + b"i:1;"),
+                 ("blobbad10123456789abcdefgh", bad)]
+    for table, columns, table_rows in ((latin1, "id VARCHAR(128) PRIMARY KEY, data TEXT", rows),
+                                       (blob, "id VARBINARY(128) PRIMARY KEY, data BLOB",
+                                        blob_rows)):
+        values = ", ".join(f"('{sid}', X'{data.hex()}', NOW())" for sid, data in table_rows)
+        mariadb.sql(
+            f"CREATE TABLE {table} ({columns}, usetime TIMESTAMP NOT NULL DEFAULT "
+            f"CURRENT_TIMESTAMP) DEFAULT CHARSET=latin1; INSERT INTO {table} VALUES {values}",
+            "phpsess")
+    d = start_daemon("--memory-only")
+    done = _admin("import", "--from-sql", mariadb.url(), "--from-table", latin1,
+                  *_common(mariadb, d))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"imported": 23, "expired": 0, "invalid": 0,
+                                       "refused": 0, "undecodable": 22, "stopped": False}
+    warnings = done.stderr.splitlines()
+    assert len(warnings) == 21, done.stderr
+    assert warnings[0].startswith(
+        "phpsess: row with id 'bad000123456789abcdefghijk': data does not decode"), warnings
+    assert warnings[-1] == ("phpsess: 2 more rows do not decode as a PHP session "
+                            "(imported as stored)"), warnings
+    done = _admin("import", "--from-sql", mariadb.url(), "--from-table", blob,
+                  *_common(mariadb, d))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["undecodable"] == 2, done.stdout
+    assert "'blobbad0123456789abcdefghi'" in done.stderr, done.stderr
+    with Client(d.address) as c:
+        for sid, data in rows + blob_rows:
+            assert c.request(p.Read(sid, lock=False)) == p.Data(data), sid

@@ -28,7 +28,14 @@ if (isset($_GET['peek'])) {
         echo "session_start failed\n";
         return;
     }
-    echo 'count=', (int) ($_SESSION['count'] ?? 0), "\n";
+    if (!isset($_SESSION['count'])) {
+        // every pooled session has a count from its first visit: none means the
+        // session is gone or was read empty, which must not pass for count=0
+        http_response_code(404);
+        echo "no count in this session\n";
+        return;
+    }
+    echo 'count=', (int) $_SESSION['count'], "\n";
     return;
 }
 if (!session_start()) {

@@ -23,8 +23,9 @@ connection's character set, which the table does not say:
   converted, and PHP reads ``René`` back);
 - else the bytes stored, counted as ``undecodable`` and named on stderr.
 
-When both decode (non-ASCII text only in the keys of the ``php`` format),
-the bytes stored win.
+When both decode and differ, the row is not imported (``ambiguous``, named
+on stderr): a user who controls two values of a session can make the
+bytes PHP never read parse into keys of their choosing.
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ def import_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
     conn, _ = _connect(args.from_sql, args.password_file)
     counts = {"imported": 0, "expired": 0, "invalid": 0, "refused": 0}
     undecodable = 0
+    ambiguous = 0
     strict = bool(getattr(args, "strict", False))
     stopped = False
     after = b""
@@ -178,10 +180,26 @@ def import_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
                 if ttl_s <= 0:
                     counts["expired"] += 1
                     continue
-                if not _decodes(blob):
-                    if as_utf8 is not None and bytes(as_utf8) != blob \
-                            and _decodes(bytes(as_utf8)):
-                        blob = bytes(as_utf8)
+                other = bytes(as_utf8) if as_utf8 is not None else blob
+                stored_decodes = _decodes(blob)
+                other_decodes = other != blob and _decodes(other)
+                if stored_decodes and other_decodes:
+                    # Both readings are sessions, and they differ: which one
+                    # PHP read cannot be told, and a user who controls two
+                    # values can craft the one PHP never saw (a latin1
+                    # column's é is one byte under an s:N: that counted two,
+                    # so the stored bytes parse into other keys, say
+                    # role|s:5:"admin").  Not imported: named and counted.
+                    ambiguous += 1
+                    if ambiguous <= MAX_UNDECODABLE_WARNINGS:
+                        print(f"phpsess: skipped row with id {sid[:80]!r}: its data decodes "
+                              "as two different sessions, as stored and as utf8mb4 text; "
+                              "which one PHP read is unknown", file=sys.stderr)
+                    stopped = strict
+                    continue
+                if not stored_decodes:
+                    if other_decodes:
+                        blob = other
                     else:
                         undecodable += 1
                         if undecodable <= MAX_UNDECODABLE_WARNINGS:
@@ -213,6 +231,11 @@ def import_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
               "as a PHP session (imported as stored)", file=sys.stderr)
     if undecodable:  # absent when none, so the report of a table that decodes is unchanged
         counts["undecodable"] = undecodable
+    if ambiguous > MAX_UNDECODABLE_WARNINGS:
+        print(f"phpsess: {ambiguous - MAX_UNDECODABLE_WARNINGS} more rows decode as two "
+              "different sessions (skipped)", file=sys.stderr)
+    if ambiguous:
+        counts["ambiguous"] = ambiguous
     if stopped:
         counts["stopped"] = 1
     return counts

@@ -237,3 +237,34 @@ def test_import_copies_data_that_decodes_neither_way_and_counts_it(
     with Client(d.address) as c:
         for sid, data in rows + blob_rows:
             assert c.request(p.Read(sid, lock=False)) == p.Data(data), sid
+
+
+def test_import_skips_data_that_decodes_as_two_different_sessions(
+    mariadb: MariaDB, start_daemon: Any
+) -> None:
+    # A user who controls two values of a session written through a utf8mb4
+    # connection into a latin1 column: each é is one byte stored under an
+    # s:N: that counted two, so the stored bytes parse into other keys, one
+    # of them role|s:5:"admin".  PHP read role "user"; which reading is PHP's
+    # cannot be told from the row, so it is not imported.
+    v2 = '";role|s:5:"admin";x|s:16:"'
+    mid = f'";last|s:{len(v2)}:"'
+    v1 = "é" * len(mid)
+    text = f'first|s:{len(v1.encode())}:"{v1}";last|s:{len(v2)}:"{v2}";role|s:4:"user";'
+    sid = "forged0123456789abcdefghij"
+    daemon = start_daemon("--memory-only")
+    table = fresh_table()
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'")
+    mariadb.sql(
+        f"CREATE TABLE {table} (id VARCHAR(128) PRIMARY KEY, data TEXT, usetime TIMESTAMP "
+        f"NOT NULL DEFAULT CURRENT_TIMESTAMP) DEFAULT CHARSET=latin1; "
+        f"SET NAMES utf8mb4; INSERT INTO {table} VALUES ('{sid}', '{escaped}', NOW())", "phpsess")
+    done = _admin("import", "--from-sql", mariadb.url(), "--from-table", table,
+                  *_common(mariadb, daemon))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["imported"] == 0 and report["ambiguous"] == 1, done.stdout
+    assert f"skipped row with id {sid!r}: its data decodes as two different sessions" \
+        in done.stderr
+    with Client(daemon.address) as c:
+        assert c.request(p.Read(sid, lock=False)) == p.MISS

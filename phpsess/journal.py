@@ -145,6 +145,19 @@ def parse_header(buf: bytes | memoryview, kind: str) -> Header | None:
     return Header(2, int(match.group(2), 16), match.end())
 
 
+def salvage_header(buf: bytes | memoryview, kind: str) -> Header | None:
+    """For repair: the format-2 header of a ``kind`` file whose header line
+    is damaged outside its salt (a byte of the name, say), read from where
+    the salt and the line's end stand; None if they are not there.  Only the
+    file's own header holds its salt, so a client's bytes cannot steer this."""
+    size = header_size(kind)
+    head = bytes(buf[:size])
+    salt = head[size - 9 : size - 1]
+    if len(head) < size or head[-1:] != b"\n" or len(salt) != 8 or not set(salt) <= _HEX:
+        return None
+    return Header(VERSION, int(salt, 16), size)
+
+
 def cut_header(buf: bytes | memoryview, kind: str) -> bool:
     """Whether ``buf``, a whole file, is the beginning of a ``kind`` header
     and nothing else: what a crash while the file was created leaves."""

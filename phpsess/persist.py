@@ -578,11 +578,20 @@ def repair(data_dir: str) -> list[str]:
                 buf = bytes(mapped)
             header = j.parse_header(buf, kind)
             # A damaged header: records are looked for from offset 0 with
-            # salt 0, so only a version 1 file's are found (a version 2
-            # file's salt went with its header).
+            # salt 0 (a version 1 file's), and with the salt where a
+            # version 2 header keeps it, if it is still readable there (a
+            # damaged byte elsewhere in the line); the reading that finds
+            # more records is kept.  A version 2 file whose salt itself is
+            # damaged keeps no record (the original stays in damaged-*/).
             start, salt = (0, 0) if header is None else (header.size, header.salt)
             records: list[j.Record] = []
             _, bad = j.resync(buf, start, records.append, salt)
+            salvaged = j.salvage_header(buf, kind) if header is None else None
+            if salvaged is not None:
+                found: list[j.Record] = []
+                _, found_bad = j.resync(buf, salvaged.size, found.append, salvaged.salt)
+                if len(found) > len(records):
+                    records, bad = found, [0, *found_bad]
             kept = [r for r in records if r.op is not j.Op.END]
             ends = [r for r in records if r.op is j.Op.END]
             # A snapshot's END counts its PUT records only (restore checks

@@ -367,12 +367,34 @@ def mariadb() -> Iterator[MariaDB]:
         yield server
 
 
+# Ports this test process has handed out. The kernel may give a port that
+# was probed and released a moment ago to the next bind(0), so two picks for
+# one cluster could otherwise name the same port (a CI run failed so: "peers b
+# and c have the same address").
+_HANDED_OUT: set[int] = set()
+
+
+def free_port(host: str = "127.0.0.1", udp: bool = False) -> int:
+    """A port on ``host`` free right now (for TCP, and for UDP too when
+    ``udp``), never one this process has handed out before."""
+    while True:
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dgram:
+            tcp.bind((host, 0))
+            port: int = tcp.getsockname()[1]
+            if port in _HANDED_OUT:
+                continue
+            if udp:
+                try:
+                    dgram.bind((host, port))
+                except OSError:
+                    continue
+            _HANDED_OUT.add(port)
+            return port
+
+
 def free_tcp_port() -> int:
     """A loopback TCP port free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_port()
 
 
 def wait_listening(port: int, proc: subprocess.Popen[Any], what: str,

@@ -20,7 +20,14 @@ from phpsess import protocol as p
 from phpsess.client import Client
 from phpsess.membership import Heartbeat
 from phpsess.peerauth import encode_heartbeat
-from tests.conftest import Daemon, free_tcp_port, php_binary, read_counter, scrape_metrics
+from tests.conftest import (
+    Daemon,
+    free_port,
+    free_tcp_port,
+    php_binary,
+    read_counter,
+    scrape_metrics,
+)
 
 ROUNDROBIN = Path(__file__).parent / "php" / "roundrobin.php"
 NAMES = ("a", "b", "c")
@@ -32,15 +39,8 @@ DEAD_AFTER_MS = 1500
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
-    while True:
-        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind((host, 0))
-            port: int = tcp.getsockname()[1]
-            try:
-                udp.bind((host, port))
-            except OSError:
-                continue
-            return port
+    """A port free for both the cluster's TCP and UDP on ``host``."""
+    return free_port(host, udp=True)
 
 
 class Cluster:

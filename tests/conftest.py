@@ -367,29 +367,43 @@ def mariadb() -> Iterator[MariaDB]:
         yield server
 
 
-# Ports this test process has handed out. The kernel may give a port that
-# was probed and released a moment ago to the next bind(0), so two picks for
-# one cluster could otherwise name the same port (a CI run failed so: "peers b
-# and c have the same address").
+# Ports for the daemons the tests start. They come from below the kernel's
+# ephemeral range, so no outgoing connection (a daemon dialling its peer, a
+# PHP client) can take one between the probe and the daemon's bind, and from a
+# slice of their own for each xdist worker, so the two workers never pick the
+# same one. This process never hands out a port twice: a probe releases its
+# port at once, and a CI run failed when two picks for one cluster got the
+# same port back from bind(0) ("peers b and c have the same address").
 _HANDED_OUT: set[int] = set()
+_PORT_FLOOR, _PORTS_PER_WORKER = 10_000, 5_000
+
+
+def _port_slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) if worker.isdigit() else 0
+    low = _PORT_FLOOR + (index % 4) * _PORTS_PER_WORKER
+    return range(low, low + _PORTS_PER_WORKER)
 
 
 def free_port(host: str = "127.0.0.1", udp: bool = False) -> int:
     """A port on ``host`` free right now (for TCP, and for UDP too when
     ``udp``), never one this process has handed out before."""
-    while True:
+    ports = _port_slice()
+    offset = int.from_bytes(os.urandom(2)) % len(ports)
+    for i in range(len(ports)):
+        port = ports[(offset + i) % len(ports)]
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dgram:
-            tcp.bind((host, 0))
-            port: int = tcp.getsockname()[1]
-            if port in _HANDED_OUT:
-                continue
-            if udp:
-                try:
+            try:
+                tcp.bind((host, port))
+                if udp:
                     dgram.bind((host, port))
-                except OSError:
-                    continue
-            _HANDED_OUT.add(port)
-            return port
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port left in {ports} on {host}")
 
 
 def free_tcp_port() -> int:

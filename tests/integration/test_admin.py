@@ -845,9 +845,7 @@ def test_drain_and_list_are_refused_to_other_users(
     shared = Path(tempfile.mkdtemp(prefix="phpsess-admin-"))
     try:
         shared.chmod(0o755)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = free_tcp_port()
         daemon = start_daemon("--listen", f"tcp:127.0.0.1:{port}",
                               "--listen", f"unix:{shared}/s.sock", "--socket-mode", "0666")
         put(daemon.address, {"secret-session-id-0001": (b"x|i:1;", 60)})

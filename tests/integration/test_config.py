@@ -19,7 +19,7 @@ import pytest
 from phpsess import protocol as p
 from phpsess.__main__ import main
 from phpsess.client import Client
-from tests.conftest import ROOT, free_tcp_port
+from tests.conftest import ROOT, free_port, free_tcp_port
 
 
 def _config(path: Path, max_session_bytes: int, extra: str = "", limits: str = "") -> None:
@@ -567,9 +567,7 @@ def test_cluster_timings_from_the_file_and_flags_reach_the_daemon(
 ) -> None:
     # The timings in effect are logged at start (CLUSTER.md §3): the file's,
     # a flag winning over it.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port(udp=True)  # the cluster's TCP and UDP
     (workdir / "secret").write_text("s" * 32)
     conf = workdir / "cluster.toml"
     conf.write_text(

@@ -6,6 +6,7 @@ pid)."""
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import signal
@@ -229,6 +230,7 @@ def test_a_restart_in_a_cluster_says_how_many_restored_sessions_are_kept(
         cluster.stop()
 
 
+@pytest.mark.xdist_group("cluster")
 def test_a_restarted_node_finding_its_copies_stale_logs_a_few_lines_and_counts_the_rest(
     workdir: Path,
 ) -> None:
@@ -247,8 +249,12 @@ def test_a_restarted_node_finding_its_copies_stale_logs_a_few_lines_and_counts_t
         while not all("event=takeover peer=a" in cluster.nodes[n].log() for n in "bc"):
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        started = time.monotonic()
         a.start()
         logged, counted = _wait_accounted(a, "stale_copy_dropped", 30)
-        assert logged <= 20 and counted >= 10, (logged, counted)
+        # At most 10 lines a second (however slowly the checks come on a
+        # busy machine); some were left out and counted.
+        seconds = math.ceil(time.monotonic() - started)
+        assert counted > 0 and logged <= 10 * (seconds + 1), (logged, counted, seconds)
     finally:
         cluster.stop()

@@ -535,6 +535,9 @@ def _warn_unreachable_by_daemon(args: argparse.Namespace, user: str | None) -> N
     the daemon then failed at start.  Tried as that user, in a child
     process (its permissions and ACLs exactly, as the kernel applies them)."""
     if os.geteuid() != 0:
+        if user is not None and pwd.getpwuid(os.geteuid()).pw_name != user:
+            _warn(f"--user {user}: check-config runs as another user, not root, so it "
+                  f"cannot check as {user}: run it as root (sudo) for that check")
         return  # as the daemon's user, or another: what it read, it can read
     name = user or DAEMON_USER
     try:
@@ -551,7 +554,12 @@ def _warn_unreachable_by_daemon(args: argparse.Namespace, user: str | None) -> N
     if data_dir and not getattr(args, "memory_only", False) and os.path.isdir(data_dir):
         wanted.append((data_dir, os.R_OK | os.W_OK | os.X_OK))
     for path, mode in wanted:
-        if not _user_may(account, path, mode):
+        may = _user_may(account, path, mode)
+        if may is None:
+            _warn(f"user {name}: check-config could not take on this user (setuid failed): "
+                  "the daemon's access to its files is not checked")
+            return
+        if not may:
             what = "write to" if mode & os.W_OK else "read"
             _warn(
                 f"{path}: user {name}, who runs the daemon (User= of its systemd unit), "
@@ -560,13 +568,14 @@ def _warn_unreachable_by_daemon(args: argparse.Namespace, user: str | None) -> N
             )
 
 
-def _user_may(account: pwd.struct_passwd, path: str, mode: int) -> bool:
+def _user_may(account: pwd.struct_passwd, path: str, mode: int) -> bool | None:
     """Whether the user of ``account`` (a pwd entry) has ``mode`` access to
-    ``path``: asked by a child process that takes on that user."""
+    ``path``: asked by a child process that takes on that user (None if it
+    could not: no verdict, rather than a false alarm)."""
     uid, gid, name = account.pw_uid, account.pw_gid, account.pw_name
     pid = os.fork()
     if pid == 0:  # the child: no return from here
-        code = 1
+        code = 2
         try:
             os.initgroups(name, gid)
             os.setgid(gid)
@@ -575,7 +584,8 @@ def _user_may(account: pwd.struct_passwd, path: str, mode: int) -> bool:
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
+    code = os.waitstatus_to_exitcode(status)
+    return None if code not in (0, 1) else code == 0
 
 
 # What the last _configure found worth a warning but not a refusal: printed

@@ -270,6 +270,43 @@ def test_check_config_as_root_warns_about_files_the_daemons_user_cannot_read(
         shutil.rmtree(top)
 
 
+def test_check_config_says_when_it_cannot_check_as_the_daemons_user() -> None:
+    # --user was silently ignored when check-config ran as another user than
+    # root; and a root without the capability to take on the user (a
+    # hardened unit's bounding set, a container) had every file reported
+    # unreadable by the daemon, a false alarm.
+    top = Path(tempfile.mkdtemp(prefix="phpsess-user-"))
+    try:
+        top.chmod(0o755)  # nobody may pass
+        secret = top / "cluster.secret"
+        secret.write_text("s" * 32)
+        conf = top / "cluster.toml"
+        conf.write_text(
+            f'[cluster]\nnode = "a"\nlisten = "127.0.0.1:1"\nsecret_file = "{secret}"\n'
+            '[cluster.peers]\nb = "127.0.0.1:2"\n'
+        )
+        check = [sys.executable, "-m", "phpsess", "check-config", str(conf), "--user"]
+
+        secret.chmod(0o444)  # for nobody
+        proc = subprocess.run(
+            ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *check,
+             "daemon"], capture_output=True, text=True, cwd=ROOT, timeout=30,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "--user daemon: check-config runs as another user, not root, so it cannot " \
+            "check as daemon: run it as root (sudo)" in proc.stderr, proc.stderr
+
+        secret.chmod(0o400)  # root's alone: nobody cannot read it, and is not asked
+        proc = subprocess.run(["setpriv", "--bounding-set", "-setuid,-setgid", *check, "nobody"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        assert "user nobody: check-config could not take on this user (setuid failed): the " \
+            "daemon's access to its files is not checked" in proc.stderr, proc.stderr
+        assert "cannot read it" not in proc.stderr, proc.stderr
+    finally:
+        shutil.rmtree(top)
+
+
 def test_serve_logs_its_configuration_warnings_with_the_warning_priority(
     start_daemon: Any, workdir: Path
 ) -> None:

@@ -406,6 +406,32 @@ def free_port(host: str = "127.0.0.1", udp: bool = False) -> int:
     raise RuntimeError(f"no free port left in {ports} on {host}")
 
 
+# Grouped tests that their worker's collection left without their group.
+_UNGROUPED: set[str] = set()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` (scripts/test), a worker's grouped tests
+    carry their group in their node ID, by which xdist sends each group to
+    one worker.  pytest 9.2 broke that in silence (pytest-xdist#1386): the
+    cluster tests, which time failure detection, ran on both workers at
+    once.  They fail, saying why, rather than flake."""
+    if getattr(config.option, "loadgroup", False):
+        _UNGROUPED.update(item.nodeid for item in items
+                          if item.get_closest_marker("xdist_group") and "@" not in item.nodeid)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.nodeid in _UNGROUPED:
+        pytest.fail(
+            f"--dist loadgroup does not group tests with this pytest {pytest.__version__} and "
+            "pytest-xdist (pytest-xdist#1386): this test would run beside the others of its "
+            "group; install the versions pyproject.toml asks for (scripts/bootstrap)",
+            pytrace=False,
+        )
+
+
 def free_tcp_port() -> int:
     """A loopback TCP port free right now."""
     return free_port()

@@ -535,7 +535,7 @@ def _warn_unreachable_by_daemon(args: argparse.Namespace, user: str | None) -> N
     the daemon then failed at start.  Tried as that user, in a child
     process (its permissions and ACLs exactly, as the kernel applies them)."""
     if os.geteuid() != 0:
-        if user is not None and pwd.getpwuid(os.geteuid()).pw_name != user:
+        if user is not None and _user_name(os.geteuid()) != user:
             _warn(f"--user {user}: check-config runs as another user, not root, so it "
                   f"cannot check as {user}: run it as root (sudo) for that check")
         return  # as the daemon's user, or another: what it read, it can read
@@ -566,6 +566,13 @@ def _warn_unreachable_by_daemon(args: argparse.Namespace, user: str | None) -> N
                 f"cannot {what} it; check-config runs as root and can: give {name} "
                 "access (chown or chgrp it, or fix the directories above it)"
             )
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid with no account (a container's)
+        return None
 
 
 def _user_may(account: pwd.struct_passwd, path: str, mode: int) -> bool | None:

@@ -874,6 +874,15 @@ class Cluster:
             )
         return suffix(master, backup)
 
+    def unrecorded_elsewhere(self, sids: list[str], journaled: dict[str, bytes]) -> int:
+        """How many restored sessions have no cluster record (a daemon
+        outside a cluster wrote them: its data directory, made a cluster
+        node's) and an ID that names another node master.  That node never
+        had them: dropped as backup copies, they would be lost."""
+        nodes = self.replicas.nodes
+        return sum(sid not in journaled and named_nodes(sid, nodes)[0] != self.me
+                   for sid in sids)
+
     def adopt_restored(self, sids: list[str], journaled: dict[str, bytes]) -> None:
         """Copies restored from disk (CLUSTER.md §7): those we master stay,
         unverified until checked; backup copies are dropped (their masters

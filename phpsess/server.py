@@ -332,6 +332,18 @@ class Server:
             log.warning("event=journal_torn_tail detail=%s", note)
         count = len(restored.sessions)
         sids = list(restored.sessions) if self.cluster is not None else []
+        if self.cluster is not None and (
+            elsewhere := self.cluster.unrecorded_elsewhere(sids, restored.meta)
+        ):
+            raise StartupError(
+                f"{persister.dir} holds {count} sessions written by a daemon outside a "
+                f"cluster (no cluster record); other nodes master {elsewhere} of them by their "
+                "IDs, and never had them: as backup copies they would be dropped and lost. "
+                "Bring them into the cluster through export and import: start this daemon "
+                "once without [cluster], run `phpsess export -o sessions.jsonl`, stop it, move "
+                f"{persister.dir} aside, start the cluster node and run `phpsess import "
+                "sessions.jsonl` (docs/DEPLOYMENT.md, §4)"
+            )
         self.engine.store.load(restored.sessions)
         if self.cluster is not None:
             self.cluster.adopt_restored(sids, restored.meta)

@@ -220,3 +220,54 @@ def test_ls_says_master_or_backup_and_where_the_other_copy_is(workdir: Path) -> 
     finally:
         pair.stop()
         single.stop()
+
+
+def test_a_single_daemons_data_directory_is_not_made_a_cluster_nodes_at_a_loss(
+    workdir: Path,
+) -> None:
+    # A single daemon's data directory, made node a's: the sessions whose IDs
+    # name b master were taken for backup copies and dropped (an info line),
+    # though b never had them: users logged out (a walkthrough of
+    # DEPLOYMENT.md §2 then §4).  a now refuses to start, and says how to
+    # bring them in: export, then import, which keeps every one.
+    from phpsess.placement import named_nodes
+
+    sessions = {f"migrated{i:02d}sessionid{i:04d}": (b"n|i:%d;" % i, 600) for i in range(12)}
+    on_b = [sid for sid in sessions if named_nodes(sid, frozenset("ab"))[0] == "b"]
+    assert on_b, "the IDs must name b master of some"
+    (workdir / "a").mkdir()
+    single = Daemon(workdir / "a")
+    with Client(single.address) as c:
+        replies = c.pipeline([p.Write(sid, ttl, data) for sid, (data, ttl) in sessions.items()])
+    assert all(isinstance(r, p.Ok) for r in replies), replies
+    single.stop()
+
+    try:
+        Cluster(workdir, names=("a", "b")).stop()
+    except RuntimeError as exc:
+        refused = str(exc)
+    else:
+        pytest.fail("node a started on a single daemon's data directory")
+    assert f"holds 12 sessions written by a daemon outside a cluster (no cluster record); " \
+        f"other nodes master {len(on_b)} of them by their IDs" in refused, refused
+    assert "run `phpsess export -o sessions.jsonl`" in refused, refused
+
+    # Nothing was lost: the single daemon has them all, and the way the
+    # message gives brings every one into the cluster.
+    single.start()
+    dump = workdir / "sessions.jsonl"
+    try:
+        assert _admin("export", "--connect", single.address, "--output", str(dump)).returncode == 0
+    finally:
+        single.stop()
+    (workdir / "a" / "data").rename(workdir / "single-data")
+    cluster = Cluster(workdir, names=("a", "b"))
+    try:
+        imported = _admin("import", str(dump), "--connect", cluster.nodes["a"].address)
+        assert imported.returncode == 0, imported.stderr
+        for via in "ab":
+            with Client(cluster.nodes[via].address) as c:
+                for sid, (data, _) in sessions.items():
+                    assert c.request(p.Read(sid, lock=False)) == p.Data(data), (via, sid)
+    finally:
+        cluster.stop()

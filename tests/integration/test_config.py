@@ -202,19 +202,25 @@ def test_a_readable_config_file_holding_the_database_password_is_warned_about(
     assert capsys.readouterr().err == ""
 
 
+def _cluster_conf(where: Path) -> tuple[Path, Path]:
+    """A cluster secret and a configuration naming it, in ``where``."""
+    secret = where / "cluster.secret"
+    secret.write_text("s" * 32)
+    conf = where / "cluster.toml"
+    conf.write_text(
+        f'[cluster]\nnode = "a"\nlisten = "127.0.0.1:1"\nsecret_file = "{secret}"\n'
+        '[cluster.peers]\nb = "127.0.0.1:2"\n'
+    )
+    return secret, conf
+
+
 def test_a_readable_cluster_secret_or_password_file_is_warned_about(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Whoever reads the cluster secret can act as a peer and read every
     # session (DEPLOYMENT.md §4); www-data is in the daemon's group.  It
     # was read without a look at its mode, as was the password file.
-    secret = workdir / "cluster.secret"
-    secret.write_text("s" * 32)
-    conf = workdir / "cluster.toml"
-    conf.write_text(
-        f'[cluster]\nnode = "a"\nlisten = "127.0.0.1:1"\nsecret_file = "{secret}"\n'
-        '[cluster.peers]\nb = "127.0.0.1:2"\n'
-    )
+    secret, conf = _cluster_conf(workdir)
     password = workdir / "db.password"
     password.write_text("p\n")
     sql = workdir / "sql.toml"
@@ -278,13 +284,7 @@ def test_check_config_says_when_it_cannot_check_as_the_daemons_user() -> None:
     top = Path(tempfile.mkdtemp(prefix="phpsess-user-"))
     try:
         top.chmod(0o755)  # nobody may pass
-        secret = top / "cluster.secret"
-        secret.write_text("s" * 32)
-        conf = top / "cluster.toml"
-        conf.write_text(
-            f'[cluster]\nnode = "a"\nlisten = "127.0.0.1:1"\nsecret_file = "{secret}"\n'
-            '[cluster.peers]\nb = "127.0.0.1:2"\n'
-        )
+        secret, conf = _cluster_conf(top)
         check = [sys.executable, "-m", "phpsess", "check-config", str(conf), "--user"]
 
         secret.chmod(0o444)  # for nobody

@@ -336,9 +336,9 @@ class Server:
             elsewhere := self.cluster.unrecorded_elsewhere(sids, restored.meta)
         ):
             raise StartupError(
-                f"{persister.dir} holds {count} sessions written by a daemon outside a "
-                f"cluster (no cluster record); other nodes master {elsewhere} of them by their "
-                "IDs, and never had them: as backup copies they would be dropped and lost. "
+                f"{persister.dir} holds {elsewhere} sessions (of {count}) that a daemon outside "
+                "a cluster wrote (no cluster record) and whose IDs name another node master, "
+                "which never had them: as backup copies here they would be dropped and lost. "
                 "Bring them into the cluster through export and import: start this daemon "
                 "once without [cluster], run `phpsess export -o sessions.jsonl`, stop it, move "
                 f"{persister.dir} aside, start the cluster node and run `phpsess import "

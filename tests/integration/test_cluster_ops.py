@@ -248,8 +248,9 @@ def test_a_single_daemons_data_directory_is_not_made_a_cluster_nodes_at_a_loss(
         refused = str(exc)
     else:
         pytest.fail("node a started on a single daemon's data directory")
-    assert f"holds 12 sessions written by a daemon outside a cluster (no cluster record); " \
-        f"other nodes master {len(on_b)} of them by their IDs" in refused, refused
+    assert f"holds {len(on_b)} sessions (of 12) that a daemon outside a cluster wrote (no " \
+        "cluster record) and whose IDs name another node master, which never had them" \
+        in refused, refused
     assert "run `phpsess export -o sessions.jsonl`" in refused, refused
 
     # Nothing was lost: the single daemon has them all, and the way the

@@ -997,6 +997,7 @@ class Cluster:
     async def _receive_heartbeats(self) -> None:
         assert self._udp is not None
         rejected = 0
+        elsewhere: dict[str, int] = {}
         while True:
             datagram, source = await self._udp.recvfrom(2048)
             try:
@@ -1026,6 +1027,20 @@ class Cluster:
                         source[0], rejected, exc,
                     )
                 continue
+            if _sent_elsewhere(source, self.peer_address[heartbeat.name]):
+                count = elsewhere[heartbeat.name] = elsewhere.get(heartbeat.name, 0) + 1
+                if _rare(count):
+                    log.warning(
+                        "event=heartbeat_from_another_address peer=%s source=%s:%d "
+                        "configured=%s count=%d detail=%s",
+                        heartbeat.name, source[0], source[1],
+                        self.peer_address[heartbeat.name], count, quoted(
+                            "a daemon sends heartbeats from its cluster address: two "
+                            f"daemons may run with node = {heartbeat.name} (a copied "
+                            "configuration?), and take turns being it; or the peer list "
+                            "has another address for it, or a NAT rewrites it"
+                        ),
+                    )
             for event in self.membership.receive(heartbeat, trio.current_time()):
                 self._on_event(event)
 
@@ -2297,6 +2312,19 @@ def _peer(stream: trio.SocketStream) -> str:
 def _plain_ip(host: str) -> str:
     """An IPv4 address as such, also when an IPv6 socket reports it mapped."""
     return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def _sent_elsewhere(source: tuple[str, int], configured: TcpAddress) -> bool:
+    """Whether a heartbeat came from another address than the peer list
+    gives its sender (which sends from its bound cluster address).  Only
+    for an address given as an IP: a host name is not resolved here."""
+    try:
+        host = ipaddress.ip_address(configured.host)
+    except ValueError:
+        return False
+    if host.is_unspecified:
+        return False
+    return (source[0], source[1]) != (str(host), configured.port)
 
 
 def _rare(count: int) -> bool:

@@ -17,7 +17,7 @@ import pytest
 from phpsess import protocol as p
 from phpsess.client import Client
 from tests.conftest import Daemon, Samples, free_tcp_port, scrape_metrics
-from tests.integration.test_cluster import Cluster, _create, _local_sessions
+from tests.integration.test_cluster import Cluster, _create, _free_port, _local_sessions
 
 pytestmark = pytest.mark.xdist_group("cluster")
 
@@ -272,3 +272,36 @@ def test_a_single_daemons_data_directory_is_not_made_a_cluster_nodes_at_a_loss(
                     assert c.request(p.Read(sid, lock=False)) == p.Data(data), (via, sid)
     finally:
         cluster.stop()
+
+
+def test_a_second_daemon_with_a_nodes_name_is_named_in_a_warning(workdir: Path) -> None:
+    # A copied configuration whose `node` was not changed: the copy, at
+    # another address, took turns with the real a in b's eyes (b took a's
+    # sessions over, a was told it was dead) with nothing above info level
+    # in any log (a first-install walkthrough).  b now warns, naming both
+    # addresses.
+    pair = Cluster(workdir, names=("a", "b"))
+    copy_dir = workdir / "copy"
+    copy_dir.mkdir()
+    copy_port = _free_port()
+    copy = Daemon(
+        copy_dir, "--memory-only", "--node", "a", "--cluster-listen", f"127.0.0.1:{copy_port}",
+        "--cluster-secret-file", str(pair.secret), "--heartbeat-ms", "250",
+        "--peer", f"b=127.0.0.1:{pair.ports['b']}",
+    )
+    try:
+        b = pair.nodes["b"]
+        deadline = time.monotonic() + 15
+        while "event=heartbeat_from_another_address peer=a" not in b.log():
+            assert time.monotonic() < deadline, b.log()
+            time.sleep(0.05)
+        line = next(line for line in b.log().splitlines()
+                    if "event=heartbeat_from_another_address" in line)
+        assert f"source=127.0.0.1:{copy_port} configured=tcp:127.0.0.1:{pair.ports['a']}" \
+            in line, line
+        assert "two daemons may run with node = a" in line, line
+        # The real a, at its own address, is not named.
+        assert f"source=127.0.0.1:{pair.ports['a']} " not in b.log()
+    finally:
+        copy.stop()
+        pair.stop()

@@ -90,6 +90,20 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _columns(conn: Any, table: str) -> dict[str, tuple[str, str]]:
+    """The DATA_TYPE and CHARACTER_SET_NAME of ``table``'s usetime and data
+    columns, lower case (none for a table that does not exist)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT COLUMN_NAME, DATA_TYPE, CHARACTER_SET_NAME FROM information_schema.COLUMNS "
+            "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s "
+            "AND COLUMN_NAME IN ('usetime', 'data')",
+            (table,),
+        )
+        return {_text(name).lower(): (_text(kind).lower(), _text(charset).lower())
+                for name, kind, charset in cur.fetchall()}
+
+
 def _import_select(conn: Any, table: str) -> str:
     """Import's page query: id, data, data as a utf8mb4 connection reads it
     (NULL where that is the same), usetime, and the remaining lifetime in
@@ -106,15 +120,7 @@ def _import_select(conn: Any, table: str) -> str:
     which the server compares in the column's collation, as ORDER BY
     orders it."""
     quoted = f"`{check_identifier(table, 'table name')}`"
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT COLUMN_NAME, DATA_TYPE, CHARACTER_SET_NAME FROM information_schema.COLUMNS "
-            "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s "
-            "AND COLUMN_NAME IN ('usetime', 'data')",
-            (table,),
-        )
-        columns = {_text(name).lower(): (_text(kind).lower(), _text(charset).lower())
-                   for name, kind, charset in cur.fetchall()}
+    columns = _columns(conn, table)
     if columns.get("usetime", ("", ""))[0] in _UNIX_TIME_TYPES:
         # As DECIMAL: an UNSIGNED column would refuse to go below 0.
         remaining = ("FLOOR((CAST(usetime AS DECIMAL(30, 6)) - UNIX_TIMESTAMP(NOW(6))) * 1000)"
@@ -251,6 +257,13 @@ def export_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
     try:
         with conn.cursor() as cur:
             cur.execute(sql.create)
+        # usetime as PHP's time() in an integer column, as some copies of
+        # the recipe have it: NOW() there was stored as the number
+        # YYYYMMDDhhmmss (out of range in an INT; in a BIGINT, a session
+        # that a classic handler never expires).
+        upsert = (sql.upsert_unix_time
+                  if _columns(conn, args.to_table).get("usetime", ("", ""))[0] in _UNIX_TIME_TYPES
+                  else sql.upsert)
         batch: list[str] = []
 
         def flush() -> None:
@@ -272,7 +285,7 @@ def export_classic(client: Client, args: argparse.Namespace) -> dict[str, int]:
                 rows.append((sid.encode("ascii"), data, age_s))
             if rows:
                 with conn.cursor() as cur:
-                    cur.executemany(sql.upsert, rows)
+                    cur.executemany(upsert, rows)
                 exported += len(rows)
             batch.clear()
 

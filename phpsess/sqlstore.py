@@ -424,3 +424,9 @@ class ClassicStatements:
             "VALUES (%s, %s, NOW() - INTERVAL %s SECOND) "
             "ON DUPLICATE KEY UPDATE data = VALUES(data), usetime = VALUES(usetime)"
         )
+        # For a usetime that holds PHP's time() (an integer column).
+        self.upsert_unix_time = (
+            f"INSERT INTO {t} (id, data, usetime) "
+            "VALUES (%s, %s, UNIX_TIMESTAMP() - %s) "
+            "ON DUPLICATE KEY UPDATE data = VALUES(data), usetime = VALUES(usetime)"
+        )

@@ -332,6 +332,18 @@ def test_import_from_a_classic_table_with_unix_time_or_null_usetime(
     assert done.returncode == 1
     assert json.loads(done.stdout) == {"imported": 1, "expired": 0, "invalid": 1,
                                        "refused": 0, "stopped": True}
+    # And back: export wrote NOW() into the integer usetime, stored as the
+    # number YYYYMMDDhhmmss. An INT refused it (out of range); a BIGINT took
+    # it, and a classic handler would never have expired the session.
+    wide = fresh_table()
+    mariadb.sql(f"CREATE TABLE {wide} (id VARCHAR(64) PRIMARY KEY, data TEXT, "
+                "usetime BIGINT)", "phpsess")
+    for table in (ints, wide):
+        done = _admin("export", "--to-sql", mariadb.url(), "--to-table", table, *common)
+        assert done.returncode == 0, done.stderr
+        age = mariadb.sql(f"SELECT UNIX_TIMESTAMP() - usetime FROM {table} "
+                          "WHERE id = 'unixfresh0123456789abcdefg'", "phpsess")
+        assert 40 - 5 <= int(age) <= 40 + 5, (table, age)  # as old as it was
 
 
 def test_export_to_a_classic_table_says_which_lifetimes_it_shortened(

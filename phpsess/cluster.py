@@ -875,13 +875,17 @@ class Cluster:
         return suffix(master, backup)
 
     def unrecorded_elsewhere(self, sids: list[str], journaled: dict[str, bytes]) -> int:
-        """How many restored sessions have no cluster record (a daemon
-        outside a cluster wrote them: its data directory, made a cluster
-        node's) and an ID that names another node master.  That node never
-        had them: dropped as backup copies, they would be lost."""
+        """How many restored sessions of a data directory with no cluster
+        record at all (a daemon outside a cluster wrote it: a single
+        daemon's, made a cluster node's) have an ID that names another node
+        master.  That node never had them: dropped as backup copies, they
+        would be lost.  A cluster node's own directory has a record for
+        every session: one without (its record lost to damage and repair)
+        is read as before, by its ID."""
+        if journaled:
+            return 0
         nodes = self.replicas.nodes
-        return sum(sid not in journaled and named_nodes(sid, nodes)[0] != self.me
-                   for sid in sids)
+        return sum(named_nodes(sid, nodes)[0] != self.me for sid in sids)
 
     def adopt_restored(self, sids: list[str], journaled: dict[str, bytes]) -> None:
         """Copies restored from disk (CLUSTER.md §7): those we master stay,

@@ -336,7 +336,8 @@ class Server:
             elsewhere := self.cluster.unrecorded_elsewhere(sids, restored.meta)
         ):
             raise StartupError(
-                f"{persister.dir} holds {elsewhere} sessions (of {count}) that a daemon outside "
+                f"{persister.dir} holds {elsewhere} session{'s' if elsewhere != 1 else ''} "
+                f"(of {count}) that a daemon outside "
                 "a cluster wrote (no cluster record) and whose IDs name another node master, "
                 "which never had them: as backup copies here they would be dropped and lost. "
                 "Bring them into the cluster through export and import: start this daemon "

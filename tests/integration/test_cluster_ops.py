@@ -305,3 +305,43 @@ def test_a_second_daemon_with_a_nodes_name_is_named_in_a_warning(workdir: Path) 
     finally:
         copy.stop()
         pair.stop()
+
+
+class _FsyncAlwaysCluster(Cluster):
+    """Every copy a node acknowledges is on its disk (a kill -9 keeps it)."""
+
+    def args(self, name: str, secret: Path) -> list[str]:
+        return [*super().args(name, secret), "--fsync", "always"]
+
+
+def test_a_cluster_node_whose_journal_lost_a_role_record_still_starts(workdir: Path) -> None:
+    # The refusal above is for a directory with no cluster record at all. A
+    # cluster node's own directory has one for every session; one lost (to
+    # damage, then `phpsess repair`) leaves that session to be read by its
+    # ID, as before, and the node starts.
+    from phpsess import journal as j
+
+    pair = _FsyncAlwaysCluster(workdir, names=("a", "b"))
+    try:
+        sids = [_create(pair, "a", b"n|i:%d;" % i) for i in range(3)]  # b backs them up
+        b = pair.nodes["b"]
+        b.kill9()  # a stop would hand its copies over, and drop them
+        (path,) = (b.data_dir).glob("journal-*.pjnl")
+        buf = path.read_bytes()
+        header = j.parse_header(buf, j.JOURNAL)
+        assert header is not None and header.version == 2
+        records: list[j.Record] = []
+        j.scan(buf, header.size, lambda *fields: records.append(j.Record(*fields)),
+               header.salt)
+        kept = [r for r in records if not (r.op is j.Op.META and r.sid == sids[0])]
+        assert len(kept) < len(records)
+        path.write_bytes(buf[:header.size] + b"".join(
+            j.encode(r.op, r.sid, r.expires_at, r.ttl_s, r.data, salt=header.salt)
+            for r in kept))
+        b.start()  # it refused: "holds 3 sessions ... that a daemon outside a cluster wrote"
+        pair.wait_formed()
+        with Client(b.address) as c:
+            for i, sid in enumerate(sids):
+                assert c.request(p.Read(sid, lock=False)) == p.Data(b"n|i:%d;" % i)
+    finally:
+        pair.stop()

@@ -17,7 +17,13 @@ import pytest
 from phpsess import protocol as p
 from phpsess.client import Client
 from tests.conftest import Daemon, Samples, free_tcp_port, scrape_metrics
-from tests.integration.test_cluster import Cluster, _create, _free_port, _local_sessions
+from tests.integration.test_cluster import (
+    Cluster,
+    _create,
+    _free_port,
+    _FsyncAlways,
+    _local_sessions,
+)
 
 pytestmark = pytest.mark.xdist_group("cluster")
 
@@ -307,13 +313,6 @@ def test_a_second_daemon_with_a_nodes_name_is_named_in_a_warning(workdir: Path) 
         pair.stop()
 
 
-class _FsyncAlwaysCluster(Cluster):
-    """Every copy a node acknowledges is on its disk (a kill -9 keeps it)."""
-
-    def args(self, name: str, secret: Path) -> list[str]:
-        return [*super().args(name, secret), "--fsync", "always"]
-
-
 def test_a_cluster_node_whose_journal_lost_a_role_record_still_starts(workdir: Path) -> None:
     # The refusal above is for a directory with no cluster record at all. A
     # cluster node's own directory has one for every session; one lost (to
@@ -321,7 +320,7 @@ def test_a_cluster_node_whose_journal_lost_a_role_record_still_starts(workdir: P
     # ID, as before, and the node starts.
     from phpsess import journal as j
 
-    pair = _FsyncAlwaysCluster(workdir, names=("a", "b"))
+    pair = _FsyncAlways(workdir, names=("a", "b"))  # a kill -9 keeps b's copies
     try:
         sids = [_create(pair, "a", b"n|i:%d;" % i) for i in range(3)]  # b backs them up
         b = pair.nodes["b"]

@@ -287,15 +287,16 @@ def test_a_second_daemon_with_a_nodes_name_is_named_in_a_warning(workdir: Path) 
     # in any log (a first-install walkthrough).  b now warns, naming both
     # addresses.
     pair = Cluster(workdir, names=("a", "b"))
-    copy_dir = workdir / "copy"
-    copy_dir.mkdir()
-    copy_port = _free_port()
-    copy = Daemon(
-        copy_dir, "--memory-only", "--node", "a", "--cluster-listen", f"127.0.0.1:{copy_port}",
-        "--cluster-secret-file", str(pair.secret), "--heartbeat-ms", "250",
-        "--peer", f"b=127.0.0.1:{pair.ports['b']}",
-    )
+    copy: Daemon | None = None
     try:
+        copy_dir = workdir / "copy"
+        copy_dir.mkdir()
+        copy_port = _free_port()
+        copy = Daemon(
+            copy_dir, "--memory-only", "--node", "a", "--cluster-listen",
+            f"127.0.0.1:{copy_port}", "--cluster-secret-file", str(pair.secret),
+            "--heartbeat-ms", "250", "--peer", f"b=127.0.0.1:{pair.ports['b']}",
+        )
         b = pair.nodes["b"]
         deadline = time.monotonic() + 15
         while "event=heartbeat_from_another_address peer=a" not in b.log():
@@ -309,7 +310,8 @@ def test_a_second_daemon_with_a_nodes_name_is_named_in_a_warning(workdir: Path) 
         # The real a, at its own address, is not named.
         assert f"source=127.0.0.1:{pair.ports['a']} " not in b.log()
     finally:
-        copy.stop()
+        if copy is not None:
+            copy.stop()
         pair.stop()
 
 
@@ -337,7 +339,7 @@ def test_a_cluster_node_whose_journal_lost_a_role_record_still_starts(workdir: P
         path.write_bytes(buf[:header.size] + b"".join(
             j.encode(r.op, r.sid, r.expires_at, r.ttl_s, r.data, salt=header.salt)
             for r in kept))
-        b.start()  # it refused: "holds 3 sessions ... that a daemon outside a cluster wrote"
+        b.start()  # it refused: "holds 1 session (of 3) that a daemon outside a cluster wrote"
         pair.wait_formed()
         with Client(b.address) as c:
             for i, sid in enumerate(sids):

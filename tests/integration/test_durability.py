@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,22 @@ def _journal(daemon: Daemon) -> Path:
     return journals[-1]
 
 
+def _damage_journal(
+    daemon: Daemon, prefix: str, count: int, damage: Callable[[bytearray], None]
+) -> Path:
+    """Write ``count`` sessions ``<prefix><i>`` = ``value-<i>``, stop the
+    daemon, and apply ``damage`` to its journal's bytes; the journal."""
+    with Client(daemon.address) as c:
+        for i in range(count):
+            assert c.request(p.Write(f"{prefix}{i}", 600, b"value-%d" % i)) == p.OK
+    daemon.stop()
+    journal = _journal(daemon)
+    raw = bytearray(journal.read_bytes())
+    damage(raw)
+    journal.write_bytes(bytes(raw))
+    return journal
+
+
 @pytest.mark.parametrize("tail", [b"\x40\x00\x00\x00\x12\x34", b"\x00" * 100, b"half"])
 def test_torn_journal_tail_is_truncated_and_logged(tail: bytes, daemon: Daemon) -> None:
     with Client(daemon.address) as c:
@@ -192,15 +209,10 @@ def _repair(daemon: Daemon) -> str:
 def test_corruption_inside_the_journal_stops_the_start_and_repair_keeps_the_rest(
     daemon: Daemon,
 ) -> None:
-    with Client(daemon.address) as c:
-        for i in range(10):
-            assert c.request(p.Write(f"j{i}", 600, b"value-%d" % i)) == p.OK
-    daemon.stop()
-    journal = _journal(daemon)
-    raw = bytearray(journal.read_bytes())
-    offset = raw.index(b"value-4")
-    raw[offset] ^= 0xFF
-    journal.write_bytes(bytes(raw))
+    def flip(raw: bytearray) -> None:
+        raw[raw.index(b"value-4")] ^= 0xFF
+
+    journal = _damage_journal(daemon, "j", 10, flip)
     message = _start_fails(daemon)
     assert str(journal) in message and "damaged at offset" in message
     assert "phpsess repair" in message

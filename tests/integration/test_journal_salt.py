@@ -18,7 +18,7 @@ from typing import Any
 from phpsess import protocol as p
 from phpsess.client import Client
 from tests.conftest import Daemon
-from tests.integration.test_durability import _journal, _repair, _start_fails
+from tests.integration.test_durability import _damage_journal, _repair, _start_fails
 
 PUT, TOUCH, DELETE, END, META = 1, 2, 3, 4, 5
 V2_HEADER = re.compile(rb"PHPSESS-(JOURNAL|SNAPSHOT) 2 [0-9a-f]{8}\n")
@@ -169,14 +169,10 @@ def test_a_format_1_data_directory_restores_and_is_rewritten_in_format_2(
 def test_repair_reads_the_salt_of_a_header_damaged_elsewhere(daemon: Daemon) -> None:
     # One damaged byte in the header line's name: the salt is still where a
     # format-2 header keeps it, and repair keeps every record (it kept none).
-    with Client(daemon.address) as c:
-        for i in range(5):
-            assert c.request(p.Write(f"h{i}", 600, b"value-%d" % i)) == p.OK
-    daemon.stop()
-    journal = _journal(daemon)
-    raw = bytearray(journal.read_bytes())
-    raw[0] = ord("X")
-    journal.write_bytes(bytes(raw))
+    def rename(raw: bytearray) -> None:
+        raw[0] = ord("X")
+
+    _damage_journal(daemon, "h", 5, rename)
     assert "bad header at offset 0" in _start_fails(daemon)
     assert "kept 5 intact records" in _repair(daemon)
     daemon.start()

@@ -48,6 +48,20 @@ def _admin(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
+TEXT_COLUMNS = "id VARCHAR(128) PRIMARY KEY, data TEXT"
+
+
+def _classic_table(db: MariaDB, table: str, charset: str, values: str = "",
+                   columns: str = TEXT_COLUMNS, statements: str = "") -> None:
+    """A classic session table (``columns``, then usetime) in ``charset``;
+    ``statements`` (``SET NAMES ...;``) run before ``values`` are inserted."""
+    sql = (f"CREATE TABLE {table} ({columns}, usetime TIMESTAMP NOT NULL DEFAULT "
+           f"CURRENT_TIMESTAMP) DEFAULT CHARSET={charset}; {statements}")
+    if values:
+        sql += f"INSERT INTO {table} VALUES {values}"
+    db.sql(sql, "phpsess")
+
+
 def _common(db: MariaDB, daemon: Any) -> list[str]:
     return ["--connect", daemon.address, "--password-file", str(db.password_file),
             "--max-lifetime", "1440", "--json"]
@@ -80,10 +94,7 @@ def test_import_keeps_the_bytes_of_latin1_utf8mb4_and_blob_columns_and_php_decod
         # the column's character set stores what PHP sent.
         values = ", ".join(f"('{sid}', {'NULL' if data is None else f'X{data.hex()!r}'}, NOW())"
                            for sid, data, _ in sessions)
-        mariadb.sql(
-            f"CREATE TABLE {table} ({columns}, usetime TIMESTAMP NOT NULL "
-            f"DEFAULT CURRENT_TIMESTAMP) DEFAULT CHARSET={charset}; "
-            f"INSERT INTO {table} VALUES {values}", "phpsess")
+        _classic_table(mariadb, table, charset, values, columns)
         done = _admin("import", "--from-sql", mariadb.url(), "--from-table", table,
                       *_common(mariadb, d))
         assert done.returncode == 0, done.stderr
@@ -111,10 +122,7 @@ def test_import_pages_after_an_id_that_is_not_ascii_without_reading_rows_again(
     rows += [f"('dc{n:024d}', 'n|i:1;', NOW())" for n in range(99)]
     rows.append(f"(X'{('d' + 'é' + 'x' * 24).encode('latin1').hex()}', 'x', NOW())")
     rows += [f"('f{n:025d}', 'n|i:1;', NOW())" for n in range(100)]
-    mariadb.sql(
-        f"CREATE TABLE {table} (id VARCHAR(128) PRIMARY KEY, data TEXT, usetime TIMESTAMP "
-        f"NOT NULL DEFAULT CURRENT_TIMESTAMP) DEFAULT CHARSET=latin1; "
-        f"INSERT INTO {table} VALUES {', '.join(rows)}", "phpsess")
+    _classic_table(mariadb, table, "latin1", ", ".join(rows))
     d = start_daemon("--memory-only")
     done = _admin("import", "--from-sql", mariadb.url(), "--from-table", table,
                   *_common(mariadb, d))
@@ -136,9 +144,7 @@ def test_export_never_stores_a_session_its_column_cannot_hold(start_daemon: Any)
         db.sql("SET GLOBAL sql_mode = 'NO_ENGINE_SUBSTITUTION'")
         latin1, utf8 = fresh_table(), fresh_table()
         for table, charset in ((latin1, "latin1"), (utf8, "utf8mb4")):
-            db.sql(f"CREATE TABLE {table} (id VARCHAR(128) PRIMARY KEY, data TEXT, usetime "
-                   "TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP) "
-                   f"DEFAULT CHARSET={charset}", "phpsess")
+            _classic_table(db, table, charset)
         done = _admin("export", "--to-sql", db.url(), "--to-table", latin1,
                       *_common(db, d))
         assert done.returncode == 0, done.stderr
@@ -173,10 +179,7 @@ def test_import_reads_a_column_written_through_a_utf8mb4_connection_as_php_does(
     for charset, sessions in tables:
         table = fresh_table()
         values = ", ".join(f"('{sid}', '{text}', NOW())" for sid, text, _, _ in sessions)
-        mariadb.sql(
-            f"CREATE TABLE {table} (id VARCHAR(128) PRIMARY KEY, data TEXT, usetime TIMESTAMP "
-            f"NOT NULL DEFAULT CURRENT_TIMESTAMP) DEFAULT CHARSET={charset}; "
-            f"SET NAMES utf8mb4; INSERT INTO {table} VALUES {values}", "phpsess")
+        _classic_table(mariadb, table, charset, values, statements="SET NAMES utf8mb4; ")
         for sid, _, _, stored in sessions:  # the column holds converted bytes
             assert stored.encode("latin1").hex().upper() in mariadb.sql(
                 f"SELECT HEX(data) FROM {table} WHERE id = '{sid}'", "phpsess")
@@ -209,14 +212,11 @@ def test_import_copies_data_that_decodes_neither_way_and_counts_it(
     # 63 'k', a key of 63 bytes and a session.
     blob_rows = [("blobbad0123456789abcdefghi", b"\xff" + b"k" * 63 + b"i:1;"),
                  ("blobbad10123456789abcdefgh", bad)]
-    for table, columns, table_rows in ((latin1, "id VARCHAR(128) PRIMARY KEY, data TEXT", rows),
+    for table, columns, table_rows in ((latin1, TEXT_COLUMNS, rows),
                                        (blob, "id VARBINARY(128) PRIMARY KEY, data BLOB",
                                         blob_rows)):
         values = ", ".join(f"('{sid}', X'{data.hex()}', NOW())" for sid, data in table_rows)
-        mariadb.sql(
-            f"CREATE TABLE {table} ({columns}, usetime TIMESTAMP NOT NULL DEFAULT "
-            f"CURRENT_TIMESTAMP) DEFAULT CHARSET=latin1; INSERT INTO {table} VALUES {values}",
-            "phpsess")
+        _classic_table(mariadb, table, "latin1", values, columns)
     d = start_daemon("--memory-only")
     done = _admin("import", "--from-sql", mariadb.url(), "--from-table", latin1,
                   *_common(mariadb, d))
@@ -255,10 +255,8 @@ def test_import_skips_data_that_decodes_as_two_different_sessions(
     daemon = start_daemon("--memory-only")
     table = fresh_table()
     escaped = text.replace("\\", "\\\\").replace("'", "\\'")
-    mariadb.sql(
-        f"CREATE TABLE {table} (id VARCHAR(128) PRIMARY KEY, data TEXT, usetime TIMESTAMP "
-        f"NOT NULL DEFAULT CURRENT_TIMESTAMP) DEFAULT CHARSET=latin1; "
-        f"SET NAMES utf8mb4; INSERT INTO {table} VALUES ('{sid}', '{escaped}', NOW())", "phpsess")
+    _classic_table(mariadb, table, "latin1", f"('{sid}', '{escaped}', NOW())",
+                   statements="SET NAMES utf8mb4; ")
     done = _admin("import", "--from-sql", mariadb.url(), "--from-table", table,
                   *_common(mariadb, daemon))
     assert done.returncode == 0, done.stderr
